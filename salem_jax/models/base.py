@@ -1,0 +1,177 @@
+"""What every loaded model looks like to the rest of salem_jax.
+
+A model is a pure function of (params, batch) plus the tables that name its layers.
+Nothing here knows about a particular architecture; `hf.py` (transformers' Flax
+classes) and `llama.py` (our own Llama) fill these structures in.
+
+Batch convention (a dict of int32 arrays with static shapes, built by `salem_jax.data`):
+
+    input_ids        [B, T]   token ids (right padded)
+    attention_mask   [B, T]   1 for real tokens, 0 for padding
+    decoder_input_ids, decoder_attention_mask [B, S]   encoder-decoder models only
+    token_type_ids   [B, T]   optional, BERT-style classifiers
+    labels           [B, S]   the token (or class) that logits[:, s] must predict
+    label_mask       [B, S]   1 where labels[:, s] counts, 0 elsewhere
+
+`LoadedModel.apply(params, batch)` returns logits `[B, S, V]` aligned with `labels`:
+S = T for causal LMs (logits[:, t] predicts labels[:, t], the token after position t),
+S = decoder length for encoder-decoders, S = 1 and V = number of classes for classifiers.
+Every loss, metric, saliency and editor function in the library works on that one shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Literal
+
+import jax
+
+Layout = Literal["in_out", "out_in"]
+Kind = Literal["causal", "seq2seq", "classifier"]
+Part = Literal["mlp", "attention", "all"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Weight:
+    """One weight matrix of a block, named by its pytree path.
+
+    `layout` says how the kernel is stored: "in_out" is flax.linen.Dense (`y = x @ W`,
+    kernel `[in, out]`); "out_in" is the GPT-2 Conv1D layout of transformers' FlaxGPT2
+    (kernel `[out, in]`, `y = x @ W.T`). The *module* that owns the kernel (for
+    `flax.linen.intercept_methods`) is the path without its last component.
+    """
+
+    path: str  # e.g. "transformer/h/3/mlp/c_fc/kernel"
+    layout: Layout = "in_out"
+
+    @property
+    def module_path(self) -> str:
+        return self.path.rsplit("/", 1)[0]
+
+    def in_out_shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        """(fan_in, fan_out) of a kernel of this layout and the given stored shape."""
+        if len(shape) != 2:
+            raise ValueError(f"{self.path}: expected a 2-D kernel, got shape {shape}")
+        return (shape[0], shape[1]) if self.layout == "in_out" else (shape[1], shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """One transformer block ("layer i" in the paper) and its weight matrices."""
+
+    name: str  # "h.3", "layers.5", "encoder.3", "decoder.22"
+    mlp: tuple[Weight, ...]
+    attention: tuple[Weight, ...] = ()
+
+    def weights(self, part: Part = "mlp") -> tuple[Weight, ...]:
+        if part == "mlp":
+            return self.mlp
+        if part == "attention":
+            return self.attention
+        if part == "all":
+            return self.mlp + self.attention
+        raise ValueError(f"unknown part {part!r}; choose 'mlp', 'attention' or 'all'")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerTable:
+    """The ordered blocks of an architecture: "layer i" -> pytree paths of its weights."""
+
+    blocks: tuple[Block, ...]
+
+    def names(self) -> list[str]:
+        return [b.name for b in self.blocks]
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __iter__(self):
+        return iter(self.blocks)
+
+    def __getitem__(self, name: str) -> Block:
+        for b in self.blocks:
+            if b.name == name:
+                return b
+        raise KeyError(f"unknown layer {name!r}; valid layers are: {', '.join(self.names())}")
+
+    def select(self, names: list[str] | tuple[str, ...]) -> tuple[Block, ...]:
+        """Blocks by name, in the order given; an unknown name is an error listing valid ones."""
+        return tuple(self[n] for n in names)
+
+    def weights(self, names: list[str] | tuple[str, ...] | None = None, part: Part = "mlp") -> tuple[Weight, ...]:
+        blocks = self.blocks if names is None else self.select(names)
+        return tuple(w for b in blocks for w in b.weights(part))
+
+    def check(self, params: Any) -> None:
+        """Raise if a listed path is missing from `params` or listed twice."""
+        have = set(param_paths(params))
+        seen: set[str] = set()
+        for b in self.blocks:
+            for w in b.mlp + b.attention:
+                if w.path not in have:
+                    raise KeyError(f"layer table lists {w.path!r} (block {b.name}) but the parameters have no such path")
+                if w.path in seen:
+                    raise ValueError(f"layer table lists {w.path!r} twice")
+                seen.add(w.path)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """Everything a job needs from a model.
+
+    `apply(params, batch) -> logits [B, S, V]` is pure (safe to jit, grad, and to call inside
+    `flax.linen.intercept_methods`). `params` is a plain nested dict of arrays; it is never
+    modified in place by the library.
+    """
+
+    name: str
+    arch: str  # "gpt2", "gpt_neo", "t5", "bart", "bert", "llama"
+    kind: Kind
+    apply: Callable[[Any, dict], jax.Array]
+    params: Any
+    config: Any
+    tokenizer: Any
+    layers: LayerTable
+    max_length: int  # longest sequence the model accepts (positions / context)
+    module: Any = None  # the flax.linen module, for users who need it
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.kind == "seq2seq"
+
+
+def param_paths(params: Any) -> list[str]:
+    """All leaf paths of a pytree as "a/b/c" strings, in tree order."""
+    return [path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def path_str(keypath) -> str:
+    return jax.tree_util.keystr(keypath, simple=True, separator="/")
+
+
+def get_path(params: Any, path: str):
+    """The leaf at "a/b/c"; a clear KeyError naming the first missing part."""
+    node = params
+    for i, part in enumerate(path.split("/")):
+        try:
+            node = node[part]
+        except (KeyError, TypeError):
+            raise KeyError(f"no parameter at {path!r}: {'/'.join(path.split('/')[: i + 1])!r} does not exist") from None
+    return node
+
+
+def set_path(params: Any, path: str, value) -> Any:
+    """A new tree equal to `params` with the leaf at `path` replaced (inputs are not mutated)."""
+    parts = path.split("/")
+
+    def rec(node, i):
+        if i == len(parts):
+            return value
+        if parts[i] not in node:
+            raise KeyError(f"no parameter at {path!r}")
+        new = dict(node)
+        new[parts[i]] = rec(node[parts[i]], i + 1)
+        return new
+
+    return rec(params, 0)
