@@ -61,5 +61,7 @@ def tiny(arch: str = "gpt2", seed: int = 0, vocab_size: int = 128) -> LoadedMode
         from transformers import FlaxGPT2LMHeadModel, GPT2Config
 
         cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab_size, n_positions=64)
-        return from_flax_model("tiny-gpt2", FlaxGPT2LMHeadModel(cfg, seed=seed))
+        from salem_jax.testing import tiny_tokenizer
+
+        return from_flax_model("tiny-gpt2", FlaxGPT2LMHeadModel(cfg, seed=seed), tiny_tokenizer())
     raise NotImplementedError(f"no tiny config for {arch!r} yet")

@@ -1,0 +1,179 @@
+"""Text -> the library's static-shape batch dict (see models/base.py for the convention).
+
+One function, `encode`, serves saliency, editor training and evaluation for all three kinds
+of model:
+
+* causal LM: tokens = prompt (with the tokenizer's special tokens) + target (without);
+  the loss counts only target tokens: `labels[t] = tokens[t + 1]` where t + 1 is a target
+  position, `label_mask[t] = 1` there.
+* encoder-decoder: `input_ids` = prompt, `labels` = target + EOS, `decoder_input_ids` =
+  decoder start token + labels shifted right.
+* classifier: `input_ids` = text (and text pair), `labels[:, 0]` = class index.
+
+Sequence lengths are padded up to a bucket (powers of two from 16, capped at the model's
+context) so a jitted function compiles once per bucket, not once per record.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def bucket_length(n: int, max_length: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
+    """The smallest bucket >= n (never above max_length). Raises if n > max_length."""
+    if n > max_length:
+        raise ValueError(f"sequence of {n} tokens is longer than the model's context ({max_length})")
+    for b in buckets:
+        if b >= n:
+            return min(b, max_length)
+    return max_length
+
+
+def _pad(rows: list[list[int]], length: int, value: int = 0) -> np.ndarray:
+    out = np.full((len(rows), length), value, dtype=np.int32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+def _ids(tokenizer, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def target_text(target: str, kind: str) -> str:
+    """Targets of causal LMs follow the prompt after a space (" Paris"), as in ROME/MEND."""
+    if kind == "causal" and target and not target[0].isspace():
+        return " " + target
+    return target
+
+
+def encode(
+    model,
+    prompts: Sequence[str],
+    targets: Sequence[str] | Sequence[int],
+    *,
+    text_pairs: Sequence[str] | None = None,
+    length: int | None = None,
+    target_length: int | None = None,
+    buckets: Sequence[int] = DEFAULT_BUCKETS,
+    where: str = "",
+) -> dict[str, np.ndarray]:
+    """Tokenize (prompt, target) pairs into one padded batch for `model` (a LoadedModel).
+
+    `targets` are strings for causal / seq2seq models and class indices for classifiers.
+    `length` / `target_length` force a sequence length instead of bucketing (for fixed
+    shapes across batches). `where` prefixes error messages (e.g. "zsre.json record 12").
+    Returns int32 numpy arrays: input_ids, attention_mask, labels, label_mask [, decoder_*,
+    token_type_ids].
+    """
+    if len(prompts) == 0:
+        raise ValueError(f"{where or 'encode'}: empty batch")
+    if len(prompts) != len(targets):
+        raise ValueError(f"{where or 'encode'}: {len(prompts)} prompts but {len(targets)} targets")
+    tok = model.tokenizer
+    if tok is None:
+        raise ValueError(f"model {model.name!r} has no tokenizer")
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    kind = model.kind
+    max_len = model.max_length
+
+    def err(i, msg):
+        return ValueError(f"{where + ' ' if where else ''}record {i}: {msg}")
+
+    if kind == "causal":
+        seqs, starts = [], []
+        for i, (p, t) in enumerate(zip(prompts, targets)):
+            p_ids = _ids(tok, p, True)
+            t_ids = _ids(tok, target_text(t, kind), False)
+            if not p_ids:
+                raise err(i, "field 'prompt' tokenizes to nothing")
+            if not t_ids:
+                raise err(i, "field 'target' tokenizes to nothing")
+            if len(p_ids) + len(t_ids) > max_len:
+                raise err(i, f"prompt + target is {len(p_ids) + len(t_ids)} tokens, longer than the context ({max_len})")
+            seqs.append(p_ids + t_ids)
+            starts.append(len(p_ids))
+        L = length or bucket_length(max(len(s) for s in seqs), max_len, buckets)
+        if max(len(s) for s in seqs) > L:
+            raise ValueError(f"{where or 'encode'}: a record is longer than the forced length {L}")
+        ids = _pad(seqs, L, pad_id)
+        mask = _pad([[1] * len(s) for s in seqs], L)
+        labels = np.zeros_like(ids)
+        lmask = np.zeros_like(ids)
+        for i, (s, st) in enumerate(zip(seqs, starts)):
+            labels[i, : len(s) - 1] = s[1:]
+            lmask[i, st - 1 : len(s) - 1] = 1
+        return dict(input_ids=ids, attention_mask=mask, labels=labels, label_mask=lmask)
+
+    if kind == "seq2seq":
+        srcs, tgts = [], []
+        eos = tok.eos_token_id
+        for i, (p, t) in enumerate(zip(prompts, targets)):
+            p_ids = _ids(tok, p, True)
+            t_ids = _ids(tok, t, False)
+            if eos is not None and (not t_ids or t_ids[-1] != eos):
+                t_ids = t_ids + [eos]
+            if not p_ids:
+                raise err(i, "field 'prompt' tokenizes to nothing")
+            if len(t_ids) <= (1 if eos is not None else 0):
+                raise err(i, "field 'target' tokenizes to nothing")
+            if len(p_ids) > max_len or len(t_ids) > max_len:
+                raise err(i, f"prompt ({len(p_ids)}) or target ({len(t_ids)}) tokens exceed the context ({max_len})")
+            srcs.append(p_ids)
+            tgts.append(t_ids)
+        L = length or bucket_length(max(map(len, srcs)), max_len, buckets)
+        S = target_length or bucket_length(max(map(len, tgts)), max_len, buckets)
+        start = model.config.decoder_start_token_id
+        if start is None:
+            start = pad_id
+        dec_in = [[start] + t[:-1] for t in tgts]
+        return dict(
+            input_ids=_pad(srcs, L, pad_id),
+            attention_mask=_pad([[1] * len(s) for s in srcs], L),
+            decoder_input_ids=_pad(dec_in, S, pad_id),
+            decoder_attention_mask=_pad([[1] * len(t) for t in tgts], S),
+            labels=_pad(tgts, S, 0),
+            label_mask=_pad([[1] * len(t) for t in tgts], S),
+        )
+
+    if kind == "classifier":
+        n_labels = int(getattr(model.config, "num_labels", 0) or 0)
+        rows, types = [], []
+        for i, p in enumerate(prompts):
+            pair = text_pairs[i] if text_pairs is not None else None
+            enc = tok(p, pair, add_special_tokens=True) if pair is not None else tok(p, add_special_tokens=True)
+            if len(enc["input_ids"]) > max_len:
+                raise err(i, f"text is {len(enc['input_ids'])} tokens, longer than the context ({max_len})")
+            lab = targets[i]
+            if not isinstance(lab, (int, np.integer)) or not (0 <= int(lab) < n_labels):
+                raise err(i, f"field 'label' = {lab!r} is not a class index in [0, {n_labels})")
+            rows.append(list(enc["input_ids"]))
+            types.append(list(enc.get("token_type_ids", [0] * len(enc["input_ids"]))))
+        L = length or bucket_length(max(map(len, rows)), max_len, buckets)
+        return dict(
+            input_ids=_pad(rows, L, pad_id),
+            attention_mask=_pad([[1] * len(r) for r in rows], L),
+            token_type_ids=_pad(types, L, 0),
+            labels=np.asarray([[int(t)] for t in targets], np.int32),
+            label_mask=np.ones((len(rows), 1), np.int32),
+        )
+
+    raise ValueError(f"unknown model kind {kind!r}")
+
+
+def pad_rows(batch: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """Pad every array of a batch to n rows; padded rows have all-zero masks (they count nowhere)."""
+    b = next(iter(batch.values())).shape[0]
+    if b > n:
+        raise ValueError(f"batch has {b} rows, more than {n}")
+    if b == n:
+        return batch
+    return {k: np.concatenate([v, np.zeros((n - b,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+
+
+def slice_rows(batch: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
+    return {k: v[start:stop] for k, v in batch.items()}

@@ -1,0 +1,42 @@
+"""Tiny things for tests and `tiny` experiment configs: a word-level tokenizer built in code.
+
+Real tokenizers come from the model folders; tests must not need any file or network.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+DEFAULT_WORDS = (
+    "the capital of is what city country river language currency in a which lies on "
+    "france paris germany berlin italy rome spain madrid japan tokyo peru lima chile santiago "
+    "egypt cairo kenya nairobi india delhi china beijing canada ottawa brazil brasilia "
+    "red blue green yellow one two three four five yes no true false entailment contradiction "
+    "neutral supports refutes and or not it was he she they his her born city speaks speak "
+    "europe asia africa america euro yen rupee dollar question answer claim"
+).split()
+
+
+def tiny_tokenizer(words: Iterable[str] = DEFAULT_WORDS, *, seq2seq: bool = False):
+    """A `PreTrainedTokenizerFast` over whitespace-separated lower-case words.
+
+    Ids: 0 <pad>, 1 <unk>, 2 <s>, 3 </s>, then `words` in order. Causal models get a BOS
+    (`<s>`) before each text; with `seq2seq=True` an EOS (`</s>`) is appended instead, like T5.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    if seq2seq:
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 3)])
+    else:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
