@@ -63,6 +63,18 @@ class Block:
     mlp: tuple[Weight, ...]
     attention: tuple[Weight, ...] = ()
 
+    @property
+    def module_path(self) -> str:
+        """Path of the block's own module (the longest common prefix of its weights' modules),
+        e.g. "transformer/h/3": intercept it to read or replace the block's output hidden state."""
+        parts = [w.module_path.split("/") for w in self.mlp + self.attention]
+        common = []
+        for level in zip(*parts):
+            if len(set(level)) != 1:
+                break
+            common.append(level[0])
+        return "/".join(common)
+
     def weights(self, part: Part = "mlp") -> tuple[Weight, ...]:
         if part == "mlp":
             return self.mlp
@@ -78,6 +90,9 @@ class LayerTable:
     """The ordered blocks of an architecture: "layer i" -> pytree paths of its weights."""
 
     blocks: tuple[Block, ...]
+    # Module path of the token embedding (e.g. "transformer/wte"); causal tracing adds noise
+    # to its output. For encoder-decoders, the shared/encoder input embedding.
+    embedding: str = ""
 
     def names(self) -> list[str]:
         return [b.name for b in self.blocks]

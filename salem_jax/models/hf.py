@@ -22,7 +22,7 @@ def gpt2_layers(config) -> LayerTable:
                 attention=(Weight(f"{p}/attn/c_attn/kernel", "out_in"), Weight(f"{p}/attn/c_proj/kernel", "out_in")),
             )
         )
-    return LayerTable(tuple(blocks))
+    return LayerTable(tuple(blocks), embedding="transformer/wte")
 
 
 def _causal_apply(module):
