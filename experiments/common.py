@@ -1,0 +1,75 @@
+"""Shared command line for experiments: `python -m experiments.NAME [--tiny] [--workdir W]
+[--config.key=value ...]`.
+
+Each experiment module defines `get_config(tiny: bool) -> ml_collections.ConfigDict` and
+`main(argv)` that calls `run(get_config, argv)`. Overrides are dotted (`--config.editor.steps=50`)
+and typed by the default they replace, so a typo or a wrong type is an error, not a silent no-op.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+from typing import Callable
+
+import ml_collections
+
+
+def _coerce(old, text: str, key: str):
+    if isinstance(old, bool):
+        low = text.lower()
+        if low in ("1", "true", "yes"):
+            return True
+        if low in ("0", "false", "no"):
+            return False
+        raise ValueError(f"--config.{key}: expected true/false, got {text!r}")
+    if isinstance(old, int):
+        return int(text)
+    if isinstance(old, float):
+        return float(text)
+    if isinstance(old, (tuple, list)):
+        value = ast.literal_eval(text) if text[:1] in "([" else [t for t in text.split(",") if t]
+        return type(old)(value)
+    if old is None:
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text
+    return text
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
+    for item in overrides:
+        if not item.startswith("--config.") or "=" not in item:
+            raise ValueError(f"unrecognised argument {item!r}; overrides look like --config.key=value")
+        key, text = item[len("--config.") :].split("=", 1)
+        node = cfg
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if p not in node:
+                raise KeyError(f"--config.{key}: no section {p!r}; sections are {sorted(node.keys())}")
+            node = node[p]
+        if parts[-1] not in node:
+            raise KeyError(f"--config.{key}: unknown key; keys here are {sorted(node.keys())}")
+        with node.unlocked() if hasattr(node, "unlocked") else _null():
+            node[parts[-1]] = _coerce(node[parts[-1]], text, key)
+    return cfg
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def parse(get_config: Callable[[bool], ml_collections.ConfigDict], argv: list[str] | None, name: str):
+    parser = argparse.ArgumentParser(prog=f"python -m experiments.{name}")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random model and a few records (seconds on a CPU)")
+    parser.add_argument("--workdir", default=None, help=f"where results go (default runs/{name}[-tiny])")
+    args, rest = parser.parse_known_args(argv)
+    cfg = apply_overrides(get_config(args.tiny), rest)
+    workdir = args.workdir or os.path.join("runs", name + ("-tiny" if args.tiny else ""))
+    return cfg, workdir
