@@ -135,9 +135,22 @@ def _json_list_error(path: Path, text: str) -> RecordError | None:
         return RecordError(path, n, "(json)", f"malformed JSON at {where}: expected ',' or ']' after record {n}")
 
 
+def _starts_with_object(path: Path) -> bool:
+    """Whether the first record of a .json list / .jsonl file opens with "{" (cheap peek)."""
+    with open(path, encoding="utf-8") as f:
+        head = f.read(4096).lstrip()
+    if not _is_jsonl(path) and head.startswith("["):
+        head = head[1:].lstrip()
+    return head.startswith("{")
+
+
 def _load_rows(path: Path, skip_invalid: bool, skipped: list[Skipped]) -> list[tuple[Any, Any]]:
     """(record number, row) pairs of a .json (list) or .jsonl file."""
     try:
+        if not _starts_with_object(path):
+            # datasets would wrap a list of scalars into {"text": ...} rows; let the json
+            # module read it so that validation names the record that is not an object.
+            raise ValueError("the first record is not a JSON object")
         rows = _load_with_datasets(path)
         if _is_jsonl(path):
             # datasets numbers JSON Lines rows by non-blank line; give the line numbers too.
