@@ -1,0 +1,737 @@
+"""Which layer do the errors come from? SaLEM's saliency profiles (paper section 3.2) and variants.
+
+The paper scores each layer by the gradient of the loss on the edit data:
+
+    eq. 2  parameter saliency  s_i(x)  = |dL(x)/d theta_i|                       (per example)
+    eq. 3  column saliency     s_p(x)  = mean of s_i(x) over the parameters of column p
+    eq. 4  layer saliency      s_l(x)  = mean of s_p(x) over the columns p of layer l
+    eq. 5  edit layers         EL      = the top-K layers by s_l
+
+and the profile of a data set is the average of the per-example saliencies: mean over examples
+of |g| (never |mean of g|, which is a different quantity; both are available, named below).
+
+What a "column" is. One column per OUTPUT unit of a kernel, whatever its storage layout:
+
+    layout "in_out" (flax Dense, kernel [in, out], y = x @ W):      column j = W[:, j]  (mean over axis 0)
+    layout "out_in" (GPT-2 Conv1D, kernel [out, in], y = x @ W.T):  column j = W[j, :]  (mean over axis 1)
+
+so a kernel of fan-out `n` has `n` columns of `fan_in` parameters each, and the same neuron gets
+the same column in either layout. Layer saliency (eq. 4) is the mean over ALL columns of all the
+weights the layer table lists for the layer (`part`: "mlp" by default, "attention" or "all"), each
+column counted once: a layer with a [576, 1536] and a [1536, 576] kernel has 1536 + 576 columns.
+
+Scorers (chosen by name; the "salem" scorer is the paper's reference). For a group of rows D
+(the edit set's "fail", "adapt" and "pass" groups, or all rows = "overall"), with g(x) the
+gradient of the mean target-token NLL of example x and W the weight:
+
+    salem          mean_{x in D} colmean_layer |g(x)|                      eq. 2-4 as written
+    grad_x_weight  mean_{x in D} colmean_layer |g(x) * W|                  first-order attribution
+    mean_sq        mean_{x in D} colmean_layer g(x)^2
+    abs_mean_grad  colmean_layer |mean_{x in D} g(x)|                      gradient of the mean loss
+    contrast       salem(D) - salem(pass)                                  fail-minus-pass (D != pass)
+    lga            Layer Gradient Analysis, see `lga_scores` for the exact definition
+
+where colmean_layer(.) is eq. 3 then eq. 4 applied to a parameter-shaped array.
+
+Memory. `saliency_stats` never holds per-example gradients for more than one micro-batch: a jitted
+step takes `micro_batch` rows, computes their per-example gradients (`jax.vmap` of `jax.grad`
+over the whole parameter pytree), reduces each at once to per-column statistics and adds them to
+a fixed-size state. Peak memory is therefore about
+
+    params  +  micro_batch x (one gradient of the tracked weights + activations of one example)
+            +  3 x (columns of the tracked weights) x groups          (column statistics)
+            +  groups x (tracked weights)                             (only with track_mean=True)
+
+whatever the number of examples (XLA drops the gradients of untracked leaves such as the
+embedding, which nothing reads). The step compiles once per (micro_batch, sequence length);
+`SaliencyStats.traces` counts the compilations.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+import time
+from typing import Any, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from salem_jax.losses import example_nll, token_logprobs
+from salem_jax.models.base import LoadedModel, Part, Weight, get_path
+
+GROUPS = ("fail", "adapt", "pass")
+SCORERS = ("salem", "grad_x_weight", "mean_sq", "abs_mean_grad", "contrast", "lga")
+# Per-example statistics the streaming pass keeps (eq. 3-4 of each elementwise transform of g).
+_ELEMENTWISE = ("salem", "grad_x_weight", "mean_sq")
+
+Examples = tuple[dict, Sequence[str] | None]
+
+# How many times each jitted step was traced (= compiled), for checking compile-once behaviour.
+# Steps are module-level jitted functions with the model's `apply` as a static argument, so
+# repeated calls on one model reuse their compilations.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+# ----------------------------------------------------------------------------- result
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerProfile:
+    """Per-layer scores of one layer-selection method, and the layers it chose.
+
+    scores: group name -> one score per layer (in `layers` order); groups are "fail", "adapt",
+    "pass", "overall" (whichever the method defines). `chosen` are the top-`top_k` layers of
+    `scores[select_group]`. `extra` holds method-specific details (other scorers' scores, forward
+    pass counts, sweep metrics) and must be JSON-serialisable.
+    """
+
+    method: str  # "saliency" | "lga" | "causal-trace" | "sweep"
+    scorer: str
+    layers: tuple[str, ...]
+    scores: dict[str, list[float]]
+    chosen: tuple[str, ...]
+    select_group: str
+    part: str
+    top_k: int
+    examples: dict[str, int]
+    wall_time: float
+    model: str = ""
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return _jsonable(dataclasses.asdict(self))
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerProfile":
+        d = dict(d)
+        d["layers"] = tuple(d["layers"])
+        d["chosen"] = tuple(d["chosen"])
+        return cls(**d)
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.ndarray, jax.Array)):
+        return _jsonable(np.asarray(x).tolist())
+    if isinstance(x, (np.floating, float)):
+        return None if not np.isfinite(x) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+# ----------------------------------------------------------------------------- eq. 2-5 on explicit arrays
+
+
+def example_losses(model: LoadedModel, params: Any, batch: dict) -> jax.Array:
+    """Mean target-token NLL of each example: [B] (the loss L(X, Y) of eq. 2)."""
+    logits = model.apply(params, batch)
+    return example_nll(logits, batch["labels"], batch["label_mask"])
+
+
+def per_example_grads(model: LoadedModel, params: Any, batch: dict) -> Any:
+    """The gradient of each example's loss over the WHOLE parameter pytree: leaves [B, *shape].
+
+    Holds B full gradients: for small batches and tests. `saliency_stats` is the streaming form.
+    """
+
+    return _per_example_grads(model.apply, params, {k: jnp.asarray(v) for k, v in batch.items()})
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _per_example_grads(apply, params, batch):
+    return _grad_one(apply, _nll)(params, batch)
+
+
+def parameter_saliency(model: LoadedModel, params: Any, batch: dict) -> Any:
+    """Eq. 2: |d L(x) / d theta| for every parameter and example: a pytree with leaves [B, *shape]."""
+    _check_batch(model, batch, None)
+    return jax.tree.map(jnp.abs, per_example_grads(model, params, batch))
+
+
+def input_axis(weight: Weight) -> int:
+    """The axis of a (batched) kernel `[..., a, b]` that runs over a column's parameters.
+
+    "in_out" kernels `[in, out]`: column j is W[:, j], so the mean runs over axis -2.
+    "out_in" kernels `[out, in]`: column j is W[j, :], so the mean runs over axis -1.
+    """
+    return -2 if weight.layout == "in_out" else -1
+
+
+def column_means(weight: Weight, values: jax.Array) -> jax.Array:
+    """Eq. 3 for one weight: mean of `values` (kernel-shaped, optional leading dims) over each
+    output-unit column: [..., fan_out]."""
+    if values.ndim < 2:
+        raise ValueError(f"{weight.path}: expected a 2-D kernel, got shape {values.shape}")
+    return jnp.mean(values, axis=input_axis(weight))
+
+
+def column_saliency(model: LoadedModel, saliency: Any, part: Part = "mlp", layers: Sequence[str] | None = None) -> dict:
+    """Eq. 3: {weight path: column saliency [..., fan_out]} for the weights of `part` of `layers`.
+
+    `saliency` is a parameter-shaped pytree (e.g. `parameter_saliency`, leaves [B, *shape]).
+    """
+    return {w.path: column_means(w, get_path(saliency, w.path)) for w in model.layers.weights(layers, part)}
+
+
+def layer_saliency(
+    model: LoadedModel, columns: dict, part: Part = "mlp", layers: Sequence[str] | None = None
+) -> jax.Array:
+    """Eq. 4: mean over all columns of a layer's weights: [..., L] in `layers` order (default all)."""
+    blocks = model.layers.blocks if layers is None else model.layers.select(layers)
+    out = []
+    for b in blocks:
+        ws = b.weights(part)
+        if not ws:
+            raise ValueError(f"layer {b.name} lists no {part!r} weights")
+        out.append(jnp.concatenate([columns[w.path] for w in ws], axis=-1).mean(-1))
+    return jnp.stack(out, axis=-1)
+
+
+def top_k_layers(scores: Sequence[float] | np.ndarray, names: Sequence[str], k: int = 1) -> tuple[str, ...]:
+    """Eq. 5: the names of the k highest-scoring layers, best first (ties: the earlier layer)."""
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 1 or len(s) != len(names):
+        raise ValueError(f"need one score per layer: {s.shape} scores for {len(names)} layers")
+    if not 1 <= k <= len(names):
+        raise ValueError(f"top_k must be in [1, {len(names)}], got {k}")
+    if np.isnan(s).any():
+        raise ValueError(f"scores contain NaN at layers {[names[i] for i in np.flatnonzero(np.isnan(s))]}")
+    order = np.argsort(-s, kind="stable")
+    return tuple(names[i] for i in order[:k])
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def _check_batch(model: LoadedModel, batch: dict, groups: Sequence[str] | None, where: str = "batch") -> int:
+    """Validate a batch dict; returns the number of labelled rows (rows past it are padding)."""
+    for k in ("input_ids", "labels", "label_mask"):
+        if k not in batch:
+            raise ValueError(f"{where}: missing field {k!r} (see the batch convention in models/base.py)")
+    n = int(np.shape(batch["input_ids"])[0])
+    if n == 0:
+        raise ValueError(f"{where}: empty batch (no examples)")
+    for k, v in batch.items():
+        if np.shape(v)[0] != n:
+            raise ValueError(f"{where}: field {k!r} has {np.shape(v)[0]} rows, input_ids has {n}")
+    for k in ("input_ids", "decoder_input_ids"):
+        if k in batch and np.shape(batch[k])[1] > model.max_length:
+            raise ValueError(
+                f"{where}: field {k!r} is {np.shape(batch[k])[1]} tokens long, longer than the context of "
+                f"{model.name} ({model.max_length})"
+            )
+    n_lab = n if groups is None else len(groups)
+    if n_lab == 0:
+        raise ValueError(f"{where}: empty batch (no group labels)")
+    if n_lab > n:
+        raise ValueError(f"{where}: {n_lab} group labels for {n} rows")
+    counts = np.asarray(batch["label_mask"]).sum(-1)
+    empty = np.flatnonzero(counts[:n_lab] == 0)
+    if len(empty):
+        raise ValueError(f"{where}: row {int(empty[0])} has no target tokens (field 'label_mask' is all zero)")
+    if n_lab < n and counts[n_lab:].any():
+        raise ValueError(f"{where}: rows past the {n_lab} labelled ones must be padding (all-zero 'label_mask')")
+    return n_lab
+
+
+def _as_examples(data: Examples | Iterable[Examples]) -> list[Examples]:
+    """One (batch, groups) pair or an iterable of them -> a list of pairs."""
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], dict):
+        return [data]
+    if isinstance(data, dict):
+        return [(data, None)]
+    out = list(data)
+    if not out:
+        raise ValueError("empty batch: no examples were given")
+    return [(d, None) if isinstance(d, dict) else d for d in out]
+
+
+def _group_names(all_groups: Iterable[str]) -> tuple[str, ...]:
+    seen = set(all_groups)
+    return tuple(g for g in GROUPS if g in seen) + tuple(sorted(seen - set(GROUPS)))
+
+
+def _micro_batches(batch: dict, n_rows: int, m: int):
+    """Yield (start, rows, micro-batch padded to m rows)."""
+    from salem_jax.data.tokenize import pad_rows, slice_rows
+
+    for s in range(0, n_rows, m):
+        e = min(s + m, n_rows)
+        yield s, e - s, pad_rows(slice_rows({k: np.asarray(v) for k, v in batch.items()}, s, e), m)
+
+
+# ----------------------------------------------------------------------------- streaming statistics
+
+
+@dataclasses.dataclass
+class SaliencyStats:
+    """What one streaming pass over the data keeps (all numpy, float64 sums of float32 terms).
+
+    per_example[name]  [N, L]   per-example layer score for name in ("salem", "grad_x_weight",
+                                "mean_sq"), rows in input order (padding dropped)
+    row_groups         [N]      group name of each row
+    column_sums[name]  {weight path: [G, fan_out]}  sum over a group's rows of the per-example
+                                column statistic (eq. 3), G in `groups` order
+    grad_sums          {weight path: [G, *kernel shape]}  sum of g over each group's rows
+                                (None unless track_mean)
+    """
+
+    model: str
+    layers: tuple[str, ...]
+    part: str
+    weights: tuple[Weight, ...]
+    layer_paths: dict[str, tuple[str, ...]]  # layer name -> its tracked weight paths
+    groups: tuple[str, ...]
+    row_groups: np.ndarray
+    per_example: dict[str, np.ndarray]
+    column_sums: dict[str, dict[str, np.ndarray]]
+    grad_sums: dict[str, np.ndarray] | None
+    traces: int
+    wall_time: float
+
+    def counts(self) -> dict[str, int]:
+        return {g: int((self.row_groups == g).sum()) for g in self.groups}
+
+    def column_profile(self, name: str = "salem", group: str = "overall") -> dict[str, np.ndarray]:
+        """Mean per-column statistic over a group's rows: {weight path: [fan_out]} (eq. 3 averaged)."""
+        if name == "abs_mean_grad":
+            if self.grad_sums is None:
+                raise ValueError("abs_mean_grad needs saliency_stats(..., track_mean=True)")
+            sums = self.grad_sums
+            n = self._rows(group)
+            return {w.path: np.asarray(column_means(w, jnp.abs(jnp.asarray(self._pick(sums[w.path], group) / n)))) for w in self.weights}
+        if name not in self.column_sums:
+            raise ValueError(f"no column statistic {name!r}; have {sorted(self.column_sums)} and 'abs_mean_grad'")
+        n = self._rows(group)
+        return {p: self._pick(v, group) / n for p, v in self.column_sums[name].items()}
+
+    def _rows(self, group: str) -> int:
+        n = len(self.row_groups) if group == "overall" else int((self.row_groups == group).sum())
+        if n == 0:
+            raise ValueError(f"no rows in group {group!r}; groups present: {self.counts()}")
+        return n
+
+    def _pick(self, v: np.ndarray, group: str) -> np.ndarray:
+        return v.sum(0) if group == "overall" else v[self.groups.index(group)]
+
+    def layer_scores(self, scorer: str = "salem", group: str = "overall") -> np.ndarray:
+        """Per-layer score [L] of `scorer` ("salem", "grad_x_weight", "mean_sq", "abs_mean_grad",
+        "contrast") on `group` ("fail", "adapt", "pass", "overall"; for contrast "overall" means
+        all non-pass rows)."""
+        if scorer in _ELEMENTWISE:
+            pe = self.per_example[scorer]
+            rows = np.ones(len(pe), bool) if group == "overall" else self.row_groups == group
+            self._rows(group)
+            return pe[rows].mean(0)
+        if scorer == "abs_mean_grad":
+            return _layer_mean_np(self.layer_paths, self.column_profile("abs_mean_grad", group))
+        if scorer == "contrast":
+            if group == "pass":
+                raise ValueError("contrast is defined for the edit groups, not 'pass'")
+            pe = self.per_example["salem"]
+            passes = self.row_groups == "pass"
+            if not passes.any():
+                raise ValueError(f"contrast needs rows of group 'pass'; groups present: {self.counts()}")
+            edits = ~passes if group == "overall" else self.row_groups == group
+            if not edits.any():
+                raise ValueError(f"no rows in group {group!r}; groups present: {self.counts()}")
+            return pe[edits].mean(0) - pe[passes].mean(0)
+        if scorer == "lga":
+            raise ValueError("lga is not a saliency statistic: call lga_scores(...)")
+        raise ValueError(f"unknown scorer {scorer!r}; choose one of {SCORERS}")
+
+    def score_groups(self, scorer: str) -> dict[str, list[float]]:
+        """{group: per-layer scores} for every group where `scorer` is defined."""
+        out = {}
+        groups = [g for g in self.groups if not (scorer == "contrast" and g == "pass")] + ["overall"]
+        for g in groups:
+            try:
+                out[g] = [float(x) for x in self.layer_scores(scorer, g)]
+            except ValueError:
+                continue
+        return out
+
+
+def _layer_mean_np(layer_paths: dict[str, tuple[str, ...]], cols: dict[str, np.ndarray]) -> np.ndarray:
+    """Eq. 4 on host arrays: [L] from {path: [fan_out]}."""
+    return np.asarray([np.concatenate([np.asarray(cols[p]) for p in ps]).mean() for ps in layer_paths.values()])
+
+
+def _tracked(model: LoadedModel, params: Any, layers: Sequence[str] | None, part: Part):
+    names = tuple(model.layers.names()) if layers is None else tuple(b.name for b in model.layers.select(layers))
+    if not names:
+        raise ValueError("no layers to score")
+    weights = model.layers.weights(names, part)
+    if not weights:
+        raise ValueError(f"the layer table lists no {part!r} weights for layers {names}")
+    for w in weights:
+        w.in_out_shape(np.shape(get_path(params, w.path)))  # 2-D check with a clear error
+    layer_paths = {b.name: tuple(w.path for w in b.weights(part)) for b in model.layers.select(names)}
+    for n, ps in layer_paths.items():
+        if not ps:
+            raise ValueError(f"layer {n} lists no {part!r} weights")
+    return names, weights, layer_paths
+
+
+def _layer_stack(layer_paths: tuple[tuple[str, ...], ...], cols: dict[str, jax.Array]) -> jax.Array:
+    """[m, L]: eq. 4 from per-example column statistics {path: [m, fan_out]}."""
+    return jnp.stack([jnp.concatenate([cols[p] for p in ps], -1).mean(-1) for ps in layer_paths], -1)
+
+
+def _nll(apply, params, batch) -> jax.Array:
+    return example_nll(apply(params, batch), batch["labels"], batch["label_mask"])
+
+
+def _grad_one(apply, loss):
+    """d loss(one example) / d params over the whole pytree, vmapped over a micro-batch."""
+
+    def one(p, ex):
+        return loss(apply, p, {k: v[None] for k, v in ex.items()})[0]
+
+    return jax.vmap(jax.grad(one), in_axes=(None, 0))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(4,))
+def _saliency_step(apply, weights, layer_paths, track_mean, state, params, batch, onehot):
+    """state + per-column statistics of one micro-batch; also returns per-example layer scores."""
+    TRACE_COUNTS["saliency"] += 1  # runs at trace time only
+    g = _grad_one(apply, _nll)(params, batch)  # the whole pytree, per example
+    cols = {name: {} for name in _ELEMENTWISE}
+    new = {"cols": {}, "grad": {}}
+    for w in weights:
+        gw = get_path(g, w.path).astype(jnp.float32)  # [m, a, b]
+        W = get_path(params, w.path).astype(jnp.float32)
+        ax = input_axis(w)
+        cols["salem"][w.path] = jnp.abs(gw).mean(ax)
+        cols["grad_x_weight"][w.path] = jnp.abs(gw * W[None]).mean(ax)
+        cols["mean_sq"][w.path] = jnp.square(gw).mean(ax)
+        if track_mean:
+            new["grad"][w.path] = state["grad"][w.path] + jnp.tensordot(onehot, gw, axes=([0], [0]))
+    for name in _ELEMENTWISE:
+        new["cols"][name] = {q: state["cols"][name][q] + onehot.T @ cols[name][q] for q in cols[name]}
+    per_ex = {name: _layer_stack(layer_paths, cols[name]) for name in _ELEMENTWISE}
+    return new, per_ex
+
+
+def saliency_stats(
+    model: LoadedModel,
+    params: Any,
+    data: Examples | Iterable[Examples],
+    *,
+    part: Part = "mlp",
+    layers: Sequence[str] | None = None,
+    micro_batch: int = 8,
+    track_mean: bool = True,
+    progress: bool = False,
+) -> SaliencyStats:
+    """Stream per-example saliency statistics over `data` (see the module docstring for memory).
+
+    data: a batch dict (every row a "fail" row), a `(batch, groups)` pair with one group name per
+    row (rows past len(groups) must be padding with an all-zero label_mask), or an iterable of
+    such pairs (e.g. from `salem_jax.data.edit_set.edit_set_batches`). Batches of different
+    sequence lengths each compile once.
+    """
+    t0 = time.perf_counter()
+    pairs = _as_examples(data)
+    names, weights, layer_paths = _tracked(model, params, layers, part)
+    checked = []
+    for i, (b, grp) in enumerate(pairs):
+        n = _check_batch(model, b, grp, where=f"batch {i}")
+        checked.append((b, list(grp) if grp is not None else ["fail"] * n, n))
+    groups = _group_names(g for _, gs, _ in checked for g in gs)
+    G = len(groups)
+    if micro_batch < 1:
+        raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+
+    fan_out = {w.path: w.in_out_shape(np.shape(get_path(params, w.path)))[1] for w in weights}
+    state = {
+        "cols": {name: {w.path: jnp.zeros((G, fan_out[w.path]), jnp.float32) for w in weights} for name in _ELEMENTWISE},
+        "grad": {w.path: jnp.zeros((G,) + tuple(np.shape(get_path(params, w.path))), jnp.float32) for w in weights}
+        if track_mean
+        else {},
+    }
+    traces0 = TRACE_COUNTS["saliency"]
+    static = (model.apply, weights, tuple(layer_paths.values()), track_mean)
+
+    total = sum(-(-n // micro_batch) for _, _, n in checked)
+    bar = _progress(total, "saliency", progress)
+    per_ex = {name: [] for name in _ELEMENTWISE}
+    row_groups: list[str] = []
+    for b, grp, n in checked:
+        gidx = np.asarray([groups.index(g) for g in grp])
+        for s, rows, mb in _micro_batches(b, n, micro_batch):
+            onehot = np.zeros((micro_batch, G), np.float32)
+            onehot[np.arange(rows), gidx[s : s + rows]] = 1.0
+            state, pe = _saliency_step(*static, state, params, {k: jnp.asarray(v) for k, v in mb.items()}, jnp.asarray(onehot))
+            for name in _ELEMENTWISE:
+                per_ex[name].append(np.asarray(pe[name])[:rows])
+            bar.update(1)
+        row_groups.extend(grp)
+    bar.close()
+    stats = SaliencyStats(
+        model=model.name,
+        layers=names,
+        part=part,
+        weights=weights,
+        layer_paths=layer_paths,
+        groups=groups,
+        row_groups=np.asarray(row_groups),
+        per_example={k: np.concatenate(v).astype(np.float64) for k, v in per_ex.items()},
+        column_sums={k: {p: np.asarray(v, np.float64) for p, v in d.items()} for k, d in state["cols"].items()},
+        grad_sums={p: np.asarray(v, np.float64) for p, v in state["grad"].items()} if track_mean else None,
+        traces=TRACE_COUNTS["saliency"] - traces0,
+        wall_time=time.perf_counter() - t0,
+    )
+    return stats
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
+
+
+# ----------------------------------------------------------------------------- Layer Gradient Analysis
+
+
+def margin_losses(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+    """Per-example margin of the existing answer over the desired one: [B].
+
+    At each counted target position s where the model's own teacher-forced argmax a_s (its
+    existing answer, held constant) differs from the desired token y_s, take
+    log p(a_s) - log p(y_s); average over those positions (0 for an example already right).
+    Lowering it moves probability from the existing answer to the desired target.
+    """
+    existing = jnp.argmax(jax.lax.stop_gradient(logits), axis=-1)
+    d = mask.astype(jnp.float32) * (existing != labels).astype(jnp.float32)
+    gap = token_logprobs(logits, existing) - token_logprobs(logits, labels)
+    return (gap * d).sum(-1) / jnp.maximum(d.sum(-1), 1.0)
+
+
+@dataclasses.dataclass
+class LGAStats:
+    """Per-example first-order attributions of Layer Gradient Analysis (see `lga_scores`).
+
+    attribution [N, L]: <sign(G_l), grad_l loss(x)> for each row x (loss = margin for edit rows,
+    target NLL for pass rows); row_groups [N]; edit_grad_l1 [L] = ||G_l||_1.
+    """
+
+    model: str
+    layers: tuple[str, ...]
+    part: str
+    groups: tuple[str, ...]
+    row_groups: np.ndarray
+    attribution: np.ndarray
+    edit_grad_l1: np.ndarray
+    traces: int
+    wall_time: float
+
+    def counts(self) -> dict[str, int]:
+        return {g: int((self.row_groups == g).sum()) for g in self.groups}
+
+    def gain(self, group: str = "overall") -> np.ndarray:
+        rows = self.row_groups != "pass" if group == "overall" else self.row_groups == group
+        if group == "pass" or not rows.any():
+            raise ValueError(f"no edit rows in group {group!r}; groups present: {self.counts()}")
+        return self.attribution[rows].mean(0)
+
+    def collateral(self) -> np.ndarray:
+        rows = self.row_groups == "pass"
+        if not rows.any():
+            raise ValueError(f"lga needs rows of group 'pass' (inputs to keep); groups present: {self.counts()}")
+        return np.abs(self.attribution[rows]).mean(0)
+
+    def layer_scores(self, group: str = "overall") -> np.ndarray:
+        return self.gain(group) - self.collateral()
+
+    def score_groups(self) -> dict[str, list[float]]:
+        out = {}
+        for g in [g for g in self.groups if g != "pass"] + ["overall"]:
+            out[g] = [float(x) for x in self.layer_scores(g)]
+        return out
+
+
+def lga_scores(
+    model: LoadedModel,
+    params: Any,
+    data: Examples | Iterable[Examples],
+    *,
+    part: Part = "mlp",
+    layers: Sequence[str] | None = None,
+    micro_batch: int = 8,
+    progress: bool = False,
+) -> LGAStats:
+    """Layer Gradient Analysis (golden layers), as implemented here - our reading of the paper's
+    verbal description ("layer-specific gradient attribution on a proxy set of how strongly a
+    layer mediates between the existing and the desired target"); its exact formula is not in our
+    sources. Definition, for layer l with tracked weights theta_l (part of the layer table):
+
+      M(x)     margin loss of edit row x (any group but "pass"): `margin_losses`, the log-prob
+               of the model's existing answer minus that of the desired target
+      G_l      sum over edit rows of grad_{theta_l} M(x)            (pass 1, one batched grad)
+      a_l(x)   <sign(G_l), grad_{theta_l} loss(x)>                    (pass 2, per example)
+               loss = M for edit rows, the target NLL for "pass" rows
+      gain_l(D)     = mean_{x in D} a_l(x)         first-order drop of the margin per unit
+                                                   sign step (Adam's first step) on layer l
+      collateral_l  = mean_{x in pass} |a_l(x)|    first-order change of a kept input's NLL
+      lga_l(D)      = gain_l(D) - collateral_l
+
+    i.e. the first-order effect of one unit sign-gradient step on layer l alone, toward the
+    desired targets, minus the damage it does to inputs the model already gets right - a trial
+    edit of every layer at the price of two gradient passes. Summed over the layer's parameters,
+    so layers of equal shape compare directly. Needs "pass" rows.
+    """
+    t0 = time.perf_counter()
+    pairs = _as_examples(data)
+    names, weights, layer_paths = _tracked(model, params, layers, part)
+    checked = []
+    for i, (b, grp) in enumerate(pairs):
+        n = _check_batch(model, b, grp, where=f"batch {i}")
+        checked.append((b, list(grp) if grp is not None else ["fail"] * n, n))
+    groups = _group_names(g for _, gs, _ in checked for g in gs)
+    if "pass" not in groups:
+        raise ValueError(f"lga needs rows of group 'pass' (inputs to keep); groups present: {groups}")
+    if all(g == "pass" for g in groups):
+        raise ValueError("lga needs edit rows (groups other than 'pass'); only 'pass' rows were given")
+    traces0 = TRACE_COUNTS["lga"]
+    lp = tuple(layer_paths.values())
+    G = {w.path: jnp.zeros(np.shape(get_path(params, w.path)), jnp.float32) for w in weights}
+    total = 2 * sum(-(-n // micro_batch) for _, _, n in checked)
+    bar = _progress(total, "lga", progress)
+    for b, grp, n in checked:
+        for s, rows, mb in _micro_batches(b, n, micro_batch):
+            w = np.zeros(micro_batch, np.float32)
+            w[:rows] = [g != "pass" for g in grp[s : s + rows]]
+            G = _lga_pass1(model.apply, G, params, {k: jnp.asarray(v) for k, v in mb.items()}, jnp.asarray(w))
+            bar.update(1)
+    sG = {q: jnp.sign(v) for q, v in G.items()}
+    l1 = np.asarray([sum(float(jnp.abs(G[q]).sum()) for q in ps) for ps in layer_paths.values()])
+    attr, row_groups = [], []
+    for b, grp, n in checked:
+        for s, rows, mb in _micro_batches(b, n, micro_batch):
+            is_edit = np.zeros(micro_batch, bool)
+            is_edit[:rows] = [g != "pass" for g in grp[s : s + rows]]
+            a = _lga_pass2(model.apply, lp, params, sG, {k: jnp.asarray(v) for k, v in mb.items()}, jnp.asarray(is_edit))
+            attr.append(np.asarray(a)[:rows])
+            bar.update(1)
+        row_groups.extend(grp)
+    bar.close()
+    return LGAStats(
+        model=model.name,
+        layers=names,
+        part=part,
+        groups=groups,
+        row_groups=np.asarray(row_groups),
+        attribution=np.concatenate(attr).astype(np.float64),
+        edit_grad_l1=l1,
+        traces=TRACE_COUNTS["lga"] - traces0,
+        wall_time=time.perf_counter() - t0,
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))
+def _lga_pass1(apply, G, params, batch, w):
+    """G + sum over the micro-batch's edit rows (weight w=1) of grad M(x), tracked weights only."""
+    TRACE_COUNTS["lga"] += 1
+
+    def margin_sum(p):
+        logits = apply(p, batch)
+        return (margin_losses(logits, batch["labels"], batch["label_mask"]) * w).sum()
+
+    g = jax.grad(margin_sum)(params)
+    return {q: G[q] + get_path(g, q).astype(jnp.float32) for q in G}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _lga_pass2(apply, layer_paths, params, sG, batch, is_edit):
+    """[m, L]: <sign(G_l), grad_l loss(x)> per example (margin for edit rows, NLL for pass rows)."""
+    TRACE_COUNTS["lga"] += 1
+
+    def one(p, ex, edit):
+        b = {k: v[None] for k, v in ex.items()}
+        logits = apply(p, b)
+        m = margin_losses(logits, b["labels"], b["label_mask"])[0]
+        nll = example_nll(logits, b["labels"], b["label_mask"])[0]
+        return jnp.where(edit, m, nll)
+
+    g = jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(params, batch, is_edit)
+    per_w = {q: jnp.einsum("m...,...->m", get_path(g, q).astype(jnp.float32), sG[q]) for q in sG}
+    return jnp.stack([sum(per_w[q] for q in ps) for ps in layer_paths], -1)
+
+
+# ----------------------------------------------------------------------------- one call: data -> profile
+
+
+def saliency_profile(
+    model: LoadedModel,
+    params: Any,
+    data: Examples | Iterable[Examples],
+    *,
+    scorer: str = "salem",
+    part: Part = "mlp",
+    top_k: int = 1,
+    select_group: str = "fail",
+    layers: Sequence[str] | None = None,
+    micro_batch: int = 8,
+    progress: bool = False,
+) -> LayerProfile:
+    """Score every layer with `scorer` and choose the top-K on `select_group` (eq. 5).
+
+    For the saliency scorers one streaming pass computes all of "salem", "grad_x_weight",
+    "mean_sq", "abs_mean_grad" and (with pass rows) "contrast"; the profile's `scores` are the
+    requested scorer's, `extra["scores_by_scorer"]` has the others. "lga" runs `lga_scores`.
+    """
+    if scorer not in SCORERS:
+        raise ValueError(f"unknown scorer {scorer!r}; choose one of {SCORERS}")
+    t0 = time.perf_counter()
+    if scorer == "lga":
+        st = lga_scores(model, params, data, part=part, layers=layers, micro_batch=micro_batch, progress=progress)
+        scores = st.score_groups()
+        extra = {
+            "gain": {g: st.gain(g) for g in [g for g in st.groups if g != "pass"] + ["overall"]},
+            "collateral": st.collateral(),
+            "traces": st.traces,
+            "micro_batch": micro_batch,
+        }
+        method = "lga"
+    else:
+        st = saliency_stats(model, params, data, part=part, layers=layers, micro_batch=micro_batch, progress=progress)
+        by = {s: st.score_groups(s) for s in SCORERS if s != "lga"}
+        scores = by[scorer]
+        if not scores:
+            raise ValueError(f"scorer {scorer!r} is not defined on the groups given: {st.counts()}")
+        extra = {"scores_by_scorer": by, "traces": st.traces, "micro_batch": micro_batch}
+        method = "saliency"
+    if select_group not in scores:
+        raise ValueError(
+            f"scorer {scorer!r} has no scores for group {select_group!r}; available: {sorted(scores)} "
+            f"(rows per group: {st.counts()})"
+        )
+    chosen = top_k_layers(scores[select_group], st.layers, top_k)
+    return LayerProfile(
+        method=method,
+        scorer=scorer,
+        layers=tuple(st.layers),
+        scores=scores,
+        chosen=chosen,
+        select_group=select_group,
+        part=part,
+        top_k=top_k,
+        examples=st.counts(),
+        wall_time=time.perf_counter() - t0,
+        model=model.name,
+        extra=_jsonable(extra),
+    )
