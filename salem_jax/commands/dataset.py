@@ -161,7 +161,9 @@ def run(args) -> int:
 
 def _run_fetch(args) -> int:
     try:
-        got = paths.fetch_public_data(args.files, cache=args.cache, timeout=args.timeout, overwrite=args.overwrite)
+        got = paths.fetch_public_data(
+            args.files, cache=args.cache, timeout=args.timeout, overwrite=args.overwrite, base_url=paths.ROME_DATA_URL
+        )
     except paths.DataFetchError as e:
         print(f"salem fetch-data: error: {e}", file=sys.stderr)
         return 1
