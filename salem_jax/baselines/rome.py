@@ -1,0 +1,422 @@
+"""ROME: rank-one model editing of one MLP output projection (Meng et al., NeurIPS 2022).
+
+ROME treats a block's MLP output projection W (GPT-2 `mlp/c_proj`, Llama `mlp/down_proj`)
+as a linear key-value memory: the key k is the projection's input (the MLP's hidden
+activation) at the last token of the subject, the value W k + b its output. To make the model
+say `target_new` after `prompt`:
+
+1. **Key k\\*** (`compute_key`): the projection input at the subject's last token, averaged
+   over the prompt preceded by each of `ROMEConfig.prefixes`. ROME uses about 50 short texts
+   the model itself generated from "The" as prefixes; the default here is the prompt alone
+   (`prefixes=("",)`), which needs no sampling. Pass your own prefixes to follow ROME.
+2. **Value v\\*** (`compute_value`): v\\* = o + delta, where o is the projection's output at
+   that position on the (first prefixed) prompt and delta, added to the output at the
+   subject's last token of every rewriting input, minimises
+   ``mean target NLL of target_new``
+   ``+ kl_factor * KL(p_new || p_init)`` of the next-token distribution at the subject's last
+   token of `kl_prompt` ("{} is a", keeps the subject's essence), ``+ weight_decay * |delta|
+   / |o|^2``, with Adam (`v_lr`, at most `v_steps` steps, stopping below loss 0.05) and
+   |delta| projected to at most `clamp_norm_factor * |o|` after every step. These follow
+   ROME's code (its KL term is torch `kl_div(init, new)` = KL(new || init)); the NLL is taken at
+   the model's output (ROME's `v_loss_layer` = last layer).
+3. **Key statistics C** (`key_covariance`): the uncentered second moment E[k k^T] of the
+   projection's input over the tokens of plain text (ROME: 100k Wikipedia samples; here any
+   texts, e.g. a few hundred WikiText paragraphs). Inverted with a small ridge
+   ``ridge * trace(C) / d`` for stability. `cov=None` uses C = I (ROME without its
+   covariance adjustment).
+4. **Update** (`rank_one_update`): with u = C^-1 k\\*,
+   ``W' = W + (v* - (W k* + b)) u^T / (u^T k*)``, so that W' k\\* + b = v\\* exactly, while keys
+   orthogonal to u in the C-metric keep their values. Written in the kernel's own layout:
+   "out_in" (GPT-2 Conv1D, kernel = W) or "in_out" (flax Dense, kernel = W^T).
+
+Reading and replacing the projection's input and output uses `flax.linen.intercept_methods`
+on the module at `Weight.module_path`; no model code changes. Only the one kernel changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from salem_jax.data.tokenize import encode, pad_rows, slice_rows
+from salem_jax.eval.perplexity import token_windows, tokenize_texts
+from salem_jax.models.base import Weight, get_path, set_path
+
+
+@dataclasses.dataclass(frozen=True)
+class ROMEConfig:
+    """ROME's hyper-parameters (defaults: ROME's GPT-2 XL settings, prefixes aside)."""
+
+    v_steps: int = 20
+    v_lr: float = 0.5
+    kl_factor: float = 0.0625
+    weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    stop_loss: float = 5e-2
+    kl_prompt: str = "{} is a"
+    prefixes: tuple[str, ...] = ("",)  # texts put before the prompt; "" = the prompt alone
+    ridge: float = 1e-3  # relative ridge added to C before solving
+
+
+@dataclasses.dataclass(frozen=True)
+class ROMEResult:
+    params: Any  # the edited parameters (only `weight` differs from the input)
+    weight: Weight  # the edited kernel
+    key: jax.Array  # k*  [in]
+    value: jax.Array  # v*  [out]
+    old_value: jax.Array  # W k* + b before the edit  [out]
+    lookup_index: int  # position of the subject's last token in the bare prompt
+    losses: tuple[float, ...]  # v* optimisation loss at each step
+
+
+# --------------------------------------------------------------------------- where to edit
+
+
+def rome_weight(model, layer: str | Weight) -> Weight:
+    """The MLP output projection of block `layer` (its last MLP weight in the layer table:
+    `c_proj` for GPT-2, `down_proj` for Llama), or `layer` itself if it is a Weight."""
+    if isinstance(layer, Weight):
+        return layer
+    block = model.layers[layer]
+    if not block.mlp:
+        raise ValueError(f"layer {layer!r} lists no MLP weights")
+    w, first = block.mlp[-1], block.mlp[0]
+    fan_in, fan_out = w.in_out_shape(get_path(model.params, w.path).shape)
+    width = first.in_out_shape(get_path(model.params, first.path).shape)[0]
+    if fan_out != width:
+        raise ValueError(
+            f"layer {layer!r}: the last MLP weight {w.path} maps {fan_in} -> {fan_out}, not back to the block "
+            f"width {width}; pass the output projection's Weight explicitly"
+        )
+    return w
+
+
+def _join(prefix: str, prompt: str) -> str:
+    return prompt if not prefix else prefix.rstrip() + " " + prompt
+
+
+def subject_last_index(tokenizer, text: str, subject: str, start: int = 0) -> int:
+    """Position (in `tokenizer(text)["input_ids"]`, special tokens included) of the last token
+    that overlaps the first occurrence of `subject` in `text[start:]`. An empty subject means
+    the last token of the text."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    if not subject:
+        return len(ids) - 1
+    s0 = text.find(subject, start)
+    if s0 < 0:
+        raise ValueError(f"subject {subject!r} does not occur in prompt {text[start:]!r}")
+    s1 = s0 + len(subject)
+    if getattr(tokenizer, "is_fast", False):
+        offsets = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)["offset_mapping"]
+        hits = [i for i, (a, b) in enumerate(offsets) if b > a and a < s1 and b > s0]
+        if not hits:
+            raise ValueError(f"no token of {text!r} overlaps the subject {subject!r}")
+        return hits[-1]
+    # slow tokenizers have no offsets: count the tokens of the text up to the subject's end
+    return len(tokenizer(text[:s1], add_special_tokens=True)["input_ids"]) - 1
+
+
+# --------------------------------------------------------------------------- interception
+
+
+def _interceptor(module_path: str, on_call: Callable):
+    """An intercept_methods interceptor calling `on_call(x, y) -> y'` on the module at
+    `module_path` (input x, output y) and leaving every other call alone."""
+
+    def interceptor(next_fun, args, kwargs, context):
+        if context.method_name != "__call__" or "/".join(context.module.path) != module_path:
+            return next_fun(*args, **kwargs)
+        y = next_fun(*args, **kwargs)
+        return on_call(args[0], y)
+
+    return interceptor
+
+
+def _forward_at(apply, module_path, params, batch, idx, delta):
+    """Logits with `delta[b]` added to the module's output at (b, idx[b]); also the module's
+    input and (unshifted) output at those positions: (logits, k [B, in], o [B, out])."""
+    seen = {}
+
+    def on_call(x, y):
+        rows = jnp.arange(x.shape[0])
+        seen["k"], seen["o"] = x[rows, idx], y[rows, idx]
+        if delta is None:
+            return y
+        hot = jax.nn.one_hot(idx, y.shape[1], dtype=y.dtype)
+        return y + hot[:, :, None] * delta[:, None, :].astype(y.dtype)
+
+    with nn.intercept_methods(_interceptor(module_path, on_call)):
+        logits = apply(params, batch)
+    if "k" not in seen:
+        raise KeyError(f"module {module_path!r} was never called by the model; check the weight path")
+    return logits, seen["k"].astype(jnp.float32), seen["o"].astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _keys_values(apply, module_path, params, batch, idx):
+    _, k, o = _forward_at(apply, module_path, params, batch, idx, None)
+    return k, o
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _moment(apply, module_path, params, batch):
+    seen = {}
+
+    def on_call(x, y):
+        seen["x"] = x
+        return y
+
+    with nn.intercept_methods(_interceptor(module_path, on_call)):
+        apply(params, batch)
+    if "x" not in seen:
+        raise KeyError(f"module {module_path!r} was never called by the model; check the weight path")
+    x = seen["x"].astype(jnp.float32) * batch["attention_mask"][..., None].astype(jnp.float32)
+    x = x.reshape(-1, x.shape[-1])
+    return x.T @ x, batch["attention_mask"].sum()
+
+
+# --------------------------------------------------------------------------- the three statistics
+
+
+def key_covariance(
+    model,
+    params: Any,
+    weight: Weight | str,
+    texts: Sequence[str],
+    *,
+    window: int = 128,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    progress: bool = True,
+) -> jax.Array:
+    """C = E[k k^T] (uncentered, ROME's "mom2") of the input of `weight`'s module over every
+    token of `texts`, cut into disjoint windows of `window` tokens: [in, in] float32.
+    `weight` may be a layer name. `max_tokens` caps the number of tokens used."""
+    weight = rome_weight(model, weight)
+    window = min(window, model.max_length)
+    toks = tokenize_texts(model, texts, where="key_covariance texts")
+    if max_tokens is not None:
+        kept, n = [], 0
+        for t in toks:
+            if n >= max_tokens:
+                break
+            kept.append(t[: max_tokens - n])
+            n += len(kept[-1])
+        toks = kept
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    wins = token_windows(toks, window, window, pad)
+    n_win = wins["input_ids"].shape[0]
+    if n_win == 0:
+        raise ValueError("key_covariance: no text has 2 or more tokens")
+    total, count = None, 0
+    for start in tqdm(range(0, n_win, batch_size), desc="key statistics", disable=not progress):
+        batch = pad_rows(slice_rows(wins, start, start + batch_size), batch_size)
+        s, c = _moment(model.apply, weight.module_path, params, batch)
+        total = s if total is None else total + s
+        count += int(c)
+    return total / count
+
+
+def compute_key(model, params: Any, weight: Weight, prompt: str, subject: str, prefixes: Sequence[str] = ("",)):
+    """k*: the input of `weight`'s module at the subject's last token, averaged over the prompt
+    preceded by each prefix: ([in] float32, lookup index in the bare prompt)."""
+    texts = [_join(p, prompt) for p in prefixes]
+    if not texts:
+        raise ValueError("compute_key: need at least one prefix ('' = the prompt alone)")
+    idx = np.asarray(
+        [subject_last_index(model.tokenizer, t, subject, start=len(t) - len(prompt)) for t in texts], np.int32
+    )
+    batch = _text_batch(model, texts)
+    k, _ = _keys_values(model.apply, weight.module_path, params, batch, idx)
+    bare = subject_last_index(model.tokenizer, prompt, subject)
+    return k.mean(0), bare
+
+
+def _text_batch(model, texts: Sequence[str], length: int | None = None) -> dict[str, np.ndarray]:
+    """input_ids / attention_mask of texts (with special tokens), right padded; labels unused."""
+    ids = [list(model.tokenizer(t, add_special_tokens=True)["input_ids"]) for t in texts]
+    L = length or max(map(len, ids))
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    out = np.full((len(ids), L), pad, np.int32)
+    mask = np.zeros((len(ids), L), np.int32)
+    for i, r in enumerate(ids):
+        out[i, : len(r)], mask[i, : len(r)] = r, 1
+    zeros = np.zeros_like(out)
+    return dict(input_ids=out, attention_mask=mask, labels=zeros, label_mask=zeros)
+
+
+@functools.lru_cache(maxsize=32)
+def _make_v_step(apply, module_path: str, lr: float, kl_factor: float, weight_decay: float, clamp: float):
+    opt = optax.adam(lr)
+
+    def loss_fn(delta, params, batch, idx, n_rw, kl_init, o_norm):
+        B = batch["input_ids"].shape[0]
+        logits, _, _ = _forward_at(apply, module_path, params, batch, idx, jnp.broadcast_to(delta, (B, delta.shape[0])))
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+        tok_lp = jnp.take_along_axis(logp, batch["labels"][..., None], -1)[..., 0]
+        mask = batch["label_mask"].astype(jnp.float32)
+        nll = -(tok_lp * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+        kl_new = logp[n_rw, idx[n_rw]]
+        kl = jnp.sum(jnp.exp(kl_new) * (kl_new - kl_init))  # KL(new || init), as ROME's kl_div(init, new)
+        # |delta| with a zero gradient at delta = 0 (jnp.linalg.norm's is NaN there, where Adam starts)
+        wd = weight_decay * jnp.sqrt(jnp.maximum(jnp.sum(delta * delta), 1e-30)) / o_norm**2
+        return nll + kl_factor * kl + wd
+
+    @functools.partial(jax.jit, static_argnums=(5,))
+    def step(delta, opt_state, params, batch, idx, n_rw, kl_init, o_norm):
+        loss, g = jax.value_and_grad(loss_fn)(delta, params, batch, idx, n_rw, kl_init, o_norm)
+        upd, opt_state = opt.update(g, opt_state, delta)
+        new = optax.apply_updates(delta, upd)
+        norm, cap = jnp.linalg.norm(new), clamp * o_norm
+        new = jnp.where(norm > cap, new * cap / jnp.maximum(norm, 1e-12), new)
+        return new, opt_state, loss
+
+    @functools.partial(jax.jit, static_argnums=(4,))
+    def loss_only(delta, params, batch, idx, n_rw, kl_init, o_norm):
+        return loss_fn(delta, params, batch, idx, n_rw, kl_init, o_norm)
+
+    return opt, step, loss_only
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _kl_init(apply, module_path, params, batch, idx):
+    logits, _, o = _forward_at(apply, module_path, params, batch, idx, None)
+    return jax.nn.log_softmax(logits.astype(jnp.float32), -1)[jnp.arange(idx.shape[0]), idx], o
+
+
+def compute_value(
+    model,
+    params: Any,
+    weight: Weight,
+    prompt: str,
+    subject: str,
+    target_new: str,
+    config: ROMEConfig = ROMEConfig(),
+    progress: bool = True,
+) -> tuple[jax.Array, jax.Array, tuple[float, ...]]:
+    """v* (see the module docstring): ([out] v*, [out] o = the output it replaces on the first
+    prefixed prompt, losses per step)."""
+    if not target_new:
+        raise ValueError(f"ROME needs a non-empty target_new (prompt {prompt!r})")
+    texts = [_join(p, prompt) for p in config.prefixes]
+    n_rw = len(texts)
+    rw = encode(model, texts, [target_new] * n_rw, where="ROME rewriting prompts")
+    kl_text = config.kl_prompt.format(subject)
+    kl = _text_batch(model, [kl_text], length=rw["input_ids"].shape[1])
+    if kl["input_ids"].shape[1] != rw["input_ids"].shape[1]:
+        raise ValueError(f"KL prompt {kl_text!r} is longer than the rewriting batch; shorten kl_prompt")
+    batch = {k: np.concatenate([rw[k], kl[k]]) for k in ("input_ids", "attention_mask", "labels", "label_mask")}
+    idx = np.asarray(
+        [subject_last_index(model.tokenizer, t, subject, start=len(t) - len(prompt)) for t in texts]
+        + [subject_last_index(model.tokenizer, kl_text, subject)],
+        np.int32,
+    )
+    kl_init_all, o_all = _kl_init(model.apply, weight.module_path, params, batch, idx)
+    kl_init, o = kl_init_all[n_rw], o_all[0]
+    o_norm = jnp.linalg.norm(o)
+    opt, step, loss_only = _make_v_step(
+        model.apply, weight.module_path, float(config.v_lr), float(config.kl_factor), float(config.weight_decay),
+        float(config.clamp_norm_factor),
+    )
+    delta = jnp.zeros_like(o)
+    opt_state = opt.init(delta)
+    hist: list[float] = []
+    for _ in tqdm(range(config.v_steps), desc="ROME v*", disable=not progress):
+        new_delta, new_state, loss = step(delta, opt_state, params, batch, idx, n_rw, kl_init, o_norm)
+        hist.append(float(loss))
+        if hist[-1] < config.stop_loss:
+            break  # loss of the current delta is low enough: keep it, as ROME does
+        delta, opt_state = new_delta, new_state
+    else:
+        hist.append(float(loss_only(delta, params, batch, idx, n_rw, kl_init, o_norm)))
+    return o + delta, o, tuple(hist)
+
+
+# --------------------------------------------------------------------------- the update
+
+
+def rank_one_update(
+    kernel: jax.Array, layout: str, key: jax.Array, value: jax.Array, old_value: jax.Array, c_inv_key: jax.Array
+) -> jax.Array:
+    """The ROME kernel: W' = W + (value - old_value) u^T / (u^T key) with u = `c_inv_key`
+    (old_value = W key + b), returned in the kernel's layout ("out_in": kernel = W [out, in];
+    "in_out": kernel = W^T [in, out]) and dtype. Then W' key + b = value."""
+    u = c_inv_key.astype(jnp.float32)
+    denom = jnp.dot(u, key.astype(jnp.float32))
+    dw = jnp.outer(value.astype(jnp.float32) - old_value.astype(jnp.float32), u) / denom  # [out, in]
+    if layout == "out_in":
+        return (kernel.astype(jnp.float32) + dw).astype(kernel.dtype)
+    if layout == "in_out":
+        return (kernel.astype(jnp.float32) + dw.T).astype(kernel.dtype)
+    raise ValueError(f"unknown kernel layout {layout!r}")
+
+
+def _module_output(params: Any, weight: Weight, key: jax.Array) -> jax.Array:
+    """W key + b of the module owning `weight` (b = 0 when the module has no bias)."""
+    kernel = get_path(params, weight.path).astype(jnp.float32)
+    w = kernel if weight.layout == "out_in" else kernel.T  # [out, in]
+    out = w @ key.astype(jnp.float32)
+    try:
+        out = out + get_path(params, weight.module_path + "/bias").astype(jnp.float32)
+    except KeyError:
+        pass  # no bias (Llama)
+    return out
+
+
+def rome_edit(
+    model,
+    params: Any,
+    layer: str | Weight,
+    prompt: str,
+    subject: str,
+    target_new: str,
+    *,
+    cov: jax.Array | None = None,
+    config: ROMEConfig = ROMEConfig(),
+    progress: bool = True,
+) -> ROMEResult:
+    """Insert "prompt -> target_new" with ROME's rank-one update of `layer`'s MLP output
+    projection (a layer name such as "h.5" from causal tracing, or a `Weight`).
+
+    `prompt` contains `subject` (e.g. "The mother tongue of Danielle Darrieux is", subject
+    "Danielle Darrieux"); `cov` comes from `key_covariance` (None: identity). Returns a
+    `ROMEResult` whose `params` differ from `params` in that one kernel only.
+    """
+    if model.kind != "causal":
+        raise ValueError(f"ROME edits causal LMs; {model.name!r} is {model.kind!r}")
+    weight = rome_weight(model, layer)
+    kernel = get_path(params, weight.path)
+    fan_in, fan_out = weight.in_out_shape(kernel.shape)
+    key, bare_idx = compute_key(model, params, weight, prompt, subject, config.prefixes)
+    if key.shape != (fan_in,):
+        raise ValueError(f"{weight.path}: key has shape {key.shape}, kernel expects {fan_in} inputs (wrong layout?)")
+    value, _, hist = compute_value(model, params, weight, prompt, subject, target_new, config, progress)
+    old = _module_output(params, weight, key)
+    if value.shape != (fan_out,):
+        raise ValueError(f"{weight.path}: value has shape {value.shape}, kernel has {fan_out} outputs")
+    if cov is None:
+        u = key
+    else:
+        if cov.shape != (fan_in, fan_in):
+            raise ValueError(f"cov has shape {cov.shape}; {weight.path} needs ({fan_in}, {fan_in})")
+        c = cov.astype(jnp.float32)
+        lam = config.ridge * jnp.trace(c) / fan_in
+        u = jnp.linalg.solve(c + lam * jnp.eye(fan_in, dtype=jnp.float32), key)
+    new_kernel = rank_one_update(kernel, weight.layout, key, value, old, u)
+    return ROMEResult(
+        params=set_path(params, weight.path, new_kernel),
+        weight=weight,
+        key=key,
+        value=value,
+        old_value=old,
+        lookup_index=bare_idx,
+        losses=hist,
+    )

@@ -1,0 +1,185 @@
+"""ROME on tiny GPT-2 (Conv1D "out_in" kernels) and tiny Llama ("in_out", no bias)."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from salem_jax.baselines import rome as R
+from salem_jax.eval import metrics as M
+from salem_jax.models import hf
+from salem_jax.models.base import get_path, param_paths
+from salem_jax.testing import DEFAULT_WORDS, tiny_tokenizer
+
+# The subject ends the prompt: in a tiny random model attention is close to uniform and its
+# weights tiny, so a change at an earlier subject token barely reaches the last position;
+# ROME's lookup index logic for a subject inside the prompt is tested on its own below.
+PROMPT, SUBJECT = "what is the capital of france", "france"
+# ROME's weight decay and norm clamp are relative to |W k* + b|, which is ~0.05 in a tiny
+# random model (vs ~10 in GPT-2 XL); loosen them so the optimisation can move the output.
+TINY_CFG = R.ROMEConfig(v_steps=30, v_lr=0.1, clamp_norm_factor=100.0, weight_decay=1e-3)
+
+
+_MODELS: dict = {}
+
+
+def _model(arch):
+    """One tiny model per architecture for the whole file (building one takes seconds)."""
+    if arch not in _MODELS:
+        if arch == "gpt2":
+            _MODELS[arch] = hf.tiny("gpt2", seed=2)
+        else:
+            from salem_jax.models.llama import tiny_llama
+
+            _MODELS[arch] = tiny_llama(seed=2)
+    return _MODELS[arch]
+
+
+def _texts(n=24, words=14, seed=0):
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(DEFAULT_WORDS, size=words)) for _ in range(n)]
+
+
+@functools.lru_cache(maxsize=None)
+def _capture_fn(apply, module_path):
+    @jax.jit
+    def run(params, ids, mask):
+        seen = {}
+
+        def icpt(f, args, kwargs, ctx):
+            y = f(*args, **kwargs)
+            if ctx.method_name == "__call__" and "/".join(ctx.module.path) == module_path:
+                seen["x"], seen["y"] = args[0], y
+            return y
+
+        with nn.intercept_methods(icpt):
+            apply(params, {"input_ids": ids, "attention_mask": mask})
+        return seen["x"][0], seen["y"][0]
+
+    return run
+
+
+def _capture(model, params, module_path, text, length=32):
+    """The module's input and output at every token of one text (own interceptor, a single-row
+    forward right padded to a fixed length; causal, so padding after a token does not change
+    it): (x [T, in], y [T, out])."""
+    ids = model.tokenizer(text)["input_ids"]
+    row = np.zeros((1, length), np.int32)
+    row[0, : len(ids)] = ids
+    mask = (np.arange(length) < len(ids)).astype(np.int32)[None]
+    x, y = _capture_fn(model.apply, module_path)(params, row, mask)
+    return np.asarray(x, np.float64)[: len(ids)], np.asarray(y, np.float64)[: len(ids)]
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def edited(request):
+    model = _model(request.param)
+    layer = model.layers.names()[0]
+    w = R.rome_weight(model, layer)
+    texts = _texts()
+    cov = R.key_covariance(model, model.params, w, texts, window=32, batch_size=8, progress=False)
+    # a target the base model does not predict
+    base_pred = _greedy_next(model, model.params, PROMPT)
+    target = next(t for t in ("tokyo", "cairo", "lima") if t != base_pred)
+    res = R.rome_edit(model, model.params, layer, PROMPT, SUBJECT, target, cov=cov, config=TINY_CFG, progress=False)
+    return model, w, texts, cov, target, res
+
+
+def _greedy_next(model, params, prompt):
+    ids = np.asarray([model.tokenizer(prompt)["input_ids"]], np.int32)
+    logits = model.apply(params, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    return model.tokenizer.decode([int(np.argmax(logits[0, -1]))]).strip()
+
+
+def test_rome_weight_is_the_output_projection():
+    g = _model("gpt2")
+    assert R.rome_weight(g, "h.1").path == "transformer/h/1/mlp/c_proj/kernel"
+    with pytest.raises(KeyError, match="valid layers"):
+        R.rome_weight(g, "h.7")
+
+
+def test_subject_last_index():
+    tok = tiny_tokenizer()
+    # <s> the capital of france is
+    assert R.subject_last_index(tok, "the capital of france is", "france") == 4
+    assert R.subject_last_index(tok, "red blue the capital of france is", "capital of france") == 6
+    assert R.subject_last_index(tok, "the capital of france is", "") == 5
+    with pytest.raises(ValueError, match="does not occur"):
+        R.subject_last_index(tok, "the capital of france is", "peru")
+
+
+def test_key_covariance_matches_numpy(edited):
+    model, w, texts, cov, _, _ = edited
+    want = 0.0
+    n = 0
+    for t in texts:
+        x, _ = _capture(model, model.params, w.module_path, t)
+        want = want + x.T @ x
+        n += x.shape[0]
+    np.testing.assert_allclose(np.asarray(cov), want / n, rtol=2e-4, atol=1e-6)
+
+
+def test_edited_key_maps_to_value(edited):
+    model, w, _, cov, _, res = edited
+    kernel = np.asarray(get_path(res.params, w.path), np.float64)
+    W = kernel if w.layout == "out_in" else kernel.T
+    try:
+        b = np.asarray(get_path(res.params, w.module_path + "/bias"), np.float64)
+    except KeyError:
+        b = 0.0
+    k, v = np.asarray(res.key, np.float64), np.asarray(res.value, np.float64)
+    np.testing.assert_allclose(W @ k + b, v, rtol=1e-4, atol=1e-4 * np.abs(v).max())
+    # through the model: the edited module outputs v* at the subject's last token of the prompt
+    x, y = _capture(model, res.params, w.module_path, PROMPT)
+    np.testing.assert_allclose(x[res.lookup_index], k, rtol=1e-5, atol=1e-6)  # prefixes=("",): k* = prompt key
+    np.testing.assert_allclose(y[res.lookup_index], v, rtol=1e-4, atol=1e-4 * np.abs(v).max())
+    # the key really was changed: v* differs from the old output
+    assert np.linalg.norm(v - np.asarray(res.old_value)) > 1e-3
+
+
+def test_update_is_rank_one_along_c_inverse_key(edited):
+    model, w, _, cov, _, res = edited
+    dw = np.asarray(get_path(res.params, w.path), np.float64) - np.asarray(get_path(model.params, w.path), np.float64)
+    dw = dw if w.layout == "out_in" else dw.T  # [out, in]
+    s = np.linalg.svd(dw, compute_uv=False)
+    assert s[1] < 1e-5 * s[0]
+    c = np.asarray(cov, np.float64)
+    d = c.shape[0]
+    u = np.linalg.solve(c + 1e-3 * np.trace(c) / d * np.eye(d), np.asarray(res.key, np.float64))
+    x = np.random.default_rng(1).normal(size=d)
+    x -= u * (u @ x) / (u @ u)  # orthogonal to u = C^-1 k*: its value must not move
+    assert np.abs(dw @ x).max() < 1e-4 * np.abs(dw).max() * np.linalg.norm(x)
+
+
+def test_model_predicts_new_target_and_only_one_weight_changed(edited):
+    model, w, _, _, target, res = edited
+    rows = [{"prompt": PROMPT, "target": target}]
+    assert not M.score_rows(model, model.params, rows, progress=False)["correct"][0]
+    assert M.score_rows(model, res.params, rows, progress=False)["correct"][0]
+    assert _greedy_next(model, res.params, PROMPT) == target
+    before = dict(zip(param_paths(model.params), jax.tree.leaves(model.params)))
+    after = dict(zip(param_paths(res.params), jax.tree.leaves(res.params)))
+    assert before.keys() == after.keys()
+    for p in before:
+        same = np.array_equal(np.asarray(before[p]), np.asarray(after[p]))
+        assert same == (p != w.path), p
+    assert res.losses[-1] < res.losses[0]
+
+
+def test_key_is_averaged_over_prefixes():
+    model = _model("gpt2")
+    w = R.rome_weight(model, "h.1")
+    prefixes = ("", "red blue green", "one two")
+    prompt = "the capital of france is"
+    key, idx = R.compute_key(model, model.params, w, prompt, "france", prefixes)
+    want = []
+    for p in prefixes:
+        text = R._join(p, prompt)
+        x, _ = _capture(model, model.params, w.module_path, text)
+        want.append(x[len(model.tokenizer(text)["input_ids"]) - 2])  # "france" is second to last
+    np.testing.assert_allclose(np.asarray(key), np.mean(want, 0), rtol=1e-5, atol=1e-6)
+    assert idx == 4
