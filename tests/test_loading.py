@@ -104,6 +104,7 @@ def test_every_source_matches_pytorch(tiny, case, tmp_path):
         got = load_model(path)
         assert (got.arch, got.kind, got.max_length) == (m.arch, m.kind, m.max_length), src
         assert got.extra["format"] == ("pt" if src == "pt" else "flax"), src
+        assert not got.extra["new_head"]
         assert got.layers.names() == m.layers.names()
         got.layers.check(got.params)
         assert_same_params(got.params, m.params, atol=0 if src != "pt" else 1e-7)
@@ -184,12 +185,28 @@ def test_bert_base_model_gets_a_new_head(tiny, tmp_path, caplog):
     assert_same_params(got.params["bert"], m.params["bert"], atol=1e-7)  # the encoder is the checkpoint's
     b = encode(got, ["red blue"], [3])
     assert np.asarray(got.apply(got.params, b)).shape == (1, 1, 4)
-    # A classifier checkpoint keeps its head unless the number of labels changes.
+    # A classifier checkpoint keeps its head (test_every_source_matches_pytorch) unless the number
+    # of labels changes.
     clf = save_model(m, m.params, tmp_path / "clf")
-    assert not load_model(clf).extra["new_head"]
     assert load_model(clf, num_labels=2).extra["new_head"]
     with pytest.raises(ValueError, match="num_labels applies to classifiers only"):
         load_model(save_model(tiny("gpt2"), tiny("gpt2").params, tmp_path / "g"), num_labels=2)
+
+
+def test_base_model_checkpoint_gets_missing_parameters(tiny, tmp_path, caplog):
+    """A FlaxBartModel checkpoint (no LM head) loads as the generation model; the parameter it
+    lacks (final_logits_bias) is initialised (zeros) and named in a warning."""
+    from transformers import FlaxBartModel
+
+    m = tiny("bart")
+    path = tmp_path / "base"
+    FlaxBartModel(m.config, _do_init=False).save_pretrained(path, params=m.params["model"])
+    m.tokenizer.save_pretrained(path)
+    with caplog.at_level(logging.WARNING, logger="salem_jax.models.loading"):
+        got = load_model(path)
+    assert "initialised at random: ['final_logits_bias']" in caplog.text
+    assert_same_params(got.params["model"], m.params["model"])
+    assert np.all(np.asarray(got.params["final_logits_bias"]) == 0)
 
 
 def test_save_model_is_atomic_and_careful(tiny, tmp_path, monkeypatch):
@@ -201,7 +218,10 @@ def test_save_model_is_atomic_and_careful(tiny, tmp_path, monkeypatch):
     assert_same_params(load_model(out).params, edited)
     assert sorted(p.name for p in out.parent.iterdir()) == ["model"]  # no temp folders left
     # A failure half-way leaves the earlier folder intact and no debris.
-    monkeypatch.setattr(type(m.tokenizer), "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    def disk_full(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(m.tokenizer), "save_pretrained", disk_full)
     with pytest.raises(OSError, match="disk full"):
         save_model(m, m.params, out)
     monkeypatch.undo()
@@ -275,7 +295,8 @@ def test_bad_paths_and_configs(tmp_path, tiny):
     with pytest.raises(FileNotFoundError, match=r"empty: no config\.json"):
         load_model(empty)
     (empty / "config.json").write_text(json.dumps({"model_type": "roberta"}))
-    with pytest.raises(ValueError, match=r"config\.json: unsupported architecture model_type='roberta'.*gpt2, gpt_neo, t5"):
+    unsupported = r"config\.json: unsupported architecture model_type='roberta'.*gpt2, gpt_neo, t5"
+    with pytest.raises(ValueError, match=unsupported):
         load_model(empty)
     (empty / "config.json").write_text(json.dumps({"architectures": ["X"]}))
     with pytest.raises(ValueError, match="field 'model_type' is missing"):

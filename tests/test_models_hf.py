@@ -159,7 +159,8 @@ def test_expected_weight_names():
     t5 = hf.t5_layers(hf._tiny_config("t5", 128, T5_V11))
     assert [w.path.split("/")[-2] for w in t5["decoder.1"].mlp] == ["wi_0", "wi_1", "wo"]
     assert [w.path.split("/")[-3] for w in t5["decoder.1"].attention] == ["SelfAttention"] * 4 + ["EncDecAttention"] * 4
-    assert [w.path.split("/")[-2] for w in hf.t5_layers(hf._tiny_config("t5", 128, {}))["encoder.0"].mlp] == ["wi", "wo"]
+    t5_v10 = hf.t5_layers(hf._tiny_config("t5", 128, {}))
+    assert [w.path.split("/")[-2] for w in t5_v10["encoder.0"].mlp] == ["wi", "wo"]
     bart = hf.bart_layers(hf._tiny_config("bart", 128, {}))["decoder.0"]
     assert [w.path.split("/")[-2] for w in bart.mlp] == ["fc1", "fc2"]
     assert [w.path.split("/")[-3] for w in bart.attention] == ["self_attn"] * 4 + ["encoder_attn"] * 4

@@ -100,7 +100,9 @@ def bart_layers(config) -> LayerTable:
     blocks = []
     for i in range(config.encoder_layers):
         p = f"model/encoder/layers/{i}"
-        blocks.append(Block(name=f"encoder.{i}", mlp=_dense(p, ("fc1", "fc2")), attention=_dense(f"{p}/self_attn", qkvo)))
+        blocks.append(
+            Block(name=f"encoder.{i}", mlp=_dense(p, ("fc1", "fc2")), attention=_dense(f"{p}/self_attn", qkvo))
+        )
     for i in range(config.decoder_layers):
         p = f"model/decoder/layers/{i}"
         blocks.append(
@@ -296,9 +298,9 @@ def to_torch(model: LoadedModel, params=None):
     from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
 
     params = model.params if params is None else params
-    # bfloat16 leaves become float32: torch.from_numpy has no bfloat16
+    # Writable float32 copies: torch.from_numpy has no bfloat16 and warns on read-only arrays.
     params = jax.tree.map(
-        lambda x: np.asarray(x, np.float32) if jnp.issubdtype(x.dtype, jnp.floating) else np.asarray(x),
+        lambda x: np.array(x, np.float32) if jnp.issubdtype(x.dtype, jnp.floating) else np.array(x),
         jax.device_get(params),
     )
     pt = torch_class(model.arch)(model.config)

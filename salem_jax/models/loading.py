@@ -273,7 +273,8 @@ def load_folder(
             model, params = out
             params, missing = _fill_missing(model, params, seed)
     if missing and spec.kind != "classifier":
-        log.warning("%s: %d parameters not in the checkpoint were initialised at random: %s", name, len(missing), missing)
+        log.warning("%s: %d parameters not in the checkpoint were initialised at random: %s", name, len(missing),
+                    missing)
     if new_head:
         log.warning(
             "%s: the classification head (%d labels) is new and randomly initialised; fine-tune it before "
@@ -416,7 +417,9 @@ def named_model_path(name: str) -> Path:
         )
     path = Path(list(found.submodule_search_locations)[0]) / spec["file"]
     if not path.exists():
-        raise FileNotFoundError(f"named model {name!r}: {path} is missing from the installed package; reinstall: {spec['pip']}")
+        raise FileNotFoundError(
+            f"named model {name!r}: {path} is missing from the installed package; reinstall: {spec['pip']}"
+        )
     return path
 
 
@@ -482,7 +485,9 @@ def _check_replaceable(out: Path) -> None:
         if not out.is_dir():
             raise FileExistsError(f"{out} exists and is not a folder")
         if any(out.iterdir()) and not (out / "config.json").is_file():
-            raise FileExistsError(f"{out} is a non-empty folder that does not look like a saved model; not replacing it")
+            raise FileExistsError(
+                f"{out} is a non-empty folder that does not look like a saved model; not replacing it"
+            )
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
