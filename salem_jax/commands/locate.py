@@ -1,0 +1,248 @@
+"""`salem locate`: which layer should be edited? Score every layer and write the profile.
+
+    salem locate --model smollm2-135m --data countries --method saliency --out runs/loc-capitals
+    salem locate --model smollm2-135m --data zsre --limit 64 --method lga --out runs/loc-zsre
+    salem locate --model smollm2-135m --data runs/es-capitals --method causal-trace --limit 4 --out D
+    salem locate --model smollm2-135m --data runs/es-capitals --method sweep --lrs 3e-4,1e-3 --out D
+
+`--data` is a data file (with --format), a known name (zsre, counterfact, countries, ...; see
+`salem dataset`), or an edit-set folder written by `salem dataset`. A data file is scored into a
+fail/adapt/pass edit set on the fly (--mode correction|counterfactual).
+
+Methods: `saliency` (SaLEM, paper section 3.2; --scorer salem|grad_x_weight|mean_sq|
+abs_mean_grad|contrast|lga), `lga` (= saliency with --scorer lga), `causal-trace` (ROME's
+causal tracing of hidden states on the fail rows; costly: use --limit), `sweep` (fine-tune
+each layer alone and rank by edit/rephrase accuracy within a drawdown budget; costly).
+
+Writes DIR/profile.json (per-layer scores per group, chosen layers, wall time, examples used)
+and DIR/profile.png (bar chart, chosen layers in red).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+METHODS = ("saliency", "lga", "causal-trace", "sweep")
+SCORERS = ("salem", "grad_x_weight", "mean_sq", "abs_mean_grad", "contrast", "lga")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "locate",
+        help="score every layer (SaLEM saliency, LGA, causal tracing or a fine-tuning sweep) and choose the layer to edit",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="model name (smollm2-135m, ...), folder, .gguf or hub id")
+    p.add_argument("--data", required=True, help="data file, known name, 'countries', or an edit-set folder")
+    p.add_argument("--format", default=None, help="record format of a data file (zsre, counterfact, knowns, ...)")
+    p.add_argument("--mode", choices=("correction", "counterfactual"), default="correction",
+                   help="how a data file becomes an edit set (ignored for an edit-set folder)")
+    p.add_argument("--method", choices=METHODS, default="saliency")
+    p.add_argument("--scorer", choices=SCORERS, default="salem", help="saliency scorer (salem = the paper's)")
+    p.add_argument("--top-k", type=int, default=1, help="how many layers to choose (eq. 5)")
+    p.add_argument("--part", choices=("mlp", "attention", "all"), default="mlp", help="which weights make a layer")
+    p.add_argument("--group", default="fail", help="rows whose scores choose the layers (fail, adapt, overall)")
+    p.add_argument("--split", choices=("train", "val", "all"), default="train", help="edit-set split to use")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N records")
+    p.add_argument("--layers", default=None, help="comma-separated layer names to score (default: all)")
+    p.add_argument("--micro-batch", type=int, default=8, help="saliency/lga: examples per jitted step")
+    p.add_argument("--n-noise", type=int, default=10, help="causal-trace: noised copies per fact")
+    p.add_argument("--restorations-per-call", type=int, default=8, help="causal-trace: (layer, position) pairs per call")
+    p.add_argument("--lrs", default="3e-4,1e-3", help="sweep: comma-separated Adam learning rates")
+    p.add_argument("--steps", type=int, default=10, help="sweep: Adam steps per layer")
+    p.add_argument("--budget", type=float, default=0.1, help="sweep: drawdown budget (1 - locality)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--data-dir", default=None, help="data directory (default $SALEM_JAX_DATA or ../shared/data)")
+    p.add_argument("--relation", default="capital", help="countries: capital, region, currency, languages or all")
+    p.add_argument("--skip-invalid", action="store_true", help="skip bad records instead of failing")
+    p.add_argument("--no-progress", action="store_true")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def is_edit_set_dir(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "info.json"))
+
+
+def _reader_args(args) -> argparse.Namespace:
+    """The attributes `salem_jax.commands.dataset.read_for_args` reads, with its defaults."""
+    defaults = dict(
+        format=None, limit=None, seed=0, data_dir=None, relation="capital", skip_invalid=False, labels=None,
+        exclude_labels=None, text_field=None, pair_field=None, label_field="label", prompt_words=24, target_words=4,
+    )
+    return argparse.Namespace(**{k: getattr(args, k, v) for k, v in defaults.items()} | {"data": args.data})
+
+
+def edit_rows(model, args, progress: bool) -> tuple[list[dict], dict, dict[str, str] | None]:
+    """(rows of the chosen split, edit-set info, {record id: subject} when the records are at hand)."""
+    from salem_jax.data.edit_set import build_edit_set, load_edit_set
+
+    subjects = None
+    if is_edit_set_dir(args.data):
+        es = load_edit_set(args.data)
+    else:
+        from salem_jax.commands.dataset import read_for_args
+
+        fmt, records = read_for_args(_reader_args(args))
+        es = build_edit_set(model, records, mode=args.mode, seed=args.seed, progress=progress, skip_invalid=args.skip_invalid)
+        es.info["format"] = fmt
+        subjects = {r.id: r.subject for r in records}
+    splits = ("train", "val") if args.split == "all" else (args.split,)
+    rows = [r for s in splits for r in es.rows(s)]
+    if args.limit is not None and is_edit_set_dir(args.data):
+        keep: set[str] = set()
+        for r in rows:
+            if r["record_id"] not in keep and len(keep) < args.limit:
+                keep.add(r["record_id"])
+        rows = [r for r in rows if r["record_id"] in keep]
+    if not rows:
+        raise ValueError(f"no rows in split {args.split!r} of the edit set")
+    return rows, es.info, subjects
+
+
+def subjects_from_source(info: dict) -> dict[str, str]:
+    """Re-read the records an edit set was built from to recover their subjects (the edit set
+    itself does not keep them)."""
+    fmt = info.get("format") or (info.get("formats") or [None])[0]
+    if fmt == "countries":
+        from salem_jax.data.countries import country_records
+
+        recs = country_records(info.get("relation", "capital"), seed=info.get("seed", 0))
+    else:
+        from salem_jax.data.readers import read_records
+
+        sources = [s for s in info.get("sources", []) if os.path.isfile(s)]
+        if fmt is None or len(sources) != 1:
+            raise ValueError(
+                f"causal tracing needs each fact's subject; the edit set does not keep it and its source "
+                f"({info.get('sources')}, format {fmt}) cannot be re-read: pass the data file with --data/--format"
+            )
+        recs = read_records(sources[0], fmt, skip_invalid=True)
+    return {r.id: r.subject for r in recs}
+
+
+def group_batch(model, rows: list[dict], group: str):
+    """One batch dict of a group's rows (None if there are none)."""
+    from salem_jax.data.tokenize import encode
+
+    sel = [r for r in rows if r["group"] == group]
+    if not sel:
+        return None, []
+    tp = [r["text_pair"] for r in sel] if model.kind == "classifier" else None
+    targets = [r["label"] for r in sel] if model.kind == "classifier" else [r["target"] for r in sel]
+    return encode(model, [r["prompt"] for r in sel], targets, text_pairs=tp, where=f"group {group}"), sel
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def run_saliency(model, rows, args, progress: bool):
+    from salem_jax.data.edit_set import edit_set_batches
+    from salem_jax.saliency import saliency_profile
+
+    scorer = "lga" if args.method == "lga" else args.scorer
+    data = [(b, [r["group"] for r in chunk]) for b, chunk in edit_set_batches(model, rows, args.micro_batch)]
+    return saliency_profile(
+        model, model.params, data, scorer=scorer, part=args.part, top_k=args.top_k, select_group=args.group,
+        layers=_layers(args), micro_batch=args.micro_batch, progress=progress,
+    )
+
+
+def run_causal_trace(model, rows, subjects, info, args, progress: bool):
+    from salem_jax.data.tokenize import encode
+    from salem_jax.locate.causal_trace import subject_token_mask, trace_profile
+
+    group = args.group if args.group != "overall" else "fail"
+    facts = [r for r in rows if r["group"] == group]
+    if not facts:
+        raise ValueError(f"no {group!r} rows to trace")
+    if subjects is None:
+        subjects = subjects_from_source(info)
+    usable, skipped = [], []
+    for r in facts:
+        s = subjects.get(r["record_id"], "")
+        if s and s.lower() in r["prompt"].lower():
+            usable.append((r, s))
+        else:
+            skipped.append(r["id"])
+    if not usable:
+        raise ValueError(f"none of the {len(facts)} {group!r} rows has a subject that occurs in its prompt")
+    if skipped:
+        print(f"causal trace: {len(skipped)} rows without their subject in the prompt are left out", file=sys.stderr)
+    prompts = [r["prompt"] for r, _ in usable]
+    batch = encode(model, prompts, [r["target"] for r, _ in usable], where="causal trace")
+    sm = subject_token_mask(model, prompts, [s for _, s in usable], batch["input_ids"].shape[1])
+    prof, _ = trace_profile(
+        model, model.params, batch, sm, top_k=args.top_k, group=group, layers=_layers(args), n_noise=args.n_noise,
+        restorations_per_call=args.restorations_per_call, seed=args.seed, progress=progress,
+    )
+    if skipped:
+        prof.extra["skipped_rows"] = skipped
+    return prof
+
+
+def run_sweep(model, rows, args, progress: bool):
+    from salem_jax.locate.sweep import SweepConfig, sweep_layers
+
+    edits, _ = group_batch(model, rows, "fail")
+    if edits is None:
+        raise ValueError("the sweep needs 'fail' rows (the edits)")
+    reph, _ = group_batch(model, rows, "adapt")
+    keep, _ = group_batch(model, rows, "pass")
+    lrs = tuple(float(x) for x in args.lrs.split(",") if x.strip())
+    cfg = SweepConfig(learning_rates=lrs, steps=args.steps, part=args.part, drawdown_budget=args.budget)
+    res = sweep_layers(model, model.params, edits, rephrases=reph, keep=keep, layers=_layers(args), config=cfg, progress=progress)
+    return res.to_profile(top_k=args.top_k, model=model.name)
+
+
+def _layers(args):
+    return None if not args.layers else [s.strip() for s in args.layers.split(",") if s.strip()]
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def run(args) -> int:
+    from salem_jax.data.records import RecordError
+    from salem_jax.locate.plot import plot_profile
+
+    progress = not args.no_progress
+    t0 = time.perf_counter()
+    try:
+        if args.top_k < 1:
+            raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+        from salem_jax.models import load_model
+
+        model = load_model(args.model, dtype=args.dtype)
+        rows, info, subjects = edit_rows(model, args, progress)
+        t1 = time.perf_counter()
+        if args.method in ("saliency", "lga"):
+            prof = run_saliency(model, rows, args, progress)
+        elif args.method == "causal-trace":
+            prof = run_causal_trace(model, rows, subjects, info, args, progress)
+        else:
+            prof = run_sweep(model, rows, args, progress)
+    except (RecordError, FileNotFoundError, FileExistsError, ValueError, KeyError, NotImplementedError) as e:
+        print(f"salem locate: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    d = prof.to_dict()
+    d["data"] = {"data": args.data, "split": args.split, "mode": info.get("mode"), "format": info.get("format"),
+                 "rows": len(rows), "limit": args.limit}
+    d["total_time"] = time.perf_counter() - t0
+    d["method_time"] = time.perf_counter() - t1
+    (out / "profile.json").write_text(json.dumps(d, indent=2), encoding="utf-8")
+    plot_profile(prof, out / "profile.png")
+    print(f"{prof.method}/{prof.scorer} on {sum(prof.examples.values())} rows {prof.examples}: chosen {', '.join(prof.chosen)}")
+    print(f"wrote {out / 'profile.json'} and {out / 'profile.png'}")
+    return 0
