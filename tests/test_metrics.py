@@ -318,3 +318,21 @@ def test_generation_fluency_scores_prompt_plus_continuation(gpt2):
 
     got = flu.generation_fluency(gpt2, gpt2.params, ["a b a"], generate=fake_generate)
     assert got == pytest.approx(flu.ngram_entropy("a b a b a"))
+
+
+def test_generation_fluency_default_greedy(gpt2):
+    prompts = ["the capital of france is", "one two"]
+    got = flu.generation_fluency(gpt2, gpt2.params, prompts, max_new_tokens=6)
+    texts = []
+    for p in prompts:  # independent greedy loop, then decode prompt + continuation
+        ids = list(gpt2.tokenizer(p)["input_ids"])
+        n0 = len(ids)
+        for _ in range(6):
+            nxt = int(_forward_one(gpt2, gpt2.params, ids)[-1].argmax())
+            ids.append(nxt)
+            if nxt == gpt2.tokenizer.eos_token_id:
+                break
+        texts.append(gpt2.tokenizer.decode(ids, skip_special_tokens=True))
+        assert len(ids) > n0
+    assert got == pytest.approx(flu.fluency(texts))
+    assert all(len(t.split()) > len(p.split()) for t, p in zip(texts, prompts))

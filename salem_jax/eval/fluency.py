@@ -81,16 +81,27 @@ def generation_fluency(
     max_new_tokens: int = 100,
     generate: Callable[..., list[str]] | None = None,
 ) -> float:
-    """Fluency of the model's generations from `prompts`.
+    """Fluency of the model's generations from `prompts`, scored as in ROME on the whole text
+    (prompt + continuation).
 
-    `generate(model, params, prompts, max_new_tokens=...) -> list[str]` returns the
-    continuations; it defaults to `salem_jax.generate.greedy`. As in ROME the score is taken
-    on prompt + continuation (ROME generates up to 100 tokens in all with top-5 sampling).
+    By default the continuations are greedy (`salem_jax.generate.greedy_ids`, stopping at the
+    end token) and each text is the tokenizer's decoding of prompt + continuation ids (special
+    tokens dropped). A custom `generate(model, params, prompts, max_new_tokens=...) ->
+    list[str]` returns continuations as text, which are appended to their prompts verbatim.
     """
-    if generate is None:
-        from salem_jax.generate import greedy as generate
     prompts = list(prompts)
-    conts = generate(model, params, prompts, max_new_tokens=max_new_tokens)
-    if len(conts) != len(prompts):
-        raise ValueError(f"generate returned {len(conts)} texts for {len(prompts)} prompts")
-    return fluency([p + c for p, c in zip(prompts, conts)])
+    if generate is None:
+        from salem_jax.generate import greedy_ids
+
+        tok = model.tokenizer
+        conts = greedy_ids(model, params, prompts, max_new_tokens=max_new_tokens)
+        texts = [
+            tok.decode(list(tok(p, add_special_tokens=True)["input_ids"]) + list(c), skip_special_tokens=True)
+            for p, c in zip(prompts, conts)
+        ]
+    else:
+        conts = generate(model, params, prompts, max_new_tokens=max_new_tokens)
+        if len(conts) != len(prompts):
+            raise ValueError(f"generate returned {len(conts)} texts for {len(prompts)} prompts")
+        texts = [p + c for p, c in zip(prompts, conts)]
+    return fluency(texts)
