@@ -1,0 +1,243 @@
+"""Greedy decoding for any LoadedModel, jitted with static shapes.
+
+No KV cache: every step re-runs the model on a fixed buffer and reads the logits at each row's
+own last position. For the short answers of editing benchmarks (a few tokens) that costs little,
+and it needs nothing from the model beyond `apply(params, batch)`, so it works for our Llama,
+transformers' Flax GPT-2 / GPT-Neo and the encoder-decoders alike (and under
+`flax.linen.intercept_methods`, e.g. with an edit applied on the fly).
+
+Shapes are static: prompts are right padded into a buffer whose length is a bucket
+(`salem_jax.data.tokenize.bucket_length`) of prompt + new tokens, and the number of rows is
+padded to a power of two, so the decoding loop compiles once per (rows, length) bucket.
+
+* causal models: row b appends its next token at its own position `pos[b]` (its prompt length
+  plus the tokens generated so far) and attends only to its filled positions;
+* seq2seq models: the encoder reads the prompt; the decoder buffer starts with the decoder
+  start token and every row appends at the same position.
+
+A row stops when it emits an end token (`stop_at_eos`); the loop ends when every row stopped or
+`max_new_tokens` were generated.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from salem_jax.data.tokenize import bucket_length
+
+
+def _row_bucket(n: int, batch_size: int) -> int:
+    b = 1
+    while b < n:
+        b *= 2
+    return min(b, batch_size)
+
+
+def _eos_ids(model, eos_token_id) -> tuple[int, ...]:
+    if eos_token_id is None:
+        eos_token_id = getattr(model.tokenizer, "eos_token_id", None)
+        if eos_token_id is None:
+            eos_token_id = getattr(model.config, "eos_token_id", None)
+    if eos_token_id is None:
+        return ()
+    if isinstance(eos_token_id, (int, np.integer)):
+        return (int(eos_token_id),)
+    return tuple(int(i) for i in eos_token_id)
+
+
+def _stopped(tokens: jax.Array, eos: tuple[int, ...]) -> jax.Array:
+    if not eos:
+        return jnp.zeros(tokens.shape, bool)
+    return jnp.isin(tokens, jnp.asarray(eos, tokens.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("apply", "steps", "eos"))
+def _causal_loop(apply, params, ids, mask, pos, done, *, steps: int, eos: tuple[int, ...]):
+    """ids/mask [B, L] right padded, pos [B] = next write position, done [B].
+    Returns (ids, pos): row b's new tokens are ids[b, prompt_len[b] : pos[b]]."""
+    rows = jnp.arange(ids.shape[0])
+    zeros = jnp.zeros_like(ids)
+
+    def cond(state):
+        i, _, _, _, done = state
+        return (i < steps) & ~jnp.all(done)
+
+    def body(state):
+        i, ids, mask, pos, done = state
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": zeros, "label_mask": zeros}
+        logits = apply(params, batch)  # [B, L, V]
+        last = logits[rows, pos - 1]  # each row's own last filled position
+        nxt = jnp.argmax(last, axis=-1).astype(ids.dtype)
+        write = ~done
+        ids = ids.at[rows, pos].set(jnp.where(write, nxt, ids[rows, pos]))
+        mask = mask.at[rows, pos].set(jnp.where(write, 1, mask[rows, pos]))
+        pos = pos + write.astype(pos.dtype)
+        done = done | (write & _stopped(nxt, eos))
+        return i + 1, ids, mask, pos, done
+
+    _, ids, _, pos, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), ids, mask, pos, done))
+    return ids, pos
+
+
+@functools.partial(jax.jit, static_argnames=("apply", "steps", "eos"))
+def _seq2seq_loop(apply, params, src, src_mask, dec, done, *, steps: int, eos: tuple[int, ...]):
+    """src/src_mask [B, L]; dec [B, S] holding the start token at 0. Returns (dec, n_new [B])."""
+    zeros = jnp.zeros_like(dec)
+    n_new = jnp.zeros(dec.shape[0], jnp.int32)
+
+    def cond(state):
+        i, _, done, _ = state
+        return (i < steps) & ~jnp.all(done)
+
+    def body(state):
+        i, dec, done, n_new = state
+        dec_mask = (jnp.arange(dec.shape[1])[None] <= i).astype(dec.dtype) * jnp.ones_like(dec)
+        batch = {
+            "input_ids": src,
+            "attention_mask": src_mask,
+            "decoder_input_ids": dec,
+            "decoder_attention_mask": dec_mask,
+            "labels": zeros,
+            "label_mask": zeros,
+        }
+        logits = apply(params, batch)  # [B, S, V]
+        nxt = jnp.argmax(logits[:, i], axis=-1).astype(dec.dtype)
+        write = ~done
+        dec = dec.at[:, i + 1].set(jnp.where(write, nxt, dec[:, i + 1]))
+        n_new = n_new + write.astype(jnp.int32)
+        done = done | (write & _stopped(nxt, eos))
+        return i + 1, dec, done, n_new
+
+    _, dec, _, n_new = jax.lax.while_loop(cond, body, (jnp.int32(0), dec, done, n_new))
+    return dec, n_new
+
+
+def _encode_prompts(tok, prompts: Sequence[str]) -> list[list[int]]:
+    out = []
+    for i, p in enumerate(prompts):
+        ids = list(tok(p, add_special_tokens=True)["input_ids"])
+        if not ids:
+            raise ValueError(f"prompt {i} ({p!r}) tokenizes to nothing")
+        out.append(ids)
+    return out
+
+
+def greedy_ids(
+    model,
+    params,
+    prompts: Sequence[str],
+    max_new_tokens: int = 8,
+    stop_at_eos: bool = True,
+    *,
+    batch_size: int = 32,
+    eos_token_id: int | Sequence[int] | None = None,
+) -> list[list[int]]:
+    """Greedy continuations as token ids, one list per prompt (without the prompt). With
+    `stop_at_eos` a row ends at its first end token, which is included as the list's last id.
+
+    `model` is a LoadedModel of kind "causal" or "seq2seq"; prompts are tokenized with the
+    model's tokenizer and its special tokens (as `salem_jax.data.tokenize.encode` does). The end
+    token is `eos_token_id` if given, else the tokenizer's (else the config's)."""
+    if model.kind not in ("causal", "seq2seq"):
+        raise ValueError(f"greedy decoding needs a causal or seq2seq model; {model.name!r} is a {model.kind}")
+    if model.tokenizer is None:
+        raise ValueError(f"model {model.name!r} has no tokenizer")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not prompts:
+        return []
+    tok = model.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    eos = _eos_ids(model, eos_token_id) if stop_at_eos else ()
+    encoded = _encode_prompts(tok, prompts)
+    out: list[list[int]] = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
+        B = _row_bucket(len(chunk), batch_size)
+        if model.kind == "causal":
+            out += _greedy_causal(model, params, chunk, B, pad, max_new_tokens, eos)
+        else:
+            out += _greedy_seq2seq(model, params, chunk, B, pad, max_new_tokens, eos)
+    return out
+
+
+def _greedy_causal(model, params, rows, B, pad, steps, eos):
+    longest = max(map(len, rows))
+    if longest + steps > model.max_length:
+        raise ValueError(
+            f"a prompt of {longest} tokens + {steps} new tokens exceeds the model's context ({model.max_length})"
+        )
+    L = bucket_length(longest + steps, model.max_length)
+    ids = np.full((B, L), pad, np.int32)
+    mask = np.zeros((B, L), np.int32)
+    lens = np.ones(B, np.int32)  # padding rows: one dummy token, already done
+    for b, r in enumerate(rows):
+        ids[b, : len(r)] = r
+        mask[b, : len(r)] = 1
+        lens[b] = len(r)
+    mask[len(rows) :, 0] = 1
+    done = np.arange(B) >= len(rows)
+    ids_out, pos = _causal_loop(model.apply, params, ids, mask, lens, done, steps=steps, eos=eos)
+    ids_out, pos = np.asarray(ids_out), np.asarray(pos)
+    return [ids_out[b, lens[b] : pos[b]].tolist() for b in range(len(rows))]
+
+
+def _greedy_seq2seq(model, params, rows, B, pad, steps, eos):
+    longest = max(map(len, rows))
+    if longest > model.max_length or steps + 1 > model.max_length:
+        raise ValueError(f"prompt ({longest}) or answer ({steps} + 1) tokens exceed the context ({model.max_length})")
+    L = bucket_length(longest, model.max_length)
+    S = bucket_length(steps + 1, model.max_length)
+    src = np.full((B, L), pad, np.int32)
+    src_mask = np.zeros((B, L), np.int32)
+    for b, r in enumerate(rows):
+        src[b, : len(r)] = r
+        src_mask[b, : len(r)] = 1
+    src_mask[len(rows) :, 0] = 1
+    start = getattr(model.config, "decoder_start_token_id", None)
+    if start is None:
+        start = pad
+    dec = np.full((B, S), pad, np.int32)
+    dec[:, 0] = start
+    done = np.arange(B) >= len(rows)
+    dec_out, n_new = _seq2seq_loop(model.apply, params, src, src_mask, dec, done, steps=steps, eos=eos)
+    dec_out, n_new = np.asarray(dec_out), np.asarray(n_new)
+    return [dec_out[b, 1 : 1 + n_new[b]].tolist() for b in range(len(rows))]
+
+
+def decode_continuation(tok, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """Text of `new_ids` as it reads after the prompt (keeps the leading space that
+    sentencepiece-style tokenizers drop when a continuation is decoded alone)."""
+    before = tok.decode(prompt_ids, skip_special_tokens=True)
+    full = tok.decode(prompt_ids + new_ids, skip_special_tokens=True)
+    if full.startswith(before):
+        return full[len(before) :]
+    return tok.decode(new_ids, skip_special_tokens=True)
+
+
+def greedy(
+    model,
+    params,
+    prompts: Sequence[str],
+    max_new_tokens: int = 8,
+    stop_at_eos: bool = True,
+    *,
+    batch_size: int = 32,
+    eos_token_id: int | Sequence[int] | None = None,
+) -> list[str]:
+    """Greedy continuations as text, one per prompt (special tokens such as EOS dropped).
+
+    Causal models: the text that follows the prompt, e.g. " Paris." for "The capital of
+    France is". Seq2seq models: the decoded answer."""
+    new = greedy_ids(
+        model, params, prompts, max_new_tokens, stop_at_eos, batch_size=batch_size, eos_token_id=eos_token_id
+    )
+    tok = model.tokenizer
+    if model.kind == "seq2seq":
+        return [tok.decode(n, skip_special_tokens=True) for n in new]
+    return [decode_continuation(tok, p, n) for p, n in zip(_encode_prompts(tok, prompts), new)]
