@@ -1,0 +1,186 @@
+"""Using a trained editor: load it, apply edit requests, save the edited model.
+
+    model = load_model("smollm2-135m")
+    editor = load_editor("runs/editor", model)              # checkpoint + base model, nothing else
+    params = apply_edits(model, editor, [("The capital of Peru is", "Lima")])
+    save_edited(model, params, "runs/smollm2-edited")         # a folder transformers / load_model open
+
+Three ways to apply many requests:
+  "batch"       all requests at once: their factors are captured in one pass and summed into
+                one edit (MEND's batched editing);
+  "sequential"  one after another, each captured on the parameters the previous edits produced;
+  a single request is either.
+The base parameters are never modified: every call returns a new tree that shares the
+untouched leaves with its input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import jax
+from tqdm.auto import tqdm
+
+from salem_jax.data.tokenize import encode
+from salem_jax.mend.capture import capture
+from salem_jax.mend.checkpoint import CheckpointMismatch, restore_editor
+from salem_jax.mend.editor import EditorSpec, edited_params
+from salem_jax.models.base import get_path, set_path
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedEditor:
+    """An editor ready to edit: its spec, parameters and frozen running statistics."""
+
+    spec: EditorSpec
+    params: dict
+    state: dict
+    model_name: str
+    step: int
+    meta: dict = dataclasses.field(default_factory=dict)
+
+
+def _checkpoint_dir(path: Path) -> Path:
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+def load_editor(path: str | Path, model=None, step: int | str = "best") -> TrainedEditor:
+    """Load an editor from a training workdir (or its `checkpoints/` folder).
+
+    step: "best" (lowest validation loss), "latest", or a step number. With `model`, check that
+    the editor was trained for it (name, edited weights, kernel shapes); a mismatch raises
+    `CheckpointMismatch`."""
+    directory = _checkpoint_dir(Path(path))
+    spec, params, state, meta = restore_editor(directory, step)
+    if model is not None:
+        if meta["model"] != model.name:
+            raise CheckpointMismatch(f"editor in {directory} was trained for model {meta['model']!r}, not {model.name!r}")
+        check_model(spec, model.params, where=str(directory))
+    return TrainedEditor(spec=spec, params=params, state=state, model_name=meta["model"], step=int(meta["step"]), meta=meta)
+
+
+def check_model(spec: EditorSpec, params: Any, where: str = "editor") -> None:
+    """Raise CheckpointMismatch if `params` lack one of the spec's weights or its shape differs."""
+    for w, shape in zip(spec.weights, spec.shapes):
+        try:
+            have = tuple(get_path(params, w.path).shape)
+        except KeyError:
+            raise CheckpointMismatch(f"{where} edits {w.path!r}, which this model does not have") from None
+        if have != tuple(shape):
+            raise CheckpointMismatch(f"{where} edits {w.path!r} of shape {tuple(shape)}, but this model's is {have}")
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "spec"))
+def _edited_kernels(editor_params, editor_state, params, batch, *, apply_fn, spec: EditorSpec):
+    _, factors = capture(apply_fn, params, batch, spec.weights)
+    new = edited_params(spec, editor_params, editor_state, params, factors)
+    return {w.path: get_path(new, w.path) for w in spec.weights}
+
+
+def _edit(editor_params, editor_state, params, batch, *, apply_fn, spec: EditorSpec):
+    # Only the edited kernels leave the jitted function; every other leaf of the result is the
+    # input's own array (no copy of the whole model per edit).
+    kernels = _edited_kernels(editor_params, editor_state, params, batch, apply_fn=apply_fn, spec=spec)
+    for path, k in kernels.items():
+        params = set_path(params, path, k)
+    return params
+
+
+Request = Mapping[str, Any] | Sequence[str]
+
+
+def _as_request(r: Request, i: int) -> tuple[str, Any, str]:
+    if isinstance(r, Mapping):
+        for key in ("prompt", "target"):
+            if key not in r:
+                raise KeyError(f"edit request {i}: field {key!r} is missing")
+        return str(r["prompt"]), r["target"], str(r.get("text_pair", "") or "")
+    if isinstance(r, (list, tuple)) and len(r) == 2:
+        return str(r[0]), r[1], ""
+    raise TypeError(f"edit request {i}: expected a dict with prompt and target or a (prompt, target) pair, got {r!r}")
+
+
+def encode_requests(model, requests: Sequence[Request], where: str = "requests") -> dict:
+    """The batch dict of edit requests (classifier targets may be label names or indices)."""
+    reqs = [_as_request(r, i) for i, r in enumerate(requests)]
+    if not reqs:
+        raise ValueError(f"{where}: no edit requests")
+    targets = [t for _, t, _ in reqs]
+    if model.kind == "classifier":
+        names = getattr(model.config, "id2label", None) or {}
+        index = {str(v): int(k) for k, v in names.items()}
+        out = []
+        for i, t in enumerate(targets):
+            if isinstance(t, str) and not t.lstrip("-").isdigit():
+                if t not in index:
+                    raise ValueError(f"{where} request {i}: field 'target' = {t!r} is not a label ({sorted(index)})")
+                out.append(index[t])
+            else:
+                out.append(int(t))
+        targets = out
+    pairs = [p for _, _, p in reqs]
+    return encode(model, [p for p, _, _ in reqs], targets, text_pairs=pairs if any(pairs) else None, where=where)
+
+
+def apply_edits(
+    model,
+    editor: TrainedEditor,
+    requests: Sequence[Request],
+    *,
+    params: Any = None,
+    mode: str = "batch",
+    progress: bool = True,
+) -> Any:
+    """Edited parameters for `requests` (dicts with prompt, target [, text_pair] or pairs).
+
+    params: the parameters to edit (default the model's own); never modified.
+    mode: "batch" (one combined edit) or "sequential" (each edit on top of the previous ones).
+    """
+    params = model.params if params is None else params
+    check_model(editor.spec, params, where="editor")
+    kw = dict(apply_fn=model.apply, spec=editor.spec)
+    if mode == "batch":
+        return _edit(editor.params, editor.state, params, encode_requests(model, requests), **kw)
+    if mode == "sequential":
+        for i, r in enumerate(tqdm(requests, desc="edits", disable=not progress)):
+            params = _edit(editor.params, editor.state, params, encode_requests(model, [r], where=f"request {i}"), **kw)
+        return params
+    raise ValueError(f"unknown mode {mode!r}; choose 'batch' or 'sequential'")
+
+
+def read_requests(path: str | Path) -> list[dict]:
+    """Edit requests from a JSON-lines file: one {"prompt": ..., "target": ...} object per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no requests file {path}")
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+        if not isinstance(r, dict):
+            raise ValueError(f"{path} line {n}: expected an object with 'prompt' and 'target'")
+        for key in ("prompt", "target"):
+            if key not in r:
+                raise ValueError(f"{path} line {n}: field {key!r} is missing")
+            if not isinstance(r[key], (str, int)) or (isinstance(r[key], str) and not r[key].strip()):
+                raise ValueError(f"{path} line {n}: field {key!r} must be a non-empty string")
+        out.append(r)
+    if not out:
+        raise ValueError(f"{path}: no edit requests")
+    return out
+
+
+def save_edited(model, params: Any, out_dir: str | Path) -> str:
+    """Write the edited model as a folder (`salem_jax.models.save_model`: save_pretrained format
+    that transformers and `load_model` open). Returns its path."""
+    from salem_jax.models import save_model
+
+    return save_model(model, params, out_dir)

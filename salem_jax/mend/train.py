@@ -1,0 +1,619 @@
+"""Training MEND's editor on an edit set (SaLEM section 3.3, eq. 6).
+
+One training step takes `batch_size` *edit groups*. A group is what the editor learns from at
+once: `edits_per_group` fail rows (edited together: their factors are summed into one edit),
+`adapt_per_edit` rephrasings of each (rows of the same `record_id`), and `pass_per_group` pass
+rows. For every group, inside the loss and without touching the base parameters:
+
+    (u, delta) = capture(base, fail rows)                   # rank-1 factors of the edited weights
+    W~ = edited_params(editor, base, u, delta)             # W - lr_W * pseudo_grad
+    loss = c_fail * NLL(W~ on fail + adapt targets) + c_loc * KL(base || W~ on pass targets)
+
+The step loss is the mean over groups. The step is written once, for one device and its share
+of the groups, with gradients averaged by `jax.lax.pmean(grads, "data")`, and mapped over a
+device mesh with `jax.shard_map` (`salem_jax.parallel`): the same code runs on one CPU, eight
+simulated CPU devices, a GPU or a TPU pod, and splitting the groups over devices does not change
+the result. It is jitted once (static shapes: every split is tokenised to one padded length),
+and the train state is donated.
+
+Optimisation: Adam on the editor network, a separate Adam (learning rate `lr_lr`) on the
+per-weight edit learning rates (`optax.partition`), global-norm clipping, and
+`optax.MultiSteps` accumulating `accum_steps` steps into one update (the paper's batch of 10).
+A *step* below is one call of the jitted function; the editor changes every `accum_steps` steps.
+
+Data order is a pure function of (seed, step), so a resumed run sees exactly the batches an
+uninterrupted run would; checkpoints (checkpoint.py) hold everything else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from salem_jax import parallel
+from salem_jax.data.tokenize import encode
+from salem_jax.losses import batch_nll, example_correct, kl_divergence
+from salem_jax.mend.capture import capture
+from salem_jax.mend.editor import EditorConfig, EditorSpec, edited_params, init_editor, param_labels, update_norm_state
+
+# ---------------------------------------------------------------------------- configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run (stored in every checkpoint).
+
+    Defaults follow MEND/SaLEM: c_fail 0.1, Adam lr 1e-6 for the editor and 1e-4 for the edit
+    learning rates, clip 100, effective batch 10 by accumulation, at most 150k steps, early
+    stop after 30k steps without a better validation loss."""
+
+    editor: EditorConfig = EditorConfig()
+    # what one edit group holds
+    edits_per_group: int = 1
+    adapt_per_edit: int = 2
+    pass_per_group: int = 1
+    # how many groups per step / per optimiser update
+    batch_size: int | None = None  # groups per step (global); None: one per data-parallel device
+    effective_batch: int = 10  # groups per optimiser update; accum_steps = ceil(effective / batch)
+    accum_steps: int | None = None  # set to override the value derived from effective_batch
+    # loss
+    c_fail: float = 0.1
+    c_loc: float = 1.0
+    # optimisation
+    lr: float = 1e-6
+    lr_lr: float = 1e-4
+    grad_clip: float = 100.0
+    max_steps: int = 150_000
+    # validation, early stopping, checkpoints, logs
+    val_every: int = 5_000
+    val_groups: int = 500  # at most this many validation groups (the first ones, fixed)
+    patience: int = 30_000  # stop when the val loss has not improved for this many steps
+    checkpoint_every: int = 5_000
+    keep_checkpoints: int = 3
+    log_every: int = 100
+    seed: int = 0
+
+    @classmethod
+    def tiny(cls, **overrides) -> "TrainConfig":
+        """A configuration that trains a tiny model in seconds (tests, smoke runs)."""
+        base = dict(
+            editor=EditorConfig(rank=32, n_hidden=1, edit_lr_init=1e-3),
+            adapt_per_edit=1,
+            effective_batch=1,
+            lr=1e-3,
+            lr_lr=1e-3,
+            max_steps=60,
+            val_every=20,
+            val_groups=16,
+            patience=1_000,
+            checkpoint_every=20,
+            keep_checkpoints=2,
+            log_every=5,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    def resolved(self, n_devices: int) -> "TrainConfig":
+        """This config with `batch_size` and `accum_steps` made concrete for `n_devices`."""
+        bs = self.batch_size if self.batch_size is not None else n_devices
+        if bs < 1 or bs % n_devices:
+            raise ValueError(
+                f"TrainConfig.batch_size={bs} groups per step cannot be split over {n_devices} devices; "
+                f"use a multiple of {n_devices}"
+            )
+        accum = self.accum_steps if self.accum_steps is not None else max(1, math.ceil(self.effective_batch / bs))
+        for name in ("edits_per_group", "pass_per_group", "max_steps", "val_every", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1")
+        if self.adapt_per_edit < 0:
+            raise ValueError("TrainConfig.adapt_per_edit must be >= 0")
+        return dataclasses.replace(self, batch_size=bs, accum_steps=accum)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "TrainConfig":
+        d = dict(d)
+        d["editor"] = EditorConfig(**d["editor"])
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass(frozen=True)
+class EditData:
+    """One split of an edit set, tokenised to static shapes.
+
+    fail / adapt / passes: batch dicts (see models/base.py) with N_fail / N_adapt / N_pass rows.
+    adapt_of[i]: indices into `adapt` of the rephrasings of fail row i (same record_id).
+    fail_ids: the fail rows' ids (for reports)."""
+
+    fail: dict[str, np.ndarray]
+    adapt: dict[str, np.ndarray]
+    passes: dict[str, np.ndarray]
+    adapt_of: tuple[np.ndarray, ...]
+    fail_ids: tuple[str, ...]
+
+    @property
+    def n_fail(self) -> int:
+        return len(self.fail_ids)
+
+    @property
+    def n_pass(self) -> int:
+        return int(next(iter(self.passes.values())).shape[0]) if self.passes else 0
+
+
+def _row_get(row: Mapping, key: str, where: str):
+    if key not in row:
+        raise KeyError(f"{where}: field {key!r} is missing (edit-set rows need id, record_id, group, prompt, target)")
+    return row[key]
+
+
+def prepare_splits(model, splits: Mapping[str, Sequence[Mapping]], where: str = "edit set") -> dict[str, EditData]:
+    """Tokenise every split with one common padded length (so train and val share shapes).
+
+    splits: {"train": rows, "val": rows}; rows are dicts with the edit-set fields
+    (id, record_id, group in {fail, adapt, pass}, prompt, target, label, text_pair)."""
+    all_rows, spans = [], {}
+    for name, rows in splits.items():
+        rows = list(rows)
+        spans[name] = (len(all_rows), len(all_rows) + len(rows))
+        for i, r in enumerate(rows):
+            w = f"{where} split {name!r} row {i}"
+            g = _row_get(r, "group", w)
+            if g not in ("fail", "adapt", "pass"):
+                raise ValueError(f"{w}: field 'group' = {g!r}, expected 'fail', 'adapt' or 'pass'")
+            for k in ("id", "record_id", "prompt", "target"):
+                _row_get(r, k, w)
+        all_rows.extend(rows)
+    if not all_rows:
+        raise ValueError(f"{where}: no rows")
+    classifier = model.kind == "classifier"
+    targets = [int(r.get("label", -1)) if classifier else r["target"] for r in all_rows]
+    pairs = [r.get("text_pair", "") or "" for r in all_rows]
+    enc = encode(
+        model,
+        [r["prompt"] for r in all_rows],
+        targets,
+        text_pairs=pairs if any(pairs) else None,
+        where=where,
+    )
+    out = {}
+    for name, (a, b) in spans.items():
+        rows = all_rows[a:b]
+        idx = {g: [a + i for i, r in enumerate(rows) if r["group"] == g] for g in ("fail", "adapt", "pass")}
+        if not idx["fail"]:
+            raise ValueError(f"{where} split {name!r}: no 'fail' rows, nothing to edit")
+        if not idx["pass"]:
+            raise ValueError(f"{where} split {name!r}: no 'pass' rows, the locality (KL) loss needs some")
+        adapt_pos: dict[str, list[int]] = {}
+        for j, gi in enumerate(idx["adapt"]):
+            adapt_pos.setdefault(str(all_rows[gi]["record_id"]), []).append(j)
+        take = lambda ids: {k: v[np.asarray(ids, dtype=np.int64)] for k, v in enc.items()}  # noqa: E731
+        out[name] = EditData(
+            fail=take(idx["fail"]),
+            adapt=take(idx["adapt"]),
+            passes=take(idx["pass"]),
+            adapt_of=tuple(np.asarray(adapt_pos.get(str(all_rows[i]["record_id"]), []), np.int64) for i in idx["fail"]),
+            fail_ids=tuple(str(all_rows[i]["id"]) for i in idx["fail"]),
+        )
+    return out
+
+
+def _stream(n: int, seed: int, stream: int, start: int, count: int) -> np.ndarray:
+    """Items start..start+count-1 of an endless sequence of shuffled epochs over range(n).
+
+    Epoch e is `default_rng([seed, stream, e]).permutation(n)`: a pure function of the
+    position, so any step's data can be rebuilt without replaying earlier ones."""
+    pos = np.arange(start, start + count)
+    out = np.empty(count, np.int64)
+    for e in np.unique(pos // n):
+        perm = np.random.default_rng([seed, stream, int(e)]).permutation(n)
+        sel = pos // n == e
+        out[sel] = perm[pos[sel] % n]
+    return out
+
+
+def _gather(arrays: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
+    """Rows `idx` (any shape; -1 gives an all-zero row, which counts nowhere)."""
+    flat = idx.reshape(-1)
+    out = {}
+    for k, v in arrays.items():
+        rows = v[np.maximum(flat, 0)] if len(v) else np.zeros((len(flat),) + v.shape[1:], v.dtype)
+        rows = np.where((flat >= 0).reshape((-1,) + (1,) * (v.ndim - 1)), rows, 0).astype(v.dtype)
+        out[k] = rows.reshape(idx.shape + v.shape[1:])
+    return out
+
+
+def _adapt_choice(data: EditData, edits: np.ndarray, a: int, rng_key: Sequence[int] | None) -> np.ndarray:
+    """[..., a] adapt-row indices for each edit (-1 where the record has fewer rephrasings)."""
+    out = np.full(edits.shape + (a,), -1, np.int64)
+    for pos in np.ndindex(edits.shape):
+        e = int(edits[pos])
+        if e < 0 or a == 0:
+            continue
+        cands = data.adapt_of[e]
+        if rng_key is not None and len(cands) > a:
+            cands = np.random.default_rng(list(rng_key) + list(pos)).permutation(cands)
+        take = cands[:a]
+        out[pos][: len(take)] = take
+    return out
+
+
+def _group_batch(data: EditData, edits: np.ndarray, adapts: np.ndarray, passes: np.ndarray, weight: np.ndarray) -> dict:
+    """Numpy batch of G groups: fail [G, k, L..], edit (fail + adapt rows) [G, k(1+A), L..],
+    pass [G, P, L..], weight [G]."""
+    g, k = edits.shape
+    fail = _gather(data.fail, edits)
+    adapt = _gather(data.adapt, adapts.reshape(g, -1))
+    edit = {key: np.concatenate([fail[key], adapt[key]], axis=1) for key in fail}
+    return {"fail": fail, "edit": edit, "pass": _gather(data.passes, passes), "weight": weight.astype(np.float32)}
+
+
+def train_batch(data: EditData, cfg: TrainConfig, step: int) -> dict:
+    """The global batch of training step `step` (a pure function of cfg.seed and step)."""
+    g, k, p = cfg.batch_size, cfg.edits_per_group, cfg.pass_per_group
+    edits = _stream(data.n_fail, cfg.seed, 0, step * g * k, g * k).reshape(g, k)
+    passes = _stream(data.n_pass, cfg.seed, 1, step * g * p, g * p).reshape(g, p)
+    adapts = _adapt_choice(data, edits, cfg.adapt_per_edit, (cfg.seed, 2, step))
+    return _group_batch(data, edits, adapts, passes, np.ones(g))
+
+
+def val_batches(data: EditData, cfg: TrainConfig) -> list[dict]:
+    """Fixed validation batches: the first `val_groups` groups of fail rows in order, each with
+    its first rephrasings and pass rows in order (cycled); the last batch is padded with
+    weight-0 groups."""
+    k, p, g = cfg.edits_per_group, cfg.pass_per_group, cfg.batch_size
+    n_groups = min(cfg.val_groups, math.ceil(data.n_fail / k))
+    n_batches = math.ceil(n_groups / g)
+    batches = []
+    for b in range(n_batches):
+        gi = np.arange(b * g, (b + 1) * g)
+        valid = gi < n_groups
+        edits = gi[:, None] * k + np.arange(k)[None]
+        edits = np.where(valid[:, None] & (edits < data.n_fail), edits, -1)
+        passes = (gi[:, None] * p + np.arange(p)[None]) % data.n_pass
+        passes = np.where(valid[:, None], passes, -1)
+        adapts = _adapt_choice(data, edits, cfg.adapt_per_edit, None)
+        batches.append(_group_batch(data, edits, adapts, passes, valid.astype(np.float32)))
+    return batches
+
+
+# ---------------------------------------------------------------------------- the step
+
+
+def make_optimizer(cfg: TrainConfig, editor_params: dict) -> optax.GradientTransformation:
+    """Clip, then Adam(lr) on the editor network and Adam(lr_lr) on the edit learning rates,
+    accumulated over `cfg.accum_steps` steps."""
+    inner = optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.partition({"net": optax.adam(cfg.lr), "lr": optax.adam(cfg.lr_lr)}, param_labels(editor_params)),
+    )
+    return optax.MultiSteps(inner, every_k_schedule=cfg.accum_steps)
+
+
+def init_train_state(spec: EditorSpec, cfg: TrainConfig) -> dict:
+    """{"params", "opt_state", "norm", "step", "rng"}: the complete state of a run."""
+    rng = jax.random.PRNGKey(cfg.seed)
+    init_key, rng = jax.random.split(rng)
+    params, norm = init_editor(spec, init_key)
+    opt_state = make_optimizer(cfg, params).init(params)
+    return {"params": params, "opt_state": opt_state, "norm": norm, "step": jnp.zeros((), jnp.int32), "rng": rng}
+
+
+def _group_outputs(apply_fn, spec, cfg, editor_params, norm, base_params, factors, edit_b, pass_b, base_pass_logits):
+    """Loss and per-row results of one group (vmapped over groups)."""
+    new = edited_params(spec, editor_params, norm, base_params, factors)
+    logits = apply_fn(new, edit_b)
+    nll = batch_nll(logits, edit_b["labels"], edit_b["label_mask"])
+    pass_logits = apply_fn(new, pass_b)
+    kl = kl_divergence(base_pass_logits, pass_logits, pass_b["label_mask"])
+    loss = cfg.c_fail * nll + cfg.c_loc * kl
+    out = {
+        "loss": loss,
+        "nll": nll,
+        "kl": kl,
+        "edit_correct": example_correct(logits, edit_b["labels"], edit_b["label_mask"]),
+        "pass_correct": example_correct(pass_logits, pass_b["labels"], pass_b["label_mask"]),
+        "base_pass_correct": example_correct(base_pass_logits, pass_b["labels"], pass_b["label_mask"]),
+    }
+    return loss, out
+
+
+def _factors(apply_fn, spec, base_params, fail):
+    return jax.vmap(lambda b: capture(apply_fn, base_params, b, spec.weights)[1])(fail)
+
+
+def _device_train_step(state, base_params, batch, *, apply_fn, spec, cfg):
+    """One device's share of a training step (runs under shard_map; batch leaves [G_local, ...])."""
+    tx = make_optimizer(cfg, state["params"])
+    factors = _factors(apply_fn, spec, base_params, batch["fail"])
+    norm = update_norm_state(spec, state["norm"], factors, axis_name=parallel.DATA)
+    base_pass = jax.vmap(lambda b: apply_fn(base_params, b))(batch["pass"])
+    group = jax.vmap(
+        lambda p, f, e, q, bl: _group_outputs(apply_fn, spec, cfg, p, norm, base_params, f, e, q, bl),
+        in_axes=(None, 0, 0, 0, 0),
+    )
+
+    def loss_fn(p):
+        losses, out = group(p, factors, batch["edit"], batch["pass"], base_pass)
+        w = batch["weight"]
+        return (losses * w).sum() / jnp.maximum(w.sum(), 1.0), out
+
+    # Per-device gradients (not jax's implicit sum over replicas), then the explicit mean.
+    (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(parallel.to_varying(state["params"]))
+    grads = jax.lax.pmean(grads, parallel.DATA)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new_state = {"params": params, "opt_state": opt_state, "norm": norm, "step": state["step"] + 1, "rng": state["rng"]}
+    n_rows = jnp.maximum((batch["edit"]["label_mask"].sum(-1) > 0).sum(-1), 1)
+    metrics = {
+        "loss": out["loss"],
+        "nll": out["nll"],
+        "kl": out["kl"],
+        "edit_acc": out["edit_correct"].astype(jnp.float32).sum(-1) / n_rows,
+        "drawdown": (out["base_pass_correct"].astype(jnp.float32) - out["pass_correct"]).mean(-1),
+        "grad_norm": optax.global_norm(grads),
+    }
+    return new_state, metrics
+
+
+_METRIC_SPECS = {"loss": parallel.SHARDED, "nll": parallel.SHARDED, "kl": parallel.SHARDED,
+                 "edit_acc": parallel.SHARDED, "drawdown": parallel.SHARDED, "grad_norm": parallel.REPLICATED}
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "spec", "cfg", "mesh"), donate_argnums=(0,))
+def train_step(state, base_params, batch, *, apply_fn, spec: EditorSpec, cfg: TrainConfig, mesh):
+    """The data-parallel training step: `(state, base_params, batch) -> (state, metrics)`.
+
+    state: from `init_train_state`, replicated (`parallel.replicate`), donated.
+    base_params: the model's parameters, replicated; never modified.
+    batch: `train_batch(...)` placed with `parallel.shard_batch` (groups split over devices).
+    metrics: per-group arrays [G] (loss, nll, kl, edit_acc, drawdown) and the scalar grad_norm.
+
+    jit caches on (apply_fn, spec, cfg, mesh), so a run compiles it once (see
+    `train_step._cache_size()`), and a second run with the same ones reuses it."""
+    fn = functools.partial(_device_train_step, apply_fn=apply_fn, spec=spec, cfg=cfg)
+    r, s = parallel.REPLICATED, parallel.SHARDED
+    return parallel.shard(fn, mesh, in_specs=(r, r, s), out_specs=(r, _METRIC_SPECS))(state, base_params, batch)
+
+
+def _device_eval_step(editor_params, norm, base_params, batch, *, apply_fn, spec, cfg):
+    factors = _factors(apply_fn, spec, base_params, batch["fail"])
+    base_pass = jax.vmap(lambda b: apply_fn(base_params, b))(batch["pass"])
+    base_edit = jax.vmap(lambda b: apply_fn(base_params, b))(batch["edit"])
+    _, out = jax.vmap(
+        lambda f, e, q, bl: _group_outputs(apply_fn, spec, cfg, editor_params, norm, base_params, f, e, q, bl)
+    )(factors, batch["edit"], batch["pass"], base_pass)
+    em = batch["edit"]["label_mask"]
+    return {
+        "loss": out["loss"],
+        "nll": out["nll"],
+        "kl": out["kl"],
+        "edit_correct": out["edit_correct"],
+        "edit_before": example_correct(base_edit, batch["edit"]["labels"], em),
+        "edit_valid": em.sum(-1) > 0,
+        "pass_correct": out["pass_correct"],
+        "base_pass_correct": out["base_pass_correct"],
+        "pass_valid": batch["pass"]["label_mask"].sum(-1) > 0,
+    }
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "spec", "cfg", "mesh"))
+def eval_step(editor_params, norm, base_params, batch, *, apply_fn, spec: EditorSpec, cfg: TrainConfig, mesh):
+    """Edit every group of `batch` with the editor (statistics frozen) and score it: per-group
+    loss, nll, kl [G]; fail/adapt/pass correctness before and after the edit [G, rows] and their
+    validity masks."""
+    fn = functools.partial(_device_eval_step, apply_fn=apply_fn, spec=spec, cfg=cfg)
+    r, s = parallel.REPLICATED, parallel.SHARDED
+    return parallel.shard(fn, mesh, in_specs=(r, r, r, s), out_specs=s)(editor_params, norm, base_params, batch)
+
+
+def summarize_eval(results: Sequence[Mapping[str, np.ndarray]], weights: Sequence[np.ndarray], k: int) -> dict:
+    """Aggregate eval-step outputs into the report's numbers.
+
+    edit_acc / fail_acc / adapt_acc: share of fail+adapt / fail / adapt rows whose whole target is
+    the argmax after the edit (the paper's EA); *_before: the same before; drawdown: pass accuracy
+    before minus after; loss, nll, kl: means over groups."""
+    cat = lambda key: np.concatenate([np.asarray(r[key]) for r in results])  # noqa: E731
+    w = np.concatenate([np.asarray(x) for x in weights]) > 0
+    ev, ec, eb = cat("edit_valid")[w], cat("edit_correct")[w], cat("edit_before")[w]
+    pv, pc, pb = cat("pass_valid")[w], cat("pass_correct")[w], cat("base_pass_correct")[w]
+    share = lambda c, v: float(c[v].mean()) if v.any() else float("nan")  # noqa: E731
+    fail_v, adapt_v = ev.copy(), ev.copy()
+    fail_v[:, k:] = False
+    adapt_v[:, :k] = False
+    return {
+        "loss": float(cat("loss")[w].mean()),
+        "nll": float(cat("nll")[w].mean()),
+        "kl": float(cat("kl")[w].mean()),
+        "edit_acc": share(ec, ev),
+        "fail_acc": share(ec, fail_v),
+        "adapt_acc": share(ec, adapt_v),
+        "edit_acc_before": share(eb, ev),
+        "pass_acc": share(pc, pv),
+        "pass_acc_before": share(pb, pv),
+        "drawdown": share(pb, pv) - share(pc, pv),
+        "groups": int(w.sum()),
+    }
+
+
+def evaluate(model, spec, cfg, mesh, editor_params, norm, base_params, data: EditData) -> dict:
+    """Edit every validation group with the editor and summarise (see `summarize_eval`).
+
+    All arguments placed as for `train_step` (params replicated)."""
+    batches = val_batches(data, cfg)
+    kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg, mesh=mesh)
+    results = [jax.device_get(eval_step(editor_params, norm, base_params, parallel.shard_batch(b, mesh), **kw)) for b in batches]
+    return summarize_eval(results, [b["weight"] for b in batches], cfg.edits_per_group)
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass
+class TrainResult:
+    params: dict  # editor params at the end
+    norm: dict  # editor state (running statistics) at the end
+    spec: EditorSpec
+    config: TrainConfig
+    step: int
+    best_step: int | None
+    best_val_loss: float
+    stopped_early: bool
+    last_val: dict | None
+    recompiles: int  # extra compilations of the step after the first step (0 when shapes are static)
+
+
+def _log(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep only the records of steps <= step (a resumed run rewrites what came after)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
+def train_editor(
+    model,
+    data: Mapping[str, EditData],
+    weights_or_spec,
+    cfg: TrainConfig,
+    workdir: str | Path,
+    *,
+    mesh=None,
+    base_params: Any = None,
+    progress: bool = True,
+    resume: bool = True,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train an editor for the given weights; checkpoints and metrics.jsonl go to `workdir`.
+
+    data: {"train": EditData, "val": EditData} from `prepare_splits`.
+    weights_or_spec: the `Weight`s to edit (an `EditorSpec` is built with cfg.editor) or a spec.
+    mesh: device mesh with a "data" axis (default: all devices).
+    resume: continue from the latest checkpoint in workdir if there is one (it must match the
+      model, the weights and the config, else `CheckpointMismatch`).
+    stop_after: stop (without a final checkpoint) once this step is reached - for tests of
+      interruption; a normal run leaves it None.
+    """
+    from tqdm.auto import tqdm
+
+    from salem_jax.mend.checkpoint import EditorCheckpointer
+
+    base_params = model.params if base_params is None else base_params
+    mesh = mesh if mesh is not None else parallel.data_mesh()
+    cfg = cfg.resolved(parallel.n_data(mesh))
+    spec = (
+        weights_or_spec
+        if isinstance(weights_or_spec, EditorSpec)
+        else EditorSpec.from_params(weights_or_spec, base_params, cfg.editor)
+    )
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    metrics_path = workdir / "metrics.jsonl"
+    ckpt = EditorCheckpointer(workdir / "checkpoints", model_name=model.name, spec=spec, config=cfg, keep=cfg.keep_checkpoints)
+
+    state = init_train_state(spec, cfg)
+    run = {"best_val_loss": float("inf"), "best_step": None, "last_val": None}
+    start = 0
+    if resume and ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(ckpt.latest_step(), state)
+        start = int(state["step"])
+        run.update(meta["run"])
+        run["best_val_loss"] = float(run["best_val_loss"])
+        _truncate_metrics(metrics_path, start)
+    else:
+        if ckpt.latest_step() is not None:
+            from salem_jax.mend.checkpoint import CheckpointError
+
+            raise CheckpointError(
+                f"{workdir} already holds checkpoints (latest step {ckpt.latest_step()}); resume from them or use a new workdir"
+            )
+        if metrics_path.exists():
+            metrics_path.unlink()
+
+    state = parallel.replicate(state, mesh)
+    base = parallel.replicate(base_params, mesh)
+    kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg, mesh=mesh)
+
+    def validate(step):
+        v = evaluate(model, spec, cfg, mesh, state["params"], state["norm"], base, data["val"])
+        _log(metrics_path, {"step": step, "split": "val", **v})
+        improved = v["loss"] < run["best_val_loss"]
+        if improved:
+            run["best_val_loss"], run["best_step"] = v["loss"], step
+        run["last_val"] = v
+        return v
+
+    step = start
+    stopped_early = False
+    pending: list = []
+    compiled = None
+    running: dict[str, float] = {}
+    bar = tqdm(total=cfg.max_steps, initial=start, desc="train-editor", disable=not progress, dynamic_ncols=True)
+    t0 = time.time()
+    try:
+        while step < cfg.max_steps:
+            batch = parallel.shard_batch(train_batch(data["train"], cfg, step), mesh)
+            state, m = train_step(state, base, batch, **kw)
+            step += 1
+            if compiled is None:
+                compiled = train_step._cache_size()
+            pending.append(m)
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                got = jax.device_get(pending)
+                pending = []
+                rec = {k: float(np.mean([np.mean(g[k]) for g in got])) for k in got[0]}
+                for k, v in rec.items():
+                    running[k] = v if k not in running else 0.9 * running[k] + 0.1 * v
+                _log(metrics_path, {"step": step, "split": "train", **rec})
+                bar.set_postfix(loss=f"{running['loss']:.4f}", nll=f"{running['nll']:.3f}", kl=f"{running['kl']:.2e}",
+                                acc=f"{running['edit_acc']:.2f}")
+            val = None
+            if step % cfg.val_every == 0 or step == cfg.max_steps:
+                val = validate(step)
+                bar.write(
+                    f"step {step}: val loss {val['loss']:.4f} edit acc {val['edit_acc']:.3f} "
+                    f"drawdown {val['drawdown']:.4f} ({time.time() - t0:.0f}s)"
+                )
+                if run["best_step"] is not None and step - run["best_step"] >= cfg.patience:
+                    stopped_early = True
+            if step % cfg.checkpoint_every == 0 or val is not None or stopped_early or step == cfg.max_steps:
+                ckpt.save(step, state, run, val_loss=None if val is None else val["loss"])
+            if stopped_early or (stop_after is not None and step >= stop_after):
+                break
+    finally:
+        bar.close()
+        ckpt.wait()
+    return TrainResult(
+        params=jax.device_get(state["params"]),
+        norm=jax.device_get(state["norm"]),
+        spec=spec,
+        config=cfg,
+        step=step,
+        best_step=run["best_step"],
+        best_val_loss=run["best_val_loss"],
+        stopped_early=stopped_early,
+        last_val=run["last_val"],
+        recompiles=0 if compiled is None else train_step._cache_size() - compiled,
+    )

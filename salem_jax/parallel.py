@@ -1,0 +1,131 @@
+"""Devices, meshes and data parallelism, the same way on 1 CPU, a GPU, or a multi-host TPU pod.
+
+The pattern (JAX's successor of `pmap`, which JAX now keeps only for old code):
+
+    mesh = data_mesh()                                   # every device of every host, axis "data"
+    step = data_parallel(per_device_step, mesh,
+                         in_specs=(REPLICATED, REPLICATED, SHARDED),
+                         out_specs=(REPLICATED, SHARDED), donate_argnums=(0,))
+    state = replicate(state, mesh); batch = shard_batch(global_batch, mesh)
+    state, metrics = step(state, base_params, batch)
+
+`per_device_step` sees its slice of the batch (leading axis divided by the number of devices)
+and averages its gradients with `jax.lax.pmean(grads, DATA)`. On a pod every host runs the
+same program: call `initialize_distributed()` first, and give every host the same global batch
+(as numpy); `shard_batch` places each host's slices on its own devices.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA = "data"
+REPLICATED = P()
+SHARDED = P(DATA)
+
+# Environment variables that mean "this process is one of several" (explicit coordinator,
+# SLURM, Open MPI, Cloud TPU pod slices, GKE TPU multislice).
+_MULTI_PROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def _is_multi_process_env(env: dict[str, str]) -> bool:
+    if any(env.get(k) for k in _MULTI_PROCESS_ENV):
+        return True
+    for key in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_NUM_PROCESSES"):
+        try:
+            if int(env.get(key, "1")) > 1:
+                return True
+        except ValueError:
+            pass
+    hosts = env.get("TPU_WORKER_HOSTNAMES", "")
+    return len([h for h in hosts.split(",") if h.strip()]) > 1
+
+
+def initialize_distributed(env: dict[str, str] | None = None) -> bool:
+    """Call `jax.distributed.initialize()` when this process is part of a multi-process job.
+
+    Must run before anything touches a device. Single-process runs (a laptop, one GPU, one TPU
+    VM) are left alone. Returns whether it initialised."""
+    env = dict(os.environ) if env is None else env
+    if not _is_multi_process_env(env):
+        return False
+    jax.distributed.initialize()
+    return True
+
+
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh over `devices` (default: all devices of all processes) with axis "data"."""
+    devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("no devices for the mesh")
+    return jax.make_mesh((len(devices),), (DATA,), axis_types=(jax.sharding.AxisType.Explicit,), devices=devices)
+
+
+def n_data(mesh: Mesh) -> int:
+    return int(mesh.shape[DATA])
+
+
+def _place(x: Any, sharding: NamedSharding) -> jax.Array:
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    # Multi-host: every process holds the same global value; each fills its own devices.
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Every leaf as a global array with a full copy on each device of the mesh."""
+    # Spell the spec out per rank (P(None, None), not P()): that is how jit reports its
+    # replicated outputs, and equal-but-differently-spelled shardings would make a jitted step
+    # that takes its own output compile a second time.
+    return jax.tree.map(lambda x: _place(x, NamedSharding(mesh, P(*([None] * np.ndim(x))))), tree)
+
+
+def shard_batch(tree: Any, mesh: Mesh) -> Any:
+    """Split every leaf's leading axis over the mesh's "data" axis (it must divide evenly).
+
+    Pass the *global* batch (numpy, identical on every host)."""
+    sharding = NamedSharding(mesh, SHARDED)
+    n = n_data(mesh)
+
+    def put(x):
+        if np.ndim(x) == 0 or np.shape(x)[0] % n:
+            raise ValueError(f"batch leaf of shape {np.shape(x)} cannot be split over {n} devices along its first axis")
+        return _place(x, sharding)
+
+    return jax.tree.map(put, tree)
+
+
+def shard(fn: Callable, mesh: Mesh, *, in_specs: Any, out_specs: Any) -> Callable:
+    """`jax.shard_map(fn)` over `mesh`: `fn` runs once per device on its shard (call it inside jit).
+
+    Replicated inputs are device-invariant; replicated outputs must be made so inside `fn`
+    (e.g. with `jax.lax.pmean(grads, DATA)`), which shard_map checks."""
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+
+
+def data_parallel(
+    fn: Callable,
+    mesh: Mesh,
+    *,
+    in_specs: Any,
+    out_specs: Any,
+    donate_argnums: int | Sequence[int] = (),
+) -> Callable:
+    """`jax.jit(jax.shard_map(fn, ...))`: `fn` runs once per device on its shard.
+
+    Replicated inputs must be device-invariant (same value everywhere) and replicated outputs
+    must be made so inside `fn` (e.g. with `jax.lax.pmean(grads, DATA)`); shard_map checks it."""
+    return jax.jit(shard(fn, mesh, in_specs=in_specs, out_specs=out_specs), donate_argnums=donate_argnums)
+
+
+def to_varying(tree: Any) -> Any:
+    """Mark replicated values as per-device inside `fn`, so `jax.grad` w.r.t. them gives each
+    device's own gradient (to be averaged with `pmean`) instead of an implicit sum."""
+    return jax.tree.map(lambda x: jax.lax.pcast(x, (DATA,), to="varying"), tree)
