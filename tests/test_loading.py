@@ -188,7 +188,11 @@ def test_bert_base_model_gets_a_new_head(tiny, tmp_path, caplog):
     # A classifier checkpoint keeps its head (test_every_source_matches_pytorch) unless the number
     # of labels changes.
     clf = save_model(m, m.params, tmp_path / "clf")
-    assert load_model(clf, num_labels=2).extra["new_head"]
+    pt_clf = torch_folder(hf.to_torch(m), m, tmp_path / "pt_clf")
+    for path in (clf, pt_clf):
+        got = load_model(path, num_labels=2)
+        assert got.extra["new_head"] and get_path(got.params, "classifier/kernel").shape == (32, 2)
+        assert_same_params(got.params["bert"], m.params["bert"], atol=1e-7)
     with pytest.raises(ValueError, match="num_labels applies to classifiers only"):
         load_model(save_model(tiny("gpt2"), tiny("gpt2").params, tmp_path / "g"), num_labels=2)
 

@@ -176,19 +176,46 @@ def _fill_missing(model, params, seed: int):
     return params, sorted("/".join(k) for k in missing)
 
 
-def _load_sharded_safetensors(cls, folder: Path, config, dtype, seed: int):
-    """PyTorch weights split over model-0000i-of-n.safetensors (transformers' Flax loader lacks this)."""
-    from flax.traverse_util import flatten_dict, unflatten_dict
+def read_torch_state(folder: Path, wfile: str) -> dict[str, Any]:
+    """The PyTorch state dict of a folder's weights: model.safetensors, pytorch_model.bin or
+    a sharded index of either (`wfile` names the file or the index). Only .bin needs torch."""
     from safetensors import safe_open
+
+    if wfile.endswith(".index.json"):
+        index = json.loads((folder / wfile).read_text())
+        try:
+            files = sorted(set(index["weight_map"].values()))
+        except (KeyError, AttributeError):
+            raise ValueError(f"{folder / wfile}: field 'weight_map' is missing") from None
+    else:
+        files = [wfile]
+    state: dict[str, Any] = {}
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder / wfile} lists the shard {name}, which is missing")
+        if name.endswith(".safetensors"):
+            with safe_open(str(path), framework="flax") as f:  # flax: keeps bfloat16 tensors as they are
+                state.update({k: f.get_tensor(k) for k in f.keys()})
+        else:
+            import torch
+
+            for k, v in torch.load(str(path), map_location="cpu", weights_only=True).items():
+                state[k] = v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
+    return state
+
+
+def _load_pytorch(cls, folder: Path, wfile: str, config, dtype, seed: int, drop_prefix: str | None):
+    """transformers' Flax model with PyTorch weights converted by transformers' own key and layout
+    rules. Parameters the checkpoint lacks keep their random initial values (listed in `missing`);
+    tensors under `drop_prefix` (a head being replaced) are ignored."""
+    from flax.traverse_util import flatten_dict, unflatten_dict
     from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
 
-    index = json.loads((folder / "model.safetensors.index.json").read_text())
-    state = {}
-    for shard in sorted(set(index["weight_map"].values())):
-        with safe_open(str(folder / shard), framework="flax") as f:
-            for k in f.keys():
-                state[k] = f.get_tensor(k)
-    model = cls(config, seed=seed, dtype=dtype)
+    state = read_torch_state(folder, wfile)
+    if drop_prefix:
+        state = {k: v for k, v in state.items() if not k.startswith(drop_prefix)}
+    model = cls(config, seed=seed, dtype=dtype)  # the random init supplies missing parameters
     flat = flatten_dict(convert_pytorch_state_dict_to_flax(state, model))
     init = flatten_dict(model.params)
     missing = sorted("/".join(k) for k in init if k not in flat)
@@ -248,31 +275,33 @@ def load_folder(
     if wfile.endswith(".bin") or wfile.endswith(".bin.index.json"):
         _require_torch(f"{folder / wfile} (a PyTorch .bin checkpoint)")
     log.info("loading %s (%s) from %s (%s weights)", name, spec.arch, folder / wfile, fmt)
-    if wfile == "model.safetensors.index.json":
-        model, params, missing = _load_sharded_safetensors(cls, folder, config, dt, seed)
+    if fmt == "pt":
+        drop = "classifier." if new_head else None  # a head of the wrong size must not be converted
+        model, params, missing = _load_pytorch(cls, folder, wfile, config, dt, seed, drop)
     else:
         # A single file is passed by path so transformers loads exactly the file chosen above;
-        # sharded checkpoints go by folder (transformers then finds the index itself).
+        # sharded Flax checkpoints go by folder (transformers then finds the index itself).
         target = folder if wfile.endswith(".index.json") else folder / wfile
-        # PyTorch conversion and heads that may be new need an initialised model; plain Flax
-        # weights skip the random init (large models would briefly need twice the memory).
-        do_init = fmt == "pt" or spec.kind == "classifier"
+        # Skip the random init (a large model would briefly need twice the memory), except for
+        # classifiers whose head may be new or resized.
+        do_init = spec.kind == "classifier"
         out = cls.from_pretrained(
             str(target),
             config=config,
             dtype=dt,
-            from_pt=fmt == "pt",
             _do_init=do_init,
             seed=seed,
             local_files_only=True,
-            ignore_mismatched_sizes=spec.kind == "classifier",
+            ignore_mismatched_sizes=do_init,
         )
         if do_init:
             model, params, missing = out, out.params, []
         else:
             model, params = out
             params, missing = _fill_missing(model, params, seed)
-    if missing and spec.kind != "classifier":
+    if spec.kind == "classifier":  # the head has its own message below
+        missing = [k for k in missing if not k.startswith("classifier/")]
+    if missing:
         log.warning("%s: %d parameters not in the checkpoint were initialised at random: %s", name, len(missing),
                     missing)
     if new_head:
