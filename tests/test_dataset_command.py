@@ -69,6 +69,7 @@ def test_dataset_command_writes_edit_set(tmp_path, fake_loader, capsys):
         assert f"fail {c['fail']:6d}  adapt {c['adapt']:6d}  pass {c['pass']:6d}" in printed
     assert es.info["counts"]["total"] == {"fail": 10, "adapt": 10, "pass": 10}
     assert fake_loader == [("tiny", "float32", None)]
+    assert es.info["prompt_template"] is None
     # The same command again refuses to overwrite; --overwrite replaces.
     assert cmd.run(args) == 2
     assert "already holds an edit set" in capsys.readouterr().err
@@ -84,12 +85,15 @@ def test_bad_record_fails_with_its_name_or_is_skipped(tmp_path, fake_loader, cap
     assert cmd.run(parse(argv)) == 2
     assert f"{data}: record 3: field 'src': empty" in capsys.readouterr().err
     assert not (tmp_path / "es").exists()
-    assert cmd.run(parse(argv + ["--skip-invalid"])) == 0
+    assert cmd.run(parse(argv + ["--skip-invalid", "--prompt-template", "question {}\\nanswer"])) == 0
     out = capsys.readouterr().out
     assert "skipped 1 records" in out
     report = [json.loads(x) for x in open(tmp_path / "es" / "skipped.jsonl")]
     assert report == [{"source": str(data), "record": "3", "field": "src", "reason": "empty"}]
-    assert load_edit_set(tmp_path / "es").info["records"]["total"] == 5
+    es = load_edit_set(tmp_path / "es")
+    assert es.info["records"]["total"] == 5 and es.info["prompt_template"] == "question {}\nanswer"
+    assert {r["prompt"] for r in es.rows("train") if r["field"] == "prompt"} <= {
+        f"question {row['src']}\nanswer" for row in zsre_rows(6)}
 
 
 def test_countries_and_classification(tmp_path, fake_loader, capsys):

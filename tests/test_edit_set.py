@@ -179,6 +179,9 @@ def test_split_is_by_record_and_deterministic(gpt2):
     assert a.rows("train") == b.rows("train") and a.rows("val") == b.rows("val")
     assert val(a) != val(c)
     assert len(val(a)) == 1 and a.info["records"] == {"train": 9, "val": 1, "total": 10}
+    # The split depends on the records and the seed only, not on the mode.
+    d = build_edit_set(gpt2, recs, "correction", seed=3, batch_size=4, progress=False)
+    assert val(d) == val(a)
     train_ids = {r["record_id"] for r in a.rows("train")}
     assert not train_ids & set(val(a))
     # Counts per split and group add up to the rows.

@@ -338,3 +338,20 @@ def test_real_fever_and_wikitext(real_dir):
     assert len(docs) == 62 and docs[0].startswith(" = Robert Boulter = ")
     arts = read_text(real_dir / paths.KNOWN_FILES["wikitext-articles"], unit="document")
     assert [a.strip() for a in arts] == [d.strip() for d in docs]
+
+
+def test_with_template(tmp_path):
+    from salem_jax.data.records import with_template
+
+    f = write_json(tmp_path / "z.json", [zsre_rec(0), zsre_rec(1, src="")])
+    recs = read_zsre(f, skip_invalid=True)
+    t = with_template(recs, "Question: {}\nAnswer:")
+    r = t[0]
+    assert r.prompt == "Question: What is the capital of Subject 0?\nAnswer:"
+    assert r.rephrases == ("Question: Which city is the capital of Subject 0?\nAnswer:",)
+    assert r.loc_prompts == ("Question: nq question: who wrote hamlet\nAnswer:",)
+    assert (r.target_true, r.target_new, r.loc_targets) == (recs[0].target_true, recs[0].target_new, recs[0].loc_targets)
+    assert t.skipped == recs.skipped and t.sources == recs.sources
+    assert with_template(recs, "Q: {}", loc=False)[0].loc_prompts == recs[0].loc_prompts
+    with pytest.raises(ValueError, match="exactly one"):
+        with_template(recs, "no placeholder")

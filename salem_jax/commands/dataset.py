@@ -47,6 +47,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--label-field", default="label")
     p.add_argument("--prompt-words", type=int, default=24, help="text: words of context per record")
     p.add_argument("--target-words", type=int, default=4, help="text: words to predict per record")
+    p.add_argument(
+        "--prompt-template",
+        default=None,
+        help='wrap every prompt, rephrase and locality prompt: "{}" marks the text, "\\n" is a newline '
+        '(e.g. "Question: {}\\nAnswer:" for zsRE questions)',
+    )
     p.add_argument("--flip-probability", type=float, default=0.5, help="classification counterfactual: P(flip)")
     p.add_argument("--dtype", default="float32", help="model dtype (float32, bfloat16, float16)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing edit set at --out")
@@ -127,14 +133,22 @@ def read_for_args(args):
     return fmt, readers.read_records(path, fmt, **kw)
 
 
+def _template(args) -> str | None:
+    t = getattr(args, "prompt_template", None)
+    return None if t is None else t.replace("\\n", "\n")
+
+
 def run(args) -> int:
     if getattr(args, "command", "dataset") == "fetch-data":
         return _run_fetch(args)
     from salem_jax.data.edit_set import build_edit_set, save_edit_set
-    from salem_jax.data.records import RecordError
+    from salem_jax.data.records import RecordError, with_template
 
     try:
         fmt, records = read_for_args(args)
+        template = _template(args)
+        if template is not None:
+            records = with_template(records, template)
         print(f"read {records.summary()}", file=sys.stderr)
         labels = records[0].labels if records else ()
         model = _load_model(args.model, dtype=args.dtype, num_labels=len(labels) if labels else None)
@@ -144,6 +158,7 @@ def run(args) -> int:
             flip_probability=args.flip_probability,
         )
         es.info["format"] = fmt
+        es.info["prompt_template"] = template
         es.info["command"] = " ".join(sys.argv) if sys.argv else ""
         if fmt == "countries":
             from salem_jax.data.countries import country_fact_counts

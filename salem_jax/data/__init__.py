@@ -1,5 +1,6 @@
 """Data: records from real benchmark files, country facts, tokenization and edit sets."""
 
+from salem_jax.data.countries import country_records
 from salem_jax.data.edit_set import EditSet, build_edit_set, edit_set_batches, load_edit_set, save_edit_set
 from salem_jax.data.paths import data_dir, fetch_public_data, find_data_file
 from salem_jax.data.readers import (
@@ -17,7 +18,7 @@ from salem_jax.data.records import EditRecord, RecordError, RecordList, Skipped
 
 __all__ = [
     "EditRecord", "EditSet", "RecordError", "RecordList", "Skipped",
-    "build_edit_set", "data_dir", "edit_set_batches", "fetch_public_data", "find_data_file", "load_edit_set",
+    "build_edit_set", "country_records", "data_dir", "edit_set_batches", "fetch_public_data", "find_data_file", "load_edit_set",
     "read_classification", "read_counterfact", "read_fever", "read_knowns", "read_nli", "read_records",
     "read_text", "read_zsre", "save_edit_set", "text_records",
 ]

@@ -25,7 +25,7 @@ Scoring is batched and jitted: every row is tokenized once to find its length bu
 (`tokenize.bucket_length`), rows of one bucket are encoded to that fixed length in batches of
 exactly `batch_size` (the last one padded with `pad_rows`), so the scorer compiles once per
 bucket. The split into train / val is by record (all rows of a record stay together),
-deterministic for a seed.
+deterministic for a seed and the same for every model and mode given the same records.
 """
 
 from __future__ import annotations
@@ -447,7 +447,9 @@ def build_edit_set(
         _score_rows(model, params, every, batch_size, progress, desc, buckets, scorer)
 
     kept = sorted(per_record)
-    in_val = dict(zip(kept, split_records(len(kept), seed, val_fraction)))
+    # Split over ALL records, so a record's split depends only on the records and the seed:
+    # not on the model (which records were skipped, e.g. for length) nor on the mode.
+    in_val = split_records(len(records), seed, val_fraction)
     table = {s: {c: [] for c in COLUMNS} for s in SPLITS}
     counts = {s: {g: 0 for g in GROUPS} for s in (*SPLITS, "total")}
     n_records = {s: 0 for s in (*SPLITS, "total")}

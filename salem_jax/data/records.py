@@ -145,3 +145,32 @@ def write_skip_report(skipped: Sequence[Skipped], path: str | os.PathLike) -> st
 def read_skip_report(path: str | os.PathLike) -> list[Skipped]:
     with open(path, encoding="utf-8") as f:
         return [Skipped(**json.loads(line)) for line in f if line.strip()]
+
+
+def with_template(records: Sequence[EditRecord], template: str, *, loc: bool = True) -> RecordList:
+    """The records with every prompt and rephrase (and, when `loc`, every locality prompt)
+    wrapped in `template`, whose single "{}" marks the text, e.g. "Question: {}\\nAnswer:" to
+    pose zsRE's questions to a model that was not trained on the QA format. Targets are kept.
+    Skip information of a RecordList is carried over."""
+    if template.count("{}") != 1:
+        raise ValueError(f"a prompt template needs exactly one '{{}}' for the text, got {template!r}")
+
+    def fill(text: str) -> str:
+        return template.replace("{}", text)
+
+    out = [
+        dataclasses.replace(
+            r,
+            prompt=fill(r.prompt),
+            rephrases=tuple(fill(p) for p in r.rephrases),
+            loc_prompts=tuple(fill(p) for p in r.loc_prompts) if loc else r.loc_prompts,
+            extra={**r.extra, "prompt_template": template},
+        )
+        for r in records
+    ]
+    return RecordList(
+        out,
+        skipped=getattr(records, "skipped", ()),
+        sources=getattr(records, "sources", ()),
+        excluded=getattr(records, "excluded", None),
+    )
