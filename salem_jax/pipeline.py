@@ -1,0 +1,484 @@
+"""The whole SaLEM pipeline as one function: edit set -> salient layer -> editor -> evaluation.
+
+`run_pipeline(cfg, workdir)` is what every experiment in `experiments/` calls; `cfg` is an
+`ml_collections.ConfigDict` laid out like `default_config()`. Steps:
+
+1. load the model (`load_model`, or a tiny random one for `tiny` configs);
+2. read the records and build the edit set (fail / adapt / pass, 90:10 train/val by record);
+3. saliency profile on the train split (paper eq. 2-5) -> the edit layer(s);
+4. for each method in `cfg.methods`, produce an *edit function* (request rows -> edited params):
+   `salem` (MEND editor on the top-K salient layers), `mend_fixed` (MEND on the last three blocks,
+   as MEND does), `ft` / `ft_kl` (fine-tuning the salient layer, without / with a KL constraint);
+5. evaluate every method on the val split, one edit at a time (as MEND and the paper report):
+   edit accuracy on the fail row, adapt accuracy on its rephrasings, drawdown / locality on the
+   val pass rows, and perplexity change on held-out text for the first `eval.ppl_edits` edits;
+6. write `results.json`, `results.md` and plots into `workdir`.
+
+Every intermediate result is written as it is produced (edit set, profile, editor checkpoints),
+so a killed run resumes: the editor from its last checkpoint, the rest recomputed (cheap).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import ml_collections
+import numpy as np
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = "salem"
+    c.model = "smollm2-135m"  # a load_model name/path, or "tiny-gpt2" / "tiny-llama"
+    c.dtype = "float32"
+    c.data = "countries"  # "countries", a known data-file name (zsre, counterfact, ...) or a path
+    c.format = "countries"  # reader format: countries | zsre | counterfact | fever | nli | text
+    c.relation = "capital"  # countries only
+    c.mode = "correction"  # correction | counterfactual
+    c.limit = 0  # records to read (0 = all)
+    c.data_dir = ""  # '' = SALEM_JAX_DATA or ../shared/data
+    c.seed = 0
+    c.val_fraction = 0.1
+    c.score_batch = 16
+    c.saliency = ml_collections.ConfigDict(
+        dict(scorer="salem", top_k=1, part="mlp", micro_batch=8, max_examples=64, select_group="fail")
+    )
+    c.editor = ml_collections.ConfigDict(
+        dict(
+            steps=300,
+            lr=1e-4,
+            lr_lr=1e-4,
+            rank=1920,
+            n_hidden=1,
+            edit_lr_init=1e-4,
+            c_fail=0.1,
+            effective_batch=10,
+            batch_size=0,  # 0 = one group per device
+            adapt_per_edit=2,
+            val_every=100,
+            val_groups=32,
+            patience=1000,
+            checkpoint_every=100,
+        )
+    )
+    c.methods = ("salem",)
+    c.fixed_layers = 3  # mend_fixed: the last N blocks
+    c.ft = ml_collections.ConfigDict(dict(steps=10, lr=1e-3, kl_weight=1.0))
+    c.eval = ml_collections.ConfigDict(
+        dict(max_edits=20, max_pass=48, ppl_edits=5, text="wikitext", n_texts=8, text_window=128, batch_size=8)
+    )
+    c.progress = True
+    return c
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def load(cfg) -> Any:
+    from salem_jax.models import hf, llama, load_model
+
+    if cfg.model == "tiny-gpt2":
+        return hf.tiny("gpt2", seed=cfg.seed)
+    if cfg.model == "tiny-llama":
+        return llama.tiny_llama(seed=cfg.seed)
+    return load_model(cfg.model, dtype=cfg.dtype)
+
+
+def read_records(cfg):
+    from salem_jax.data import paths, readers
+    from salem_jax.data.countries import country_records
+
+    limit = cfg.limit or None
+    if cfg.format == "countries":
+        recs = country_records(cfg.relation, seed=cfg.seed)
+        return recs[:limit] if limit else recs
+    path = cfg.data
+    if not os.path.exists(path):
+        path = str(paths.find_data_file(cfg.data, cfg.data_dir or None))
+    return readers.read_records(path, cfg.format, limit=limit)
+
+
+def held_out_texts(cfg) -> tuple[list[str], str]:
+    """Held-out plain text for the perplexity drawdown, and a note saying where it came from."""
+    from salem_jax.data import paths, readers
+
+    if not cfg.eval.text or cfg.eval.n_texts <= 0:
+        return [], "perplexity on held-out text not requested"
+    try:
+        path = cfg.eval.text if os.path.exists(cfg.eval.text) else paths.find_data_file(cfg.eval.text, cfg.data_dir or None)
+    except Exception as e:  # reported in the results, never silently
+        return [], f"no held-out text ({e}); text perplexity drawdown not measured"
+    texts = readers.read_text(path, limit=cfg.eval.n_texts)
+    return list(texts), f"{cfg.eval.n_texts} paragraphs of {path}"
+
+
+def saliency(model, rows: list[dict], cfg):
+    from salem_jax.data.edit_set import edit_set_batches
+    from salem_jax.saliency import saliency_profile
+
+    rng = np.random.default_rng(cfg.seed)
+    by_group: dict[str, list[dict]] = {}
+    for r in rows:
+        by_group.setdefault(r["group"], []).append(r)
+    chosen: list[dict] = []
+    for g, rs in sorted(by_group.items()):
+        take = min(len(rs), cfg.saliency.max_examples)
+        idx = np.sort(rng.choice(len(rs), size=take, replace=False))
+        chosen += [rs[i] for i in idx]
+    m = cfg.saliency.micro_batch
+    data = [(b, [r["group"] for r in chunk]) for b, chunk in edit_set_batches(model, chosen, m)]
+    return saliency_profile(
+        model,
+        model.params,
+        data,
+        scorer=cfg.saliency.scorer,
+        part=cfg.saliency.part,
+        top_k=cfg.saliency.top_k,
+        select_group=cfg.saliency.select_group,
+        micro_batch=m,
+        progress=cfg.progress,
+    )
+
+
+def train_config(cfg):
+    from salem_jax.mend.editor import EditorConfig
+    from salem_jax.mend.train import TrainConfig
+
+    e = cfg.editor
+    return TrainConfig(
+        editor=EditorConfig(rank=e.rank, n_hidden=e.n_hidden, edit_lr_init=e.edit_lr_init),
+        adapt_per_edit=e.adapt_per_edit,
+        batch_size=e.batch_size or None,
+        effective_batch=e.effective_batch,
+        c_fail=e.c_fail,
+        lr=e.lr,
+        lr_lr=e.lr_lr,
+        max_steps=e.steps,
+        val_every=e.val_every,
+        val_groups=e.val_groups,
+        patience=e.patience,
+        checkpoint_every=e.checkpoint_every,
+        seed=cfg.seed,
+    )
+
+
+def train_mend(model, data, layers: tuple[str, ...], cfg, workdir: Path):
+    """Train (or resume) a MEND editor on the MLP weights of `layers`; returns (TrainedEditor, TrainResult)."""
+    from salem_jax.mend.apply import TrainedEditor
+    from salem_jax.mend.train import train_editor
+
+    weights = model.layers.weights(list(layers), part="mlp")
+    result = train_editor(model, data, weights, train_config(cfg), workdir, progress=cfg.progress)
+    editor = TrainedEditor(
+        spec=result.spec, params=result.params, state=result.norm, model_name=model.name, step=result.step
+    )
+    return editor, result
+
+
+def mend_edit_fn(model, editor) -> Callable[[list[dict]], Any]:
+    from salem_jax.mend.apply import apply_edits
+
+    def edit(rows):
+        reqs = [dict(prompt=r["prompt"], target=_target(model, r), text_pair=r.get("text_pair", "")) for r in rows]
+        return apply_edits(model, editor, reqs, progress=False)
+
+    return edit
+
+
+def _target(model, row):
+    return row["label"] if model.kind == "classifier" else row["target"]
+
+
+def ft_edit_fn(model, layers: tuple[str, ...], cfg, kl: bool, pass_rows: list[dict]) -> Callable:
+    from salem_jax.baselines.finetune import FTConfig, finetune
+    from salem_jax.data.tokenize import encode
+
+    weights = model.layers.weights(list(layers), part="mlp")
+    fc = FTConfig(steps=cfg.ft.steps, lr=cfg.ft.lr, kl_weight=cfg.ft.kl_weight if kl else 0.0)
+    loc = None
+    if kl and pass_rows:
+        rs = pass_rows[: cfg.eval.batch_size]
+        loc = encode(model, [r["prompt"] for r in rs], [_target(model, r) for r in rs],
+                     text_pairs=_pairs(model, rs))
+
+    def edit(rows):
+        b = encode(model, [r["prompt"] for r in rows], [_target(model, r) for r in rows], text_pairs=_pairs(model, rows))
+        return finetune(model, model.params, weights, b, loc_batch=loc, config=fc, progress=False)
+
+    return edit
+
+
+def _pairs(model, rows):
+    return [r.get("text_pair", "") for r in rows] if model.kind == "classifier" and any(r.get("text_pair") for r in rows) else None
+
+
+def evaluate_method(model, edit: Callable, val_rows: list[dict], texts: list[str], cfg, name: str) -> dict:
+    """Edit each val fail record on its own; average the per-edit metrics."""
+    from tqdm import tqdm
+
+    from salem_jax.eval.metrics import evaluate_edit
+
+    fails = [r for r in val_rows if r["group"] == "fail"][: cfg.eval.max_edits]
+    adapts: dict[str, list[dict]] = {}
+    for r in val_rows:
+        if r["group"] == "adapt":
+            adapts.setdefault(r["record_id"], []).append(r)
+    passes = [r for r in val_rows if r["group"] == "pass"][: cfg.eval.max_pass]
+    per_edit = []
+    t_edit = 0.0
+    for i, row in enumerate(tqdm(fails, desc=f"eval {name}", disable=not cfg.progress)):
+        t0 = time.perf_counter()
+        edited = edit([row])
+        _block(edited)
+        t_edit += time.perf_counter() - t0
+        groups = {"fail": [row]}
+        if adapts.get(row["record_id"]):
+            groups["adapt"] = adapts[row["record_id"]]
+        if passes:
+            groups["pass"] = passes
+        m = evaluate_edit(
+            model,
+            model.params,
+            edited,
+            groups,
+            texts=texts if i < cfg.eval.ppl_edits else None,
+            batch_size=cfg.eval.batch_size,
+            text_window=cfg.eval.text_window,
+            progress=False,
+        )
+        per_edit.append(m)
+    out: dict[str, Any] = {"edits": len(per_edit), "edit_seconds": t_edit / max(len(per_edit), 1)}
+    keys = sorted({k for m in per_edit for k in m})
+    for k in keys:
+        vals = [m[k] for m in per_edit if k in m and m[k] is not None and np.isfinite(m[k])]
+        out[k] = float(np.mean(vals)) if vals else None
+    return out
+
+
+def _block(tree):
+    import jax
+
+    jax.tree.map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x, tree)
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+    """Run the configured pipeline; returns the results dict also written to workdir/results.json."""
+    from salem_jax.data.edit_set import build_edit_set, load_edit_set, save_edit_set
+    from salem_jax.mend.train import prepare_splits
+
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    times: dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    def say(msg):
+        print(f"[salem] {msg}", flush=True)
+
+    t = time.perf_counter()
+    model = load(cfg)
+    times["load_model"] = time.perf_counter() - t
+    say(f"model {model.name} ({model.arch}, {len(model.layers)} blocks) loaded in {times['load_model']:.1f}s")
+
+    # 1. edit set (reused when a previous run of the same config wrote it)
+    es_dir = work / "edit_set"
+    stamp = {k: cfg[k] for k in ("model", "data", "format", "relation", "mode", "limit", "seed", "val_fraction")}
+    t = time.perf_counter()
+    es = None
+    if (es_dir / "info.json").is_file():
+        es = load_edit_set(es_dir)
+        if es.info.get("pipeline") != _jsonable(stamp):
+            es = None
+    if es is None:
+        records = read_records(cfg)
+        es = build_edit_set(
+            model, records, mode=cfg.mode, seed=cfg.seed, val_fraction=cfg.val_fraction,
+            batch_size=cfg.score_batch, progress=cfg.progress,
+        )
+        es.info["pipeline"] = _jsonable(stamp)
+        save_edit_set(es, es_dir, overwrite=True)
+    times["edit_set"] = time.perf_counter() - t
+    say(es.summary())
+    train_rows, val_rows = es.rows("train"), es.rows("val")
+    for split, rows in (("train", train_rows), ("val", val_rows)):
+        groups = {r["group"] for r in rows}
+        if "fail" not in groups or "pass" not in groups:
+            raise ValueError(
+                f"the {split} split has groups {sorted(groups)}: the editor needs both fail and pass rows. "
+                "Use more records (--config.limit) or another mode."
+            )
+
+    # 2. the salient layer(s)
+    t = time.perf_counter()
+    profile = saliency(model, train_rows, cfg)
+    times["saliency"] = time.perf_counter() - t
+    (work / "profile.json").write_text(profile.to_json())
+    _plot_profile(profile, work / "profile.png")
+    say(f"saliency ({cfg.saliency.scorer}) chose {', '.join(profile.chosen)} in {times['saliency']:.1f}s")
+    top1 = profile.chosen[:1]
+    order = np.argsort(-np.asarray(profile.scores[profile.select_group]))
+    top3 = tuple(profile.layers[i] for i in order[:3])
+
+    # 3. methods
+    texts, text_note = held_out_texts(cfg)
+    say(text_note)
+    data = prepare_splits(model, {"train": train_rows, "val": val_rows})
+    results: dict[str, Any] = {}
+    training: dict[str, Any] = {}
+    for method in cfg.methods:
+        t = time.perf_counter()
+        if method in ("salem", "salem3", "mend_fixed"):
+            layers = {
+                "salem": tuple(profile.chosen),
+                "salem3": top3,
+                "mend_fixed": tuple(model.layers.names()[-cfg.fixed_layers :]),
+            }[method]
+            say(f"{method}: training a MEND editor on {', '.join(layers)}")
+            editor, tr = train_mend(model, data, layers, cfg, work / f"editor_{method}")
+            training[method] = dict(
+                layers=list(layers), steps=tr.step, best_step=tr.best_step, best_val_loss=tr.best_val_loss,
+                stopped_early=tr.stopped_early, last_val=tr.last_val, recompiles=tr.recompiles,
+                seconds=time.perf_counter() - t,
+            )
+            edit = mend_edit_fn(model, editor)
+        elif method in ("ft", "ft_kl"):
+            layers = top1
+            edit = ft_edit_fn(model, layers, cfg, kl=method == "ft_kl", pass_rows=[r for r in train_rows if r["group"] == "pass"])
+            training[method] = dict(layers=list(layers), steps=cfg.ft.steps, seconds=0.0)
+        else:
+            raise ValueError(f"unknown method {method!r}; choose from salem, salem3, mend_fixed, ft, ft_kl")
+        t = time.perf_counter()
+        results[method] = evaluate_method(model, edit, val_rows, texts, cfg, method)
+        results[method]["layers"] = list(layers)
+        times[f"eval_{method}"] = time.perf_counter() - t
+        say(f"{method}: EA {_fmt(results[method].get('ea'))}, adapt {_fmt(results[method].get('adapt_acc'))}, "
+            f"DD {_fmt(results[method].get('dd_acc'))}")
+
+    times["total"] = time.perf_counter() - t_all
+    out = dict(
+        config=json.loads(cfg.to_json_best_effort()),
+        model=model.name,
+        edit_set=es.info,
+        profile=profile.to_dict(),
+        chosen_layers=list(profile.chosen),
+        methods=results,
+        training=training,
+        text=text_note,
+        times=times,
+    )
+    (work / "results.json").write_text(json.dumps(_jsonable(out), indent=2))
+    table = results_table(out)
+    (work / "results.md").write_text(table + "\n")
+    _plot_training(work, list(training), work / "training.png")
+    print(table, flush=True)
+    say(f"done in {times['total']:.0f}s; results in {work}")
+    return out
+
+
+# ----------------------------------------------------------------------------- reporting
+
+COLUMNS = (
+    ("ea", "EA"),
+    ("ea_token", "EA (tokens)"),
+    ("adapt_acc", "adapt acc"),
+    ("dd_acc", "DD (pass acc)"),
+    ("locality", "locality"),
+    ("dd_ppl_text_rel", "DD (text ppl, rel)"),
+)
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def results_table(out: dict) -> str:
+    """The before/after table as markdown: one row for the base model, one per method."""
+    methods = out["methods"]
+    lines = [
+        f"model {out['model']}, edit layers {', '.join(out['chosen_layers'])} "
+        f"(scorer {out['profile']['scorer']}), val edits per method: "
+        + ", ".join(f"{k} {v['edits']}" for k, v in methods.items()),
+        "",
+        "| method | layers | " + " | ".join(c for _, c in COLUMNS) + " | editor steps | s/edit |",
+        "|---|---|" + "---|" * len(COLUMNS) + "---|---|",
+    ]
+    if methods:
+        any_m = next(iter(methods.values()))
+        base = {
+            "ea": any_m.get("fail/acc_before"),
+            "ea_token": any_m.get("fail/token_acc_before"),
+            "adapt_acc": any_m.get("adapt/acc_before"),
+            "dd_acc": 0.0,
+            "locality": 1.0,
+            "dd_ppl_text_rel": 0.0,
+        }
+        lines.append("| base (no edit) | - | " + " | ".join(_fmt(base[k]) for k, _ in COLUMNS) + " | - | - |")
+    for name, m in methods.items():
+        steps = out["training"].get(name, {}).get("steps", "-")
+        lines.append(
+            f"| {name} | {', '.join(m['layers'])} | " + " | ".join(_fmt(m.get(k)) for k, _ in COLUMNS)
+            + f" | {steps} | {m['edit_seconds']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, float) and not np.isfinite(x):
+        return None
+    if dataclasses.is_dataclass(x):
+        return _jsonable(dataclasses.asdict(x))
+    return x
+
+
+def _plot_profile(profile, path: Path) -> None:
+    from salem_jax.locate.plot import plot_profile
+
+    plot_profile(profile, str(path))
+
+
+def _plot_training(work: Path, methods: list[str], path: Path) -> None:
+    """Validation EA / loss against editor steps, from each editor's metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {}
+    for m in methods:
+        f = work / f"editor_{m}" / "metrics.jsonl"
+        if f.is_file():
+            recs = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+            val = [r for r in recs if r.get("split") == "val"]
+            if val:
+                series[m] = val
+    if not series:
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    for m, recs in series.items():
+        steps = [r.get("step") for r in recs]
+        ea = [r.get("edit_acc") for r in recs]
+        loss = [r.get("loss") for r in recs]
+        if any(v is not None for v in ea):
+            ax[0].plot(steps, ea, marker="o", label=m)
+        if any(v is not None for v in loss):
+            ax[1].plot(steps, loss, marker="o", label=m)
+    ax[0].set(xlabel="editor step", ylabel="val edit accuracy", title="EA vs editor steps")
+    ax[1].set(xlabel="editor step", ylabel="val loss", title="validation loss")
+    ax[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
