@@ -253,6 +253,10 @@ def test_save_folder_opens_in_transformers_and_round_trips(tmp_path):
     for p in param_paths(params):
         np.testing.assert_array_equal(np.asarray(get_path(back.params, p)), np.asarray(get_path(params, p)))
     assert back.tokenizer("paris is").input_ids == m.tokenizer("paris is").input_ids
+    bf = llama.load_llama_folder(out, dtype="bfloat16")  # parameters and computation in bfloat16
+    assert get_path(bf.params, "model/layers/0/mlp/up_proj/kernel").dtype == jnp.bfloat16
+    bf_logits = np.asarray(bf.apply(bf.params, {"input_ids": ids, "attention_mask": mask}))
+    assert np.abs(bf_logits - ours).max() < 0.15 * np.abs(ours).max()
     # Saving again over the folder replaces it whole (no leftover temp folders).
     llama.save_llama_folder(m, m.params, out)
     again = llama.load_llama_folder(out)

@@ -272,7 +272,8 @@ def load_gguf(
     remat: bool = False,
     progress: bool = True,
 ) -> LoadedModel:
-    """A Llama-architecture GGUF file -> LoadedModel (float32 params; `dtype` = compute dtype).
+    """A Llama-architecture GGUF file -> LoadedModel. `dtype` is the computation and parameter
+    dtype (the cache always holds float32).
 
     `cache_dir` is the cache ROOT (default `$SALEM_JAX_CACHE` or `~/.cache/salem_jax`); the
     converted model lives in `<root>/<stem>-<key>` (see the module docstring) and later loads
@@ -295,7 +296,7 @@ def load_gguf(
         del state
         if entry is not None:
             _write_cache(entry, config, params, tok, p)
-    model = llama.from_params(p.stem, config, params, tok, dtype=dtype, remat=remat)
+    model = llama.from_params(p.stem, config, llama.cast_params(params, dtype), tok, dtype=dtype, remat=remat)
     extra = dict(
         model.extra,
         source=str(p),

@@ -18,9 +18,10 @@ and `flax.linen.intercept_methods` sees each projection's call under its module 
 (`model/layers/3/mlp/down_proj`). Conversion to and from a PyTorch state dict is a path
 rename plus a transpose of 2-D Linear weights (`hf_to_params`, `params_to_hf`).
 
-The config object is transformers' `LlamaConfig`. Parameters are float32; `dtype` is the
-computation dtype (bfloat16 on accelerators if you like; norms, softmax and rotary tables run
-in float32 as in transformers).
+The config object is transformers' `LlamaConfig`. `dtype` is the computation dtype (bfloat16
+on accelerators if you like; norms, softmax and rotary tables run in float32 as in
+transformers); the module accepts float32 or bfloat16 parameters, and the loaders cast the
+parameters to the same `dtype` (float32 by default).
 """
 
 from __future__ import annotations
@@ -377,6 +378,14 @@ def check_params(params, config, *, where: str = "params") -> None:
             raise ValueError(f"{where}: parameter {p} has shape {have[p]}, expected {shape}")
 
 
+def cast_params(params, dtype):
+    """Floating leaves cast to `dtype` (a new tree; float32 leaves stay as they are for
+    "float32"). The loaders use it so `dtype="bfloat16"` halves parameter memory, as
+    `salem_jax.models.load_model` documents for every architecture."""
+    dt = jnp.dtype(dtype)
+    return jax.tree_util.tree_map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
 def abstract_params(config) -> dict:
     """Shapes/dtypes of the parameter tree for `config` by tracing `init` (no allocation)."""
     module = LlamaForCausalLM(config)
@@ -429,7 +438,8 @@ def tiny_llama(
     if vocab_size < len(tok):
         raise ValueError(f"vocab_size {vocab_size} is smaller than the tiny tokenizer's {len(tok)} tokens")
     cfg = tiny_config(vocab_size, rope_theta=rope_theta, tie_word_embeddings=tie_word_embeddings, **config_overrides)
-    return from_params("tiny-llama", cfg, init_params(cfg, seed), tok, dtype=dtype, remat=remat)
+    params = cast_params(init_params(cfg, seed), dtype)
+    return from_params("tiny-llama", cfg, params, tok, dtype=dtype, remat=remat)
 
 
 # ----------------------------------------------------------------------------- HF state dicts
@@ -597,7 +607,8 @@ def load_llama_folder(path: str | os.PathLike, dtype: str = "float32", *, remat:
     """A Hugging Face Llama folder (config.json + model.safetensors, sharded safetensors with
     an index, or pytorch_model.bin when torch is installed) -> LoadedModel with our params.
 
-    `dtype` is the computation dtype; parameters are float32. The tokenizer is read with
+    `dtype` is the computation and parameter dtype (float32 default; bfloat16 on accelerators
+    halves memory, but edits are best made on float32 weights). The tokenizer is read with
     `AutoTokenizer` from the same folder (None when the folder has no tokenizer files)."""
     from transformers import AutoTokenizer, LlamaConfig
 
@@ -610,7 +621,7 @@ def load_llama_folder(path: str | os.PathLike, dtype: str = "float32", *, remat:
         raise ValueError(f"{cfg_file}: field 'model_type' is {model_type!r}, expected 'llama'")
     config = LlamaConfig.from_pretrained(folder)
     check_config(config)
-    params = hf_to_params(_read_state_dict(folder), config, where=str(folder))
+    params = cast_params(hf_to_params(_read_state_dict(folder), config, where=str(folder)), dtype)
     tok = AutoTokenizer.from_pretrained(folder) if _has_tokenizer(folder) else None
     return from_params(folder.name, config, params, tok, dtype=dtype, remat=remat, source=str(folder))
 
