@@ -285,8 +285,8 @@ class SaliencyStats:
     row_groups         [N]      group name of each row
     column_sums[name]  {weight path: [G, fan_out]}  sum over a group's rows of the per-example
                                 column statistic (eq. 3), G in `groups` order
-    grad_sums          {weight path: [G, *kernel shape]}  sum of g over each group's rows
-                                (None unless track_mean)
+    grad_sums          {weight path: [G, *kernel shape]}  float32 sum of g over each group's
+                                rows (None unless track_mean)
     """
 
     model: str
@@ -491,7 +491,7 @@ def saliency_stats(
         row_groups=np.asarray(row_groups),
         per_example={k: np.concatenate(v).astype(np.float64) for k, v in per_ex.items()},
         column_sums={k: {p: np.asarray(v, np.float64) for p, v in d.items()} for k, d in state["cols"].items()},
-        grad_sums={p: np.asarray(v, np.float64) for p, v in state["grad"].items()} if track_mean else None,
+        grad_sums={p: np.asarray(v) for p, v in state["grad"].items()} if track_mean else None,  # float32: as big as the weights
         traces=TRACE_COUNTS["saliency"] - traces0,
         wall_time=time.perf_counter() - t0,
     )
