@@ -218,3 +218,13 @@ def test_rome_on_smollm2_counterfact():
     kernel = np.asarray(get_path(res.params, w.path), np.float64)  # in_out, no bias
     np.testing.assert_allclose(kernel.T @ np.asarray(res.key, np.float64), np.asarray(res.value), rtol=1e-3,
                                atol=1e-3 * float(np.abs(res.value).max()))
+
+
+def test_long_kl_prompt_and_bad_subject():
+    model = _model("gpt2")
+    cfg = R.ROMEConfig(v_steps=2, kl_prompt="{} " + " ".join(["red"] * 20))  # longer than the rewriting bucket
+    v, o, hist = R.compute_value(model, model.params, R.rome_weight(model, "h.1"), "the capital of france is",
+                                 "france", "tokyo", cfg, progress=False)
+    assert v.shape == o.shape and len(hist) >= 2 and np.all(np.isfinite(hist))
+    with pytest.raises(ValueError, match="does not occur"):
+        R.rome_edit(model, model.params, "h.1", "the capital of france is", "peru", "tokyo", progress=False)

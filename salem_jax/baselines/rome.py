@@ -46,7 +46,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from salem_jax.data.tokenize import encode, pad_rows, slice_rows
+from salem_jax.data.tokenize import bucket_length, encode, pad_rows, slice_rows
 from salem_jax.eval.perplexity import token_windows, tokenize_texts
 from salem_jax.models.base import Weight, get_path, set_path
 
@@ -308,11 +308,13 @@ def compute_value(
         raise ValueError(f"ROME needs a non-empty target_new (prompt {prompt!r})")
     texts = [_join(p, prompt) for p in config.prefixes]
     n_rw = len(texts)
-    rw = encode(model, texts, [target_new] * n_rw, where="ROME rewriting prompts")
     kl_text = config.kl_prompt.format(subject)
+    rw = encode(model, texts, [target_new] * n_rw, where="ROME rewriting prompts")
+    kl_len = len(model.tokenizer(kl_text, add_special_tokens=True)["input_ids"])
+    if kl_len > rw["input_ids"].shape[1]:  # one length for both: re-encode to the KL prompt's bucket
+        rw = encode(model, texts, [target_new] * n_rw, length=bucket_length(kl_len, model.max_length),
+                    where="ROME rewriting prompts")
     kl = _text_batch(model, [kl_text], length=rw["input_ids"].shape[1])
-    if kl["input_ids"].shape[1] != rw["input_ids"].shape[1]:
-        raise ValueError(f"KL prompt {kl_text!r} is longer than the rewriting batch; shorten kl_prompt")
     batch = {k: np.concatenate([rw[k], kl[k]]) for k in ("input_ids", "attention_mask", "labels", "label_mask")}
     idx = np.asarray(
         [subject_last_index(model.tokenizer, t, subject, start=len(t) - len(prompt)) for t in texts]
