@@ -13,29 +13,24 @@ from __future__ import annotations
 
 import sys
 
-from experiments.common import parse
-from salem_jax.pipeline import default_config, run_pipeline
+from experiments.common import main_for, tiny_overrides
+from salem_jax.pipeline import default_config
 
 
 def get_config(tiny: bool = False):
     c = default_config()
     c.name = "capitals_smollm2"
+    c.model = "smollm2-135m"
+    c.format = c.data = "countries"
+    c.relation = "capital"
     if tiny:
-        c.model = "tiny-llama"
+        tiny_overrides(c, "tiny-llama")
         c.mode = "counterfactual"  # a random model knows no capital: edit toward the true ones anyway
-        c.limit = 40
-        c.saliency.max_examples = 8
-        c.editor.update(dict(steps=30, rank=16, lr=1e-3, lr_lr=1e-3, edit_lr_init=1e-3, effective_batch=1,
-                             val_every=15, checkpoint_every=15, val_groups=8))
-        c.eval.update(dict(max_edits=3, max_pass=8, ppl_edits=1, n_texts=2, text_window=32))
-        c.ft.steps = 3
     return c
 
 
 def main(argv=None) -> int:
-    cfg, workdir = parse(get_config, argv, "capitals_smollm2")
-    run_pipeline(cfg, workdir)
-    return 0
+    return main_for("capitals_smollm2", get_config, argv)
 
 
 if __name__ == "__main__":

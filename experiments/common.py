@@ -73,3 +73,39 @@ def parse(get_config: Callable[[bool], ml_collections.ConfigDict], argv: list[st
     cfg = apply_overrides(get_config(args.tiny), rest)
     workdir = args.workdir or os.path.join("runs", name + ("-tiny" if args.tiny else ""))
     return cfg, workdir
+
+
+def main_for(name: str, get_config: Callable[[bool], ml_collections.ConfigDict], argv: list[str] | None = None) -> int:
+    """Parse the command line, run the SaLEM pipeline, return an exit code."""
+    from salem_jax.parallel import initialize_distributed
+    from salem_jax.pipeline import run_pipeline
+
+    initialize_distributed()
+    cfg, workdir = parse(get_config, argv, name)
+    run_pipeline(cfg, workdir)
+    return 0
+
+
+def tiny_overrides(c: ml_collections.ConfigDict, model: str) -> ml_collections.ConfigDict:
+    """Shrink a config to a tiny random model and a few records: the same code path in seconds."""
+    c.model = model
+    c.limit = 40
+    c.skip_invalid = True  # tiny models have short contexts
+    c.saliency.max_examples = 8
+    c.editor.update(
+        dict(steps=30, rank=16, lr=1e-3, lr_lr=1e-3, edit_lr_init=1e-3, effective_batch=1,
+             val_every=15, checkpoint_every=15, val_groups=8)
+    )
+    c.eval.update(dict(max_edits=3, max_pass=8, ppl_edits=1, n_texts=2, text_window=32))
+    c.ft.steps = 3
+    return c
+
+
+def paper_editor(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The paper's editor schedule (section 5.1): at most 150k steps, early stop after 30k without
+    a better validation loss, batch 10 by accumulation, c_fail 0.1; MEND's validation every 5k."""
+    c.editor.update(dict(steps=150_000, patience=30_000, val_every=5_000, checkpoint_every=5_000,
+                         val_groups=500, effective_batch=10, c_fail=0.1, lr=1e-6, lr_lr=1e-4))
+    c.eval.max_edits = 10_000
+    c.eval.max_pass = 1_000
+    return c

@@ -34,7 +34,7 @@ import numpy as np
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "salem"
-    c.model = "smollm2-135m"  # a load_model name/path, or "tiny-gpt2" / "tiny-llama"
+    c.model = "smollm2-135m"  # a load_model name/path, or "tiny-ARCH" (gpt2, gpt_neo, t5, bart, bert, llama)
     c.dtype = "float32"
     c.data = "countries"  # "countries", a known data-file name (zsre, counterfact, ...) or a path
     c.format = "countries"  # reader format: countries | zsre | counterfact | fever | nli | text
@@ -45,6 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.val_fraction = 0.1
     c.score_batch = 16
+    c.skip_invalid = False  # True: records too long for the model are skipped (and counted) instead of an error
     c.saliency = ml_collections.ConfigDict(
         dict(scorer="salem", top_k=1, part="mlp", micro_batch=8, max_examples=64, select_group="fail")
     )
@@ -79,14 +80,18 @@ def default_config() -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------- steps
 
 
-def load(cfg) -> Any:
+def load(cfg, records=None) -> Any:
+    """The configured model; classifiers get as many classes as the records' label set."""
     from salem_jax.models import hf, llama, load_model
 
-    if cfg.model == "tiny-gpt2":
-        return hf.tiny("gpt2", seed=cfg.seed)
-    if cfg.model == "tiny-llama":
-        return llama.tiny_llama(seed=cfg.seed)
-    return load_model(cfg.model, dtype=cfg.dtype)
+    labels = records[0].labels if records else ()
+    kw = {"num_labels": len(labels)} if labels else {}
+    if cfg.model.startswith("tiny-"):  # tiny random models for the `tiny` configs and tests
+        arch = cfg.model[len("tiny-") :]
+        if arch == "llama":
+            return llama.tiny_llama(seed=cfg.seed)
+        return hf.tiny(arch, seed=cfg.seed, **kw)
+    return load_model(cfg.model, dtype=cfg.dtype, **kw)
 
 
 def read_records(cfg):
@@ -100,7 +105,31 @@ def read_records(cfg):
     path = cfg.data
     if not os.path.exists(path):
         path = str(paths.find_data_file(cfg.data, cfg.data_dir or None))
-    return readers.read_records(path, cfg.format, limit=limit)
+    recs = readers.read_records(path, cfg.format, limit=limit)
+    if cfg.format == "text":
+        recs = text_edits(recs)
+    return recs
+
+
+def text_edits(recs):
+    """WikiText as MEND uses it: each edit teaches the model a paragraph's real continuation
+    (target_new = the continuation, so the counterfactual builder makes every record an edit);
+    locality is the next paragraph with its own continuation."""
+    from salem_jax.data.records import RecordList
+
+    n = len(recs)
+    if n < 2:
+        raise ValueError("text edits need at least two paragraphs (one is the other's locality input)")
+    out = [
+        dataclasses.replace(
+            r,
+            target_new=r.target_true,
+            loc_prompts=(recs[(i + 1) % n].prompt,),
+            loc_targets=(recs[(i + 1) % n].target_true,),
+        )
+        for i, r in enumerate(recs)
+    ]
+    return RecordList(out, skipped=recs.skipped, sources=recs.sources)
 
 
 def held_out_texts(cfg) -> tuple[list[str], str]:
@@ -113,8 +142,9 @@ def held_out_texts(cfg) -> tuple[list[str], str]:
         path = cfg.eval.text if os.path.exists(cfg.eval.text) else paths.find_data_file(cfg.eval.text, cfg.data_dir or None)
     except Exception as e:  # reported in the results, never silently
         return [], f"no held-out text ({e}); text perplexity drawdown not measured"
-    texts = readers.read_text(path, limit=cfg.eval.n_texts)
-    return list(texts), f"{cfg.eval.n_texts} paragraphs of {path}"
+    # the LAST paragraphs of the file: the wikitext experiments edit its first ones
+    texts = list(readers.read_text(path))[-cfg.eval.n_texts :]
+    return texts, f"the last {len(texts)} paragraphs of {path}"
 
 
 def saliency(model, rows: list[dict], cfg):
@@ -283,13 +313,16 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
         print(f"[salem] {msg}", flush=True)
 
     t = time.perf_counter()
-    model = load(cfg)
+    records = read_records(cfg)
+    times["read_records"] = time.perf_counter() - t
+    t = time.perf_counter()
+    model = load(cfg, records)
     times["load_model"] = time.perf_counter() - t
     say(f"model {model.name} ({model.arch}, {len(model.layers)} blocks) loaded in {times['load_model']:.1f}s")
 
     # 1. edit set (reused when a previous run of the same config wrote it)
     es_dir = work / "edit_set"
-    stamp = {k: cfg[k] for k in ("model", "data", "format", "relation", "mode", "limit", "seed", "val_fraction")}
+    stamp = {k: cfg[k] for k in ("model", "data", "format", "relation", "mode", "limit", "seed", "val_fraction", "skip_invalid")}
     t = time.perf_counter()
     es = None
     if (es_dir / "info.json").is_file():
@@ -297,23 +330,25 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
         if es.info.get("pipeline") != _jsonable(stamp):
             es = None
     if es is None:
-        records = read_records(cfg)
         es = build_edit_set(
             model, records, mode=cfg.mode, seed=cfg.seed, val_fraction=cfg.val_fraction,
-            batch_size=cfg.score_batch, progress=cfg.progress,
+            batch_size=cfg.score_batch, progress=cfg.progress, skip_invalid=cfg.skip_invalid,
         )
         es.info["pipeline"] = _jsonable(stamp)
         save_edit_set(es, es_dir, overwrite=True)
     times["edit_set"] = time.perf_counter() - t
     say(es.summary())
     train_rows, val_rows = es.rows("train"), es.rows("val")
-    for split, rows in (("train", train_rows), ("val", val_rows)):
+    for split, rows, need in (("train", train_rows, ("fail", "pass")), ("val", val_rows, ("fail",))):
         groups = {r["group"] for r in rows}
-        if "fail" not in groups or "pass" not in groups:
+        if not set(need) <= groups:
             raise ValueError(
-                f"the {split} split has groups {sorted(groups)}: the editor needs both fail and pass rows. "
+                f"the {split} split has groups {sorted(groups)} but needs {', '.join(need)} rows "
+                "(the editor trains on fail rows with a KL term on pass rows and is evaluated on val fail rows). "
                 "Use more records (--config.limit) or another mode."
             )
+    if not any(r["group"] == "pass" for r in val_rows):
+        say("the val split has no pass rows: drawdown on pass rows is not measured")
 
     # 2. the salient layer(s)
     t = time.perf_counter()
@@ -327,7 +362,10 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
     top3 = tuple(profile.layers[i] for i in order[:3])
 
     # 3. methods
-    texts, text_note = held_out_texts(cfg)
+    if model.kind == "causal":
+        texts, text_note = held_out_texts(cfg)
+    else:
+        texts, text_note = [], f"held-out text perplexity applies to causal LMs only ({model.kind} model); DD is on pass rows"
     say(text_note)
     data = prepare_splits(model, {"train": train_rows, "val": val_rows})
     results: dict[str, Any] = {}
