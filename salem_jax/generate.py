@@ -8,7 +8,8 @@ transformers' Flax GPT-2 / GPT-Neo and the encoder-decoders alike (and under
 
 Shapes are static: prompts are right padded into a buffer whose length is a bucket
 (`salem_jax.data.tokenize.bucket_length`) of prompt + new tokens, and the number of rows is
-padded to a power of two, so the decoding loop compiles once per (rows, length) bucket.
+padded to a power of two, so the decoding loop compiles once per (model, rows, length) bucket;
+the number of new tokens and the end tokens are traced values and never cause a recompile.
 
 * causal models: row b appends its next token at its own position `pos[b]` (its prompt length
   plus the tokens generated so far) and attends only to its filled positions;
@@ -50,16 +51,21 @@ def _eos_ids(model, eos_token_id) -> tuple[int, ...]:
     return tuple(int(i) for i in eos_token_id)
 
 
-def _stopped(tokens: jax.Array, eos: tuple[int, ...]) -> jax.Array:
-    if not eos:
-        return jnp.zeros(tokens.shape, bool)
-    return jnp.isin(tokens, jnp.asarray(eos, tokens.dtype))
+def _eos_array(eos: tuple[int, ...]) -> np.ndarray:
+    # A traced argument (not static), so stopping or not and the end-token ids never cause a
+    # recompile; -1 matches no token.
+    return np.asarray(eos or (-1,), np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("apply", "steps", "eos"))
-def _causal_loop(apply, params, ids, mask, pos, done, *, steps: int, eos: tuple[int, ...]):
-    """ids/mask [B, L] right padded, pos [B] = next write position, done [B].
-    Returns (ids, pos): row b's new tokens are ids[b, prompt_len[b] : pos[b]]."""
+def _stopped(tokens: jax.Array, eos: jax.Array) -> jax.Array:
+    return jnp.any(tokens[:, None] == eos[None, :].astype(tokens.dtype), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("apply",))
+def _causal_loop(apply, params, ids, mask, pos, done, steps, eos):
+    """ids/mask [B, L] right padded, pos [B] = next write position, done [B], steps: scalar,
+    eos [E] end-token ids. Returns (ids, pos): row b's new tokens are
+    ids[b, prompt_len[b] : pos[b]]."""
     rows = jnp.arange(ids.shape[0])
     zeros = jnp.zeros_like(ids)
 
@@ -84,9 +90,10 @@ def _causal_loop(apply, params, ids, mask, pos, done, *, steps: int, eos: tuple[
     return ids, pos
 
 
-@functools.partial(jax.jit, static_argnames=("apply", "steps", "eos"))
-def _seq2seq_loop(apply, params, src, src_mask, dec, done, *, steps: int, eos: tuple[int, ...]):
-    """src/src_mask [B, L]; dec [B, S] holding the start token at 0. Returns (dec, n_new [B])."""
+@functools.partial(jax.jit, static_argnames=("apply",))
+def _seq2seq_loop(apply, params, src, src_mask, dec, done, steps, eos):
+    """src/src_mask [B, L]; dec [B, S] holding the start token at 0; steps, eos as in
+    `_causal_loop`. Returns (dec, n_new [B])."""
     zeros = jnp.zeros_like(dec)
     n_new = jnp.zeros(dec.shape[0], jnp.int32)
 
@@ -182,7 +189,7 @@ def _greedy_causal(model, params, rows, B, pad, steps, eos):
         lens[b] = len(r)
     mask[len(rows) :, 0] = 1
     done = np.arange(B) >= len(rows)
-    ids_out, pos = _causal_loop(model.apply, params, ids, mask, lens, done, steps=steps, eos=eos)
+    ids_out, pos = _causal_loop(model.apply, params, ids, mask, lens, done, np.int32(steps), _eos_array(eos))
     ids_out, pos = np.asarray(ids_out), np.asarray(pos)
     return [ids_out[b, lens[b] : pos[b]].tolist() for b in range(len(rows))]
 
@@ -205,7 +212,7 @@ def _greedy_seq2seq(model, params, rows, B, pad, steps, eos):
     dec = np.full((B, S), pad, np.int32)
     dec[:, 0] = start
     done = np.arange(B) >= len(rows)
-    dec_out, n_new = _seq2seq_loop(model.apply, params, src, src_mask, dec, done, steps=steps, eos=eos)
+    dec_out, n_new = _seq2seq_loop(model.apply, params, src, src_mask, dec, done, np.int32(steps), _eos_array(eos))
     dec_out, n_new = np.asarray(dec_out), np.asarray(n_new)
     return [dec_out[b, 1 : 1 + n_new[b]].tolist() for b in range(len(rows))]
 

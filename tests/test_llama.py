@@ -125,8 +125,6 @@ def test_fully_masked_row_is_finite():
     mask[0] = 0
     logits = m.apply(m.params, {"input_ids": ids, "attention_mask": mask})
     assert np.isfinite(np.asarray(logits)).all()
-    g = jax.grad(lambda p: m.apply(p, {"input_ids": ids, "attention_mask": mask}).sum())(m.params)
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(g))
 
 
 @pytest.mark.parametrize("overrides", [{}, {"tie_word_embeddings": False}, {"attention_bias": True, "mlp_bias": True}])
@@ -201,25 +199,21 @@ def test_intercepted_perturbation_gives_kernel_gradient():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
 
 
-def test_remat_and_bfloat16():
+def test_remat_gradients_equal_and_finite_with_a_fully_masked_row():
     m = llama.tiny_llama(seed=5)
     r = llama.tiny_llama(seed=5, remat=True)
     ids, mask = _batch()
+    mask[0] = 0  # a row with no visible key must not put NaN into the gradients
     batch = {"input_ids": ids, "attention_mask": mask}
 
     def loss(model, p):
         return model.apply(p, batch)[..., 7].sum()
 
-    base = np.asarray(m.apply(m.params, batch))
-    np.testing.assert_allclose(base, np.asarray(r.apply(m.params, batch)), atol=1e-6)
     g1 = jax.grad(lambda p: loss(m, p))(m.params)
     g2 = jax.grad(lambda p: loss(r, p))(m.params)
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+        assert np.isfinite(np.asarray(a)).all()
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
-    bf = llama.from_params("bf", m.config, m.params, dtype="bfloat16")
-    out = bf.apply(m.params, batch)
-    assert out.dtype == jnp.float32  # logits come back float32 for the losses
-    assert np.abs(np.asarray(out) - base).max() < 0.1
 
 
 def test_unsupported_configs_raise_clearly():
@@ -255,8 +249,9 @@ def test_save_folder_opens_in_transformers_and_round_trips(tmp_path):
     assert back.tokenizer("paris is").input_ids == m.tokenizer("paris is").input_ids
     bf = llama.load_llama_folder(out, dtype="bfloat16")  # parameters and computation in bfloat16
     assert get_path(bf.params, "model/layers/0/mlp/up_proj/kernel").dtype == jnp.bfloat16
-    bf_logits = np.asarray(bf.apply(bf.params, {"input_ids": ids, "attention_mask": mask}))
-    assert np.abs(bf_logits - ours).max() < 0.15 * np.abs(ours).max()
+    bf_logits = bf.apply(bf.params, {"input_ids": ids, "attention_mask": mask})
+    assert bf_logits.dtype == jnp.float32  # logits come back float32 for the losses
+    assert np.abs(np.asarray(bf_logits) - ours).max() < 0.15 * np.abs(ours).max()
     # Saving again over the folder replaces it whole (no leftover temp folders).
     llama.save_llama_folder(m, m.params, out)
     again = llama.load_llama_folder(out)
