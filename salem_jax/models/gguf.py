@@ -219,7 +219,8 @@ def _fix_tokenizer(tok, reader, *, where: str):
     tokens = _field(reader, "tokenizer.ggml.tokens", None, where=where)
     if tokens is None:
         return tok
-    for attr, field in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("pad_token", "padding_token_id")):
+    specials = (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("pad_token", "padding_token_id"))
+    for attr, field in specials:
         i = _scalar_int(reader, f"tokenizer.ggml.{field}", None, where=where)
         if i is not None:
             if not 0 <= i < len(tokens):

@@ -316,8 +316,14 @@ def _make_apply(module: LlamaForCausalLM):
     return apply
 
 
-def from_params(name: str, config, params, tokenizer=None, *, dtype="float32", remat: bool = False, **extra) -> LoadedModel:
-    """Wrap Llama `params` (our path layout) and a `LlamaConfig` as a LoadedModel."""
+def from_params(
+    name: str, config, params, tokenizer=None, *, dtype="float32", remat: bool = False, **extra
+) -> LoadedModel:
+    """Wrap Llama `params` (our path layout) and a `LlamaConfig` as a LoadedModel.
+
+    `dtype` is the computation dtype (params are used as given); `remat` recomputes each
+    layer's activations in the backward pass (less memory for long sequences); `extra` goes
+    to `LoadedModel.extra`."""
     module = LlamaForCausalLM(config, jnp.dtype(dtype), remat)
     check_config(config)
     check_params(params, config, where=name)
@@ -591,7 +597,9 @@ def _read_state_dict(folder: Path) -> dict[str, np.ndarray]:
         try:
             import torch
         except ImportError:
-            raise ImportError(f"{bin_path}: reading pytorch_model.bin needs torch (pip install salem-jax[torch])") from None
+            raise ImportError(
+                f"{bin_path}: reading pytorch_model.bin needs torch (pip install salem-jax[torch])"
+            ) from None
         sd = torch.load(bin_path, map_location="cpu", weights_only=True)
         return {k: v.float().numpy() for k, v in sd.items()}
     raise FileNotFoundError(
