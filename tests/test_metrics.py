@@ -335,3 +335,28 @@ def test_generation_fluency_default_greedy(gpt2):
         assert len(ids) > n0
     assert got == pytest.approx(flu.fluency(texts))
     assert all(len(t.split()) > len(p.split()) for t, p in zip(texts, prompts))
+
+
+def test_cached_base_scores_give_the_same_metrics(gpt2):
+    new = _perturbed(gpt2)
+    groups = {
+        "fail": [{"prompt": "the capital of france is", "target": "paris"}, {"prompt": "one two", "target": "three"}],
+        "pass": [{"prompt": p, "target": t} for p, t in (("red blue", "green"), ("what river lies in", "egypt"),
+                                                          ("he speaks", "two three"))],
+    }
+    texts = ["the capital of france is paris", "which city lies on the river"]
+    kw = dict(texts=texts, batch_size=2, text_window=16, text_stride=8, progress=False)
+    base = M.base_scores(gpt2, gpt2.params, groups, **kw)
+    cached = M.evaluate_edit(gpt2, gpt2.params, new, groups, base=base, **kw)
+    direct = M.evaluate_edit(gpt2, gpt2.params, new, groups, **kw)
+    assert cached.keys() == direct.keys()
+    for k in direct:
+        assert cached[k] == pytest.approx(direct[k], rel=1e-6, abs=1e-9), k
+    assert direct["locality"] < 1.0
+    with pytest.raises(ValueError, match="rows differ"):
+        M.evaluate_edit(gpt2, gpt2.params, new, {"pass": groups["pass"][:2]}, base=base, batch_size=2, progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        M.evaluate_edit(gpt2, gpt2.params, new, groups, base=base, batch_size=4, progress=False)
+    with pytest.raises(ValueError, match="texts"):
+        M.evaluate_edit(gpt2, gpt2.params, new, groups, base=base, texts=texts[:1], batch_size=2, text_window=16,
+                        text_stride=8, progress=False)

@@ -25,7 +25,7 @@ over the classes for a classifier):
 Layout: pure jnp functions on one batch (`batch_scores`, `compare_batch`), pure numpy
 aggregates (`accuracy`, `group_perplexity`, `drawdown`, `locality`, ...), and model-facing
 functions that tokenize rows, run jitted fixed-shape batches and aggregate (`score_rows`,
-`compare_rows`, `evaluate_edit`).
+`compare_rows`, `evaluate_edit`; `base_scores` caches the base model's side for many edits).
 """
 
 from __future__ import annotations
@@ -88,6 +88,22 @@ def _score(apply: Callable, params: Any, batch: dict) -> dict[str, jax.Array]:
 @functools.partial(jax.jit, static_argnums=0)
 def _compare(apply: Callable, base_params: Any, new_params: Any, batch: dict) -> dict[str, jax.Array]:
     return compare_batch(apply(base_params, batch), apply(new_params, batch), batch["labels"], batch["label_mask"])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _score_with_argmax(apply: Callable, params: Any, batch: dict) -> tuple[dict[str, jax.Array], jax.Array]:
+    logits = apply(params, batch)
+    return batch_scores(logits, batch["labels"], batch["label_mask"]), jnp.argmax(logits, -1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _compare_to_argmax(apply: Callable, new_params: Any, batch: dict, base_argmax: jax.Array) -> dict[str, jax.Array]:
+    """`compare_batch`'s "after" half and `unchanged`, against stored base argmaxes [B, S]."""
+    logits = apply(new_params, batch)
+    out = {f"{k}_after": v for k, v in batch_scores(logits, batch["labels"], batch["label_mask"]).items()}
+    same = (jnp.argmax(logits, -1) == base_argmax) & (batch["label_mask"] > 0)
+    out["unchanged"] = same.astype(jnp.float32).sum(-1)
+    return out
 
 
 # --------------------------------------------------------------------------- aggregates (numpy)
@@ -223,6 +239,72 @@ def _concat(parts: list[dict]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+def _fingerprint(rows: list) -> int:
+    return hash(tuple((r.get("prompt"), str(r.get("target")), r.get("label"), r.get("text_pair")) for r in rows))
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseScores:
+    """The base model's scores on fixed groups of rows (and text), computed once and reused
+    by `evaluate_edit(..., base=...)` for many edits: each evaluation then runs only the
+    edited model. Built by `base_scores`."""
+
+    batch_size: int
+    scores: dict  # group -> {name: [N] array} (`batch_scores` keys)
+    argmax: dict  # group -> list of [batch_size, S] int32 argmax arrays, one per batch
+    fingerprints: dict  # group -> hash of its rows, to refuse different rows
+    text: dict | None = None  # {"nll_sum", "n_tokens", "key"} of the held-out text, if any
+
+
+def base_scores(
+    model,
+    base_params: Any,
+    groups: Mapping[str, Rows],
+    *,
+    texts: Sequence[str] | None = None,
+    batch_size: int = 16,
+    text_window: int | None = None,
+    text_stride: int | None = None,
+    progress: bool = True,
+) -> BaseScores:
+    """Score the base model once on `groups` (and `texts`) for reuse across edits."""
+    scores, argmax, prints = {}, {}, {}
+    for name, rows in groups.items():
+        rows = list(rows)
+        parts, am = [], []
+        for batch, n in tqdm(
+            row_batches(model, rows, batch_size, where=f"group {name!r}"),
+            total=_n_batches(len(rows), batch_size), desc=f"base {name}", disable=not progress,
+        ):
+            sc, a = jax.device_get(_score_with_argmax(model.apply, base_params, batch))
+            parts.append({k: np.asarray(v)[:n] for k, v in sc.items()})
+            am.append(np.asarray(a))
+        scores[name], argmax[name], prints[name] = _concat(parts), am, _fingerprint(rows)
+    text = None
+    if texts:
+        from salem_jax.eval.perplexity import perplexity
+
+        r = perplexity(model, base_params, texts, window=text_window, stride=text_stride, progress=progress)
+        text = {"nll_sum": r.nll_sum, "n_tokens": r.n_tokens, "key": (hash(tuple(texts)), text_window, text_stride)}
+    return BaseScores(batch_size, scores, argmax, prints, text)
+
+
+def _compare_with_base(model, base: BaseScores, name: str, new_params: Any, rows: list, bar) -> dict[str, np.ndarray]:
+    if name not in base.scores:
+        raise ValueError(f"group {name!r} is not in the base scores (they have {sorted(base.scores)})")
+    if _fingerprint(rows) != base.fingerprints[name]:
+        raise ValueError(f"group {name!r}: rows differ from those the base scores were computed on")
+    parts: list[dict] = []
+    for (batch, n), am in zip(row_batches(model, rows, base.batch_size, where=f"group {name!r}"), base.argmax[name]):
+        out = jax.device_get(_compare_to_argmax(model.apply, new_params, batch, am))
+        parts.append({k: np.asarray(v)[:n] for k, v in out.items()})
+        bar.update(1)
+    got = _concat(parts)
+    if got:
+        got.update({f"{k}_before": v for k, v in base.scores[name].items()})
+    return got
+
+
 # --------------------------------------------------------------------------- the summary
 
 
@@ -269,6 +351,7 @@ def evaluate_edit(
     text_window: int | None = None,
     text_stride: int | None = None,
     progress: bool = True,
+    base: BaseScores | None = None,
 ) -> dict[str, float]:
     """Every SaLEM/MEND metric of one edited parameter set, in one flat dict.
 
@@ -285,8 +368,12 @@ def evaluate_edit(
       `dd_ppl_pass_rel` / `dd_ppl_pass_abs` (perplexity drawdown of the pass targets),
       `text_ppl_before`, `text_ppl_after`, `dd_ppl_text_rel`, `dd_ppl_text_abs` (held-out text).
     Every batch has `batch_size` rows and one bucketed length per group, so each group's
-    forward pass compiles once. The base model is evaluated in the same jitted call.
+    forward pass compiles once. The base model is evaluated in the same jitted call, unless
+    `base` (from `base_scores` on the same groups, texts and batch size) supplies its scores:
+    then only the edited model runs, which halves the cost of evaluating many edits.
     """
+    if base is not None and base.batch_size != batch_size:
+        raise ValueError(f"base scores were computed with batch_size {base.batch_size}, not {batch_size}")
     groups = {k: list(v) for k, v in groups.items()}
     with_ppl = model.kind != "classifier"
     total = sum(_n_batches(len(v), batch_size) for v in groups.values())
@@ -294,9 +381,13 @@ def evaluate_edit(
     per: dict[str, GroupMetrics] = {}
     with tqdm(total=total, desc="evaluate", disable=not progress) as bar:
         for name, rows in groups.items():
-            scores = compare_rows(
-                model, base_params, edited_params, rows, batch_size=batch_size, progress=bar, where=f"group {name!r}"
-            )
+            if base is not None:
+                scores = _compare_with_base(model, base, name, edited_params, rows, bar)
+            else:
+                scores = compare_rows(
+                    model, base_params, edited_params, rows, batch_size=batch_size, progress=bar,
+                    where=f"group {name!r}",
+                )
             gm = group_metrics(scores, with_ppl=with_ppl)
             per[name] = gm
             for field in dataclasses.fields(gm):
@@ -316,11 +407,18 @@ def evaluate_edit(
             dd = perplexity_drawdown(p.ppl_before, p.ppl_after)
             out["dd_ppl_pass_rel"], out["dd_ppl_pass_abs"] = dd["rel"], dd["abs"]
     if texts:
-        from salem_jax.eval.perplexity import perplexity_change
+        from salem_jax.eval.perplexity import perplexity, perplexity_change
 
-        ch = perplexity_change(
-            model, base_params, edited_params, texts, window=text_window, stride=text_stride, progress=progress
-        )
+        if base is not None and base.text is not None:
+            if base.text["key"] != (hash(tuple(texts)), text_window, text_stride):
+                raise ValueError("texts, text_window or text_stride differ from those of the base scores")
+            r = perplexity(model, edited_params, texts, window=text_window, stride=text_stride, progress=progress)
+            before = math.exp(base.text["nll_sum"] / base.text["n_tokens"])
+            ch = {"before": before, "after": r.ppl, **perplexity_drawdown(before, r.ppl)}
+        else:
+            ch = perplexity_change(
+                model, base_params, edited_params, texts, window=text_window, stride=text_stride, progress=progress
+            )
         out["text_ppl_before"], out["text_ppl_after"] = ch["before"], ch["after"]
         out["dd_ppl_text_rel"], out["dd_ppl_text_abs"] = ch["rel"], ch["abs"]
     return out
