@@ -11,7 +11,7 @@ they are not re-exported here (that would hide the modules): import them from th
 
 from salem_jax.eval.counterfact import PromptProbs, counterfact_metrics, evaluate_counterfact
 from salem_jax.eval.fluency import generation_fluency, ngram_entropy
-from salem_jax.eval.metrics import compare_rows, evaluate_edit, score_rows
+from salem_jax.eval.metrics import BaseScores, base_scores, compare_rows, evaluate_edit, score_rows
 from salem_jax.eval.perplexity import Perplexity, perplexity_change
 
 __all__ = [
@@ -20,6 +20,8 @@ __all__ = [
     "evaluate_counterfact",
     "generation_fluency",
     "ngram_entropy",
+    "BaseScores",
+    "base_scores",
     "compare_rows",
     "evaluate_edit",
     "score_rows",
