@@ -179,3 +179,21 @@ def test_spec_round_trip_and_errors():
         EditorSpec((Weight("a/kernel"), Weight("a/kernel")), ((2, 2), (2, 2)))
     with pytest.raises(ValueError, match="at least one"):
         EditorSpec((), ())
+
+
+def test_every_layer_of_the_identity_editor_can_learn():
+    """At init every pre-activation is exactly 0 (U = 0, b = 0); the hidden ReLU must still pass
+    gradient there, or the hidden layers would never leave the identity."""
+    spec = _spec(normalize=False)
+    params, state = init_editor(spec, jax.random.PRNGKey(0))
+    f = _factors(spec)
+    target = {w.path: jnp.asarray(np.random.default_rng(1).normal(size=s), jnp.float32) for w, s in zip(spec.weights, spec.shapes)}
+
+    def loss(p):
+        g = pseudo_grads(spec, p, state, f)
+        return sum((g[k] * target[k]).sum() for k in g)
+
+    grads = jax.grad(loss)(params)
+    for name in ("layer0", "layer1"):
+        for leaf in ("U", "b"):
+            assert float(jnp.abs(grads["nets"]["8x6"]["xd"][name][leaf]).max()) > 0, (name, leaf)

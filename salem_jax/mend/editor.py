@@ -263,7 +263,10 @@ def _mlp(layers: dict, x: jax.Array, mode: int) -> jax.Array:
         h = x * p["scale"][mode] + p["shift"][mode]
         h = (h @ p["V"].T) @ p["U"].T + p["b"]
         if j < n - 1:
-            h = jax.nn.relu(h)
+            # ReLU whose gradient is 1 at exactly 0 (like torch's clamp(min=0) in MEND): at
+            # init U = 0 and b = 0 make every pre-activation exactly 0, and jax.nn.relu's zero
+            # gradient there would leave the hidden layers untrainable forever.
+            h = jnp.where(h >= 0, h, 0.0)
         x = x + h
     return x
 

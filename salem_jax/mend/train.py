@@ -365,7 +365,7 @@ def _device_train_step(state, base_params, batch, *, apply_fn, spec, cfg):
         "kl": out["kl"],
         "edit_acc": out["edit_correct"].astype(jnp.float32).sum(-1) / n_rows,
         "drawdown": (out["base_pass_correct"].astype(jnp.float32) - out["pass_correct"]).mean(-1),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
     }
     return new_state, metrics
 

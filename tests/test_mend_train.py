@@ -1,0 +1,198 @@
+"""Training the editor on synthetic facts with a tiny GPT-2: data order, the loop, its results.
+
+`tiny_setup()` / `trained_run()` are cached and shared with test_checkpoint, test_parallel and
+test_edit_command, so the jitted step compiles once per test session.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import functools
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from salem_jax import parallel
+from salem_jax.data.tokenize import encode
+from salem_jax.models.base import get_path, set_path
+from salem_jax.mend.train import TrainConfig, evaluate, prepare_splits, train_batch, train_editor, train_step, val_batches
+
+COUNTRIES = "france germany italy spain japan peru chile egypt kenya india china canada".split()
+CITIES = "paris berlin rome madrid tokyo lima santiago cairo nairobi delhi beijing ottawa brasilia".split()
+PASS_PROMPTS = ("{} lies in", "{} speaks")
+
+
+def _base_answers(model, prompts):
+    """The base model's most likely next word (not a special token) after each prompt."""
+    batch = encode(model, prompts, ["a"] * len(prompts))
+    logits = np.asarray(jax.jit(model.apply)(model.params, batch))
+    pos = batch["label_mask"].argmax(-1)
+    scores = logits[np.arange(len(prompts)), pos]
+    scores[:, :4] = -np.inf  # <pad> <unk> <s> </s>
+    return [model.tokenizer.convert_ids_to_tokens(int(i)) for i in scores.argmax(-1)]
+
+
+def synthetic_rows(model, countries, seed=0, tag="r"):
+    """Edit-set rows (the schema of salem_jax.data.edit_set): for each country a fail row
+    "the capital of X is" -> a city the base model does not predict, two adapt rephrasings with
+    the same target, and pass rows whose target is the base model's own answer."""
+    rng = np.random.default_rng(seed)
+    fail_prompts = [f"the capital of {c} is" for c in countries]
+    base = _base_answers(model, fail_prompts)
+    pass_prompts = [p.format(c) for c in countries for p in PASS_PROMPTS]
+    pass_targets = _base_answers(model, pass_prompts)
+    rows = []
+    for i, c in enumerate(countries):
+        target = rng.choice([x for x in CITIES if x != base[i]])
+        rid = f"{tag}:{c}"
+        common = dict(record_id=rid, target=str(target), label=-1, text_pair="")
+        rows.append(dict(id=f"{rid}:fail", group="fail", prompt=fail_prompts[i], **common))
+        rows.append(dict(id=f"{rid}:a0", group="adapt", prompt=f"what city is the capital of {c}", **common))
+        rows.append(dict(id=f"{rid}:a1", group="adapt", prompt=f"which city is the capital of {c}", **common))
+    for j, (p, t) in enumerate(zip(pass_prompts, pass_targets)):
+        rows.append(dict(id=f"{tag}:pass{j}", record_id=f"{tag}:pass{j}", group="pass", prompt=p, target=t, label=-1, text_pair=""))
+    return rows
+
+
+@functools.cache
+def tiny_setup():
+    """(model, data, weights, cfg, mesh): a 1-block GPT-2, 8 train / 4 val facts, 1 device."""
+    from salem_jax.models import hf
+
+    model = hf.tiny("gpt2", n_layer=1)
+    # A random tiny model's next-token distribution is nearly flat, so any change flips its
+    # argmaxes and "drawdown" would mean nothing. Scaling the (tied) output embedding gives it
+    # confident answers, which the editor must then leave alone.
+    wte = "transformer/wte/embedding"
+    model = dataclasses.replace(model, params=set_path(model.params, wte, get_path(model.params, wte) * 8.0))
+    data = prepare_splits(
+        model, {"train": synthetic_rows(model, COUNTRIES[:8], 0, "tr"), "val": synthetic_rows(model, COUNTRIES[8:], 1, "va")}
+    )
+    weights = model.layers.weights(["h.0"])
+    cfg = TrainConfig.tiny(batch_size=8, max_steps=100, val_every=50, checkpoint_every=25, log_every=10)
+    mesh = parallel.data_mesh(jax.devices()[:1])
+    return model, data, weights, cfg, mesh
+
+
+def _tmpdir(prefix):
+    d = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, d, True)
+    return Path(d)
+
+
+@functools.cache
+def trained_run():
+    """The shared training run: (result, workdir, base params copied before training, compiles)."""
+    model, data, weights, cfg, mesh = tiny_setup()
+    before = jax.tree.map(np.array, model.params)
+    workdir = _tmpdir("salem-mend-run-")
+    size = train_step._cache_size()
+    result = train_editor(model, data, weights, cfg, workdir, mesh=mesh, progress=False)
+    return result, workdir, before, train_step._cache_size() - size
+
+
+# ---------------------------------------------------------------------------- data order
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+    model, data, _, cfg, _ = tiny_setup()
+    cfg = cfg.resolved(1)
+    train = data["train"]
+    a, b = train_batch(train, cfg, 3), train_batch(train, cfg, 3)
+    for k in ("fail", "edit", "pass"):
+        for key in a[k]:
+            np.testing.assert_array_equal(a[k][key], b[k][key])
+    assert a["fail"]["input_ids"].shape == (8, 1) + train.fail["input_ids"].shape[1:]
+    assert a["edit"]["input_ids"].shape[1] == 1 + cfg.adapt_per_edit
+    # one epoch (8 edits, 8 per step) visits every fail row once; epochs are reshuffled
+    seen = [tuple(map(tuple, train_batch(train, cfg, s)["fail"]["input_ids"][:, 0])) for s in range(3)]
+    ref = sorted(map(tuple, train.fail["input_ids"]))
+    for s in seen:
+        assert sorted(s) == ref
+    assert len(set(seen)) > 1
+    # each adapt row is a rephrasing of its group's fail row (same target tokens)
+    for g in range(8):
+        f_lab = a["edit"]["labels"][g, 0][a["edit"]["label_mask"][g, 0] == 1]
+        for r in range(1, a["edit"]["labels"].shape[1]):
+            m = a["edit"]["label_mask"][g, r] == 1
+            if m.any():
+                np.testing.assert_array_equal(a["edit"]["labels"][g, r][m], f_lab)
+
+
+def test_validation_batches_are_fixed_and_padded():
+    _, data, _, cfg, _ = tiny_setup()
+    cfg = cfg.resolved(1)
+    vb = val_batches(data["val"], cfg)
+    assert len(vb) == 1 and vb[0]["weight"].tolist() == [1] * 4 + [0] * 4
+    assert not vb[0]["fail"]["label_mask"][4:].any()
+
+
+def test_prepare_splits_names_bad_rows():
+    model = tiny_setup()[0]
+    rows = synthetic_rows(model, COUNTRIES[:2])
+    bad = [dict(r) for r in rows]
+    del bad[1]["record_id"]
+    with pytest.raises(KeyError, match="split 'train' row 1.*record_id"):
+        prepare_splits(model, {"train": bad})
+    bad = [dict(r) for r in rows]
+    bad[0]["group"] = "keep"
+    with pytest.raises(ValueError, match="row 0.*'group'"):
+        prepare_splits(model, {"train": bad})
+    with pytest.raises(ValueError, match="no 'pass' rows"):
+        prepare_splits(model, {"train": [r for r in rows if r["group"] != "pass"]})
+
+
+def test_config_resolution():
+    cfg = TrainConfig()
+    assert cfg.resolved(1).batch_size == 1 and cfg.resolved(1).accum_steps == 10
+    assert cfg.resolved(8).batch_size == 8 and cfg.resolved(8).accum_steps == 2
+    assert TrainConfig(batch_size=5).resolved(1).accum_steps == 2
+    with pytest.raises(ValueError, match="cannot be split over 8 devices"):
+        TrainConfig(batch_size=4).resolved(8)
+    assert TrainConfig.from_dict(TrainConfig.tiny().to_dict()) == TrainConfig.tiny()
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def test_training_makes_the_edits_and_keeps_the_rest():
+    model, data, weights, cfg, mesh = tiny_setup()
+    result, workdir, before, compiles = trained_run()
+    assert result.step == cfg.max_steps
+    # compiled once: at most one new compilation for the whole run, none after the first step
+    assert result.recompiles == 0 and compiles <= 1
+
+    base = parallel.replicate(model.params, mesh)
+    params = parallel.replicate(result.params, mesh)
+    norm = parallel.replicate(result.norm, mesh)
+    on_train = evaluate(model, result.spec, result.config, mesh, params, norm, base, data["train"])
+    assert on_train["edit_acc_before"] == 0.0  # every fact was wrong before its edit
+    assert on_train["fail_acc"] == 1.0 and on_train["adapt_acc"] == 1.0
+    assert on_train["kl"] < 0.05, on_train
+    assert on_train["pass_acc_before"] == 1.0 and on_train["drawdown"] == 0.0, on_train
+    # an untrained editor does far worse (the training did the work)
+    from salem_jax.mend.train import init_train_state
+
+    fresh = init_train_state(result.spec, result.config)
+    untrained = evaluate(model, result.spec, result.config, mesh, parallel.replicate(fresh["params"], mesh),
+                         parallel.replicate(fresh["norm"], mesh), base, data["train"])
+    assert untrained["edit_acc"] < 0.5, untrained
+
+    # the base parameters are bitwise unchanged
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(model.params)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+
+    # metrics.jsonl: training records every log_every steps, validation every val_every
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in lines if r["split"] == "train"]
+    val_steps = [r["step"] for r in lines if r["split"] == "val"]
+    assert train_steps == list(range(cfg.log_every, cfg.max_steps + 1, cfg.log_every))
+    assert val_steps == [50, 100]
+    assert {"loss", "nll", "kl", "edit_acc", "drawdown", "grad_norm"} <= set(lines[0])
+    assert result.best_step in val_steps and result.last_val["groups"] == 4
