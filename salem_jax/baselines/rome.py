@@ -99,6 +99,16 @@ def rome_weight(model, layer: str | Weight) -> Weight:
     return w
 
 
+def _check_no_remat(model) -> None:
+    # intercept_methods reads the projection's input as a side effect, which cannot leave a
+    # rematerialised (nn.remat) layer: JAX raises UnexpectedTracerError deep inside.
+    if getattr(model.module, "remat", False):
+        raise ValueError(
+            f"ROME reads layer inputs with flax intercept_methods, which cannot see inside nn.remat layers; "
+            f"load {model.name!r} with remat=False"
+        )
+
+
 def _join(prefix: str, prompt: str) -> str:
     return prompt if not prefix else prefix.rstrip() + " " + prompt
 
@@ -201,6 +211,7 @@ def key_covariance(
     token of `texts`, cut into disjoint windows of `window` tokens: [in, in] float32.
     `weight` may be a layer name. `max_tokens` caps the number of tokens used."""
     weight = rome_weight(model, weight)
+    _check_no_remat(model)
     window = min(window, model.max_length)
     toks = tokenize_texts(model, texts, where="key_covariance texts")
     if max_tokens is not None:
@@ -395,6 +406,7 @@ def rome_edit(
     if model.kind != "causal":
         raise ValueError(f"ROME edits causal LMs; {model.name!r} is {model.kind!r}")
     weight = rome_weight(model, layer)
+    _check_no_remat(model)
     kernel = get_path(params, weight.path)
     fan_in, fan_out = weight.in_out_shape(kernel.shape)
     key, bare_idx = compute_key(model, params, weight, prompt, subject, config.prefixes)
