@@ -10,7 +10,7 @@ import importlib
 import sys
 
 # (subcommand module, in the order `salem --help` lists them)
-COMMANDS = ("dataset", "locate", "train_editor", "edit", "evaluate")
+COMMANDS = ("dataset", "locate", "train_editor", "edit")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,40 @@
+"""Every experiment's tiny form runs end to end and writes results.json, results.md and plots."""
+
+import importlib
+import json
+
+import pytest
+
+from salem_jax.data import paths
+
+EXPERIMENTS = [
+    "capitals_smollm2", "zsre_smollm2", "counterfact_smollm2", "zsre_t5xl", "zsre_bart",
+    "wikitext_gptneo", "wikitext_distilgpt2", "counterfact_gpt2xl", "fever_bert", "nli_bert",
+]
+NEEDS_DATA = {"zsre_smollm2", "counterfact_smollm2", "zsre_t5xl", "zsre_bart", "wikitext_gptneo",
+              "wikitext_distilgpt2", "counterfact_gpt2xl", "fever_bert", "nli_bert"}
+
+
+def _have_data() -> bool:
+    try:
+        paths.data_dir()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_tiny_experiment_writes_its_outputs(name, tmp_path):
+    if name in NEEDS_DATA and not _have_data():
+        pytest.skip("no data directory (../shared/data or SALEM_JAX_DATA): the real data files are absent")
+    mod = importlib.import_module(f"experiments.{name}")
+    assert mod.main(["--tiny", "--workdir", str(tmp_path), "--config.progress=false"]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "results.md").read_text().startswith("model ")
+    assert (tmp_path / "profile.png").stat().st_size > 0
+    assert (tmp_path / "training.png").stat().st_size > 0
+    for method, m in res["methods"].items():
+        assert m["edits"] >= 1, method
+        assert 0.0 <= m["ea"] <= 1.0
+    assert res["chosen_layers"] and set(res["chosen_layers"]) <= set(res["profile"]["layers"])

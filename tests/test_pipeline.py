@@ -1,0 +1,98 @@
+"""The pipeline's evaluation protocol and the experiment command line, on a tiny GPT-2."""
+
+import numpy as np
+import pytest
+
+from experiments.common import apply_overrides
+from salem_jax.models import hf
+from salem_jax.pipeline import default_config, evaluate_method, results_table
+
+
+def _rows():
+    # words from salem_jax.testing.DEFAULT_WORDS so the tiny tokenizer knows them
+    facts = [("the capital of france is", "paris"), ("the capital of peru is", "lima"), ("the capital of chile is", "santiago")]
+    rows = []
+    for i, (p, t) in enumerate(facts):
+        rows.append(dict(id=f"f{i}", record_id=f"r{i}", group="fail", prompt=p, target=t, label=-1, text_pair=""))
+        rows.append(dict(id=f"a{i}", record_id=f"r{i}", group="adapt", prompt=p.replace("the capital", "capital"),
+                         target=t, label=-1, text_pair=""))
+    for j, (p, t) in enumerate([("which river lies in egypt", "cairo"), ("the language of japan is", "yen")]):
+        rows.append(dict(id=f"p{j}", record_id=f"q{j}", group="pass", prompt=p, target=t, label=-1, text_pair=""))
+    return rows
+
+
+def _hand_correct(model, params, prompt, target):
+    """Every target token is the argmax, one unpadded sequence at a time (numpy)."""
+    tok = model.tokenizer
+    p = tok(prompt)["input_ids"]
+    t = tok(" " + target, add_special_tokens=False)["input_ids"]
+    ids = np.asarray([p + t], np.int32)
+    batch = dict(input_ids=ids, attention_mask=np.ones_like(ids))
+    logits = np.asarray(model.apply(params, batch))[0]
+    preds = logits[len(p) - 1 : len(p) + len(t) - 1].argmax(-1)
+    return bool(np.all(preds == np.asarray(t)))
+
+
+def test_evaluate_method_matches_hand_computation():
+    model = hf.tiny("gpt2", seed=3)
+    rows = _rows()
+    cfg = default_config()
+    cfg.progress = False
+    cfg.eval.batch_size = 4
+    # an "edit" that perturbs one MLP kernel, the same for every request
+    import jax
+
+    w = model.layers.weights(["h.1"])[0].path.split("/")
+    edited = jax.tree.map(lambda x: x, model.params)
+    node = edited
+    for k in w[:-1]:
+        node = node[k]
+    node[w[-1]] = node[w[-1]] * 3.0 + 0.5
+
+    out = evaluate_method(model, lambda reqs: edited, rows, [], cfg, "perturb")
+    fails = [r for r in rows if r["group"] == "fail"]
+    adapts = [r for r in rows if r["group"] == "adapt"]
+    passes = [r for r in rows if r["group"] == "pass"]
+    ea = np.mean([_hand_correct(model, edited, r["prompt"], r["target"]) for r in fails])
+    # adapt accuracy is averaged per edit: each edit has exactly one rephrasing here
+    adapt = np.mean([_hand_correct(model, edited, r["prompt"], r["target"]) for r in adapts])
+    before = np.mean([_hand_correct(model, model.params, r["prompt"], r["target"]) for r in passes])
+    after = np.mean([_hand_correct(model, edited, r["prompt"], r["target"]) for r in passes])
+    assert out["edits"] == 3
+    assert out["ea"] == pytest.approx(ea)
+    assert out["adapt_acc"] == pytest.approx(adapt)
+    assert out["dd_acc"] == pytest.approx(before - after)
+
+    # the identity edit: nothing changes, locality is exactly 1 and drawdown 0
+    same = evaluate_method(model, lambda reqs: model.params, rows, [], cfg, "none")
+    assert same["locality"] == pytest.approx(1.0)
+    assert same["dd_acc"] == pytest.approx(0.0)
+    assert same["ea"] == pytest.approx(np.mean([_hand_correct(model, model.params, r["prompt"], r["target"]) for r in fails]))
+
+
+def test_results_table_lists_every_method():
+    out = dict(
+        model="m", chosen_layers=["h.1"], profile={"scorer": "salem"},
+        methods={"salem": {"edits": 2, "ea": 1.0, "fail/acc_before": 0.0, "layers": ["h.1"], "edit_seconds": 0.5},
+                 "ft": {"edits": 2, "ea": 0.5, "layers": ["h.1"], "edit_seconds": 0.1}},
+        training={"salem": {"steps": 7}},
+    )
+    table = results_table(out)
+    assert "| salem | h.1 | 1.000 |" in table
+    assert "| ft | h.1 | 0.500 |" in table
+    assert "| base (no edit) | - | 0.000 |" in table
+    assert "| 7 |" in table
+
+
+def test_config_overrides_are_typed_and_checked():
+    cfg = default_config()
+    apply_overrides(cfg, ["--config.editor.steps=7", "--config.methods=salem,ft", "--config.progress=false",
+                          "--config.eval.text_window=64", "--config.data=/x.json"])
+    assert cfg.editor.steps == 7 and cfg.methods == ("salem", "ft") and cfg.progress is False
+    assert cfg.eval.text_window == 64 and cfg.data == "/x.json"
+    with pytest.raises(KeyError, match="unknown key"):
+        apply_overrides(cfg, ["--config.editor.stepz=1"])
+    with pytest.raises(ValueError):
+        apply_overrides(cfg, ["--config.editor.steps=many"])
+    with pytest.raises(ValueError, match="overrides look like"):
+        apply_overrides(cfg, ["--steps=3"])
