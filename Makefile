@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow install lint clean
+.PHONY: demo test test-slow install clean
 
 $(STAMP): setup.cfg requirements-models.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,11 +19,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m experiments.capitals_smollm2
 
+# Two workers (one per core here); each test file stays on one worker so module fixtures build once.
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
+
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	$(PYTEST) -m slow
 
 clean:
 	rm -rf $(VENV)
