@@ -73,9 +73,11 @@ def _manager(directory: Path, keep: int | None, read_only: bool) -> ocp.Checkpoi
                 ocm.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1, keep_checkpoints_without_metrics=False),
             ]
         )
+    # Readers open the manager without `read_only` (orbax logs a warning for each such manager)
+    # and never save through it; only the training writer creates folders and cleans up the
+    # temporary folders of interrupted saves.
     options = ocp.CheckpointManagerOptions(
         create=not read_only,
-        read_only=read_only,
         cleanup_tmp_directories=not read_only,
         preservation_policy=policy,
     )

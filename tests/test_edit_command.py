@@ -1,0 +1,145 @@
+"""`salem train-editor` and `salem edit` end to end, and applying edits in batch / sequence."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import numpy as np
+import pytest
+from test_mend_train import COUNTRIES, synthetic_rows, tiny_setup, trained_run
+
+from salem_jax.commands import edit as edit_cmd
+from salem_jax.commands import train_editor as train_cmd
+from salem_jax.losses import example_correct
+from salem_jax.mend.apply import TrainedEditor, apply_edits, encode_requests, load_editor, read_requests
+from salem_jax.mend.checkpoint import restore_editor
+from salem_jax.models.base import get_path
+
+
+def _parse(module, argv):
+    parser = argparse.ArgumentParser(prog="salem")
+    module.add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(argv)
+
+
+def _save_edit_set(model, out):
+    """The synthetic facts as an edit-set folder in the data helper's format."""
+    import datasets
+
+    from salem_jax.data.edit_set import COLUMNS, EditSet, _features, save_edit_set
+
+    splits = {"train": synthetic_rows(model, COUNTRIES[:8], 0, "tr"), "val": synthetic_rows(model, COUNTRIES[8:], 1, "va")}
+    extra = dict(field="prompt", target_true="", base_correct=False, base_token_acc=0.0)
+    table = {s: {c: [{**extra, **r}[c] for r in rows] for c in COLUMNS} for s, rows in splits.items()}
+    data = datasets.DatasetDict({s: datasets.Dataset.from_dict(t, features=_features()) for s, t in table.items()})
+    save_edit_set(EditSet(data=data, info={"mode": "correction", "model": model.name, "seed": 0}), out)
+    return splits
+
+
+def _correct(model, params, requests):
+    batch = encode_requests(model, requests)
+    logits = jax.jit(model.apply)(params, batch)
+    return np.asarray(example_correct(logits, batch["labels"], batch["label_mask"])), np.asarray(logits)
+
+
+def test_train_editor_then_edit(tmp_path, monkeypatch, capsys):
+    from salem_jax import models
+    from salem_jax.models import load_model, save_model
+
+    model, _, _, cfg, _ = tiny_setup()
+    full, _, _, _ = trained_run()
+    splits = _save_edit_set(model, tmp_path / "es")
+
+    # train-editor, with the model handed over in memory (same object as the shared run, so the
+    # compiled step is reused) and the flags of the shared run's configuration
+    monkeypatch.setattr(models, "load_model", lambda name, **kw: model)
+    work = tmp_path / "editor"
+    argv = ["train-editor", "--model", "tiny", "--edit-set", str(tmp_path / "es"), "--workdir", str(work),
+            "--layers", "auto", "--top-k", "1", "--tiny", "--batch-size", "8", "--steps", str(cfg.max_steps),
+            "--val-every", str(cfg.val_every), "--checkpoint-every", str(cfg.checkpoint_every),
+            "--log-every", str(cfg.log_every), "--devices", "1", "--no-progress"]
+    args = _parse(train_cmd, argv)
+    assert train_cmd.config_from_args(args) == cfg
+    assert train_cmd.run(args) == 0
+    monkeypatch.undo()
+    assert json.loads((work / "layers.json").read_text())["chosen"] == ["h.0"]
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["steps"] == cfg.max_steps and summary["weights"] == [w.path for w in full.spec.weights]
+    # the command trains exactly what the library call trains
+    _, params, _, _ = restore_editor(work / "checkpoints", "latest")
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(full.params)):
+        np.testing.assert_array_equal(a, b)
+
+    # edit: base model from a folder, one request, the edited model written to --out
+    base_dir = tmp_path / "tiny-gpt2"  # load_model names a folder's model after the folder
+    save_model(model, model.params, base_dir)
+    fail = next(r for r in splits["train"] if r["group"] == "fail")
+    request = {"prompt": fail["prompt"], "target": fail["target"]}
+    (tmp_path / "requests.jsonl").write_text(json.dumps(request) + "\n")
+    out = tmp_path / "edited"
+    args = _parse(edit_cmd, ["edit", "--model", str(base_dir), "--editor", str(work), "--requests",
+                             str(tmp_path / "requests.jsonl"), "--out", str(out), "--no-progress"])
+    capsys.readouterr()
+    assert edit_cmd.run(args) == 0
+    report = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert report == {**request, "correct_before": False, "correct_after": True}
+
+    # the saved edited model reloads and gives the edited answer; the base folder is unchanged
+    edited = load_model(out)
+    ok, logits = _correct(edited, edited.params, [request])
+    assert ok.all()
+    base = load_model(base_dir)
+    ok_base, _ = _correct(base, base.params, [request])
+    assert not ok_base.any()
+    editor = load_editor(work, model)  # the best checkpoint, like the command's default
+    assert editor.step == full.best_step
+    in_memory = apply_edits(model, editor, [request])
+    np.testing.assert_allclose(logits, _correct(model, in_memory, [request])[1], atol=1e-5)
+
+
+def test_batch_and_sequential_edits():
+    model, _, _, _, _ = tiny_setup()
+    full, _, before, _ = trained_run()
+    editor = TrainedEditor(full.spec, full.params, full.norm, model.name, full.step)
+    fails = [r for r in synthetic_rows(model, COUNTRIES[:8], 0, "tr") if r["group"] == "fail"]
+    reqs = [{"prompt": r["prompt"], "target": r["target"]} for r in fails[:2]]
+    one = [apply_edits(model, editor, [r]) for r in reqs]
+    both = apply_edits(model, editor, reqs)
+    seq = apply_edits(model, editor, reqs, mode="sequential", progress=False)
+    on_top = apply_edits(model, editor, [reqs[1]], params=one[0])
+    for w in full.spec.weights:
+        w0 = np.asarray(get_path(model.params, w.path))
+        # every single edit changes the weight; a batch of edits is the sum of the single ones
+        # (summed loss, frozen statistics: the pseudo-gradients add up)
+        d = [np.asarray(get_path(p, w.path)) - w0 for p in one]
+        assert all(np.abs(x).max() > 0 for x in d)
+        np.testing.assert_allclose(np.asarray(get_path(both, w.path)) - w0, d[0] + d[1], atol=1e-6)
+        # sequential = the second edit captured on the first edit's parameters
+        np.testing.assert_array_equal(get_path(seq, w.path), get_path(on_top, w.path))
+    # a single request: batch and sequential agree
+    seq_one = apply_edits(model, editor, reqs[:1], mode="sequential", progress=False)
+    for a, b in zip(jax.tree.leaves(seq_one), jax.tree.leaves(one[0])):
+        np.testing.assert_array_equal(a, b)
+    # each single edit makes its own fact right, and the base parameters never change
+    for r, p in zip(reqs, one):
+        assert _correct(model, p, [r])[0].all() and not _correct(model, model.params, [r])[0].any()
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(model.params)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    with pytest.raises(ValueError, match="mode"):
+        apply_edits(model, editor, reqs, mode="parallel")
+
+
+def test_requests_file_errors(tmp_path):
+    f = tmp_path / "r.jsonl"
+    f.write_text('{"prompt": "the capital of peru is", "target": "lima"}\n\n{"prompt": "x"}\n')
+    with pytest.raises(ValueError, match="line 3: field 'target' is missing"):
+        read_requests(f)
+    f.write_text("not json\n")
+    with pytest.raises(ValueError, match="line 1: not valid JSON"):
+        read_requests(f)
+    with pytest.raises(FileNotFoundError):
+        read_requests(tmp_path / "missing.jsonl")
+    f.write_text('{"prompt": "a", "target": "b"}\n')
+    assert read_requests(f) == [{"prompt": "a", "target": "b"}]
