@@ -21,6 +21,7 @@ import os
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -123,6 +124,25 @@ def data_parallel(
     Replicated inputs must be device-invariant (same value everywhere) and replicated outputs
     must be made so inside `fn` (e.g. with `jax.lax.pmean(grads, DATA)`); shard_map checks it."""
     return jax.jit(shard(fn, mesh, in_specs=in_specs, out_specs=out_specs), donate_argnums=donate_argnums)
+
+
+def gather_replicated(tree: Any) -> Any:
+    """Inside `shard` / shard_map: concatenate every device's leading-axis slice, in device order,
+    into a value that is replicated (device-invariant), so it can leave with a replicated out_spec
+    and be read on every host. Each device writes its slice into zeros and the slices are summed
+    (`jax.lax.all_gather` results count as per-device values for shard_map's replication check)."""
+    idx = jax.lax.axis_index(DATA)
+    n = jax.lax.psum(1, DATA)
+
+    def gather(x):
+        dtype = x.dtype
+        if dtype == jnp.bool_:
+            x = x.astype(jnp.int32)
+        full = jnp.zeros((n * x.shape[0],) + x.shape[1:], x.dtype)
+        full = jax.lax.dynamic_update_slice_in_dim(full, x, idx * x.shape[0], axis=0)
+        return jax.lax.psum(full, DATA).astype(dtype)
+
+    return jax.tree.map(gather, tree)
 
 
 def to_varying(tree: Any) -> Any:

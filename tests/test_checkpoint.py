@@ -145,3 +145,15 @@ def test_sigkill_then_resume(tmp_path):
     resumed = train_editor(model, data, weights, cfg, work, mesh=mesh, progress=False)
     _assert_trees_equal(resumed.params, full.params)
     _assert_trees_equal(resumed.norm, full.norm)
+
+
+def test_early_stopping_is_kept_across_a_resume(tmp_path):
+    model, data, weights, cfg, mesh = tiny_setup()
+    # patience 0: stop at the first validation (only loop settings change: no recompilation)
+    cfg = dataclasses.replace(cfg, val_every=10, patience=0)
+    res = train_editor(model, data, weights, cfg, tmp_path, mesh=mesh, progress=False)
+    assert res.stopped_early and res.step == 10 and res.best_step == 10 and res.recompiles == 0
+    lines = (tmp_path / "metrics.jsonl").read_text()
+    again = train_editor(model, data, weights, cfg, tmp_path, mesh=mesh, progress=False)
+    assert again.stopped_early and again.step == 10
+    assert (tmp_path / "metrics.jsonl").read_text() == lines

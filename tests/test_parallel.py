@@ -20,7 +20,7 @@ def _one_step(model, data, spec, cfg, mesh):
     state = parallel.replicate(init_train_state(spec, cfg), mesh)
     base = parallel.replicate(model.params, mesh)
     batch = parallel.shard_batch(train_batch(data["train"], cfg, 0), mesh)
-    state, m = train_step(state, base, batch, apply_fn=model.apply, spec=spec, cfg=cfg, mesh=mesh)
+    state, m = train_step(state, base, batch, apply_fn=model.apply, spec=spec, cfg=cfg.step_config(), mesh=mesh)
     return jax.device_get(state), jax.device_get(m)
 
 
@@ -116,3 +116,15 @@ def test_multi_process_detection(env, multi):
     assert parallel._is_multi_process_env(env) is multi
     if not multi:
         assert parallel.initialize_distributed(env) is False
+
+
+def test_gather_replicated_concatenates_in_device_order():
+    mesh = parallel.data_mesh(jax.devices()[:4])
+    x = np.arange(8 * 2, dtype=np.float32).reshape(8, 2)
+    flags = x[:, 0] % 4 == 0
+    r, s = parallel.REPLICATED, parallel.SHARDED
+    fn = jax.jit(parallel.shard(lambda t: parallel.gather_replicated(t), mesh, in_specs=(s,), out_specs=r))
+    got = fn(parallel.shard_batch({"x": x, "flags": flags}, mesh))
+    np.testing.assert_array_equal(got["x"], x)
+    np.testing.assert_array_equal(got["flags"], flags)
+    assert got["flags"].dtype == np.bool_ and got["x"].sharding.is_fully_replicated

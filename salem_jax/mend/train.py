@@ -119,6 +119,15 @@ class TrainConfig:
             raise ValueError("TrainConfig.adapt_per_edit must be >= 0")
         return dataclasses.replace(self, batch_size=bs, accum_steps=accum)
 
+    def step_config(self) -> "TrainConfig":
+        """This config with the fields only the Python loop reads (max_steps, intervals,
+        patience, seed, ...) set to fixed values: the jitted steps take it as a static argument,
+        so changing those fields does not recompile them."""
+        return dataclasses.replace(
+            self, max_steps=1, val_every=1, val_groups=1, patience=1, checkpoint_every=1, keep_checkpoints=1,
+            log_every=1, seed=0,
+        )
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -359,19 +368,18 @@ def _device_train_step(state, base_params, batch, *, apply_fn, spec, cfg):
     params = optax.apply_updates(state["params"], updates)
     new_state = {"params": params, "opt_state": opt_state, "norm": norm, "step": state["step"] + 1, "rng": state["rng"]}
     n_rows = jnp.maximum((batch["edit"]["label_mask"].sum(-1) > 0).sum(-1), 1)
-    metrics = {
+    per_group = {
         "loss": out["loss"],
         "nll": out["nll"],
         "kl": out["kl"],
         "edit_acc": out["edit_correct"].astype(jnp.float32).sum(-1) / n_rows,
         "drawdown": (out["base_pass_correct"].astype(jnp.float32) - out["pass_correct"]).mean(-1),
-        "grad_norm": optax.tree.norm(grads),
     }
+    # Means over all groups of all devices (every device has as many): replicated scalars,
+    # readable on every host of a pod.
+    metrics = {k: jax.lax.pmean(v.mean(), parallel.DATA) for k, v in per_group.items()}
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return new_state, metrics
-
-
-_METRIC_SPECS = {"loss": parallel.SHARDED, "nll": parallel.SHARDED, "kl": parallel.SHARDED,
-                 "edit_acc": parallel.SHARDED, "drawdown": parallel.SHARDED, "grad_norm": parallel.REPLICATED}
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "spec", "cfg", "mesh"), donate_argnums=(0,))
@@ -381,13 +389,14 @@ def train_step(state, base_params, batch, *, apply_fn, spec: EditorSpec, cfg: Tr
     state: from `init_train_state`, replicated (`parallel.replicate`), donated.
     base_params: the model's parameters, replicated; never modified.
     batch: `train_batch(...)` placed with `parallel.shard_batch` (groups split over devices).
-    metrics: per-group arrays [G] (loss, nll, kl, edit_acc, drawdown) and the scalar grad_norm.
+    metrics: scalars (replicated): loss, nll, kl, edit_acc, drawdown (means over the step's
+    groups) and grad_norm.
 
     jit caches on (apply_fn, spec, cfg, mesh), so a run compiles it once (see
     `train_step._cache_size()`), and a second run with the same ones reuses it."""
     fn = functools.partial(_device_train_step, apply_fn=apply_fn, spec=spec, cfg=cfg)
     r, s = parallel.REPLICATED, parallel.SHARDED
-    return parallel.shard(fn, mesh, in_specs=(r, r, s), out_specs=(r, _METRIC_SPECS))(state, base_params, batch)
+    return parallel.shard(fn, mesh, in_specs=(r, r, s), out_specs=(r, r))(state, base_params, batch)
 
 
 def _device_eval_step(editor_params, norm, base_params, batch, *, apply_fn, spec, cfg):
@@ -398,7 +407,7 @@ def _device_eval_step(editor_params, norm, base_params, batch, *, apply_fn, spec
         lambda f, e, q, bl: _group_outputs(apply_fn, spec, cfg, editor_params, norm, base_params, f, e, q, bl)
     )(factors, batch["edit"], batch["pass"], base_pass)
     em = batch["edit"]["label_mask"]
-    return {
+    results = {
         "loss": out["loss"],
         "nll": out["nll"],
         "kl": out["kl"],
@@ -409,6 +418,8 @@ def _device_eval_step(editor_params, norm, base_params, batch, *, apply_fn, spec
         "base_pass_correct": out["base_pass_correct"],
         "pass_valid": batch["pass"]["label_mask"].sum(-1) > 0,
     }
+    # every device's groups, on every device (so every host of a pod can read them)
+    return parallel.gather_replicated(results)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "spec", "cfg", "mesh"))
@@ -418,7 +429,7 @@ def eval_step(editor_params, norm, base_params, batch, *, apply_fn, spec: Editor
     validity masks."""
     fn = functools.partial(_device_eval_step, apply_fn=apply_fn, spec=spec, cfg=cfg)
     r, s = parallel.REPLICATED, parallel.SHARDED
-    return parallel.shard(fn, mesh, in_specs=(r, r, r, s), out_specs=s)(editor_params, norm, base_params, batch)
+    return parallel.shard(fn, mesh, in_specs=(r, r, r, s), out_specs=r)(editor_params, norm, base_params, batch)
 
 
 def summarize_eval(results: Sequence[Mapping[str, np.ndarray]], weights: Sequence[np.ndarray], k: int) -> dict:
@@ -455,7 +466,7 @@ def evaluate(model, spec, cfg, mesh, editor_params, norm, base_params, data: Edi
 
     All arguments placed as for `train_step` (params replicated)."""
     batches = val_batches(data, cfg)
-    kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg, mesh=mesh)
+    kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg.step_config(), mesh=mesh)
     results = [jax.device_get(eval_step(editor_params, norm, base_params, parallel.shard_batch(b, mesh), **kw)) for b in batches]
     return summarize_eval(results, [b["weight"] for b in batches], cfg.edits_per_group)
 
@@ -533,13 +544,13 @@ def train_editor(
     ckpt = EditorCheckpointer(workdir / "checkpoints", model_name=model.name, spec=spec, config=cfg, keep=cfg.keep_checkpoints)
 
     state = init_train_state(spec, cfg)
-    run = {"best_val_loss": float("inf"), "best_step": None, "last_val": None}
+    run = {"best_val_loss": float("inf"), "best_step": None, "last_val": None, "stopped_early": False}
     start = 0
     if resume and ckpt.latest_step() is not None:
         state, meta = ckpt.restore(ckpt.latest_step(), state)
         start = int(state["step"])
         run.update(meta["run"])
-        run["best_val_loss"] = float(run["best_val_loss"])
+        run["best_val_loss"] = float("inf") if run["best_val_loss"] is None else float(run["best_val_loss"])
         _truncate_metrics(metrics_path, start)
     else:
         if ckpt.latest_step() is not None:
@@ -553,7 +564,7 @@ def train_editor(
 
     state = parallel.replicate(state, mesh)
     base = parallel.replicate(base_params, mesh)
-    kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg, mesh=mesh)
+    kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg.step_config(), mesh=mesh)
 
     def validate(step):
         v = evaluate(model, spec, cfg, mesh, state["params"], state["norm"], base, data["val"])
@@ -565,14 +576,14 @@ def train_editor(
         return v
 
     step = start
-    stopped_early = False
+    stopped_early = bool(run["stopped_early"])  # a resumed run that had stopped stays stopped
     pending: list = []
     compiled = None
     running: dict[str, float] = {}
     bar = tqdm(total=cfg.max_steps, initial=start, desc="train-editor", disable=not progress, dynamic_ncols=True)
     t0 = time.time()
     try:
-        while step < cfg.max_steps:
+        while step < cfg.max_steps and not stopped_early:
             batch = parallel.shard_batch(train_batch(data["train"], cfg, step), mesh)
             state, m = train_step(state, base, batch, **kw)
             step += 1
@@ -597,7 +608,7 @@ def train_editor(
                     f"drawdown {val['drawdown']:.4f} ({time.time() - t0:.0f}s)"
                 )
                 if run["best_step"] is not None and step - run["best_step"] >= cfg.patience:
-                    stopped_early = True
+                    stopped_early = run["stopped_early"] = True
             if step % cfg.checkpoint_every == 0 or val is not None or stopped_early or step == cfg.max_steps:
                 ckpt.save(step, state, run, val_loss=None if val is None else val["loss"])
             if stopped_early or (stop_after is not None and step >= stop_after):
