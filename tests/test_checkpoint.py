@@ -21,6 +21,7 @@ from test_mend_train import tiny_setup, trained_run
 from salem_jax.mend.apply import load_editor
 from salem_jax.mend.checkpoint import CheckpointError, CheckpointMismatch, restore_editor, steps_in
 from salem_jax.mend.train import train_editor
+from salem_jax.models.base import set_path
 
 
 def _assert_trees_equal(a, b):
@@ -68,6 +69,11 @@ def test_mismatched_checkpoints_are_refused(tmp_path):
         train_editor(model, data, weights, dataclasses.replace(cfg, lr=0.5), work, mesh=mesh, progress=False)
     with pytest.raises(CheckpointMismatch, match="another-model"):
         load_editor(work, renamed)
+    assert load_editor(work, renamed, check_name=False).spec.weights == tuple(weights)  # e.g. an edited copy
+    path = weights[0].path
+    wider = dataclasses.replace(model, params=set_path(model.params, path, np.zeros((64, 32), np.float32)))
+    with pytest.raises(CheckpointMismatch, match=r"shape \(128, 32\), but this model's is \(64, 32\)"):
+        load_editor(work, wider, check_name=False)
 
 
 def test_retention_best_and_corruption(tmp_path):
@@ -141,7 +147,10 @@ def test_sigkill_then_resume(tmp_path):
         if child.poll() is None:
             child.kill()
     assert child.returncode == -signal.SIGKILL
-    assert max(steps_in(work / "checkpoints")) < cfg.max_steps
+    left = steps_in(work / "checkpoints")
+    assert 50 in left and max(left) < cfg.max_steps
+    for step in left:  # whatever the kill interrupted, every checkpoint that is listed is whole
+        assert restore_editor(work / "checkpoints", step)[3]["step"] == step
     resumed = train_editor(model, data, weights, cfg, work, mesh=mesh, progress=False)
     _assert_trees_equal(resumed.params, full.params)
     _assert_trees_equal(resumed.norm, full.norm)

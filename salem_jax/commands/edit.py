@@ -30,6 +30,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--mode", choices=("batch", "sequential"), default="batch")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--num-labels", type=int, default=None)
+    p.add_argument(
+        "--allow-other-model", action="store_true",
+        help="accept a model whose name differs from the one the editor was trained for (e.g. an edited copy); "
+        "the edited weights' paths and shapes are still checked",
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -54,7 +59,7 @@ def run(args) -> int:
     step = args.step if args.step in ("best", "latest") else int(args.step)
     requests = read_requests(args.requests)
     model = load_model(args.model, dtype=args.dtype, num_labels=args.num_labels)
-    editor = load_editor(args.editor, model, step=step)
+    editor = load_editor(args.editor, model, step=step, check_name=not args.allow_other_model)
     params = apply_edits(model, editor, requests, mode=args.mode, progress=not args.no_progress)
     batch = encode_requests(model, requests, where=args.requests)
     before, after = _correct(model, model.params, batch), _correct(model, params, batch)

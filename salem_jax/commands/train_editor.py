@@ -170,11 +170,10 @@ def run(args) -> int:
         "config": result.config.to_dict(),
     }
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-    v = result.last_val or {}
+    v, nan = result.last_val or {}, float("nan")
     print(
         f"trained {result.step} steps (best val loss {result.best_val_loss:.4f} at step {result.best_step}); "
-        f"val edit acc {v.get('edit_acc', float('nan')):.3f} (fail {v.get('fail_acc', float('nan')):.3f}, "
-        f"adapt {v.get('adapt_acc', float('nan')):.3f}), drawdown {v.get('drawdown', float('nan')):.4f}; "
-        f"editor in {workdir}"
+        f"val edit acc {v.get('edit_acc', nan):.3f} (fail {v.get('fail_acc', nan):.3f}, adapt {v.get('adapt_acc', nan):.3f}; "
+        f"{v.get('edit_acc_before', nan):.3f} before editing), drawdown {v.get('drawdown', nan):.4f}; editor in {workdir}"
     )
     return 0

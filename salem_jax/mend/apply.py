@@ -48,16 +48,17 @@ def _checkpoint_dir(path: Path) -> Path:
     return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 
 
-def load_editor(path: str | Path, model=None, step: int | str = "best") -> TrainedEditor:
+def load_editor(path: str | Path, model=None, step: int | str = "best", *, check_name: bool = True) -> TrainedEditor:
     """Load an editor from a training workdir (or its `checkpoints/` folder).
 
     step: "best" (lowest validation loss), "latest", or a step number. With `model`, check that
-    the editor was trained for it (name, edited weights, kernel shapes); a mismatch raises
+    the editor was trained for it (its name unless `check_name=False`, e.g. for a saved edited
+    copy of the model; the edited weights and their shapes always); a mismatch raises
     `CheckpointMismatch`."""
     directory = _checkpoint_dir(Path(path))
     spec, params, state, meta = restore_editor(directory, step)
     if model is not None:
-        if meta["model"] != model.name:
+        if check_name and meta["model"] != model.name:
             raise CheckpointMismatch(f"editor in {directory} was trained for model {meta['model']!r}, not {model.name!r}")
         check_model(spec, model.params, where=str(directory))
     return TrainedEditor(spec=spec, params=params, state=state, model_name=meta["model"], step=int(meta["step"]), meta=meta)

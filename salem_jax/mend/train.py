@@ -314,7 +314,11 @@ def make_optimizer(cfg: TrainConfig, editor_params: dict) -> optax.GradientTrans
 
 
 def init_train_state(spec: EditorSpec, cfg: TrainConfig) -> dict:
-    """{"params", "opt_state", "norm", "step", "rng"}: the complete state of a run."""
+    """{"params", "opt_state", "norm", "step", "rng"}: the complete state of a run.
+
+    The step itself is deterministic (no dropout) and the data order comes from (seed, step),
+    so `rng` is only carried and checkpointed, for extensions that need randomness per step
+    (`jax.random.fold_in(state["rng"], state["step"])`)."""
     rng = jax.random.PRNGKey(cfg.seed)
     init_key, rng = jax.random.split(rng)
     params, norm = init_editor(spec, init_key)
