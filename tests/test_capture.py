@@ -9,13 +9,14 @@ from salem_jax.data.tokenize import encode
 from salem_jax.mend.capture import active_tokens, capture, kernel_grad, summed_nll
 from salem_jax.models.base import Weight, get_path
 
-ARCHS = ("gpt2", "gpt_neo", "t5", "bart", "bert", "llama")
+ARCHS = ("gpt2", "gpt_neo", "t5", "bart", "bert", "llama", "llama-remat")
 
 
 def _tiny(arch):
-    if arch == "llama":
+    if arch.startswith("llama"):
         llama = pytest.importorskip("salem_jax.models.llama", reason="salem_jax.models.llama (tiny_llama) is missing")
-        return llama.tiny_llama()
+        # remat: the blocks run inside nn.remat, a lifted transform (no side effects may escape it)
+        return llama.tiny_llama(remat=arch == "llama-remat")
     from salem_jax.models import hf
 
     try:

@@ -11,10 +11,12 @@ to its output. MEND edits a layer from these two factors, never from the full gr
 
 How they are obtained here: `flax.linen.intercept_methods` sees every module call made by
 `model.apply`. For each target module (the kernel's path without "/kernel") the interceptor
-records its input `args[0]` and returns `output + perturbation`, where `perturbation` is a
-zero array passed in from outside. The loss does not change, and the gradient of the loss with
-respect to that perturbation is exactly `delta`. One forward and one backward pass give every
-target's `(u, delta)`; the same code serves transformers' Flax classes and our own Llama,
+returns `output + perturbation`, where `perturbation` is a zero array passed in from outside:
+the loss does not change, and the gradient of the loss with respect to that perturbation is
+exactly `delta`. The input `args[0]` is read the same way, through the backward pass (an
+identity whose custom gradient w.r.t. a zero probe is the input itself), so no traced value
+escapes by side effect. One forward and one backward pass give every target's `(u, delta)`;
+the same code serves transformers' Flax classes and our own Llama (also with nn.remat),
 because it only relies on module paths matching parameter paths.
 """
 
@@ -66,46 +68,75 @@ def _check_weights(params: Any, weights: Sequence[Weight]) -> None:
         w.in_out_shape(tuple(kernel.shape))  # raises on a non-2-D kernel
 
 
-def _output_shapes(apply_fn, params, batch, targets: dict[str, Weight]) -> dict[str, jax.ShapeDtypeStruct]:
-    """Shape and dtype of each target module's output, by an abstract (compute-free) pass."""
+def _aval(x) -> jax.ShapeDtypeStruct:
+    """Shape, dtype and varying manual axes of an array or tracer (static metadata only)."""
+    vma = getattr(jax.typeof(x), "vma", None) or frozenset()
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, vma=frozenset(vma))
+
+
+def _io_shapes(apply_fn, params, batch, targets: dict[str, Weight]) -> dict[str, tuple]:
+    """(input, output) avals of each target module, from an abstract (compute-free) pass."""
+    calls: dict[str, list] = {m: [] for m in targets}
+
+    def spy(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        name = _module_name(context)
+        if context.method_name == "__call__" and name in calls:
+            x = args[0] if args else kwargs.get("inputs")
+            if x is None:
+                raise TypeError(f"module {name!r} was called without a positional input")
+            if not hasattr(out, "shape"):
+                raise TypeError(f"module {name!r} returned {type(out).__name__}, expected one array")
+            # Only static metadata leaves this function, never a tracer: that keeps the pass
+            # valid inside lifted transforms (nn.remat, nn.scan) of the model.
+            calls[name].append((_aval(x), _aval(out)))
+        return out
 
     def run(params, batch):
-        calls: dict[str, list] = {m: [] for m in targets}
-
-        def spy(next_fun, args, kwargs, context):
-            out = next_fun(*args, **kwargs)
-            name = _module_name(context)
-            if context.method_name == "__call__" and name in calls:
-                calls[name].append(out)
-            return out
-
         with nn.intercept_methods(spy):
             apply_fn(params, batch)
-        return calls
 
-    calls = jax.eval_shape(run, params, batch)
-    shapes = {}
-    for m, outs in calls.items():
-        if len(outs) != 1:
+    jax.eval_shape(run, params, batch)
+    for m, seen in calls.items():
+        if len(seen) != 1:
             raise ValueError(
-                f"capture needs exactly one call of module {m!r} per forward pass, saw {len(outs)}"
-                + ("; check that the weight path matches the model's module names" if not outs else "")
+                f"capture needs exactly one call of module {m!r} per forward pass, saw {len(seen)}"
+                + ("; check that the weight path matches the model's module names" if not seen else "")
             )
-        if not isinstance(outs[0], jax.ShapeDtypeStruct):
-            raise TypeError(f"module {m!r} returned {type(outs[0]).__name__}, expected one array")
-        shapes[m] = outs[0]
-    return shapes
+    return {m: seen[0] for m, seen in calls.items()}
 
 
 def _zeros_like(s: jax.ShapeDtypeStruct) -> jax.Array:
-    """Zeros of the module output's shape and dtype, varying over the same manual mesh axes.
+    """Zeros of the given shape and dtype, varying over the same manual mesh axes.
 
-    Inside `jax.shard_map` (check_vma=True) an output that varies across devices must get a
+    Inside `jax.shard_map` (check_vma=True) a value that varies across devices must get a
     perturbation that varies too: the gradient w.r.t. a replicated input is summed over the
     devices, which would turn every device's delta into the sum of all devices' deltas."""
     z = jnp.zeros(s.shape, s.dtype)
     vma = tuple(sorted(getattr(s, "vma", None) or ()))
     return jax.lax.pcast(z, vma, to="varying") if vma else z
+
+
+@jax.custom_vjp
+def _tap(x, probe):
+    """Identity on x whose "gradient" w.r.t. `probe` (zeros shaped like x) is x itself.
+
+    It reads a layer's input through the backward pass instead of a Python side effect, so
+    capture also works where the model wraps its layers in lifted transforms (nn.remat)."""
+    del probe
+    return x
+
+
+def _tap_fwd(x, probe):
+    del probe
+    return x, x
+
+
+def _tap_bwd(x, g):
+    return g, x
+
+
+_tap.defvjp(_tap_fwd, _tap_bwd)
 
 
 def capture(
@@ -125,32 +156,36 @@ def capture(
     Returns `(loss, {weight.path: Factors(u [B, T, fan_in], delta [B, T, fan_out])})`, with
     `kernel_grad(u, delta, weight.layout)` equal to `jax.grad(loss)` w.r.t. that kernel.
     The factors are constants (no gradient flows back into them).
+
+    Both factors come out of one `jax.value_and_grad`: `delta` is the gradient w.r.t. a zero
+    perturbation added to the layer's output, `u` the "gradient" w.r.t. a zero probe on its
+    input (`_tap`). Nothing is stored by side effect, so this works under jit, vmap, shard_map
+    and inside models that use nn.remat.
     """
     weights = tuple(weights)
     _check_weights(params, weights)
     targets = {w.module_path: w for w in weights}
     batch = dict(batch)
-    shapes = _output_shapes(apply_fn, params, batch, targets)
-    zeros = {m: _zeros_like(s) for m, s in shapes.items()}
+    io = _io_shapes(apply_fn, params, batch, targets)
+    probes = {m: _zeros_like(x) for m, (x, _) in io.items()}
+    perturbs = {m: _zeros_like(y) for m, (_, y) in io.items()}
 
-    def loss_with_perturbations(perturb):
-        inputs: dict[str, jax.Array] = {}
-
+    def loss_with_taps(probes, perturbs):
         def interceptor(next_fun, args, kwargs, context):
             name = _module_name(context)
-            if context.method_name != "__call__" or name not in perturb:
+            if context.method_name != "__call__" or name not in perturbs:
                 return next_fun(*args, **kwargs)
-            x = args[0] if args else kwargs.get("inputs")
-            if x is None:
-                raise TypeError(f"module {name!r} was called without a positional input")
-            inputs[name] = x
-            return next_fun(*args, **kwargs) + perturb[name]
+            if args:
+                args = (_tap(args[0], probes[name]),) + tuple(args[1:])
+            else:
+                kwargs = {**kwargs, "inputs": _tap(kwargs["inputs"], probes[name])}
+            return next_fun(*args, **kwargs) + perturbs[name]
 
         with nn.intercept_methods(interceptor):
             logits = apply_fn(params, batch)
-        return loss_fn(logits, batch), inputs
+        return loss_fn(logits, batch)
 
-    (loss, inputs), deltas = jax.value_and_grad(loss_with_perturbations, has_aux=True)(zeros)
+    loss, (inputs, deltas) = jax.value_and_grad(loss_with_taps, argnums=(0, 1))(probes, perturbs)
     out = {}
     for m, w in targets.items():
         fan_in, fan_out = w.in_out_shape(tuple(get_path(params, w.path).shape))
