@@ -149,7 +149,10 @@ def worker(method: str, spec_path: str) -> None:
 
     model = load_model(spec["model"])
     rows = spec["rows"]
-    L = spec["length"]
+
+    def length(groups_used):  # one fixed length per method: the longest row of the groups it reads
+        return max(spec["lengths"][g] for g in groups_used if g in spec["lengths"])
+
     groups = [r["group"] for r in rows]
     result: dict = {"method": method}
     baseline = mon.reset()
@@ -161,6 +164,7 @@ def worker(method: str, spec_path: str) -> None:
             r for r in rows if r["group"] in spec["saliency_groups"]
         ]
         mb = spec["micro_batch"]
+        L = length({r["group"] for r in use})
         data = []
         for s in range(0, len(use), mb):
             chunk = use[s : s + mb]
@@ -178,6 +182,7 @@ def worker(method: str, spec_path: str) -> None:
         facts = [r for r in rows if r["group"] == "fail" and subj.get(r["record_id"], "").lower() in r["prompt"].lower()]
         facts = [r for r in facts if subj.get(r["record_id"])][: spec["trace_facts"]]
         prompts = [r["prompt"] for r in facts]
+        L = length(["fail"])
         b = encode(model, prompts, [r["target"] for r in facts], length=L)
         sm = C.subject_token_mask(model, prompts, [subj[r["record_id"]] for r in facts], L)
         prof, res = C.trace_profile(model, model.params, b, sm, n_noise=spec["n_noise"],
@@ -190,8 +195,9 @@ def worker(method: str, spec_path: str) -> None:
 
         cfg = SweepConfig(learning_rates=tuple(spec["lrs"]), steps=spec["steps"], drawdown_budget=spec["budget"])
         names = [b.name for b in model.layers.blocks][:: spec["layer_stride"]]
-        st = sweep_layers(model, model.params, _batch(model, rows, "fail", L), rephrases=_batch(model, rows, "adapt", L),
-                          keep=_batch(model, rows, "pass", L), layers=names, config=cfg, progress=True)
+        batches = {g: _batch(model, rows, g, spec["lengths"].get(g)) for g in ("fail", "adapt", "pass")}
+        st = sweep_layers(model, model.params, batches["fail"], rephrases=batches["adapt"], keep=batches["pass"],
+                          layers=names, config=cfg, progress=True)
         n_fail = sum(g == "fail" for g in groups)
         result.update(examples={g: sum(x == g for x in groups) for g in ("fail", "adapt", "pass")},
                       train_steps=st.train_steps, compiles=st.compiles,
@@ -287,7 +293,7 @@ def analyse(outs: dict, spec: dict) -> dict:
 def print_table(rep: dict, spec: dict) -> None:
     gb = 1024**3
     print(f"\nmodel {spec['model']}  data {spec['data']} ({spec['mode']})  edits {spec['n_edits']}  "
-          f"rows {spec['counts']}  sequence length {spec['length']}")
+          f"rows {spec['counts']}  sequence lengths {spec.get('lengths', spec.get('length'))}")
     print(f"{'method':14s} {'examples':>28s} {'wall s':>9s} {'peak RSS GB':>11s} {'+RSS GB':>8s}")
     for m, r in rep["methods"].items():
         ex = ",".join(f"{k}={v}" for k, v in r.get("examples", {}).items())
@@ -369,10 +375,12 @@ def main(argv=None) -> int:
 
     model = load_model(args.model)
     rows, info = build_rows(model, args)
-    lens = [len(_ids(model.tokenizer, r["prompt"], True)) + len(_ids(model.tokenizer, target_text(r["target"], model.kind), False))
-            for r in rows]
+    lens: dict[str, int] = {}
+    for r in rows:
+        n = len(_ids(model.tokenizer, r["prompt"], True)) + len(_ids(model.tokenizer, target_text(r["target"], model.kind), False))
+        lens[r["group"]] = max(lens.get(r["group"], 0), n)
     spec = dict(
-        model=args.model, data=args.data, mode=args.mode, rows=rows, length=max(lens), dir=str(work),
+        model=args.model, data=args.data, mode=args.mode, rows=rows, lengths=lens, dir=str(work),
         micro_batch=args.micro_batch, saliency_groups=args.saliency_groups.split(","), trace_facts=args.trace_facts, n_noise=args.n_noise,
         restorations_per_call=args.restorations_per_call, lrs=[float(x) for x in args.lrs.split(",")],
         steps=args.steps, budget=args.budget, layer_stride=args.layer_stride, n_boot=args.n_boot,
@@ -383,7 +391,7 @@ def main(argv=None) -> int:
     del model
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    print(f"{spec['counts']} rows, length {spec['length']}; workers log to {work / 'log.txt'}", file=sys.stderr)
+    print(f"{spec['counts']} rows, lengths {spec['lengths']}; workers log to {work / 'log.txt'}", file=sys.stderr)
     outs = {}
     with open(work / "log.txt", "a") as log:
         for m in [m.strip() for m in args.methods.split(",") if m.strip()]:

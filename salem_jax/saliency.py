@@ -278,7 +278,7 @@ def _micro_batches(batch: dict, n_rows: int, m: int):
 
 @dataclasses.dataclass
 class SaliencyStats:
-    """What one streaming pass over the data keeps (all numpy, float64 sums of float32 terms).
+    """What one streaming pass over the data keeps (numpy on the host; float32 gradient sums).
 
     per_example[name]  [N, L]   per-example layer score for name in ("salem", "grad_x_weight",
                                 "mean_sq"), rows in input order (padding dropped)
