@@ -149,3 +149,58 @@ def to_varying(tree: Any) -> Any:
     """Mark replicated values as per-device inside `fn`, so `jax.grad` w.r.t. them gives each
     device's own gradient (to be averaged with `pmean`) instead of an implicit sum."""
     return jax.tree.map(lambda x: jax.lax.pcast(x, (DATA,), to="varying"), tree)
+
+
+# ----------------------------------------------------------------------------- multi-host helpers
+
+
+def is_main_process() -> bool:
+    """True on the process that writes results (process 0); every process writes checkpoints."""
+    return jax.process_index() == 0
+
+
+def process_rows(global_rows: int, mesh: Mesh) -> slice:
+    """The rows of a global batch (leading axis split over "data") that this process feeds.
+
+    Each host loads only these rows and passes them to `host_local_batch`; on one process it is
+    every row. The split follows the mesh's device order, whatever the pod's topology."""
+    n = n_data(mesh)
+    if global_rows % n:
+        raise ValueError(f"a global batch of {global_rows} rows cannot be split over {n} data-parallel devices")
+    idx = NamedSharding(mesh, SHARDED).addressable_devices_indices_map((global_rows,))
+    starts = sorted({(i[0].start or 0, global_rows if i[0].stop is None else i[0].stop) for i in idx.values()})
+    lo, hi = starts[0][0], starts[-1][1]
+    if sum(b - a for a, b in starts) != hi - lo:
+        raise ValueError("this process's devices hold non-contiguous rows of the batch; feed it with shard_batch")
+    return slice(lo, hi)
+
+
+def host_local_batch(tree: Any, mesh: Mesh, global_rows: int | None = None) -> Any:
+    """Global arrays (leading axis split over "data") from each process's own rows.
+
+    tree: numpy leaves holding this process's rows (`process_rows`), e.g. read from its own
+    shard of the data files. On one process this equals `shard_batch(tree, mesh)`.
+    global_rows: the global batch size (default: local rows x number of processes)."""
+    sharding = NamedSharding(mesh, SHARDED)
+
+    def put(x):
+        x = np.asarray(x)
+        if x.ndim == 0:
+            raise ValueError("batch leaves need a leading (row) axis")
+        shape = None if global_rows is None else (global_rows,) + x.shape[1:]
+        return jax.make_array_from_process_local_data(sharding, x, shape)
+
+    return jax.tree.map(put, tree)
+
+
+def fetch(tree: Any) -> Any:
+    """Host (numpy) copies of every leaf, also of arrays sharded over several hosts' devices
+    (gathered over processes; on one process it is `jax.device_get`)."""
+    from jax.experimental import multihost_utils
+
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(get, tree)

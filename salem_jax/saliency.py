@@ -404,9 +404,13 @@ def _grad_one(apply, loss):
     return jax.vmap(jax.grad(one), in_axes=(None, 0))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(4,))
-def _saliency_step(apply, weights, layer_paths, track_mean, state, params, batch, onehot):
-    """state + per-column statistics of one micro-batch; also returns per-example layer scores."""
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(5,))
+def _saliency_step(apply, weights, layer_paths, track_mean, state_shardings, state, params, batch, onehot):
+    """state + per-column statistics of one micro-batch; also returns per-example layer scores.
+
+    state_shardings: None, or one NamedSharding per leaf of `state` (sharded parameters): the
+    new state is held to them, so the donated state keeps its placement and the step compiles
+    once."""
     TRACE_COUNTS["saliency"] += 1  # runs at trace time only
     g = _grad_one(apply, _nll)(params, batch)  # the whole pytree, per example
     cols = {name: {} for name in _ELEMENTWISE}
@@ -423,7 +427,38 @@ def _saliency_step(apply, weights, layer_paths, track_mean, state, params, batch
     for name in _ELEMENTWISE:
         new["cols"][name] = {q: state["cols"][name][q] + onehot.T @ cols[name][q] for q in cols[name]}
     per_ex = {name: _layer_stack(layer_paths, cols[name]) for name in _ELEMENTWISE}
+    if state_shardings is not None:
+        leaves, tree = jax.tree.flatten(new)
+        new = jax.tree.unflatten(tree, [jax.lax.with_sharding_constraint(x, s) for x, s in zip(leaves, state_shardings)])
     return new, per_ex
+
+
+def _mesh_of(params: Any):
+    """The mesh of parameters placed with NamedShardings over several devices, else None."""
+    for leaf in jax.tree.leaves(params):
+        sh = getattr(leaf, "sharding", None)
+        if isinstance(sh, jax.sharding.NamedSharding) and len(sh.device_set) > 1:
+            return sh.mesh
+    return None
+
+
+def _sharded_state(state: dict, params: Any, mesh) -> tuple[dict, tuple]:
+    """The streaming state placed on `mesh`: column statistics replicated (small), gradient sums
+    [G, *kernel] sharded like their kernels (as big as the weights). Returns (state, shardings)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    def kernel_spec(path):
+        sh = get_path(params, path).sharding
+        spec = tuple(sh.spec) if isinstance(sh, NamedSharding) and sh.mesh == mesh else ()
+        return spec + (None,) * (np.ndim(get_path(params, path)) - len(spec))
+
+    spec_tree = {
+        "cols": {n: {q: PartitionSpec(None, None) for q in d} for n, d in state["cols"].items()},
+        "grad": {q: PartitionSpec(None, *kernel_spec(q)) for q in state["grad"]},
+    }
+    shard_tree = jax.tree.map(lambda s: NamedSharding(mesh, s), spec_tree, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    placed = jax.tree.map(jax.device_put, state, shard_tree)
+    return placed, tuple(jax.tree.leaves(shard_tree))
 
 
 def saliency_stats(
@@ -443,6 +478,11 @@ def saliency_stats(
     row (rows past len(groups) must be padding with an all-zero label_mask), or an iterable of
     such pairs (e.g. from `salem_jax.data.edit_set.edit_set_batches`). Batches of different
     sequence lengths each compile once.
+
+    params may be sharded over a device mesh (`salem_jax.sharding.shard_params`): the step then
+    runs on that mesh, every micro-batch split over its "data" axis (when micro_batch divides),
+    the per-example gradients and gradient sums sharded like the weights; the numbers are the
+    one-device numbers.
     """
     t0 = time.perf_counter()
     pairs = _as_examples(data)
@@ -464,7 +504,17 @@ def saliency_stats(
         else {},
     }
     traces0 = TRACE_COUNTS["saliency"]
-    static = (model.apply, weights, tuple(layer_paths.values()), track_mean)
+    mesh = _mesh_of(params)
+    state_shardings = None
+    put = jnp.asarray
+    if mesh is not None:
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        state, state_shardings = _sharded_state(state, params, mesh)
+        n_data = int(mesh.shape.get("data", 1))
+        rows_spec = PartitionSpec("data") if micro_batch % n_data == 0 else PartitionSpec()
+        put = lambda x: jax.device_put(x, NamedSharding(mesh, rows_spec))  # noqa: E731
+    static = (model.apply, weights, tuple(layer_paths.values()), track_mean, state_shardings)
 
     total = sum(-(-n // micro_batch) for _, _, n in checked)
     bar = _progress(total, "saliency", progress)
@@ -475,12 +525,14 @@ def saliency_stats(
         for s, rows, mb in _micro_batches(b, n, micro_batch):
             onehot = np.zeros((micro_batch, G), np.float32)
             onehot[np.arange(rows), gidx[s : s + rows]] = 1.0
-            state, pe = _saliency_step(*static, state, params, {k: jnp.asarray(v) for k, v in mb.items()}, jnp.asarray(onehot))
+            state, pe = _saliency_step(*static, state, params, {k: put(v) for k, v in mb.items()}, put(onehot))
+            pe = _fetch(pe)
             for name in _ELEMENTWISE:
                 per_ex[name].append(np.asarray(pe[name])[:rows])
             bar.update(1)
         row_groups.extend(grp)
     bar.close()
+    state = _fetch(state)
     stats = SaliencyStats(
         model=model.name,
         layers=names,
@@ -496,6 +548,12 @@ def saliency_stats(
         wall_time=time.perf_counter() - t0,
     )
     return stats
+
+
+def _fetch(tree):
+    from salem_jax.parallel import fetch
+
+    return fetch(tree)
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from salem_jax import parallel
 from salem_jax.data.tokenize import encode
@@ -349,11 +351,14 @@ def _factors(apply_fn, spec, base_params, fail):
     return jax.vmap(lambda b: capture(apply_fn, base_params, b, spec.weights)[1])(fail)
 
 
-def _device_train_step(state, base_params, batch, *, apply_fn, spec, cfg):
-    """One device's share of a training step (runs under shard_map; batch leaves [G_local, ...])."""
+def _device_train_step(state, base_params, batch, *, apply_fn, spec, cfg, axis_name=parallel.DATA):
+    """One device's share of a training step (runs under shard_map; batch leaves [G_local, ...]).
+
+    With `axis_name=None` it is the whole step on the global batch, for `jax.jit` over sharded
+    parameters (`sharded_train_step`): the same numbers, the partitioner splits the work."""
     tx = make_optimizer(cfg, state["params"])
     factors = _factors(apply_fn, spec, base_params, batch["fail"])
-    norm = update_norm_state(spec, state["norm"], factors, axis_name=parallel.DATA)
+    norm = update_norm_state(spec, state["norm"], factors, axis_name=axis_name)
     base_pass = jax.vmap(lambda b: apply_fn(base_params, b))(batch["pass"])
     group = jax.vmap(
         lambda p, f, e, q, bl: _group_outputs(apply_fn, spec, cfg, p, norm, base_params, f, e, q, bl),
@@ -366,8 +371,11 @@ def _device_train_step(state, base_params, batch, *, apply_fn, spec, cfg):
         return (losses * w).sum() / jnp.maximum(w.sum(), 1.0), out
 
     # Per-device gradients (not jax's implicit sum over replicas), then the explicit mean.
-    (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(parallel.to_varying(state["params"]))
-    grads = jax.lax.pmean(grads, parallel.DATA)
+    if axis_name is None:
+        (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    else:
+        (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(parallel.to_varying(state["params"]))
+        grads = jax.lax.pmean(grads, axis_name)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_state = {"params": params, "opt_state": opt_state, "norm": norm, "step": state["step"] + 1, "rng": state["rng"]}
@@ -381,7 +389,8 @@ def _device_train_step(state, base_params, batch, *, apply_fn, spec, cfg):
     }
     # Means over all groups of all devices (every device has as many): replicated scalars,
     # readable on every host of a pod.
-    metrics = {k: jax.lax.pmean(v.mean(), parallel.DATA) for k, v in per_group.items()}
+    mean = (lambda v: v.mean()) if axis_name is None else (lambda v: jax.lax.pmean(v.mean(), axis_name))  # noqa: E731
+    metrics = {k: mean(v) for k, v in per_group.items()}
     metrics["grad_norm"] = optax.tree.norm(grads)
     return new_state, metrics
 
@@ -403,7 +412,7 @@ def train_step(state, base_params, batch, *, apply_fn, spec: EditorSpec, cfg: Tr
     return parallel.shard(fn, mesh, in_specs=(r, r, s), out_specs=(r, r))(state, base_params, batch)
 
 
-def _device_eval_step(editor_params, norm, base_params, batch, *, apply_fn, spec, cfg):
+def _device_eval_step(editor_params, norm, base_params, batch, *, apply_fn, spec, cfg, axis_name=parallel.DATA):
     factors = _factors(apply_fn, spec, base_params, batch["fail"])
     base_pass = jax.vmap(lambda b: apply_fn(base_params, b))(batch["pass"])
     base_edit = jax.vmap(lambda b: apply_fn(base_params, b))(batch["edit"])
@@ -422,6 +431,8 @@ def _device_eval_step(editor_params, norm, base_params, batch, *, apply_fn, spec
         "base_pass_correct": out["base_pass_correct"],
         "pass_valid": batch["pass"]["label_mask"].sum(-1) > 0,
     }
+    if axis_name is None:
+        return results
     # every device's groups, on every device (so every host of a pod can read them)
     return parallel.gather_replicated(results)
 
@@ -434,6 +445,59 @@ def eval_step(editor_params, norm, base_params, batch, *, apply_fn, spec: Editor
     fn = functools.partial(_device_eval_step, apply_fn=apply_fn, spec=spec, cfg=cfg)
     r, s = parallel.REPLICATED, parallel.SHARDED
     return parallel.shard(fn, mesh, in_specs=(r, r, r, s), out_specs=r)(editor_params, norm, base_params, batch)
+
+
+def _replicated(tree, mesh):
+    """Constrain every leaf to a full copy on each device (`P()`, as `sharding.replicate` places
+    the state): the donated state keeps one placement from step to step, and every host can read it."""
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P())), tree)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "spec", "cfg", "mesh"), donate_argnums=(0,))
+def sharded_train_step(state, base_params, batch, *, apply_fn, spec: EditorSpec, cfg: TrainConfig, mesh):
+    """`train_step` for base parameters sharded over a `(data, model)` mesh (salem_jax.sharding).
+
+    Written for the global batch and jitted as a whole: XLA's partitioner gathers each weight
+    where it is used, keeps the groups split over "data" and the base gradients sharded.
+    state: replicated (`sharding.replicate`), donated; base_params: `sharding.shard_params`;
+    batch: `parallel.shard_batch` (or `host_local_batch` on a pod). Returns replicated state
+    and metrics, equal to `train_step`'s (the loss weights every group equally, as there)."""
+    new_state, metrics = _device_train_step(state, base_params, batch, apply_fn=apply_fn, spec=spec, cfg=cfg, axis_name=None)
+    return _replicated(new_state, mesh), _replicated(metrics, mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "spec", "cfg", "mesh"))
+def sharded_eval_step(editor_params, norm, base_params, batch, *, apply_fn, spec: EditorSpec, cfg: TrainConfig, mesh):
+    """`eval_step` for sharded base parameters (see `sharded_train_step`); replicated results."""
+    out = _device_eval_step(editor_params, norm, base_params, batch, apply_fn=apply_fn, spec=spec, cfg=cfg, axis_name=None)
+    return _replicated(out, mesh)
+
+
+def uses_sharded_params(mesh) -> bool:
+    """Whether steps on `mesh` take sharded base parameters: meshes with a "model" axis
+    (`sharding.make_mesh`) do; 1-D "data" meshes (`parallel.data_mesh`) replicate them."""
+    from salem_jax.sharding import MODEL
+
+    return MODEL in mesh.axis_names
+
+
+def place_base_params(model, base_params, mesh):
+    """Base parameters placed for the steps on `mesh`: sharded (`sharding.shard_params`, MLPs
+    tensor parallel when the "model" axis > 1) on a `(data, model)` mesh, else replicated."""
+    if uses_sharded_params(mesh):
+        from salem_jax import sharding
+
+        return sharding.shard_params(base_params, mesh, model=model)
+    return parallel.replicate(base_params, mesh)
+
+
+def place_state(tree, mesh):
+    """Train state (or editor params) replicated as the steps on `mesh` expect it."""
+    if uses_sharded_params(mesh):
+        from salem_jax import sharding
+
+        return sharding.replicate(tree, mesh)
+    return parallel.replicate(tree, mesh)
 
 
 def summarize_eval(results: Sequence[Mapping[str, np.ndarray]], weights: Sequence[np.ndarray], k: int) -> dict:
@@ -468,10 +532,12 @@ def summarize_eval(results: Sequence[Mapping[str, np.ndarray]], weights: Sequenc
 def evaluate(model, spec, cfg, mesh, editor_params, norm, base_params, data: EditData) -> dict:
     """Edit every validation group with the editor and summarise (see `summarize_eval`).
 
-    All arguments placed as for `train_step` (params replicated)."""
+    All arguments placed as for `train_step` (params replicated), or for `sharded_train_step`
+    (base params from `place_base_params`) when the mesh has a "model" axis."""
     batches = val_batches(data, cfg)
     kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg.step_config(), mesh=mesh)
-    results = [jax.device_get(eval_step(editor_params, norm, base_params, parallel.shard_batch(b, mesh), **kw)) for b in batches]
+    step = sharded_eval_step if uses_sharded_params(mesh) else eval_step
+    results = [parallel.fetch(step(editor_params, norm, base_params, parallel.shard_batch(b, mesh), **kw)) for b in batches]
     return summarize_eval(results, [b["weight"] for b in batches], cfg.edits_per_group)
 
 
@@ -524,7 +590,9 @@ def train_editor(
 
     data: {"train": EditData, "val": EditData} from `prepare_splits`.
     weights_or_spec: the `Weight`s to edit (an `EditorSpec` is built with cfg.editor) or a spec.
-    mesh: device mesh with a "data" axis (default: all devices).
+    mesh: device mesh with a "data" axis (default: all devices). A `sharding.make_mesh`
+      `(data, model)` mesh shards the base parameters (FSDP, MLPs tensor parallel over "model")
+      and runs `sharded_train_step`; a 1-D `parallel.data_mesh` replicates them.
     resume: continue from the latest checkpoint in workdir if there is one (it must match the
       model, the weights and the config, else `CheckpointMismatch`).
     stop_after: stop (without a final checkpoint) once this step is reached - for tests of
@@ -566,9 +634,10 @@ def train_editor(
         if metrics_path.exists():
             metrics_path.unlink()
 
-    state = parallel.replicate(state, mesh)
-    base = parallel.replicate(base_params, mesh)
+    state = place_state(state, mesh)
+    base = place_base_params(model, base_params, mesh)
     kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg.step_config(), mesh=mesh)
+    step_fn = sharded_train_step if uses_sharded_params(mesh) else train_step
 
     def validate(step):
         v = evaluate(model, spec, cfg, mesh, state["params"], state["norm"], base, data["val"])
@@ -589,10 +658,10 @@ def train_editor(
     try:
         while step < cfg.max_steps and not stopped_early:
             batch = parallel.shard_batch(train_batch(data["train"], cfg, step), mesh)
-            state, m = train_step(state, base, batch, **kw)
+            state, m = step_fn(state, base, batch, **kw)
             step += 1
             if compiled is None:
-                compiled = train_step._cache_size()
+                compiled = step_fn._cache_size()
             pending.append(m)
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.max_steps:
@@ -630,5 +699,5 @@ def train_editor(
         best_val_loss=run["best_val_loss"],
         stopped_early=stopped_early,
         last_val=run["last_val"],
-        recompiles=0 if compiled is None else train_step._cache_size() - compiled,
+        recompiles=0 if compiled is None else step_fn._cache_size() - compiled,
     )
