@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 from test_mend_train import COUNTRIES, synthetic_rows
 
 from salem_jax import parallel, sharding
-from salem_jax.eval.metrics import compare_rows, score_rows
+from salem_jax.eval.metrics import compare_rows
 from salem_jax.mend.apply import TrainedEditor, apply_edits
 from salem_jax.mend.editor import EditorSpec
 from salem_jax.mend.train import (
@@ -40,9 +40,9 @@ MIN = 2**12  # sharding.param_specs' default min_size
 
 @functools.cache
 def medium():
-    """A 2-layer Llama of width 128, MLP 512, vocab 256 (every large axis divisible by 8)."""
-    return llama.tiny_llama(vocab_size=256, hidden_size=128, intermediate_size=512, num_attention_heads=4,
-                            num_key_value_heads=2)
+    """A 2-layer Llama of width 64, MLP 256, vocab 128: its embedding, MLP, q and o matrices
+    (>= 4096 entries, every axis divisible by 8) are split; k, v (64 x 32) and norms are not."""
+    return llama.tiny_llama(hidden_size=64, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
 
 
 @functools.cache
@@ -179,10 +179,12 @@ def test_saliency_sharded_equals_one_device():
 
 @functools.cache
 def edit_setup():
-    m = medium()
+    """One block of the medium model (the editor tests compile whole training steps), 4 train
+    and 2 validation facts, 2 groups per step (one per "data" row of the mesh)."""
+    m = llama.tiny_llama(hidden_size=64, intermediate_size=256, num_hidden_layers=1)
     data = prepare_splits(m, {"train": synthetic_rows(m, COUNTRIES[:4], 0, "tr"), "val": synthetic_rows(m, COUNTRIES[4:6], 1, "va")})
-    cfg = TrainConfig.tiny(batch_size=2, effective_batch=2, max_steps=3, val_every=3, checkpoint_every=3, log_every=1)
-    spec = EditorSpec.from_params(m.layers.weights(["layers.1"]), m.params, cfg.editor)
+    cfg = TrainConfig.tiny(batch_size=2, effective_batch=2, max_steps=2, val_every=2, checkpoint_every=2, log_every=1)
+    spec = EditorSpec.from_params(m.layers.weights(["layers.0"]), m.params, cfg.editor)
     return m, data, cfg.resolved(2), spec
 
 
@@ -202,7 +204,8 @@ def test_editor_step_sharded_equals_one_device():
     # 2 x 4: base parameters split, groups over "data"
     mesh = mesh24()
     base = place_base_params(m, m.params, mesh)
-    assert sharding.describe(base).max_device_bytes < sharding.describe(base).total_bytes / 6
+    info = sharding.describe(base)
+    assert info.max_device_bytes <= info.total_bytes / 8 + info.replicated_bytes < info.total_bytes / 4
     state = sharding.replicate(init_train_state(spec, cfg), mesh)
     s8, m8 = sharded_train_step(state, base, parallel.shard_batch(batch, mesh), mesh=mesh, **kw)
     s1, m1, s8, m8 = jax.device_get((s1, m1, s8, m8))
@@ -222,33 +225,44 @@ def test_editor_step_sharded_equals_one_device():
     assert sharded_train_step._cache_size() == size
 
 
-def test_editing_and_evaluation_sharded_equal_one_device(tmp_path):
+def test_editing_and_evaluation_sharded_equal_one_device():
     m, data, cfg, spec = edit_setup()
-    # a short training run on the 2x4 mesh (checkpoints, validation, no recompilation) ...
-    res = train_editor(m, data, spec, cfg, tmp_path / "run", mesh=mesh24(), progress=False)
-    assert res.step == cfg.max_steps and res.recompiles == 0 and res.last_val["groups"] == 2
-    # ... whose validation numbers are the one-device evaluation of the same editor
-    mesh1 = parallel.data_mesh(jax.devices()[:1])
-    rep = lambda t: parallel.replicate(t, mesh1)  # noqa: E731
-    v1 = evaluate(m, spec, res.config, mesh1, rep(res.params), rep(res.norm), rep(m.params), data["val"])
+    fresh = init_train_state(spec, cfg)  # identity editor: its edits are one scaled gradient step
+    # the editor's validation on the 2x4 mesh equals the one-device evaluation
+    mesh, mesh1 = mesh24(), parallel.data_mesh(jax.devices()[:1])
+    rep1 = lambda t: parallel.replicate(t, mesh1)  # noqa: E731
+    v1 = evaluate(m, spec, cfg, mesh1, rep1(fresh["params"]), rep1(fresh["norm"]), rep1(m.params), data["val"])
+    base8 = place_base_params(m, m.params, mesh)
+    rep8 = lambda t: sharding.replicate(t, mesh)  # noqa: E731
+    v8 = evaluate(m, spec, cfg, mesh, rep8(fresh["params"]), rep8(fresh["norm"]), base8, data["val"])
+    assert v1["groups"] == 2 and v1["kl"] > 0
     for k, v in v1.items():
-        np.testing.assert_allclose(res.last_val[k], v, rtol=1e-4, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(v8[k], v, rtol=1e-4, atol=1e-6, err_msg=k)
     # applying the editor to sharded parameters edits the same kernels, and keeps them sharded
-    ed = TrainedEditor(spec=spec, params=res.params, state=res.norm, model_name=m.name, step=res.step)
+    ed = TrainedEditor(spec=spec, params=fresh["params"], state=fresh["norm"], model_name=m.name, step=0)
     reqs = [("the capital of kenya is", "nairobi"), ("the capital of india is", "delhi")]
     new1 = apply_edits(m, ed, reqs, progress=False)
-    new8 = apply_edits(m, ed, reqs, params=placed(), progress=False)
+    new8 = apply_edits(m, ed, reqs, params=base8, progress=False)
     for w in spec.weights:
         k8 = sharding.get_path(new8, w.path)
         assert len(k8.sharding.device_set) == 8 and not k8.sharding.is_fully_replicated
-        np.testing.assert_allclose(np.asarray(k8), np.asarray(sharding.get_path(new1, w.path)), rtol=1e-5, atol=1e-6)
+        _close(np.asarray(k8), np.asarray(sharding.get_path(new1, w.path)), w.path)
     changed = max(float(np.abs(np.asarray(sharding.get_path(new1, w.path)) - np.asarray(sharding.get_path(m.params, w.path))).max())
                   for w in spec.weights)
-    assert changed > 0
+    assert changed > 1e-6
     # edit metrics with sharded base and edited parameters
     rows = [dict(prompt=p, target=t) for p, t in reqs] + [dict(prompt="egypt lies in", target="africa")]
-    np.testing.assert_allclose(*(score_rows(m, p, rows, batch_size=4, progress=False)["nll_sum"] for p in (new1, new8)), rtol=1e-5)
     c1 = compare_rows(m, m.params, new1, rows, batch_size=4, progress=False)
-    c8 = compare_rows(m, placed(), new8, rows, batch_size=4, progress=False)
+    c8 = compare_rows(m, base8, new8, rows, batch_size=4, progress=False)
     for k in c1:
         np.testing.assert_allclose(c8[k], c1[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.slow
+def test_train_editor_on_a_2x4_mesh(tmp_path):
+    """The whole loop on a (data, model) mesh: compiles once, validates, checkpoints, resumes."""
+    m, data, cfg, spec = edit_setup()
+    res = train_editor(m, data, spec, cfg, tmp_path, mesh=mesh24(), progress=False)
+    assert res.step == cfg.max_steps and res.recompiles == 0 and res.last_val["groups"] == 2
+    more = train_editor(m, data, spec, dataclasses.replace(cfg, max_steps=3), tmp_path, mesh=mesh24(), progress=False)
+    assert more.step == 3 and more.recompiles == 0
