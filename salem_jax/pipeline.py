@@ -47,7 +47,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.score_batch = 16
     c.skip_invalid = False  # True: records too long for the model are skipped (and counted) instead of an error
     c.saliency = ml_collections.ConfigDict(
-        dict(scorer="salem", top_k=1, part="mlp", micro_batch=8, max_examples=64, select_group="fail")
+        # groups: which edit-set groups are profiled (fail is needed for the choice; pass adds the
+        # contrast scorer's reference; adapt is reported only); at most max_examples rows each
+        dict(scorer="salem", top_k=1, part="mlp", micro_batch=8, max_examples=64, select_group="fail",
+             groups=("fail", "adapt", "pass"))
     )
     c.editor = ml_collections.ConfigDict(
         dict(
@@ -156,7 +159,10 @@ def saliency(model, rows: list[dict], cfg):
     for r in rows:
         by_group.setdefault(r["group"], []).append(r)
     chosen: list[dict] = []
+    wanted = set(cfg.saliency.groups) | {cfg.saliency.select_group}
     for g, rs in sorted(by_group.items()):
+        if g not in wanted:
+            continue
         take = min(len(rs), cfg.saliency.max_examples)
         idx = np.sort(rng.choice(len(rs), size=take, replace=False))
         chosen += [rs[i] for i in idx]
