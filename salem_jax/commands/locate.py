@@ -158,35 +158,18 @@ def run_saliency(model, rows, args, progress: bool):
 
 
 def run_causal_trace(model, rows, subjects, info, args, progress: bool):
-    from salem_jax.data.tokenize import encode
-    from salem_jax.locate.causal_trace import subject_token_mask, trace_profile
+    from salem_jax.locate.trace_rows import trace_edit_rows
 
     group = args.group if args.group != "overall" else "fail"
-    facts = [r for r in rows if r["group"] == group]
-    if not facts:
-        raise ValueError(f"no {group!r} rows to trace")
     if subjects is None:
         subjects = subjects_from_source(info)
-    usable, skipped = [], []
-    for r in facts:
-        s = subjects.get(r["record_id"], "")
-        if s and s.lower() in r["prompt"].lower():
-            usable.append((r, s))
-        else:
-            skipped.append(r["id"])
-    if not usable:
-        raise ValueError(f"none of the {len(facts)} {group!r} rows has a subject that occurs in its prompt")
-    if skipped:
-        print(f"causal trace: {len(skipped)} rows without their subject in the prompt are left out", file=sys.stderr)
-    prompts = [r["prompt"] for r, _ in usable]
-    batch = encode(model, prompts, [r["target"] for r, _ in usable], where="causal trace")
-    sm = subject_token_mask(model, prompts, [s for _, s in usable], batch["input_ids"].shape[1])
-    prof, _ = trace_profile(
-        model, model.params, batch, sm, top_k=args.top_k, group=group, layers=_layers(args), n_noise=args.n_noise,
-        restorations_per_call=args.restorations_per_call, seed=args.seed, progress=progress,
+    prof = trace_edit_rows(
+        model, model.params, rows, subjects, group=group, top_k=args.top_k, layers=_layers(args),
+        n_noise=args.n_noise, restorations_per_call=args.restorations_per_call, seed=args.seed, progress=progress,
     )
-    if skipped:
-        prof.extra["skipped_rows"] = skipped
+    if prof.extra["skipped_rows"]:
+        print(f"causal trace: {len(prof.extra['skipped_rows'])} rows without their subject in the prompt are left out",
+              file=sys.stderr)
     return prof
 
 
