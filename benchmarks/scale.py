@@ -173,6 +173,53 @@ def edit_cost(model, params, spec: EditorSpec, n_requests: int, repeats: int) ->
     return out
 
 
+def sharded_memory(model, spec: EditorSpec, cfg: TrainConfig, batch: dict, sal_batch: dict, mesh_shape: str, micro_batch: int) -> dict:
+    """Per-device planned memory on a (data, model) mesh: compile only (timings on simulated
+    devices would mean nothing). Needs data x model devices (XLA_FLAGS on a CPU)."""
+    from salem_jax import sharding
+    from salem_jax.mend.train import place_base_params, sharded_train_step
+
+    d, m = (int(x) for x in mesh_shape.lower().split("x"))
+    if len(jax.devices()) < d * m:
+        raise SystemExit(f"--mesh {mesh_shape} needs {d * m} devices, have {len(jax.devices())}; on a CPU run with "
+                         f"XLA_FLAGS=--xla_force_host_platform_device_count={d * m}")
+    mesh = sharding.make_mesh(d, m, jax.devices()[: d * m])
+    base = place_base_params(model, model.params, mesh)
+    info = sharding.describe(base)
+    out = {"mesh": {"data": d, "model": m}, "param_bytes_total": info.total_bytes,
+           "param_bytes_per_device": info.max_device_bytes, "replicated_leaves": len(info.replicated)}
+    cfg = dataclasses.replace(cfg, batch_size=max(cfg.batch_size or 1, d)).resolved(d)
+    batch = train_batch_for(batch, cfg.batch_size)
+    state = sharding.replicate(init_train_state(spec, cfg), mesh)
+    print(f"  lowering the sharded editor step on {d}x{m} ...", flush=True)
+    out["editor_step"] = memory(sharded_train_step.lower(state, base, parallel.shard_batch(batch, mesh), apply_fn=model.apply,
+                                                         spec=spec, cfg=cfg.step_config(), mesh=mesh))
+    out["editor_step"]["groups"] = cfg.batch_size
+    names, weights, layer_paths = saliency._tracked(model, base, None, "mlp")
+    fan_out = {w.path: w.in_out_shape(np.shape(saliency.get_path(base, w.path)))[1] for w in weights}
+    state0 = {"cols": {n: {w.path: jnp.zeros((3, fan_out[w.path])) for w in weights} for n in saliency._ELEMENTWISE},
+              "grad": {w.path: jnp.zeros((3,) + np.shape(saliency.get_path(base, w.path))) for w in weights}}
+    placed, shardings = saliency._sharded_state(state0, base, mesh)
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    print(f"  lowering the sharded saliency step on {d}x{m} ...", flush=True)
+    out["saliency"] = memory(saliency._saliency_step.lower(
+        model.apply, weights, tuple(layer_paths.values()), True, shardings, placed, base,
+        {k: jax.device_put(jnp.asarray(v), rows) for k, v in sal_batch.items()},
+        jax.device_put(jnp.ones((micro_batch, 3)), rows)))
+    st = init_train_state(spec, cfg)
+    reqs = encode_requests(model, [(f"The capital of {c} is", " " + cap) for c, cap in FACTS[:1]])
+    out["edit_1"] = memory(_edited_kernels.lower(st["params"], st["norm"], base, {k: jnp.asarray(v) for k, v in reqs.items()},
+                                                 apply_fn=model.apply, spec=spec))
+    return out
+
+
+def train_batch_for(batch: dict, groups: int) -> dict:
+    """`batch` (train_batch layout, G groups) repeated or cut to `groups` groups."""
+    g = batch["weight"].shape[0]
+    idx = np.arange(groups) % g
+    return jax.tree.map(lambda x: np.asarray(x)[idx], batch)
+
+
 def real_model_bench(args) -> dict:
     from salem_jax.models import load_model
 
@@ -203,6 +250,9 @@ def real_model_bench(args) -> dict:
     sal_batch = {k: v[: args.micro_batch] for k, v in
                  encode_requests(model, [(f"The capital of {c} is", " " + cap) for c, cap in FACTS]).items()}
     res["saliency"] = saliency_cost(model, params, sal_batch, args.micro_batch, args.repeats)
+    if args.mesh:
+        print(f"sharded memory on a {args.mesh} mesh ...", flush=True)
+        res["sharded"] = sharded_memory(model, spec, cfg, batch, sal_batch, args.mesh, args.micro_batch)
     res["targets"] = {
         "edit_under_1s": res["edit_1"]["run_s"] < 1.0,
         "editor_step_peak_under_4x_params": res["editor_step"]["memory"].get("peak", float("inf")) < 4 * pbytes,
@@ -281,6 +331,15 @@ def print_report(rep: dict) -> None:
             peak = m["memory"].get("peak", float("nan"))
             print(f"{label:28s} {m['run_s'] * 1e3:9.1f} {m['first_s']:8.1f} {m['compile_s']:9.1f} {peak / mib:9.0f} {peak / pb:8.2f}")
         print(f"editor training throughput: {r['editor_step']['edits_per_s']:.2f} edits/s")
+        if "sharded" in r:
+            sh = r["sharded"]
+            n = sh["mesh"]["data"] * sh["mesh"]["model"]
+            print(f"\nper device on a {sh['mesh']['data']}x{sh['mesh']['model']} mesh (planned by XLA): parameters "
+                  f"{sh['param_bytes_per_device'] / mib:.0f} MiB of {sh['param_bytes_total'] / mib:.0f} (ideal {sh['param_bytes_total'] / n / mib:.0f})")
+            for key, label in (("editor_step", f"editor step ({sh['editor_step']['groups']} groups)"), ("saliency", "saliency micro-batch"),
+                               ("edit_1", "edit, 1 request")):
+                peak = sh[key].get("peak", float("nan"))
+                print(f"  {label:26s} peak {peak / mib:8.0f} MiB per device = {peak / pb:.2f} x all parameter bytes")
         for k, v in r["targets"].items():
             print(f"target {k}: {'met' if v else 'NOT met'}")
     if "scaling" in rep:
@@ -302,6 +361,8 @@ def main(argv=None) -> int:
     ap.add_argument("--micro-batch", type=int, default=8, help="saliency micro-batch (rows)")
     ap.add_argument("--repeats", type=int, default=3, help="timed calls after the first")
     ap.add_argument("--quick", action="store_true", help="tiny models only (a smoke run)")
+    ap.add_argument("--mesh", default=None, help="also plan per-device memory with sharded parameters on a DATAxMODEL "
+                    "mesh, e.g. 2x4 (on a CPU set XLA_FLAGS=--xla_force_host_platform_device_count=8)")
     ap.add_argument("--skip-real", action="store_true")
     ap.add_argument("--skip-scaling", action="store_true")
     ap.add_argument("--out", default="runs/bench-scale.json")
