@@ -23,6 +23,10 @@ def get_config(tiny: bool = False):
     c.model = "smollm2-135m"
     c.format = c.data = "countries"
     c.relation = "capital"
+    # the 15-minute budget: profile 32 fail and 32 pass rows (fail decides; pass gives the
+    # contrast scorer its reference), not every group
+    c.saliency.groups = ("fail", "pass")
+    c.saliency.max_examples = 32
     if tiny:
         tiny_overrides(c, "tiny-llama")
         c.mode = "counterfactual"  # a random model knows no capital: edit toward the true ones anyway
