@@ -77,13 +77,18 @@ def test_train_editor_then_edit(tmp_path, monkeypatch, capsys):
     save_model(model, model.params, base_dir)
     fail = next(r for r in splits["train"] if r["group"] == "fail")
     request = {"prompt": fail["prompt"], "target": fail["target"]}
-    (tmp_path / "requests.jsonl").write_text(json.dumps(request) + "\n")
+    adapts = [r["prompt"] for r in splits["train"] if r["group"] == "adapt" and r["record_id"] == fail["record_id"]]
+    assert adapts
+    reph = adapts + [splits["val"][0]["prompt"]]  # its rephrasings and an unrelated prompt
+    (tmp_path / "requests.jsonl").write_text(json.dumps({**request, "rephrases": reph}) + "\n")
     out = tmp_path / "edited"
     args = _parse(edit_cmd, ["edit", "--model", str(base_dir), "--editor", str(work), "--requests",
                              str(tmp_path / "requests.jsonl"), "--out", str(out), "--no-progress"])
     capsys.readouterr()
     assert edit_cmd.run(args) == 0
-    report = json.loads(capsys.readouterr().out.splitlines()[0])
+    lines = capsys.readouterr().out.splitlines()
+    report = json.loads(lines[0])
+    counts = {k: report.pop(k) for k in ("rephrases", "rephrases_right_before", "rephrases_right_after")}
     assert report == {**request, "correct_before": False, "correct_after": True}
 
     # the saved edited model reloads and gives the edited answer; the base folder is unchanged
@@ -97,6 +102,12 @@ def test_train_editor_then_edit(tmp_path, monkeypatch, capsys):
     assert editor.step == full.best_step
     in_memory = apply_edits(model, editor, [request])
     np.testing.assert_allclose(logits, _correct(model, in_memory, [request])[1], atol=1e-5)
+    # the rephrasing counts: each rephrase scored on its own, on the base and the edited model
+    reqs = [{"prompt": p, "target": request["target"]} for p in reph]
+    hand_before = sum(bool(_correct(model, model.params, [q])[0][0]) for q in reqs)
+    hand_after = sum(bool(_correct(model, in_memory, [q])[0][0]) for q in reqs)
+    assert counts == {"rephrases": len(reph), "rephrases_right_before": hand_before, "rephrases_right_after": hand_after}
+    assert lines[-1] == f"{hand_after}/{len(reph)} rephrasings right after editing ({hand_before} before)"
 
 
 def test_batch_and_sequential_edits():
@@ -143,3 +154,6 @@ def test_requests_file_errors(tmp_path):
         read_requests(tmp_path / "missing.jsonl")
     f.write_text('{"prompt": "a", "target": "b"}\n')
     assert read_requests(f) == [{"prompt": "a", "target": "b"}]
+    f.write_text('{"prompt": "a", "target": "b", "rephrases": ["c", ""]}\n')
+    with pytest.raises(ValueError, match="line 1: field 'rephrases' must be a list of non-empty strings"):
+        read_requests(f)

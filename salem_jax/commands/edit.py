@@ -2,7 +2,9 @@
 
     salem edit --model smollm2-135m --editor runs/editor-capitals --requests fixes.jsonl --out runs/smollm2-fixed
 
-`--requests` is a JSON-lines file, one {"prompt": ..., "target": ...} per line. By default all
+`--requests` is a JSON-lines file, one {"prompt": ..., "target": ...} per line, optionally with
+"rephrases": [prompts that should give the same target] (held-out checks of generalisation: they
+are scored before and after, never used for the edit). By default all
 requests are applied together as one edit (`--mode batch`); `--mode sequential` applies them one
 after another. The edited model is written to `--out` as a folder that transformers and
 `salem_jax.models.load_model` open; the base model is untouched. For each request the command
@@ -49,6 +51,8 @@ def _correct(model, params, batch):
 
 
 def run(args) -> int:
+    import numpy as np
+
     from salem_jax import parallel
 
     parallel.initialize_distributed()
@@ -63,8 +67,23 @@ def run(args) -> int:
     params = apply_edits(model, editor, requests, mode=args.mode, progress=not args.no_progress)
     batch = encode_requests(model, requests, where=args.requests)
     before, after = _correct(model, model.params, batch), _correct(model, params, batch)
-    for r, b, a in zip(requests, before, after):
-        print(json.dumps({"prompt": r["prompt"], "target": r["target"], "correct_before": bool(b), "correct_after": bool(a)}))
+    # rephrasings: one batch of (rephrase, target) rows, scored on the base and the edited model
+    owner = [i for i, r in enumerate(requests) for _ in r.get("rephrases", [])]
+    reph_before = reph_after = np.zeros(0, bool)
+    if owner:
+        rows = [{"prompt": p, "target": r["target"]} for r in requests for p in r.get("rephrases", [])]
+        rb = encode_requests(model, rows, where=f"{args.requests} (rephrases)")
+        reph_before, reph_after = _correct(model, model.params, rb), _correct(model, params, rb)
+    owner = np.asarray(owner, int)
+    for i, (r, b, a) in enumerate(zip(requests, before, after)):
+        line = {"prompt": r["prompt"], "target": r["target"], "correct_before": bool(b), "correct_after": bool(a)}
+        if r.get("rephrases"):
+            mine = owner == i
+            line.update(rephrases=len(r["rephrases"]), rephrases_right_before=int(reph_before[mine].sum()),
+                        rephrases_right_after=int(reph_after[mine].sum()))
+        print(json.dumps(line))
     out = save_edited(model, params, args.out)
     print(f"{int(after.sum())}/{len(requests)} requests right after editing ({int(before.sum())} before); edited model in {out}")
+    if owner.size:
+        print(f"{int(reph_after.sum())}/{owner.size} rephrasings right after editing ({int(reph_before.sum())} before)")
     return 0

@@ -154,7 +154,8 @@ def apply_edits(
 
 
 def read_requests(path: str | Path) -> list[dict]:
-    """Edit requests from a JSON-lines file: one {"prompt": ..., "target": ...} object per line."""
+    """Edit requests from a JSON-lines file: one {"prompt": ..., "target": ...} object per line,
+    optionally with "rephrases": [other prompts that should now give the target] (checked, not edited)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no requests file {path}")
@@ -173,6 +174,9 @@ def read_requests(path: str | Path) -> list[dict]:
                 raise ValueError(f"{path} line {n}: field {key!r} is missing")
             if not isinstance(r[key], (str, int)) or (isinstance(r[key], str) and not r[key].strip()):
                 raise ValueError(f"{path} line {n}: field {key!r} must be a non-empty string")
+        reph = r.get("rephrases", [])
+        if not isinstance(reph, list) or not all(isinstance(x, str) and x.strip() for x in reph):
+            raise ValueError(f"{path} line {n}: field 'rephrases' must be a list of non-empty strings")
         out.append(r)
     if not out:
         raise ValueError(f"{path}: no edit requests")
