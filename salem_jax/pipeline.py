@@ -8,7 +8,9 @@
 3. saliency profile on the train split (paper eq. 2-5) -> the edit layer(s);
 4. for each method in `cfg.methods`, produce an *edit function* (request rows -> edited params):
    `salem` (MEND editor on the top-K salient layers), `mend_fixed` (MEND on the last three blocks,
-   as MEND does), `ft` / `ft_kl` (fine-tuning the salient layer, without / with a KL constraint);
+   as MEND does), `ft` / `ft_kl` (fine-tuning the salient layer, without / with a KL constraint),
+   `causal` (MEND on the layer chosen by ROME's causal tracing of train fail rows) and `rome`
+   (ROME's rank-one edit of that layer's MLP output projection, causal LMs only);
 5. evaluate every method on the val split, one edit at a time (as MEND and the paper report):
    edit accuracy on the fail row, adapt accuracy on its rephrasings, drawdown / locality on the
    val pass rows, and perplexity change on held-out text for the first `eval.ppl_edits` edits;
@@ -79,6 +81,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.methods = ("salem",)
     c.fixed_layers = 3  # mend_fixed: the last N blocks
     c.ft = ml_collections.ConfigDict(dict(steps=10, lr=1e-3, kl_weight=1.0))
+    # causal tracing (methods causal / rome): up to `facts` train fail rows with the subject in the prompt
+    c.trace = ml_collections.ConfigDict(dict(facts=8, n_noise=10, restorations_per_call=8))
+    # ROME (method rome): layer "" = the causal-traced one; covariance held_out = key statistics of the
+    # held-out texts (eval.text), identity = none; the rest are ROMEConfig's knobs (ROME's GPT-2 XL values)
+    c.rome = ml_collections.ConfigDict(
+        dict(layer="", covariance="held_out", v_steps=20, v_lr=0.5, kl_factor=0.0625, weight_decay=0.5,
+             clamp_norm_factor=4.0, ridge=1e-3)
+    )
     c.eval = ml_collections.ConfigDict(
         dict(max_edits=20, max_pass=48, ppl_edits=5, text="wikitext", n_texts=8, text_window=128, batch_size=8)
     )
@@ -259,6 +269,133 @@ def _pairs(model, rows):
     return [r.get("text_pair", "") for r in rows] if model.kind == "classifier" and any(r.get("text_pair") for r in rows) else None
 
 
+METHODS = ("salem", "salem3", "mend_fixed", "ft", "ft_kl", "causal", "rome")
+ROME_COVARIANCES = ("held_out", "identity")
+
+
+def check_methods(model, cfg) -> None:
+    """Fail before any costly step: unknown method names, and methods this kind of model cannot run."""
+    for m in cfg.methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r} in config.methods; choose from {', '.join(METHODS)}")
+    if "causal" in cfg.methods and model.kind == "classifier":
+        raise ValueError(
+            f"method 'causal' chooses its layer by causal tracing, which needs a generated answer (causal LMs, "
+            f"encoder blocks of seq2seq models); {model.name!r} is a classifier: drop 'causal' from config.methods"
+        )
+    if "rome" in cfg.methods:
+        if model.kind != "causal":
+            raise ValueError(
+                f"method 'rome' (ROME's rank-one edit) supports causal LMs only; {model.name!r} is a {model.kind} "
+                "model: drop 'rome' from config.methods"
+            )
+        if cfg.rome.layer and cfg.rome.layer not in model.layers.names():
+            raise ValueError(f"config.rome.layer {cfg.rome.layer!r} is not a layer of {model.name!r}; "
+                             f"layers are {', '.join(model.layers.names())} ('' = the causal-traced one)")
+        if cfg.rome.covariance not in ROME_COVARIANCES:
+            raise ValueError(f"config.rome.covariance {cfg.rome.covariance!r}: choose from {', '.join(ROME_COVARIANCES)}")
+
+
+def needs_trace(cfg) -> tuple[str, ...]:
+    """The configured methods that use the causal-traced layer."""
+    return tuple(m for m in cfg.methods if m == "causal" or (m == "rome" and not cfg.rome.layer))
+
+
+def causal_trace_layer(model, train_rows: list[dict], subjects: dict[str, str], cfg, work: Path,
+                       methods: tuple[str, ...]) -> tuple[str, dict]:
+    """ROME's layer choice: causal-trace (last subject token) up to `cfg.trace.facts` train fail rows
+    whose subject occurs in their prompt; writes work/profile_causal.json and .png.
+    Returns (chosen layer, summary for the results)."""
+    from salem_jax.locate.trace_rows import rows_with_subject, trace_edit_rows
+
+    usable, skipped = rows_with_subject(train_rows, subjects, "fail")
+    if not usable:
+        raise ValueError(
+            f"method(s) {', '.join(methods)} need causal tracing, but none of the {len(skipped)} train fail rows "
+            f"has a subject (field 'subject' of the {cfg.format!r} records from {cfg.data!r}) that occurs in its "
+            "prompt; use records with subjects or set config.rome.layer for rome"
+        )
+    t = time.perf_counter()
+    prof = trace_edit_rows(
+        model, model.params, train_rows, subjects, group="fail", max_facts=cfg.trace.facts or None,
+        select="last_subject", n_noise=cfg.trace.n_noise, restorations_per_call=cfg.trace.restorations_per_call,
+        seed=cfg.seed, progress=cfg.progress,
+    )
+    (work / "profile_causal.json").write_text(prof.to_json())
+    _plot_profile(prof, work / "profile_causal.png")
+    info = dict(
+        layer=prof.chosen[0], facts=list(prof.extra["fact_rows"]), forward_passes=prof.extra["forward_passes"],
+        sequences=prof.extra["sequences"], n_noise=prof.extra["n_noise"], select="last_subject",
+        skipped_rows=len(skipped), skipped_row_ids=list(skipped), profile="profile_causal.json",
+        seconds=time.perf_counter() - t,
+    )
+    return prof.chosen[0], info
+
+
+def rome_config(cfg):
+    from salem_jax.baselines.rome import ROMEConfig
+
+    r = cfg.rome
+    return ROMEConfig(v_steps=r.v_steps, v_lr=r.v_lr, kl_factor=r.kl_factor, weight_decay=r.weight_decay,
+                      clamp_norm_factor=r.clamp_norm_factor, ridge=r.ridge)
+
+
+def rome_edit_fn(model, layer: str, cov, cfg, subjects: dict[str, str]) -> Callable:
+    """Edit function of ROME on `layer`'s MLP output projection: each row (prompt -> target, the
+    record's subject) is one rank-one edit; several rows are applied one after another."""
+    from salem_jax.baselines.rome import rome_edit
+    from salem_jax.locate.trace_rows import subject_in_prompt
+
+    rc = rome_config(cfg)
+
+    def edit(rows):
+        params = model.params
+        for r in rows:
+            s = subject_in_prompt(r["prompt"], subjects.get(r["record_id"], ""))
+            if s is None:
+                raise ValueError(f"ROME: row {r['id']!r}: the subject of record {r['record_id']!r} "
+                                 f"({subjects.get(r['record_id'], '')!r}) does not occur in the prompt {r['prompt']!r}")
+            params = rome_edit(model, params, layer, r["prompt"], s, r["target"], cov=cov, config=rc,
+                               progress=False).params
+        return params
+
+    return edit
+
+
+def rome_val_rows(val_rows: list[dict], subjects: dict[str, str], max_edits: int) -> tuple[list[dict], list[str]]:
+    """The val rows ROME is evaluated on: the same first `max_edits` fail rows as every other method,
+    less those whose subject is unknown or not in the prompt (their ids are the second item); no
+    later row takes a skipped one's place, so ROME's edits are a subset of the others'."""
+    from salem_jax.locate.trace_rows import rows_with_subject
+
+    fails = [r for r in val_rows if r["group"] == "fail"][:max_edits]
+    usable, skipped = rows_with_subject(fails, subjects, "fail")
+    keep = {id(r) for r, _ in usable}
+    return [r for r in val_rows if r["group"] != "fail" or id(r) in keep], skipped
+
+
+def rome_method(model, layer: str, val_rows, texts, text_note: str, subjects, cfg):
+    """(edit function, training summary, val rows to evaluate, skipped val fail row ids) of ROME."""
+    from salem_jax.baselines.rome import key_covariance, rome_weight
+
+    t = time.perf_counter()
+    if cfg.rome.covariance == "held_out":
+        if not texts:
+            raise ValueError(f"method 'rome': config.rome.covariance='held_out' needs held-out text, but: {text_note}")
+        cov = key_covariance(model, model.params, layer, texts, window=cfg.eval.text_window,
+                             batch_size=cfg.eval.batch_size, progress=cfg.progress)
+        cov_note = f"key statistics of the {len(texts)} held-out texts ({text_note})"
+    else:
+        cov, cov_note = None, "identity (config.rome.covariance='identity')"
+    eval_rows, skipped = rome_val_rows(val_rows, subjects, cfg.eval.max_edits)
+    info = dict(
+        layers=[layer], weight=rome_weight(model, layer).path, steps=cfg.rome.v_steps, covariance=cov_note,
+        layer_from="config.rome.layer" if cfg.rome.layer else "causal tracing", seconds=time.perf_counter() - t,
+        skipped_edits=len(skipped),
+    )
+    return rome_edit_fn(model, layer, cov, cfg, subjects), info, eval_rows, skipped
+
+
 def evaluate_method(model, edit: Callable, val_rows: list[dict], texts: list[str], cfg, name: str) -> dict:
     """Edit each val fail record on its own (base weights each time); average the per-edit metrics.
 
@@ -333,6 +470,7 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
     model = load(cfg, records)
     times["load_model"] = time.perf_counter() - t
     say(f"model {model.name} ({model.arch}, {len(model.layers)} blocks) loaded in {times['load_model']:.1f}s")
+    check_methods(model, cfg)
 
     # 1. edit set (reused when a previous run of the same config wrote it)
     es_dir = work / "edit_set"
@@ -382,13 +520,29 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
     data = prepare_splits(model, {"train": train_rows, "val": val_rows})
     results: dict[str, Any] = {}
     training: dict[str, Any] = {}
+    subjects = {r.id: r.subject for r in records}  # causal / rome: the edit set keeps no subjects
+    causal_layer, trace_info = None, None
+    if "rome" in cfg.methods and cfg.rome.covariance == "held_out" and not texts:  # before any method trains
+        raise ValueError(
+            f"method 'rome': config.rome.covariance='held_out' needs held-out text (config.eval.text, config.eval.n_texts), "
+            f"but: {text_note}. Set --config.rome.covariance=identity to edit without ROME's key statistics"
+        )
+    if needs_trace(cfg):
+        t = time.perf_counter()
+        causal_layer, trace_info = causal_trace_layer(model, train_rows, subjects, cfg, work, needs_trace(cfg))
+        times["causal_trace"] = time.perf_counter() - t
+        say(f"causal tracing of {len(trace_info['facts'])} train fail rows chose {causal_layer} "
+            f"({trace_info['forward_passes']} forward passes, {trace_info['skipped_rows']} rows without their subject "
+            f"in the prompt left out) in {times['causal_trace']:.1f}s")
     for method in cfg.methods:
         t = time.perf_counter()
-        if method in ("salem", "salem3", "mend_fixed"):
+        eval_rows, skipped_edits = val_rows, None
+        if method in ("salem", "salem3", "mend_fixed", "causal"):
             layers = {
                 "salem": tuple(profile.chosen),
                 "salem3": top3,
                 "mend_fixed": tuple(model.layers.names()[-cfg.fixed_layers :]),
+                "causal": (causal_layer,),
             }[method]
             say(f"{method}: training a MEND editor on {', '.join(layers)}")
             editor, tr = train_mend(model, data, layers, cfg, work / f"editor_{method}")
@@ -397,16 +551,30 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
                 stopped_early=tr.stopped_early, last_val=tr.last_val, recompiles=tr.recompiles,
                 seconds=time.perf_counter() - t,
             )
+            if method == "causal":
+                training[method]["trace"] = trace_info
             edit = mend_edit_fn(model, editor)
         elif method in ("ft", "ft_kl"):
             layers = top1
             edit = ft_edit_fn(model, layers, cfg, kl=method == "ft_kl", pass_rows=[r for r in train_rows if r["group"] == "pass"])
             training[method] = dict(layers=list(layers), steps=cfg.ft.steps, seconds=0.0)
+        elif method == "rome":
+            layers = (cfg.rome.layer or causal_layer,)
+            say(f"rome: rank-one edits of {layers[0]}'s MLP output projection")
+            edit, training[method], eval_rows, skipped_edits = rome_method(
+                model, layers[0], val_rows, texts, text_note, subjects, cfg)
+            if not cfg.rome.layer:
+                training[method]["trace"] = trace_info
+            if skipped_edits:
+                say(f"rome: {len(skipped_edits)} val fail rows without their subject in the prompt are skipped")
         else:
-            raise ValueError(f"unknown method {method!r}; choose from salem, salem3, mend_fixed, ft, ft_kl")
+            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
         t = time.perf_counter()
-        results[method] = evaluate_method(model, edit, val_rows, texts, cfg, method)
+        results[method] = evaluate_method(model, edit, eval_rows, texts, cfg, method)
         results[method]["layers"] = list(layers)
+        if skipped_edits is not None:
+            results[method]["skipped_edits"] = len(skipped_edits)
+            results[method]["skipped_edit_rows"] = list(skipped_edits)
         times[f"eval_{method}"] = time.perf_counter() - t
         say(f"{method}: EA {_fmt(results[method].get('ea'))}, adapt {_fmt(results[method].get('adapt_acc'))}, "
             f"DD {_fmt(results[method].get('dd_acc'))}")
@@ -454,7 +622,8 @@ def results_table(out: dict) -> str:
     lines = [
         f"model {out['model']}, edit layers {', '.join(out['chosen_layers'])} "
         f"(scorer {out['profile']['scorer']}), val edits per method: "
-        + ", ".join(f"{k} {v['edits']}" for k, v in methods.items()),
+        + ", ".join(f"{k} {v['edits']}" + (f" ({v['skipped_edits']} skipped: no subject in the prompt)"
+                                            if v.get("skipped_edits") else "") for k, v in methods.items()),
         "",
         "| method | layers | " + " | ".join(c for _, c in COLUMNS) + " | editor steps | s/edit |",
         "|---|---|" + "---|" * len(COLUMNS) + "---|---|",
