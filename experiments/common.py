@@ -98,6 +98,9 @@ def tiny_overrides(c: ml_collections.ConfigDict, model: str) -> ml_collections.C
     )
     c.eval.update(dict(max_edits=3, max_pass=8, ppl_edits=1, n_texts=2, text_window=32))
     c.ft.steps = 3
+    c.trace.update(dict(facts=2, n_noise=2))
+    # ROME's weight decay and norm clamp are relative to |W k + b|, tiny in a random model
+    c.rome.update(dict(v_steps=4, v_lr=0.1, clamp_norm_factor=100.0, weight_decay=1e-3))
     return c
 
 
