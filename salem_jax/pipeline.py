@@ -79,6 +79,10 @@ def default_config() -> ml_collections.ConfigDict:
         )
     )
     c.methods = ("salem",)
+    # 0: the model replicated on every device, the editor step data parallel (1-D mesh).
+    # N >= 1: the model's weights sharded over a (data, N) mesh of all devices (salem_jax.sharding:
+    # FSDP, MLPs tensor parallel over "model" when N > 1) for saliency, training and evaluation.
+    c.mesh_model = 0
     c.fixed_layers = 3  # mend_fixed: the last N blocks
     c.ft = ml_collections.ConfigDict(dict(steps=10, lr=1e-3, kl_weight=1.0))
     # causal tracing (methods causal / rome): up to `facts` train fail rows with the subject in the prompt
@@ -219,13 +223,16 @@ def train_config(cfg):
     )
 
 
-def train_mend(model, data, layers: tuple[str, ...], cfg, workdir: Path):
-    """Train (or resume) a MEND editor on the MLP weights of `layers`; returns (TrainedEditor, TrainResult)."""
+def train_mend(model, data, layers: tuple[str, ...], cfg, workdir: Path, mesh=None):
+    """Train (or resume) a MEND editor on the MLP weights of `layers`; returns (TrainedEditor, TrainResult).
+
+    mesh: None = all devices on a 1-D data mesh; a `sharding.make_mesh` mesh when the model's
+    parameters are sharded on it (`cfg.mesh_model`)."""
     from salem_jax.mend.apply import TrainedEditor
     from salem_jax.mend.train import train_editor
 
     weights = model.layers.weights(list(layers), part="mlp")
-    result = train_editor(model, data, weights, train_config(cfg), workdir, progress=cfg.progress)
+    result = train_editor(model, data, weights, train_config(cfg), workdir, mesh=mesh, progress=cfg.progress)
     editor = TrainedEditor(
         spec=result.spec, params=result.params, state=result.norm, model_name=model.name, step=result.step
     )
@@ -321,8 +328,9 @@ def causal_trace_layer(model, train_rows: list[dict], subjects: dict[str, str], 
         select="last_subject", n_noise=cfg.trace.n_noise, restorations_per_call=cfg.trace.restorations_per_call,
         seed=cfg.seed, progress=cfg.progress,
     )
-    (work / "profile_causal.json").write_text(prof.to_json())
-    _plot_profile(prof, work / "profile_causal.png")
+    if _main_process():
+        (work / "profile_causal.json").write_text(prof.to_json())
+        _plot_profile(prof, work / "profile_causal.png")
     info = dict(
         layer=prof.chosen[0], facts=list(prof.extra["fact_rows"]), forward_passes=prof.extra["forward_passes"],
         sequences=prof.extra["sequences"], n_noise=prof.extra["n_noise"], select="last_subject",
@@ -441,6 +449,12 @@ def evaluate_method(model, edit: Callable, val_rows: list[dict], texts: list[str
     return out
 
 
+def _main_process() -> bool:
+    from salem_jax import parallel
+
+    return parallel.is_main_process()
+
+
 def _block(tree):
     import jax
 
@@ -471,6 +485,16 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
     times["load_model"] = time.perf_counter() - t
     say(f"model {model.name} ({model.arch}, {len(model.layers)} blocks) loaded in {times['load_model']:.1f}s")
     check_methods(model, cfg)
+    mesh = None
+    if cfg.mesh_model:
+        import dataclasses
+
+        from salem_jax import sharding
+        from salem_jax.mend.train import place_base_params
+
+        mesh = sharding.make_mesh(model=cfg.mesh_model)
+        model = dataclasses.replace(model, params=place_base_params(model, model.params, mesh))
+        say(f"parameters sharded over a {dict(mesh.shape)} mesh: {sharding.describe(model.params)}")
 
     # 1. edit set (reused when a previous run of the same config wrote it)
     es_dir = work / "edit_set"
@@ -487,7 +511,8 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
             batch_size=cfg.score_batch, progress=cfg.progress, skip_invalid=cfg.skip_invalid,
         )
         es.info["pipeline"] = _jsonable(stamp)
-        save_edit_set(es, es_dir, overwrite=True)
+        if _main_process():  # every host builds the same edit set; one writes it
+            save_edit_set(es, es_dir, overwrite=True)
     times["edit_set"] = time.perf_counter() - t
     say(es.summary())
     train_rows, val_rows = es.rows("train"), es.rows("val")
@@ -504,8 +529,9 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
     t = time.perf_counter()
     profile = saliency(model, train_rows, cfg)
     times["saliency"] = time.perf_counter() - t
-    (work / "profile.json").write_text(profile.to_json())
-    _plot_profile(profile, work / "profile.png")
+    if _main_process():
+        (work / "profile.json").write_text(profile.to_json())
+        _plot_profile(profile, work / "profile.png")
     say(f"saliency ({cfg.saliency.scorer}) chose {', '.join(profile.chosen)} in {times['saliency']:.1f}s")
     top1 = profile.chosen[:1]
     order = np.argsort(-np.asarray(profile.scores[profile.select_group]))
@@ -545,7 +571,7 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
                 "causal": (causal_layer,),
             }[method]
             say(f"{method}: training a MEND editor on {', '.join(layers)}")
-            editor, tr = train_mend(model, data, layers, cfg, work / f"editor_{method}")
+            editor, tr = train_mend(model, data, layers, cfg, work / f"editor_{method}", mesh=mesh)
             training[method] = dict(
                 layers=list(layers), steps=tr.step, best_step=tr.best_step, best_val_loss=tr.best_val_loss,
                 stopped_early=tr.stopped_early, last_val=tr.last_val, recompiles=tr.recompiles,
@@ -591,10 +617,11 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
         text=text_note,
         times=times,
     )
-    (work / "results.json").write_text(json.dumps(_jsonable(out), indent=2))
     table = results_table(out)
-    (work / "results.md").write_text(table + "\n")
-    _plot_training(work, list(training), work / "training.png")
+    if _main_process():  # results from process 0; orbax checkpoints are written by every host
+        (work / "results.json").write_text(json.dumps(_jsonable(out), indent=2))
+        (work / "results.md").write_text(table + "\n")
+        _plot_training(work, list(training), work / "training.png")
     print(table, flush=True)
     say(f"done in {times['total']:.0f}s; results in {work}")
     return out
