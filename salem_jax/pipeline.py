@@ -171,21 +171,11 @@ def held_out_texts(cfg) -> tuple[list[str], str]:
 
 
 def saliency(model, rows: list[dict], cfg):
-    from salem_jax.data.edit_set import edit_set_batches
+    from salem_jax.data.edit_set import edit_set_batches, sample_by_group
     from salem_jax.saliency import saliency_profile
 
-    rng = np.random.default_rng(cfg.seed)
-    by_group: dict[str, list[dict]] = {}
-    for r in rows:
-        by_group.setdefault(r["group"], []).append(r)
-    chosen: list[dict] = []
     wanted = set(cfg.saliency.groups) | {cfg.saliency.select_group}
-    for g, rs in sorted(by_group.items()):
-        if g not in wanted:
-            continue
-        take = min(len(rs), cfg.saliency.max_examples)
-        idx = np.sort(rng.choice(len(rs), size=take, replace=False))
-        chosen += [rs[i] for i in idx]
+    chosen = sample_by_group(rows, cfg.saliency.max_examples, cfg.seed, wanted)
     m = cfg.saliency.micro_batch
     data = [(b, [r["group"] for r in chunk]) for b, chunk in edit_set_batches(model, chosen, m)]
     return saliency_profile(

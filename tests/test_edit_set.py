@@ -422,3 +422,18 @@ def test_smollm2_capitals_fail_records_are_wrong_under_greedy_decoding():
     # must produce exactly them.
     for r, out in zip(passes, outs[len(fails):]):
         assert out.strip().startswith(r["target"]), (r["prompt"], r["target"], out)
+
+
+def test_sample_by_group():
+    from salem_jax.data.edit_set import sample_by_group
+
+    rows = [dict(id=f"{g}{i}", group=g) for i in range(10) for g in ("pass", "fail", "adapt")]
+    out = sample_by_group(rows, 4, seed=3, groups={"fail", "pass"})
+    got = {g: [r["id"] for r in out if r["group"] == g] for g in ("fail", "pass", "adapt")}
+    assert [len(got[g]) for g in ("fail", "pass", "adapt")] == [4, 4, 0]
+    assert [r["group"] for r in out] == ["fail"] * 4 + ["pass"] * 4  # groups in sorted order
+    for g in ("fail", "pass"):  # original order kept within a group
+        assert got[g] == sorted(got[g], key=lambda x: int(x[len(g):]))
+    assert out == sample_by_group(rows, 4, seed=3, groups={"fail", "pass"})  # deterministic
+    assert sample_by_group(rows, 4, seed=4, groups={"fail", "pass"}) != out
+    assert len(sample_by_group(rows, 0)) == 30 and len(sample_by_group(rows, 50)) == 30

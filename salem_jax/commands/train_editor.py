@@ -35,6 +35,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=1, help="layers chosen by --layers auto")
     p.add_argument("--part", choices=("mlp", "attention", "all"), default="mlp", help="weights of each layer to edit")
     p.add_argument("--scorer", default="salem", help="saliency scorer for --layers auto")
+    p.add_argument("--saliency-examples", type=int, default=64,
+                   help="--layers auto: at most this many train rows per group are profiled (0 = all)")
     p.add_argument("--tiny", action="store_true", help="start from the tiny test configuration (TrainConfig.tiny)")
     p.add_argument("--dtype", default="float32", help="model dtype (float32, bfloat16, float16)")
     p.add_argument("--num-labels", type=int, default=None, help="classifier models: number of classes")
@@ -113,9 +115,9 @@ def choose_layers(model, es, args, workdir: Path) -> tuple[str, ...]:
         from salem_jax.saliency import saliency_profile
     except ImportError as e:
         raise RuntimeError(f"--layers auto needs salem_jax.saliency, which cannot be imported ({e}); name the layers instead") from e
-    from salem_jax.data.edit_set import edit_set_batches
+    from salem_jax.data.edit_set import edit_set_batches, sample_by_group
 
-    rows = es.rows("train")
+    rows = sample_by_group(es.rows("train"), args.saliency_examples, seed=0)
     data = [(b, [r["group"] for r in chunk]) for b, chunk in edit_set_batches(model, rows, batch_size=8)]
     profile = saliency_profile(
         model, model.params, data, scorer=args.scorer, part=args.part, top_k=args.top_k, progress=not args.no_progress

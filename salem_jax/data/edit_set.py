@@ -562,6 +562,23 @@ def load_edit_set(path: str | os.PathLike) -> EditSet:
     return EditSet(data=data, info=info, skipped=skipped)
 
 
+def sample_by_group(rows, max_per_group: int, seed: int = 0, groups: Sequence[str] | None = None) -> list[dict]:
+    """At most `max_per_group` rows of each group (all of a smaller group), drawn without
+    replacement with `seed` and kept in their original order within each group; groups in sorted
+    order, only `groups` when given. `max_per_group` <= 0 keeps every row of the kept groups."""
+    by_group: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_group[r["group"]].append(r)
+    rng = np.random.default_rng(seed)
+    out: list[dict] = []
+    for g, rs in sorted(by_group.items()):
+        if groups is not None and g not in groups:
+            continue
+        take = len(rs) if max_per_group <= 0 else min(len(rs), max_per_group)
+        out += [rs[i] for i in np.sort(rng.choice(len(rs), size=take, replace=False))]
+    return out
+
+
 def edit_set_batches(
     model,
     rows,
