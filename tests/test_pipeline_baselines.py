@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import json
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from test_rome import _capture_fn
 
 from experiments.common import tiny_overrides
 from salem_jax import pipeline as P
@@ -53,29 +52,10 @@ def _config(tmp_path, methods):
     return cfg
 
 
-@functools.lru_cache(maxsize=None)
-def _capture_fn(apply, module_path):
-    """Input of the module at `module_path` at every position of one unpadded row (own interceptor)."""
-
-    @jax.jit
-    def run(params, ids, mask):
-        seen = {}
-
-        def icpt(f, args, kwargs, ctx):
-            if ctx.method_name == "__call__" and "/".join(ctx.module.path) == module_path:
-                seen["x"] = args[0]
-            return f(*args, **kwargs)
-
-        with nn.intercept_methods(icpt):
-            apply(params, {"input_ids": ids, "attention_mask": mask})
-        return seen["x"][0]
-
-    return run
-
-
 def _inputs(model, module_path, text):
     ids = np.asarray([model.tokenizer(text)["input_ids"]], np.int32)
-    return np.asarray(_capture_fn(model.apply, module_path)(model.params, ids, np.ones_like(ids)), np.float64)
+    x, _ = _capture_fn(model.apply, module_path)(model.params, ids, np.ones_like(ids))  # test_rome's own interceptor
+    return np.asarray(x, np.float64)
 
 
 def _changed(base, edited) -> list[str]:
