@@ -477,8 +477,6 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
     check_methods(model, cfg)
     mesh = None
     if cfg.mesh_model:
-        import dataclasses
-
         from salem_jax import sharding
         from salem_jax.mend.train import place_base_params
 
