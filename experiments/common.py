@@ -96,7 +96,8 @@ def tiny_overrides(c: ml_collections.ConfigDict, model: str) -> ml_collections.C
         dict(steps=30, rank=16, lr=1e-3, lr_lr=1e-3, edit_lr_init=1e-3, effective_batch=1,
              val_every=15, checkpoint_every=15, val_groups=8)
     )
-    c.eval.update(dict(max_edits=3, max_pass=8, ppl_edits=1, n_texts=2, text_window=32))
+    # no keep set: a random model knows no country fact (the keep path is tested in tests/test_keep.py)
+    c.eval.update(dict(max_edits=3, max_pass=8, ppl_edits=1, n_texts=2, text_window=32, keep=""))
     c.ft.steps = 3
     c.trace.update(dict(facts=2, n_noise=2))
     # ROME's weight decay and norm clamp are relative to |W k + b|, tiny in a random model

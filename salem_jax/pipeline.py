@@ -94,7 +94,11 @@ def default_config() -> ml_collections.ConfigDict:
              clamp_norm_factor=4.0, ridge=1e-3)
     )
     c.eval = ml_collections.ConfigDict(
-        dict(max_edits=20, max_pass=48, ppl_edits=5, text="wikitext", n_texts=8, text_window=128, batch_size=8)
+        dict(max_edits=20, max_pass=48, ppl_edits=5, text="wikitext", n_texts=8, text_window=128, batch_size=8,
+             # a held-out keep set (salem_jax.eval.keep): '' = none; "countries:REL,REL" = those
+             # relations of the country data; else a data name/path read with keep_format ('' = format).
+             # Up to max_keep rows the base model gets right; every edit reports dd_keep_acc on them.
+             keep="", keep_format="", max_keep=48)
     )
     c.progress = True
     return c
@@ -168,6 +172,29 @@ def held_out_texts(cfg) -> tuple[list[str], str]:
     # the LAST paragraphs of the file: the wikitext experiments edit its first ones
     texts = list(readers.read_text(path))[-cfg.eval.n_texts :]
     return texts, f"the last {len(texts)} paragraphs of {path}"
+
+
+def keep_set(model, cfg, exclude_prompts=()) -> tuple[list[dict], str]:
+    """The held-out keep rows of `cfg.eval.keep` (see salem_jax.eval.keep) and a note on them."""
+    from salem_jax.data import paths, readers
+    from salem_jax.data.countries import country_records
+    from salem_jax.eval.keep import keep_rows
+
+    spec = cfg.eval.keep
+    if not spec:
+        return [], "no keep set (config.eval.keep)"
+    if spec.startswith("countries:"):
+        relations = [r for r in spec[len("countries:") :].split(",") if r]
+        if not relations:
+            raise ValueError(f"config.eval.keep={spec!r}: name the relations after 'countries:', e.g. countries:region,currency")
+        records, source = country_records(relations, seed=cfg.seed), f"country {', '.join(relations)} facts"
+    else:
+        path = spec if os.path.exists(spec) else str(paths.find_data_file(spec, cfg.data_dir or None))
+        fmt = cfg.eval.keep_format or cfg.format
+        records, source = readers.read_records(path, fmt), f"{path} ({fmt})"
+    rows = keep_rows(model, records, max_rows=cfg.eval.max_keep, seed=cfg.seed, batch_size=cfg.eval.batch_size,
+                     exclude_prompts=exclude_prompts, progress=cfg.progress)
+    return rows, f"{len(rows)} rows of {source} the base model gets right (of {len(records)} records)"
 
 
 def saliency(model, rows: list[dict], cfg):
@@ -394,13 +421,23 @@ def rome_method(model, layer: str, val_rows, texts, text_note: str, subjects, cf
     return rome_edit_fn(model, layer, cov, cfg, subjects), info, eval_rows, skipped
 
 
-def evaluate_method(model, edit: Callable, val_rows: list[dict], texts: list[str], cfg, name: str) -> dict:
+CF_KEYS = ("ES", "EM", "PS", "PM", "NS", "NM")  # ROME's CounterFact metrics, per edit
+
+
+def evaluate_method(model, edit: Callable, val_rows: list[dict], texts: list[str], cfg, name: str,
+                    keep: list[dict] = (), cf_records: dict | None = None) -> dict:
     """Edit each val fail record on its own (base weights each time); average the per-edit metrics.
 
-    The base model's scores on the pass rows and held-out text are computed once and reused; the
-    fail row and its rephrasings are scored before and after each edit."""
+    The base model's scores on the pass rows, the keep rows (`keep_set`) and held-out text are
+    computed once and reused; the fail row and its rephrasings are scored before and after each
+    edit. With keep rows, `dd_keep_acc` is their accuracy before minus after. With `cf_records`
+    (record id -> CounterFact record, for CounterFact data) each edit is also scored with ROME's
+    metrics on its own record (salem_jax.eval.counterfact): `cf/ES`, `cf/EM`, `cf/PS`, `cf/PM`,
+    `cf/NS`, `cf/NM` averaged over edits as ROME's summary does, `cf/Score` their harmonic mean,
+    and the same on the base model as `cf/*_before`."""
     from tqdm import tqdm
 
+    from salem_jax.eval.counterfact import evaluate_counterfact, harmonic_mean
     from salem_jax.eval.metrics import base_scores, evaluate_edit
 
     fails = [r for r in val_rows if r["group"] == "fail"][: cfg.eval.max_edits]
@@ -409,6 +446,8 @@ def evaluate_method(model, edit: Callable, val_rows: list[dict], texts: list[str
         if r["group"] == "adapt":
             adapts.setdefault(r["record_id"], []).append(r)
     passes = {"pass": [r for r in val_rows if r["group"] == "pass"][: cfg.eval.max_pass]}
+    if keep:
+        passes["keep"] = list(keep)
     kw = dict(batch_size=cfg.eval.batch_size, text_window=cfg.eval.text_window, progress=False)
     base_pass = base_scores(model, model.params, passes, **kw)
     base_text = base_scores(model, model.params, passes, texts=texts, **kw) if texts and cfg.eval.ppl_edits else None
@@ -430,12 +469,23 @@ def evaluate_method(model, edit: Callable, val_rows: list[dict], texts: list[str
                 base=base_text if with_text else base_pass, **kw,
             )
         )
+        if keep:
+            m["dd_keep_acc"] = m["keep/acc_before"] - m["keep/acc_after"]
+        if cf_records is not None:
+            cf = evaluate_counterfact(model, edited, [cf_records[row["record_id"]]], batch_size=cfg.eval.batch_size,
+                                      progress=False)
+            m.update({f"cf/{k}": cf[k] for k in CF_KEYS})
         per_edit.append(m)
     out: dict[str, Any] = {"edits": len(per_edit), "edit_seconds": t_edit / max(len(per_edit), 1)}
     keys = sorted({k for m in per_edit for k in m})
     for k in keys:
         vals = [m[k] for m in per_edit if k in m and m[k] is not None and np.isfinite(m[k])]
         out[k] = float(np.mean(vals)) if vals else None
+    if cf_records is not None and fails:
+        out["cf/Score"] = harmonic_mean([np.nan if out.get(f"cf/{k}") is None else out[f"cf/{k}"] for k in ("ES", "PS", "NS")])
+        before = evaluate_counterfact(model, model.params, [cf_records[r["record_id"]] for r in fails],
+                                      batch_size=cfg.eval.batch_size, progress=False)
+        out.update({f"cf/{k}_before": before[k] for k in (*CF_KEYS, "Score")})
     return out
 
 
@@ -531,7 +581,15 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
     else:
         texts, text_note = [], f"held-out text perplexity applies to causal LMs only ({model.kind} model); DD is on pass rows"
     say(text_note)
+    keep, keep_note = [], "no keep set (config.eval.keep)"
+    if cfg.eval.keep:
+        t = time.perf_counter()
+        keep, keep_note = keep_set(model, cfg, exclude_prompts=[r["prompt"] for r in train_rows + val_rows])
+        times["keep_set"] = time.perf_counter() - t
+        say(f"keep set: {keep_note}")
     data = prepare_splits(model, {"train": train_rows, "val": val_rows})
+    # CounterFact data: every edit is also scored with ROME's metrics on its own record
+    cf_records = {r.id: r for r in records} if cfg.format == "counterfact" else None
     results: dict[str, Any] = {}
     training: dict[str, Any] = {}
     subjects = {r.id: r.subject for r in records}  # causal / rome: the edit set keeps no subjects
@@ -584,7 +642,7 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
         else:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
         t = time.perf_counter()
-        results[method] = evaluate_method(model, edit, eval_rows, texts, cfg, method)
+        results[method] = evaluate_method(model, edit, eval_rows, texts, cfg, method, keep=keep, cf_records=cf_records)
         results[method]["layers"] = list(layers)
         if skipped_edits is not None:
             results[method]["skipped_edits"] = len(skipped_edits)
@@ -603,6 +661,7 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
         methods=results,
         training=training,
         text=text_note,
+        keep=keep_note,
         times=times,
     )
     table = results_table(out)
@@ -622,9 +681,15 @@ COLUMNS = (
     ("ea_token", "EA (tokens)"),
     ("adapt_acc", "adapt acc"),
     ("dd_acc", "DD (pass acc)"),
+    ("dd_keep_acc", "DD (keep acc)"),
     ("locality", "locality"),
     ("dd_ppl_text_rel", "DD (text ppl, rel)"),
+    ("cf/ES", "ES"),
+    ("cf/PS", "PS"),
+    ("cf/NS", "NS"),
+    ("cf/Score", "CF score"),
 )
+OPTIONAL_COLUMNS = ("dd_keep_acc", "cf/ES", "cf/PS", "cf/NS", "cf/Score")  # shown only when measured
 
 
 def _fmt(x) -> str:
@@ -634,14 +699,17 @@ def _fmt(x) -> str:
 def results_table(out: dict) -> str:
     """The before/after table as markdown: one row for the base model, one per method."""
     methods = out["methods"]
+    # keep-set and CounterFact columns only when measured (config.eval.keep, CounterFact data)
+    columns = [(k, c) for k, c in COLUMNS
+               if k not in OPTIONAL_COLUMNS or any(m.get(k) is not None for m in methods.values())]
     lines = [
         f"model {out['model']}, edit layers {', '.join(out['chosen_layers'])} "
         f"(scorer {out['profile']['scorer']}), val edits per method: "
         + ", ".join(f"{k} {v['edits']}" + (f" ({v['skipped_edits']} skipped: no subject in the prompt)"
                                             if v.get("skipped_edits") else "") for k, v in methods.items()),
         "",
-        "| method | layers | " + " | ".join(c for _, c in COLUMNS) + " | editor steps | s/edit |",
-        "|---|---|" + "---|" * len(COLUMNS) + "---|---|",
+        "| method | layers | " + " | ".join(c for _, c in columns) + " | editor steps | s/edit |",
+        "|---|---|" + "---|" * len(columns) + "---|---|",
     ]
     if methods:
         any_m = next(iter(methods.values()))
@@ -650,14 +718,16 @@ def results_table(out: dict) -> str:
             "ea_token": any_m.get("fail/token_acc_before"),
             "adapt_acc": any_m.get("adapt/acc_before"),
             "dd_acc": 0.0,
+            "dd_keep_acc": 0.0,
             "locality": 1.0,
             "dd_ppl_text_rel": 0.0,
+            **{k: any_m.get(f"{k}_before") for k in OPTIONAL_COLUMNS if k.startswith("cf/")},
         }
-        lines.append("| base (no edit) | - | " + " | ".join(_fmt(base[k]) for k, _ in COLUMNS) + " | - | - |")
+        lines.append("| base (no edit) | - | " + " | ".join(_fmt(base[k]) for k, _ in columns) + " | - | - |")
     for name, m in methods.items():
         steps = out["training"].get(name, {}).get("steps", "-")
         lines.append(
-            f"| {name} | {', '.join(m['layers'])} | " + " | ".join(_fmt(m.get(k)) for k, _ in COLUMNS)
+            f"| {name} | {', '.join(m['layers'])} | " + " | ".join(_fmt(m.get(k)) for k, _ in columns)
             + f" | {steps} | {m['edit_seconds']:.2f} |"
         )
     return "\n".join(lines)
