@@ -81,9 +81,13 @@ def test_train_editor_then_edit(tmp_path, monkeypatch, capsys):
     assert adapts
     reph = adapts + [splits["val"][0]["prompt"]]  # its rephrasings and an unrelated prompt
     (tmp_path / "requests.jsonl").write_text(json.dumps({**request, "rephrases": reph}) + "\n")
+    keep = [{"prompt": r["prompt"], "target": r["target"]} for r in splits["val"] if r["group"] == "pass"][:4]
+    assert keep
+    (tmp_path / "keep.jsonl").write_text("".join(json.dumps(k) + "\n" for k in keep))
     out = tmp_path / "edited"
     args = _parse(edit_cmd, ["edit", "--model", str(base_dir), "--editor", str(work), "--requests",
-                             str(tmp_path / "requests.jsonl"), "--out", str(out), "--no-progress"])
+                             str(tmp_path / "requests.jsonl"), "--out", str(out), "--no-progress",
+                             "--keep", str(tmp_path / "keep.jsonl")])
     capsys.readouterr()
     assert edit_cmd.run(args) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -107,7 +111,12 @@ def test_train_editor_then_edit(tmp_path, monkeypatch, capsys):
     hand_before = sum(bool(_correct(model, model.params, [q])[0][0]) for q in reqs)
     hand_after = sum(bool(_correct(model, in_memory, [q])[0][0]) for q in reqs)
     assert counts == {"rephrases": len(reph), "rephrases_right_before": hand_before, "rephrases_right_after": hand_after}
-    assert lines[-1] == f"{hand_after}/{len(reph)} rephrasings right after editing ({hand_before} before)"
+    assert lines[-2] == f"{hand_after}/{len(reph)} rephrasings right after editing ({hand_before} before)"
+    # the keep facts: each scored on its own, on the base and the edited model
+    kb = sum(bool(_correct(model, model.params, [k])[0][0]) for k in keep)
+    ka = sum(bool(_correct(model, in_memory, [k])[0][0]) for k in keep)
+    assert lines[-1] == (f"{ka}/{len(keep)} keep facts right after editing ({kb} before): "
+                         f"drawdown {(kb - ka) / len(keep):.3f}")
 
 
 def test_batch_and_sequential_edits():

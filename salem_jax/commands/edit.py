@@ -37,6 +37,8 @@ def add_parser(subparsers) -> None:
         help="accept a model whose name differs from the one the editor was trained for (e.g. an edited copy); "
         "the edited weights' paths and shapes are still checked",
     )
+    p.add_argument("--keep", default=None,
+                   help="JSON-lines file of {prompt, target} facts that must not change: scored before and after (drawdown)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -86,4 +88,10 @@ def run(args) -> int:
     print(f"{int(after.sum())}/{len(requests)} requests right after editing ({int(before.sum())} before); edited model in {out}")
     if owner.size:
         print(f"{int(reph_after.sum())}/{owner.size} rephrasings right after editing ({int(reph_before.sum())} before)")
+    if args.keep:
+        keep = read_requests(args.keep)
+        kb = encode_requests(model, keep, where=args.keep)
+        keep_before, keep_after = _correct(model, model.params, kb), _correct(model, params, kb)
+        print(f"{int(keep_after.sum())}/{len(keep)} keep facts right after editing ({int(keep_before.sum())} before): "
+              f"drawdown {(keep_before.sum() - keep_after.sum()) / len(keep):.3f}")
     return 0
