@@ -133,7 +133,7 @@ def saliency_cost(model, params, batch: dict, micro_batch: int, repeats: int) ->
         "cols": {n: {w.path: jnp.zeros((1, fan_out[w.path])) for w in weights} for n in saliency._ELEMENTWISE},
         "grad": {w.path: jnp.zeros((1,) + np.shape(saliency.get_path(params, w.path))) for w in weights},
     }
-    lowered = saliency._saliency_step.lower(model.apply, weights, tuple(layer_paths.values()), True, None, state, params,
+    lowered = saliency._saliency_step.lower(model.apply, weights, tuple(layer_paths.values()), True, None, None, state, params,
                                             {k: jnp.asarray(v) for k, v in batch.items()}, jnp.ones((micro_batch, 1)))
     out["memory"] = memory(lowered)
     return out
@@ -203,7 +203,7 @@ def sharded_memory(model, spec: EditorSpec, cfg: TrainConfig, batch: dict, sal_b
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     print(f"  lowering the sharded saliency step on {d}x{m} ...", flush=True)
     out["saliency"] = memory(saliency._saliency_step.lower(
-        model.apply, weights, tuple(layer_paths.values()), True, shardings, placed, base,
+        model.apply, weights, tuple(layer_paths.values()), True, shardings, saliency._grad_shardings(base, weights, mesh), placed, base,
         {k: jax.device_put(jnp.asarray(v), rows) for k, v in sal_batch.items()},
         jax.device_put(jnp.ones((micro_batch, 3)), rows)))
     st = init_train_state(spec, cfg)

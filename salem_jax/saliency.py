@@ -404,19 +404,22 @@ def _grad_one(apply, loss):
     return jax.vmap(jax.grad(one), in_axes=(None, 0))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(5,))
-def _saliency_step(apply, weights, layer_paths, track_mean, state_shardings, state, params, batch, onehot):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5), donate_argnums=(6,))
+def _saliency_step(apply, weights, layer_paths, track_mean, state_shardings, grad_shardings, state, params, batch, onehot):
     """state + per-column statistics of one micro-batch; also returns per-example layer scores.
 
     state_shardings: None, or one NamedSharding per leaf of `state` (sharded parameters): the
     new state is held to them, so the donated state keeps its placement and the step compiles
-    once."""
+    once. grad_shardings: None, or one NamedSharding per tracked weight for its per-example
+    gradients [m, a, b] (see `_grad_shardings`)."""
     TRACE_COUNTS["saliency"] += 1  # runs at trace time only
     g = _grad_one(apply, _nll)(params, batch)  # the whole pytree, per example
     cols = {name: {} for name in _ELEMENTWISE}
     new = {"cols": {}, "grad": {}}
-    for w in weights:
+    for i, w in enumerate(weights):
         gw = get_path(g, w.path).astype(jnp.float32)  # [m, a, b]
+        if grad_shardings is not None:
+            gw = jax.lax.with_sharding_constraint(gw, grad_shardings[i])
         W = get_path(params, w.path).astype(jnp.float32)
         ax = input_axis(w)
         cols["salem"][w.path] = jnp.abs(gw).mean(ax)
@@ -431,6 +434,30 @@ def _saliency_step(apply, weights, layer_paths, track_mean, state_shardings, sta
         leaves, tree = jax.tree.flatten(new)
         new = jax.tree.unflatten(tree, [jax.lax.with_sharding_constraint(x, s) for x, s in zip(leaves, state_shardings)])
     return new, per_ex
+
+
+def _grad_shardings(params: Any, weights: Sequence[Weight], mesh) -> tuple | None:
+    """Placement of each tracked weight's per-example gradients [m, a, b] on `mesh`: like the
+    weight itself (every row's gradient split over all devices), None without a mesh.
+
+    Why not rows over "data", as the micro-batch is: the sums over rows into the gradient-sum
+    state would then be partial on every "data" row of devices, and XLA combines those
+    all-reduces of every layer into one, keeping all layers' per-example gradients alive until
+    it runs (per device: micro_batch x all tracked weights / "model"). Split like the weight,
+    the row sums, the state update and the column means over a weight's "data"-split axis need
+    no communication but small all-reduces of [m, fan_out] statistics: per device one micro-
+    batch's gradients / N."""
+    if mesh is None:
+        return None
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    out = []
+    for w in weights:
+        x = get_path(params, w.path)
+        sh = x.sharding
+        spec = tuple(sh.spec) if isinstance(sh, NamedSharding) and sh.mesh == mesh else ()
+        out.append(NamedSharding(mesh, PartitionSpec(None, *spec, *(None,) * (np.ndim(x) - len(spec)))))
+    return tuple(out)
 
 
 def _mesh_of(params: Any):
@@ -514,7 +541,7 @@ def saliency_stats(
         n_data = int(mesh.shape.get("data", 1))
         rows_spec = PartitionSpec("data") if micro_batch % n_data == 0 else PartitionSpec()
         put = lambda x: jax.device_put(x, NamedSharding(mesh, rows_spec))  # noqa: E731
-    static = (model.apply, weights, tuple(layer_paths.values()), track_mean, state_shardings)
+    static = (model.apply, weights, tuple(layer_paths.values()), track_mean, state_shardings, _grad_shardings(params, weights, mesh))
 
     total = sum(-(-n // micro_batch) for _, _, n in checked)
     bar = _progress(total, "saliency", progress)
