@@ -243,13 +243,17 @@ def train_config(cfg):
 def train_mend(model, data, layers: tuple[str, ...], cfg, workdir: Path, mesh=None):
     """Train (or resume) a MEND editor on the MLP weights of `layers`; returns (TrainedEditor, TrainResult).
 
+    The editor returned is the checkpoint with the lowest validation loss (MEND's protocol, and
+    `salem edit`'s default), not necessarily the last step: `editor.step` says which.
     mesh: None = all devices on a 1-D data mesh; a `sharding.make_mesh` mesh when the model's
     parameters are sharded on it (`cfg.mesh_model`)."""
-    from salem_jax.mend.apply import TrainedEditor
+    from salem_jax.mend.apply import TrainedEditor, load_editor
     from salem_jax.mend.train import train_editor
 
     weights = model.layers.weights(list(layers), part="mlp")
     result = train_editor(model, data, weights, train_config(cfg), workdir, mesh=mesh, progress=cfg.progress)
+    if result.best_step is not None and result.best_step != result.step:
+        return load_editor(workdir, model, step=int(result.best_step)), result
     editor = TrainedEditor(
         spec=result.spec, params=result.params, state=result.norm, model_name=model.name, step=result.step
     )
@@ -619,7 +623,8 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
             say(f"{method}: training a MEND editor on {', '.join(layers)}")
             editor, tr = train_mend(model, data, layers, cfg, work / f"editor_{method}", mesh=mesh)
             training[method] = dict(
-                layers=list(layers), steps=tr.step, best_step=tr.best_step, best_val_loss=tr.best_val_loss,
+                layers=list(layers), steps=tr.step, evaluated_step=editor.step, best_step=tr.best_step,
+                best_val_loss=tr.best_val_loss,
                 stopped_early=tr.stopped_early, last_val=tr.last_val, recompiles=tr.recompiles,
                 seconds=time.perf_counter() - t,
             )
@@ -725,7 +730,10 @@ def results_table(out: dict) -> str:
         }
         lines.append("| base (no edit) | - | " + " | ".join(_fmt(base[k]) for k, _ in columns) + " | - | - |")
     for name, m in methods.items():
-        steps = out["training"].get(name, {}).get("steps", "-")
+        tr = out["training"].get(name, {})
+        steps = tr.get("steps", "-")
+        if tr.get("evaluated_step") not in (None, steps):  # the best-validation checkpoint, not the last
+            steps = f"{tr['evaluated_step']} (best of {steps})"
         lines.append(
             f"| {name} | {', '.join(m['layers'])} | " + " | ".join(_fmt(m.get(k)) for k, _ in columns)
             + f" | {steps} | {m['edit_seconds']:.2f} |"
@@ -754,7 +762,7 @@ def _plot_profile(profile, path: Path) -> None:
 
 
 def _plot_training(work: Path, methods: list[str], path: Path) -> None:
-    """Validation EA / loss against editor steps, from each editor's metrics.jsonl."""
+    """Validation EA, DD and loss against editor steps, from each editor's metrics.jsonl."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -770,17 +778,18 @@ def _plot_training(work: Path, methods: list[str], path: Path) -> None:
                 series[m] = val
     if not series:
         return
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    panels = (("edit_acc", "val edit accuracy", "EA vs editor steps"),
+              ("drawdown", "val drawdown (pass acc)", "DD vs editor steps"),
+              ("loss", "val loss", "validation loss"))
+    fig, ax = plt.subplots(1, len(panels), figsize=(15, 3.5))
     for m, recs in series.items():
         steps = [r.get("step") for r in recs]
-        ea = [r.get("edit_acc") for r in recs]
-        loss = [r.get("loss") for r in recs]
-        if any(v is not None for v in ea):
-            ax[0].plot(steps, ea, marker="o", label=m)
-        if any(v is not None for v in loss):
-            ax[1].plot(steps, loss, marker="o", label=m)
-    ax[0].set(xlabel="editor step", ylabel="val edit accuracy", title="EA vs editor steps")
-    ax[1].set(xlabel="editor step", ylabel="val loss", title="validation loss")
+        for a, (key, _, _) in zip(ax, panels):
+            vals = [r.get(key) for r in recs]
+            if any(v is not None for v in vals):
+                a.plot(steps, [np.nan if v is None else v for v in vals], marker="o", label=m)
+    for a, (_, ylabel, title) in zip(ax, panels):
+        a.set(xlabel="editor step", ylabel=ylabel, title=title)
     ax[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
