@@ -177,7 +177,7 @@ def sharded_memory(model, spec: EditorSpec, cfg: TrainConfig, batch: dict, sal_b
     """Per-device planned memory on a (data, model) mesh: compile only (timings on simulated
     devices would mean nothing). Needs data x model devices (XLA_FLAGS on a CPU)."""
     from salem_jax import sharding
-    from salem_jax.mend.train import place_base_params, sharded_train_step
+    from salem_jax.mend.train import place_base_params, place_state, sharded_train_step
 
     d, m = (int(x) for x in mesh_shape.lower().split("x"))
     if len(jax.devices()) < d * m:
@@ -190,7 +190,7 @@ def sharded_memory(model, spec: EditorSpec, cfg: TrainConfig, batch: dict, sal_b
            "param_bytes_per_device": info.max_device_bytes, "replicated_leaves": len(info.replicated)}
     cfg = dataclasses.replace(cfg, batch_size=max(cfg.batch_size or 1, d)).resolved(d)
     batch = train_batch_for(batch, cfg.batch_size)
-    state = sharding.replicate(init_train_state(spec, cfg), mesh)
+    state = place_state(init_train_state(spec, cfg), mesh)
     print(f"  lowering the sharded editor step on {d}x{m} ...", flush=True)
     out["editor_step"] = memory(sharded_train_step.lower(state, base, parallel.shard_batch(batch, mesh), apply_fn=model.apply,
                                                          spec=spec, cfg=cfg.step_config(), mesh=mesh))

@@ -24,6 +24,7 @@ from salem_jax.mend.train import (
     evaluate,
     init_train_state,
     place_base_params,
+    place_state,
     prepare_splits,
     sharded_train_step,
     train_batch,
@@ -206,7 +207,7 @@ def test_editor_step_sharded_equals_one_device():
     base = place_base_params(m, m.params, mesh)
     info = sharding.describe(base)
     assert info.max_device_bytes <= info.total_bytes / 8 + info.replicated_bytes < info.total_bytes / 4
-    state = sharding.replicate(init_train_state(spec, cfg), mesh)
+    state = place_state(init_train_state(spec, cfg), mesh)
     s8, m8 = sharded_train_step(state, base, parallel.shard_batch(batch, mesh), mesh=mesh, **kw)
     s1, m1, s8, m8 = jax.device_get((s1, m1, s8, m8))
     for k in m1:
@@ -219,7 +220,7 @@ def test_editor_step_sharded_equals_one_device():
         np.testing.assert_allclose(g8[k], g1[k], rtol=1e-4, atol=1e-8, err_msg=k)
     # the step's output keeps the input's placement: a second step does not compile again
     size = sharded_train_step._cache_size()
-    state = sharding.replicate(init_train_state(spec, cfg), mesh)
+    state = place_state(init_train_state(spec, cfg), mesh)
     for step in range(2):
         state, _ = sharded_train_step(state, base, parallel.shard_batch(train_batch(data["train"], cfg, step), mesh), mesh=mesh, **kw)
     assert sharded_train_step._cache_size() == size

@@ -453,23 +453,67 @@ def _replicated(tree, mesh):
     return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P())), tree)
 
 
+def _state_specs(state, mesh):
+    """Where the train state lives on a `(data, model)` mesh: the optimizer state (Adam's two
+    moments and `MultiSteps`' gradient accumulator, 3x the editor's size) split over all
+    devices like FSDP weights (`sharding.fsdp_spec`: ZeRO stage 1), everything else - editor
+    params, norm statistics, step, rng - replicated, so every host of a pod can read the
+    editor (`train_editor` returns it with `jax.device_get`). A function of shapes only: the
+    step's output gets the placement of its donated input, and compiles once."""
+    from salem_jax import sharding
+
+    def split(x):
+        # spelled as jit spells its outputs (no trailing Nones, replicated = P()), else the
+        # donated state's placement would differ from the step's output and compile again
+        spec = list(sharding.fsdp_spec(np.shape(x), mesh))
+        while spec and spec[-1] is None:
+            spec.pop()
+        return P(*spec)
+
+    specs = jax.tree.map(lambda _: P(), state)
+    if isinstance(state, dict) and "opt_state" in state:
+        specs["opt_state"] = jax.tree.map(split, state["opt_state"])
+    return specs
+
+
+def _split_editor(editor_params, mesh):
+    """The editor's params split over all devices for the computation (`sharding.fsdp_spec`;
+    each device keeps its slice of the replicated input, no communication). XLA then computes
+    the editor network tensor-parallel and each weight's gradient already split - with
+    replicated params every device would build the full gradient of every editor weight for
+    its own groups, and hold all of them at once until one combined all-reduce."""
+    from salem_jax import sharding
+
+    return jax.tree.map(
+        lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, sharding.fsdp_spec(np.shape(x), mesh))), editor_params
+    )
+
+
+def _placed_like_state(tree, mesh):
+    """Constrain a train state (or any tree: then replicated) to `_state_specs`."""
+    specs = _state_specs(tree, mesh)
+    return jax.tree.map(lambda x, s: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, s)), tree, specs)
+
+
 @functools.partial(jax.jit, static_argnames=("apply_fn", "spec", "cfg", "mesh"), donate_argnums=(0,))
 def sharded_train_step(state, base_params, batch, *, apply_fn, spec: EditorSpec, cfg: TrainConfig, mesh):
     """`train_step` for base parameters sharded over a `(data, model)` mesh (salem_jax.sharding).
 
     Written for the global batch and jitted as a whole: XLA's partitioner gathers each weight
     where it is used, keeps the groups split over "data" and the base gradients sharded.
-    state: replicated (`sharding.replicate`), donated; base_params: `sharding.shard_params`;
-    batch: `parallel.shard_batch` (or `host_local_batch` on a pod). Returns replicated state
-    and metrics, equal to `train_step`'s (the loss weights every group equally, as there)."""
+    state: `place_state` (optimizer state split over all devices, the rest replicated), donated;
+    base_params: `sharding.shard_params`; batch: `parallel.shard_batch` (or `host_local_batch`
+    on a pod). Returns the state placed the same way and replicated metrics, equal to
+    `train_step`'s (the loss weights every group equally, as there)."""
+    state = {**state, "params": _split_editor(state["params"], mesh)}
     new_state, metrics = _device_train_step(state, base_params, batch, apply_fn=apply_fn, spec=spec, cfg=cfg, axis_name=None)
-    return _replicated(new_state, mesh), _replicated(metrics, mesh)
+    return _placed_like_state(new_state, mesh), _replicated(metrics, mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "spec", "cfg", "mesh"))
 def sharded_eval_step(editor_params, norm, base_params, batch, *, apply_fn, spec: EditorSpec, cfg: TrainConfig, mesh):
     """`eval_step` for sharded base parameters (see `sharded_train_step`); replicated results."""
-    out = _device_eval_step(editor_params, norm, base_params, batch, apply_fn=apply_fn, spec=spec, cfg=cfg, axis_name=None)
+    out = _device_eval_step(_split_editor(editor_params, mesh), norm, base_params, batch, apply_fn=apply_fn, spec=spec, cfg=cfg, axis_name=None)
     return _replicated(out, mesh)
 
 
@@ -492,11 +536,13 @@ def place_base_params(model, base_params, mesh):
 
 
 def place_state(tree, mesh):
-    """Train state (or editor params) replicated as the steps on `mesh` expect it."""
+    """Train state (or editor params) placed as the steps on `mesh` expect it: on a `(data,
+    model)` mesh the optimizer state of a train state split over all devices and the rest
+    replicated (`_state_specs`); on a 1-D "data" mesh all replicated."""
     if uses_sharded_params(mesh):
         from salem_jax import sharding
 
-        return sharding.replicate(tree, mesh)
+        return sharding.shard_params(tree, mesh, _state_specs(tree, mesh))
     return parallel.replicate(tree, mesh)
 
 
