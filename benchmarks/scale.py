@@ -127,14 +127,7 @@ def _stack(batches: list[dict]) -> dict:
 def saliency_cost(model, params, batch: dict, micro_batch: int, repeats: int) -> dict:
     """Time and planned memory of the streaming saliency pass over `batch` (one micro-batch)."""
     out = timed(lambda: saliency.saliency_stats(model, params, batch, micro_batch=micro_batch).per_example, repeats)
-    names, weights, layer_paths = saliency._tracked(model, params, None, "mlp")
-    fan_out = {w.path: w.in_out_shape(np.shape(saliency.get_path(params, w.path)))[1] for w in weights}
-    state = {
-        "cols": {n: {w.path: jnp.zeros((1, fan_out[w.path])) for w in weights} for n in saliency._ELEMENTWISE},
-        "grad": {w.path: jnp.zeros((1,) + np.shape(saliency.get_path(params, w.path))) for w in weights},
-    }
-    lowered = saliency._saliency_step.lower(model.apply, weights, tuple(layer_paths.values()), True, None, None, state, params,
-                                            {k: jnp.asarray(v) for k, v in batch.items()}, jnp.ones((micro_batch, 1)))
+    lowered = saliency.lower_step(model, params, {k: np.asarray(v) for k, v in batch.items()}, groups=1)
     out["memory"] = memory(lowered)
     return out
 
@@ -195,17 +188,8 @@ def sharded_memory(model, spec: EditorSpec, cfg: TrainConfig, batch: dict, sal_b
     out["editor_step"] = memory(sharded_train_step.lower(state, base, parallel.shard_batch(batch, mesh), apply_fn=model.apply,
                                                          spec=spec, cfg=cfg.step_config(), mesh=mesh))
     out["editor_step"]["groups"] = cfg.batch_size
-    names, weights, layer_paths = saliency._tracked(model, base, None, "mlp")
-    fan_out = {w.path: w.in_out_shape(np.shape(saliency.get_path(base, w.path)))[1] for w in weights}
-    state0 = {"cols": {n: {w.path: jnp.zeros((3, fan_out[w.path])) for w in weights} for n in saliency._ELEMENTWISE},
-              "grad": {w.path: jnp.zeros((3,) + np.shape(saliency.get_path(base, w.path))) for w in weights}}
-    placed, shardings = saliency._sharded_state(state0, base, mesh)
-    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     print(f"  lowering the sharded saliency step on {d}x{m} ...", flush=True)
-    out["saliency"] = memory(saliency._saliency_step.lower(
-        model.apply, weights, tuple(layer_paths.values()), True, shardings, saliency._grad_shardings(base, weights, mesh), placed, base,
-        {k: jax.device_put(jnp.asarray(v), rows) for k, v in sal_batch.items()},
-        jax.device_put(jnp.ones((micro_batch, 3)), rows)))
+    out["saliency"] = memory(saliency.lower_step(model, base, sal_batch, groups=3))
     st = init_train_state(spec, cfg)
     reqs = encode_requests(model, [(f"The capital of {c} is", " " + cap) for c, cap in FACTS[:1]])
     out["edit_1"] = memory(_edited_kernels.lower(st["params"], st["norm"], base, {k: jnp.asarray(v) for k, v in reqs.items()},

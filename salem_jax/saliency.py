@@ -523,25 +523,8 @@ def saliency_stats(
     if micro_batch < 1:
         raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
 
-    fan_out = {w.path: w.in_out_shape(np.shape(get_path(params, w.path)))[1] for w in weights}
-    state = {
-        "cols": {name: {w.path: jnp.zeros((G, fan_out[w.path]), jnp.float32) for w in weights} for name in _ELEMENTWISE},
-        "grad": {w.path: jnp.zeros((G,) + tuple(np.shape(get_path(params, w.path))), jnp.float32) for w in weights}
-        if track_mean
-        else {},
-    }
     traces0 = TRACE_COUNTS["saliency"]
-    mesh = _mesh_of(params)
-    state_shardings = None
-    put = jnp.asarray
-    if mesh is not None:
-        from jax.sharding import NamedSharding, PartitionSpec
-
-        state, state_shardings = _sharded_state(state, params, mesh)
-        n_data = int(mesh.shape.get("data", 1))
-        rows_spec = PartitionSpec("data") if micro_batch % n_data == 0 else PartitionSpec()
-        put = lambda x: jax.device_put(x, NamedSharding(mesh, rows_spec))  # noqa: E731
-    static = (model.apply, weights, tuple(layer_paths.values()), track_mean, state_shardings, _grad_shardings(params, weights, mesh))
+    static, state, put = _step_setup(model, params, weights, layer_paths, G, micro_batch, track_mean)
 
     total = sum(-(-n // micro_batch) for _, _, n in checked)
     bar = _progress(total, "saliency", progress)
@@ -575,6 +558,44 @@ def saliency_stats(
         wall_time=time.perf_counter() - t0,
     )
     return stats
+
+
+def _step_setup(model: LoadedModel, params: Any, weights, layer_paths: dict, G: int, micro_batch: int, track_mean: bool):
+    """(static arguments of `_saliency_step`, its zero state, `put` for the micro-batch arrays):
+    on a mesh when `params` are sharded over one, state and rows placed as the step keeps them."""
+    fan_out = {w.path: w.in_out_shape(np.shape(get_path(params, w.path)))[1] for w in weights}
+    state = {
+        "cols": {name: {w.path: jnp.zeros((G, fan_out[w.path]), jnp.float32) for w in weights} for name in _ELEMENTWISE},
+        "grad": {w.path: jnp.zeros((G,) + tuple(np.shape(get_path(params, w.path))), jnp.float32) for w in weights}
+        if track_mean
+        else {},
+    }
+    mesh = _mesh_of(params)
+    state_shardings = None
+    put = jnp.asarray
+    if mesh is not None:
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        state, state_shardings = _sharded_state(state, params, mesh)
+        n_data = int(mesh.shape.get("data", 1))
+        rows_spec = PartitionSpec("data") if micro_batch % n_data == 0 else PartitionSpec()
+        put = lambda x: jax.device_put(x, NamedSharding(mesh, rows_spec))  # noqa: E731
+    static = (model.apply, weights, tuple(layer_paths.values()), track_mean, state_shardings, _grad_shardings(params, weights, mesh))
+    return static, state, put
+
+
+def lower_step(
+    model: LoadedModel, params: Any, batch: dict, *, groups: int = 3, part: Part = "mlp", track_mean: bool = True
+) -> jax.stages.Lowered:
+    """The streaming step of `saliency_stats` lowered for one micro-batch `batch` (its rows =
+    micro_batch) and `groups` groups, placed as `saliency_stats` places it (sharded when
+    `params` are): `.compile().memory_analysis()` is the memory XLA plans per device."""
+    _, weights, layer_paths = _tracked(model, params, None, part)
+    m = int(np.shape(batch["input_ids"])[0])
+    static, state, put = _step_setup(model, params, weights, layer_paths, groups, m, track_mean)
+    onehot = np.zeros((m, groups), np.float32)
+    onehot[:, 0] = 1.0
+    return _saliency_step.lower(*static, state, params, {k: put(np.asarray(v)) for k, v in batch.items()}, put(onehot))
 
 
 def _fetch(tree):
