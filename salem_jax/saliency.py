@@ -44,7 +44,10 @@ a fixed-size state. Peak memory is therefore about
 
 whatever the number of examples (XLA drops the gradients of untracked leaves such as the
 embedding, which nothing reads). The step compiles once per (micro_batch, sequence length);
-`SaliencyStats.traces` counts the compilations.
+`SaliencyStats.traces` counts the compilations. With parameters sharded over N devices every
+term is split N ways (per-example gradients and gradient sums like their weights, see
+`_grad_shardings`), plus the gathered weights (`salem_jax.sharding`); `lower_step` gives XLA's
+planned bytes per device.
 """
 
 from __future__ import annotations

@@ -25,7 +25,13 @@ Nothing here depends on the architecture beyond its layer table, so the rules pl
 of GPT-2, GPT-Neo, T5, BART, BERT and our Llama alike. Computations take the placed parameters
 as they are: under `jax.jit` XLA's partitioner (GSPMD) gathers each weight where it is used and
 keeps gradients sharded like the weights, so a model and its gradients take about 1/N of the
-memory per device (plus the transient gather of the layer being computed).
+memory per device, plus the gathered copies of weights in use. How many of those are alive at
+once is up to XLA's scheduler: XLA:CPU (the simulated meshes of the tests and benchmarks)
+starts every all-gather at the beginning of the program, so there each device holds every
+gathered weight at the peak, i.e. the layers' weights divided only by the "model" axis;
+accelerator schedulers place gathers near their use under a memory limit. Re-gathering in the
+backward pass (`jax.checkpoint` of the gathered weights) was tried and does not help on CPU:
+the second gathers are hoisted too.
 
 The mesh uses `AxisType.Auto` axes (partitioner-chosen intermediate shardings), not the
 `Explicit` axes `jax.make_mesh` defaults to: with explicit axes every op on a sharded weight
