@@ -13,7 +13,6 @@ import numpy as np
 import optax
 import pytest
 from jax.sharding import PartitionSpec as P
-from test_mend_train import COUNTRIES, synthetic_rows
 
 from salem_jax import parallel, sharding
 from salem_jax.eval.metrics import compare_rows
@@ -39,11 +38,20 @@ pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices 
 MIN = 2**12  # sharding.param_specs' default min_size
 
 
+def _tiny_llama(**overrides):
+    """`llama.tiny_llama(**overrides)` with its parameters initialised by one jitted call
+    (op-by-op initialisation compiles every small op on its own: twice as slow here)."""
+    from salem_jax.testing import tiny_tokenizer
+
+    cfg = llama.tiny_config(**overrides)
+    return llama.from_params("tiny-llama", cfg, jax.jit(lambda: llama.init_params(cfg))(), tiny_tokenizer())
+
+
 @functools.cache
 def medium():
     """A 2-layer Llama of width 64, MLP 256, vocab 128: its embedding, MLP, q and o matrices
     (>= 4096 entries, every axis divisible by 8) are split; k, v (64 x 32) and norms are not."""
-    return llama.tiny_llama(hidden_size=64, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+    return _tiny_llama(hidden_size=64, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
 
 
 @functools.cache
@@ -190,12 +198,31 @@ def test_saliency_sharded_equals_one_device():
         _close(eight.grad_sums[p], one.grad_sums[p], p)
 
 
+COUNTRIES = "france germany italy spain japan peru".split()
+CITIES = "paris berlin rome madrid tokyo lima".split()
+
+
+def _rows(countries, cities, tag):
+    """Edit-set rows (fail, two adapt rephrasings, two pass rows per fact). What they say does
+    not matter here - the sharded and one-device runs see the same rows - so no model calls."""
+    rows = []
+    for c, city in zip(countries, cities):
+        common = dict(record_id=f"{tag}:{c}", target=city, label=-1, text_pair="")
+        rows.append(dict(id=f"{tag}:{c}:fail", group="fail", prompt=f"the capital of {c} is", **common))
+        rows.append(dict(id=f"{tag}:{c}:a0", group="adapt", prompt=f"what city is the capital of {c}", **common))
+        rows.append(dict(id=f"{tag}:{c}:a1", group="adapt", prompt=f"which city is the capital of {c}", **common))
+        for j, (p, t) in enumerate((("{} lies in", "europe"), ("{} speaks", "euro"))):
+            rows.append(dict(id=f"{tag}:{c}:p{j}", record_id=f"{tag}:{c}:p{j}", group="pass", prompt=p.format(c), target=t,
+                             label=-1, text_pair=""))
+    return rows
+
+
 @functools.cache
 def edit_setup():
     """One block of the medium model (the editor tests compile whole training steps), 4 train
     and 2 validation facts, 2 groups per step (one per "data" row of the mesh)."""
-    m = llama.tiny_llama(hidden_size=64, intermediate_size=256, num_hidden_layers=1)
-    data = prepare_splits(m, {"train": synthetic_rows(m, COUNTRIES[:4], 0, "tr"), "val": synthetic_rows(m, COUNTRIES[4:6], 1, "va")})
+    m = _tiny_llama(hidden_size=64, intermediate_size=256, num_hidden_layers=1)
+    data = prepare_splits(m, {"train": _rows(COUNTRIES[:4], CITIES[:4], "tr"), "val": _rows(COUNTRIES[4:], CITIES[4:], "va")})
     cfg = TrainConfig.tiny(batch_size=2, effective_batch=2, max_steps=2, val_every=2, checkpoint_every=2, log_every=1)
     spec = EditorSpec.from_params(m.layers.weights(["layers.0"]), m.params, cfg.editor)
     return m, data, cfg.resolved(2), spec
