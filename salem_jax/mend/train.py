@@ -456,9 +456,9 @@ def _replicated(tree, mesh):
 def _state_specs(state, mesh):
     """Where the train state lives on a `(data, model)` mesh: the optimizer state (Adam's two
     moments and `MultiSteps`' gradient accumulator, 3x the editor's size) split over all
-    devices like FSDP weights (`sharding.fsdp_spec`: ZeRO stage 1), everything else - editor
-    params, norm statistics, step, rng - replicated, so every host of a pod can read the
-    editor (`train_editor` returns it with `jax.device_get`). A function of shapes only: the
+    devices like FSDP weights (`sharding.fsdp_spec`: ZeRO stage 1), and the editor's params
+    split the same way (they are gathered with `parallel.fetch`, which every host of a pod can
+    call); norm statistics, step and rng replicated. A function of shapes only: the
     step's output gets the placement of its donated input, and compiles once."""
     from salem_jax import sharding
 
@@ -473,6 +473,7 @@ def _state_specs(state, mesh):
     specs = jax.tree.map(lambda _: P(), state)
     if isinstance(state, dict) and "opt_state" in state:
         specs["opt_state"] = jax.tree.map(split, state["opt_state"])
+        specs["params"] = jax.tree.map(split, state["params"])
     return specs
 
 
@@ -736,8 +737,8 @@ def train_editor(
         bar.close()
         ckpt.wait()
     return TrainResult(
-        params=jax.device_get(state["params"]),
-        norm=jax.device_get(state["norm"]),
+        params=parallel.fetch(state["params"]),  # split over the mesh's devices (and hosts) when sharded
+        norm=parallel.fetch(state["norm"]),
         spec=spec,
         config=cfg,
         step=step,
