@@ -76,7 +76,7 @@ def run(tmp_path_factory):
     seen: dict = {}
     orig = P.evaluate_method
 
-    def spy(model, edit, val_rows, texts, cfg, name):
+    def spy(model, edit, val_rows, texts, cfg, name, **kw):
         seen["model"], seen[f"val_{name}"] = model, val_rows
 
         def recorded(rows):
@@ -84,7 +84,7 @@ def run(tmp_path_factory):
             calls.setdefault(name, []).append((rows, out))
             return out
 
-        return orig(model, recorded, val_rows, texts, cfg, name)
+        return orig(model, recorded, val_rows, texts, cfg, name, **kw)
 
     mp = pytest.MonkeyPatch()
     mp.setattr(P, "evaluate_method", spy)
