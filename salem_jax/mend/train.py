@@ -478,8 +478,9 @@ def _state_specs(state, mesh):
 
 
 def _split_editor(editor_params, mesh):
-    """The editor's params split over all devices for the computation (`sharding.fsdp_spec`;
-    each device keeps its slice of the replicated input, no communication). XLA then computes
+    """The editor's params split over all devices for the evaluation step (`sharding.fsdp_spec`;
+    a replicated input costs no communication: each device keeps its slice; the train step's
+    params are already placed so by `place_state`). XLA then computes
     the editor network tensor-parallel and each weight's gradient already split - with
     replicated params every device would build the full gradient of every editor weight for
     its own groups, and hold all of them at once until one combined all-reduce."""
@@ -502,11 +503,11 @@ def sharded_train_step(state, base_params, batch, *, apply_fn, spec: EditorSpec,
 
     Written for the global batch and jitted as a whole: XLA's partitioner gathers each weight
     where it is used, keeps the groups split over "data" and the base gradients sharded.
-    state: `place_state` (optimizer state split over all devices, the rest replicated), donated;
-    base_params: `sharding.shard_params`; batch: `parallel.shard_batch` (or `host_local_batch`
-    on a pod). Returns the state placed the same way and replicated metrics, equal to
-    `train_step`'s (the loss weights every group equally, as there)."""
-    state = {**state, "params": _split_editor(state["params"], mesh)}
+    state: `place_state` (editor params and optimizer state split over all devices, so the
+    editor's gradients are built split; the rest replicated), donated; base_params:
+    `sharding.shard_params`; batch: `parallel.shard_batch` (or `host_local_batch` on a pod).
+    Returns the state placed the same way and replicated metrics, equal to `train_step`'s (the
+    loss weights every group equally, as there)."""
     new_state, metrics = _device_train_step(state, base_params, batch, apply_fn=apply_fn, spec=spec, cfg=cfg, axis_name=None)
     return _placed_like_state(new_state, mesh), _replicated(metrics, mesh)
 
@@ -538,8 +539,8 @@ def place_base_params(model, base_params, mesh):
 
 def place_state(tree, mesh):
     """Train state (or editor params) placed as the steps on `mesh` expect it: on a `(data,
-    model)` mesh the optimizer state of a train state split over all devices and the rest
-    replicated (`_state_specs`); on a 1-D "data" mesh all replicated."""
+    model)` mesh a train state's editor params and optimizer state split over all devices and
+    the rest replicated (`_state_specs`); on a 1-D "data" mesh all replicated."""
     if uses_sharded_params(mesh):
         from salem_jax import sharding
 
