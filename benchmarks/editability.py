@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from salem_jax.compile_cache import add_flag, enable_compile_cache
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `experiments` without installing
 
 
@@ -65,7 +67,9 @@ def main(argv=None) -> int:
     ap.add_argument("--val-groups", type=int, default=64)
     ap.add_argument("--quick", action="store_true", help="the experiment's tiny config: a smoke run")
     ap.add_argument("--out", default=None)
+    add_flag(ap)
     args = ap.parse_args(argv)
+    enable_compile_cache(enabled=not args.no_compile_cache)
 
     from salem_jax.data.edit_set import build_edit_set, load_edit_set
     from salem_jax.mend.train import prepare_splits

@@ -30,6 +30,8 @@ import threading
 import time
 from pathlib import Path
 
+from salem_jax.compile_cache import add_flag, enable_compile_cache
+
 METHODS = ("saliency_fail", "saliency", "lga", "causal_trace", "sweep")
 SCORERS = ("salem", "grad_x_weight", "mean_sq", "abs_mean_grad", "contrast")
 
@@ -348,7 +350,9 @@ def main(argv=None) -> int:
     p.add_argument("--analyse-only", action="store_true", help="re-analyse the per-method results of an earlier --out")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
+    add_flag(p)
     args = p.parse_args(argv)
+    enable_compile_cache(enabled=not args.no_compile_cache)
     if args.worker:
         worker(args.worker, args.spec)
         return 0

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from salem_jax import parallel, saliency
+from salem_jax.compile_cache import add_flag, enable_compile_cache
 from salem_jax.mend.apply import TrainedEditor, _edited_kernels, apply_edits, encode_requests
 from salem_jax.mend.editor import EditorConfig, EditorSpec
 from salem_jax.mend.train import TrainConfig, init_train_state, prepare_splits, train_batch, train_step
@@ -350,7 +351,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-real", action="store_true")
     ap.add_argument("--skip-scaling", action="store_true")
     ap.add_argument("--out", default="runs/bench-scale.json")
+    add_flag(ap)
     args = ap.parse_args(argv)
+    enable_compile_cache(enabled=not args.no_compile_cache)
 
     rep = {"platform": jax.devices()[0].platform, "devices": len(jax.devices()), "jax": jax.__version__,
            "cpu": platform.processor() or platform.machine(), "args": vars(args)}

@@ -15,6 +15,8 @@ from typing import Callable
 
 import ml_collections
 
+from salem_jax.compile_cache import add_flag, enable_compile_cache
+
 
 def _coerce(old, text: str, key: str):
     if isinstance(old, bool):
@@ -68,8 +70,10 @@ class _null:
 def parse(get_config: Callable[[bool], ml_collections.ConfigDict], argv: list[str] | None, name: str):
     parser = argparse.ArgumentParser(prog=f"python -m experiments.{name}")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model and a few records (seconds on a CPU)")
+    add_flag(parser)
     parser.add_argument("--workdir", default=None, help=f"where results go (default runs/{name}[-tiny])")
     args, rest = parser.parse_known_args(argv)
+    enable_compile_cache(enabled=not args.no_compile_cache)
     cfg = apply_overrides(get_config(args.tiny), rest)
     workdir = args.workdir or os.path.join("runs", name + ("-tiny" if args.tiny else ""))
     return cfg, workdir

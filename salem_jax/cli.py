@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from salem_jax.compile_cache import add_flag, enable_compile_cache
+
 # (subcommand module, in the order `salem --help` lists them)
 COMMANDS = ("dataset", "locate", "train_editor", "edit")
 
@@ -18,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="salem",
         description="salem-jax: find the salient layer of a language model's errors and edit it (SaLEM).",
     )
+    add_flag(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         module = importlib.import_module(f"salem_jax.commands.{name}")
@@ -34,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
+    enable_compile_cache(enabled=not args.no_compile_cache)
     return int(args.run(args) or 0)
 
 

@@ -1,0 +1,75 @@
+"""JAX's persistent compilation cache in the project's cache folder: compile once per machine.
+
+Tracing and compiling SmolLM2's editor step takes ~20 s on a CPU; with the cache a second run
+of any command loads the compiled program from disk instead. JAX keys every entry by the
+serialized program (so by every shape, dtype, static argument and sharding), the compile
+options, the devices and the jax/jaxlib versions: a changed model or config compiles anew,
+an unchanged one is found.
+
+    from salem_jax.compile_cache import enable_compile_cache
+    enable_compile_cache()          # <cache_dir()>/jax-compile, unless SALEM_JAX_COMPILE_CACHE=0
+
+Importing `salem_jax` changes no global JAX setting: only the entry points (the `salem` CLI,
+`experiments.*`, `benchmarks/*`) call `enable_compile_cache`. A library user who wants the cache
+calls it once, before the first compilation.
+
+Settings (environment, read here; `--no-compile-cache` on the entry points sets the first):
+  SALEM_JAX_COMPILE_CACHE = 0 / off / false   disable the cache
+  SALEM_JAX_COMPILE_CACHE = <path>            use that folder instead of <cache_dir()>/jax-compile
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+from jax.experimental.compilation_cache import compilation_cache
+
+from salem_jax.data.paths import cache_dir
+
+ENV_COMPILE_CACHE = "SALEM_JAX_COMPILE_CACHE"
+_OFF = ("0", "off", "false", "no", "none")
+
+
+def compile_cache_dir(explicit: str | os.PathLike | None = None) -> Path | None:
+    """The cache folder: explicit > $SALEM_JAX_COMPILE_CACHE > <cache_dir()>/jax-compile;
+    None when the environment variable disables it."""
+    if explicit:
+        return Path(explicit).expanduser()
+    env = os.environ.get(ENV_COMPILE_CACHE, "").strip()
+    if env.lower() in _OFF:
+        return None
+    return Path(env).expanduser() if env else cache_dir() / "jax-compile"
+
+
+def enable_compile_cache(path: str | os.PathLike | None = None, *, enabled: bool = True,
+                         min_compile_time_s: float = 0.5) -> Path | None:
+    """Turn on JAX's persistent compilation cache (global JAX config); returns the folder or None.
+
+    enabled=False (a `--no-compile-cache` flag) leaves JAX's configuration untouched.
+    min_compile_time_s: programs that compile faster than this are not written (JAX's default
+    is 1 s; tiny helper programs would only clutter the folder)."""
+    folder = compile_cache_dir(path) if enabled else None
+    if folder is None:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_s))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    # JAX decides once per process whether to use the cache (at the first compilation); reset
+    # that decision so enabling after something was already compiled still takes effect.
+    compilation_cache.reset_cache()
+    return folder
+
+
+def disable_compile_cache() -> None:
+    """Undo `enable_compile_cache` (tests): no persistent cache for later compilations."""
+    jax.config.update("jax_compilation_cache_dir", None)
+    compilation_cache.reset_cache()
+
+
+def add_flag(parser) -> None:
+    """`--no-compile-cache` on an argparse parser (entry points)."""
+    parser.add_argument("--no-compile-cache", action="store_true",
+                        help=f"do not use JAX's persistent compilation cache (or set {ENV_COMPILE_CACHE}=0)")
