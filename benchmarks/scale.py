@@ -171,7 +171,7 @@ def sharded_memory(model, spec: EditorSpec, cfg: TrainConfig, batch: dict, sal_b
     """Per-device planned memory on a (data, model) mesh: compile only (timings on simulated
     devices would mean nothing). Needs data x model devices (XLA_FLAGS on a CPU)."""
     from salem_jax import sharding
-    from salem_jax.mend.train import place_base_params, place_state, sharded_train_step
+    from salem_jax.mend.train import place_base_params, place_state
 
     d, m = (int(x) for x in mesh_shape.lower().split("x"))
     if len(jax.devices()) < d * m:
@@ -186,7 +186,7 @@ def sharded_memory(model, spec: EditorSpec, cfg: TrainConfig, batch: dict, sal_b
     batch = train_batch_for(batch, cfg.batch_size)
     state = place_state(init_train_state(spec, cfg), mesh)
     print(f"  lowering the sharded editor step on {d}x{m} ...", flush=True)
-    out["editor_step"] = memory(sharded_train_step.lower(state, base, parallel.shard_batch(batch, mesh), apply_fn=model.apply,
+    out["editor_step"] = memory(train_step.lower(state, base, parallel.shard_batch(batch, mesh), apply_fn=model.apply,
                                                          spec=spec, cfg=cfg.step_config(), mesh=mesh))
     out["editor_step"]["groups"] = cfg.batch_size
     print(f"  lowering the sharded saliency step on {d}x{m} ...", flush=True)

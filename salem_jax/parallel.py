@@ -3,13 +3,14 @@
 The pattern (JAX's successor of `pmap`, which JAX now keeps only for old code):
 
     mesh = data_mesh()                                   # every device of every host, axis "data"
-    step = data_parallel(per_device_step, mesh,
-                         in_specs=(REPLICATED, REPLICATED, SHARDED),
-                         out_specs=(REPLICATED, SHARDED), donate_argnums=(0,))
-    state = replicate(state, mesh); batch = shard_batch(global_batch, mesh)
-    state, metrics = step(state, base_params, batch)
+    step = data_parallel(per_device_fn, mesh,
+                         in_specs=(REPLICATED, SHARDED), out_specs=SHARDED)
+    out = step(replicate(params, mesh), shard_batch(global_batch, mesh))
 
-`per_device_step` sees its slice of the batch (leading axis divided by the number of devices)
+(The editor's training step is one jitted function over a `(data, model)` mesh instead:
+`mend.train.train_step`; placement helpers live in `salem_jax.sharding`.)
+
+`per_device_fn` sees its slice of the batch (leading axis divided by the number of devices)
 and averages its gradients with `jax.lax.pmean(grads, DATA)`. On a pod every host runs the
 same program: call `initialize_distributed()` first, and give every host the same global batch
 (as numpy); `shard_batch` places each host's slices on its own devices.
@@ -26,7 +27,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-DATA = "data"
+from salem_jax import sharding
+
+DATA = sharding.DATA
 REPLICATED = P()
 SHARDED = P(DATA)
 
@@ -65,42 +68,18 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         raise ValueError("no devices for the mesh")
-    return jax.make_mesh((len(devices),), (DATA,), axis_types=(jax.sharding.AxisType.Explicit,), devices=devices)
+    # Auto axes (partitioner-chosen intermediate shardings), as `sharding.make_mesh`: the jitted
+    # steps take this mesh as well as shard_map does.
+    return jax.make_mesh((len(devices),), (DATA,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
 
 
 def n_data(mesh: Mesh) -> int:
     return int(mesh.shape[DATA])
 
 
-def _place(x: Any, sharding: NamedSharding) -> jax.Array:
-    if jax.process_count() == 1:
-        return jax.device_put(x, sharding)
-    # Multi-host: every process holds the same global value; each fills its own devices.
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-
-def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Every leaf as a global array with a full copy on each device of the mesh."""
-    # Spell the spec out per rank (P(None, None), not P()): that is how jit reports its
-    # replicated outputs, and equal-but-differently-spelled shardings would make a jitted step
-    # that takes its own output compile a second time.
-    return jax.tree.map(lambda x: _place(x, NamedSharding(mesh, P(*([None] * np.ndim(x))))), tree)
-
-
-def shard_batch(tree: Any, mesh: Mesh) -> Any:
-    """Split every leaf's leading axis over the mesh's "data" axis (it must divide evenly).
-
-    Pass the *global* batch (numpy, identical on every host)."""
-    sharding = NamedSharding(mesh, SHARDED)
-    n = n_data(mesh)
-
-    def put(x):
-        if np.ndim(x) == 0 or np.shape(x)[0] % n:
-            raise ValueError(f"batch leaf of shape {np.shape(x)} cannot be split over {n} devices along its first axis")
-        return _place(x, sharding)
-
-    return jax.tree.map(put, tree)
+# One set of placement helpers, in salem_jax.sharding (re-exported here for shard_map code).
+replicate = sharding.replicate
+shard_batch = sharding.shard_batch
 
 
 def shard(fn: Callable, mesh: Mesh, *, in_specs: Any, out_specs: Any) -> Callable:
@@ -181,14 +160,14 @@ def host_local_batch(tree: Any, mesh: Mesh, global_rows: int | None = None) -> A
     tree: numpy leaves holding this process's rows (`process_rows`), e.g. read from its own
     shard of the data files. On one process this equals `shard_batch(tree, mesh)`.
     global_rows: the global batch size (default: local rows x number of processes)."""
-    sharding = NamedSharding(mesh, SHARDED)
+    placement = NamedSharding(mesh, SHARDED)
 
     def put(x):
         x = np.asarray(x)
         if x.ndim == 0:
             raise ValueError("batch leaves need a leading (row) axis")
         shape = None if global_rows is None else (global_rows,) + x.shape[1:]
-        return jax.make_array_from_process_local_data(sharding, x, shape)
+        return jax.make_array_from_process_local_data(placement, x, shape)
 
     return jax.tree.map(put, tree)
 

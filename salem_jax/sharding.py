@@ -182,7 +182,9 @@ def param_specs(
 # ----------------------------------------------------------------------------- placing
 
 
-def _put(x: Any, sharding: NamedSharding) -> jax.Array:
+def put(x: Any, sharding: NamedSharding) -> jax.Array:
+    """`x` placed by `sharding`; on a pod every process passes the same global value and fills
+    its own devices' shards."""
     if jax.process_count() == 1:
         return jax.device_put(x, sharding)
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -197,15 +199,29 @@ def shard_params(params: Any, mesh: Mesh, specs: Any = None, **spec_kwargs) -> A
 
     Returns a new tree; the input is not modified (numpy or single-device leaves are copied)."""
     specs = param_specs(params, mesh, **spec_kwargs) if specs is None else specs
-    return jax.tree.map(lambda x, s: _put(x, NamedSharding(mesh, s)), params, specs)
+    return jax.tree.map(lambda x, s: put(x, NamedSharding(mesh, s)), params, specs)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Every leaf as a full copy on each device, spelled `P()` - the spelling jit gives its
     replicated outputs under the partitioner, so a jitted step that takes its own output
-    (`mend.train.sharded_train_step`) compiles once. (`parallel.replicate` spells specs per rank,
-    as shard_map reports them, for the shard_map steps.)"""
-    return jax.tree.map(lambda x: _put(x, NamedSharding(mesh, P())), tree)
+    (`mend.train.train_step`) compiles once."""
+    return jax.tree.map(lambda x: put(x, NamedSharding(mesh, P())), tree)
+
+
+def shard_batch(tree: Any, mesh: Mesh) -> Any:
+    """Split every leaf's leading axis over the mesh's "data" axis (it must divide evenly).
+
+    Pass the *global* batch (numpy, identical on every host); on a pod where each host reads
+    only its own rows use `parallel.host_local_batch`."""
+    n = axis_size(mesh, DATA)
+
+    def place(x):
+        if np.ndim(x) == 0 or np.shape(x)[0] % n:
+            raise ValueError(f"batch leaf of shape {np.shape(x)} cannot be split over {n} devices along its first axis")
+        return put(x, NamedSharding(mesh, P(DATA, *([None] * (np.ndim(x) - 1)))))
+
+    return jax.tree.map(place, tree)
 
 
 def shardings(specs: Any, mesh: Mesh) -> Any:

@@ -25,7 +25,6 @@ from salem_jax.mend.train import (
     place_base_params,
     place_state,
     prepare_splits,
-    sharded_train_step,
     train_batch,
     train_editor,
     train_step,
@@ -237,7 +236,7 @@ def test_editor_step_sharded_equals_one_device():
     m, data, cfg, spec = edit_setup()
     batch = train_batch(data["train"], cfg, 0)
     kw = dict(apply_fn=m.apply, spec=spec, cfg=cfg.step_config())
-    # one device, the existing replicated step
+    # one device
     mesh1 = parallel.data_mesh(jax.devices()[:1])
     s1, m1 = train_step(parallel.replicate(init_train_state(spec, cfg), mesh1), parallel.replicate(m.params, mesh1),
                         parallel.shard_batch(batch, mesh1), mesh=mesh1, **kw)
@@ -247,7 +246,7 @@ def test_editor_step_sharded_equals_one_device():
     info = sharding.describe(base)
     assert info.max_device_bytes <= info.total_bytes / 8 + info.replicated_bytes < info.total_bytes / 4
     state = place_state(init_train_state(spec, cfg), mesh)
-    s8, m8 = sharded_train_step(state, base, parallel.shard_batch(batch, mesh), mesh=mesh, **kw)
+    s8, m8 = train_step(state, base, parallel.shard_batch(batch, mesh), mesh=mesh, **kw)
     s1, m1, s8, m8 = jax.device_get((s1, m1, s8, m8))
     for k in m1:
         np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5, atol=1e-6, err_msg=k)
@@ -260,17 +259,17 @@ def test_editor_step_sharded_equals_one_device():
     # per device, the step plans a fraction of the one-device memory: base params, editor
     # gradients and optimizer state split (measured 0.28 here; 0.64 with everything of the
     # editor replicated)
-    ratio = _planned_peak(sharded_train_step.lower(place_state(init_train_state(spec, cfg), mesh), base,
+    ratio = _planned_peak(train_step.lower(place_state(init_train_state(spec, cfg), mesh), base,
                                                    parallel.shard_batch(batch, mesh), mesh=mesh, **kw))
     ratio /= _planned_peak(train_step.lower(parallel.replicate(init_train_state(spec, cfg), mesh1), parallel.replicate(m.params, mesh1),
                                             parallel.shard_batch(batch, mesh1), mesh=mesh1, **kw))
     assert ratio < 0.4, ratio
     # the step's output keeps the input's placement: a second step does not compile again
-    size = sharded_train_step._cache_size()
+    size = train_step._cache_size()
     state = place_state(init_train_state(spec, cfg), mesh)
     for step in range(2):
-        state, _ = sharded_train_step(state, base, parallel.shard_batch(train_batch(data["train"], cfg, step), mesh), mesh=mesh, **kw)
-    assert sharded_train_step._cache_size() == size
+        state, _ = train_step(state, base, parallel.shard_batch(train_batch(data["train"], cfg, step), mesh), mesh=mesh, **kw)
+    assert train_step._cache_size() == size
 
 
 def test_editing_and_evaluation_sharded_equal_one_device():

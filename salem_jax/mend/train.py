@@ -9,12 +9,12 @@ rows. For every group, inside the loss and without touching the base parameters:
     W~ = edited_params(editor, base, u, delta)             # W - lr_W * pseudo_grad
     loss = c_fail * NLL(W~ on fail + adapt targets) + c_loc * KL(base || W~ on pass targets)
 
-The step loss is the mean over groups. The step is written once, for one device and its share
-of the groups, with gradients averaged by `jax.lax.pmean(grads, "data")`, and mapped over a
-device mesh with `jax.shard_map` (`salem_jax.parallel`): the same code runs on one CPU, eight
-simulated CPU devices, a GPU or a TPU pod, and splitting the groups over devices does not change
-the result. It is jitted once (static shapes: every split is tokenised to one padded length),
-and the train state is donated.
+The step loss is the mean over groups. The step is written once, for the global batch, and
+jitted over a `(data, model)` device mesh (`salem_jax.sharding`) with explicit placements: the
+groups split over "data", the base weights and the editor's optimizer state split over all
+devices. The same code runs on one CPU (a 1x1 mesh), eight simulated CPU devices, a GPU or a
+TPU pod, and splitting the groups over devices does not change the result. It is jitted once
+(static shapes: every split is tokenised to one padded length), and the train state is donated.
 
 Optimisation: Adam on the editor network, a separate Adam (learning rate `lr_lr`) on the
 per-weight edit learning rates (`optax.partition`), global-norm clipping, and
@@ -42,7 +42,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from salem_jax import parallel
+from salem_jax import parallel, sharding
 from salem_jax.data.tokenize import encode
 from salem_jax.losses import batch_nll, example_correct, kl_divergence
 from salem_jax.mend.capture import capture
@@ -351,14 +351,12 @@ def _factors(apply_fn, spec, base_params, fail):
     return jax.vmap(lambda b: capture(apply_fn, base_params, b, spec.weights)[1])(fail)
 
 
-def _device_train_step(state, base_params, batch, *, apply_fn, spec, cfg, axis_name=parallel.DATA):
-    """One device's share of a training step (runs under shard_map; batch leaves [G_local, ...]).
-
-    With `axis_name=None` it is the whole step on the global batch, for `jax.jit` over sharded
-    parameters (`sharded_train_step`): the same numbers, the partitioner splits the work."""
+def _step(state, base_params, batch, *, apply_fn, spec, cfg):
+    """The whole training step on the global batch (leaves [G, ...]); `train_step` jits it over
+    a mesh and XLA's partitioner splits the work (groups over "data", weights as placed)."""
     tx = make_optimizer(cfg, state["params"])
     factors = _factors(apply_fn, spec, base_params, batch["fail"])
-    norm = update_norm_state(spec, state["norm"], factors, axis_name=axis_name)
+    norm = update_norm_state(spec, state["norm"], factors)
     base_pass = jax.vmap(lambda b: apply_fn(base_params, b))(batch["pass"])
     group = jax.vmap(
         lambda p, f, e, q, bl: _group_outputs(apply_fn, spec, cfg, p, norm, base_params, f, e, q, bl),
@@ -370,12 +368,7 @@ def _device_train_step(state, base_params, batch, *, apply_fn, spec, cfg, axis_n
         w = batch["weight"]
         return (losses * w).sum() / jnp.maximum(w.sum(), 1.0), out
 
-    # Per-device gradients (not jax's implicit sum over replicas), then the explicit mean.
-    if axis_name is None:
-        (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    else:
-        (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(parallel.to_varying(state["params"]))
-        grads = jax.lax.pmean(grads, axis_name)
+    (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_state = {"params": params, "opt_state": opt_state, "norm": norm, "step": state["step"] + 1, "rng": state["rng"]}
@@ -387,32 +380,12 @@ def _device_train_step(state, base_params, batch, *, apply_fn, spec, cfg, axis_n
         "edit_acc": out["edit_correct"].astype(jnp.float32).sum(-1) / n_rows,
         "drawdown": (out["base_pass_correct"].astype(jnp.float32) - out["pass_correct"]).mean(-1),
     }
-    # Means over all groups of all devices (every device has as many): replicated scalars,
-    # readable on every host of a pod.
-    mean = (lambda v: v.mean()) if axis_name is None else (lambda v: jax.lax.pmean(v.mean(), axis_name))  # noqa: E731
-    metrics = {k: mean(v) for k, v in per_group.items()}
+    metrics = {k: v.mean() for k, v in per_group.items()}  # means over all groups
     metrics["grad_norm"] = optax.tree.norm(grads)
     return new_state, metrics
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "spec", "cfg", "mesh"), donate_argnums=(0,))
-def train_step(state, base_params, batch, *, apply_fn, spec: EditorSpec, cfg: TrainConfig, mesh):
-    """The data-parallel training step: `(state, base_params, batch) -> (state, metrics)`.
-
-    state: from `init_train_state`, replicated (`parallel.replicate`), donated.
-    base_params: the model's parameters, replicated; never modified.
-    batch: `train_batch(...)` placed with `parallel.shard_batch` (groups split over devices).
-    metrics: scalars (replicated): loss, nll, kl, edit_acc, drawdown (means over the step's
-    groups) and grad_norm.
-
-    jit caches on (apply_fn, spec, cfg, mesh), so a run compiles it once (see
-    `train_step._cache_size()`), and a second run with the same ones reuses it."""
-    fn = functools.partial(_device_train_step, apply_fn=apply_fn, spec=spec, cfg=cfg)
-    r, s = parallel.REPLICATED, parallel.SHARDED
-    return parallel.shard(fn, mesh, in_specs=(r, r, s), out_specs=(r, r))(state, base_params, batch)
-
-
-def _device_eval_step(editor_params, norm, base_params, batch, *, apply_fn, spec, cfg, axis_name=parallel.DATA):
+def _eval(editor_params, norm, base_params, batch, *, apply_fn, spec, cfg):
     factors = _factors(apply_fn, spec, base_params, batch["fail"])
     base_pass = jax.vmap(lambda b: apply_fn(base_params, b))(batch["pass"])
     base_edit = jax.vmap(lambda b: apply_fn(base_params, b))(batch["edit"])
@@ -420,7 +393,7 @@ def _device_eval_step(editor_params, norm, base_params, batch, *, apply_fn, spec
         lambda f, e, q, bl: _group_outputs(apply_fn, spec, cfg, editor_params, norm, base_params, f, e, q, bl)
     )(factors, batch["edit"], batch["pass"], base_pass)
     em = batch["edit"]["label_mask"]
-    results = {
+    return {
         "loss": out["loss"],
         "nll": out["nll"],
         "kl": out["kl"],
@@ -431,26 +404,6 @@ def _device_eval_step(editor_params, norm, base_params, batch, *, apply_fn, spec
         "base_pass_correct": out["base_pass_correct"],
         "pass_valid": batch["pass"]["label_mask"].sum(-1) > 0,
     }
-    if axis_name is None:
-        return results
-    # every device's groups, on every device (so every host of a pod can read them)
-    return parallel.gather_replicated(results)
-
-
-@functools.partial(jax.jit, static_argnames=("apply_fn", "spec", "cfg", "mesh"))
-def eval_step(editor_params, norm, base_params, batch, *, apply_fn, spec: EditorSpec, cfg: TrainConfig, mesh):
-    """Edit every group of `batch` with the editor (statistics frozen) and score it: per-group
-    loss, nll, kl [G]; fail/adapt/pass correctness before and after the edit [G, rows] and their
-    validity masks."""
-    fn = functools.partial(_device_eval_step, apply_fn=apply_fn, spec=spec, cfg=cfg)
-    r, s = parallel.REPLICATED, parallel.SHARDED
-    return parallel.shard(fn, mesh, in_specs=(r, r, r, s), out_specs=r)(editor_params, norm, base_params, batch)
-
-
-def _replicated(tree, mesh):
-    """Constrain every leaf to a full copy on each device (`P()`, as `sharding.replicate` places
-    the state): the donated state keeps one placement from step to step, and every host can read it."""
-    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P())), tree)
 
 
 def _state_specs(state, mesh):
@@ -460,7 +413,6 @@ def _state_specs(state, mesh):
     split the same way (they are gathered with `parallel.fetch`, which every host of a pod can
     call); norm statistics, step and rng replicated. A function of shapes only: the
     step's output gets the placement of its donated input, and compiles once."""
-    from salem_jax import sharding
 
     def split(x):
         # spelled as jit spells its outputs (no trailing Nones, replicated = P()), else the
@@ -477,75 +429,65 @@ def _state_specs(state, mesh):
     return specs
 
 
-def _split_editor(editor_params, mesh):
-    """The editor's params split over all devices for the evaluation step (`sharding.fsdp_spec`;
-    a replicated input costs no communication: each device keeps its slice; the train step's
-    params are already placed so by `place_state`). XLA then computes
-    the editor network tensor-parallel and each weight's gradient already split - with
-    replicated params every device would build the full gradient of every editor weight for
-    its own groups, and hold all of them at once until one combined all-reduce."""
-    from salem_jax import sharding
-
-    return jax.tree.map(
-        lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, sharding.fsdp_spec(np.shape(x), mesh))), editor_params
-    )
-
-
-def _placed_like_state(tree, mesh):
-    """Constrain a train state (or any tree: then replicated) to `_state_specs`."""
-    specs = _state_specs(tree, mesh)
+def _constrain(tree, mesh, specs):
     return jax.tree.map(lambda x, s: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, s)), tree, specs)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "spec", "cfg", "mesh"), donate_argnums=(0,))
-def sharded_train_step(state, base_params, batch, *, apply_fn, spec: EditorSpec, cfg: TrainConfig, mesh):
-    """`train_step` for base parameters sharded over a `(data, model)` mesh (salem_jax.sharding).
+def _split_editor(editor_params, mesh):
+    """The editor's params split over all devices for the evaluation step (`sharding.fsdp_spec`;
+    a replicated input costs no communication: each device keeps its slice; the train step's
+    params are already placed so by `place_state`). XLA then computes the editor network
+    tensor-parallel - with replicated params every device would build the full gradient of
+    every editor weight for its own groups, and hold all of them at once."""
+    return _constrain(editor_params, mesh, jax.tree.map(lambda x: sharding.fsdp_spec(np.shape(x), mesh), editor_params))
 
-    Written for the global batch and jitted as a whole: XLA's partitioner gathers each weight
-    where it is used, keeps the groups split over "data" and the base gradients sharded.
-    state: `place_state` (editor params and optimizer state split over all devices, so the
-    editor's gradients are built split; the rest replicated), donated; base_params:
-    `sharding.shard_params`; batch: `parallel.shard_batch` (or `host_local_batch` on a pod).
-    Returns the state placed the same way and replicated metrics, equal to `train_step`'s (the
-    loss weights every group equally, as there)."""
-    new_state, metrics = _device_train_step(state, base_params, batch, apply_fn=apply_fn, spec=spec, cfg=cfg, axis_name=None)
-    return _placed_like_state(new_state, mesh), _replicated(metrics, mesh)
+
+def _batch_specs(batch):
+    return jax.tree.map(lambda x: P(sharding.DATA, *([None] * (np.ndim(x) - 1))), batch)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "spec", "cfg", "mesh"), donate_argnums=(0,))
+def train_step(state, base_params, batch, *, apply_fn, spec: EditorSpec, cfg: TrainConfig, mesh):
+    """The editor's training step: `(state, base_params, batch) -> (state, metrics)`.
+
+    One jitted function for every device layout: a 1-CPU run, data parallel (an `(n, 1)` mesh,
+    `sharding.make_mesh()`), FSDP and tensor-parallel base weights (`make_mesh(data, model)`).
+    Written for the global batch; the placements are explicit - the batch's groups over "data",
+    the state's output as `place_state` places its input (so the donated state keeps one
+    placement and the step compiles once), metrics replicated - and XLA's partitioner gathers
+    each weight where it is used.
+
+    state: `place_state(init_train_state(...), mesh)`, donated. base_params:
+    `place_base_params(model, params, mesh)`, never modified. batch: `train_batch(...)` placed
+    with `sharding.shard_batch` (or `parallel.host_local_batch` on a pod).
+    metrics: replicated scalars: loss, nll, kl, edit_acc, drawdown (means over the step's
+    groups) and grad_norm. jit caches on (apply_fn, spec, cfg, mesh) and the input placements."""
+    batch = _constrain(batch, mesh, _batch_specs(batch))
+    new_state, metrics = _step(state, base_params, batch, apply_fn=apply_fn, spec=spec, cfg=cfg)
+    return _constrain(new_state, mesh, _state_specs(new_state, mesh)), _constrain(metrics, mesh, jax.tree.map(lambda _: P(), metrics))
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "spec", "cfg", "mesh"))
-def sharded_eval_step(editor_params, norm, base_params, batch, *, apply_fn, spec: EditorSpec, cfg: TrainConfig, mesh):
-    """`eval_step` for sharded base parameters (see `sharded_train_step`); replicated results."""
-    out = _device_eval_step(_split_editor(editor_params, mesh), norm, base_params, batch, apply_fn=apply_fn, spec=spec, cfg=cfg, axis_name=None)
-    return _replicated(out, mesh)
-
-
-def uses_sharded_params(mesh) -> bool:
-    """Whether steps on `mesh` take sharded base parameters: meshes with a "model" axis
-    (`sharding.make_mesh`) do; 1-D "data" meshes (`parallel.data_mesh`) replicate them."""
-    from salem_jax.sharding import MODEL
-
-    return MODEL in mesh.axis_names
+def eval_step(editor_params, norm, base_params, batch, *, apply_fn, spec: EditorSpec, cfg: TrainConfig, mesh):
+    """Edit every group of `batch` with the editor (statistics frozen) and score it: per-group
+    loss, nll, kl [G]; fail/adapt/pass correctness before and after the edit [G, rows] and their
+    validity masks - all replicated. Placements as for `train_step`."""
+    batch = _constrain(batch, mesh, _batch_specs(batch))
+    out = _eval(_split_editor(editor_params, mesh), norm, base_params, batch, apply_fn=apply_fn, spec=spec, cfg=cfg)
+    return _constrain(out, mesh, jax.tree.map(lambda _: P(), out))
 
 
 def place_base_params(model, base_params, mesh):
-    """Base parameters placed for the steps on `mesh`: sharded (`sharding.shard_params`, MLPs
-    tensor parallel when the "model" axis > 1) on a `(data, model)` mesh, else replicated."""
-    if uses_sharded_params(mesh):
-        from salem_jax import sharding
-
-        return sharding.shard_params(base_params, mesh, model=model)
-    return parallel.replicate(base_params, mesh)
+    """Base parameters placed for the steps on `mesh` (`sharding.shard_params`): FSDP over all
+    devices, MLPs tensor parallel when the "model" axis > 1; one device holds them whole."""
+    return sharding.shard_params(base_params, mesh, model=model)
 
 
 def place_state(tree, mesh):
-    """Train state (or editor params) placed as the steps on `mesh` expect it: on a `(data,
-    model)` mesh a train state's editor params and optimizer state split over all devices and
-    the rest replicated (`_state_specs`); on a 1-D "data" mesh all replicated."""
-    if uses_sharded_params(mesh):
-        from salem_jax import sharding
-
-        return sharding.shard_params(tree, mesh, _state_specs(tree, mesh))
-    return parallel.replicate(tree, mesh)
+    """Train state (or editor params) placed as the steps on `mesh` expect it: a train state's
+    editor params and optimizer state split over all devices and the rest replicated
+    (`_state_specs`)."""
+    return sharding.shard_params(tree, mesh, _state_specs(tree, mesh))
 
 
 def summarize_eval(results: Sequence[Mapping[str, np.ndarray]], weights: Sequence[np.ndarray], k: int) -> dict:
@@ -577,16 +519,28 @@ def summarize_eval(results: Sequence[Mapping[str, np.ndarray]], weights: Sequenc
     }
 
 
+EVAL_GROUPS_PER_CALL = 16  # validation groups per jitted call (rounded up to the "data" axis)
+
+
+def eval_groups_per_call(cfg: TrainConfig, data: EditData, n_data: int, limit: int = EVAL_GROUPS_PER_CALL) -> int:
+    """How many validation groups one `eval_step` call takes: all of them up to `limit`, as a
+    multiple of the number of data-parallel devices. Groups are scored independently, so the
+    split changes no number; few large calls keep the CPU's matmuls wide and the host idle."""
+    n_groups = max(1, min(cfg.val_groups, math.ceil(data.n_fail / cfg.edits_per_group)))
+    return n_data * math.ceil(min(n_groups, limit) / n_data)
+
+
 def evaluate(model, spec, cfg, mesh, editor_params, norm, base_params, data: EditData) -> dict:
     """Edit every validation group with the editor and summarise (see `summarize_eval`).
 
-    All arguments placed as for `train_step` (params replicated), or for `sharded_train_step`
-    (base params from `place_base_params`) when the mesh has a "model" axis."""
-    batches = val_batches(data, cfg)
+    All arguments placed as for `train_step` (`place_state`, `place_base_params`). The groups
+    go through `eval_step` `eval_groups_per_call` at a time (one compilation), and the results
+    come back to the host once, at the end."""
+    per_call = eval_groups_per_call(cfg, data, sharding.axis_size(mesh, sharding.DATA))
+    batches = val_batches(data, dataclasses.replace(cfg, batch_size=per_call))
     kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg.step_config(), mesh=mesh)
-    step = sharded_eval_step if uses_sharded_params(mesh) else eval_step
-    results = [parallel.fetch(step(editor_params, norm, base_params, parallel.shard_batch(b, mesh), **kw)) for b in batches]
-    return summarize_eval(results, [b["weight"] for b in batches], cfg.edits_per_group)
+    results = [eval_step(editor_params, norm, base_params, sharding.shard_batch(b, mesh), **kw) for b in batches]
+    return summarize_eval(parallel.fetch(results), [b["weight"] for b in batches], cfg.edits_per_group)
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -638,9 +592,9 @@ def train_editor(
 
     data: {"train": EditData, "val": EditData} from `prepare_splits`.
     weights_or_spec: the `Weight`s to edit (an `EditorSpec` is built with cfg.editor) or a spec.
-    mesh: device mesh with a "data" axis (default: all devices). A `sharding.make_mesh`
-      `(data, model)` mesh shards the base parameters (FSDP, MLPs tensor parallel over "model")
-      and runs `sharded_train_step`; a 1-D `parallel.data_mesh` replicates them.
+    mesh: device mesh with a "data" axis (default `sharding.make_mesh()`: all devices on "data",
+      an `(n, 1)` mesh). The base parameters are split over all devices (FSDP; MLPs tensor
+      parallel when the "model" axis > 1); a 1-D `parallel.data_mesh` acts as an `(n, 1)` one.
     resume: continue from the latest checkpoint in workdir if there is one (it must match the
       model, the weights and the config, else `CheckpointMismatch`).
     stop_after: stop (without a final checkpoint) once this step is reached - for tests of
@@ -651,8 +605,8 @@ def train_editor(
     from salem_jax.mend.checkpoint import EditorCheckpointer
 
     base_params = model.params if base_params is None else base_params
-    mesh = mesh if mesh is not None else parallel.data_mesh()
-    cfg = cfg.resolved(parallel.n_data(mesh))
+    mesh = mesh if mesh is not None else sharding.make_mesh()
+    cfg = cfg.resolved(sharding.axis_size(mesh, sharding.DATA))
     spec = (
         weights_or_spec
         if isinstance(weights_or_spec, EditorSpec)
@@ -685,7 +639,7 @@ def train_editor(
     state = place_state(state, mesh)
     base = place_base_params(model, base_params, mesh)
     kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg.step_config(), mesh=mesh)
-    step_fn = sharded_train_step if uses_sharded_params(mesh) else train_step
+    step_fn = train_step
 
     def validate(step):
         v = evaluate(model, spec, cfg, mesh, state["params"], state["norm"], base, data["val"])
@@ -705,7 +659,7 @@ def train_editor(
     t0 = time.time()
     try:
         while step < cfg.max_steps and not stopped_early:
-            batch = parallel.shard_batch(train_batch(data["train"], cfg, step), mesh)
+            batch = sharding.shard_batch(train_batch(data["train"], cfg, step), mesh)
             state, m = step_fn(state, base, batch, **kw)
             step += 1
             if compiled is None:
