@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow install clean
+.PHONY: demo test test-slow bench install clean
 
 $(STAMP): setup.cfg requirements-models.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,15 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PYTEST) -m slow
+
+# Every benchmark in benchmarks/, one after the other (each prints a table and writes runs/bench-*.json).
+# vs_pytorch times salem-jax against an eager PyTorch reference in the same run; the others
+# measure scale/memory, layer selection and editability. Takes a long while on a CPU.
+bench: $(STAMP)
+	$(PY) benchmarks/vs_pytorch.py --layers layers.0 layers.15 layers.27-29 --out runs/bench-vs-pytorch.json
+	$(PY) benchmarks/scale.py --out runs/bench-scale.json
+	$(PY) benchmarks/layer_selection.py --out runs/bench-layer-selection.json
+	$(PY) benchmarks/editability.py --out runs/bench-editability.json
 
 clean:
 	rm -rf $(VENV)

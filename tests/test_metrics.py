@@ -360,3 +360,16 @@ def test_cached_base_scores_give_the_same_metrics(gpt2):
     with pytest.raises(ValueError, match="texts"):
         M.evaluate_edit(gpt2, gpt2.params, new, groups, base=base, texts=texts[:1], batch_size=2, text_window=16,
                         text_stride=8, progress=False)
+
+
+def test_batch_size_changes_no_metric(gpt2):
+    """The pipeline scores an edit's own rows in small batches and the pass rows in large ones:
+    padding rows to a batch must change no number."""
+    new = _perturbed(gpt2)
+    groups = {"fail": [{"prompt": "the capital of france is", "target": "paris"}],
+              "adapt": [{"prompt": "what river lies in", "target": "egypt"}, {"prompt": "one two", "target": "three"}]}
+    outs = [M.evaluate_edit(gpt2, gpt2.params, new, groups, batch_size=b, progress=False) for b in (1, 2, 16)]
+    for o in outs[1:]:
+        assert o.keys() == outs[0].keys()
+        for k in o:
+            assert o[k] == pytest.approx(outs[0][k], rel=1e-5, abs=1e-7), k

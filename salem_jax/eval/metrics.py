@@ -224,13 +224,14 @@ def compare_rows(
     it = row_batches(model, rows, batch_size, where=where)
     if bar is None:
         it = tqdm(it, total=_n_batches(len(rows), batch_size), desc=f"compare {where}", disable=not progress)
-    parts: list[dict] = []
+    outs, ns = [], []
     for batch, n in it:
-        out = jax.device_get(_compare(model.apply, base_params, new_params, batch))
-        parts.append({k: np.asarray(v)[:n] for k, v in out.items()})
+        outs.append(_compare(model.apply, base_params, new_params, batch))
+        ns.append(n)
         if bar is not None:
             bar.update(1)
-    return _concat(parts)
+    # one transfer to the host, after every batch was dispatched
+    return _concat([{k: np.asarray(v)[:n] for k, v in out.items()} for out, n in zip(jax.device_get(outs), ns)])
 
 
 def _concat(parts: list[dict]) -> dict[str, np.ndarray]:
@@ -254,6 +255,9 @@ class BaseScores:
     argmax: dict  # group -> list of [batch_size, S] int32 argmax arrays, one per batch
     fingerprints: dict  # group -> hash of its rows, to refuse different rows
     text: dict | None = None  # {"nll_sum", "n_tokens", "key"} of the held-out text, if any
+    # group -> list of (tokenised batch, real rows): each edit's evaluation reuses them instead
+    # of tokenising the same rows again
+    batches: dict = dataclasses.field(default_factory=dict)
 
 
 def base_scores(
@@ -268,17 +272,15 @@ def base_scores(
     progress: bool = True,
 ) -> BaseScores:
     """Score the base model once on `groups` (and `texts`) for reuse across edits."""
-    scores, argmax, prints = {}, {}, {}
+    scores, argmax, prints, batches = {}, {}, {}, {}
     for name, rows in groups.items():
         rows = list(rows)
         parts, am = [], []
-        for batch, n in tqdm(
-            row_batches(model, rows, batch_size, where=f"group {name!r}"),
-            total=_n_batches(len(rows), batch_size), desc=f"base {name}", disable=not progress,
-        ):
-            sc, a = jax.device_get(_score_with_argmax(model.apply, base_params, batch))
-            parts.append({k: np.asarray(v)[:n] for k, v in sc.items()})
-            am.append(np.asarray(a))
+        batches[name] = list(row_batches(model, rows, batch_size, where=f"group {name!r}"))
+        for batch, n in tqdm(batches[name], desc=f"base {name}", disable=not progress):
+            sc, a = _score_with_argmax(model.apply, base_params, batch)
+            parts.append({k: np.asarray(v)[:n] for k, v in jax.device_get(sc).items()})
+            am.append(a)  # stays on the device: each edit's comparison reads it there
         scores[name], argmax[name], prints[name] = _concat(parts), am, _fingerprint(rows)
     text = None
     if texts:
@@ -286,7 +288,7 @@ def base_scores(
 
         r = perplexity(model, base_params, texts, window=text_window, stride=text_stride, progress=progress)
         text = {"nll_sum": r.nll_sum, "n_tokens": r.n_tokens, "key": (hash(tuple(texts)), text_window, text_stride)}
-    return BaseScores(batch_size, scores, argmax, prints, text)
+    return BaseScores(batch_size, scores, argmax, prints, text, batches)
 
 
 def _compare_with_base(model, base: BaseScores, name: str, new_params: Any, rows: list, bar) -> dict[str, np.ndarray]:
@@ -294,11 +296,15 @@ def _compare_with_base(model, base: BaseScores, name: str, new_params: Any, rows
         raise ValueError(f"group {name!r} is not in the base scores (they have {sorted(base.scores)})")
     if _fingerprint(rows) != base.fingerprints[name]:
         raise ValueError(f"group {name!r}: rows differ from those the base scores were computed on")
-    parts: list[dict] = []
-    for (batch, n), am in zip(row_batches(model, rows, base.batch_size, where=f"group {name!r}"), base.argmax[name]):
-        out = jax.device_get(_compare_to_argmax(model.apply, new_params, batch, am))
-        parts.append({k: np.asarray(v)[:n] for k, v in out.items()})
+    cached = base.batches.get(name)
+    it = cached if cached is not None else row_batches(model, rows, base.batch_size, where=f"group {name!r}")
+    outs, ns = [], []
+    for (batch, n), am in zip(it, base.argmax[name]):
+        outs.append(_compare_to_argmax(model.apply, new_params, batch, am))
+        ns.append(n)
         bar.update(1)
+    # one transfer to the host for the whole group, after every batch was dispatched
+    parts = [{k: np.asarray(v)[:n] for k, v in out.items()} for out, n in zip(jax.device_get(outs), ns)]
     got = _concat(parts)
     if got:
         got.update({f"{k}_before": v for k, v in base.scores[name].items()})
