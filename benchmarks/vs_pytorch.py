@@ -98,13 +98,22 @@ def _torch_median(torch, fn, repeats: int) -> dict:
     return {"threads": out, "best": min(out.values())}
 
 
+CACHE_EVENTS: list[str] = []
+jax.monitoring.register_event_listener(lambda name, **kw: CACHE_EVENTS.append(name) if "compilation_cache/cache_" in name else None)
+
+
 def _cached_first(fn) -> float:
     """The first call again with jax's in-memory caches cleared: trace + load from the
-    persistent compilation cache (+ run), as in a second process."""
+    persistent compilation cache (+ run), as in a second process. Prints the cache's hits and
+    misses during the call (a miss means it compiled again)."""
     jax.clear_caches()
+    CACHE_EVENTS.clear()
     t0 = time.perf_counter()
     fn()
-    return time.perf_counter() - t0
+    dt = time.perf_counter() - t0
+    hits = sum(e.endswith("cache_hits") for e in CACHE_EVENTS)
+    print(f"    (cached first call: {hits} cache hits, {len(CACHE_EVENTS) - hits} misses, {dt:.1f}s)", flush=True)
+    return dt
 
 
 # ----------------------------------------------------------------------------- the PyTorch reference

@@ -14,14 +14,28 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import chex
 import jax
 import numpy as np
 import pytest
 
-from salem_jax import parallel
+from salem_jax import parallel, sharding
 from salem_jax.data.tokenize import encode
 from salem_jax.models.base import get_path, set_path
-from salem_jax.mend.train import TrainConfig, evaluate, prepare_splits, train_batch, train_editor, train_step, val_batches
+from salem_jax.mend.editor import EditorSpec
+from salem_jax.mend.train import (
+    TrainConfig,
+    eval_step,
+    evaluate,
+    init_train_state,
+    place_base_params,
+    place_state,
+    prepare_splits,
+    train_batch,
+    train_editor,
+    train_step,
+    val_batches,
+)
 
 COUNTRIES = "france germany italy spain japan peru chile egypt kenya india china canada".split()
 CITIES = "paris berlin rome madrid tokyo lima santiago cairo nairobi delhi beijing ottawa brasilia".split()
@@ -196,3 +210,24 @@ def test_training_makes_the_edits_and_keeps_the_rest():
     assert val_steps == [50, 100]
     assert {"loss", "nll", "kl", "edit_acc", "drawdown", "grad_norm"} <= set(lines[0])
     assert result.best_step in val_steps and result.last_val["groups"] == 4
+
+
+def test_train_and_eval_steps_trace_once_across_steps():
+    """`chex.assert_max_traces`: three steps and two validations on the placed state trace the
+    step and the evaluation once each (the donated state keeps its placement)."""
+    model, data, weights, cfg, _ = tiny_setup()
+    mesh = sharding.make_mesh(2, 1, jax.devices()[:2]) if len(jax.devices()) >= 2 else sharding.make_mesh(1, 1)
+    cfg = cfg.resolved(sharding.axis_size(mesh, sharding.DATA))
+    spec = EditorSpec.from_params(weights, model.params, cfg.editor)
+    statics = ("apply_fn", "spec", "cfg", "mesh")
+    step = jax.jit(chex.assert_max_traces(train_step.__wrapped__, n=1), static_argnames=statics, donate_argnums=(0,))
+    ev = jax.jit(chex.assert_max_traces(eval_step.__wrapped__, n=1), static_argnames=statics)
+    kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg.step_config(), mesh=mesh)
+    state = place_state(init_train_state(spec, cfg), mesh)
+    base = place_base_params(model, model.params, mesh)
+    for i in range(3):
+        state, m = step(state, base, sharding.shard_batch(train_batch(data["train"], cfg, i), mesh), **kw)
+    assert int(state["step"]) == 3 and np.isfinite(float(m["loss"]))
+    for _ in range(2):
+        for b in val_batches(data["val"], cfg):
+            ev(state["params"], state["norm"], base, sharding.shard_batch(b, mesh), **kw)
