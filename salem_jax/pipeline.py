@@ -1,7 +1,8 @@
 """The whole SaLEM pipeline as one function: edit set -> salient layer -> editor -> evaluation.
 
 `run_pipeline(cfg, workdir)` is what every experiment in `experiments/` calls; `cfg` is an
-`ml_collections.ConfigDict` laid out like `default_config()`. Steps (the marked sections of
+`ml_collections.ConfigDict` laid out like `default_config()` (salem_jax.config: every default and
+what it means). Steps (the marked sections of
 `run_pipeline`):
 
 1. load the model (`load_model`, or a tiny random one for `tiny` configs) and the held-out text;
@@ -39,6 +40,7 @@ from tqdm import tqdm
 
 from salem_jax import methods as method_registry
 from salem_jax import parallel, sharding
+from salem_jax.config import default_config  # noqa: F401  (experiments import it from here)
 from salem_jax.data import paths, readers
 from salem_jax.data.countries import country_records
 from salem_jax.data.edit_set import build_edit_set, edit_set_batches, load_edit_set, sample_by_group, save_edit_set
@@ -52,77 +54,6 @@ from salem_jax.mend.train import place_base_params, prepare_splits
 from salem_jax.methods import Context, Method
 from salem_jax.models import hf, llama, load_model
 from salem_jax.saliency import saliency_profile
-
-
-def default_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.name = "salem"
-    c.model = "smollm2-135m"  # a load_model name/path, or "tiny-ARCH" (gpt2, gpt_neo, t5, bart, bert, llama)
-    c.dtype = "float32"
-    c.data = "countries"  # "countries", a known data-file name (zsre, counterfact, ...) or a path
-    c.format = "countries"  # reader format: countries | zsre | counterfact | fever | nli | text
-    c.relation = "capital"  # countries only
-    c.mode = "correction"  # correction | counterfactual
-    c.limit = 0  # records to read (0 = all)
-    c.data_dir = ""  # '' = SALEM_JAX_DATA or ../shared/data
-    c.seed = 0
-    c.val_fraction = 0.1
-    c.score_batch = 16
-    c.skip_invalid = False  # True: records too long for the model are skipped (and counted) instead of an error
-    c.saliency = ml_collections.ConfigDict(
-        # groups: which edit-set groups are profiled (fail is needed for the choice; pass adds the
-        # contrast scorer's reference; adapt is reported only); at most max_examples rows each
-        dict(scorer="salem", top_k=1, part="mlp", micro_batch=8, max_examples=64, select_group="fail",
-             groups=("fail", "adapt", "pass"))
-    )
-    c.editor = ml_collections.ConfigDict(
-        # A CPU budget (the SmolLM2 experiments), not the paper's schedule (experiments.common.
-        # paper_editor): an optimiser update after every edit group (effective_batch 1) at Adam lr
-        # 1e-4. On SmolLM2 capitals this reached val fail accuracy 0.42 after 50 steps, where
-        # MEND's batch of 10 groups per update reached 0.26 after 100 and 0.32 after 300 steps
-        # (30 updates); lr 1e-3, or lr_lr 1e-3, or edit_lr_init 1e-2 made the first updates blow
-        # up the KL term (edits then break the pass rows).
-        dict(
-            steps=150,
-            lr=1e-4,
-            lr_lr=1e-4,
-            rank=1920,
-            n_hidden=1,
-            edit_lr_init=1e-4,
-            c_fail=0.1,
-            effective_batch=1,
-            batch_size=0,  # 0 = one group per device
-            adapt_per_edit=2,
-            val_every=50,
-            val_groups=32,
-            patience=1000,
-            checkpoint_every=50,
-        )
-    )
-    c.methods = ("salem",)
-    # 0: the model replicated on every device, the editor step data parallel (1-D mesh).
-    # N >= 1: the model's weights sharded over a (data, N) mesh of all devices (salem_jax.sharding:
-    # FSDP, MLPs tensor parallel over "model" when N > 1) for saliency, training and evaluation.
-    c.mesh_model = 0
-    c.fixed_layers = 3  # mend_fixed: the last N blocks
-    c.ft = ml_collections.ConfigDict(dict(steps=10, lr=1e-3, kl_weight=1.0))
-    # causal tracing (methods causal / rome): up to `facts` train fail rows with the subject in the prompt
-    c.trace = ml_collections.ConfigDict(dict(facts=8, n_noise=10, restorations_per_call=8))
-    # ROME (method rome): layer "" = the causal-traced one; covariance held_out = key statistics of the
-    # held-out texts (eval.text), identity = none; the rest are ROMEConfig's knobs (ROME's GPT-2 XL values)
-    c.rome = ml_collections.ConfigDict(
-        dict(layer="", covariance="held_out", v_steps=20, v_lr=0.5, kl_factor=0.0625, weight_decay=0.5,
-             clamp_norm_factor=4.0, ridge=1e-3)
-    )
-    c.eval = ml_collections.ConfigDict(
-        dict(max_edits=20, max_pass=48, ppl_edits=5, text="wikitext", n_texts=8, text_window=128, batch_size=8,
-             # a held-out keep set (salem_jax.eval.keep): '' = none; "countries:REL,REL" = those
-             # relations of the country data; else a data name/path read with keep_format ('' = format).
-             # Up to max_keep rows the base model gets right; every edit reports dd_keep_acc on them.
-             keep="", keep_format="", max_keep=48)
-    )
-    c.progress = True
-    return c
 
 
 # ----------------------------------------------------------------------------- steps
