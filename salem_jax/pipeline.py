@@ -43,17 +43,20 @@ from salem_jax import parallel, sharding
 from salem_jax.config import default_config  # noqa: F401  (experiments import it from here)
 from salem_jax.data import paths, readers
 from salem_jax.data.countries import country_records
-from salem_jax.data.edit_set import build_edit_set, edit_set_batches, load_edit_set, sample_by_group, save_edit_set
+from salem_jax.data.edit_set import build_edit_set, load_edit_set, save_edit_set
 from salem_jax.data.records import RecordList
+from salem_jax.data.spec import DataSpec
+from salem_jax.data.spec import read_records as read_spec
+from salem_jax.data.spec import resolve as resolve_spec
 from salem_jax.eval.counterfact import evaluate_counterfact, harmonic_mean
 from salem_jax.eval.keep import keep_rows
 from salem_jax.eval.metrics import base_scores, evaluate_edit
 from salem_jax.locate.plot import plot_profile
-from salem_jax.locate.trace_rows import rows_with_subject, trace_edit_rows
+from salem_jax.locate.choose import LocateConfig, locate
+from salem_jax.locate.trace_rows import rows_with_subject
 from salem_jax.mend.train import place_base_params, prepare_splits
 from salem_jax.methods import Context, Method
 from salem_jax.models import hf, llama, load_model
-from salem_jax.saliency import saliency_profile
 
 
 # ----------------------------------------------------------------------------- steps
@@ -72,19 +75,16 @@ def load(cfg, records=None) -> Any:
     return load_model(cfg.model, dtype=cfg.dtype, **kw)
 
 
-def read_records(cfg):
+def data_spec(cfg) -> DataSpec:
+    """The records the config names (fields data, format, relation, limit, seed, data_dir)."""
+    return DataSpec(data=cfg.data, format=cfg.format, relation=cfg.relation, limit=cfg.limit or None, seed=cfg.seed,
+                    data_dir=cfg.data_dir or None)
 
-    limit = cfg.limit or None
-    if cfg.format == "countries":
-        recs = country_records(cfg.relation, seed=cfg.seed)
-        return recs[:limit] if limit else recs
-    path = cfg.data
-    if not os.path.exists(path):
-        path = str(paths.find_data_file(cfg.data, cfg.data_dir or None))
-    recs = readers.read_records(path, cfg.format, limit=limit)
-    if cfg.format == "text":
-        recs = text_edits(recs)
-    return recs
+
+def read_records(cfg):
+    """The configured records; `text` paragraphs become edits (`text_edits`)."""
+    fmt, recs = read_spec(data_spec(cfg))
+    return text_edits(recs) if fmt == "text" else recs
 
 
 def text_edits(recs):
@@ -132,31 +132,21 @@ def keep_set(model, cfg, exclude_prompts=()) -> tuple[list[dict], str]:
             raise ValueError(f"config.eval.keep={spec!r}: name the relations after 'countries:', e.g. countries:region,currency")
         records, source = country_records(relations, seed=cfg.seed), f"country {', '.join(relations)} facts"
     else:
-        path = spec if os.path.exists(spec) else str(paths.find_data_file(spec, cfg.data_dir or None))
-        fmt = cfg.eval.keep_format or cfg.format
-        records, source = readers.read_records(path, fmt), f"{path} ({fmt})"
+        keep_spec = DataSpec(data=spec, format=cfg.eval.keep_format or cfg.format, data_dir=cfg.data_dir or None)
+        fmt, path = resolve_spec(keep_spec)
+        records, source = read_spec(keep_spec)[1], f"{path} ({fmt})"
     rows = keep_rows(model, records, max_rows=cfg.eval.max_keep, seed=cfg.seed, batch_size=cfg.eval.batch_size,
                      exclude_prompts=exclude_prompts, progress=cfg.progress)
     return rows, f"{len(rows)} rows of {source} the base model gets right (of {len(records)} records)"
 
 
 def saliency(model, rows: list[dict], cfg):
-
-    wanted = set(cfg.saliency.groups) | {cfg.saliency.select_group}
-    chosen = sample_by_group(rows, cfg.saliency.max_examples, cfg.seed, wanted)
-    m = cfg.saliency.micro_batch
-    data = [(b, [r["group"] for r in chunk]) for b, chunk in edit_set_batches(model, chosen, m)]
-    return saliency_profile(
-        model,
-        model.params,
-        data,
-        scorer=cfg.saliency.scorer,
-        part=cfg.saliency.part,
-        top_k=cfg.saliency.top_k,
-        select_group=cfg.saliency.select_group,
-        micro_batch=m,
-        progress=cfg.progress,
-    )
+    """SaLEM's saliency profile (cfg.saliency) of at most max_examples rows of each profiled group."""
+    sc = cfg.saliency
+    wanted = tuple(sorted(set(sc.groups) | {sc.select_group}))
+    lc = LocateConfig(scorer=sc.scorer, part=sc.part, top_k=sc.top_k, select_group=sc.select_group,
+                      micro_batch=sc.micro_batch, max_examples=sc.max_examples, groups=wanted, seed=cfg.seed)
+    return locate(model, rows, "saliency", lc, progress=cfg.progress)
 
 
 # ----------------------------------------------------------------------------- locate
@@ -175,11 +165,9 @@ def causal_trace_layer(model, train_rows: list[dict], subjects: dict[str, str], 
             "prompt; use records with subjects or set config.rome.layer for rome"
         )
     t = time.perf_counter()
-    prof = trace_edit_rows(
-        model, model.params, train_rows, subjects, group="fail", max_facts=cfg.trace.facts or None,
-        select="last_subject", n_noise=cfg.trace.n_noise, restorations_per_call=cfg.trace.restorations_per_call,
-        seed=cfg.seed, progress=cfg.progress,
-    )
+    lc = LocateConfig(select_group="fail", max_facts=cfg.trace.facts or None, select="last_subject",
+                      n_noise=cfg.trace.n_noise, restorations_per_call=cfg.trace.restorations_per_call, seed=cfg.seed)
+    prof = locate(model, train_rows, "causal-trace", lc, subjects=subjects, progress=cfg.progress)
     if _main_process():
         (work / "profile_causal.json").write_text(prof.to_json())
         plot_profile(prof, str(work / "profile_causal.png"))

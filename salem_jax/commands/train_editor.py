@@ -90,17 +90,11 @@ def choose_layers(model, es, args, workdir: Path) -> tuple[str, ...]:
         if info.get("top_k") == args.top_k and info.get("part") == args.part and info.get("scorer") == args.scorer:
             print(f"layers from {saved}: {', '.join(info['chosen'])}", file=sys.stderr)
             return tuple(info["chosen"])
-    try:
-        from salem_jax.saliency import saliency_profile
-    except ImportError as e:
-        raise RuntimeError(f"--layers auto needs salem_jax.saliency, which cannot be imported ({e}); name the layers instead") from e
-    from salem_jax.data.edit_set import edit_set_batches, sample_by_group
+    from salem_jax.locate.choose import LocateConfig, locate  # jax: `salem --help` does not need it
 
-    rows = sample_by_group(es.rows("train"), args.saliency_examples, seed=0)
-    data = [(b, [r["group"] for r in chunk]) for b, chunk in edit_set_batches(model, rows, batch_size=8)]
-    profile = saliency_profile(
-        model, model.params, data, scorer=args.scorer, part=args.part, top_k=args.top_k, progress=not args.no_progress
-    )
+    lc = LocateConfig(scorer=args.scorer, part=args.part, top_k=args.top_k, micro_batch=8,
+                      max_examples=args.saliency_examples, seed=0)
+    profile = locate(model, es.rows("train"), "saliency", lc, progress=not args.no_progress)
     workdir.mkdir(parents=True, exist_ok=True)
     saved.write_text(profile.to_json())
     print(f"saliency ({args.scorer}, {args.part}) chose: {', '.join(profile.chosen)}", file=sys.stderr)
