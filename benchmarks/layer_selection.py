@@ -362,14 +362,14 @@ def main(argv=None) -> int:
         return _finish(outs, spec, out, 0.0)
 
     t0 = time.perf_counter()
-    from salem_jax.data.tokenize import _ids, target_text
+    from salem_jax.data.tokenize import token_ids, target_text
     from salem_jax.models import load_model
 
     model = load_model(args.model)
     rows, info = build_rows(model, args)
     lens: dict[str, int] = {}
     for r in rows:
-        n = len(_ids(model.tokenizer, r["prompt"], True)) + len(_ids(model.tokenizer, target_text(r["target"], model.kind), False))
+        n = len(token_ids(model.tokenizer, r["prompt"], True)) + len(token_ids(model.tokenizer, target_text(r["target"], model.kind), False))
         lens[r["group"]] = max(lens.get(r["group"], 0), n)
     spec = dict(
         model=args.model, data=args.data, mode=args.mode, rows=rows, lengths=lens, dir=str(work),

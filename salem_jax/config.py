@@ -14,8 +14,8 @@ The sections of the pipeline config (`default_config()`, what `experiments/` edi
 - `saliency`, `trace`, `eval` and the top level: the dataclasses below.
 
 Every field of every one of these dataclasses is a key of the ConfigDict, so `--config.*`
-reaches all of them. `train_config`, `ft_config` and `rome_config` turn a ConfigDict back into
-the dataclasses the library takes.
+reaches all of them. `train_config` (from the flat `editor` section, e.g. `cfg.editor.to_dict()`),
+`ft_config` and `rome_config` (from the whole ConfigDict) give back the dataclasses the library takes.
 """
 
 from __future__ import annotations

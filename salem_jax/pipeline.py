@@ -509,7 +509,7 @@ def jsonable(x):
 
 def _plot_training(work: Path, methods: list[str], path: Path) -> None:
     """Validation EA, DD and loss against editor steps, from each editor's metrics.jsonl."""
-    import matplotlib
+    import matplotlib  # heavy, and only the plots need it; the Agg backend must be set before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
