@@ -7,13 +7,13 @@ options, the devices and the jax/jaxlib versions: a changed model or config comp
 an unchanged one is found.
 
     from salem_jax.compile_cache import enable_compile_cache
-    enable_compile_cache()          # <cache_dir()>/jax-compile, unless SALEM_JAX_COMPILE_CACHE=0
+    enable_compile_cache()          # <$SALEM_JAX_CACHE>/jax-compile, unless SALEM_JAX_COMPILE_CACHE=0
 
 Importing `salem_jax` changes no global JAX setting: only the entry points (the `salem` CLI,
 `experiments.*`, `benchmarks/*`) call `enable_compile_cache`. A library user who wants the cache
 calls it once, before the first compilation.
 
-Settings (environment, read here; `--no-compile-cache` on the entry points sets the first):
+Settings (environment, read by salem_jax.env; `--no-compile-cache` on the entry points sets the first):
   SALEM_JAX_COMPILE_CACHE = 0 / off / false   disable the cache
   SALEM_JAX_COMPILE_CACHE = <path>            use that folder instead of <cache_dir()>/jax-compile
 """
@@ -26,21 +26,21 @@ from pathlib import Path
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
-from salem_jax.data.paths import cache_dir
+from salem_jax import env
 
-ENV_COMPILE_CACHE = "SALEM_JAX_COMPILE_CACHE"
+ENV_COMPILE_CACHE = env.COMPILE_CACHE
 _OFF = ("0", "off", "false", "no", "none")
 
 
 def compile_cache_dir(explicit: str | os.PathLike | None = None) -> Path | None:
-    """The cache folder: explicit > $SALEM_JAX_COMPILE_CACHE > <cache_dir()>/jax-compile;
+    """The cache folder: explicit > $SALEM_JAX_COMPILE_CACHE > <$SALEM_JAX_CACHE>/jax-compile;
     None when the environment variable disables it."""
     if explicit:
         return Path(explicit).expanduser()
-    env = os.environ.get(ENV_COMPILE_CACHE, "").strip()
-    if env.lower() in _OFF:
+    value = env.compile_cache()
+    if value.lower() in _OFF:
         return None
-    return Path(env).expanduser() if env else cache_dir() / "jax-compile"
+    return Path(value).expanduser() if value else env.cache_root() / "jax-compile"
 
 
 def enable_compile_cache(path: str | os.PathLike | None = None, *, enabled: bool = True,
