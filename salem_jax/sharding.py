@@ -219,7 +219,7 @@ def shard_batch(tree: Any, mesh: Mesh) -> Any:
     def place(x):
         if np.ndim(x) == 0 or np.shape(x)[0] % n:
             raise ValueError(f"batch leaf of shape {np.shape(x)} cannot be split over {n} devices along its first axis")
-        return put(x, NamedSharding(mesh, P(DATA, *([None] * (np.ndim(x) - 1)))))
+        return put(x, NamedSharding(mesh, P(DATA)))  # spelled as jit spells it (no trailing Nones)
 
     return jax.tree.map(place, tree)
 

@@ -443,7 +443,7 @@ def _split_editor(editor_params, mesh):
 
 
 def _batch_specs(batch):
-    return jax.tree.map(lambda x: P(sharding.DATA, *([None] * (np.ndim(x) - 1))), batch)
+    return jax.tree.map(lambda x: P(sharding.DATA), batch)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "spec", "cfg", "mesh"), donate_argnums=(0,))
