@@ -519,7 +519,11 @@ def summarize_eval(results: Sequence[Mapping[str, np.ndarray]], weights: Sequenc
     }
 
 
-EVAL_GROUPS_PER_CALL = 16  # validation groups per jitted call (rounded up to the "data" axis)
+# Validation groups per jitted call (rounded up to the "data" axis). Each group holds its own
+# edited copy of the edited kernels and full-vocabulary logits of its rows, so memory grows with
+# it; 8 keeps SmolLM2's validation well under a few GiB (not measured on SmolLM2: a benchmark
+# process holding the PyTorch reference too was OOM-killed on a shared machine at 16).
+EVAL_GROUPS_PER_CALL = 8
 
 
 def eval_groups_per_call(cfg: TrainConfig, data: EditData, n_data: int, limit: int = EVAL_GROUPS_PER_CALL) -> int:
