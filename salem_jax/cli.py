@@ -10,7 +10,7 @@ import importlib
 import sys
 
 # (subcommand module, in the order `salem --help` lists them)
-COMMANDS = ("dataset", "locate", "train_editor", "edit")
+COMMANDS = ("dataset", "locate", "train_editor", "edit", "finetune")
 
 
 def build_parser() -> argparse.ArgumentParser:
