@@ -138,11 +138,11 @@ def split_records_for_finetune(
         split = "heldout" if pos < n_held else "edit" if pos < n_held + n_edit else "finetune"
         out[split].extend(groups[keys[k]])
     for s in SPLITS:
-        out[s].sort(key=_id_order)
+        out[s].sort(key=id_order)
     return out
 
 
-def _id_order(rid: str):
+def id_order(rid: str):
     name, _, num = rid.rpartition(":")
     return (name, int(num)) if num.isdigit() else (rid, -1)
 
@@ -324,7 +324,7 @@ def accuracy(model: LoadedModel, params, data: dict, batch_size: int = 64) -> fl
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _write_json(path: Path, doc: dict) -> Path:
+def write_json(path: Path, doc: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(doc, indent=2))
@@ -455,9 +455,9 @@ def finetune_classifier(
         info = dict(run, majority_rate=majority_rate, majority_label=labels[majority], truncated=trunc + trunc_h,
                     max_length=int(data["input_ids"].shape[1]), steps_per_epoch=per_epoch, total_steps=total,
                     **(extra_info or {}))
-        _write_json(out / "finetune.json", _jsonable(info))
+        write_json(out / "finetune.json", jsonable(info))
         if splits_doc is not None:
-            _write_json(out / "splits.json", splits_doc)
+            write_json(out / "splits.json", splits_doc)
 
     def save(step):
         mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
@@ -513,11 +513,11 @@ def finetune_classifier(
                           seconds=time.perf_counter() - t0, truncated=trunc + trunc_h)
 
 
-def _jsonable(x):
+def jsonable(x):
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, (np.integer,)):
         return int(x)
     if isinstance(x, (np.floating,)):
