@@ -12,8 +12,8 @@
    kept = pass row), NLI in correction mode (the classifier's own errors = fail, its correct
    answers = pass), split 90:10 by record into editor train / val edits (`edit_split.json`);
 4. saliency profile on the train rows (the salient layer and the top three);
-5. methods (`cfg.methods`): salem, salem3, mend_fixed (MEND editors), ft, ft_kl (salem_jax.baselines.
-   finetune), ke (salem_jax.baselines.ke) and enn (salem_jax.baselines.enn), each evaluated one
+5. methods (`cfg.methods`, from the method registry salem_jax.methods): salem, salem3, mend_fixed
+   (MEND editors), ft, ft_kl (fine-tuning), ke and enn (salem_jax.methods.meta), each evaluated one
    edit at a time on the val edits and on up to `eval.max_edits` train edits;
 6. `results.json` and `results.md`: the paper's Table 3 columns (EA and DD on train and on val)
    plus the edited layers, editor steps and seconds.
@@ -25,18 +25,16 @@ user gave (ENN replaces it with its meta-trained base theta*, whose own drift is
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
 from pathlib import Path
 
 import ml_collections
-import numpy as np
 
 from salem_jax.pipeline import default_config
 
-METHODS = ("salem", "salem3", "mend_fixed", "ft", "ft_kl", "ke", "enn")
+METHODS = ("salem", "salem3", "mend_fixed", "ft", "ft_kl", "ke", "enn")  # the paper's Table 3 rows
 
 
 def classifier_config(name: str, data: str, mode: str, tiny: bool) -> ml_collections.ConfigDict:
@@ -51,10 +49,6 @@ def classifier_config(name: str, data: str, mode: str, tiny: bool) -> ml_collect
     c.finetuned = ""  # a `salem finetune` folder; '' = workdir/finetuned (fine-tuned on the first run)
     c.finetune = ml_collections.ConfigDict(dict(epochs=1, batch_size=16, lr=1e-4, max_length=128, heldout=0.1,
                                                 edit=0.2, patience=1, max_steps=0))
-    c.ke = ml_collections.ConfigDict(dict(steps=100, lr=1e-4, lstm_hidden=128, condition_dim=1024, hidden=128,
-                                          max_scale=1.0, loc_per_step=8))
-    c.enn = ml_collections.ConfigDict(dict(steps=100, lr=1e-5, lr_lr=1e-3, edit_lr_init=1e-2, n_edit_steps=1,
-                                           first_order=False, loc_per_step=8))
     c.eval.max_edits = 100
     c.eval.max_pass = 100
     if tiny:
@@ -131,14 +125,15 @@ def results_table(out: dict) -> str:
 
 
 def run_classifier_experiment(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+    import functools
+
     import jax
 
     from salem_jax import finetune as F
+    from salem_jax import methods as method_registry
     from salem_jax import pipeline as P
-    from salem_jax.baselines import enn as E
-    from salem_jax.baselines import ke as K
-    from salem_jax.baselines.meta_data import MetaData
     from salem_jax.data.edit_set import build_edit_set, save_edit_set
+    from salem_jax.methods import Context
     from salem_jax.mend.train import prepare_splits
     from salem_jax.models import load_model
 
@@ -149,12 +144,13 @@ def run_classifier_experiment(cfg: ml_collections.ConfigDict, workdir: str | os.
     def say(msg):
         print(f"[{cfg.name}] {msg}", flush=True)
 
-    unknown = [m for m in cfg.methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown} in config.methods; choose from {', '.join(METHODS)}")
+    methods = [method_registry.get(name) for name in cfg.methods]  # unknown names fail here, before any cost
     records = read(cfg)
     folder, splits = finetuned_classifier(cfg, records, work, say)
     model = load_model(str(folder))
+    for m in methods:
+        m.refuse_unsupported(model)
+        m.check(Context(model=model, cfg=cfg, work=work, say=say))
     by = {r.id: r for r in records}
     missing = [i for i in splits["splits"]["edit"] if i not in by]
     if missing:
@@ -163,85 +159,41 @@ def run_classifier_experiment(cfg: ml_collections.ConfigDict, workdir: str | os.
     edit_records = [by[i] for i in splits["splits"]["edit"]]
     F.check_disjoint(edit_records, splits, where=str(folder))
     es = build_edit_set(model, edit_records, mode=cfg.mode, seed=cfg.seed, val_fraction=cfg.val_fraction,
-                        batch_size=cfg.score_batch, progress=cfg.progress)
+                        batch_size=cfg.score_batch, progress=cfg.progress, skip_invalid=cfg.skip_invalid)
     save_edit_set(es, work / "edit_set", overwrite=True)
-    train_rows, val_rows = es.rows("train"), es.rows("val")
+    train_rows, val_rows = P.split_rows(es)
     F.write_json(work / "edit_split.json", dict(
         model_folder=str(folder), mode=cfg.mode,
         finetune=splits["splits"]["finetune"], heldout=splits["splits"]["heldout"],
         editor_train=sorted({r["record_id"] for r in train_rows}, key=F.id_order),
         editor_val=sorted({r["record_id"] for r in val_rows}, key=F.id_order)))
     say(es.summary())
-    for split, rows in (("train", train_rows), ("val", val_rows)):
-        groups = {r["group"] for r in rows}
-        if not {"fail", "pass"} <= groups:
-            raise ValueError(f"the editor {split} split has groups {sorted(groups)} but needs fail and pass rows; "
-                             "use more records")
 
     profile = P.saliency(model, train_rows, cfg)
     (work / "profile.json").write_text(profile.to_json())
-    order = np.argsort(-np.asarray(profile.scores[profile.select_group]))
-    top1 = tuple(profile.chosen[:1])
-    top3 = tuple(profile.layers[i] for i in order[:3])
-    last3 = tuple(model.layers.names()[-cfg.fixed_layers:])
-    say(f"saliency chose {', '.join(top1)}; top three {', '.join(top3)}")
-
-    data = None
+    say(f"saliency chose {', '.join(profile.chosen)}")
+    ctx = Context(model=model, cfg=cfg, work=work, say=say, train_rows=train_rows, val_rows=val_rows,
+                  data=prepare_splits(model, {"train": train_rows, "val": val_rows}), profile=profile)
     results: dict = {}
-    n_pass = {"train": 0, "val": 0}
-    for method in cfg.methods:
+    n_pass = {s: min(cfg.eval.max_pass, sum(r["group"] == "pass" for r in rows))
+              for s, rows in (("train", train_rows), ("val", val_rows))}
+    for method in methods:
         t = time.perf_counter()
-        eval_model, steps, extra = model, None, {}
-        if method in ("salem", "salem3", "mend_fixed"):
-            layers = {"salem": top1, "salem3": top3, "mend_fixed": last3}[method]
-            if data is None:
-                data = prepare_splits(model, {"train": train_rows, "val": val_rows})
-            say(f"{method}: training a MEND editor on {', '.join(layers)}")
-            editor, tr = P.train_mend(model, data, layers, cfg, work / f"editor_{method}")
-            edit, steps = P.mend_edit_fn(model, editor), tr.step
-            extra = dict(best_step=tr.best_step, evaluated_step=editor.step)
-        elif method in ("ft", "ft_kl"):
-            layers = top1
-            edit = P.ft_edit_fn(model, layers, cfg, kl=method == "ft_kl",
-                                pass_rows=[r for r in train_rows if r["group"] == "pass"])
-            steps = 0
-        elif method == "ke":
-            layers = last3
-            k = cfg.ke
-            kc = K.KEConfig(lstm_hidden=k.lstm_hidden, condition_dim=k.condition_dim, hidden=k.hidden,
-                            max_scale=k.max_scale, lr=k.lr, steps=k.steps, loc_per_step=k.loc_per_step, seed=cfg.seed)
-            md = MetaData.from_rows(model, train_rows, seed=cfg.seed, loc_per_step=k.loc_per_step)
-            say(f"ke: training the hyper-network for {', '.join(layers)} ({k.steps} steps)")
-            kr = K.train_ke(model, md, model.layers.weights(list(layers)), kc, progress=cfg.progress)
-            edit, steps, extra = K.ke_edit_fn(model, kr), k.steps, dict(history=kr.history[-3:])
-        elif method == "enn":
-            layers = last3
-            e = cfg.enn
-            ec = E.ENNConfig(n_edit_steps=e.n_edit_steps, edit_lr_init=e.edit_lr_init, first_order=e.first_order,
-                             lr=e.lr, lr_lr=e.lr_lr, steps=e.steps, loc_per_step=e.loc_per_step, seed=cfg.seed)
-            md = MetaData.from_rows(model, train_rows, seed=cfg.seed, loc_per_step=e.loc_per_step)
-            say(f"enn: meta-training the base model, edits on {', '.join(layers)} ({e.steps} steps)")
-            er = E.train_enn(model, md, model.layers.weights(list(layers)), ec, progress=cfg.progress)
-            edit, steps = E.enn_edit_fn(model, er, e.n_edit_steps), e.steps
-            extra = dict(history=er.history[-3:], edit_lrs={p: float(v) for p, v in er.lrs.items()})
-            # theta*'s own drift on the val pass rows (before any edit)
-            from salem_jax.eval.metrics import evaluate_edit
-
-            passes = {"pass": [r for r in val_rows if r["group"] == "pass"][: cfg.eval.max_pass]}
-            drift = evaluate_edit(model, model.params, er.params, passes, batch_size=cfg.eval.batch_size, progress=False)
-            extra["base_drift"] = drift["dd_acc"]
+        layers = tuple(method.layers(ctx))
+        prepared = method.prepare(ctx, layers)
         train_seconds = time.perf_counter() - t
-        per = {}
-        for split, rows in (("val", val_rows), ("train", train_rows)):
-            per[split] = P.evaluate_method(eval_model, edit, rows, [], cfg, f"{method} ({split})")
-            n_pass[split] = min(cfg.eval.max_pass, sum(r["group"] == "pass" for r in rows))
-        results[method] = dict(layers=list(layers), steps=steps, train_seconds=train_seconds, **per, **extra)
-        say(f"{method}: EA train {_fmt(per['train'].get('ea'))} val {_fmt(per['val'].get('ea'))}, "
+        edit = functools.partial(prepared.edit, model.params)  # every edit starts from the given model
+        per = {split: P.evaluate_method(model, edit, rows, [], cfg, f"{method.name} ({split})")
+               for split, rows in (("val", val_rows), ("train", train_rows))}
+        info = {k: v for k, v in prepared.info.items() if k not in ("layers",)}
+        results[method.name] = dict(info, layers=list(layers), steps=prepared.info.get("steps"),
+                                    train_seconds=train_seconds, **per)
+        say(f"{method.name}: EA train {_fmt(per['train'].get('ea'))} val {_fmt(per['val'].get('ea'))}, "
             f"DD train {_fmt(per['train'].get('dd_acc'))} val {_fmt(per['val'].get('dd_acc'))}")
         jax.clear_caches()
     ft_info = json.loads((folder / "finetune.json").read_text()) if (folder / "finetune.json").is_file() else {}
     out = dict(config=json.loads(cfg.to_json_best_effort()), model_folder=str(folder), finetune=ft_info,
-               edit_set=es.info, n_pass=n_pass, chosen_layers=list(top1), top3=list(top3), profile=profile.to_dict(),
+               edit_set=es.info, n_pass=n_pass, chosen_layers=list(profile.chosen), profile=profile.to_dict(),
                methods=results, seconds=time.perf_counter() - t_all)
     table = results_table(out)
     (work / "results.json").write_text(json.dumps(F.jsonable(out), indent=2))

@@ -106,6 +106,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh_model = 0
     c.fixed_layers = 3  # mend_fixed: the last N blocks
     c.ft = ml_collections.ConfigDict(dict(steps=10, lr=1e-3, kl_weight=1.0))
+    # KE (method ke, salem_jax.baselines.ke): hyper-network sizes of the original paper; lr is a CPU
+    # budget's (MEND's port: 1e-5 over 100k+ steps). ENN (method enn): MEND's port's settings.
+    c.ke = ml_collections.ConfigDict(dict(steps=100, lr=1e-4, lstm_hidden=128, condition_dim=1024, hidden=128,
+                                          max_scale=1.0, loc_per_step=8))
+    c.enn = ml_collections.ConfigDict(dict(steps=100, lr=1e-5, lr_lr=1e-3, edit_lr_init=1e-2, n_edit_steps=1,
+                                           first_order=False, loc_per_step=8))
     # causal tracing (methods causal / rome): up to `facts` train fail rows with the subject in the prompt
     c.trace = ml_collections.ConfigDict(dict(facts=8, n_noise=10, restorations_per_call=8))
     # ROME (method rome): layer "" = the causal-traced one; covariance held_out = key statistics of the

@@ -249,3 +249,14 @@ def test_train_and_edit_functions_run_and_keep_the_base(model):
     assert not np.array_equal(np.asarray(get_path(er.params, w)), np.asarray(get_path(model.params, w)))
     with pytest.raises(ValueError, match="one row"):
         K.ke_edit_fn(model, kr)(rows()[:2])
+
+
+def test_ke_and_enn_are_registered_methods_for_classifiers_only():
+    from salem_jax import methods
+
+    assert {"ke", "enn"} <= set(methods.names())
+    for name in ("ke", "enn"):
+        m = methods.get(name)
+        assert m.supports == frozenset({"classifier"})
+        with pytest.raises(ValueError, match=f"method '{name}'.*classifier"):
+            m.refuse_unsupported(hf.tiny("gpt2"))

@@ -299,9 +299,10 @@ def train_ke(model, data: MetaData, weights: Sequence[Weight], config: KEConfig 
     return KEResult(ke_params, weights, config, history, time.perf_counter() - t0)
 
 
-def ke_edit_fn(model, result: KEResult) -> Callable[[list[dict]], Any]:
-    """Edit function for the pipeline's evaluation: one fail row -> base + KE's deltas."""
+def ke_edit_fn(model, result: KEResult, base: Any = None) -> Callable[[list[dict]], Any]:
+    """Edit function: one fail row -> base + KE's deltas (`base` defaults to the model's parameters)."""
     cfg = result.config
+    base = model.params if base is None else base
     edit = jax.jit(lambda kp, base, batch, ids, mask: ke_edit(model.apply, kp, base, result.weights, batch, ids, mask,
                                                               cfg.max_scale))
 
@@ -309,6 +310,6 @@ def ke_edit_fn(model, result: KEResult) -> Callable[[list[dict]], Any]:
         if len(rows) != 1:
             raise ValueError(f"KE edits one row at a time, got {len(rows)}")
         ids, mask = encode_conditions(model, condition_texts(model, rows), cfg.cond_length)
-        return edit(result.params, model.params, encode_rows(model, rows), ids[0], mask[0])
+        return edit(result.params, base, encode_rows(model, rows), ids[0], mask[0])
 
     return fn
