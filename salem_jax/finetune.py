@@ -523,3 +523,14 @@ def jsonable(x):
     if isinstance(x, (np.floating,)):
         return float(x)
     return x
+
+
+def checkpoint_params(model: LoadedModel, checkpoint_dir: str | os.PathLike, step: int | None = None):
+    """(parameters, step) of a fine-tuning checkpoint (the latest by default), e.g. to measure a run
+    that was stopped before its epoch ended. `model` supplies the parameter structure."""
+    mngr = ocp.CheckpointManager(Path(checkpoint_dir).expanduser().absolute())
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{checkpoint_dir}: no fine-tuning checkpoint")
+    restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(model.params))))
+    return restored["params"], step

@@ -163,3 +163,22 @@ def test_cli_names_the_record_with_a_label_outside_the_set(tmp_path):
     assert out.returncode == 2
     assert "bad.jsonl" in out.stderr and "record 1" in out.stderr and "'label'" in out.stderr and "maybe" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_saved_folder_opens_in_transformers_pytorch_with_the_same_logits(trained, tmp_path):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForSequenceClassification
+
+    model, res, recs, sp, _ = trained
+    out = F.save_classifier(F._with_label_names(model, LABELS), res.params, tmp_path / "pt", torch_weights=True)
+    pt = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert pt.config.id2label == {0: "yes", 1: "no"}
+    data, _ = F.encode_records(model, recs[:6], 128)
+    batch, _ = F._rows(data, np.arange(6), 6)
+    want = np.asarray(model.apply(res.params, batch))[:, 0]
+    with torch.no_grad():
+        got = pt(input_ids=torch.tensor(batch["input_ids"], dtype=torch.long),
+                 attention_mask=torch.tensor(batch["attention_mask"], dtype=torch.long),
+                 token_type_ids=torch.tensor(batch["token_type_ids"], dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4)
