@@ -19,6 +19,7 @@ import time
 from salem_jax.baselines import enn as E
 from salem_jax.baselines import ke as K
 from salem_jax.baselines.meta_data import MetaData
+from salem_jax.config import enn_config, ke_config
 from salem_jax.methods.registry import Context, Method, Prepared
 
 UNSUPPORTED = "tested on sequence classifiers only so far (the paper's classification tables)"
@@ -26,18 +27,6 @@ UNSUPPORTED = "tested on sequence classifiers only so far (the paper's classific
 
 def last_blocks(ctx: Context) -> tuple[str, ...]:
     return tuple(ctx.model.layers.names()[-ctx.cfg.fixed_layers :])
-
-
-def ke_config(cfg) -> K.KEConfig:
-    k = cfg.ke
-    return K.KEConfig(lstm_hidden=k.lstm_hidden, condition_dim=k.condition_dim, hidden=k.hidden, max_scale=k.max_scale,
-                      lr=k.lr, steps=k.steps, loc_per_step=k.loc_per_step, seed=cfg.seed)
-
-
-def enn_config(cfg) -> E.ENNConfig:
-    e = cfg.enn
-    return E.ENNConfig(n_edit_steps=e.n_edit_steps, edit_lr_init=e.edit_lr_init, first_order=e.first_order, lr=e.lr,
-                       lr_lr=e.lr_lr, steps=e.steps, loc_per_step=e.loc_per_step, seed=cfg.seed)
 
 
 def prepare_ke(ctx: Context, layers: tuple[str, ...]) -> Prepared:
@@ -61,7 +50,8 @@ def prepare_ke(ctx: Context, layers: tuple[str, ...]) -> Prepared:
 def prepare_enn(ctx: Context, layers: tuple[str, ...]) -> Prepared:
     t = time.perf_counter()
     ec = enn_config(ctx.cfg)
-    data = MetaData.from_rows(ctx.model, ctx.train_rows, seed=ctx.cfg.seed, loc_per_step=ec.loc_per_step)
+    data = MetaData.from_rows(ctx.model, ctx.train_rows, seed=ctx.cfg.seed, edits_per_step=ec.edits_per_step,
+                              loc_per_step=ec.loc_per_step)
     ctx.say(f"enn: meta-training the base model, edits on {', '.join(layers)} ({ec.steps} steps)")
     res = E.train_enn(ctx.model, data, ctx.model.layers.weights(list(layers), part=ctx.cfg.saliency.part), ec,
                       progress=ctx.cfg.progress)
