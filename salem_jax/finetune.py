@@ -32,6 +32,8 @@ one edit).
   tokenizer) plus PyTorch-named `model.safetensors` when torch is installed, so both
   `load_model(out)` and transformers' `AutoModelForSequenceClassification.from_pretrained(out)`
   open it; `finetune.json` beside them records the run (accuracies, majority-class rate, splits).
+  Its per-epoch `train_loss` is the mean over the steps the last process ran in that epoch (after
+  a resume, only the steps since the checkpoint).
 """
 
 from __future__ import annotations
