@@ -194,30 +194,36 @@ def _layers(args):
 # ----------------------------------------------------------------------------- entry point
 
 
+def check_top_k(top_k: int, n_layers: int, what: str = "the model") -> None:
+    """--top-k must name between 1 and the number of layers scored."""
+    if not 1 <= top_k <= n_layers:
+        raise ValueError(f"--top-k {top_k}: {what} has {n_layers} layers to choose from; use 1..{n_layers}")
+
+
 def run(args) -> int:
-    from salem_jax.data.records import RecordError
     from salem_jax.locate.plot import plot_profile
 
     progress = not args.no_progress
     t0 = time.perf_counter()
-    try:
-        if args.top_k < 1:
-            raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
-        from salem_jax.models import load_model
-
-        model = load_model(args.model, dtype=args.dtype)
-        rows, info, subjects = edit_rows(model, args, progress)
-        t1 = time.perf_counter()
-        if args.method in ("saliency", "lga"):
-            prof = run_saliency(model, rows, args, progress)
-        elif args.method == "causal-trace":
-            prof = run_causal_trace(model, rows, subjects, info, args, progress)
-        else:
-            prof = run_sweep(model, rows, args, progress)
-    except (RecordError, FileNotFoundError, FileExistsError, ValueError, KeyError, NotImplementedError) as e:
-        print(f"salem locate: error: {e}", file=sys.stderr)
-        return 2
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder")
+    from salem_jax.models import load_model
+
+    model = load_model(args.model, dtype=args.dtype)
+    chosen_from = _layers(args)
+    check_top_k(args.top_k, len(chosen_from) if chosen_from else len(model.layers),
+                "--layers" if chosen_from else f"model {model.name!r}")
+    rows, info, subjects = edit_rows(model, args, progress)
+    t1 = time.perf_counter()
+    if args.method in ("saliency", "lga"):
+        prof = run_saliency(model, rows, args, progress)
+    elif args.method == "causal-trace":
+        prof = run_causal_trace(model, rows, subjects, info, args, progress)
+    else:
+        prof = run_sweep(model, rows, args, progress)
     out.mkdir(parents=True, exist_ok=True)
     d = prof.to_dict()
     d["data"] = {"data": args.data, "split": args.split, "mode": info.get("mode"), "format": info.get("format"),

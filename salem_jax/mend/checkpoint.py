@@ -27,6 +27,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from salem_jax.errors import UserError
 from salem_jax.mend.editor import EditorSpec, init_editor
 
 FORMAT = "salem-jax-editor/1"
@@ -48,8 +49,9 @@ _TRAJECTORY_FIELDS = (
 )
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used (unreadable, missing, or of another format)."""
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint cannot be used (unreadable, missing, or of another format). A `UserError`
+    (the `salem` commands print it in one line), and a RuntimeError as it always was."""
 
 
 class CheckpointMismatch(CheckpointError):
