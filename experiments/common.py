@@ -78,12 +78,11 @@ def parse(get_config: Callable[[bool], ml_collections.ConfigDict], argv: list[st
 
 def main_for(name: str, get_config: Callable[[bool], ml_collections.ConfigDict], argv: list[str] | None = None) -> int:
     """Parse the command line, run the SaLEM pipeline, return an exit code."""
-    from salem_jax.parallel import initialize_distributed
-    from salem_jax.pipeline import run_pipeline
-
     import jax
 
     from salem_jax.errors import is_expected, one_line
+    from salem_jax.parallel import initialize_distributed
+    from salem_jax.pipeline import run_pipeline
     from salem_jax.runlock import RunLock
 
     initialize_distributed()

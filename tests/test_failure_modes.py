@@ -361,3 +361,24 @@ def test_scoring_batches_respect_the_token_budget(monkeypatch):
         a, b = small.rows(s), large.rows(s)
         assert [r["group"] for r in a] == [r["group"] for r in b]
         np.testing.assert_allclose([r["base_token_acc"] for r in a], [r["base_token_acc"] for r in b], atol=1e-6)
+
+
+def test_an_experiment_refuses_a_busy_workdir(tmp_path, capsys, monkeypatch):
+    import os
+    import socket
+
+    from salem_jax import pipeline
+    from salem_jax.runlock import LOCK_NAME
+
+    exp = __import__("experiments.capitals_smollm2", fromlist=["main"])
+    ran = []
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda cfg, workdir: ran.append(workdir))
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                  "started": "now", "command": "experiments.capitals_smollm2"}))
+    assert exp.main(["--tiny", "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"experiments.capitals_smollm2: error: {tmp_path} is in use by another run (pid {os.getpid()}")
+    assert ran == []
+    (tmp_path / LOCK_NAME).unlink()
+    assert exp.main(["--tiny", "--workdir", str(tmp_path)]) == 0
+    assert ran == [str(tmp_path)] and not (tmp_path / LOCK_NAME).exists()
