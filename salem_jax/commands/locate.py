@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from salem_jax.data.tokenize import DEFAULT_MAX_TOKENS
+
 METHODS = ("saliency", "lga", "causal-trace", "sweep")
 SCORERS = ("salem", "grad_x_weight", "mean_sq", "abs_mean_grad", "contrast", "lga")
 
@@ -63,6 +65,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--data-dir", default=None, help="data directory (default $SALEM_JAX_DATA or ../shared/data)")
     p.add_argument("--relation", default="capital", help="countries: capital, region, currency, languages or all")
     p.add_argument("--skip-invalid", action="store_true", help="skip bad records instead of failing")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help="a data file's longest prompt + target in tokens (also capped by the model's context)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -93,7 +97,8 @@ def edit_rows(model, args, progress: bool) -> tuple[list[dict], dict, dict[str, 
         from salem_jax.commands.dataset import read_for_args
 
         fmt, records = read_for_args(_reader_args(args))
-        es = build_edit_set(model, records, mode=args.mode, seed=args.seed, progress=progress, skip_invalid=args.skip_invalid)
+        es = build_edit_set(model, records, mode=args.mode, seed=args.seed, progress=progress, skip_invalid=args.skip_invalid,
+                            max_tokens=getattr(args, "max_tokens", None))
         es.info["format"] = fmt
         subjects = {r.id: r.subject for r in records}
     splits = ("train", "val") if args.split == "all" else (args.split,)
