@@ -9,7 +9,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from test_mend_train import tiny_setup, trained_run
+from test_mend_train import COUNTRIES, synthetic_rows, tiny_setup, trained_run
 
 from salem_jax import cli
 from salem_jax.errors import UserError
@@ -237,24 +237,18 @@ def test_second_run_on_a_workdir_is_refused_and_a_stale_lock_taken_over(tmp_path
 
 
 def _edit_set_folder(model, out, val_pass=True):
-    from test_edit_command import _save_edit_set
+    """The synthetic facts as an edit-set folder (without the val split's pass rows if asked)."""
+    import datasets
 
-    splits = _save_edit_set(model, out)
-    if not val_pass:  # rebuild it without the val split's pass rows
-        import shutil
+    from salem_jax.data.edit_set import COLUMNS, EditSet, _features, save_edit_set
 
-        from test_mend_train import synthetic_rows
-
-        import datasets
-        from salem_jax.data.edit_set import COLUMNS, EditSet, _features, save_edit_set
-
-        shutil.rmtree(out)
+    splits = {"train": synthetic_rows(model, COUNTRIES[:8], 0, "tr"), "val": synthetic_rows(model, COUNTRIES[8:], 1, "va")}
+    if not val_pass:
         splits["val"] = [r for r in splits["val"] if r["group"] != "pass"]
-        extra = dict(field="prompt", target_true="", base_correct=False, base_token_acc=0.0)
-        table = {s: {c: [{**extra, **r}[c] for r in rows] for c in COLUMNS} for s, rows in splits.items()}
-        data = datasets.DatasetDict({s: datasets.Dataset.from_dict(t, features=_features()) for s, t in table.items()})
-        save_edit_set(EditSet(data=data, info={"mode": "correction", "model": model.name, "seed": 0}), out)
-        assert synthetic_rows
+    extra = dict(field="prompt", target_true="", base_correct=False, base_token_acc=0.0)
+    table = {s: {c: [{**extra, **r}[c] for r in rows] for c in COLUMNS} for s, rows in splits.items()}
+    data = datasets.DatasetDict({s: datasets.Dataset.from_dict(t, features=_features()) for s, t in table.items()})
+    save_edit_set(EditSet(data=data, info={"mode": "correction", "model": model.name, "seed": 0}), out)
     return out
 
 
@@ -331,7 +325,6 @@ def test_dataset_long_record_named_before_scoring_and_small_split_warned(tmp_pat
 
 def test_scoring_batches_respect_the_token_budget(monkeypatch):
     from salem_jax.data import edit_set
-    from salem_jax.data.readers import read_zsre  # noqa: F401 - the records below are built directly
     from salem_jax.data.records import EditRecord
     from salem_jax.models import hf
 
