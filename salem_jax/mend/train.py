@@ -613,12 +613,13 @@ def _check_finite(flags: list, ckpt) -> None:
     for (step, m), good in zip(flags, ok):
         if not bool(np.all(good)):
             loss, gn = (float(np.mean(x)) for x in jax.device_get((m["loss"], m["grad_norm"])))
+            what = "loss" if not math.isfinite(loss) else "gradient" if not math.isfinite(gn) else "editor weights after the update"
             latest = ckpt.latest_step()
+            kept = (f"the latest checkpoint is step {latest} in {ckpt.directory}" if latest is not None
+                    else "no checkpoint was written")
             raise TrainingDiverged(
-                f"step {step}: the editor's training diverged (loss {loss}, gradient norm {gn}); stopped without saving it, "
-                f"the latest checkpoint is step {latest} in {ckpt.directory}"
-                if latest is not None else f"step {step}: the editor's training diverged (loss {loss}, gradient norm {gn}); "
-                f"stopped before any checkpoint"
+                f"step {step}: the editor's training diverged (non-finite {what}; loss {loss:.4g}, gradient norm {gn:.4g}); "
+                f"stopped without saving it, {kept}; lower the learning rates (lr, lr_lr, edit_lr_init)"
             )
 
 
