@@ -153,7 +153,7 @@ class _Row:
 # Tokenized lengths (mirrors tokenize.encode, to find each row's bucket and check the context)
 
 
-def _ids(tok, text: str, special: bool) -> list[int]:
+def token_ids(tok, text: str, special: bool) -> list[int]:
     return list(tok(text, add_special_tokens=special)["input_ids"])
 
 
@@ -163,8 +163,8 @@ def _shape(model, row: _Row, buckets, max_tokens: int | None = None) -> tuple:
     tok, kind, ctx = model.tokenizer, model.kind, int(model.max_length)
     max_len, limit_text = token_limit(model, max_tokens)
     if kind == "causal":
-        p = _ids(tok, row.prompt, True)
-        t = _ids(tok, target_text(row.target, kind), False)
+        p = token_ids(tok, row.prompt, True)
+        t = token_ids(tok, target_text(row.target, kind), False)
         if not p:
             raise ValueError("the prompt tokenizes to nothing")
         if not t:
@@ -174,8 +174,8 @@ def _shape(model, row: _Row, buckets, max_tokens: int | None = None) -> tuple:
             raise ValueError(f"prompt + target is {n} tokens, more than {limit_text}")
         return (bucket_length(n, ctx, buckets),)
     if kind == "seq2seq":
-        p = _ids(tok, row.prompt, True)
-        t = _ids(tok, row.target, False)
+        p = token_ids(tok, row.prompt, True)
+        t = token_ids(tok, row.target, False)
         eos = tok.eos_token_id
         if not t:
             raise ValueError(f"the target {row.target!r} tokenizes to nothing")
