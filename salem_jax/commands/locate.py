@@ -87,8 +87,7 @@ def edit_rows(model, args, progress: bool) -> tuple[list[dict], dict, dict[str, 
         es = load_edit_set(args.data)
     else:
         spec = DataSpec(data=args.data, format=args.format, relation=args.relation, limit=args.limit, seed=args.seed,
-                        data_dir=args.data_dir, skip_invalid=args.skip_invalid,
-                            max_tokens=getattr(args, "max_tokens", None))
+                        data_dir=args.data_dir, skip_invalid=args.skip_invalid)
         fmt, records = read_records(spec)
         es = build_edit_set(model, records, mode=args.mode, seed=args.seed, progress=progress, skip_invalid=args.skip_invalid,
                             max_tokens=getattr(args, "max_tokens", None))
