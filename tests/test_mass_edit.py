@@ -133,13 +133,12 @@ def test_alphaedit_spares_preserved_keys_and_remembers(arch, tmp_path):
                                             cache=tmp_path, progress=False).cov, np.float64)
     spent = np.trace(dw @ C @ dw.T) / (np.linalg.norm(dw, 2) ** 2 * np.trace(C))
     assert spent <= 0.02 * (1 + 1e-6)
-    # the same keys through the model: the edit barely moves their outputs, unlike a plain
-    # unconstrained rank-one edit of the same size along the first edit's key
-    x = np.concatenate([_capture_keys(model, w, t) for t in _texts()[:8]])  # [T, in]
-    k1 = keys_of(model, model.params, w, REQS[:1], ("",))[:, 0]
-    plain = np.outer(np.ones(dw.shape[0]), k1 / np.linalg.norm(k1))
-    moved = lambda d: np.linalg.norm(d @ x.T) / np.linalg.norm(d, 2)  # noqa: E731
-    assert moved(dw) < 0.3 * moved(plain)  # ~ sqrt(0.02) of it by the bound above
+    # the same through the model: the projection's inputs at every token of the statistics texts
+    # (each text is one window, so C is exactly their mean x x^T) hardly move
+    x = np.concatenate([_capture_keys(model, w, t) for t in stats.texts])  # [T, in]
+    moved = np.sum((x @ dw.T) ** 2) / (np.linalg.norm(dw, 2) ** 2 * np.sum(x * x))
+    assert moved <= 0.02 * (1 + 1e-4)
+    np.testing.assert_allclose(moved, spent, rtol=1e-3)
     K = keys_of(model, out.params, w, REQS[:2], ("",))
     np.testing.assert_allclose(out.state.prior[w.path], K @ K.T, rtol=1e-6)
     # a second batch continues the sequence and adds to the memory; a fresh call starts empty
