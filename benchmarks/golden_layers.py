@@ -231,13 +231,12 @@ def main(argv=None) -> int:
                     row[k] = float(np.mean([s[k] for s in sel]))
             res["ways"][w] = row
         report["datasets"][ds] = res
+        if "spill" not in report:  # the France -> Rome edit at the first data set's best fixed layer
+            layer = res["ways"]["brute_force_fixed"]["layer"]
+            report["spill"] = spill_check(model, base, layer, solvers[layer], cfg, prefixes)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))  # partial results survive a later failure
         log(f"{ds} done")
-    # the France -> Rome spill at the best fixed CounterFact layer (or the first data set's)
-    ds0 = "counterfact" if "counterfact" in report["datasets"] else next(iter(report["datasets"]))
-    layer = report["datasets"][ds0]["ways"]["brute_force_fixed"]["layer"]
-    report["spill"] = spill_check(model, base, layer, solvers[layer], cfg, prefixes)
     report["load_end"] = os.getloadavg()
     report["wall_seconds"] = time.perf_counter() - t_start
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -114,6 +114,14 @@ def default_config() -> ml_collections.ConfigDict:
         dict(layer="", covariance="held_out", v_steps=20, v_lr=0.5, kl_factor=0.0625, weight_decay=0.5,
              clamp_norm_factor=4.0, ridge=1e-3)
     )
+    # rrome / memit / emmet / alphaedit (salem_jax.methods.locate_edit): layer "" = the top layer of
+    # layer_from ("saliency": the profile's scorer, or "trace"); band editors edit `band` blocks ending
+    # there; key statistics from cov_tokens WikiText tokens (cached); v* as ROME (GPT-2 XL values)
+    c.locate_edit = ml_collections.ConfigDict(
+        dict(layer="", layer_from="saliency", texts="wikitext", band=3, batch_size=100, cov_tokens=100_000, n_prefixes=20,
+             v_steps=20, v_lr=0.5, kl_factor=0.0625, weight_decay=0.5, clamp_norm_factor=4.0,
+             memit_lambda=15000.0, emmet_lambda=0.1, alpha_energy=0.01, alpha_l2=10.0)
+    )
     c.eval = ml_collections.ConfigDict(
         dict(max_edits=20, max_pass=48, ppl_edits=5, text="wikitext", n_texts=8, text_window=128, batch_size=8,
              # a held-out keep set (salem_jax.eval.keep): '' = none; "countries:REL,REL" = those
