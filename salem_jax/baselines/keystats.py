@@ -190,7 +190,7 @@ def random_prefixes(model, texts: Sequence[str], lengths: Sequence[int] = (5,) *
     decoded, braces removed, ending with "." (deterministic by `seed`)."""
     toks = [t for t in tokenize_texts(model, texts, where="prefix texts") if len(t) > max(lengths, default=0) + 1]
     if not toks and lengths:
-        raise ValueError(f"no prefix text has more than {max(lengths)} tokens")
+        raise ValueError(f"no prefix text has more than {max(lengths) + 1} tokens; give longer texts or shorter prefix lengths")
     rng = np.random.default_rng(seed)
     out = []
     for n in lengths:
