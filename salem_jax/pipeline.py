@@ -1,7 +1,8 @@
 """The whole SaLEM pipeline as one function: edit set -> salient layer -> editor -> evaluation.
 
 `run_pipeline(cfg, workdir)` is what every experiment in `experiments/` calls; `cfg` is an
-`ml_collections.ConfigDict` laid out like `default_config()`. Steps (the marked sections of
+`ml_collections.ConfigDict` laid out like `default_config()` (salem_jax.config: every default and
+what it means). Steps (the marked sections of
 `run_pipeline`):
 
 1. load the model (`load_model`, or a tiny random one for `tiny` configs) and the held-out text;
@@ -39,98 +40,23 @@ from tqdm import tqdm
 
 from salem_jax import methods as method_registry
 from salem_jax import parallel, sharding
+from salem_jax.config import default_config  # noqa: F401  (experiments import it from here)
 from salem_jax.data import paths, readers
 from salem_jax.data.countries import country_records
-from salem_jax.data.edit_set import build_edit_set, edit_set_batches, load_edit_set, sample_by_group, save_edit_set
+from salem_jax.data.edit_set import build_edit_set, load_edit_set, save_edit_set
 from salem_jax.data.records import RecordList
+from salem_jax.data.spec import DataSpec
+from salem_jax.data.spec import read_records as read_spec
+from salem_jax.data.spec import resolve as resolve_spec
 from salem_jax.eval.counterfact import evaluate_counterfact, harmonic_mean
 from salem_jax.eval.keep import keep_rows
 from salem_jax.eval.metrics import base_scores, evaluate_edit
 from salem_jax.locate.plot import plot_profile
-from salem_jax.locate.trace_rows import rows_with_subject, trace_edit_rows
+from salem_jax.locate.choose import LocateConfig, locate
+from salem_jax.locate.trace_rows import rows_with_subject
 from salem_jax.mend.train import place_base_params, prepare_splits
 from salem_jax.methods import Context, Method
 from salem_jax.models import hf, llama, load_model
-from salem_jax.saliency import saliency_profile
-
-
-def default_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.name = "salem"
-    c.model = "smollm2-135m"  # a load_model name/path, or "tiny-ARCH" (gpt2, gpt_neo, t5, bart, bert, llama)
-    c.dtype = "float32"
-    c.data = "countries"  # "countries", a known data-file name (zsre, counterfact, ...) or a path
-    c.format = "countries"  # reader format: countries | zsre | counterfact | fever | nli | text
-    c.relation = "capital"  # countries only
-    c.mode = "correction"  # correction | counterfactual
-    c.limit = 0  # records to read (0 = all)
-    c.data_dir = ""  # '' = SALEM_JAX_DATA or ../shared/data
-    c.seed = 0
-    c.val_fraction = 0.1
-    c.score_batch = 16
-    c.skip_invalid = False  # True: records too long for the model are skipped (and counted) instead of an error
-    c.saliency = ml_collections.ConfigDict(
-        # groups: which edit-set groups are profiled (fail is needed for the choice; pass adds the
-        # contrast scorer's reference; adapt is reported only); at most max_examples rows each
-        dict(scorer="salem", top_k=1, part="mlp", micro_batch=8, max_examples=64, select_group="fail",
-             groups=("fail", "adapt", "pass"))
-    )
-    c.editor = ml_collections.ConfigDict(
-        # A CPU budget (the SmolLM2 experiments), not the paper's schedule (experiments.common.
-        # paper_editor): an optimiser update after every edit group (effective_batch 1) at Adam lr
-        # 1e-4. On SmolLM2 capitals this reached val fail accuracy 0.42 after 50 steps, where
-        # MEND's batch of 10 groups per update reached 0.26 after 100 and 0.32 after 300 steps
-        # (30 updates); lr 1e-3, or lr_lr 1e-3, or edit_lr_init 1e-2 made the first updates blow
-        # up the KL term (edits then break the pass rows).
-        dict(
-            steps=150,
-            lr=1e-4,
-            lr_lr=1e-4,
-            rank=1920,
-            n_hidden=1,
-            edit_lr_init=1e-4,
-            c_fail=0.1,
-            effective_batch=1,
-            batch_size=0,  # 0 = one group per device
-            adapt_per_edit=2,
-            val_every=50,
-            val_groups=32,
-            patience=1000,
-            checkpoint_every=50,
-        )
-    )
-    c.methods = ("salem",)
-    # 0: the model replicated on every device, the editor step data parallel (1-D mesh).
-    # N >= 1: the model's weights sharded over a (data, N) mesh of all devices (salem_jax.sharding:
-    # FSDP, MLPs tensor parallel over "model" when N > 1) for saliency, training and evaluation.
-    c.mesh_model = 0
-    c.fixed_layers = 3  # mend_fixed: the last N blocks
-    c.ft = ml_collections.ConfigDict(dict(steps=10, lr=1e-3, kl_weight=1.0))
-    # causal tracing (methods causal / rome): up to `facts` train fail rows with the subject in the prompt
-    c.trace = ml_collections.ConfigDict(dict(facts=8, n_noise=10, restorations_per_call=8))
-    # ROME (method rome): layer "" = the causal-traced one; covariance held_out = key statistics of the
-    # held-out texts (eval.text), identity = none; the rest are ROMEConfig's knobs (ROME's GPT-2 XL values)
-    c.rome = ml_collections.ConfigDict(
-        dict(layer="", covariance="held_out", v_steps=20, v_lr=0.5, kl_factor=0.0625, weight_decay=0.5,
-             clamp_norm_factor=4.0, ridge=1e-3)
-    )
-    # rrome / memit / emmet / alphaedit (salem_jax.methods.locate_edit): layer "" = the top layer of
-    # layer_from ("saliency": the profile's scorer, or "trace"); band editors edit `band` blocks ending
-    # there; key statistics from cov_tokens WikiText tokens (cached); v* as ROME (GPT-2 XL values)
-    c.locate_edit = ml_collections.ConfigDict(
-        dict(layer="", layer_from="saliency", texts="wikitext", band=3, batch_size=100, cov_tokens=100_000, n_prefixes=20,
-             v_steps=20, v_lr=0.5, kl_factor=0.0625, weight_decay=0.5, clamp_norm_factor=4.0,
-             memit_lambda=15000.0, emmet_lambda=0.1, alpha_energy=0.01, alpha_l2=10.0)
-    )
-    c.eval = ml_collections.ConfigDict(
-        dict(max_edits=20, max_pass=48, ppl_edits=5, text="wikitext", n_texts=8, text_window=128, batch_size=8,
-             # a held-out keep set (salem_jax.eval.keep): '' = none; "countries:REL,REL" = those
-             # relations of the country data; else a data name/path read with keep_format ('' = format).
-             # Up to max_keep rows the base model gets right; every edit reports dd_keep_acc on them.
-             keep="", keep_format="", max_keep=48)
-    )
-    c.progress = True
-    return c
 
 
 # ----------------------------------------------------------------------------- steps
@@ -149,19 +75,16 @@ def load(cfg, records=None) -> Any:
     return load_model(cfg.model, dtype=cfg.dtype, **kw)
 
 
-def read_records(cfg):
+def data_spec(cfg) -> DataSpec:
+    """The records the config names (fields data, format, relation, limit, seed, data_dir)."""
+    return DataSpec(data=cfg.data, format=cfg.format, relation=cfg.relation, limit=cfg.limit or None, seed=cfg.seed,
+                    data_dir=cfg.data_dir or None)
 
-    limit = cfg.limit or None
-    if cfg.format == "countries":
-        recs = country_records(cfg.relation, seed=cfg.seed)
-        return recs[:limit] if limit else recs
-    path = cfg.data
-    if not os.path.exists(path):
-        path = str(paths.find_data_file(cfg.data, cfg.data_dir or None))
-    recs = readers.read_records(path, cfg.format, limit=limit)
-    if cfg.format == "text":
-        recs = text_edits(recs)
-    return recs
+
+def read_records(cfg):
+    """The configured records; `text` paragraphs become edits (`text_edits`)."""
+    fmt, recs = read_spec(data_spec(cfg))
+    return text_edits(recs) if fmt == "text" else recs
 
 
 def text_edits(recs):
@@ -209,31 +132,21 @@ def keep_set(model, cfg, exclude_prompts=()) -> tuple[list[dict], str]:
             raise ValueError(f"config.eval.keep={spec!r}: name the relations after 'countries:', e.g. countries:region,currency")
         records, source = country_records(relations, seed=cfg.seed), f"country {', '.join(relations)} facts"
     else:
-        path = spec if os.path.exists(spec) else str(paths.find_data_file(spec, cfg.data_dir or None))
-        fmt = cfg.eval.keep_format or cfg.format
-        records, source = readers.read_records(path, fmt), f"{path} ({fmt})"
+        keep_spec = DataSpec(data=spec, format=cfg.eval.keep_format or cfg.format, data_dir=cfg.data_dir or None)
+        fmt, path = resolve_spec(keep_spec)
+        records, source = read_spec(keep_spec)[1], f"{path} ({fmt})"
     rows = keep_rows(model, records, max_rows=cfg.eval.max_keep, seed=cfg.seed, batch_size=cfg.eval.batch_size,
                      exclude_prompts=exclude_prompts, progress=cfg.progress)
     return rows, f"{len(rows)} rows of {source} the base model gets right (of {len(records)} records)"
 
 
 def saliency(model, rows: list[dict], cfg):
-
-    wanted = set(cfg.saliency.groups) | {cfg.saliency.select_group}
-    chosen = sample_by_group(rows, cfg.saliency.max_examples, cfg.seed, wanted)
-    m = cfg.saliency.micro_batch
-    data = [(b, [r["group"] for r in chunk]) for b, chunk in edit_set_batches(model, chosen, m)]
-    return saliency_profile(
-        model,
-        model.params,
-        data,
-        scorer=cfg.saliency.scorer,
-        part=cfg.saliency.part,
-        top_k=cfg.saliency.top_k,
-        select_group=cfg.saliency.select_group,
-        micro_batch=m,
-        progress=cfg.progress,
-    )
+    """SaLEM's saliency profile (cfg.saliency) of at most max_examples rows of each profiled group."""
+    sc = cfg.saliency
+    wanted = tuple(sorted(set(sc.groups) | {sc.select_group}))
+    lc = LocateConfig(scorer=sc.scorer, part=sc.part, top_k=sc.top_k, select_group=sc.select_group,
+                      micro_batch=sc.micro_batch, max_examples=sc.max_examples, groups=wanted, seed=cfg.seed)
+    return locate(model, rows, "saliency", lc, progress=cfg.progress)
 
 
 # ----------------------------------------------------------------------------- locate
@@ -252,11 +165,9 @@ def causal_trace_layer(model, train_rows: list[dict], subjects: dict[str, str], 
             "prompt; use records with subjects or set config.rome.layer for rome"
         )
     t = time.perf_counter()
-    prof = trace_edit_rows(
-        model, model.params, train_rows, subjects, group="fail", max_facts=cfg.trace.facts or None,
-        select="last_subject", n_noise=cfg.trace.n_noise, restorations_per_call=cfg.trace.restorations_per_call,
-        seed=cfg.seed, progress=cfg.progress,
-    )
+    lc = LocateConfig(select_group="fail", max_facts=cfg.trace.facts or None, select="last_subject",
+                      n_noise=cfg.trace.n_noise, restorations_per_call=cfg.trace.restorations_per_call, seed=cfg.seed)
+    prof = locate(model, train_rows, "causal-trace", lc, subjects=subjects, progress=cfg.progress)
     if _main_process():
         (work / "profile_causal.json").write_text(prof.to_json())
         plot_profile(prof, str(work / "profile_causal.png"))
@@ -598,7 +509,7 @@ def jsonable(x):
 
 def _plot_training(work: Path, methods: list[str], path: Path) -> None:
     """Validation EA, DD and loss against editor steps, from each editor's metrics.jsonl."""
-    import matplotlib
+    import matplotlib  # heavy, and only the plots need it; the Agg backend must be set before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -3,7 +3,8 @@ keeps the train pass rows' predictions, as MEND's FT+KL baseline)."""
 
 from __future__ import annotations
 
-from salem_jax.baselines.finetune import FTConfig, finetune
+from salem_jax.baselines.finetune import finetune
+from salem_jax.config import ft_config
 from salem_jax.data.tokenize import encode
 from salem_jax.methods.registry import Context, Method, Prepared
 from salem_jax.methods.rows import target, text_pairs
@@ -15,10 +16,10 @@ def encode_rows(model, rows: list[dict]) -> dict:
 
 
 def ft_edit_fn(model, layers: tuple[str, ...], cfg, kl: bool, pass_rows: list[dict]):
-    """edit(params, rows) -> params: `cfg.ft.steps` Adam steps on the `cfg.saliency.part` weights of
+    """edit(params, rows) -> params: `cfg.ft` (FTConfig) Adam steps on the `cfg.saliency.part` weights of
     `layers`, with the KL term on up to `cfg.eval.batch_size` pass rows when `kl`."""
     weights = model.layers.weights(list(layers), part=cfg.saliency.part)
-    fc = FTConfig(steps=cfg.ft.steps, lr=cfg.ft.lr, kl_weight=cfg.ft.kl_weight if kl else 0.0)
+    fc = ft_config(cfg, kl)
     loc = encode_rows(model, pass_rows[: cfg.eval.batch_size]) if kl and pass_rows else None
 
     def edit(params, rows):

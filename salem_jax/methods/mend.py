@@ -17,31 +17,16 @@ from typing import Any
 
 import numpy as np
 
+from salem_jax import config
 from salem_jax.mend.apply import TrainedEditor, apply_edits, load_editor
-from salem_jax.mend.editor import EditorConfig
 from salem_jax.mend.train import TrainConfig, train_editor
 from salem_jax.methods.registry import Context, Method, Prepared
 from salem_jax.methods.rows import target
 
 
 def train_config(cfg) -> TrainConfig:
-    """The editor's TrainConfig from the pipeline config's `editor` section."""
-    e = cfg.editor
-    return TrainConfig(
-        editor=EditorConfig(rank=e.rank, n_hidden=e.n_hidden, edit_lr_init=e.edit_lr_init),
-        adapt_per_edit=e.adapt_per_edit,
-        batch_size=e.batch_size or None,
-        effective_batch=e.effective_batch,
-        c_fail=e.c_fail,
-        lr=e.lr,
-        lr_lr=e.lr_lr,
-        max_steps=e.steps,
-        val_every=e.val_every,
-        val_groups=e.val_groups,
-        patience=e.patience,
-        checkpoint_every=e.checkpoint_every,
-        seed=cfg.seed,
-    )
+    """The editor's TrainConfig from the pipeline config's `editor` section (salem_jax.config)."""
+    return config.train_config(cfg.editor.to_dict(), seed=cfg.seed)
 
 
 def train_mend(model, data, layers: tuple[str, ...], cfg, workdir: Path, mesh=None):

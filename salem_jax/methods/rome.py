@@ -10,18 +10,12 @@ from __future__ import annotations
 
 import time
 
-from salem_jax.baselines.rome import ROMEConfig, key_covariance, rome_edit, rome_weight
+from salem_jax.baselines.rome import key_covariance, rome_edit, rome_weight
+from salem_jax.config import rome_config
 from salem_jax.locate.trace_rows import rows_with_subject, subject_in_prompt
 from salem_jax.methods.registry import Context, Method, Prepared
 
 COVARIANCES = ("held_out", "identity")
-
-
-def rome_config(cfg) -> ROMEConfig:
-    """ROMEConfig from the pipeline config's `rome` section."""
-    r = cfg.rome
-    return ROMEConfig(v_steps=r.v_steps, v_lr=r.v_lr, kl_factor=r.kl_factor, weight_decay=r.weight_decay,
-                      clamp_norm_factor=r.clamp_norm_factor, ridge=r.ridge)
 
 
 def rome_edit_fn(model, layer: str, cov, cfg, subjects: dict[str, str]):
