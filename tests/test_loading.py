@@ -317,11 +317,14 @@ def test_save_model_is_atomic_and_careful(tiny, tmp_path, monkeypatch):
     assert (other / "notes.txt").read_text() == "keep me"
 
 
-def test_save_model_with_torch_weights_opens_in_pytorch(tiny, tmp_path):
-    m = tiny("t5")
+@pytest.mark.parametrize("case", ["t5", "t5_v1_1", "bart_untied"])
+def test_save_model_opens_in_pytorch(tiny, case, tmp_path):
+    """save_model's folder opens in plain transformers PyTorch with the same logits (untied
+    heads too: transformers 5 keeps a T5 v1.1 config's flag as scale_decoder_outputs)."""
+    m = tiny(case) if case in CASES else hf.tiny("bart", seed=1, tie_word_embeddings=False)
     path = save_model(m, m.params, tmp_path / "m", torch_weights=True)
     b = sample_batch(m)
-    pt = hf.torch_class("t5").from_pretrained(path).eval()  # plain transformers, no conversion
+    pt = hf.torch_class(m.arch).from_pretrained(path).eval()  # plain transformers, no conversion
     ours = np.asarray(m.apply(m.params, b))
     pos = real_positions(m, b)
     np.testing.assert_allclose(ours[pos], torch_logits(pt, m, b)[pos], atol=1e-4, rtol=0)

@@ -140,12 +140,25 @@ def params_from_flax(
     return flat, missing, ignored
 
 
+# Where the encoder-decoders' PyTorch classes keep copies of the shared embedding. transformers 4
+# ties them to `shared` always; transformers 5 leaves BART's untied when tie_word_embeddings is
+# False, so a state dict without them would leave them random there.
+EMBEDDING_COPIES = {
+    "bart": ("model.shared.weight", ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight")),
+    "t5": ("shared.weight", ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")),
+}
+
+
 def params_to_torch(arch: str, params: Any) -> dict[str, np.ndarray]:
-    """Our parameter tree -> a PyTorch-layout state dict of contiguous float32 numpy arrays
-    (tied copies are not written; transformers re-ties them on load)."""
+    """Our parameter tree -> a PyTorch-layout state dict of contiguous float32 numpy arrays,
+    with the encoder-decoders' `embed_tokens` copies of the shared embedding (a tied LM head
+    is not written: every transformers version re-ties it)."""
     out = {}
     for path, leaf in zip(param_paths(params), jax.tree_util.tree_leaves(params)):
         key, transpose = pt_key(arch, path)
         arr = np.asarray(jax.device_get(leaf), dtype=np.float32)
         out[key] = np.ascontiguousarray(arr.T if transpose else arr)
+    if arch in EMBEDDING_COPIES:
+        source, copies = EMBEDDING_COPIES[arch]
+        out.update({k: out[source].copy() for k in copies})
     return out

@@ -22,7 +22,6 @@ are transposed on load (`salem_jax.models.convert`).
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Callable
 
 import jax
@@ -263,8 +262,7 @@ def to_torch(model: LoadedModel, params=None):
     """The transformers PyTorch twin of a model with `params` (default `model.params`), in eval
     mode and float32: for checking against PyTorch or exporting. Needs torch.
 
-    Raises if PyTorch expects a parameter we do not supply, other than the copies of a tied
-    embedding that transformers fills in itself."""
+    Raises if PyTorch expects a parameter we do not supply, other than a tied LM head."""
     import torch
 
     params = model.params if params is None else params
@@ -272,17 +270,40 @@ def to_torch(model: LoadedModel, params=None):
     # Eager attention: the reference implementation. (transformers' SDPA path for GPT-2 ignores
     # scale_attn_by_inverse_layer_idx, which our module and eager GPT-2 apply.)
     pt = torch_class(model.arch)._from_config(model.config, attn_implementation="eager").float().eval()
+    _untie(pt, state)
     result = pt.load_state_dict(state, strict=False)
-    tied = re.compile(r"(^|\.)(embed_tokens\.weight|lm_head\.weight)$")
-    bad_missing = [k for k in result.missing_keys if not tied.search(k)]
+    tied = tied_head(model.arch, model.config)
+    bad_missing = [k for k in result.missing_keys if not (tied and k == "lm_head.weight")]
     if result.unexpected_keys or bad_missing:
         raise ValueError(
             f"{model.name}: PyTorch {ARCHS[model.arch].torch_class} does not match our parameters: "
             f"missing {bad_missing[:5]}, unexpected {list(result.unexpected_keys)[:5]}"
         )
-    if hasattr(pt, "tie_weights"):
-        pt.tie_weights()
     return pt
+
+
+def _untie(pt, state: dict) -> None:
+    """Give every parameter that `state` fills under two or more names its own tensor.
+
+    transformers 5 builds `T5ForConditionalGeneration` with `lm_head` tied to `shared` even for
+    a v1.1 config (untied head); loading both tensors into one shared Parameter would keep the
+    last. (Its `from_pretrained` unties when a checkpoint holds two different tensors.)"""
+    import torch
+
+    names: dict[int, list[str]] = {}
+    for n, p in pt.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    for group in names.values():
+        given = [n for n in group if n in state]
+        for n in given[1:]:
+            *mod, attr = n.split(".")
+            owner = pt.get_submodule(".".join(mod))
+            setattr(owner, attr, torch.nn.Parameter(getattr(owner, attr).detach().clone()))
+
+
+def tied_head(arch: str, config) -> bool:
+    """Whether the LM head reuses the token embedding (no `lm_head` parameter of its own)."""
+    return t5.ties_head(config) if arch == "t5" else bool(getattr(config, "tie_word_embeddings", True))
 
 
 def from_params(

@@ -278,7 +278,7 @@ def load_folder(
 
     if fmt == "pt":
         flat, missing, ignored = convert.params_from_torch(
-            spec.arch, read_torch_state(folder, wfile), shapes, tied=bool(config.tie_word_embeddings), where=where,
+            spec.arch, read_torch_state(folder, wfile), shapes, tied=hf.tied_head(spec.arch, config), where=where,
             skip=skip,
         )
     else:
@@ -524,6 +524,16 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         os.rename(tmp, out)
 
 
+def _record_tying(config_json: Path, tied: bool) -> None:
+    """Write `tie_word_embeddings` as the model has it: transformers 5 saves T5 configs with
+    `tie_word_embeddings: true` always (keeping the real flag as `scale_decoder_outputs`), which
+    transformers 4 and other readers would take for a tied head."""
+    raw = json.loads(config_json.read_text())
+    if raw.get("tie_word_embeddings") != tied:
+        raw["tie_word_embeddings"] = tied
+        config_json.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+
+
 def save_model(model: LoadedModel, params: Any, out_dir: str | os.PathLike, *, torch_weights: bool = True) -> str:
     """Write `params` as a model folder that `load_model` (and transformers) open; returns its path.
 
@@ -555,6 +565,7 @@ def save_model(model: LoadedModel, params: Any, out_dir: str | os.PathLike, *, t
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         config.save_pretrained(str(tmp))
+        _record_tying(tmp / "config.json", hf.tied_head(model.arch, config))
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(str(tmp))

@@ -39,6 +39,16 @@ def check_config(config) -> None:
     activation(config.dense_act_fn, "T5 config dense_act_fn")
 
 
+def ties_head(config) -> bool:
+    """Whether the LM head is the shared embedding (T5 v1.0: tied, decoder output rescaled by
+    d_model**-0.5) or its own `lm_head` (v1.1: `tie_word_embeddings: false` in config.json).
+
+    transformers 5 rewrites `T5Config.tie_word_embeddings` to True always and keeps the flag of
+    config.json as `scale_decoder_outputs`; transformers 4 keeps `tie_word_embeddings` as given."""
+    flag = getattr(config, "scale_decoder_outputs", None)
+    return bool(config.tie_word_embeddings if flag is None else flag)
+
+
 class T5LayerNorm(nn.Module):
     """x / rms(x) * weight (no mean subtraction, no bias), statistics in float32."""
 
@@ -249,7 +259,7 @@ class T5ForConditionalGeneration(nn.Module):
         )
         self.encoder = T5Stack(cfg, False, self.dtype, self.remat)
         self.decoder = T5Stack(cfg, True, self.dtype, self.remat)
-        if not cfg.tie_word_embeddings:
+        if not ties_head(cfg):
             self.lm_head = dense(cfg.vocab_size, "lm_head", self.dtype, bias=False, std=cfg.initializer_factor)
 
     def __call__(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None):
@@ -261,7 +271,7 @@ class T5ForConditionalGeneration(nn.Module):
         causal = jnp.tril(jnp.ones((S, S), bool))
         dec_mask = mask_bias(causal[None, None] & (decoder_attention_mask[:, None, None, :] > 0))
         h = self.decoder(self.shared(decoder_input_ids), dec_mask, enc, enc_mask)
-        if self.config.tie_word_embeddings:
+        if ties_head(self.config):
             logits = self.shared.attend(h * (self.config.d_model**-0.5))
         else:
             logits = self.lm_head(h)
