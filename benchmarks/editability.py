@@ -69,7 +69,8 @@ def main(argv=None) -> int:
 
     from salem_jax.data.edit_set import build_edit_set, load_edit_set
     from salem_jax.mend.train import prepare_splits
-    from salem_jax.pipeline import load, read_records, train_config
+    from salem_jax.methods.mend import train_config
+    from salem_jax.pipeline import load, read_records
 
     cfg = importlib.import_module(f"experiments.{args.experiment}").get_config(args.quick)
     cfg.progress = False

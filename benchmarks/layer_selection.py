@@ -30,6 +30,8 @@ import threading
 import time
 from pathlib import Path
 
+from salem_jax.data.spec import DataSpec, read_records
+
 METHODS = ("saliency_fail", "saliency", "lga", "causal_trace", "sweep")
 SCORERS = ("salem", "grad_x_weight", "mean_sq", "abs_mean_grad", "contrast")
 
@@ -84,16 +86,7 @@ def build_rows(model, args) -> tuple[list[dict], dict]:
     if (es_dir / "info.json").is_file():
         es = load_edit_set(es_dir)
     else:
-        if args.data == "countries":
-            from salem_jax.data.countries import country_records
-
-            records = country_records("capital", seed=args.seed)
-        else:
-            from salem_jax.data import paths
-            from salem_jax.data.readers import read_records
-
-            records = read_records(str(paths.find_data_file(args.data)), {"zsre": "zsre", "counterfact": "counterfact"}[args.data],
-                                   limit=args.records, skip_invalid=True)
+        records = read_records(data_spec(args))[1]
         es = build_edit_set(model, records, mode=args.mode, seed=args.seed, progress=True, skip_invalid=True)
         es.info["format"] = args.data
         save_edit_set(es, es_dir, overwrite=True)
@@ -112,16 +105,15 @@ def build_rows(model, args) -> tuple[list[dict], dict]:
     return sel + passes, es.info
 
 
+def data_spec(args) -> DataSpec:
+    """--data: countries (capitals, every record), zsre or counterfact (the first --records)."""
+    countries = args.data == "countries"
+    return DataSpec(data=args.data, format="countries" if countries else args.data, relation="capital",
+                    limit=None if countries else args.records, seed=args.seed, skip_invalid=True)
+
+
 def subjects_for(rows: list[dict], args) -> dict[str, str]:
-    if args.data == "countries":
-        from salem_jax.data.countries import country_records
-
-        recs = country_records("capital", seed=args.seed)
-    else:
-        from salem_jax.data import paths
-        from salem_jax.data.readers import read_records
-
-        recs = read_records(str(paths.find_data_file(args.data)), args.data, limit=args.records, skip_invalid=True)
+    recs = read_records(data_spec(args))[1]
     want = {r["record_id"] for r in rows}
     return {r.id: r.subject for r in recs if r.id in want}
 
@@ -370,14 +362,14 @@ def main(argv=None) -> int:
         return _finish(outs, spec, out, 0.0)
 
     t0 = time.perf_counter()
-    from salem_jax.data.tokenize import _ids, target_text
+    from salem_jax.data.tokenize import token_ids, target_text
     from salem_jax.models import load_model
 
     model = load_model(args.model)
     rows, info = build_rows(model, args)
     lens: dict[str, int] = {}
     for r in rows:
-        n = len(_ids(model.tokenizer, r["prompt"], True)) + len(_ids(model.tokenizer, target_text(r["target"], model.kind), False))
+        n = len(token_ids(model.tokenizer, r["prompt"], True)) + len(token_ids(model.tokenizer, target_text(r["target"], model.kind), False))
         lens[r["group"]] = max(lens.get(r["group"], 0), n)
     spec = dict(
         model=args.model, data=args.data, mode=args.mode, rows=rows, lengths=lens, dir=str(work),

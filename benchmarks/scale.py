@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from salem_jax import parallel, saliency
-from salem_jax.mend.apply import TrainedEditor, _edited_kernels, apply_edits, encode_requests
+from salem_jax.mend.apply import TrainedEditor, edited_kernels, apply_edits, encode_requests
 from salem_jax.mend.editor import EditorConfig, EditorSpec
 from salem_jax.mend.train import TrainConfig, init_train_state, prepare_splits, train_batch, train_step
 from salem_jax.models import llama
@@ -160,7 +160,7 @@ def edit_cost(model, params, spec: EditorSpec, n_requests: int, repeats: int) ->
     reqs = [(f"The capital of {c} is", " " + cap) for c, cap in (FACTS * 2)[:n_requests]]
     out = timed(lambda: [saliency.get_path(p, w.path) for p in [apply_edits(model, ed, reqs, params=params, progress=False)]
                          for w in spec.weights], repeats)
-    lowered = _edited_kernels.lower(ed.params, ed.state, params, {k: jnp.asarray(v) for k, v in encode_requests(model, reqs).items()},
+    lowered = edited_kernels.lower(ed.params, ed.state, params, {k: jnp.asarray(v) for k, v in encode_requests(model, reqs).items()},
                                     apply_fn=model.apply, spec=spec)
     out["memory"] = memory(lowered)
     return out
@@ -192,7 +192,7 @@ def sharded_memory(model, spec: EditorSpec, cfg: TrainConfig, batch: dict, sal_b
     out["saliency"] = memory(saliency.lower_step(model, base, sal_batch, groups=3))
     st = init_train_state(spec, cfg)
     reqs = encode_requests(model, [(f"The capital of {c} is", " " + cap) for c, cap in FACTS[:1]])
-    out["edit_1"] = memory(_edited_kernels.lower(st["params"], st["norm"], base, {k: jnp.asarray(v) for k, v in reqs.items()},
+    out["edit_1"] = memory(edited_kernels.lower(st["params"], st["norm"], base, {k: jnp.asarray(v) for k, v in reqs.items()},
                                                  apply_fn=model.apply, spec=spec))
     return out
 

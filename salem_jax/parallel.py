@@ -17,7 +17,6 @@ same program: call `initialize_distributed()` first, and give every host the sam
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Sequence
 
 import jax
@@ -25,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from salem_jax import env as salem_env
 
 DATA = "data"
 REPLICATED = P()
@@ -53,7 +54,7 @@ def initialize_distributed(env: dict[str, str] | None = None) -> bool:
 
     Must run before anything touches a device. Single-process runs (a laptop, one GPU, one TPU
     VM) are left alone. Returns whether it initialised."""
-    env = dict(os.environ) if env is None else env
+    env = salem_env.process_env() if env is None else env
     if not _is_multi_process_env(env):
         return False
     jax.distributed.initialize()

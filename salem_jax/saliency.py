@@ -106,7 +106,7 @@ class LayerProfile:
     extra: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return _jsonable(dataclasses.asdict(self))
+        return jsonable(dataclasses.asdict(self))
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -119,13 +119,14 @@ class LayerProfile:
         return cls(**d)
 
 
-def _jsonable(x):
+def jsonable(x):
+    """`x` with numpy / jax values as plain Python (non-finite floats as None), for json.dumps."""
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, (np.ndarray, jax.Array)):
-        return _jsonable(np.asarray(x).tolist())
+        return jsonable(np.asarray(x).tolist())
     if isinstance(x, (np.floating, float)):
         return None if not np.isfinite(x) else float(x)
     if isinstance(x, np.integer):
@@ -842,5 +843,5 @@ def saliency_profile(
         examples=st.counts(),
         wall_time=time.perf_counter() - t0,
         model=model.name,
-        extra=_jsonable(extra),
+        extra=jsonable(extra),
     )

@@ -105,23 +105,22 @@ def test_train_mend_returns_the_best_validation_checkpoint(monkeypatch):
     import jax
     from test_mend_train import tiny_setup, trained_run
 
-    import salem_jax.mend.train as T
-    from salem_jax import pipeline as P
+    import salem_jax.methods.mend as M
     from salem_jax.mend.checkpoint import restore_editor
 
     model, data, _, _, _ = tiny_setup()
     result, workdir, _, _ = trained_run()
     assert result.step == 100
     # pretend step 50 validated best: train_mend must hand back that checkpoint's editor
-    monkeypatch.setattr(T, "train_editor", lambda *a, **k: dataclasses.replace(result, best_step=50))
-    editor, tr = P.train_mend(model, data, ("h.0",), default_config(), workdir)
+    monkeypatch.setattr(M, "train_editor", lambda *a, **k: dataclasses.replace(result, best_step=50))
+    editor, tr = M.train_mend(model, data, ("h.0",), default_config(), workdir)
     assert editor.step == 50 and tr.step == 100
     _, params50, state50, _ = restore_editor(workdir / "checkpoints", 50)
     for a, b in zip(jax.tree.leaves((editor.params, editor.state)), jax.tree.leaves((params50, state50))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # and the last step when it is the best
-    monkeypatch.setattr(T, "train_editor", lambda *a, **k: dataclasses.replace(result, best_step=100))
-    editor, _ = P.train_mend(model, data, ("h.0",), default_config(), workdir)
+    monkeypatch.setattr(M, "train_editor", lambda *a, **k: dataclasses.replace(result, best_step=100))
+    editor, _ = M.train_mend(model, data, ("h.0",), default_config(), workdir)
     assert editor.step == 100
     for a, b in zip(jax.tree.leaves(editor.params), jax.tree.leaves(result.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

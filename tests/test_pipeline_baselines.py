@@ -217,5 +217,6 @@ def test_unknown_method_lists_the_baselines(tmp_path):
 
 def test_rome_defaults_are_rome_config_defaults():
     from salem_jax.baselines.rome import ROMEConfig
+    from salem_jax.methods.rome import rome_config
 
-    assert P.rome_config(P.default_config()) == ROMEConfig()
+    assert rome_config(P.default_config()) == ROMEConfig()

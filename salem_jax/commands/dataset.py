@@ -16,9 +16,8 @@ import argparse
 import sys
 
 from salem_jax.data import paths
-from salem_jax.data.readers import FEVER_EXCLUDED, FEVER_LABELS, FORMATS, RTE_LABELS
-
-ALL_FORMATS = (*FORMATS, "countries")
+from salem_jax.data.spec import FORMATS as ALL_FORMATS
+from salem_jax.data.spec import DataSpec, read_records
 
 
 def add_parser(subparsers) -> None:
@@ -84,53 +83,14 @@ def _split_list(text: str | None) -> tuple[str, ...] | None:
     return items
 
 
-def _resolve(args) -> tuple[str, str | None]:
-    """(format, file path or None for countries)."""
-    data, fmt = args.data, args.format
-    if data == "countries" or (data is None and fmt == "countries"):
-        return "countries", None
-    if data is None:
-        raise ValueError("--data is required (a file, a known name, or 'countries')")
-    if data in paths.KNOWN_FILES:
-        return fmt or paths.KNOWN_FORMATS[data], str(paths.find_data_file(data, args.data_dir))
-    if data in paths.PUBLIC_FILES:
-        return fmt or paths.PUBLIC_FORMATS[data], str(paths.find_data_file(data))
-    if fmt is None:
-        raise ValueError(f"--format is needed for the file {data} (one of {', '.join(ALL_FORMATS)})")
-    if fmt == "countries":
-        raise ValueError("--format countries takes no data file (use --data countries)")
-    return fmt, data
-
-
-def read_for_args(args):
-    """The records (a RecordList) that the arguments ask for."""
-    from salem_jax.data import countries, readers
-
-    fmt, path = _resolve(args)
-    if fmt == "countries":
-        recs = countries.country_records(args.relation, seed=args.seed)
-        if args.limit is not None:
-            skipped = recs.skipped
-            recs = type(recs)(recs[: args.limit], skipped=skipped, sources=recs.sources)
-        return fmt, recs
-    kw = dict(limit=args.limit)
-    if fmt in ("zsre", "counterfact", "knowns", "fever", "nli", "classification"):
-        kw["skip_invalid"] = args.skip_invalid
-    labels, exclude = _split_list(args.labels), _split_list(args.exclude_labels)
-    if fmt == "fever":
-        kw.update(labels=labels or FEVER_LABELS, exclude_labels=FEVER_EXCLUDED if exclude is None else exclude)
-    elif fmt == "nli":
-        kw.update(labels=labels or RTE_LABELS, exclude_labels=exclude or ())
-        kw.update(premise_field=args.text_field or "sentence1", hypothesis_field=args.pair_field or "sentence2")
-        kw["label_field"] = args.label_field
-    elif fmt == "classification":
-        if not labels:
-            raise ValueError("--format classification needs --labels (the label set)")
-        kw.update(labels=labels, exclude_labels=exclude or (), text_field=args.text_field or "text",
-                  pair_field=args.pair_field, label_field=args.label_field)
-    elif fmt == "text":
-        kw.update(prompt_words=args.prompt_words, target_words=args.target_words)
-    return fmt, readers.read_records(path, fmt, **kw)
+def data_spec(args) -> DataSpec:
+    """The DataSpec the flags describe."""
+    return DataSpec(
+        data=args.data, format=args.format, relation=args.relation, limit=args.limit, seed=args.seed,
+        data_dir=args.data_dir, skip_invalid=args.skip_invalid, labels=_split_list(args.labels),
+        exclude_labels=_split_list(args.exclude_labels), text_field=args.text_field, pair_field=args.pair_field,
+        label_field=args.label_field, prompt_words=args.prompt_words, target_words=args.target_words,
+    )
 
 
 def _template(args) -> str | None:
@@ -145,7 +105,7 @@ def run(args) -> int:
     from salem_jax.data.records import RecordError, with_template
 
     try:
-        fmt, records = read_for_args(args)
+        fmt, records = read_records(data_spec(args))
         template = _template(args)
         if template is not None:
             records = with_template(records, template)

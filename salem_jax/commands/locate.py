@@ -27,7 +27,9 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ("saliency", "lga", "causal-trace", "sweep")
+from salem_jax.data.spec import DataSpec, read_records
+from salem_jax.locate import METHODS
+
 SCORERS = ("salem", "grad_x_weight", "mean_sq", "abs_mean_grad", "contrast", "lga")
 
 
@@ -73,15 +75,6 @@ def is_edit_set_dir(path: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, "info.json"))
 
 
-def _reader_args(args) -> argparse.Namespace:
-    """The attributes `salem_jax.commands.dataset.read_for_args` reads, with its defaults."""
-    defaults = dict(
-        format=None, limit=None, seed=0, data_dir=None, relation="capital", skip_invalid=False, labels=None,
-        exclude_labels=None, text_field=None, pair_field=None, label_field="label", prompt_words=24, target_words=4,
-    )
-    return argparse.Namespace(**{k: getattr(args, k, v) for k, v in defaults.items()} | {"data": args.data})
-
-
 def edit_rows(model, args, progress: bool) -> tuple[list[dict], dict, dict[str, str] | None]:
     """(rows of the chosen split, edit-set info, {record id: subject} when the records are at hand)."""
     from salem_jax.data.edit_set import build_edit_set, load_edit_set
@@ -90,9 +83,9 @@ def edit_rows(model, args, progress: bool) -> tuple[list[dict], dict, dict[str, 
     if is_edit_set_dir(args.data):
         es = load_edit_set(args.data)
     else:
-        from salem_jax.commands.dataset import read_for_args
-
-        fmt, records = read_for_args(_reader_args(args))
+        spec = DataSpec(data=args.data, format=args.format, relation=args.relation, limit=args.limit, seed=args.seed,
+                        data_dir=args.data_dir, skip_invalid=args.skip_invalid)
+        fmt, records = read_records(spec)
         es = build_edit_set(model, records, mode=args.mode, seed=args.seed, progress=progress, skip_invalid=args.skip_invalid)
         es.info["format"] = fmt
         subjects = {r.id: r.subject for r in records}
@@ -113,78 +106,33 @@ def subjects_from_source(info: dict) -> dict[str, str]:
     """Re-read the records an edit set was built from to recover their subjects (the edit set
     itself does not keep them)."""
     fmt = info.get("format") or (info.get("formats") or [None])[0]
-    if fmt == "countries":
-        from salem_jax.data.countries import country_records
-
-        recs = country_records(info.get("relation", "capital"), seed=info.get("seed", 0))
-    else:
-        from salem_jax.data.readers import read_records
-
-        sources = [s for s in info.get("sources", []) if os.path.isfile(s)]
-        if fmt is None or len(sources) != 1:
-            raise ValueError(
-                f"causal tracing needs each fact's subject; the edit set does not keep it and its source "
-                f"({info.get('sources')}, format {fmt}) cannot be re-read: pass the data file with --data/--format"
-            )
-        recs = read_records(sources[0], fmt, skip_invalid=True)
+    sources = [s for s in info.get("sources", []) if os.path.isfile(s)]
+    if fmt != "countries" and (fmt is None or len(sources) != 1):
+        raise ValueError(
+            f"causal tracing needs each fact's subject; the edit set does not keep it and its source "
+            f"({info.get('sources')}, format {fmt}) cannot be re-read: pass the data file with --data/--format"
+        )
+    data = "countries" if fmt == "countries" else sources[0]
+    _, recs = read_records(DataSpec(data=data, format=fmt, relation=info.get("relation", "capital"),
+                                    seed=info.get("seed", 0), skip_invalid=True))
     return {r.id: r.subject for r in recs}
-
-
-def group_batch(model, rows: list[dict], group: str):
-    """One batch dict of a group's rows (None if there are none)."""
-    from salem_jax.data.tokenize import encode
-
-    sel = [r for r in rows if r["group"] == group]
-    if not sel:
-        return None, []
-    tp = [r["text_pair"] for r in sel] if model.kind == "classifier" else None
-    targets = [r["label"] for r in sel] if model.kind == "classifier" else [r["target"] for r in sel]
-    return encode(model, [r["prompt"] for r in sel], targets, text_pairs=tp, where=f"group {group}"), sel
 
 
 # ----------------------------------------------------------------------------- methods
 
 
-def run_saliency(model, rows, args, progress: bool):
-    from salem_jax.data.edit_set import edit_set_batches
-    from salem_jax.saliency import saliency_profile
+def locate_config(args):
+    """The salem_jax.locate.choose.LocateConfig the flags describe."""
+    from salem_jax.locate.choose import LocateConfig  # jax: `salem --help` does not need it
 
-    scorer = "lga" if args.method == "lga" else args.scorer
-    data = [(b, [r["group"] for r in chunk]) for b, chunk in edit_set_batches(model, rows, args.micro_batch)]
-    return saliency_profile(
-        model, model.params, data, scorer=scorer, part=args.part, top_k=args.top_k, select_group=args.group,
-        layers=_layers(args), micro_batch=args.micro_batch, progress=progress,
+    return LocateConfig(
+        scorer=args.scorer, part=args.part, top_k=args.top_k,
+        select_group=args.group if args.method in ("saliency", "lga") or args.group != "overall" else "fail",
+        layers=_layers(args), micro_batch=args.micro_batch, seed=args.seed, n_noise=args.n_noise,
+        restorations_per_call=args.restorations_per_call,
+        learning_rates=tuple(float(x) for x in args.lrs.split(",") if x.strip()), steps=args.steps,
+        drawdown_budget=args.budget,
     )
-
-
-def run_causal_trace(model, rows, subjects, info, args, progress: bool):
-    from salem_jax.locate.trace_rows import trace_edit_rows
-
-    group = args.group if args.group != "overall" else "fail"
-    if subjects is None:
-        subjects = subjects_from_source(info)
-    prof = trace_edit_rows(
-        model, model.params, rows, subjects, group=group, top_k=args.top_k, layers=_layers(args),
-        n_noise=args.n_noise, restorations_per_call=args.restorations_per_call, seed=args.seed, progress=progress,
-    )
-    if prof.extra["skipped_rows"]:
-        print(f"causal trace: {len(prof.extra['skipped_rows'])} rows without their subject in the prompt are left out",
-              file=sys.stderr)
-    return prof
-
-
-def run_sweep(model, rows, args, progress: bool):
-    from salem_jax.locate.sweep import SweepConfig, sweep_layers
-
-    edits, _ = group_batch(model, rows, "fail")
-    if edits is None:
-        raise ValueError("the sweep needs 'fail' rows (the edits)")
-    reph, _ = group_batch(model, rows, "adapt")
-    keep, _ = group_batch(model, rows, "pass")
-    lrs = tuple(float(x) for x in args.lrs.split(",") if x.strip())
-    cfg = SweepConfig(learning_rates=lrs, steps=args.steps, part=args.part, drawdown_budget=args.budget)
-    res = sweep_layers(model, model.params, edits, rephrases=reph, keep=keep, layers=_layers(args), config=cfg, progress=progress)
-    return res.to_profile(top_k=args.top_k, model=model.name)
 
 
 def _layers(args):
@@ -208,12 +156,14 @@ def run(args) -> int:
         model = load_model(args.model, dtype=args.dtype)
         rows, info, subjects = edit_rows(model, args, progress)
         t1 = time.perf_counter()
-        if args.method in ("saliency", "lga"):
-            prof = run_saliency(model, rows, args, progress)
-        elif args.method == "causal-trace":
-            prof = run_causal_trace(model, rows, subjects, info, args, progress)
-        else:
-            prof = run_sweep(model, rows, args, progress)
+        if args.method == "causal-trace" and subjects is None:
+            subjects = subjects_from_source(info)
+        from salem_jax.locate.choose import locate  # jax: `salem --help` does not need it
+
+        prof = locate(model, rows, args.method, locate_config(args), subjects=subjects, progress=progress)
+        if args.method == "causal-trace" and prof.extra["skipped_rows"]:
+            print(f"causal trace: {len(prof.extra['skipped_rows'])} rows without their subject in the prompt are left out",
+                  file=sys.stderr)
     except (RecordError, FileNotFoundError, FileExistsError, ValueError, KeyError, NotImplementedError) as e:
         print(f"salem locate: error: {e}", file=sys.stderr)
         return 2

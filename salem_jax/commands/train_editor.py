@@ -12,12 +12,12 @@ workdir; running the same command again resumes from the last checkpoint.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
 
-from salem_jax.mend.editor import MODES, EditorConfig
+from salem_jax.config import EDITOR_HELP, EDITOR_KEYS, editor_values, train_config
+from salem_jax.mend.editor import MODES
 from salem_jax.mend.train import TrainConfig
 
 
@@ -42,58 +42,37 @@ def add_parser(subparsers) -> None:
     p.add_argument("--num-labels", type=int, default=None, help="classifier models: number of classes")
     p.add_argument("--devices", type=int, default=None, help="use only the first N devices (default: all of them)")
     p.add_argument("--no-progress", action="store_true")
-    g = p.add_argument_group("training (defaults: MEND / SaLEM, see TrainConfig)")
-    g.add_argument("--steps", type=int, help="maximum number of steps")
-    g.add_argument("--batch-size", type=int, help="edit groups per step (default: one per device)")
-    g.add_argument("--effective-batch", type=int, help="groups per optimiser update (accumulated)")
-    g.add_argument("--accum-steps", type=int, help="steps accumulated per update (overrides --effective-batch)")
-    g.add_argument("--lr", type=float, help="Adam learning rate of the editor network")
-    g.add_argument("--lr-lr", type=float, help="Adam learning rate of the per-weight edit learning rates")
-    g.add_argument("--c-fail", type=float, help="weight of the edit NLL (paper: 0.1)")
-    g.add_argument("--c-loc", type=float, help="weight of the locality KL")
-    g.add_argument("--grad-clip", type=float)
-    g.add_argument("--edits-per-group", type=int)
-    g.add_argument("--adapt-per-edit", type=int, help="rephrasings of each edit in its loss")
-    g.add_argument("--pass-per-group", type=int)
-    g.add_argument("--val-every", type=int)
-    g.add_argument("--val-groups", type=int)
-    g.add_argument("--patience", type=int, help="early stop after this many steps without a better val loss")
-    g.add_argument("--checkpoint-every", type=int)
-    g.add_argument("--keep-checkpoints", type=int)
-    g.add_argument("--log-every", type=int)
+    add_editor_flags(p)
+
+
+def add_editor_flags(p) -> None:
+    """One flag per key of salem_jax.config.EDITOR_KEYS (the pipeline's `editor` section) plus --seed,
+    typed by TrainConfig's defaults; unset flags keep TrainConfig's defaults (or --tiny's)."""
+    g = p.add_argument_group("training and editor network (defaults: TrainConfig, i.e. MEND / SaLEM)")
+    base = editor_values(TrainConfig())
+    for key, default in base.items():
+        flag, help_ = "--" + key.replace("_", "-"), EDITOR_HELP.get(key)
+        if key == "normalize":
+            g.add_argument("--no-normalize", action="store_true", help="do not standardise u and delta")
+        elif key == "mode":
+            g.add_argument(flag, choices=MODES, help=help_)
+        else:
+            g.add_argument(flag, type=type(default), help=help_)
     g.add_argument("--seed", type=int)
-    e = p.add_argument_group("editor network")
-    e.add_argument("--rank", type=int)
-    e.add_argument("--n-hidden", type=int)
-    e.add_argument("--mode", choices=MODES)
-    e.add_argument("--edit-lr-init", type=float)
-    e.add_argument("--no-normalize", action="store_true", help="do not standardise u and delta")
-
-
-_TRAIN_FIELDS = {
-    "steps": "max_steps", "batch_size": "batch_size", "effective_batch": "effective_batch",
-    "accum_steps": "accum_steps", "lr": "lr", "lr_lr": "lr_lr", "c_fail": "c_fail", "c_loc": "c_loc",
-    "grad_clip": "grad_clip", "edits_per_group": "edits_per_group", "adapt_per_edit": "adapt_per_edit",
-    "pass_per_group": "pass_per_group", "val_every": "val_every", "val_groups": "val_groups",
-    "patience": "patience", "checkpoint_every": "checkpoint_every", "keep_checkpoints": "keep_checkpoints",
-    "log_every": "log_every", "seed": "seed",
-}
-_EDITOR_FIELDS = {"rank": "rank", "n_hidden": "n_hidden", "mode": "mode", "edit_lr_init": "edit_lr_init"}
 
 
 def config_from_args(args) -> TrainConfig:
     """The TrainConfig the flags describe (unset flags keep the defaults, or the tiny ones)."""
     cfg = TrainConfig.tiny() if args.tiny else TrainConfig()
-    editor = {v: getattr(args, k) for k, v in _EDITOR_FIELDS.items() if getattr(args, k, None) is not None}
+    values = {k: getattr(args, k) for k in EDITOR_KEYS if getattr(args, k, None) is not None}
     if args.no_normalize:
-        editor["normalize"] = False
-    train = {v: getattr(args, k) for k, v in _TRAIN_FIELDS.items() if getattr(args, k, None) is not None}
-    if train.get("max_steps") is not None and not any(getattr(args, k, None) is not None for k in ("val_every", "checkpoint_every")):
+        values["normalize"] = False
+    if values.get("steps") is not None and not any(getattr(args, k, None) is not None for k in ("val_every", "checkpoint_every")):
         # a short run still validates and checkpoints at its end; keep the periodic ones sensible
-        n = train["max_steps"]
-        train.setdefault("val_every", min(cfg.val_every, n))
-        train.setdefault("checkpoint_every", min(cfg.checkpoint_every, n))
-    return dataclasses.replace(cfg, editor=dataclasses.replace(cfg.editor, **editor), **train)
+        n = values["steps"]
+        values.setdefault("val_every", min(cfg.val_every, n))
+        values.setdefault("checkpoint_every", min(cfg.checkpoint_every, n))
+    return train_config(values, seed=cfg.seed if args.seed is None else args.seed, base=cfg)
 
 
 def choose_layers(model, es, args, workdir: Path) -> tuple[str, ...]:
@@ -111,17 +90,11 @@ def choose_layers(model, es, args, workdir: Path) -> tuple[str, ...]:
         if info.get("top_k") == args.top_k and info.get("part") == args.part and info.get("scorer") == args.scorer:
             print(f"layers from {saved}: {', '.join(info['chosen'])}", file=sys.stderr)
             return tuple(info["chosen"])
-    try:
-        from salem_jax.saliency import saliency_profile
-    except ImportError as e:
-        raise RuntimeError(f"--layers auto needs salem_jax.saliency, which cannot be imported ({e}); name the layers instead") from e
-    from salem_jax.data.edit_set import edit_set_batches, sample_by_group
+    from salem_jax.locate.choose import LocateConfig, locate  # jax: `salem --help` does not need it
 
-    rows = sample_by_group(es.rows("train"), args.saliency_examples, seed=0)
-    data = [(b, [r["group"] for r in chunk]) for b, chunk in edit_set_batches(model, rows, batch_size=8)]
-    profile = saliency_profile(
-        model, model.params, data, scorer=args.scorer, part=args.part, top_k=args.top_k, progress=not args.no_progress
-    )
+    lc = LocateConfig(scorer=args.scorer, part=args.part, top_k=args.top_k, micro_batch=8,
+                      max_examples=args.saliency_examples, seed=0)
+    profile = locate(model, es.rows("train"), "saliency", lc, progress=not args.no_progress)
     workdir.mkdir(parents=True, exist_ok=True)
     saved.write_text(profile.to_json())
     print(f"saliency ({args.scorer}, {args.part}) chose: {', '.join(profile.chosen)}", file=sys.stderr)

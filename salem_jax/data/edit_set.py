@@ -144,7 +144,7 @@ class _Row:
 # Tokenized lengths (mirrors tokenize.encode, to find each row's bucket and check the context)
 
 
-def _ids(tok, text: str, special: bool) -> list[int]:
+def token_ids(tok, text: str, special: bool) -> list[int]:
     return list(tok(text, add_special_tokens=special)["input_ids"])
 
 
@@ -152,8 +152,8 @@ def _shape(model, row: _Row, buckets) -> tuple:
     """The row's padded shape; raises ValueError if it does not fit the model's context."""
     tok, kind, max_len = model.tokenizer, model.kind, model.max_length
     if kind == "causal":
-        p = _ids(tok, row.prompt, True)
-        t = _ids(tok, target_text(row.target, kind), False)
+        p = token_ids(tok, row.prompt, True)
+        t = token_ids(tok, target_text(row.target, kind), False)
         if not p:
             raise ValueError("the prompt tokenizes to nothing")
         if not t:
@@ -163,8 +163,8 @@ def _shape(model, row: _Row, buckets) -> tuple:
             raise ValueError(f"prompt + target is {n} tokens, longer than the model's context ({max_len})")
         return (bucket_length(n, max_len, buckets),)
     if kind == "seq2seq":
-        p = _ids(tok, row.prompt, True)
-        t = _ids(tok, row.target, False)
+        p = token_ids(tok, row.prompt, True)
+        t = token_ids(tok, row.target, False)
         eos = tok.eos_token_id
         if not t:
             raise ValueError(f"the target {row.target!r} tokenizes to nothing")

@@ -23,8 +23,10 @@ import urllib.request
 from pathlib import Path
 from typing import Iterable
 
-ENV_DATA = "SALEM_JAX_DATA"
-ENV_CACHE = "SALEM_JAX_CACHE"
+from salem_jax import env
+
+ENV_DATA = env.DATA
+ENV_CACHE = env.CACHE
 
 # Name -> path inside the data directory (the real subsets in ../shared/data).
 KNOWN_FILES = {
@@ -83,9 +85,9 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path:
         if p.is_dir():
             return p
         raise DataNotFoundError(f"data directory {p} (given explicitly) does not exist")
-    env = os.environ.get(ENV_DATA)
-    if env:
-        p = Path(env).expanduser()
+    from_env = env.data_dir()
+    if from_env:
+        p = Path(from_env).expanduser()
         if p.is_dir():
             return p
         raise DataNotFoundError(f"data directory {p} (from ${ENV_DATA}) does not exist")
@@ -104,8 +106,7 @@ def cache_dir(explicit: str | os.PathLike | None = None) -> Path:
     """Where `fetch_public_data` puts files: explicit > $SALEM_JAX_CACHE > ~/.cache/salem_jax."""
     if explicit:
         return Path(explicit).expanduser()
-    env = os.environ.get(ENV_CACHE)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "salem_jax"
+    return env.cache_root()
 
 
 def find_data_file(name: str, data_dir_: str | os.PathLike | None = None) -> Path:

@@ -40,7 +40,8 @@ def _pad(rows: list[list[int]], length: int, value: int = 0) -> np.ndarray:
     return out
 
 
-def _ids(tokenizer, text: str, special: bool) -> list[int]:
+def token_ids(tokenizer, text: str, special: bool) -> list[int]:
+    """The token ids of `text` (with the tokenizer's special tokens when `special`)."""
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
@@ -87,8 +88,8 @@ def encode(
     if kind == "causal":
         seqs, starts = [], []
         for i, (p, t) in enumerate(zip(prompts, targets)):
-            p_ids = _ids(tok, p, True)
-            t_ids = _ids(tok, target_text(t, kind), False)
+            p_ids = token_ids(tok, p, True)
+            t_ids = token_ids(tok, target_text(t, kind), False)
             if not p_ids:
                 raise err(i, "field 'prompt' tokenizes to nothing")
             if not t_ids:
@@ -113,8 +114,8 @@ def encode(
         srcs, tgts = [], []
         eos = tok.eos_token_id
         for i, (p, t) in enumerate(zip(prompts, targets)):
-            p_ids = _ids(tok, p, True)
-            t_ids = _ids(tok, t, False)
+            p_ids = token_ids(tok, p, True)
+            t_ids = token_ids(tok, t, False)
             if eos is not None and (not t_ids or t_ids[-1] != eos):
                 t_ids = t_ids + [eos]
             if not p_ids:

@@ -404,7 +404,7 @@ def trace_profile(
 ):
     """Trace every row and average: layer score = mean over facts of `TraceResult.layer_scores`.
     Returns (LayerProfile, list of TraceResult)."""
-    from salem_jax.saliency import LayerProfile, _jsonable, top_k_layers
+    from salem_jax.saliency import LayerProfile, jsonable, top_k_layers
 
     t0 = time.perf_counter()
     res = trace(model, params, batch, subject_mask, **kwargs)
@@ -422,7 +422,7 @@ def trace_profile(
         examples={group: len(res)},
         wall_time=time.perf_counter() - t0,
         model=model.name,
-        extra=_jsonable(
+        extra=jsonable(
             {
                 "forward_passes": sum(r.forward_passes for r in res),
                 "sequences": sum(r.sequences for r in res),

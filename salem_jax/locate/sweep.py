@@ -142,7 +142,7 @@ class SweepResult:
         return [self.best(n).summary(self.pass_acc_before) for n in self.layers]
 
     def to_profile(self, top_k: int = 1, model: str = ""):
-        from salem_jax.saliency import LayerProfile, _jsonable, top_k_layers
+        from salem_jax.saliency import LayerProfile, jsonable, top_k_layers
 
         scores = self.oracle_scores()
         return LayerProfile(
@@ -161,7 +161,7 @@ class SweepResult:
             },
             wall_time=self.wall_time,
             model=model,
-            extra=_jsonable(
+            extra=jsonable(
                 {
                     "ranking": self.ranking(),
                     "best_per_layer": self.table(),

@@ -76,7 +76,8 @@ def check_model(spec: EditorSpec, params: Any, where: str = "editor") -> None:
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "spec"))
-def _edited_kernels(editor_params, editor_state, params, batch, *, apply_fn, spec: EditorSpec):
+def edited_kernels(editor_params, editor_state, params, batch, *, apply_fn, spec: EditorSpec):
+    """{weight path: its edited kernel} after one editor pass over `batch` (the rest of params unchanged)."""
     _, factors = capture(apply_fn, params, batch, spec.weights)
     new = edited_params(spec, editor_params, editor_state, params, factors)
     return {w.path: get_path(new, w.path) for w in spec.weights}
@@ -85,7 +86,7 @@ def _edited_kernels(editor_params, editor_state, params, batch, *, apply_fn, spe
 def _edit(editor_params, editor_state, params, batch, *, apply_fn, spec: EditorSpec):
     # Only the edited kernels leave the jitted function; every other leaf of the result is the
     # input's own array (no copy of the whole model per edit).
-    kernels = _edited_kernels(editor_params, editor_state, params, batch, apply_fn=apply_fn, spec=spec)
+    kernels = edited_kernels(editor_params, editor_state, params, batch, apply_fn=apply_fn, spec=spec)
     for path, k in kernels.items():
         params = set_path(params, path, k)
     return params

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from salem_jax import env
 from salem_jax.models import llama
 from salem_jax.models.base import LoadedModel
 
@@ -61,8 +62,7 @@ _BLOCK_TENSORS = {
 
 def default_cache_root() -> Path:
     """`$SALEM_JAX_CACHE` if set, else `~/.cache/salem_jax`."""
-    env = os.environ.get("SALEM_JAX_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "salem_jax"
+    return env.cache_root()
 
 
 def cache_entry(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:

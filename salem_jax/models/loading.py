@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from salem_jax import env
 from salem_jax.models import convert, hf
 from salem_jax.models.base import LoadedModel, param_paths
 from salem_jax.models.llama import read_safetensors, unflatten
@@ -316,14 +317,13 @@ def load_folder(
 def _offline() -> bool:
     import huggingface_hub.constants as hc
 
-    env = (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").strip().upper()
-    return env in {"1", "ON", "YES", "TRUE"} or bool(hc.HF_HUB_OFFLINE)
+    return env.hf_offline() or bool(hc.HF_HUB_OFFLINE)
 
 
 def hub_endpoint() -> str:
     import huggingface_hub.constants as hc
 
-    return os.environ.get("HF_ENDPOINT", hc.ENDPOINT).rstrip("/")
+    return env.hf_endpoint(hc.ENDPOINT)
 
 
 def hub_reachable(endpoint: str, timeout: float = HUB_PROBE_TIMEOUT) -> bool:

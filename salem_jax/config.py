@@ -1,0 +1,232 @@
+"""Every default of the pipeline in one place: frozen dataclasses, and the ConfigDict derived from them.
+
+The sections of the pipeline config (`default_config()`, what `experiments/` edit and
+`--config.a.b=v` overrides) are made from these values, never written twice:
+
+- `editor`: a `mend.train.TrainConfig` (with its `mend.editor.EditorConfig`), flattened under the
+  names of `EDITOR_KEYS` (`steps` is `max_steps`, `rank` is `editor.rank`, ...). Its defaults are
+  the preset `CPU_EDITOR`: the CPU budget the SmolLM2 experiments use (an optimiser update after
+  every edit group at Adam lr 1e-4, 150 steps). `TrainConfig()` itself holds the paper's schedule
+  (lr 1e-6, 150k steps, batch 10 by accumulation), which `experiments.common.paper_editor` applies.
+  `salem train-editor` takes the same keys as flags (`--steps`, `--rank`, `--c-loc`, ...).
+- `ft`: a `baselines.finetune.FTConfig` (preset `PIPELINE_FT`: 10 steps, KL weight 1 for `ft_kl`).
+- `rome`: `layer` and `covariance`, then every `baselines.rome.ROMEConfig` field (ROME's defaults).
+- `saliency`, `trace`, `eval` and the top level: the dataclasses below.
+
+Every field of every one of these dataclasses is a key of the ConfigDict, so `--config.*`
+reaches all of them. `train_config` (from the flat `editor` section, e.g. `cfg.editor.to_dict()`),
+`ft_config` and `rome_config` (from the whole ConfigDict) give back the dataclasses the library takes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import ml_collections
+
+from salem_jax.baselines.finetune import FTConfig
+from salem_jax.baselines.rome import ROMEConfig
+from salem_jax.mend.editor import EditorConfig
+from salem_jax.mend.train import TrainConfig
+
+# ----------------------------------------------------------------------------- the editor (MEND)
+
+# pipeline / train-editor key -> TrainConfig field ("editor.x" = EditorConfig field x)
+EDITOR_KEYS = {
+    "steps": "max_steps", "lr": "lr", "lr_lr": "lr_lr", "rank": "editor.rank", "n_hidden": "editor.n_hidden",
+    "mode": "editor.mode", "normalize": "editor.normalize", "edit_lr_init": "editor.edit_lr_init",
+    "norm_eps": "editor.norm_eps", "c_fail": "c_fail", "c_loc": "c_loc", "grad_clip": "grad_clip",
+    "effective_batch": "effective_batch", "batch_size": "batch_size", "accum_steps": "accum_steps",
+    "edits_per_group": "edits_per_group", "adapt_per_edit": "adapt_per_edit", "pass_per_group": "pass_per_group",
+    "val_every": "val_every", "val_groups": "val_groups", "patience": "patience",
+    "checkpoint_every": "checkpoint_every", "keep_checkpoints": "keep_checkpoints", "log_every": "log_every",
+}
+# TrainConfig fields whose None ("derive it") is written 0 in a ConfigDict, which needs one type per key
+ZERO_IS_NONE = ("batch_size", "accum_steps")
+EDITOR_HELP = {
+    "steps": "maximum number of steps",
+    "batch_size": "edit groups per step (0 / unset: one per device)",
+    "effective_batch": "groups per optimiser update (accumulated)",
+    "accum_steps": "steps accumulated per update (overrides effective_batch; 0 / unset: derived)",
+    "lr": "Adam learning rate of the editor network",
+    "lr_lr": "Adam learning rate of the per-weight edit learning rates",
+    "c_fail": "weight of the edit NLL (paper: 0.1)",
+    "c_loc": "weight of the locality KL",
+    "adapt_per_edit": "rephrasings of each edit in its loss",
+    "patience": "early stop after this many steps without a better val loss",
+    "normalize": "standardise u and delta with running statistics",
+}
+
+# The CPU budget of the SmolLM2 experiments, not the paper's schedule (TrainConfig()): an optimiser
+# update after every edit group (effective_batch 1) at Adam lr 1e-4. On SmolLM2 capitals this reached
+# val fail accuracy 0.42 after 50 steps, where MEND's batch of 10 groups per update reached 0.26 after
+# 100 and 0.32 after 300 steps (30 updates); lr 1e-3, or lr_lr 1e-3, or edit_lr_init 1e-2 made the
+# first updates blow up the KL term (edits then break the pass rows).
+CPU_EDITOR = TrainConfig(
+    editor=EditorConfig(rank=1920, n_hidden=1, edit_lr_init=1e-4), lr=1e-4, lr_lr=1e-4, c_fail=0.1,
+    effective_batch=1, adapt_per_edit=2, max_steps=150, val_every=50, val_groups=32, patience=1000,
+    checkpoint_every=50,
+)
+
+
+def _get(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def editor_values(tc: TrainConfig) -> dict[str, Any]:
+    """The flat `editor` section (EDITOR_KEYS) of a TrainConfig; None is written 0 (ZERO_IS_NONE)."""
+    out = {k: _get(tc, f) for k, f in EDITOR_KEYS.items()}
+    return {k: (0 if k in ZERO_IS_NONE and v is None else v) for k, v in out.items()}
+
+
+def train_config(values: Mapping[str, Any], seed: int, base: TrainConfig = TrainConfig()) -> TrainConfig:
+    """A TrainConfig from a flat `editor` section (any subset of EDITOR_KEYS; the rest from `base`)."""
+    unknown = set(values) - set(EDITOR_KEYS)
+    if unknown:
+        raise KeyError(f"editor: unknown keys {sorted(unknown)}; keys are {sorted(EDITOR_KEYS)}")
+    top, editor = {"seed": seed}, {}
+    for k, v in values.items():
+        v = None if k in ZERO_IS_NONE and v == 0 else v
+        f = EDITOR_KEYS[k]
+        if f.startswith("editor."):
+            editor[f[len("editor.") :]] = v
+        else:
+            top[f] = v
+    return dataclasses.replace(base, editor=dataclasses.replace(base.editor, **editor), **top)
+
+
+# ----------------------------------------------------------------------------- the other sections
+
+PIPELINE_FT = FTConfig(steps=10, lr=1e-3, kl_weight=1.0)  # kl_weight applies to ft_kl only
+
+
+def ft_config(cfg, kl: bool) -> FTConfig:
+    """The FTConfig of method ft (kl=False: no KL term) or ft_kl from `cfg.ft`."""
+    fc = FTConfig(**{f.name: cfg.ft[f.name] for f in dataclasses.fields(FTConfig)})
+    return fc if kl else dataclasses.replace(fc, kl_weight=0.0)
+
+
+def rome_config(cfg) -> ROMEConfig:
+    """ROMEConfig from the pipeline config's `rome` section."""
+    return ROMEConfig(**{f.name: _tuple_if_list(cfg.rome[f.name]) for f in dataclasses.fields(ROMEConfig)})
+
+
+def _tuple_if_list(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+@dataclasses.dataclass(frozen=True)
+class Saliency:
+    """Which layers the edit goes to (paper eq. 2-5). groups: which edit-set groups are profiled (fail is
+    needed for the choice; pass adds the contrast scorer's reference; adapt is reported only); at most
+    max_examples rows each. part: the weights of each layer that are scored and edited (mlp | attention | all)."""
+
+    scorer: str = "salem"
+    top_k: int = 1
+    part: str = "mlp"
+    micro_batch: int = 8
+    max_examples: int = 64
+    select_group: str = "fail"
+    groups: tuple[str, ...] = ("fail", "adapt", "pass")
+
+
+@dataclasses.dataclass(frozen=True)
+class Trace:
+    """Causal tracing (methods causal / rome): up to `facts` train fail rows with the subject in the prompt."""
+
+    facts: int = 8
+    n_noise: int = 10
+    restorations_per_call: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Rome:
+    """Method rome: layer '' = the causal-traced one; covariance held_out = key statistics of the held-out
+    texts (eval.text), identity = none; `edit` = ROMEConfig (ROME's GPT-2 XL values), flattened into the
+    section."""
+
+    layer: str = ""
+    covariance: str = "held_out"
+    edit: ROMEConfig = ROMEConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class Eval:
+    """The evaluation: at most max_edits val fail rows edited one at a time, max_pass pass rows for the
+    drawdown, held-out text perplexity for the first ppl_edits edits. keep: a held-out keep set
+    (salem_jax.eval.keep): '' = none; "countries:REL,REL" = those relations of the country data; else a
+    data name/path read with keep_format ('' = format); up to max_keep rows the base model gets right."""
+
+    max_edits: int = 20
+    max_pass: int = 48
+    ppl_edits: int = 5
+    text: str = "wikitext"
+    n_texts: int = 8
+    text_window: int = 128
+    batch_size: int = 8
+    keep: str = ""
+    keep_format: str = ""
+    max_keep: int = 48
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+    """The whole pipeline (salem_jax.pipeline.run_pipeline).
+
+    model: a load_model name/path, or "tiny-ARCH" (gpt2, gpt_neo, t5, bart, bert, llama).
+    data: "countries", a known data-file name (zsre, counterfact, ...) or a path; format: the reader
+    (countries | zsre | counterfact | fever | nli | text); relation: countries only; mode: correction |
+    counterfactual; limit: records to read (0 = all); data_dir: '' = SALEM_JAX_DATA or ../shared/data;
+    skip_invalid: records too long for the model are skipped (and counted) instead of an error.
+    mesh_model: 0 = the model replicated on every device, the editor step data parallel (1-D mesh);
+    N >= 1 = the model's weights sharded over a (data, N) mesh (salem_jax.sharding).
+    fixed_layers: mend_fixed edits the last N blocks."""
+
+    name: str = "salem"
+    model: str = "smollm2-135m"
+    dtype: str = "float32"
+    data: str = "countries"
+    format: str = "countries"
+    relation: str = "capital"
+    mode: str = "correction"
+    limit: int = 0
+    data_dir: str = ""
+    seed: int = 0
+    val_fraction: float = 0.1
+    score_batch: int = 16
+    skip_invalid: bool = False
+    saliency: Saliency = Saliency()
+    editor: TrainConfig = CPU_EDITOR
+    methods: tuple[str, ...] = ("salem",)
+    mesh_model: int = 0
+    fixed_layers: int = 3
+    ft: FTConfig = PIPELINE_FT
+    trace: Trace = Trace()
+    rome: Rome = Rome()
+    eval: Eval = Eval()
+    progress: bool = True
+
+
+def _section(value) -> dict[str, Any]:
+    if isinstance(value, TrainConfig):
+        return editor_values(value)
+    if isinstance(value, Rome):
+        return dict(layer=value.layer, covariance=value.covariance, **dataclasses.asdict(value.edit))
+    return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+
+
+def to_config_dict(p: Pipeline = Pipeline()) -> ml_collections.ConfigDict:
+    """The ConfigDict every experiment edits: the fields of `p`, each section a nested ConfigDict."""
+    c = ml_collections.ConfigDict()
+    for f in dataclasses.fields(p):
+        v = getattr(p, f.name)
+        c[f.name] = ml_collections.ConfigDict(_section(v)) if dataclasses.is_dataclass(v) else v
+    return c
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The pipeline's defaults (`Pipeline()`) as a ConfigDict."""
+    return to_config_dict(Pipeline())

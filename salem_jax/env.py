@@ -1,0 +1,47 @@
+"""The environment variables salem_jax reads, all read here (so a reader of the code finds every one).
+
+SALEM_JAX_DATA    the data directory (salem_jax.data.paths.data_dir)
+SALEM_JAX_CACHE   the cache of fetched data files and converted GGUF models (~/.cache/salem_jax)
+HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, HF_ENDPOINT   Hugging Face hub access (salem_jax.models.loading)
+the launcher's variables (TPU_WORKER_HOSTNAMES, ...)  whether this is a multi-process job
+                                                     (salem_jax.parallel.initialize_distributed)
+
+Each function reads the variable when called (tests set them with monkeypatch.setenv).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DATA = "SALEM_JAX_DATA"
+CACHE = "SALEM_JAX_CACHE"
+HF_OFFLINE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+HF_ENDPOINT = "HF_ENDPOINT"
+
+
+def data_dir() -> str | None:
+    """$SALEM_JAX_DATA, or None when unset or empty."""
+    return os.environ.get(DATA) or None
+
+
+def cache_root() -> Path:
+    """$SALEM_JAX_CACHE if set, else ~/.cache/salem_jax."""
+    value = os.environ.get(CACHE)
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "salem_jax"
+
+
+def hf_offline() -> bool:
+    """Whether $HF_HUB_OFFLINE or $TRANSFORMERS_OFFLINE asks for no hub access (1 / on / yes / true)."""
+    value = next((os.environ[k] for k in HF_OFFLINE if os.environ.get(k)), "")
+    return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def hf_endpoint(default: str) -> str:
+    """$HF_ENDPOINT, else `default` (huggingface_hub's), without a trailing slash."""
+    return os.environ.get(HF_ENDPOINT, default).rstrip("/")
+
+
+def process_env() -> dict[str, str]:
+    """A copy of the whole environment (the launcher's variables that say how many processes run)."""
+    return dict(os.environ)

@@ -1,0 +1,109 @@
+"""MEND-style learned editors on chosen layers: `salem`, `salem3`, `mend_fixed` and `causal`.
+
+The four differ only in how they choose the layers (`Method.layers`):
+- salem: the saliency profile's chosen layer(s) (config.saliency.top_k; the SaLEM paper);
+- salem3: the profile's three most salient layers;
+- mend_fixed: the last config.fixed_layers blocks (MEND's own choice);
+- causal: the layer ROME's causal tracing of the train fail rows chooses.
+Each trains (or resumes) an editor on the `config.saliency.part` weights of its layers in
+workdir/editor_NAME and edits with the checkpoint of the lowest validation loss.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from salem_jax import config
+from salem_jax.mend.apply import TrainedEditor, apply_edits, load_editor
+from salem_jax.mend.train import TrainConfig, train_editor
+from salem_jax.methods.registry import Context, Method, Prepared
+from salem_jax.methods.rows import target
+
+
+def train_config(cfg) -> TrainConfig:
+    """The editor's TrainConfig from the pipeline config's `editor` section (salem_jax.config)."""
+    return config.train_config(cfg.editor.to_dict(), seed=cfg.seed)
+
+
+def train_mend(model, data, layers: tuple[str, ...], cfg, workdir: Path, mesh=None):
+    """Train (or resume) a MEND editor on the `cfg.saliency.part` weights of `layers`;
+    returns (TrainedEditor, TrainResult).
+
+    The editor returned is the checkpoint with the lowest validation loss (MEND's protocol, and
+    `salem edit`'s default), not necessarily the last step: `editor.step` says which.
+    mesh: None = all devices on a 1-D data mesh; a `sharding.make_mesh` mesh when the model's
+    parameters are sharded on it (`cfg.mesh_model`)."""
+    weights = model.layers.weights(list(layers), part=cfg.saliency.part)
+    result = train_editor(model, data, weights, train_config(cfg), workdir, mesh=mesh, progress=cfg.progress)
+    if result.best_step is not None and result.best_step != result.step:
+        return load_editor(workdir, model, step=int(result.best_step)), result
+    editor = TrainedEditor(
+        spec=result.spec, params=result.params, state=result.norm, model_name=model.name, step=result.step
+    )
+    return editor, result
+
+
+def mend_edit_fn(model, editor: TrainedEditor):
+    """edit(params, rows) -> params: one combined MEND edit of `rows` on `params`."""
+
+    def edit(params, rows):
+        reqs = [dict(prompt=r["prompt"], target=target(model, r), text_pair=r.get("text_pair", "")) for r in rows]
+        return apply_edits(model, editor, reqs, params=params, progress=False)
+
+    return edit
+
+
+def prepare_mend(ctx: Context, layers: tuple[str, ...], name: str) -> Prepared:
+    t = time.perf_counter()
+    ctx.say(f"{name}: training a MEND editor on {', '.join(layers)}")
+    editor, tr = train_mend(ctx.model, ctx.data, layers, ctx.cfg, ctx.work / f"editor_{name}", mesh=ctx.mesh)
+    info: dict[str, Any] = dict(
+        layers=list(layers), steps=tr.step, evaluated_step=editor.step, best_step=tr.best_step,
+        best_val_loss=tr.best_val_loss, stopped_early=tr.stopped_early, last_val=tr.last_val,
+        recompiles=tr.recompiles, seconds=time.perf_counter() - t,
+    )
+    return Prepared(edit=mend_edit_fn(ctx.model, editor), info=info)
+
+
+def top_salient(ctx: Context, n: int) -> tuple[str, ...]:
+    """The n layers of highest score in the saliency profile's selection group."""
+    p = ctx.profile
+    order = np.argsort(-np.asarray(p.scores[p.select_group]))
+    return tuple(p.layers[i] for i in order[:n])
+
+
+def _prepare_causal(ctx: Context, layers: tuple[str, ...]) -> Prepared:
+    prepared = prepare_mend(ctx, layers, "causal")
+    prepared.info["trace"] = ctx.trace_info
+    return prepared
+
+
+ALL_KINDS = frozenset({"causal", "seq2seq", "classifier"})
+
+SALEM = Method(
+    name="salem", summary="MEND editor on the saliency profile's chosen layer(s)", supports=ALL_KINDS,
+    layers=lambda ctx: tuple(ctx.profile.chosen),
+    prepare=lambda ctx, layers: prepare_mend(ctx, layers, "salem"),
+)
+SALEM3 = Method(
+    name="salem3", summary="MEND editor on the three most salient layers", supports=ALL_KINDS,
+    layers=lambda ctx: top_salient(ctx, 3),
+    prepare=lambda ctx, layers: prepare_mend(ctx, layers, "salem3"),
+)
+MEND_FIXED = Method(
+    name="mend_fixed", summary="MEND editor on the last config.fixed_layers blocks", supports=ALL_KINDS,
+    layers=lambda ctx: tuple(ctx.model.layers.names()[-ctx.cfg.fixed_layers :]),
+    prepare=lambda ctx, layers: prepare_mend(ctx, layers, "mend_fixed"),
+)
+CAUSAL = Method(
+    name="causal", summary="MEND editor on the causal-traced layer", supports=frozenset({"causal", "seq2seq"}),
+    unsupported="it chooses its layer by causal tracing, which needs a generated answer (causal LMs, "
+    "encoder blocks of seq2seq models)",
+    layers=lambda ctx: (ctx.traced_layer,),
+    prepare=_prepare_causal,
+    needs_trace=lambda cfg: True,
+)
