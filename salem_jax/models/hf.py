@@ -414,6 +414,8 @@ def _tiny_bert_tokenizer():
         single="<s> $A </s>", pair="<s> $A </s> $B:1 </s>:1", special_tokens=[("<s>", 2), ("</s>", 3)]
     )
     tok.cls_token, tok.sep_token = "<s>", "</s>"
+    # transformers 5 returns token_type_ids only when the tokenizer lists them
+    tok.model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
     return tok
 
 
