@@ -279,6 +279,8 @@ def to_torch(model: LoadedModel, params=None):
             f"{model.name}: PyTorch {ARCHS[model.arch].torch_class} does not match our parameters: "
             f"missing {bad_missing[:5]}, unexpected {list(result.unexpected_keys)[:5]}"
         )
+    if tied:  # transformers 4 builds T5 with a separate lm_head until tie_weights() runs
+        pt.tie_weights()
     return pt
 
 
