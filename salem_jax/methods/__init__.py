@@ -1,14 +1,14 @@
 """Editing methods the pipeline can run, by name (config.methods): see `registry` for the
 `Method` value and the README's "Adding a method".
 
-Built in: salem, salem3, mend_fixed (`mend`), ft, ft_kl (`finetune`), causal (`mend`) and rome
-(`rome`). A new method is one module defining a `Method` plus one entry in `BUILTIN` (or a
-`register(method)` call from your own code, e.g. a test)."""
+Built in: salem, salem3, mend_fixed (`mend`), ft, ft_kl (`finetune`), causal (`mend`), rome
+(`rome`), ke and enn (`meta`; classifiers). A new method is one module defining a `Method` plus one
+entry in `BUILTIN` (or a `register(method)` call from your own code, e.g. a test)."""
 
-from salem_jax.methods import finetune, mend, rome
+from salem_jax.methods import finetune, mend, meta, rome
 from salem_jax.methods.registry import KINDS, Context, Method, Prepared, get, names, register, unregister
 
-BUILTIN = (mend.SALEM, mend.SALEM3, mend.MEND_FIXED, finetune.FT, finetune.FT_KL, mend.CAUSAL, rome.ROME)
+BUILTIN = (mend.SALEM, mend.SALEM3, mend.MEND_FIXED, finetune.FT, finetune.FT_KL, mend.CAUSAL, rome.ROME, meta.KE, meta.ENN)
 for _method in BUILTIN:
     register(_method)
 del _method
