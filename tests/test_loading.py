@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import types
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -329,8 +330,9 @@ def test_save_model_opens_in_pytorch(tiny, case, tmp_path):
     pos = real_positions(m, b)
     np.testing.assert_allclose(ours[pos], torch_logits(pt, m, b)[pos], atol=1e-4, rtol=0)
     assert load_model(path).extra["weights"] == "model.safetensors"  # PyTorch layout, read back
-    with pytest.raises(ValueError, match="torch_weights=False is not supported"):
-        save_model(m, m.params, tmp_path / "m2", torch_weights=False)
+    # torch_weights (earlier API) no longer changes the format: the same file either way
+    other = save_model(m, m.params, tmp_path / "m2", torch_weights=False)
+    assert sorted(p.name for p in Path(other).glob("*.safetensors")) == ["model.safetensors"]
 
 
 # --------------------------------------------------------------------------- llama / gguf dispatch

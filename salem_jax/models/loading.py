@@ -536,22 +536,22 @@ def _record_tying(config_json: Path, tied: bool) -> None:
         config_json.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
 
 
-def save_model(model: LoadedModel, params: Any, out_dir: str | os.PathLike, *, torch_weights: bool = True) -> str:
+def save_model(
+    model: LoadedModel, params: Any, out_dir: str | os.PathLike, *, torch_weights: bool | None = None
+) -> str:
     """Write `params` as a model folder that `load_model` (and transformers) open; returns its path.
 
     HF architectures: config.json (with `architectures` naming the PyTorch class), the weights as
     PyTorch-layout float32 model.safetensors (`AutoModel...from_pretrained(out_dir)` opens them;
-    writing needs no torch) and the tokenizer files. `torch_weights` is kept for callers of the
-    earlier API, where it added PyTorch weights beside Flax ones; PyTorch weights are now the
-    only format written, and `torch_weights=False` is an error. Llama models are written by
+    writing needs no torch) and the tokenizer files. `torch_weights` is accepted for callers of
+    the earlier API (where True added PyTorch weights beside Flax ones, which needed torch) and
+    has no effect: PyTorch-layout safetensors are now the only format written, with or without torch. Llama models are written by
     `salem_jax.models.llama.save_llama_folder`. The folder appears complete or not at all.
     """
     import copy
 
     from safetensors.numpy import save_file
 
-    if not torch_weights:
-        raise ValueError("save_model writes PyTorch-layout model.safetensors only; torch_weights=False is not supported")
     out = Path(out_dir).expanduser().absolute()
     check_save_target(out)
     if model.arch == "llama":
