@@ -12,7 +12,9 @@ fail/adapt/pass edit set on the fly (--mode correction|counterfactual).
 Methods: `saliency` (SaLEM, paper section 3.2; --scorer salem|grad_x_weight|mean_sq|
 abs_mean_grad|contrast|lga), `lga` (= saliency with --scorer lga), `causal-trace` (ROME's
 causal tracing of hidden states on the fail rows; costly: use --limit), `sweep` (fine-tune
-each layer alone and rank by edit/rephrase accuracy within a drawdown budget; costly).
+each layer alone and rank by edit/rephrase accuracy within a drawdown budget; costly),
+`editability` (one untrained MEND step per layer and probe edit: share of edits fixed minus
+spill onto pass rows; salem_jax.locate.editability; --probe-lrs, --probes, --warm).
 
 Writes DIR/profile.json (per-layer scores per group, chosen layers, wall time, examples used)
 and DIR/profile.png (bar chart, chosen layers in red).
@@ -59,6 +61,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--lrs", default="3e-4,1e-3", help="sweep: comma-separated Adam learning rates")
     p.add_argument("--steps", type=int, default=10, help="sweep: Adam steps per layer")
     p.add_argument("--budget", type=float, default=0.1, help="sweep: drawdown budget (1 - locality)")
+    p.add_argument("--probe-lrs", default="1e-4,3e-4,1e-3", help="editability: comma-separated edit learning rates")
+    p.add_argument("--probes", type=int, default=16, help="editability: fail rows edited one at a time")
+    p.add_argument("--warm", type=int, default=30, help="editability: fail rows that fill the statistics first")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32")
@@ -124,6 +129,7 @@ def subjects_from_source(info: dict) -> dict[str, str]:
 def locate_config(args):
     """The salem_jax.locate.choose.LocateConfig the flags describe."""
     from salem_jax.locate.choose import LocateConfig  # jax: `salem --help` does not need it
+    from salem_jax.locate.editability import EditabilityConfig
 
     return LocateConfig(
         scorer=args.scorer, part=args.part, top_k=args.top_k,
@@ -132,6 +138,8 @@ def locate_config(args):
         restorations_per_call=args.restorations_per_call,
         learning_rates=tuple(float(x) for x in args.lrs.split(",") if x.strip()), steps=args.steps,
         drawdown_budget=args.budget,
+        probe=EditabilityConfig(lrs=tuple(float(x) for x in args.probe_lrs.split(",") if x.strip()),
+                                probes=args.probes, warm=args.warm),
     )
 
 
