@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ast
 import os
+import sys
 from typing import Callable
 
 import ml_collections
@@ -80,12 +81,24 @@ def parse(get_config: Callable[[bool], ml_collections.ConfigDict], argv: list[st
 
 def main_for(name: str, get_config: Callable[[bool], ml_collections.ConfigDict], argv: list[str] | None = None) -> int:
     """Parse the command line, run the SaLEM pipeline, return an exit code."""
+    import jax
+
+    from salem_jax.errors import is_expected, one_line
     from salem_jax.parallel import initialize_distributed
     from salem_jax.pipeline import run_pipeline
+    from salem_jax.runlock import RunLock
 
     initialize_distributed()
     cfg, workdir = parse(get_config, argv, name)
-    run_pipeline(cfg, workdir)
+    try:
+        # one run per workdir (taken by the first process of a pod; the others share its run)
+        with RunLock(workdir, command=f"experiments.{name}", enabled=jax.process_index() == 0):
+            run_pipeline(cfg, workdir)
+    except Exception as e:  # noqa: BLE001 - expected errors become one line, the rest re-raised
+        if not is_expected(e):
+            raise
+        print(f"experiments.{name}: error: {one_line(e)}", file=sys.stderr)
+        return 2
     return 0
 
 

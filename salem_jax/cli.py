@@ -1,6 +1,9 @@
 """The `salem` command: one subcommand per job, each defined in salem_jax/commands/NAME.py.
 
-Every command module exposes `add_parser(subparsers)` and `run(args) -> int`.
+Every command module exposes `add_parser(subparsers)` and `run(args) -> int`. A command raises
+on bad input (`salem_jax.errors.UserError`, or the ValueError / KeyError / file errors of input
+checks) and `main` prints it as one line, `salem <command>: error: ...`, with exit code 2;
+unexpected errors keep their traceback (see salem_jax/errors.py).
 """
 
 from __future__ import annotations
@@ -8,6 +11,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from salem_jax.errors import UserError, is_expected, one_line
+
+__all__ = ["COMMANDS", "UserError", "build_parser", "main", "run_command"]
 
 # (subcommand module, in the order `salem --help` lists them)
 COMMANDS = ("dataset", "locate", "train_editor", "edit")
@@ -34,7 +41,19 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
-    return int(args.run(args) or 0)
+    return run_command(args.run, args)
+
+
+def run_command(run, args) -> int:
+    """`run(args)`, with an expected error printed as `salem <command>: error: <one line>` and
+    exit code 2; other errors propagate with their traceback."""
+    try:
+        return int(run(args) or 0)
+    except Exception as e:  # noqa: BLE001 - expected errors become one line, the rest re-raised
+        if not is_expected(e):
+            raise
+        print(f"salem {args.command}: error: {one_line(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

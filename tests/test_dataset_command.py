@@ -10,9 +10,15 @@ import time
 
 import pytest
 
+from salem_jax.cli import run_command
 from salem_jax.commands import dataset as cmd
 from salem_jax.data import load_edit_set, paths
 from salem_jax.models import hf
+
+
+def checked(args) -> int:
+    """The command as `salem` runs it: expected errors become one line and exit code 2."""
+    return run_command(cmd.run, args)
 
 
 def parse(argv):
@@ -71,7 +77,7 @@ def test_dataset_command_writes_edit_set(tmp_path, fake_loader, capsys):
     assert fake_loader == [("tiny", "float32", None)]
     assert es.info["prompt_template"] is None
     # The same command again refuses to overwrite; --overwrite replaces.
-    assert cmd.run(args) == 2
+    assert checked(args) == 2
     assert "already holds an edit set" in capsys.readouterr().err
     args.overwrite = True
     assert cmd.run(args) == 0
@@ -82,7 +88,7 @@ def test_bad_record_fails_with_its_name_or_is_skipped(tmp_path, fake_loader, cap
     data.write_text(json.dumps(zsre_rows(6, bad=(3,))))
     argv = ["dataset", "--model", "tiny", "--data", str(data), "--format", "zsre", "--out", str(tmp_path / "es"),
             "--no-progress"]
-    assert cmd.run(parse(argv)) == 2
+    assert checked(parse(argv)) == 2
     assert f"{data}: record 3: field 'src': empty" in capsys.readouterr().err
     assert not (tmp_path / "es").exists()
     assert cmd.run(parse(argv + ["--skip-invalid", "--prompt-template", "question {}\\nanswer"])) == 0
@@ -114,7 +120,7 @@ def test_countries_and_classification(tmp_path, fake_loader, capsys):
     assert fake_loader[-1] == ("tiny-bert", "float32", 2)  # the label set sized the head
     es = load_edit_set(tmp_path / "n")
     assert es.info["label_names"] == ["entailment", "not_entailment"] and es.info["flip_probability"] == 0.5
-    assert cmd.run(parse(["dataset", "--model", "m", "--data", str(nli), "--format", "classification",
+    assert checked(parse(["dataset", "--model", "m", "--data", str(nli), "--format", "classification",
                           "--out", str(tmp_path / "x")])) == 2
     assert "needs --labels" in capsys.readouterr().err
 
@@ -128,9 +134,9 @@ def test_known_names_resolve_in_the_data_dir(tmp_path, fake_loader, capsys, monk
     assert load_edit_set(tmp_path / "es").info["records"]["total"] == 3
     args = parse(["dataset", "--model", "tiny", "--data", "counterfact", "--data-dir", str(tmp_path / "data"),
                   "--out", str(tmp_path / "es2")])
-    assert cmd.run(args) == 2
+    assert checked(args) == 2
     assert "counterfact_hf_test_part1.json not found in the data directory" in capsys.readouterr().err
-    assert cmd.run(parse(["dataset", "--model", "m", "--data", str(tmp_path / "f.json"), "--out", "o"])) == 2
+    assert checked(parse(["dataset", "--model", "m", "--data", str(tmp_path / "f.json"), "--out", "o"])) == 2
     assert "--format is needed" in capsys.readouterr().err
 
 

@@ -211,7 +211,7 @@ def test_record_longer_than_context_is_named(gpt2):
     # The prompt is fine; the rephrase is the one too long, so it is scored only if the prompt
     # fails. Length is checked for every candidate row before scoring.
     assert "/data/fx.json" in msg and "record 7" in msg and "'rephrases[0]'" in msg
-    assert "longer than the model's context (64)" in msg
+    assert "more than the model's context (64 tokens)" in msg
     es = build_edit_set(gpt2, recs + [bad], "correction", batch_size=4, progress=False, skip_invalid=True)
     assert [s.record for s in es.skipped] == ["7"] and es.skipped[0].field == "rephrases[0]"
     assert es.info["records"]["total"] == 3 and es.info["skipped"] == 1

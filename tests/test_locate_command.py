@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from salem_jax.cli import run_command
 from salem_jax.commands import locate as L
 from salem_jax.models import hf, load_model, save_model
 
@@ -36,6 +37,11 @@ def setup(tmp_path_factory):
     data = d / "zsre.json"
     data.write_text(json.dumps(zsre_records()))
     return d, str(model_dir), str(data)
+
+
+def checked(args) -> int:
+    """The command as `salem` runs it: expected errors become one line and exit code 2."""
+    return run_command(L.run, args)
 
 
 def parse(argv):
@@ -89,8 +95,17 @@ def test_edit_set_folder_sweep_and_trace(setup):
 
 def test_bad_input_is_a_clear_error(setup, capsys):
     d, model_dir, data = setup
-    assert L.run(parse(["--model", model_dir, "--data", str(d / "missing.json"), "--format", "zsre", "--out", str(d / "x")])) == 2
+    assert checked(parse(["--model", model_dir, "--data", str(d / "missing.json"), "--format", "zsre", "--out", str(d / "x")])) == 2
     assert "missing.json" in capsys.readouterr().err
-    assert L.run(parse(["--model", model_dir, "--data", data, "--format", "zsre", "--layers", "h.0,h.9",
+    assert checked(parse(["--model", model_dir, "--data", data, "--format", "zsre", "--layers", "h.0,h.9",
                         "--split", "all", "--out", str(d / "y"), "--no-progress"])) == 2
     assert "unknown layer 'h.9'" in capsys.readouterr().err
+    # --top-k above the number of layers: refused after loading the model, before any scoring
+    assert checked(parse(["--model", model_dir, "--data", data, "--format", "zsre", "--top-k", "5",
+                          "--out", str(d / "z"), "--no-progress"])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "salem locate: error: --top-k 5: model 'model' has 2 layers to choose from; use 1..2"
+    assert not (d / "z").exists()
+    (d / "afile").write_text("x")
+    assert checked(parse(["--model", model_dir, "--data", data, "--format", "zsre", "--out", str(d / "afile")])) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err

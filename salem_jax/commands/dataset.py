@@ -18,6 +18,7 @@ import sys
 from salem_jax.data import paths
 from salem_jax.data.spec import FORMATS as ALL_FORMATS
 from salem_jax.data.spec import DataSpec, read_records
+from salem_jax.data.tokenize import DEFAULT_MAX_TOKENS, DEFAULT_TOKEN_BUDGET
 
 
 def add_parser(subparsers) -> None:
@@ -35,7 +36,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--limit", type=int, default=None, help="read only the first N records")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (and of label flips)")
     p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="rows per scoring batch (fewer for long rows: --token-budget)")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help="longest prompt + target in tokens (also capped by the model's context); longer records are "
+                   "errors (or skipped with --skip-invalid)")
+    p.add_argument("--token-budget", type=int, default=DEFAULT_TOKEN_BUDGET,
+                   help="at most this many padded tokens per scoring batch (bounds memory)")
     p.add_argument("--skip-invalid", action="store_true", help="skip bad records and write skipped.jsonl instead of failing")
     p.add_argument("--data-dir", default=None, help=f"data directory (default ${paths.ENV_DATA} or ../shared/data)")
     p.add_argument("--relation", default="capital", help="countries: capital, region, currency, languages or all")
@@ -101,35 +107,38 @@ def _template(args) -> str | None:
 def run(args) -> int:
     if getattr(args, "command", "dataset") == "fetch-data":
         return _run_fetch(args)
-    from salem_jax.data.edit_set import build_edit_set, save_edit_set
-    from salem_jax.data.records import RecordError, with_template
+    from salem_jax.data.edit_set import build_edit_set, check_out_dir, missing_groups, save_edit_set
+    from salem_jax.data.records import with_template
 
-    try:
-        fmt, records = read_records(data_spec(args))
-        template = _template(args)
-        if template is not None:
-            records = with_template(records, template)
-        print(f"read {records.summary()}", file=sys.stderr)
-        labels = records[0].labels if records else ()
-        model = _load_model(args.model, dtype=args.dtype, num_labels=len(labels) if labels else None)
-        es = build_edit_set(
-            model, records, mode=args.mode, seed=args.seed, val_fraction=args.val_fraction,
-            batch_size=args.batch_size, progress=not args.no_progress, skip_invalid=args.skip_invalid,
-            flip_probability=args.flip_probability,
-        )
-        es.info["format"] = fmt
-        es.info["prompt_template"] = template
-        es.info["command"] = " ".join(sys.argv) if sys.argv else ""
-        if fmt == "countries":
-            from salem_jax.data.countries import country_fact_counts
+    check_out_dir(args.out, overwrite=args.overwrite)  # before the model is loaded and every record scored
+    fmt, records = read_records(data_spec(args))
+    template = _template(args)
+    if template is not None:
+        records = with_template(records, template)
+    print(f"read {records.summary()}", file=sys.stderr)
+    labels = records[0].labels if records else ()
+    model = _load_model(args.model, dtype=args.dtype, num_labels=len(labels) if labels else None)
+    es = build_edit_set(
+        model, records, mode=args.mode, seed=args.seed, val_fraction=args.val_fraction,
+        batch_size=args.batch_size, progress=not args.no_progress, skip_invalid=args.skip_invalid,
+        flip_probability=args.flip_probability, max_tokens=args.max_tokens, token_budget=args.token_budget,
+    )
+    es.info["format"] = fmt
+    es.info["prompt_template"] = template
+    es.info["command"] = " ".join(sys.argv) if sys.argv else ""
+    if fmt == "countries":
+        from salem_jax.data.countries import country_fact_counts
 
-            es.info["relation"] = args.relation
-            es.info["country_facts"] = country_fact_counts(records)
-        out = save_edit_set(es, args.out, overwrite=args.overwrite)
-    except (RecordError, paths.DataNotFoundError, FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
-        print(f"salem dataset: error: {e}", file=sys.stderr)
-        return 2
+        es.info["relation"] = args.relation
+        es.info["country_facts"] = country_fact_counts(records)
+    out = save_edit_set(es, args.out, overwrite=args.overwrite)
     print(es.summary())
+    for split, groups in missing_groups(es.info["counts"]).items():
+        print(
+            f"warning: split {split!r} has no {' and no '.join(repr(g) for g in groups)} rows; `salem train-editor` "
+            f"needs fail and pass rows in both splits: use more records (--limit) or a larger --val-fraction",
+            file=sys.stderr,
+        )
     print(f"wrote {out}" + (f" (skip report: {out}/skipped.jsonl)" if es.skipped else ""))
     return 0
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from salem_jax.data.tokenize import DEFAULT_MAX_TOKENS
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -39,6 +41,8 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--keep", default=None,
                    help="JSON-lines file of {prompt, target} facts that must not change: scored before and after (drawdown)")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help="longest prompt + target in tokens (also capped by the model's context); a longer request is an error")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -59,22 +63,42 @@ def run(args) -> int:
 
     parallel.initialize_distributed()
 
-    from salem_jax.mend.apply import apply_edits, encode_requests, load_editor, read_requests, save_edited
-    from salem_jax.models import load_model
+    from salem_jax.mend.apply import (
+        apply_edits,
+        check_editor_dir,
+        check_finite,
+        encode_requests,
+        load_editor,
+        read_requests,
+        save_edited,
+    )
+    from salem_jax.models import check_save_target, load_model
 
-    step = args.step if args.step in ("best", "latest") else int(args.step)
+    if args.step in ("best", "latest"):
+        step = args.step
+    elif args.step.isdigit():
+        step = int(args.step)
+    else:
+        raise ValueError(f"--step {args.step!r}: expected best, latest or a step number")
+    # everything that can be checked without the model, before loading it
     requests = read_requests(args.requests)
+    keep = read_requests(args.keep) if args.keep else None
+    check_save_target(args.out)
+    check_editor_dir(args.editor)
     model = load_model(args.model, dtype=args.dtype, num_labels=args.num_labels)
+    # lengths (and labels) of every request before any edit is computed
+    batch = encode_requests(model, requests, where=args.requests, max_tokens=args.max_tokens)
+    kb = encode_requests(model, keep, where=args.keep, max_tokens=args.max_tokens) if keep else None
     editor = load_editor(args.editor, model, step=step, check_name=not args.allow_other_model)
     params = apply_edits(model, editor, requests, mode=args.mode, progress=not args.no_progress)
-    batch = encode_requests(model, requests, where=args.requests)
+    check_finite(params)  # a diverged edit is reported before any result (save_edited refuses it too)
     before, after = _correct(model, model.params, batch), _correct(model, params, batch)
     # rephrasings: one batch of (rephrase, target) rows, scored on the base and the edited model
     owner = [i for i, r in enumerate(requests) for _ in r.get("rephrases", [])]
     reph_before = reph_after = np.zeros(0, bool)
     if owner:
         rows = [{"prompt": p, "target": r["target"]} for r in requests for p in r.get("rephrases", [])]
-        rb = encode_requests(model, rows, where=f"{args.requests} (rephrases)")
+        rb = encode_requests(model, rows, where=f"{args.requests} (rephrases)", max_tokens=args.max_tokens)
         reph_before, reph_after = _correct(model, model.params, rb), _correct(model, params, rb)
     owner = np.asarray(owner, int)
     for i, (r, b, a) in enumerate(zip(requests, before, after)):
@@ -88,9 +112,7 @@ def run(args) -> int:
     print(f"{int(after.sum())}/{len(requests)} requests right after editing ({int(before.sum())} before); edited model in {out}")
     if owner.size:
         print(f"{int(reph_after.sum())}/{owner.size} rephrasings right after editing ({int(reph_before.sum())} before)")
-    if args.keep:
-        keep = read_requests(args.keep)
-        kb = encode_requests(model, keep, where=args.keep)
+    if keep:
         keep_before, keep_after = _correct(model, model.params, kb), _correct(model, params, kb)
         print(f"{int(keep_after.sum())}/{len(keep)} keep facts right after editing ({int(keep_before.sum())} before): "
               f"drawdown {(keep_before.sum() - keep_after.sum()) / len(keep):.3f}")

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from salem_jax.data.spec import DataSpec, read_records
+from salem_jax.data.tokenize import DEFAULT_MAX_TOKENS
 from salem_jax.locate import METHODS
 
 SCORERS = ("salem", "grad_x_weight", "mean_sq", "abs_mean_grad", "contrast", "lga")
@@ -83,6 +84,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--data-dir", default=None, help="data directory (default $SALEM_JAX_DATA or ../shared/data)")
     p.add_argument("--relation", default="capital", help="countries: capital, region, currency, languages or all")
     p.add_argument("--skip-invalid", action="store_true", help="skip bad records instead of failing")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help="a data file's longest prompt + target in tokens (also capped by the model's context)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -104,7 +107,8 @@ def edit_rows(model, args, progress: bool) -> tuple[list[dict], dict, dict[str, 
         spec = DataSpec(data=args.data, format=args.format, relation=args.relation, limit=args.limit, seed=args.seed,
                         data_dir=args.data_dir, skip_invalid=args.skip_invalid)
         fmt, records = read_records(spec)
-        es = build_edit_set(model, records, mode=args.mode, seed=args.seed, progress=progress, skip_invalid=args.skip_invalid)
+        es = build_edit_set(model, records, mode=args.mode, seed=args.seed, progress=progress, skip_invalid=args.skip_invalid,
+                            max_tokens=getattr(args, "max_tokens", None))
         es.info["format"] = fmt
         subjects = {r.id: r.subject for r in records}
     splits = ("train", "val") if args.split == "all" else (args.split,)
@@ -216,38 +220,40 @@ def run_mend_sweep(args) -> int:
     return 0
 
 
+def check_top_k(top_k: int, n_layers: int, what: str = "the model") -> None:
+    """--top-k must name between 1 and the number of layers scored."""
+    if not 1 <= top_k <= n_layers:
+        raise ValueError(f"--top-k {top_k}: {what} has {n_layers} layers to choose from; use 1..{n_layers}")
+
+
 def run(args) -> int:
     if args.method == "mend-sweep":
-        try:
-            return run_mend_sweep(args)
-        except (FileNotFoundError, ValueError, KeyError) as e:
-            print(f"salem locate: error: {e}", file=sys.stderr)
-            return 2
-    from salem_jax.data.records import RecordError
+        return run_mend_sweep(args)
     from salem_jax.locate.plot import plot_profile
 
     progress = not args.no_progress
     t0 = time.perf_counter()
-    try:
-        if args.top_k < 1:
-            raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
-        from salem_jax.models import load_model
-
-        model = load_model(args.model, dtype=args.dtype)
-        rows, info, subjects = edit_rows(model, args, progress)
-        t1 = time.perf_counter()
-        if args.method == "causal-trace" and subjects is None:
-            subjects = subjects_from_source(info)
-        from salem_jax.locate.choose import locate  # jax: `salem --help` does not need it
-
-        prof = locate(model, rows, args.method, locate_config(args), subjects=subjects, progress=progress)
-        if args.method == "causal-trace" and prof.extra["skipped_rows"]:
-            print(f"causal trace: {len(prof.extra['skipped_rows'])} rows without their subject in the prompt are left out",
-                  file=sys.stderr)
-    except (RecordError, FileNotFoundError, FileExistsError, ValueError, KeyError, NotImplementedError) as e:
-        print(f"salem locate: error: {e}", file=sys.stderr)
-        return 2
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder")
+    from salem_jax.models import load_model
+
+    model = load_model(args.model, dtype=args.dtype)
+    chosen_from = _layers(args)
+    check_top_k(args.top_k, len(chosen_from) if chosen_from else len(model.layers),
+                "--layers" if chosen_from else f"model {model.name!r}")
+    rows, info, subjects = edit_rows(model, args, progress)
+    t1 = time.perf_counter()
+    if args.method == "causal-trace" and subjects is None:
+        subjects = subjects_from_source(info)
+    from salem_jax.locate.choose import locate  # jax: `salem --help` does not need it
+
+    prof = locate(model, rows, args.method, locate_config(args), subjects=subjects, progress=progress)
+    if args.method == "causal-trace" and prof.extra["skipped_rows"]:
+        print(f"causal trace: {len(prof.extra['skipped_rows'])} rows without their subject in the prompt are left out",
+              file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     d = prof.to_dict()
     d["data"] = {"data": args.data, "split": args.split, "mode": info.get("mode"), "format": info.get("format"),

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from salem_jax.commands.locate import SCORERS as SALIENCY_SCORERS
 from salem_jax.config import EDITOR_HELP, EDITOR_KEYS, editor_values, train_config
+from salem_jax.errors import UserError
 from salem_jax.mend.editor import MODES
 from salem_jax.mend.train import TrainConfig
 
@@ -113,14 +114,47 @@ def run(args) -> int:
 
     parallel.initialize_distributed()
 
+    import jax
+
     from salem_jax.data.edit_set import load_edit_set
-    from salem_jax.mend.train import prepare_splits, train_editor
-    from salem_jax.models import load_model
+    from salem_jax.runlock import RunLock
 
     cfg = config_from_args(args)
     workdir = Path(args.workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise FileExistsError(f"--workdir {workdir} is a file, not a folder")
     es = load_edit_set(args.edit_set)
+    check_groups(es, args.edit_set)
+    # one run per workdir (the first process of a pod holds the lock of a shared workdir)
+    with RunLock(workdir, command="salem train-editor", enabled=jax.process_index() == 0):
+        return _train(args, cfg, workdir, es)
+
+
+def check_groups(es, where: str) -> None:
+    """Training needs fail and pass rows in both splits: say which are missing and the fix."""
+    from collections import Counter
+
+    from salem_jax.data.edit_set import SPLITS, missing_groups
+
+    gone = missing_groups({s: Counter(es[s]["group"]) for s in SPLITS})
+    if gone:
+        what = "; ".join(f"split {s!r} has no {' and no '.join(repr(g) for g in gs)} rows" for s, gs in gone.items())
+        raise UserError(
+            f"edit set {where}: {what} (the editor learns from fail rows and keeps pass rows, in train and val): "
+            f"rebuild it with more records (--limit) or a larger --val-fraction"
+        )
+
+
+def _train(args, cfg, workdir: Path, es) -> int:
+    import jax
+
+    from salem_jax import parallel
+    from salem_jax.mend.train import prepare_splits, train_editor
+    from salem_jax.models import load_model
+
     model = load_model(args.model, dtype=args.dtype, num_labels=args.num_labels)
+    if args.layers == "auto" and not 1 <= args.top_k <= len(model.layers):
+        raise UserError(f"--top-k {args.top_k}: model {model.name!r} has {len(model.layers)} layers; use 1..{len(model.layers)}")
     if es.info.get("model") and es.info["model"] != model.name:
         print(
             f"warning: the edit set {args.edit_set} was scored with model {es.info['model']!r}, not {model.name!r}; "
@@ -131,8 +165,6 @@ def run(args) -> int:
     weights = model.layers.weights(names, part=args.part)
     print(f"editing {len(weights)} weights: {', '.join(w.path for w in weights)}", file=sys.stderr)
     data = prepare_splits(model, {"train": es.rows("train"), "val": es.rows("val")}, where=f"edit set {args.edit_set}")
-    import jax
-
     devices = jax.devices()
     if args.devices is not None:
         if not 1 <= args.devices <= len(devices):

@@ -44,7 +44,16 @@ import numpy as np
 
 from salem_jax.data.readers import quiet_datasets
 from salem_jax.data.records import EditRecord, RecordError, Skipped, read_skip_report, write_skip_report
-from salem_jax.data.tokenize import DEFAULT_BUCKETS, bucket_length, encode, pad_rows, target_text
+from salem_jax.data.tokenize import (
+    DEFAULT_BUCKETS,
+    DEFAULT_TOKEN_BUDGET,
+    bucket_length,
+    encode,
+    pad_rows,
+    rows_per_batch,
+    target_text,
+    token_limit,
+)
 
 MODES = ("correction", "counterfactual")
 GROUPS = ("fail", "adapt", "pass")
@@ -148,9 +157,11 @@ def token_ids(tok, text: str, special: bool) -> list[int]:
     return list(tok(text, add_special_tokens=special)["input_ids"])
 
 
-def _shape(model, row: _Row, buckets) -> tuple:
-    """The row's padded shape; raises ValueError if it does not fit the model's context."""
-    tok, kind, max_len = model.tokenizer, model.kind, model.max_length
+def _shape(model, row: _Row, buckets, max_tokens: int | None = None) -> tuple:
+    """The row's padded shape; raises ValueError if it does not fit the model's context (or
+    `max_tokens`). Buckets are capped by the context, as in `tokenize.encode`."""
+    tok, kind, ctx = model.tokenizer, model.kind, int(model.max_length)
+    max_len, limit_text = token_limit(model, max_tokens)
     if kind == "causal":
         p = token_ids(tok, row.prompt, True)
         t = token_ids(tok, target_text(row.target, kind), False)
@@ -160,8 +171,8 @@ def _shape(model, row: _Row, buckets) -> tuple:
             raise ValueError(f"the target {row.target!r} tokenizes to nothing")
         n = len(p) + len(t)
         if n > max_len:
-            raise ValueError(f"prompt + target is {n} tokens, longer than the model's context ({max_len})")
-        return (bucket_length(n, max_len, buckets),)
+            raise ValueError(f"prompt + target is {n} tokens, more than {limit_text}")
+        return (bucket_length(n, ctx, buckets),)
     if kind == "seq2seq":
         p = token_ids(tok, row.prompt, True)
         t = token_ids(tok, row.target, False)
@@ -172,14 +183,14 @@ def _shape(model, row: _Row, buckets) -> tuple:
             t = t + [eos]
         for what, n in (("the prompt", len(p)), ("the target", len(t))):
             if n > max_len:
-                raise ValueError(f"{what} is {n} tokens, longer than the model's context ({max_len})")
-        return (bucket_length(len(p), max_len, buckets), bucket_length(len(t), max_len, buckets))
+                raise ValueError(f"{what} is {n} tokens, more than {limit_text}")
+        return (bucket_length(len(p), ctx, buckets), bucket_length(len(t), ctx, buckets))
     if kind == "classifier":
         enc = tok(row.prompt, row.text_pair, add_special_tokens=True) if row.text_pair else tok(row.prompt, add_special_tokens=True)
         n = len(enc["input_ids"])
         if n > max_len:
-            raise ValueError(f"the text is {n} tokens, longer than the model's context ({max_len})")
-        return (bucket_length(n, max_len, buckets),)
+            raise ValueError(f"the text is {n} tokens, more than {limit_text}")
+        return (bucket_length(n, ctx, buckets),)
     raise ValueError(f"unknown model kind {kind!r}")
 
 
@@ -234,8 +245,16 @@ def _make_scorer(model):
     return jax.jit(score)
 
 
-def _score_rows(model, params, rows: list[_Row], batch_size: int, progress: bool, desc: str, buckets, scorer) -> None:
-    """Fill correct / token_acc / pred of every row, batching rows of one bucket together."""
+def _score_rows(
+    model, params, rows: list[_Row], batch_size: int, progress: bool, desc: str, buckets, scorer,
+    token_budget: int | None = DEFAULT_TOKEN_BUDGET,
+) -> None:
+    """Fill correct / token_acc / pred of every row, batching rows of one bucket together.
+
+    A bucket of L padded tokens per row (seq2seq: source + target) is scored in batches of
+    `tokenize.rows_per_batch(batch_size, L, token_budget)` rows, so a batch's logits hold at most
+    about `token_budget` x vocabulary numbers whatever the rows' lengths (one shape per bucket:
+    it still compiles once per bucket)."""
     if not rows:
         return
     from tqdm.auto import tqdm
@@ -243,16 +262,17 @@ def _score_rows(model, params, rows: list[_Row], batch_size: int, progress: bool
     by_shape: dict[tuple, list[_Row]] = defaultdict(list)
     for r in rows:
         by_shape[r.shape].append(r)
-    n_batches = sum(-(-len(v) // batch_size) for v in by_shape.values())
+    size = {shape: rows_per_batch(batch_size, sum(shape), token_budget) for shape in by_shape}
+    n_batches = sum(-(-len(v) // size[k]) for k, v in by_shape.items())
     with tqdm(total=n_batches, desc=desc, unit="batch", disable=not progress) as bar:
         for shape in sorted(by_shape):
-            group = by_shape[shape]
-            for start in range(0, len(group), batch_size):
-                chunk = group[start : start + batch_size]
+            group, n = by_shape[shape], size[shape]
+            for start in range(0, len(group), n):
+                chunk = group[start : start + n]
                 batch = _encode_rows(
                     model, chunk, length=shape[0], target_length=shape[1] if len(shape) > 1 else None, buckets=buckets
                 )
-                correct, acc, pred = scorer(params, pad_rows(batch, batch_size))
+                correct, acc, pred = scorer(params, pad_rows(batch, n))
                 correct, acc, pred = np.asarray(correct), np.asarray(acc), np.asarray(pred)
                 for i, r in enumerate(chunk):
                     r.correct, r.token_acc, r.pred = bool(correct[i]), float(acc[i]), int(pred[i])
@@ -363,6 +383,8 @@ def build_edit_set(
     params: Any = None,
     max_new_tokens: int = 8,
     buckets: Sequence[int] = DEFAULT_BUCKETS,
+    max_tokens: int | None = None,
+    token_budget: int | None = DEFAULT_TOKEN_BUDGET,
 ) -> EditSet:
     """Score `records` with `model` (a LoadedModel; `params` default to its own) and build the
     fail / adapt / pass rows (see the module docstring). Deterministic for a given seed.
@@ -370,7 +392,9 @@ def build_edit_set(
     A record that cannot be used (a row longer than the model's context, no `target_new` in
     counterfactual mode, a label outside the set) raises a RecordError naming its file, record
     and field; with `skip_invalid=True` it is left out and listed in `EditSet.skipped` (together
-    with whatever the reader skipped, when `records` is a RecordList).
+    with whatever the reader skipped, when `records` is a RecordList). `max_tokens` lowers the
+    limit below the context; every row is checked before anything is scored. `token_budget`
+    bounds the padded tokens of one scoring batch (see `_score_rows`).
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose 'correction' or 'counterfactual'")
@@ -419,7 +443,7 @@ def build_edit_set(
                     field = r.field.replace("loc_prompts", "loc_targets")
                     raise _record_error(records[i], field, "no answer for this locality prompt (and the model's greedy answer is empty)")
                 try:
-                    r.shape = _shape(model, r, buckets)
+                    r.shape = _shape(model, r, buckets, max_tokens)
                 except ValueError as e:
                     raise _record_error(records[i], r.field, str(e)) from None
         except RecordError as e:
@@ -435,16 +459,16 @@ def build_edit_set(
     if mode == "correction":
         # Stage 1: each record's own prompt decides fail / pass; stage 2: rephrases of fails.
         mains = [rows[0] for rows in per_record.values()]
-        _score_rows(model, params, mains, batch_size, progress, desc + " (prompts)", buckets, scorer)
+        _score_rows(model, params, mains, batch_size, progress, desc + " (prompts)", buckets, scorer, token_budget)
         for i, rows in per_record.items():
             if rows[0].correct:
                 rows[0].group = "pass"
                 per_record[i] = [rows[0]]
         adapt = [r for rows in per_record.values() for r in rows[1:]]
-        _score_rows(model, params, adapt, batch_size, progress, desc + " (rephrases)", buckets, scorer)
+        _score_rows(model, params, adapt, batch_size, progress, desc + " (rephrases)", buckets, scorer, token_budget)
     else:
         every = [r for rows in per_record.values() for r in rows]
-        _score_rows(model, params, every, batch_size, progress, desc, buckets, scorer)
+        _score_rows(model, params, every, batch_size, progress, desc, buckets, scorer, token_budget)
 
     kept = sorted(per_record)
     # Split over ALL records, so a record's split depends only on the records and the seed:
@@ -501,17 +525,35 @@ def build_edit_set(
 # Saving and loading
 
 
+def check_out_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Raise FileExistsError unless `save_edit_set(..., out_dir, overwrite=overwrite)` would write
+    there: call it before any costly step (loading the model, scoring)."""
+    out = Path(out_dir)
+    if out.exists():
+        if not out.is_dir() or not (out / "info.json").is_file():
+            raise FileExistsError(f"{out} exists and is not an edit set; choose another --out")
+        if not overwrite:
+            raise FileExistsError(f"{out} already holds an edit set; pass overwrite=True (--overwrite) to replace it")
+    return out
+
+
+def missing_groups(counts: dict, needed: Sequence[str] = ("fail", "pass")) -> dict[str, list[str]]:
+    """{split: the `needed` groups it has no rows of} from an edit set's `info["counts"]`
+    (editor training needs fail and pass rows in train and val); empty when nothing is missing."""
+    out = {}
+    for split in SPLITS:
+        gone = [g for g in needed if not (counts.get(split) or {}).get(g)]
+        if gone:
+            out[split] = gone
+    return out
+
+
 def save_edit_set(es: EditSet, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write `out_dir/` = the DatasetDict (`datasets.load_from_disk(out_dir)` opens it), info.json
     and skipped.jsonl. Atomic: everything is written to a temporary folder beside `out_dir` and
     renamed into place. An existing edit set there is replaced only with `overwrite=True`; a
     folder that is not an edit set is never replaced."""
-    out = Path(out_dir)
-    if out.exists():
-        if not (out / "info.json").is_file():
-            raise FileExistsError(f"{out} exists and is not an edit set; choose another --out")
-        if not overwrite:
-            raise FileExistsError(f"{out} already holds an edit set; pass overwrite=True (--overwrite) to replace it")
+    out = check_out_dir(out_dir, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -70,14 +70,19 @@ def _check_file(path: str | os.PathLike) -> Path:
 
 @contextlib.contextmanager
 def quiet_datasets():
-    """Silence `datasets`' own per-file progress bars (ours say what is going on)."""
+    """Silence `datasets`' own per-file progress bars (ours say what is going on) and its error
+    logs (a file it cannot read is re-read with `json`, whose error names the record; datasets'
+    log would print the offending row whole)."""
     import datasets
 
     was_disabled = datasets.utils.are_progress_bars_disabled()
+    level = datasets.logging.get_verbosity()
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         yield
     finally:
+        datasets.logging.set_verbosity(level)
         if not was_disabled:
             datasets.enable_progress_bars()
 
@@ -135,9 +140,29 @@ def _json_list_error(path: Path, text: str) -> RecordError | None:
         return RecordError(path, n, "(json)", f"malformed JSON at {where}: expected ',' or ']' after record {n}")
 
 
+def _read_text(path: Path) -> str:
+    """The file as text; a RecordError naming the line if it is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise RecordError(path, "-", "(file)", f"not UTF-8 text: byte {e.start} (line {line}) is {data[e.start:e.start + 1]!r}") from None
+
+
+def _json_loads(text: str, path: Path, record, line: str = ""):
+    """json.loads whose every failure is a RecordError (malformed, or nested too deeply)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecordError(path, record, "(json)", f"malformed JSON at {line}column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise RecordError(path, record, "(json)", "JSON nested too deeply") from None
+
+
 def _starts_with_object(path: Path) -> bool:
     """Whether the first record of a .json list / .jsonl file opens with "{" (cheap peek)."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         head = f.read(4096).lstrip()
     if not _is_jsonl(path) and head.startswith("["):
         head = head[1:].lstrip()
@@ -146,6 +171,7 @@ def _starts_with_object(path: Path) -> bool:
 
 def _load_rows(path: Path, skip_invalid: bool, skipped: list[Skipped]) -> list[tuple[Any, Any]]:
     """(record number, row) pairs of a .json (list) or .jsonl file."""
+    text = _read_text(path)  # not UTF-8: named here, before datasets tries
     try:
         if not _starts_with_object(path):
             # datasets would wrap a list of scalars into {"text": ...} rows; let the json
@@ -154,14 +180,13 @@ def _load_rows(path: Path, skip_invalid: bool, skipped: list[Skipped]) -> list[t
         rows = _load_with_datasets(path)
         if _is_jsonl(path):
             # datasets numbers JSON Lines rows by non-blank line; give the line numbers too.
-            lines = [k + 1 for k, line in enumerate(path.read_text(encoding="utf-8").splitlines()) if line.strip()]
+            lines = [k + 1 for k, line in enumerate(text.splitlines()) if line.strip()]
             if len(lines) == len(rows):
                 return [(f"{i} (line {ln})", r) for i, (ln, r) in enumerate(zip(lines, rows))]
         return list(enumerate(rows))
     except Exception as first:  # noqa: BLE001 - re-diagnosed below, never swallowed
         err = first
     # datasets could not build the file: parse it with `json` to name the broken record.
-    text = path.read_text(encoding="utf-8")
     if _is_jsonl(path):
         out, n = [], 0
         for k, line in enumerate(text.splitlines()):
@@ -169,9 +194,8 @@ def _load_rows(path: Path, skip_invalid: bool, skipped: list[Skipped]) -> list[t
                 continue
             rec = f"{n} (line {k + 1})"
             try:
-                out.append((rec, json.loads(line)))
-            except json.JSONDecodeError as e:
-                bad = RecordError(path, rec, "(json)", f"malformed JSON at column {e.colno}: {e.msg}")
+                out.append((rec, _json_loads(line, path, rec)))
+            except RecordError as bad:
                 if not skip_invalid:
                     raise bad from None
                 skipped.append(bad.skipped)
@@ -181,10 +205,13 @@ def _load_rows(path: Path, skip_invalid: bool, skipped: list[Skipped]) -> list[t
         if out or skipped:
             log.info("%s: read with the json module (datasets failed: %s)", path, err)
             return out
-    bad = _json_list_error(path, text)
+    try:
+        bad = _json_list_error(path, text)
+    except RecursionError:
+        bad = RecordError(path, "-", "(json)", "JSON nested too deeply")
     if bad is not None:
         raise bad from None
-    data = json.loads(text)
+    data = _json_loads(text, path, "-")
     if isinstance(data, list):
         if not data:
             raise RecordError(path, "-", "(file)", "the file has no records (an empty JSON list)")
@@ -509,7 +536,7 @@ def read_text(
         for number, row in _load_rows(p, False, []):
             docs.append(_Fields(str(p), number, row).str(field))
     else:
-        text = p.read_text(encoding="utf-8")
+        text = _read_text(p)
         if not text.strip():
             raise RecordError(str(p), "-", "(file)", "the file is empty")
         docs, cur = [], []

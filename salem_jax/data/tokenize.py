@@ -21,6 +21,34 @@ from typing import Sequence
 import numpy as np
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+# The `salem` commands' default limit on prompt + target tokens (`--max-tokens`): far above any
+# fact, question or NLI pair of the benchmarks, far below the 8k contexts whose padded batches
+# (logits [B, 8192, vocab]) take tens of GB. The library's default is the model's context.
+DEFAULT_MAX_TOKENS = 1024
+# Padded tokens per scoring batch (`--token-budget`): a batch of rows of length L holds at most
+# budget // L rows (at least one), so one long row cannot take the machine's memory.
+DEFAULT_TOKEN_BUDGET = 8192
+
+
+def token_limit(model, max_tokens: int | None = None) -> tuple[int, str]:
+    """(the longest sequence allowed, how to say it in an error): the model's context, or
+    `max_tokens` when that is smaller."""
+    ctx = int(model.max_length)
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    if max_tokens is None or max_tokens >= ctx:
+        return ctx, f"the model's context ({ctx} tokens)"
+    return int(max_tokens), f"the limit of {max_tokens} tokens (max_tokens / --max-tokens; the model's context is {ctx})"
+
+
+def rows_per_batch(batch_size: int, tokens_per_row: int, token_budget: int | None) -> int:
+    """Rows of `tokens_per_row` padded tokens in one batch: `batch_size`, fewer when that exceeds
+    `token_budget` (never fewer than one)."""
+    if token_budget is None:
+        return batch_size
+    if token_budget < 1:
+        raise ValueError(f"token_budget must be >= 1, got {token_budget}")
+    return max(1, min(batch_size, token_budget // max(1, tokens_per_row)))
 
 
 def bucket_length(n: int, max_length: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
@@ -62,12 +90,16 @@ def encode(
     target_length: int | None = None,
     buckets: Sequence[int] = DEFAULT_BUCKETS,
     where: str = "",
+    max_tokens: int | None = None,
+    names: Sequence[str] | None = None,
 ) -> dict[str, np.ndarray]:
     """Tokenize (prompt, target) pairs into one padded batch for `model` (a LoadedModel).
 
     `targets` are strings for causal / seq2seq models and class indices for classifiers.
     `length` / `target_length` force a sequence length instead of bucketing (for fixed
-    shapes across batches). `where` prefixes error messages (e.g. "zsre.json record 12").
+    shapes across batches). `where` prefixes error messages (e.g. "zsre.json"); `names[i]` names
+    row i in them (default "record i", e.g. "line 7" for a requests file). Every row is checked
+    against the model's context and `max_tokens` before anything is padded.
     Returns int32 numpy arrays: input_ids, attention_mask, labels, label_mask [, decoder_*,
     token_type_ids].
     """
@@ -80,10 +112,12 @@ def encode(
         raise ValueError(f"model {model.name!r} has no tokenizer")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     kind = model.kind
-    max_len = model.max_length
+    max_len, limit_text = token_limit(model, max_tokens)
+    ctx = int(model.max_length)  # buckets are capped by the context, whatever the limit: same shapes
 
     def err(i, msg):
-        return ValueError(f"{where + ' ' if where else ''}record {i}: {msg}")
+        name = names[i] if names is not None else f"record {i}"
+        return ValueError(f"{where + ' ' if where else ''}{name}: {msg}")
 
     if kind == "causal":
         seqs, starts = [], []
@@ -95,10 +129,10 @@ def encode(
             if not t_ids:
                 raise err(i, "field 'target' tokenizes to nothing")
             if len(p_ids) + len(t_ids) > max_len:
-                raise err(i, f"prompt + target is {len(p_ids) + len(t_ids)} tokens, longer than the context ({max_len})")
+                raise err(i, f"prompt + target is {len(p_ids) + len(t_ids)} tokens, more than {limit_text}; shorten it")
             seqs.append(p_ids + t_ids)
             starts.append(len(p_ids))
-        L = length or bucket_length(max(len(s) for s in seqs), max_len, buckets)
+        L = length or bucket_length(max(len(s) for s in seqs), ctx, buckets)
         if max(len(s) for s in seqs) > L:
             raise ValueError(f"{where or 'encode'}: a record is longer than the forced length {L}")
         ids = _pad(seqs, L, pad_id)
@@ -123,11 +157,11 @@ def encode(
             if len(t_ids) <= (1 if eos is not None else 0):
                 raise err(i, "field 'target' tokenizes to nothing")
             if len(p_ids) > max_len or len(t_ids) > max_len:
-                raise err(i, f"prompt ({len(p_ids)}) or target ({len(t_ids)}) tokens exceed the context ({max_len})")
+                raise err(i, f"prompt ({len(p_ids)} tokens) or target ({len(t_ids)}) is more than {limit_text}; shorten it")
             srcs.append(p_ids)
             tgts.append(t_ids)
-        L = length or bucket_length(max(map(len, srcs)), max_len, buckets)
-        S = target_length or bucket_length(max(map(len, tgts)), max_len, buckets)
+        L = length or bucket_length(max(map(len, srcs)), ctx, buckets)
+        S = target_length or bucket_length(max(map(len, tgts)), ctx, buckets)
         start = model.config.decoder_start_token_id
         if start is None:
             start = pad_id
@@ -148,13 +182,13 @@ def encode(
             pair = text_pairs[i] if text_pairs is not None else None
             enc = tok(p, pair, add_special_tokens=True) if pair is not None else tok(p, add_special_tokens=True)
             if len(enc["input_ids"]) > max_len:
-                raise err(i, f"text is {len(enc['input_ids'])} tokens, longer than the context ({max_len})")
+                raise err(i, f"text is {len(enc['input_ids'])} tokens, more than {limit_text}; shorten it")
             lab = targets[i]
             if not isinstance(lab, (int, np.integer)) or not (0 <= int(lab) < n_labels):
                 raise err(i, f"field 'label' = {lab!r} is not a class index in [0, {n_labels})")
             rows.append(list(enc["input_ids"]))
             types.append(list(enc.get("token_type_ids", [0] * len(enc["input_ids"]))))
-        L = length or bucket_length(max(map(len, rows)), max_len, buckets)
+        L = length or bucket_length(max(map(len, rows)), ctx, buckets)
         return dict(
             input_ids=_pad(rows, L, pad_id),
             attention_mask=_pad([[1] * len(r) for r in rows], L),

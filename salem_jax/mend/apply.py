@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 from salem_jax.data.tokenize import encode
+from salem_jax.errors import UserError
 from salem_jax.mend.capture import capture
-from salem_jax.mend.checkpoint import CheckpointMismatch, restore_editor
+from salem_jax.mend.checkpoint import CheckpointError, CheckpointMismatch, restore_editor, steps_in
 from salem_jax.mend.editor import EditorSpec, edited_params
 from salem_jax.models.base import get_path, set_path
 
@@ -106,9 +108,14 @@ def _as_request(r: Request, i: int) -> tuple[str, Any, str]:
     raise TypeError(f"edit request {i}: expected a dict with prompt and target or a (prompt, target) pair, got {r!r}")
 
 
-def encode_requests(model, requests: Sequence[Request], where: str = "requests") -> dict:
-    """The batch dict of edit requests (classifier targets may be label names or indices)."""
+def encode_requests(model, requests: Sequence[Request], where: str = "requests", max_tokens: int | None = None) -> dict:
+    """The batch dict of edit requests (classifier targets may be label names or indices).
+
+    Each request must fit the model's context and `max_tokens`; errors name it by its file line
+    when `requests` came from `read_requests`."""
     reqs = [_as_request(r, i) for i, r in enumerate(requests)]
+    lines = getattr(requests, "lines", None)
+    row_names = [f"line {n}" for n in lines] if lines is not None and len(lines) == len(reqs) else None
     if not reqs:
         raise ValueError(f"{where}: no edit requests")
     targets = [t for _, t, _ in reqs]
@@ -125,7 +132,8 @@ def encode_requests(model, requests: Sequence[Request], where: str = "requests")
                 out.append(int(t))
         targets = out
     pairs = [p for _, _, p in reqs]
-    return encode(model, [p for p, _, _ in reqs], targets, text_pairs=pairs if any(pairs) else None, where=where)
+    return encode(model, [p for p, _, _ in reqs], targets, text_pairs=pairs if any(pairs) else None, where=where,
+                  max_tokens=max_tokens, names=row_names)
 
 
 def apply_edits(
@@ -154,39 +162,93 @@ def apply_edits(
     raise ValueError(f"unknown mode {mode!r}; choose 'batch' or 'sequential'")
 
 
-def read_requests(path: str | Path) -> list[dict]:
+class RequestList(list):
+    """The requests of a file (a `list[dict]`) with `lines[i]`, the file line of request i, so
+    that later errors (e.g. a request too long for the model) name the line."""
+
+    def __init__(self, requests=(), lines=()):
+        super().__init__(requests)
+        self.lines: list[int] = list(lines)
+
+
+def _request_error(path: Path, n: int, msg: str) -> UserError:
+    return UserError(f"{path} line {n}: {msg}")
+
+
+def read_requests(path: str | Path) -> RequestList:
     """Edit requests from a JSON-lines file: one {"prompt": ..., "target": ...} object per line,
-    optionally with "rephrases": [other prompts that should now give the target] (checked, not edited)."""
+    optionally with "rephrases": [other prompts that should now give the target] (checked, not edited).
+
+    Any defect (not UTF-8, not JSON, not an object, a field missing, empty or of the wrong type)
+    raises `UserError` naming the file and line; nothing else escapes."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no requests file {path}")
-    out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    out = RequestList()
+    for n, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _request_error(path, n, f"not UTF-8 text (byte {e.start})") from None
         if not line.strip():
             continue
         try:
             r = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+            raise _request_error(path, n, f"not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise _request_error(path, n, "JSON nested too deeply") from None
         if not isinstance(r, dict):
-            raise ValueError(f"{path} line {n}: expected an object with 'prompt' and 'target'")
+            raise _request_error(path, n, f"expected an object with 'prompt' and 'target', got a JSON {type(r).__name__}")
         for key in ("prompt", "target"):
             if key not in r:
-                raise ValueError(f"{path} line {n}: field {key!r} is missing")
-            if not isinstance(r[key], (str, int)) or (isinstance(r[key], str) and not r[key].strip()):
-                raise ValueError(f"{path} line {n}: field {key!r} must be a non-empty string")
+                raise _request_error(path, n, f"field {key!r} is missing")
+            v = r[key]
+            if key == "target" and isinstance(v, int) and not isinstance(v, bool):
+                continue  # a classifier's label index
+            if not isinstance(v, str) or not v.strip():
+                raise _request_error(path, n, f"field {key!r} must be a non-empty string, got {json.dumps(v)[:60]}")
         reph = r.get("rephrases", [])
         if not isinstance(reph, list) or not all(isinstance(x, str) and x.strip() for x in reph):
-            raise ValueError(f"{path} line {n}: field 'rephrases' must be a list of non-empty strings")
+            raise _request_error(path, n, "field 'rephrases' must be a list of non-empty strings")
+        pair = r.get("text_pair", "")
+        if pair is not None and not isinstance(pair, str):
+            raise _request_error(path, n, "field 'text_pair' must be a string")
         out.append(r)
+        out.lines.append(n)
     if not out:
-        raise ValueError(f"{path}: no edit requests")
+        raise UserError(f"{path}: no edit requests")
     return out
+
+
+def check_editor_dir(path: str | Path) -> list[int]:
+    """The checkpoint steps of an editor workdir (or its `checkpoints/` folder); a CheckpointError
+    if there are none. Cheap: commands call it before loading the model."""
+    directory = _checkpoint_dir(Path(path))
+    if not Path(path).exists():
+        raise CheckpointError(f"--editor {path}: no such folder (the --workdir of `salem train-editor`)")
+    steps = steps_in(directory)
+    if not steps:
+        raise CheckpointError(f"--editor {path} holds no editor checkpoint (expected the --workdir of `salem train-editor`)")
+    return steps
+
+
+def check_finite(params: Any, where: str = "the edited model") -> None:
+    """Raise UserError naming the first weight with a NaN or infinite entry."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    finite = jax.device_get([jnp.isfinite(x).all() for _, x in leaves])
+    for (path, _), ok in zip(leaves, finite):
+        if not ok:
+            name = jax.tree_util.keystr(path, simple=True, separator="/")
+            raise UserError(f"{where} has non-finite values (NaN or inf) in {name}; it is not written. "
+                            "The editor diverged or the requests are extreme: try another --step (e.g. an earlier one)")
 
 
 def save_edited(model, params: Any, out_dir: str | Path) -> str:
     """Write the edited model as a folder (`salem_jax.models.save_model`: save_pretrained format
-    that transformers and `load_model` open). Returns its path."""
+    that transformers and `load_model` open). Returns its path. Parameters with a NaN or an
+    infinite entry are refused (UserError): a diverged edit is never written."""
     from salem_jax.models import save_model
 
+    check_finite(params)
     return save_model(model, params, out_dir)

@@ -13,13 +13,20 @@ The last `keep` checkpoints are kept, plus the best one by validation loss.
 
 Errors are explicit: a checkpoint made for another model, other weights or an incompatible
 training configuration raises `CheckpointMismatch`; one that cannot be read raises
-`CheckpointError` naming the folder and the older steps still available (nothing is deleted
-and nothing falls back silently).
+`CheckpointError` naming the folder and the older steps still available. A resumed run
+(`EditorCheckpointer.restore_newest`) falls back to the newest step that restores cleanly: each
+damaged step is moved aside to `<dir>.damaged/` (never deleted) and named in one line, and
+orbax's own error logs are kept quiet on that path.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import os
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +34,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from salem_jax.errors import UserError
 from salem_jax.mend.editor import EditorSpec, init_editor
 
 FORMAT = "salem-jax-editor/1"
@@ -48,12 +56,28 @@ _TRAJECTORY_FIELDS = (
 )
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used (unreadable, missing, or of another format)."""
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint cannot be used (unreadable, missing, or of another format). A `UserError`
+    (the `salem` commands print it in one line), and a RuntimeError as it always was."""
 
 
 class CheckpointMismatch(CheckpointError):
     """A checkpoint belongs to another model, other edited weights or another configuration."""
+
+
+@contextlib.contextmanager
+def quiet_orbax():
+    """Silence orbax's (absl) error and warning logs while a damaged checkpoint is probed: the
+    error that matters is raised (or reported) by us, in one line."""
+    loggers = [logging.getLogger(n) for n in ("absl", "orbax", "orbax.checkpoint")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
 
 
 def _abstract(tree: Any) -> Any:
@@ -128,7 +152,8 @@ class EditorCheckpointer:
         """The train state saved at `step` (shaped and placed like `like_state`) and its meta.
 
         Raises CheckpointMismatch if it was made for another model / weights / configuration."""
-        meta = read_meta(self.directory, step, self.mngr)
+        with quiet_orbax():
+            meta = read_meta(self.directory, step, self.mngr)
         check_compatible(meta, self.model_name, self.spec, self.config, where=f"{self.directory}/{step}")
         try:
             out = self.mngr.restore(
@@ -144,6 +169,39 @@ class EditorCheckpointer:
             raise _unreadable(self.directory, step, self.all_steps(), e) from e
         state = {**out["editor"], **out["train"]}
         return state, meta
+
+    def move_aside(self, step: int) -> Path:
+        """Move the folder of `step` to `<directory>.damaged/<step>-<time>` (never deleted) and
+        make the manager forget it. Returns the new path."""
+        aside = self.directory.parent / f"{self.directory.name}.damaged"
+        aside.mkdir(parents=True, exist_ok=True)
+        dest = aside / f"{step}-{time.strftime('%Y%m%dT%H%M%S')}"
+        n = 0
+        while dest.exists():
+            n += 1
+            dest = aside / f"{step}-{time.strftime('%Y%m%dT%H%M%S')}-{n}"
+        os.rename(self.directory / str(step), dest)
+        self.mngr.reload()
+        return dest
+
+    def restore_newest(self, like_state: dict, *, log=None) -> tuple[dict, dict] | None:
+        """The train state and meta of the newest checkpoint that restores cleanly, or None if
+        there is none. Each newer step that cannot be read is moved aside (`move_aside`) and
+        reported in one line through `log` (default: stderr). A checkpoint of another model,
+        weights or configuration still raises `CheckpointMismatch`: that is not damage."""
+        log = log or (lambda msg: print(msg, file=sys.stderr))
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                with quiet_orbax():
+                    return self.restore(step, like_state)
+            except CheckpointMismatch:
+                raise
+            except CheckpointError as e:
+                cause = e.__cause__ or e
+                dest = self.move_aside(step)
+                log(f"checkpoint step {step} cannot be read ({type(cause).__name__}: {' '.join(str(cause).split())[:120]}); "
+                    f"moved it to {dest} and trying the one before")
+        return None
 
 
 def _unreadable(directory: Path, step: int, steps: list[int], err: Exception) -> CheckpointError:
@@ -244,6 +302,7 @@ __all__ = [
     "CheckpointMismatch",
     "EditorCheckpointer",
     "check_compatible",
+    "quiet_orbax",
     "read_meta",
     "restore_editor",
     "steps_in",

@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -44,6 +45,7 @@ from jax.sharding import PartitionSpec as P
 
 from salem_jax import parallel
 from salem_jax.data.tokenize import encode
+from salem_jax.errors import UserError
 from salem_jax.losses import batch_nll, example_correct, kl_divergence
 from salem_jax.mend.capture import capture
 from salem_jax.mend.editor import EditorConfig, EditorSpec, edited_params, init_editor, param_labels, update_norm_state
@@ -392,6 +394,9 @@ def _device_train_step(state, base_params, batch, *, apply_fn, spec, cfg, axis_n
     mean = (lambda v: v.mean()) if axis_name is None else (lambda v: jax.lax.pmean(v.mean(), axis_name))  # noqa: E731
     metrics = {k: mean(v) for k, v in per_group.items()}
     metrics["grad_norm"] = optax.tree.norm(grads)
+    # one flag for the loop to check when it reads the metrics anyway (no extra host round trip);
+    # a non-finite edited weight shows up as a non-finite loss
+    metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & jnp.isfinite(optax.tree.norm(params))
     return new_state, metrics
 
 
@@ -592,6 +597,32 @@ def evaluate(model, spec, cfg, mesh, editor_params, norm, base_params, data: Edi
 # ---------------------------------------------------------------------------- the loop
 
 
+class TrainingDiverged(UserError):
+    """The loss, a gradient or the editor's weights became NaN or infinite: the run stopped
+    without saving that state (the latest checkpoint is the last good one)."""
+
+
+def _check_finite(flags: list, ckpt) -> None:
+    """Raise TrainingDiverged at the first step whose `finite` flag is False.
+
+    flags: [(step, metrics of that step)] not yet checked; read from the device together (the
+    caller reads the metrics at the same points anyway)."""
+    if not flags:
+        return
+    ok = jax.device_get([m["finite"] for _, m in flags])
+    for (step, m), good in zip(flags, ok):
+        if not bool(np.all(good)):
+            loss, gn = (float(np.mean(x)) for x in jax.device_get((m["loss"], m["grad_norm"])))
+            what = "loss" if not math.isfinite(loss) else "gradient" if not math.isfinite(gn) else "editor weights after the update"
+            latest = ckpt.latest_step()
+            kept = (f"the latest checkpoint is step {latest} in {ckpt.directory}" if latest is not None
+                    else "no checkpoint was written")
+            raise TrainingDiverged(
+                f"step {step}: the editor's training diverged (non-finite {what}; loss {loss:.4g}, gradient norm {gn:.4g}); "
+                f"stopped without saving it, {kept}; lower the learning rates (lr, lr_lr, edit_lr_init)"
+            )
+
+
 @dataclasses.dataclass
 class TrainResult:
     params: dict  # editor params at the end
@@ -666,9 +697,13 @@ def train_editor(
     state = init_train_state(spec, cfg)
     run = {"best_val_loss": float("inf"), "best_step": None, "last_val": None, "stopped_early": False}
     start = 0
-    if resume and ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(ckpt.latest_step(), state)
+    # the newest checkpoint that restores (damaged newer ones are moved aside, one line each)
+    had_checkpoints = ckpt.latest_step() is not None
+    restored = ckpt.restore_newest(state) if resume and had_checkpoints else None
+    if restored is not None:
+        state, meta = restored
         start = int(state["step"])
+        print(f"resuming from step {start} of {cfg.max_steps} ({ckpt.directory})", file=sys.stderr)
         run.update(meta["run"])
         run["best_val_loss"] = float("inf") if run["best_val_loss"] is None else float(run["best_val_loss"])
         _truncate_metrics(metrics_path, start)
@@ -679,6 +714,8 @@ def train_editor(
             raise CheckpointError(
                 f"{workdir} already holds checkpoints (latest step {ckpt.latest_step()}); resume from them or use a new workdir"
             )
+        if resume and had_checkpoints:
+            print(f"no checkpoint in {ckpt.directory} restores (all moved aside): starting from step 0", file=sys.stderr)
         if metrics_path.exists():
             metrics_path.unlink()
 
@@ -699,6 +736,7 @@ def train_editor(
     step = start
     stopped_early = bool(run["stopped_early"])  # a resumed run that had stopped stays stopped
     pending: list = []
+    unchecked: list = []  # (step, metrics) whose `finite` flag is not yet read
     compiled = None
     running: dict[str, float] = {}
     bar = tqdm(total=cfg.max_steps, initial=start, desc="train-editor", disable=not progress, dynamic_ncols=True)
@@ -711,17 +749,23 @@ def train_editor(
             if compiled is None:
                 compiled = step_fn._cache_size()
             pending.append(m)
+            unchecked.append((step, m))
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.max_steps:
+                _check_finite(unchecked, ckpt)
+                unchecked = []
                 got = jax.device_get(pending)
                 pending = []
-                rec = {k: float(np.mean([np.mean(g[k]) for g in got])) for k in got[0]}
+                rec = {k: float(np.mean([np.mean(g[k]) for g in got])) for k in got[0] if k != "finite"}
                 for k, v in rec.items():
                     running[k] = v if k not in running else 0.9 * running[k] + 0.1 * v
                 _log(metrics_path, {"step": step, "split": "train", **rec})
                 bar.set_postfix(loss=f"{running['loss']:.4f}", nll=f"{running['nll']:.3f}", kl=f"{running['kl']:.2e}",
                                 acc=f"{running['edit_acc']:.2f}")
             val = None
+            if step % cfg.val_every == 0 or step % cfg.checkpoint_every == 0 or stopped_early:
+                _check_finite(unchecked, ckpt)  # nothing non-finite is validated or saved
+                unchecked = []
             if step % cfg.val_every == 0 or step == cfg.max_steps:
                 val = validate(step)
                 bar.write(

@@ -508,8 +508,10 @@ def load_model(
     return load_hub(key, dtype=dtype, num_labels=num_labels, from_pt=from_pt, cache_dir=cache_dir)
 
 
-def _check_replaceable(out: Path) -> None:
-    """`out` may be written: it is absent, an empty folder or an earlier model folder."""
+def check_save_target(out: str | os.PathLike) -> None:
+    """Raise FileExistsError unless `save_model` may write `out`: it is absent, an empty folder or
+    an earlier model folder. Commands call it before any costly step."""
+    out = Path(out)
     if out.exists():
         if not out.is_dir():
             raise FileExistsError(f"{out} exists and is not a folder")
@@ -522,7 +524,7 @@ def _check_replaceable(out: Path) -> None:
 def _replace_dir(tmp: Path, out: Path) -> None:
     """Move the finished `tmp` to `out`, replacing an earlier saved model there."""
     if out.exists():
-        _check_replaceable(out)
+        check_save_target(out)
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.rename(out, old / out.name)
         os.rename(tmp, out)
@@ -540,7 +542,7 @@ def save_model(model: LoadedModel, params: Any, out_dir: str | os.PathLike, *, t
     written by `salem_jax.models.llama.save_llama_folder`. The folder appears complete or not at all.
     """
     out = Path(out_dir).expanduser().absolute()
-    _check_replaceable(out)
+    check_save_target(out)
     if model.arch == "llama":
         from salem_jax.models import llama
 
