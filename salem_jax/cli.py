@@ -17,7 +17,7 @@ from salem_jax.errors import UserError, is_expected, one_line
 __all__ = ["COMMANDS", "UserError", "build_parser", "main", "run_command"]
 
 # (subcommand module, in the order `salem --help` lists them)
-COMMANDS = ("dataset", "locate", "train_editor", "edit")
+COMMANDS = ("dataset", "locate", "train_editor", "edit", "finetune")
 
 
 def build_parser() -> argparse.ArgumentParser:

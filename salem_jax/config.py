@@ -13,6 +13,8 @@ The sections of the pipeline config (`default_config()`, what `experiments/` edi
 - `rome`: `layer` and `covariance`, then every `baselines.rome.ROMEConfig` field (ROME's defaults).
 - `editability`: a `locate.editability.EditabilityConfig` (method `salem_edit`'s layer score; its
   `part` and `seed` are taken from `saliency.part` and the top-level `seed`).
+- `ke`, `enn`: a `baselines.ke.KEConfig` / `baselines.enn.ENNConfig` (presets `PIPELINE_KE`,
+  `PIPELINE_ENN`: 100 training steps; their `seed` is replaced by the top-level seed).
 - `saliency`, `trace`, `eval` and the top level: the dataclasses below.
 
 Every field of every one of these dataclasses is a key of the ConfigDict, so `--config.*`
@@ -27,7 +29,9 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from salem_jax.baselines.enn import ENNConfig
 from salem_jax.baselines.finetune import FTConfig
+from salem_jax.baselines.ke import KEConfig
 from salem_jax.baselines.rome import ROMEConfig
 from salem_jax.locate.editability import EditabilityConfig
 from salem_jax.mend.editor import EditorConfig
@@ -112,6 +116,24 @@ def ft_config(cfg, kl: bool) -> FTConfig:
     return fc if kl else dataclasses.replace(fc, kl_weight=0.0)
 
 
+# KE: the original paper's hyper-network sizes; lr a CPU budget's (MEND's port: 1e-5 over 100k+ steps).
+PIPELINE_KE = KEConfig(steps=100, lr=1e-4)
+# ENN: MEND's port's settings, 100 steps.
+PIPELINE_ENN = ENNConfig(steps=100)
+
+
+def ke_config(cfg) -> KEConfig:
+    """The KEConfig of method ke from `cfg.ke` (seed = cfg.seed)."""
+    values = {f.name: cfg.ke[f.name] for f in dataclasses.fields(KEConfig)}
+    return KEConfig(**{**values, "seed": cfg.seed})
+
+
+def enn_config(cfg) -> ENNConfig:
+    """The ENNConfig of method enn from `cfg.enn` (seed = cfg.seed)."""
+    values = {f.name: cfg.enn[f.name] for f in dataclasses.fields(ENNConfig)}
+    return ENNConfig(**{**values, "seed": cfg.seed})
+
+
 def rome_config(cfg) -> ROMEConfig:
     """ROMEConfig from the pipeline config's `rome` section."""
     return ROMEConfig(**{f.name: _tuple_if_list(cfg.rome[f.name]) for f in dataclasses.fields(ROMEConfig)})
@@ -193,7 +215,7 @@ class Pipeline:
     skip_invalid: records too long for the model are skipped (and counted) instead of an error.
     mesh_model: 0 = the model replicated on every device, the editor step data parallel (1-D mesh);
     N >= 1 = the model's weights sharded over a (data, N) mesh (salem_jax.sharding).
-    fixed_layers: mend_fixed edits the last N blocks."""
+    fixed_layers: mend_fixed (and ke / enn) edit the last N blocks."""
 
     name: str = "salem"
     model: str = "smollm2-135m"
@@ -215,6 +237,8 @@ class Pipeline:
     mesh_model: int = 0
     fixed_layers: int = 3
     ft: FTConfig = PIPELINE_FT
+    ke: KEConfig = PIPELINE_KE
+    enn: ENNConfig = PIPELINE_ENN
     trace: Trace = Trace()
     rome: Rome = Rome()
     eval: Eval = Eval()

@@ -5,6 +5,7 @@ SALEM_JAX_CACHE   the cache of fetched data files and converted GGUF models (~/.
 HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, HF_ENDPOINT   Hugging Face hub access (salem_jax.models.loading)
 the launcher's variables (TPU_WORKER_HOSTNAMES, ...)  whether this is a multi-process job
                                                      (salem_jax.parallel.initialize_distributed)
+SALEM_TRACEBACK   show the traceback of expected errors too (salem_jax.errors)
 
 Each function reads the variable when called (tests set them with monkeypatch.setenv).
 """
@@ -18,6 +19,7 @@ DATA = "SALEM_JAX_DATA"
 CACHE = "SALEM_JAX_CACHE"
 HF_OFFLINE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 HF_ENDPOINT = "HF_ENDPOINT"
+TRACEBACK = "SALEM_TRACEBACK"
 
 
 def data_dir() -> str | None:
@@ -45,3 +47,8 @@ def hf_endpoint(default: str) -> str:
 def process_env() -> dict[str, str]:
     """A copy of the whole environment (the launcher's variables that say how many processes run)."""
     return dict(os.environ)
+
+
+def show_tracebacks() -> bool:
+    """Whether $SALEM_TRACEBACK is set (non-empty): `salem` commands then show expected errors' tracebacks."""
+    return bool(os.environ.get(TRACEBACK))

@@ -38,3 +38,25 @@ def test_tiny_experiment_writes_its_outputs(name, tmp_path):
         assert m["edits"] >= 1, method
         assert 0.0 <= m["ea"] <= 1.0
     assert res["chosen_layers"] and set(res["chosen_layers"]) <= set(res["profile"]["layers"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fever_minilm", "nli_minilm"])
+def test_tiny_classifier_experiment_fine_tunes_edits_and_reports_train_and_val(name, tmp_path):
+    if not _have_data():
+        pytest.skip("no data directory (../shared/data or SALEM_JAX_DATA): the real data files are absent")
+    mod = importlib.import_module(f"experiments.{name}")
+    assert mod.main(["--tiny", "--workdir", str(tmp_path), "--config.progress=false"]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "results.md").read_text().startswith("| method | layers | EA train | EA val | DD train | DD val")
+    assert set(res["methods"]) == {"salem", "salem3", "mend_fixed", "ft", "ft_kl", "ke", "enn"}
+    for method, m in res["methods"].items():
+        for split in ("train", "val"):
+            assert m[split]["edits"] >= 1, (method, split)
+            assert 0.0 <= m[split]["ea"] <= 1.0
+    split = json.loads((tmp_path / "edit_split.json").read_text())
+    sets = [set(split[k]) for k in ("finetune", "heldout", "editor_train", "editor_val")]
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert not sets[i] & sets[j]
+    assert (tmp_path / "finetuned" / "splits.json").is_file()

@@ -88,12 +88,12 @@ def test_unsupported_kind_and_failed_check_are_refused_before_the_edit_set(tmp_p
 
 
 def test_registry_names_and_errors(registered):
-    assert methods.names()[:7] == ("salem", "salem3", "mend_fixed", "ft", "ft_kl", "causal", "rome")
+    assert methods.names()[:9] == ("salem", "salem3", "mend_fixed", "ft", "ft_kl", "causal", "rome", "ke", "enn")
     toy = registered(_toy("toy_x", []))
     assert methods.get("toy_x") is toy and methods.names()[-1] == "toy_x"
     with pytest.raises(ValueError, match="already registered"):
         methods.register(_toy("toy_x", []))
-    with pytest.raises(ValueError, match="unknown method 'nope'.*rome, salem_edit, toy_x"):
+    with pytest.raises(ValueError, match="unknown method 'nope'.*rome, ke, enn, salem_edit, toy_x"):
         methods.get("nope")
     with pytest.raises(ValueError, match="subset of"):
         _toy("bad", [], supports=("vision",))

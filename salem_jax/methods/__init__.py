@@ -2,13 +2,14 @@
 `Method` value and the README's "Adding a method".
 
 Built in: salem, salem3, mend_fixed (`mend`), ft, ft_kl (`finetune`), causal (`mend`), rome
-(`rome`) and salem_edit (`salem_edit`: the editor on the layer of highest editability). A new method is one module defining a `Method` plus one entry in `BUILTIN` (or a
+(`rome`), ke and enn (`meta`; classifiers) and salem_edit (`salem_edit`: the editor on the layer of
+highest editability). A new method is one module defining a `Method` plus one entry in `BUILTIN` (or a
 `register(method)` call from your own code, e.g. a test)."""
 
-from salem_jax.methods import finetune, mend, rome, salem_edit
+from salem_jax.methods import finetune, mend, meta, rome, salem_edit
 from salem_jax.methods.registry import KINDS, Context, Method, Prepared, get, names, register, unregister
 
-BUILTIN = (mend.SALEM, mend.SALEM3, mend.MEND_FIXED, finetune.FT, finetune.FT_KL, mend.CAUSAL, rome.ROME,
+BUILTIN = (mend.SALEM, mend.SALEM3, mend.MEND_FIXED, finetune.FT, finetune.FT_KL, mend.CAUSAL, rome.ROME, meta.KE, meta.ENN,
            salem_edit.SALEM_EDIT)
 for _method in BUILTIN:
     register(_method)

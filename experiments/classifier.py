@@ -1,0 +1,211 @@
+"""The paper's classifier experiments on a model this project fine-tunes itself (Tables 1 and 3).
+
+`run_classifier_experiment(cfg, workdir)`:
+
+1. records: FEVER (SUPPORTS / REFUTES; NOT ENOUGH INFO left out and counted) or RTE;
+2. the classifier: `cfg.finetuned` (a `salem finetune` folder) if given, else `workdir/finetuned`
+   if a previous run wrote it, else fine-tune `cfg.model` now (salem_jax.finetune; the records are
+   split by text into finetune / heldout / edit, `splits.json` in the folder);
+3. the edit records are the folder's `edit` split; any record of its finetune or heldout split is
+   refused (`check_disjoint`, naming the records). The edit set is built as the paper does:
+   FEVER in counterfactual mode (each label flipped with probability 0.5: flipped = fail row,
+   kept = pass row), NLI in correction mode (the classifier's own errors = fail, its correct
+   answers = pass), split 90:10 by record into editor train / val edits (`edit_split.json`);
+4. saliency profile on the train rows (the salient layer and the top three);
+5. methods (`cfg.methods`, from the method registry salem_jax.methods): salem, salem3, mend_fixed
+   (MEND editors), ft, ft_kl (fine-tuning), ke and enn (salem_jax.methods.meta), each evaluated one
+   edit at a time on the val edits and on up to `eval.max_edits` train edits;
+6. `results.json` and `results.md`: the paper's Table 3 columns (EA and DD on train and on val)
+   plus the edited layers, editor steps and seconds.
+
+DD is the pass rows' accuracy before minus after one edit. For ENN the "before" is the model the
+user gave (ENN replaces it with its meta-trained base theta*, whose own drift is reported as
+`base_drift`), so ENN's DD includes what its training changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import ml_collections
+
+from salem_jax.pipeline import default_config
+
+METHODS = ("salem", "salem3", "mend_fixed", "ft", "ft_kl", "ke", "enn")  # the paper's Table 3 rows
+
+
+def classifier_config(name: str, data: str, mode: str, tiny: bool) -> ml_collections.ConfigDict:
+    c = default_config()
+    c.name = name
+    c.model = "minilm-l6"
+    c.data = data
+    c.format = "fever" if data == "fever" else "nli"
+    c.mode = mode
+    c.eval.text = ""
+    c.methods = METHODS
+    c.finetuned = ""  # a `salem finetune` folder; '' = workdir/finetuned (fine-tuned on the first run)
+    c.finetune = ml_collections.ConfigDict(dict(epochs=1, batch_size=16, lr=1e-4, max_length=128, heldout=0.1,
+                                                edit=0.2, patience=1, max_steps=0))
+    c.eval.max_edits = 100
+    c.eval.max_pass = 100
+    if tiny:
+        from experiments.common import tiny_overrides
+
+        tiny_overrides(c, "tiny-bert")
+        c.limit = 160
+        c.finetune.update(dict(epochs=1, batch_size=8, lr=1e-3, edit=0.5))
+        c.ke.update(dict(steps=4, lstm_hidden=8, condition_dim=16, hidden=8, loc_per_step=4))
+        c.enn.update(dict(steps=4, loc_per_step=4))
+    return c
+
+
+def read(cfg):
+    from salem_jax.commands.finetune import read_classification_records
+
+    return read_classification_records(cfg.data, cfg.format, data_dir=cfg.data_dir or None, limit=cfg.limit or 0)
+
+
+def base_model(cfg, n_labels: int):
+    from salem_jax.models import hf, load_model
+
+    if cfg.model.startswith("tiny-"):
+        return hf.tiny(cfg.model[len("tiny-"):], seed=cfg.seed, num_labels=n_labels)
+    return load_model(cfg.model, num_labels=n_labels)
+
+
+def finetuned_classifier(cfg, records, work: Path, say):
+    """(model folder, splits document): reuse cfg.finetuned / work/finetuned or fine-tune now."""
+    from salem_jax import finetune as F
+
+    folder = Path(cfg.finetuned) if cfg.finetuned else work / "finetuned"
+    if (folder / "config.json").is_file():
+        say(f"reusing the fine-tuned classifier in {folder}")
+        return folder, F.read_splits(folder)
+    if cfg.finetuned:
+        raise FileNotFoundError(f"--config.finetuned={cfg.finetuned}: no model folder there (config.json missing)")
+    labels = F.label_set(records, cfg.data)
+    model = base_model(cfg, len(labels))
+    f = cfg.finetune
+    splits = F.split_records_for_finetune(records, heldout=f.heldout, edit=f.edit, seed=cfg.seed)
+    doc = F.splits_document(splits, records, data=cfg.data, seed=cfg.seed, heldout=f.heldout, edit=f.edit,
+                            excluded=dict(getattr(records, "excluded", {}) or {}))
+    by = {r.id: r for r in records}
+    fc = F.FinetuneConfig(epochs=f.epochs, batch_size=f.batch_size, lr=f.lr, max_length=f.max_length,
+                          patience=f.patience, seed=cfg.seed, max_steps=f.max_steps)
+    say(f"fine-tuning {model.name} on {len(splits['finetune'])} records (held out {len(splits['heldout'])}, "
+        f"kept for editing {len(splits['edit'])})")
+    res = F.finetune_classifier(model, [by[i] for i in splits["finetune"]], [by[i] for i in splits["heldout"]],
+                                folder, fc, progress=cfg.progress, splits_doc=doc,
+                                torch_weights=False if cfg.model.startswith("tiny-") else None)
+    say(f"held-out accuracy {res.best_acc:.4f} (majority class {res.majority_rate:.4f}) after {res.steps} steps")
+    return folder, doc
+
+
+def _fmt(x):
+    return "-" if x is None else f"{x:.4f}" if isinstance(x, float) else str(x)
+
+
+def results_table(out: dict) -> str:
+    head = "| method | layers | EA train | EA val | DD train | DD val | editor steps | train s | edit s |"
+    lines = [head, "|" + "---|" * 9]
+    for name, m in out["methods"].items():
+        tr, va = m["train"], m["val"]
+        lines.append(f"| {name} | {', '.join(m['layers'])} | {_fmt(tr.get('ea'))} | {_fmt(va.get('ea'))} | "
+                     f"{_fmt(tr.get('dd_acc'))} | {_fmt(va.get('dd_acc'))} | {m.get('steps', '-')} | "
+                     f"{m['train_seconds']:.0f} | {_fmt(va.get('edit_seconds'))} |")
+    ft = out.get("finetune", {})
+    note = (f"\nClassifier: {out['model_folder']} (held-out accuracy {_fmt(ft.get('best_acc'))}, majority class "
+            f"{_fmt(ft.get('majority_rate'))}). Edits: {out['edit_set']['counts']}. EA = share of edits right after "
+            f"the edit; DD = pass-row accuracy before minus after (val: {out['n_pass']['val']} pass rows, train: "
+            f"{out['n_pass']['train']}).")
+    return "\n".join(lines) + "\n" + note
+
+
+def run_classifier_experiment(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+    import functools
+
+    import jax
+
+    from salem_jax import finetune as F
+    from salem_jax import methods as method_registry
+    from salem_jax import pipeline as P
+    from salem_jax.data.edit_set import build_edit_set, save_edit_set
+    from salem_jax.methods import Context
+    from salem_jax.mend.train import prepare_splits
+    from salem_jax.models import load_model
+
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+
+    def say(msg):
+        print(f"[{cfg.name}] {msg}", flush=True)
+
+    methods = [method_registry.get(name) for name in cfg.methods]  # unknown names fail here, before any cost
+    records = read(cfg)
+    folder, splits = finetuned_classifier(cfg, records, work, say)
+    model = load_model(str(folder))
+    for m in methods:
+        m.refuse_unsupported(model)
+        m.check(Context(model=model, cfg=cfg, work=work, say=say))
+    by = {r.id: r for r in records}
+    missing = [i for i in splits["splits"]["edit"] if i not in by]
+    if missing:
+        raise ValueError(f"{folder}/splits.json names edit records that {cfg.data} does not have (first: {missing[:5]}); "
+                         "was the classifier fine-tuned on another file or --config.limit?")
+    edit_records = [by[i] for i in splits["splits"]["edit"]]
+    F.check_disjoint(edit_records, splits, where=str(folder))
+    es = build_edit_set(model, edit_records, mode=cfg.mode, seed=cfg.seed, val_fraction=cfg.val_fraction,
+                        batch_size=cfg.score_batch, progress=cfg.progress, skip_invalid=cfg.skip_invalid)
+    save_edit_set(es, work / "edit_set", overwrite=True)
+    train_rows, val_rows = P.split_rows(es)
+    F.write_json(work / "edit_split.json", dict(
+        model_folder=str(folder), mode=cfg.mode,
+        finetune=splits["splits"]["finetune"], heldout=splits["splits"]["heldout"],
+        editor_train=sorted({r["record_id"] for r in train_rows}, key=F.id_order),
+        editor_val=sorted({r["record_id"] for r in val_rows}, key=F.id_order)))
+    say(es.summary())
+
+    profile = P.saliency(model, train_rows, cfg)
+    (work / "profile.json").write_text(profile.to_json())
+    say(f"saliency chose {', '.join(profile.chosen)}")
+    ctx = Context(model=model, cfg=cfg, work=work, say=say, train_rows=train_rows, val_rows=val_rows,
+                  data=prepare_splits(model, {"train": train_rows, "val": val_rows}), profile=profile)
+    results: dict = {}
+    n_pass = {s: min(cfg.eval.max_pass, sum(r["group"] == "pass" for r in rows))
+              for s, rows in (("train", train_rows), ("val", val_rows))}
+    for method in methods:
+        t = time.perf_counter()
+        layers = tuple(method.layers(ctx))
+        prepared = method.prepare(ctx, layers)
+        train_seconds = time.perf_counter() - t
+        edit = functools.partial(prepared.edit, model.params)  # every edit starts from the given model
+        per = {split: P.evaluate_method(model, edit, rows, [], cfg, f"{method.name} ({split})")
+               for split, rows in (("val", val_rows), ("train", train_rows))}
+        info = {k: v for k, v in prepared.info.items() if k not in ("layers",)}
+        results[method.name] = dict(info, layers=list(layers), steps=prepared.info.get("steps"),
+                                    train_seconds=train_seconds, **per)
+        say(f"{method.name}: EA train {_fmt(per['train'].get('ea'))} val {_fmt(per['val'].get('ea'))}, "
+            f"DD train {_fmt(per['train'].get('dd_acc'))} val {_fmt(per['val'].get('dd_acc'))}")
+        jax.clear_caches()
+    ft_info = json.loads((folder / "finetune.json").read_text()) if (folder / "finetune.json").is_file() else {}
+    out = dict(config=json.loads(cfg.to_json_best_effort()), model_folder=str(folder), finetune=ft_info,
+               edit_set=es.info, n_pass=n_pass, chosen_layers=list(profile.chosen), profile=profile.to_dict(),
+               methods=results, seconds=time.perf_counter() - t_all)
+    table = results_table(out)
+    (work / "results.json").write_text(json.dumps(F.jsonable(out), indent=2))
+    (work / "results.md").write_text(table + "\n")
+    print(table, flush=True)
+    say(f"done in {out['seconds']:.0f}s; results in {work}")
+    return out
+
+
+def main_for(name: str, get_config, argv=None) -> int:
+    from experiments.common import parse
+
+    cfg, workdir = parse(get_config, argv, name)
+    run_classifier_experiment(cfg, workdir)
+    return 0
