@@ -11,6 +11,8 @@ The sections of the pipeline config (`default_config()`, what `experiments/` edi
   `salem train-editor` takes the same keys as flags (`--steps`, `--rank`, `--c-loc`, ...).
 - `ft`: a `baselines.finetune.FTConfig` (preset `PIPELINE_FT`: 10 steps, KL weight 1 for `ft_kl`).
 - `rome`: `layer` and `covariance`, then every `baselines.rome.ROMEConfig` field (ROME's defaults).
+- `editability`: a `locate.editability.EditabilityConfig` (method `salem_edit`'s layer score; its
+  `part` and `seed` are taken from `saliency.part` and the top-level `seed`).
 - `ke`, `enn`: a `baselines.ke.KEConfig` / `baselines.enn.ENNConfig` (presets `PIPELINE_KE`,
   `PIPELINE_ENN`: 100 training steps; their `seed` is replaced by the top-level seed).
 - `locate_edit`: methods rrome / memit / emmet / alphaedit (`LocateEdit`: the layer, band, key
@@ -34,6 +36,7 @@ from salem_jax.baselines.finetune import FTConfig
 from salem_jax.baselines.ke import KEConfig
 from salem_jax.baselines.locate_edit import EditorConfig as LocateEditorConfig
 from salem_jax.baselines.rome import ROMEConfig
+from salem_jax.locate.editability import EditabilityConfig
 from salem_jax.mend.editor import EditorConfig
 from salem_jax.mend.train import TrainConfig
 
@@ -137,6 +140,13 @@ def enn_config(cfg) -> ENNConfig:
 def rome_config(cfg) -> ROMEConfig:
     """ROMEConfig from the pipeline config's `rome` section."""
     return ROMEConfig(**{f.name: _tuple_if_list(cfg.rome[f.name]) for f in dataclasses.fields(ROMEConfig)})
+
+
+def editability_config(cfg) -> EditabilityConfig:
+    """EditabilityConfig from the pipeline config's `editability` section (part = saliency.part, seed = seed)."""
+    e = cfg.editability
+    vals = {f.name: _tuple_if_list(e[f.name]) for f in dataclasses.fields(EditabilityConfig)}
+    return EditabilityConfig(**{**vals, "part": cfg.saliency.part, "seed": cfg.seed})
 
 
 def _tuple_if_list(v):
@@ -253,6 +263,7 @@ class Pipeline:
     score_batch: int = 16
     skip_invalid: bool = False
     saliency: Saliency = Saliency()
+    editability: EditabilityConfig = EditabilityConfig()
     editor: TrainConfig = CPU_EDITOR
     methods: tuple[str, ...] = ("salem",)
     mesh_model: int = 0
