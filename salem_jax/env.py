@@ -7,6 +7,7 @@ SALEM_JAX_COMPILE_CACHE   0/off: no persistent compilation cache; a path: its fo
 HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, HF_ENDPOINT   Hugging Face hub access (salem_jax.models.loading)
 the launcher's variables (TPU_WORKER_HOSTNAMES, ...)  whether this is a multi-process job
                                                      (salem_jax.parallel.initialize_distributed)
+SALEM_TRACEBACK   show the traceback of expected errors too (salem_jax.errors)
 
 Each function reads the variable when called (tests set them with monkeypatch.setenv).
 """
@@ -21,6 +22,7 @@ CACHE = "SALEM_JAX_CACHE"
 HF_OFFLINE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 HF_ENDPOINT = "HF_ENDPOINT"
 COMPILE_CACHE = "SALEM_JAX_COMPILE_CACHE"
+TRACEBACK = "SALEM_TRACEBACK"
 
 
 def data_dir() -> str | None:
@@ -53,3 +55,8 @@ def hf_endpoint(default: str) -> str:
 def process_env() -> dict[str, str]:
     """A copy of the whole environment (the launcher's variables that say how many processes run)."""
     return dict(os.environ)
+
+
+def show_tracebacks() -> bool:
+    """Whether $SALEM_TRACEBACK is set (non-empty): `salem` commands then show expected errors' tracebacks."""
+    return bool(os.environ.get(TRACEBACK))

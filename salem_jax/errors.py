@@ -6,14 +6,15 @@ a refused output folder, a damaged or foreign checkpoint, a busy workdir, a dive
 by the convention of this code base, the `ValueError` / `KeyError` / file errors raised while
 validating input. `SALEM_TRACEBACK=1` shows the traceback of expected errors too.
 
-This module is imported by library code (readers, checkpoints, training), so it imports nothing.
+This module is imported by library code (readers, checkpoints, training), so it imports nothing
+but `salem_jax.env` (which imports nothing of the project).
 """
 
 from __future__ import annotations
 
-import os
+from salem_jax import env
 
-TRACEBACK_ENV = "SALEM_TRACEBACK"
+TRACEBACK_ENV = env.TRACEBACK
 
 
 class UserError(ValueError):
@@ -29,7 +30,7 @@ EXPECTED = (UserError, ValueError, KeyError, FileNotFoundError, FileExistsError,
 
 def is_expected(err: BaseException) -> bool:
     """Whether `err` is reported in one line (see the module docstring)."""
-    return isinstance(err, EXPECTED) and not os.environ.get(TRACEBACK_ENV)
+    return isinstance(err, EXPECTED) and not env.show_tracebacks()
 
 
 def one_line(err: BaseException) -> str:

@@ -103,6 +103,6 @@ def test_capture_errors_are_clear():
     batch = _batch(model)
     with pytest.raises(KeyError, match="no parameter"):
         capture(model.apply, model.params, batch, [Weight("transformer/h/9/mlp/c_fc/kernel", "out_in")])
-    # GPT-2's Conv1D kernels are [out, in]; calling one "in_out" must not silently transpose.
+    # Our GPT-2's kernels are [in, out] (nn.Dense); calling one "out_in" must not silently transpose.
     with pytest.raises(ValueError, match="layout"):
-        capture(model.apply, model.params, batch, [Weight("transformer/h/0/mlp/c_fc/kernel", "in_out")])
+        capture(model.apply, model.params, batch, [Weight("transformer/h/0/mlp/c_fc/kernel", "out_in")])

@@ -166,3 +166,35 @@ def test_requests_file_errors(tmp_path):
     f.write_text('{"prompt": "a", "target": "b", "rephrases": ["c", ""]}\n')
     with pytest.raises(ValueError, match="line 1: field 'rephrases' must be a list of non-empty strings"):
         read_requests(f)
+
+
+def test_edit_with_a_locate_then_edit_method(tmp_path, monkeypatch, capsys):
+    """`salem edit --method rrome`: no trained editor; WikiText (here a tiny stand-in in a data
+    directory) gives the key statistics; a request without its subject is skipped and counted."""
+    from salem_jax import models
+    from salem_jax.models import hf
+
+    model = hf.tiny("gpt2", seed=2)
+    monkeypatch.setattr(models, "load_model", lambda name, **kw: model)
+    data = tmp_path / "data"
+    (data / "wikitext").mkdir(parents=True)
+    (data / "wikitext" / "wiki.test.raw").write_text(
+        "\n".join(" ".join([COUNTRIES[i % len(COUNTRIES)]] * 6) + " the capital of is what city" for i in range(40)) + "\n")
+    monkeypatch.setenv("SALEM_JAX_DATA", str(data))
+    monkeypatch.setenv("SALEM_JAX_CACHE", str(tmp_path / "cache"))
+    req = tmp_path / "req.jsonl"
+    req.write_text(json.dumps({"prompt": "what is the capital of france", "target": "tokyo", "subject": "france"}) + "\n"
+                   + json.dumps({"prompt": "what is the capital of peru", "target": "lima", "subject": "chile"}) + "\n")
+    args = _parse(edit_cmd, ["edit", "--model", "tiny", "--method", "rrome", "--layers", "h.1", "--requests", str(req),
+                             "--out", str(tmp_path / "out"), "--cov-tokens", "300", "--no-progress"])
+    assert edit_cmd.run(args) == 0
+    out = capsys.readouterr().out
+    assert "skipped: record '2'" in out and "'chile' does not occur" in out
+    summary = json.loads(next(line for line in out.splitlines() if line.startswith('{"method"')))
+    assert summary["method"] == "rrome" and summary["edited"] == 1 and summary["skipped"] == 1
+    assert (tmp_path / "cache" / "key_stats").is_dir() and (tmp_path / "out").is_dir()
+    with pytest.raises(SystemExit, match="needs --layers"):
+        edit_cmd.run(_parse(edit_cmd, ["edit", "--model", "tiny", "--method", "emmet", "--requests", str(req),
+                                       "--out", str(tmp_path / "o2")]))
+    with pytest.raises(SystemExit, match="--editor is required"):
+        edit_cmd.run(_parse(edit_cmd, ["edit", "--model", "tiny", "--requests", str(req), "--out", str(tmp_path / "o3")]))

@@ -1,13 +1,16 @@
 """load_model / save_model: every loading source against transformers' PyTorch models, errors, hub."""
 
 import http.server
+import copy
 import json
 import logging
+import re
 import socket
 import sys
 import threading
 import time
 import types
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -66,16 +69,57 @@ def real_positions(m, batch):
     return batch[key].astype(bool)
 
 
-def flax_folder(m, path, **kw):
-    """What transformers' own Flax save_pretrained writes."""
-    hf.flax_class(m.arch)(m.config, _do_init=False).save_pretrained(path, params=m.params, **kw)
+def hf_flax_tree(m, params=None):
+    """Our parameters in the layout of transformers' former Flax classes: the same paths, but
+    FlaxGPT2 kept its Conv1D kernels (inside transformer/h) as [out, in]."""
+    params = m.params if params is None else params
+    flat = {p: np.asarray(get_path(params, p)) for p in param_paths(params)}
+    if m.arch == "gpt2":
+        flat = {p: (v.T if re.match(r"transformer/h/\d+/.*/kernel$", p) else v) for p, v in flat.items()}
+    return flat
+
+
+def flax_folder(m, path, safe_serialization=False, shards=1, params=None):
+    """A folder as transformers' Flax save_pretrained wrote it (transformers 5 has no Flax
+    classes any more, so written here by its rules): flax_model.msgpack (nested dict), or
+    Flax safetensors (keys joined by "." and metadata format=flax), or `shards` msgpack shards
+    with flax_model.msgpack.index.json."""
+    from flax.serialization import msgpack_serialize
+    from flax.traverse_util import unflatten_dict
+    from safetensors.numpy import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    flat = hf_flax_tree(m, params)
+    config = copy.deepcopy(m.config)
+    config.architectures = ["Flax" + hf.ARCHS[m.arch].torch_class]  # as Flax save_pretrained recorded it
+    config.save_pretrained(path)
+    if safe_serialization:
+        save_file({k.replace("/", "."): np.ascontiguousarray(v) for k, v in flat.items()},
+                  str(path / "model.safetensors"), metadata={"format": "flax"})
+    elif shards == 1:
+        (path / "flax_model.msgpack").write_bytes(msgpack_serialize(unflatten_dict(flat, sep="/")))
+    else:
+        keys = sorted(flat)
+        weight_map = {}
+        for i in range(shards):
+            name = f"flax_model-{i + 1:05d}-of-{shards:05d}.msgpack"
+            part = {k: flat[k] for k in keys[i::shards]}
+            (path / name).write_bytes(msgpack_serialize(unflatten_dict(part, sep="/")))
+            weight_map.update({k: name for k in part})
+        (path / "flax_model.msgpack.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     m.tokenizer.save_pretrained(path)
     return path
 
 
-def torch_folder(pt, m, path, **kw):
-    """What transformers' PyTorch save_pretrained writes (the common hub format)."""
-    pt.save_pretrained(path, **kw)
+def torch_folder(pt, m, path, bin_file=False, **kw):
+    """What transformers' PyTorch save_pretrained writes (the common hub format); with
+    `bin_file`, an old-style pytorch_model.bin (torch.save of the state dict) instead."""
+    if bin_file:
+        path.mkdir(parents=True, exist_ok=True)
+        pt.config.save_pretrained(path)
+        torch.save({k: v.contiguous() for k, v in pt.state_dict().items()}, path / "pytorch_model.bin")
+    else:
+        pt.save_pretrained(path, **kw)
     m.tokenizer.save_pretrained(path)
     return path
 
@@ -97,29 +141,31 @@ def test_every_source_matches_pytorch(tiny, case, tmp_path):
     pos = real_positions(m, b)
     sources = {
         "flax": flax_folder(m, tmp_path / "flax"),
-        "pt": torch_folder(pt, m, tmp_path / "pt", safe_serialization=True),
+        "pt": torch_folder(pt, m, tmp_path / "pt"),
         "ours": save_model(m, m.params, tmp_path / "ours"),
     }
     for src, path in sources.items():
         got = load_model(path)
         assert (got.arch, got.kind, got.max_length) == (m.arch, m.kind, m.max_length), src
-        assert got.extra["format"] == ("pt" if src == "pt" else "flax"), src
+        assert got.extra["format"] == ("flax" if src == "flax" else "pt"), src
         assert not got.extra["new_head"]
         assert got.layers.names() == m.layers.names()
         got.layers.check(got.params)
-        assert_same_params(got.params, m.params, atol=0 if src != "pt" else 1e-7)
+        assert_same_params(got.params, m.params, atol=0)
         logits = np.asarray(got.apply(got.params, b))
         np.testing.assert_allclose(logits[pos], ref[pos], atol=1e-4, rtol=0, err_msg=src)
         assert got.tokenizer("the capital of france")["input_ids"] == m.tokenizer("the capital of france")["input_ids"]
 
 
 def test_other_weight_files(tiny, tmp_path):
-    """Flax safetensors, pytorch_model.bin and sharded PyTorch safetensors load to the same weights."""
+    """Flax safetensors, sharded Flax msgpack, pytorch_model.bin and sharded PyTorch safetensors
+    load to the same weights."""
     m = tiny("gpt2")
     pt = hf.to_torch(m)
     cases = {
         "model.safetensors": flax_folder(m, tmp_path / "flax_st", safe_serialization=True),
-        "pytorch_model.bin": torch_folder(pt, m, tmp_path / "bin", safe_serialization=False),
+        "flax_model.msgpack.index.json": flax_folder(m, tmp_path / "flax_shards", shards=3),
+        "pytorch_model.bin": torch_folder(pt, m, tmp_path / "bin", bin_file=True),
         "model.safetensors.index.json": torch_folder(pt, m, tmp_path / "shards", max_shard_size="40KB"),
     }
     assert len(list((tmp_path / "shards").glob("model-*.safetensors"))) > 1
@@ -129,10 +175,40 @@ def test_other_weight_files(tiny, tmp_path):
         assert_same_params(got.params, m.params, atol=1e-7)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neo", "t5", "bart", "bert"])
+def test_checkpoint_written_by_transformers_flax_class(arch, tmp_path):
+    """Where transformers still has its Flax classes (4.x), a flax_model.msgpack written by its own
+    save_pretrained loads into our modules and gives its logits (an independent check of the
+    paths and of FlaxGPT2's transposed Conv1D kernels)."""
+    import transformers
+
+    cls = getattr(transformers, "Flax" + hf.ARCHS[arch].torch_class, None)
+    if cls is None:
+        pytest.skip(f"transformers {transformers.__version__} has no Flax classes (removed in 5.0)")
+    if arch == "t5" and tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 10):
+        pytest.skip("transformers' FlaxT5 calls jnp.clip(a_max=), which jax >= 0.10 removed")
+    m = hf.tiny(arch)
+    theirs = cls(m.config, seed=7)
+    theirs.save_pretrained(tmp_path)
+    m.tokenizer.save_pretrained(tmp_path)
+    got = load_model(tmp_path)
+    assert got.extra["weights"] == "flax_model.msgpack"
+    b = sample_batch(m)
+    if m.kind == "classifier":
+        ref = theirs(b["input_ids"], b["attention_mask"], b["token_type_ids"]).logits[:, None]
+    elif m.kind == "seq2seq":
+        ref = theirs(input_ids=b["input_ids"], attention_mask=b["attention_mask"], decoder_input_ids=b["decoder_input_ids"],
+                     decoder_attention_mask=b["decoder_attention_mask"]).logits
+    else:
+        ref = theirs(b["input_ids"], b["attention_mask"]).logits
+    pos = real_positions(m, b)
+    np.testing.assert_allclose(np.asarray(got.apply(got.params, b))[pos], np.asarray(ref)[pos], atol=1e-4, rtol=0)
+
+
 def test_from_pt_choice(tiny, tmp_path):
     m = tiny("gpt2")
     both = flax_folder(m, tmp_path / "both")
-    hf.to_torch(m).save_pretrained(both, safe_serialization=True)  # model.safetensors (PyTorch) beside msgpack
+    hf.to_torch(m).save_pretrained(both)  # model.safetensors (PyTorch) beside msgpack
     assert load_model(both).extra["weights"] == "flax_model.msgpack"
     assert load_model(both, from_pt=True).extra["weights"] == "model.safetensors"
     pt_only = torch_folder(hf.to_torch(m), m, tmp_path / "pt")
@@ -144,7 +220,7 @@ def test_from_pt_choice(tiny, tmp_path):
 
 def test_bin_without_torch_says_how_to_install(tiny, tmp_path, monkeypatch):
     m = tiny("gpt2")
-    path = torch_folder(hf.to_torch(m), m, tmp_path / "bin", safe_serialization=False)
+    path = torch_folder(hf.to_torch(m), m, tmp_path / "bin", bin_file=True)
     real = loading.importlib.util.find_spec
     monkeypatch.setattr(loading.importlib.util, "find_spec", lambda n, *a: None if n == "torch" else real(n, *a))
     with pytest.raises(ImportError, match=r"pytorch_model\.bin.*pip install 'salem-jax\[torch\]'"):
@@ -198,13 +274,15 @@ def test_bert_base_model_gets_a_new_head(tiny, tmp_path, caplog):
 
 
 def test_base_model_checkpoint_gets_missing_parameters(tiny, tmp_path, caplog):
-    """A FlaxBartModel checkpoint (no LM head) loads as the generation model; the parameter it
-    lacks (final_logits_bias) is initialised (zeros) and named in a warning."""
-    from transformers import FlaxBartModel
+    """A FlaxBartModel checkpoint (no LM head, no "model/" prefix) loads as the generation model;
+    the parameter it lacks (final_logits_bias) is initialised (zeros) and named in a warning."""
+    from flax.serialization import msgpack_serialize
 
     m = tiny("bart")
     path = tmp_path / "base"
-    FlaxBartModel(m.config, _do_init=False).save_pretrained(path, params=m.params["model"])
+    path.mkdir()
+    m.config.save_pretrained(path)
+    (path / "flax_model.msgpack").write_bytes(msgpack_serialize(jax.device_get(m.params["model"])))
     m.tokenizer.save_pretrained(path)
     with caplog.at_level(logging.WARNING, logger="salem_jax.models.loading"):
         got = load_model(path)
@@ -240,15 +318,21 @@ def test_save_model_is_atomic_and_careful(tiny, tmp_path, monkeypatch):
     assert (other / "notes.txt").read_text() == "keep me"
 
 
-def test_save_model_with_torch_weights_opens_in_pytorch(tiny, tmp_path):
-    m = tiny("t5")
+@pytest.mark.parametrize("case", ["t5", "t5_v1_1", "bart_untied"])
+def test_save_model_opens_in_pytorch(tiny, case, tmp_path):
+    """save_model's folder opens in plain transformers PyTorch with the same logits (untied
+    heads too: transformers 5 keeps a T5 v1.1 config's flag as scale_decoder_outputs)."""
+    m = tiny(case) if case in CASES else hf.tiny("bart", seed=1, tie_word_embeddings=False)
     path = save_model(m, m.params, tmp_path / "m", torch_weights=True)
     b = sample_batch(m)
-    pt = hf.torch_class("t5").from_pretrained(path).eval()  # plain transformers, no conversion
+    pt = hf.torch_class(m.arch).from_pretrained(path).eval()  # plain transformers, no conversion
     ours = np.asarray(m.apply(m.params, b))
     pos = real_positions(m, b)
     np.testing.assert_allclose(ours[pos], torch_logits(pt, m, b)[pos], atol=1e-4, rtol=0)
-    assert load_model(path).extra["weights"] == "flax_model.msgpack"  # Flax weights are preferred
+    assert load_model(path).extra["weights"] == "model.safetensors"  # PyTorch layout, read back
+    # torch_weights (earlier API) no longer changes the format: the same file either way
+    other = save_model(m, m.params, tmp_path / "m2", torch_weights=False)
+    assert sorted(p.name for p in Path(other).glob("*.safetensors")) == ["model.safetensors"]
 
 
 # --------------------------------------------------------------------------- llama / gguf dispatch

@@ -93,7 +93,7 @@ def test_registry_names_and_errors(registered):
     assert methods.get("toy_x") is toy and methods.names()[-1] == "toy_x"
     with pytest.raises(ValueError, match="already registered"):
         methods.register(_toy("toy_x", []))
-    with pytest.raises(ValueError, match="unknown method 'nope'.*rome, ke, enn, toy_x"):
+    with pytest.raises(ValueError, match="unknown method 'nope'.*rome, ke, enn, salem_edit, rrome, memit, emmet, alphaedit, toy_x"):
         methods.get("nope")
     with pytest.raises(ValueError, match="subset of"):
         _toy("bad", [], supports=("vision",))

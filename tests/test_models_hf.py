@@ -1,4 +1,5 @@
-"""transformers' Flax architectures behind LoadedModel: layer tables and apply vs PyTorch."""
+"""Our Flax GPT-2, GPT-Neo, T5, BART and BERT behind LoadedModel: layer tables and apply vs
+transformers' PyTorch models holding the same weights."""
 
 import re
 
@@ -16,11 +17,18 @@ torch = pytest.importorskip("torch")
 T5_V11 = dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)
 CASES = {
     "gpt2": ("gpt2", {}),
+    # untied head, a non-default MLP width, and the per-layer score scaling some checkpoints use
+    "gpt2_untied": ("gpt2", dict(tie_word_embeddings=False, n_inner=48, scale_attn_by_inverse_layer_idx=True)),
     "gpt_neo": ("gpt_neo", {}),
+    # a local window shorter than the prompts, so the local layer's mask matters
+    "gpt_neo_window": ("gpt_neo", dict(window_size=3, tie_word_embeddings=False)),
     "t5": ("t5", {}),
     "t5_v1_1": ("t5", T5_V11),
+    "t5_gated_tied": ("t5", dict(feed_forward_proj="gated-gelu", tie_word_embeddings=True)),
     "bart": ("bart", {}),
+    "bart_scaled_untied": ("bart", dict(scale_embedding=True, tie_word_embeddings=False)),
     "bert": ("bert", {}),
+    "bert_5_labels": ("bert", dict(num_labels=5, hidden_act="gelu_new")),
 }
 # Where each architecture keeps its transformer blocks, read independently of the layer tables.
 BLOCK_RE = {
@@ -132,7 +140,7 @@ def test_layer_table_covers_every_block_once(models, case):
     assert get_path(m.params, t.embedding + "/embedding").shape == (m.config.vocab_size, width)
 
 
-@pytest.mark.parametrize("case", ["gpt_neo", "t5_v1_1", "bart", "bert"])
+@pytest.mark.parametrize("case", ["gpt2", "gpt_neo", "t5_v1_1", "bart", "bert"])
 def test_module_paths_are_called(models, case):
     """Every weight's module, every block's module and the embedding run during apply under the
     names the table gives (what flax.linen.intercept_methods sees)."""
@@ -149,13 +157,31 @@ def test_module_paths_are_called(models, case):
     assert need | {m.layers.embedding} <= seen
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neo", "t5", "bart", "bert"])
+def test_remat_and_bfloat16(arch):
+    """remat=True gives the same logits and gradients; dtype="bfloat16" stays close to float32."""
+    m = hf.tiny(arch, seed=2)
+    r = hf.tiny(arch, seed=2, remat=True)
+    b = sample_batch(m)
+    loss = lambda model: (lambda p: (model.apply(p, b) ** 2).mean())  # noqa: E731
+    (l1, g1), (l2, g2) = (jax.jit(jax.value_and_grad(loss(x)))(x.params) for x in (m, r))
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    for p in param_paths(g1):
+        np.testing.assert_allclose(get_path(g1, p), get_path(g2, p), atol=1e-6, err_msg=p)
+    bf = hf.tiny(arch, seed=2, dtype="bfloat16")
+    assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(bf.params))
+    f32, low = np.asarray(m.apply(m.params, b)), np.asarray(bf.apply(bf.params, b), np.float32)
+    pos = real_positions(m, b)
+    assert np.abs(low[pos] - f32[pos]).max() < 0.05 * max(1.0, np.abs(f32).max())
+
+
 def test_expected_weight_names():
     """The naming in the brief, spelled out for one block of each architecture."""
     neo = hf.gpt_neo_layers(hf._tiny_config("gpt_neo", 128, {}))["h.1"]
     assert [w.path for w in neo.mlp] == ["transformer/h/1/mlp/c_fc/kernel", "transformer/h/1/mlp/c_proj/kernel"]
     assert {w.layout for w in neo.mlp + neo.attention} == {"in_out"}
     gpt2 = hf.gpt2_layers(hf._tiny_config("gpt2", 128, {}))["h.0"]
-    assert {w.layout for w in gpt2.mlp + gpt2.attention} == {"out_in"}
+    assert {w.layout for w in gpt2.mlp + gpt2.attention} == {"in_out"}  # our GPT-2 uses nn.Dense
     t5 = hf.t5_layers(hf._tiny_config("t5", 128, T5_V11))
     assert [w.path.split("/")[-2] for w in t5["decoder.1"].mlp] == ["wi_0", "wi_1", "wo"]
     assert [w.path.split("/")[-3] for w in t5["decoder.1"].attention] == ["SelfAttention"] * 4 + ["EncDecAttention"] * 4

@@ -9,6 +9,14 @@ requests are applied together as one edit (`--mode batch`); `--mode sequential` 
 after another. The edited model is written to `--out` as a folder that transformers and
 `salem_jax.models.load_model` open; the base model is untouched. For each request the command
 prints whether the model gets the target right (every target token the argmax) before and after.
+
+`--method rrome|memit|emmet|alphaedit` edits without a trained editor (locate-then-edit,
+`salem_jax.baselines.editors`): each request also needs "subject" (requests without one, or whose
+subject is not in the prompt, are skipped and counted), `--layers` names the layer (r-ROME) or
+the last layer of the band (`--band` blocks), key statistics come from WikiText in the data
+directory (cached), and `--batch-size` edits go into each closed-form update.
+
+    salem edit --model smollm2-135m --method rrome --layers layers.7 --requests facts.jsonl --out runs/smollm2-rrome
 """
 
 from __future__ import annotations
@@ -27,7 +35,13 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", required=True, help="the base model (name, folder, .gguf file or hub id)")
-    p.add_argument("--editor", required=True, help="workdir of `salem train-editor` (or its checkpoints folder)")
+    p.add_argument("--method", choices=("mend", "rrome", "memit", "emmet", "alphaedit"), default="mend",
+                   help="mend: a trained editor (--editor); the others edit in closed form (--layers)")
+    p.add_argument("--editor", default=None, help="workdir of `salem train-editor` (or its checkpoints folder)")
+    p.add_argument("--layers", default=None, help="rrome/memit/emmet/alphaedit: the layer (or comma list of layers)")
+    p.add_argument("--band", type=int, default=3, help="memit/emmet/alphaedit: blocks ending at --layers")
+    p.add_argument("--batch-size", type=int, default=100, help="memit/emmet/alphaedit: edits per update")
+    p.add_argument("--cov-tokens", type=int, default=100_000, help="WikiText tokens for the key statistics")
     p.add_argument("--requests", required=True, help="JSON-lines file of {prompt, target}")
     p.add_argument("--out", required=True, help="folder for the edited model")
     p.add_argument("--step", default="best", help="editor checkpoint: best, latest or a step number")
@@ -56,6 +70,28 @@ def _correct(model, params, batch):
     return np.asarray(example_correct(logits, batch["labels"], batch["label_mask"]))
 
 
+def _locate_edit(model, requests, args):
+    import dataclasses
+
+    from salem_jax.baselines.editors import get_editor, layers_for
+    from salem_jax.baselines.keystats import KeyStats
+    from salem_jax.baselines.locate_edit import EditorConfig
+    from salem_jax.baselines.requests import EditRequest
+
+    layers = args.layers.split(",") if "," in args.layers else args.layers
+    reqs = [EditRequest(r["prompt"], r.get("subject", ""), r["target"], relation=r.get("relation"),
+                        record_id=str(i + 1)) for i, r in enumerate(requests)]
+    stats = KeyStats(model, model.params, max_tokens=args.cov_tokens, progress=not args.no_progress)
+    cfg = dataclasses.replace(EditorConfig(), batch_size=args.batch_size)
+    out = get_editor(args.method)(model, model.params, reqs, layers=layers_for(model, args.method, layers, args.band),
+                                  stats=stats, config=cfg, progress=not args.no_progress)
+    for _, why in out.skipped:
+        print(f"skipped: {why}")
+    print(json.dumps({"method": args.method, "layers": list(out.layers), "edited": len(out.edited),
+                      "skipped": len(out.skipped), "covariance": out.stats["layers"]}))
+    return out.params
+
+
 def run(args) -> int:
     import numpy as np
 
@@ -80,17 +116,25 @@ def run(args) -> int:
         step = int(args.step)
     else:
         raise ValueError(f"--step {args.step!r}: expected best, latest or a step number")
+    if args.method == "mend" and not args.editor:
+        raise SystemExit("salem edit: --editor is required with --method mend (or choose --method rrome|memit|emmet|alphaedit)")
+    if args.method != "mend" and not args.layers:
+        raise SystemExit(f"salem edit: --method {args.method} needs --layers (e.g. layers.7; `salem locate` suggests one)")
     # everything that can be checked without the model, before loading it
     requests = read_requests(args.requests)
     keep = read_requests(args.keep) if args.keep else None
     check_save_target(args.out)
-    check_editor_dir(args.editor)
+    if args.method == "mend":
+        check_editor_dir(args.editor)
     model = load_model(args.model, dtype=args.dtype, num_labels=args.num_labels)
     # lengths (and labels) of every request before any edit is computed
     batch = encode_requests(model, requests, where=args.requests, max_tokens=args.max_tokens)
     kb = encode_requests(model, keep, where=args.keep, max_tokens=args.max_tokens) if keep else None
-    editor = load_editor(args.editor, model, step=step, check_name=not args.allow_other_model)
-    params = apply_edits(model, editor, requests, mode=args.mode, progress=not args.no_progress)
+    if args.method == "mend":
+        editor = load_editor(args.editor, model, step=step, check_name=not args.allow_other_model)
+        params = apply_edits(model, editor, requests, mode=args.mode, progress=not args.no_progress)
+    else:
+        params = _locate_edit(model, requests, args)
     check_finite(params)  # a diverged edit is reported before any result (save_edited refuses it too)
     before, after = _correct(model, model.params, batch), _correct(model, params, batch)
     # rephrasings: one batch of (rephrase, target) rows, scored on the base and the edited model

@@ -12,7 +12,13 @@ fail/adapt/pass edit set on the fly (--mode correction|counterfactual).
 Methods: `saliency` (SaLEM, paper section 3.2; --scorer salem|grad_x_weight|mean_sq|
 abs_mean_grad|contrast|lga), `lga` (= saliency with --scorer lga), `causal-trace` (ROME's
 causal tracing of hidden states on the fail rows; costly: use --limit), `sweep` (fine-tune
-each layer alone and rank by edit/rephrase accuracy within a drawdown budget; costly).
+each layer alone and rank by edit/rephrase accuracy within a drawdown budget; costly),
+`mend-sweep` (the paper's oracle: the pipeline's CPU-budget MEND editor trained on each layer
+set - --layer-sets, default single layers at --stride and three triples - ranked by val edit
+accuracy within a drawdown budget, bootstrap intervals; needs an edit-set folder or builds one
+with a val split; refuses a sweep whose estimate exceeds --budget-minutes; writes
+DIR/mend_sweep.json), `editability` (one untrained MEND step per layer and probe edit: share of edits fixed minus
+spill onto pass rows; salem_jax.locate.editability; --probe-lrs, --probes, --warm).
 
 Writes DIR/profile.json (per-layer scores per group, chosen layers, wall time, examples used)
 and DIR/profile.png (bar chart, chosen layers in red).
@@ -60,6 +66,18 @@ def add_parser(subparsers) -> None:
     p.add_argument("--lrs", default="3e-4,1e-3", help="sweep: comma-separated Adam learning rates")
     p.add_argument("--steps", type=int, default=10, help="sweep: Adam steps per layer")
     p.add_argument("--budget", type=float, default=0.1, help="sweep: drawdown budget (1 - locality)")
+    p.add_argument("--probe-lrs", default="1e-4,3e-4,1e-3", help="editability: comma-separated edit learning rates")
+    p.add_argument("--probes", type=int, default=16, help="editability: fail rows edited one at a time")
+    p.add_argument("--warm", type=int, default=30, help="editability: fail rows that fill the statistics first")
+    p.add_argument("--layer-sets", default=None,
+                   help="mend-sweep: layer sets separated by ';', layers by ',' (default: every --stride-th layer, "
+                        "the last, and the first / middle / last triple)")
+    p.add_argument("--stride", type=int, default=3, help="mend-sweep: stride of the default single layers")
+    p.add_argument("--editor-steps", type=int, default=None, help="mend-sweep: editor steps per set (default: the pipeline's)")
+    p.add_argument("--budget-minutes", type=float, default=60.0, help="mend-sweep: refuse a sweep estimated longer")
+    p.add_argument("--seconds-per-step", type=float, default=None,
+                   help="mend-sweep: editor seconds per step for the estimate (default: SmolLM2 on 2 CPU cores)")
+    p.add_argument("--dd-budget", type=float, default=0.05, help="mend-sweep: drawdown budget of the ranking")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32")
@@ -128,6 +146,7 @@ def subjects_from_source(info: dict) -> dict[str, str]:
 def locate_config(args):
     """The salem_jax.locate.choose.LocateConfig the flags describe."""
     from salem_jax.locate.choose import LocateConfig  # jax: `salem --help` does not need it
+    from salem_jax.locate.editability import EditabilityConfig
 
     return LocateConfig(
         scorer=args.scorer, part=args.part, top_k=args.top_k,
@@ -136,6 +155,8 @@ def locate_config(args):
         restorations_per_call=args.restorations_per_call,
         learning_rates=tuple(float(x) for x in args.lrs.split(",") if x.strip()), steps=args.steps,
         drawdown_budget=args.budget,
+        probe=EditabilityConfig(lrs=tuple(float(x) for x in args.probe_lrs.split(",") if x.strip()),
+                                probes=args.probes, warm=args.warm),
     )
 
 
@@ -146,6 +167,59 @@ def _layers(args):
 # ----------------------------------------------------------------------------- entry point
 
 
+def run_mend_sweep(args) -> int:
+    """`--method mend-sweep`: the pipeline's editor trained on each layer set (salem_jax.locate.mend_sweep)."""
+    import dataclasses
+
+    from salem_jax.config import CPU_EDITOR, editor_values, train_config
+    from salem_jax.data.edit_set import build_edit_set, load_edit_set
+    from salem_jax.locate import mend_sweep as MS
+    from salem_jax.mend.train import prepare_splits
+    from salem_jax.models import load_model
+
+    model = load_model(args.model, dtype=args.dtype)
+    if args.layer_sets:
+        sets = [tuple(x.strip() for x in s.split(",") if x.strip()) for s in args.layer_sets.split(";") if s.strip()]
+    else:
+        sets = MS.default_layer_sets(model.layers.names(), stride=args.stride)
+    sets = MS.check_layer_sets(model, sets)  # before building anything
+    tc = train_config(editor_values(CPU_EDITOR), seed=args.seed)
+    if args.editor_steps is not None:
+        tc = dataclasses.replace(tc, max_steps=args.editor_steps, val_every=min(tc.val_every, args.editor_steps),
+                                 checkpoint_every=min(tc.checkpoint_every, args.editor_steps))
+    sc = MS.MendSweepConfig(drawdown_budget=args.dd_budget, budget_seconds=60 * args.budget_minutes, seed=args.seed,
+                            part=args.part, **({} if args.seconds_per_step is None else
+                                               {"seconds_per_step": args.seconds_per_step}))
+    est = MS.estimate_seconds(len(sets), tc, sc.seconds_per_step)
+    if est > sc.budget_seconds:  # the same refusal mend_sweep makes, before the edit set is built
+        raise ValueError(f"mend-sweep: {len(sets)} layer sets x {tc.max_steps} steps x {sc.seconds_per_step:g} s/step = "
+                         f"{est / 60:.0f} min estimated, over --budget-minutes {args.budget_minutes:g}")
+    if is_edit_set_dir(args.data):
+        es = load_edit_set(args.data)
+    else:
+        spec = DataSpec(data=args.data, format=args.format, relation=args.relation, limit=args.limit, seed=args.seed,
+                        data_dir=args.data_dir, skip_invalid=args.skip_invalid)
+        _, records = read_records(spec)
+        es = build_edit_set(model, records, mode=args.mode, seed=args.seed, progress=not args.no_progress,
+                            skip_invalid=args.skip_invalid)
+    data = prepare_splits(model, {"train": es.rows("train"), "val": es.rows("val")}, where=f"edit set {args.data}")
+    out = Path(args.out)
+    res = MS.mend_sweep(model, data, sets, tc, out / "editors", config=sc, progress=not args.no_progress,
+                        say=lambda s: print(s, file=sys.stderr))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "mend_sweep.json").write_text(json.dumps(res.to_dict(), indent=2), encoding="utf-8")
+    print("| rank | layers | val EA [95% CI] | fail | adapt | DD (val pass) [95% CI] | KL | P(first) | s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for i in res.ranking:
+        r = res.rows[i]
+        print(f"| {r['rank']} | {'+'.join(r['layers'])} | {r['edit_acc']:.3f} [{r['edit_acc_ci'][0]:.2f}, "
+              f"{r['edit_acc_ci'][1]:.2f}] | {r['fail_acc']:.3f} | {r['adapt_acc']:.3f} | {r['drawdown']:.3f} "
+              f"[{r['drawdown_ci'][0]:.2f}, {r['drawdown_ci'][1]:.2f}] | {r['kl']:.3f} | {r['p_first']:.2f} | "
+              f"{r['seconds']:.0f} |")
+    print(f"wrote {out / 'mend_sweep.json'}")
+    return 0
+
+
 def check_top_k(top_k: int, n_layers: int, what: str = "the model") -> None:
     """--top-k must name between 1 and the number of layers scored."""
     if not 1 <= top_k <= n_layers:
@@ -153,6 +227,8 @@ def check_top_k(top_k: int, n_layers: int, what: str = "the model") -> None:
 
 
 def run(args) -> int:
+    if args.method == "mend-sweep":
+        return run_mend_sweep(args)
     from salem_jax.locate.plot import plot_profile
 
     progress = not args.no_progress

@@ -4,7 +4,8 @@
         --workdir runs/editor-capitals --steps 2000
 
 `--layers auto` runs SaLEM's saliency selection (paper section 3.2) on the edit set's training
-rows and edits the top-K layers; `--layers h.3,h.4` names them instead (`--part` picks the MLP,
+rows and edits the top-K layers (`--scorer editability`: the layers where one untrained MEND step
+fixes the most edits with the least spill, salem_jax.locate.editability); `--layers h.3,h.4` names them instead (`--part` picks the MLP,
 attention or all weights of each). Checkpoints, `metrics.jsonl` and `layers.json` go to the
 workdir; running the same command again resumes from the last checkpoint.
 """
@@ -16,10 +17,13 @@ import json
 import sys
 from pathlib import Path
 
+from salem_jax.commands.locate import SCORERS as SALIENCY_SCORERS
 from salem_jax.config import EDITOR_HELP, EDITOR_KEYS, editor_values, train_config
 from salem_jax.errors import UserError
 from salem_jax.mend.editor import MODES
 from salem_jax.mend.train import TrainConfig
+
+SCORERS = SALIENCY_SCORERS + ("editability",)  # --layers auto --scorer NAME
 
 
 def add_parser(subparsers) -> None:
@@ -35,7 +39,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--layers", default="auto", help="'auto' (saliency selection) or comma-separated layer names")
     p.add_argument("--top-k", type=int, default=1, help="layers chosen by --layers auto")
     p.add_argument("--part", choices=("mlp", "attention", "all"), default="mlp", help="weights of each layer to edit")
-    p.add_argument("--scorer", default="salem", help="saliency scorer for --layers auto")
+    p.add_argument("--scorer", default="salem", choices=SCORERS,
+                   help="--layers auto: a saliency scorer (salem = the paper's) or 'editability' "
+                        "(one untrained MEND step per layer: edits fixed minus spill; salem_jax.locate.editability)")
     p.add_argument("--saliency-examples", type=int, default=64,
                    help="--layers auto: at most this many train rows per group are profiled (0 = all)")
     p.add_argument("--tiny", action="store_true", help="start from the tiny test configuration (TrainConfig.tiny)")
@@ -95,10 +101,11 @@ def choose_layers(model, es, args, workdir: Path) -> tuple[str, ...]:
 
     lc = LocateConfig(scorer=args.scorer, part=args.part, top_k=args.top_k, micro_batch=8,
                       max_examples=args.saliency_examples, seed=0)
-    profile = locate(model, es.rows("train"), "saliency", lc, progress=not args.no_progress)
+    method = "editability" if args.scorer == "editability" else "saliency"
+    profile = locate(model, es.rows("train"), method, lc, progress=not args.no_progress)
     workdir.mkdir(parents=True, exist_ok=True)
     saved.write_text(profile.to_json())
-    print(f"saliency ({args.scorer}, {args.part}) chose: {', '.join(profile.chosen)}", file=sys.stderr)
+    print(f"{method} ({args.scorer}, {args.part}) chose: {', '.join(profile.chosen)}", file=sys.stderr)
     return tuple(profile.chosen)
 
 

@@ -5,7 +5,11 @@ The pipeline, `salem locate` and `salem train-editor --layers auto` choose layer
   at most `max_examples` rows of each of `groups` (sampled with `seed`), in micro-batches;
 - "causal-trace": ROME's causal tracing of the `select_group` rows whose subject is in the
   prompt (`subjects`: record id -> subject);
-- "sweep": fine-tune each layer alone on the fail rows (salem_jax.locate.sweep).
+- "sweep": fine-tune each layer alone on the fail rows (salem_jax.locate.sweep);
+- "editability": one identity-editor (untrained MEND) step per layer and probe edit: share of
+  edits fixed minus spill onto pass rows (salem_jax.locate.editability; `probe` configures it).
+("mend-sweep", MEND trained on each layer set, needs train and val splits and a workdir:
+salem_jax.locate.mend_sweep.mend_sweep.)
 Every method returns a `LayerProfile` (per-layer scores per group, the chosen layers).
 """
 
@@ -17,6 +21,7 @@ from typing import Mapping
 from salem_jax.data.edit_set import edit_set_batches, sample_by_group
 from salem_jax.data.tokenize import encode
 from salem_jax.locate import METHODS
+from salem_jax.locate.editability import EditabilityConfig, editability_profile
 from salem_jax.locate.sweep import SweepConfig, sweep_layers
 from salem_jax.locate.trace_rows import trace_edit_rows
 from salem_jax.saliency import LayerProfile, saliency_profile
@@ -30,7 +35,7 @@ class LocateConfig:
     Saliency: with max_examples or groups set, at most max_examples rows (0 = all) of each of `groups`
     (None = every group), sampled with `seed` (edit_set.sample_by_group); else every row as given.
     Causal tracing: max_facts, n_noise, restorations_per_call, select. Sweep: learning_rates, steps,
-    drawdown_budget."""
+    drawdown_budget. Editability: probe (its part is replaced by `part`, its seed by `seed`)."""
 
     scorer: str = "salem"
     part: str = "mlp"
@@ -48,6 +53,7 @@ class LocateConfig:
     learning_rates: tuple[float, ...] = (3e-4, 1e-3)
     steps: int = 10
     drawdown_budget: float = 0.1
+    probe: EditabilityConfig = EditabilityConfig()
 
 
 def saliency_batches(model, rows: list[dict], micro_batch: int) -> list[tuple[dict, list[str]]]:
@@ -95,4 +101,10 @@ def locate(model, rows: list[dict], method: str, config: LocateConfig = LocateCo
         res = sweep_layers(model, model.params, edits, rephrases=group_batch(model, rows, "adapt"),
                            keep=group_batch(model, rows, "pass"), layers=layers, config=cfg, progress=progress)
         return res.to_profile(top_k=c.top_k, model=model.name)
+    if method == "editability":
+        pc = dataclasses.replace(c.probe, part=c.part, seed=c.seed)
+        return editability_profile(model, rows, layers=layers, config=pc, top_k=c.top_k, progress=progress)
+    if method == "mend-sweep":
+        raise ValueError("mend-sweep trains an editor per layer set on a train and a val split: call "
+                         "salem_jax.locate.mend_sweep.mend_sweep (or `salem locate --method mend-sweep`)")
     raise ValueError(f"unknown locate method {method!r}; choose from {', '.join(METHODS)}")

@@ -1,18 +1,22 @@
-"""transformers' Flax classes behind the LoadedModel interface.
+"""The five Hugging Face architectures on our own Flax modules, behind the LoadedModel interface.
 
-Each architecture has a layer table built from its config (which pytree paths make up
-"layer i"), an `apply` mapping the library's batch dict to logits aligned with `labels`
-(see base.py), and the Flax / PyTorch class names used to load and save it.
+Each architecture has a flax.linen module of ours (`salem_jax.models.gpt2`, `gpt_neo`, `t5`,
+`bart`, `bert`; no transformers Flax class is used), a layer table built from its config
+(which pytree paths make up "layer i"), an `apply` mapping the library's batch dict to logits
+aligned with `labels` (see base.py), and its PyTorch twin's class name (for equivalence tests
+and `to_torch`). The config object is transformers' (`GPT2Config`, ...), read from config.json.
 
-    arch      Flax class                         blocks                      kernel layout
-    gpt2      FlaxGPT2LMHeadModel                h.0 .. h.{n-1}              out_in (Conv1D)
-    gpt_neo   FlaxGPTNeoForCausalLM              h.0 .. h.{n-1}              in_out (Dense)
-    t5        FlaxT5ForConditionalGeneration     encoder.i, then decoder.i   in_out
-    bart      FlaxBartForConditionalGeneration   encoder.i, then decoder.i   in_out
-    bert      FlaxBertForSequenceClassification  layer.0 .. layer.{n-1}      in_out
+    arch      our module                          blocks                      kernel layout
+    gpt2      gpt2.GPT2LMHeadModel                h.0 .. h.{n-1}              in_out (PyTorch Conv1D is [in, out] too)
+    gpt_neo   gpt_neo.GPTNeoForCausalLM           h.0 .. h.{n-1}              in_out
+    t5        t5.T5ForConditionalGeneration       encoder.i, then decoder.i   in_out
+    bart      bart.BartForConditionalGeneration   encoder.i, then decoder.i   in_out
+    bert      bert.BertForSequenceClassification  layer.0 .. layer.{n-1}      in_out
 
-Weight paths were read off the parameter trees of the real classes; `LayerTable.check`
-verifies them against every loaded model.
+Parameter paths are those of transformers' former Flax classes (`LayerTable.check` verifies
+the tables against every loaded model). One difference: GPT-2 kernels are now `[in, out]`
+("in_out"), where transformers' FlaxGPT2 kept them `[out, in]`; old FlaxGPT2 msgpack files
+are transposed on load (`salem_jax.models.convert`).
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
-import numpy as np
 
-from salem_jax.models.base import Block, Kind, LayerTable, LoadedModel, Weight
+from salem_jax.models import bart, bert, gpt2, gpt_neo, t5
+from salem_jax.models.base import Block, Kind, LayerTable, LoadedModel, Weight, param_paths
+from salem_jax.models.convert import params_to_torch
 
 
 # --------------------------------------------------------------------------- layer tables
@@ -34,15 +40,15 @@ def _dense(prefix: str, names: tuple[str, ...], layout: str = "in_out") -> tuple
 
 
 def gpt2_layers(config) -> LayerTable:
-    """GPT-2: Conv1D kernels stored [out, in]; blocks "h.i"."""
+    """GPT-2: blocks "h.i"; kernels [in, out] like every other architecture here."""
     blocks = []
     for i in range(config.n_layer):
         p = f"transformer/h/{i}"
         blocks.append(
             Block(
                 name=f"h.{i}",
-                mlp=_dense(f"{p}/mlp", ("c_fc", "c_proj"), "out_in"),
-                attention=_dense(f"{p}/attn", ("c_attn", "c_proj"), "out_in"),
+                mlp=_dense(f"{p}/mlp", ("c_fc", "c_proj")),
+                attention=_dense(f"{p}/attn", ("c_attn", "c_proj")),
             )
         )
     return LayerTable(tuple(blocks), embedding="transformer/wte")
@@ -134,54 +140,27 @@ def bert_layers(config) -> LayerTable:
 # --------------------------------------------------------------------------- apply functions
 
 
-def _positions(ids):
-    return jnp.broadcast_to(jnp.arange(ids.shape[1])[None], ids.shape)
-
-
 def _causal_apply(module):
     """GPT-2 / GPT-Neo: logits [B, T, V]; logits[:, t] predicts the token after t."""
 
     def apply(params, batch):
-        ids = batch["input_ids"]
-        out = module.apply({"params": params}, ids, batch["attention_mask"], _positions(ids), deterministic=True)
-        return out.logits
+        return module.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
 
     return apply
 
 
-def _t5_apply(module):
-    """T5: logits [B, S, V] over the decoder positions (teacher forced on decoder_input_ids)."""
+def _seq2seq_apply(module):
+    """T5 / BART: logits [B, S, V] over the decoder positions (teacher forced on
+    decoder_input_ids; BART positions count from 0 on both sides)."""
 
     def apply(params, batch):
-        out = module.apply(
+        return module.apply(
             {"params": params},
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            decoder_input_ids=batch["decoder_input_ids"],
-            decoder_attention_mask=batch["decoder_attention_mask"],
-            deterministic=True,
-        )
-        return out.logits
-
-    return apply
-
-
-def _bart_apply(module):
-    """BART: logits [B, S, V] over the decoder positions (positions count from 0 on both sides)."""
-
-    def apply(params, batch):
-        ids, dec = batch["input_ids"], batch["decoder_input_ids"]
-        out = module.apply(
-            {"params": params},
-            ids,
+            batch["input_ids"],
             batch["attention_mask"],
-            dec,
+            batch["decoder_input_ids"],
             batch["decoder_attention_mask"],
-            _positions(ids),
-            _positions(dec),
-            deterministic=True,
         )
-        return out.logits
 
     return apply
 
@@ -190,14 +169,8 @@ def _classifier_apply(module):
     """BERT classifier: logits [B, 1, num_labels] (S = 1, see base.py)."""
 
     def apply(params, batch):
-        ids = batch["input_ids"]
-        types = batch.get("token_type_ids")
-        if types is None:
-            types = jnp.zeros_like(ids)
-        out = module.apply(
-            {"params": params}, ids, batch["attention_mask"], types, _positions(ids), None, deterministic=True
-        )
-        return out.logits[:, None, :]
+        out = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        return out[:, None, :]
 
     return apply
 
@@ -211,53 +184,39 @@ class Arch:
 
     arch: str  # == config.model_type
     kind: Kind
-    flax_class: str  # class name in `transformers`
-    torch_class: str  # the PyTorch twin (conversion, tests)
+    module: Callable[..., Any]  # our flax.linen class: module(config, dtype, remat)
+    torch_class: str  # the PyTorch twin in `transformers` (conversion, tests)
     layers: Callable[[Any], LayerTable]
     make_apply: Callable[[Any], Callable]
     max_length: Callable[[Any], int]
+    dummy: Callable[[], tuple]  # positional inputs for `module.init`
+
+
+def _ids(n=2):
+    return jnp.ones((1, n), jnp.int32)
 
 
 ARCHS: dict[str, Arch] = {
     "gpt2": Arch(
-        "gpt2", "causal", "FlaxGPT2LMHeadModel", "GPT2LMHeadModel", gpt2_layers, _causal_apply, lambda c: c.n_positions
+        "gpt2", "causal", gpt2.GPT2LMHeadModel, "GPT2LMHeadModel", gpt2_layers, _causal_apply,
+        lambda c: c.n_positions, lambda: (_ids(), _ids()),
     ),
     "gpt_neo": Arch(
-        "gpt_neo",
-        "causal",
-        "FlaxGPTNeoForCausalLM",
-        "GPTNeoForCausalLM",
-        gpt_neo_layers,
-        _causal_apply,
-        lambda c: c.max_position_embeddings,
+        "gpt_neo", "causal", gpt_neo.GPTNeoForCausalLM, "GPTNeoForCausalLM", gpt_neo_layers, _causal_apply,
+        lambda c: c.max_position_embeddings, lambda: (_ids(), _ids()),
     ),
     # T5's relative positions have no hard limit; 512 is what the checkpoints were trained on.
     "t5": Arch(
-        "t5",
-        "seq2seq",
-        "FlaxT5ForConditionalGeneration",
-        "T5ForConditionalGeneration",
-        t5_layers,
-        _t5_apply,
-        lambda c: int(getattr(c, "n_positions", 512) or 512),
+        "t5", "seq2seq", t5.T5ForConditionalGeneration, "T5ForConditionalGeneration", t5_layers, _seq2seq_apply,
+        lambda c: int(getattr(c, "n_positions", 512) or 512), lambda: (_ids(), _ids(), _ids(), _ids()),
     ),
     "bart": Arch(
-        "bart",
-        "seq2seq",
-        "FlaxBartForConditionalGeneration",
-        "BartForConditionalGeneration",
-        bart_layers,
-        _bart_apply,
-        lambda c: c.max_position_embeddings,
+        "bart", "seq2seq", bart.BartForConditionalGeneration, "BartForConditionalGeneration", bart_layers,
+        _seq2seq_apply, lambda c: c.max_position_embeddings, lambda: (_ids(), _ids(), _ids(), _ids()),
     ),
     "bert": Arch(
-        "bert",
-        "classifier",
-        "FlaxBertForSequenceClassification",
-        "BertForSequenceClassification",
-        bert_layers,
-        _classifier_apply,
-        lambda c: c.max_position_embeddings,
+        "bert", "classifier", bert.BertForSequenceClassification, "BertForSequenceClassification", bert_layers,
+        _classifier_apply, lambda c: c.max_position_embeddings, lambda: (_ids(), _ids()),
     ),
 }
 
@@ -268,15 +227,28 @@ def arch_of(model_type: str, where: str = "") -> Arch:
     if mt not in ARCHS:
         raise ValueError(
             f"{where + ': ' if where else ''}unsupported architecture model_type={mt!r}; "
-            f"supported: {', '.join(sorted(ARCHS))} (transformers Flax) and llama/mistral (salem_jax.models.llama)"
+            f"supported: {', '.join(sorted(ARCHS))} and llama (salem_jax.models.llama)"
         )
     return ARCHS[mt]
 
 
-def flax_class(arch: str):
-    import transformers
+def make_module(arch: str, config, dtype: str = "float32", remat: bool = False):
+    """Our flax.linen module for `config` (`dtype`: computation dtype; `remat`: recompute each
+    block's activations in the backward pass)."""
+    return ARCHS[arch].module(config, jnp.dtype(dtype), remat)
 
-    return getattr(transformers, ARCHS[arch].flax_class)
+
+def abstract_shapes(arch: str, config) -> dict[str, tuple[int, ...]]:
+    """Path -> shape of every parameter of the module for `config` (traced, nothing allocated)."""
+    module = make_module(arch, config)
+    tree = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *ARCHS[arch].dummy()))["params"]
+    return {p: tuple(x.shape) for p, x in zip(param_paths(tree), jax.tree_util.tree_leaves(tree))}
+
+
+def init_params(arch: str, config, seed: int = 0) -> dict:
+    """Random float32 parameters (normal kernels and embeddings, unit norms, zero biases)."""
+    module = make_module(arch, config)
+    return module.init(jax.random.PRNGKey(seed), *ARCHS[arch].dummy())["params"]
 
 
 def torch_class(arch: str):
@@ -290,46 +262,75 @@ def to_torch(model: LoadedModel, params=None):
     """The transformers PyTorch twin of a model with `params` (default `model.params`), in eval
     mode and float32: for checking against PyTorch or exporting. Needs torch.
 
-    (`PTModel.from_pretrained(dir, from_flax=True)` is broken in transformers 4.57; this uses
-    `load_flax_weights_in_pytorch_model`, which works.)
-    """
-    import jax
-
-    from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
+    Raises if PyTorch expects a parameter we do not supply, other than a tied LM head."""
+    import torch
 
     params = model.params if params is None else params
-    # Writable float32 copies: torch.from_numpy has no bfloat16 and warns on read-only arrays.
-    params = jax.tree.map(
-        lambda x: np.array(x, np.float32) if jnp.issubdtype(x.dtype, jnp.floating) else np.array(x),
-        jax.device_get(params),
-    )
-    pt = torch_class(model.arch)(model.config)
-    return load_flax_weights_in_pytorch_model(pt, params).float().eval()
+    state = {k: torch.tensor(v) for k, v in params_to_torch(model.arch, params).items()}
+    # Eager attention: the reference implementation. (transformers' SDPA path for GPT-2 ignores
+    # scale_attn_by_inverse_layer_idx, which our module and eager GPT-2 apply.)
+    pt = torch_class(model.arch)._from_config(model.config, attn_implementation="eager").float().eval()
+    _untie(pt, state)
+    result = pt.load_state_dict(state, strict=False)
+    tied = tied_head(model.arch, model.config)
+    bad_missing = [k for k in result.missing_keys if not (tied and k == "lm_head.weight")]
+    if result.unexpected_keys or bad_missing:
+        raise ValueError(
+            f"{model.name}: PyTorch {ARCHS[model.arch].torch_class} does not match our parameters: "
+            f"missing {bad_missing[:5]}, unexpected {list(result.unexpected_keys)[:5]}"
+        )
+    if tied:  # transformers 4 builds T5 with a separate lm_head until tie_weights() runs
+        pt.tie_weights()
+    return pt
 
 
-def from_flax_model(name: str, model, tokenizer=None, params=None, extra: dict | None = None) -> LoadedModel:
-    """Wrap an instantiated transformers Flax model.
+def _untie(pt, state: dict) -> None:
+    """Give every parameter that `state` fills under two or more names its own tensor.
 
-    `params` defaults to `model.params`; pass it for models built with `_do_init=False`.
-    The layer table is checked against the parameters (a missing path is an error).
-    """
-    cfg = model.config
-    spec = arch_of(cfg.model_type, name)
-    if params is None:
-        params = model.params
-    layers = spec.layers(cfg)
+    transformers 5 builds `T5ForConditionalGeneration` with `lm_head` tied to `shared` even for
+    a v1.1 config (untied head); loading both tensors into one shared Parameter would keep the
+    last. (Its `from_pretrained` unties when a checkpoint holds two different tensors.)"""
+    import torch
+
+    names: dict[int, list[str]] = {}
+    for n, p in pt.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    for group in names.values():
+        given = [n for n in group if n in state]
+        for n in given[1:]:
+            *mod, attr = n.split(".")
+            owner = pt.get_submodule(".".join(mod))
+            setattr(owner, attr, torch.nn.Parameter(getattr(owner, attr).detach().clone()))
+
+
+def tied_head(arch: str, config) -> bool:
+    """Whether the LM head reuses the token embedding (no `lm_head` parameter of its own)."""
+    return t5.ties_head(config) if arch == "t5" else bool(getattr(config, "tie_word_embeddings", True))
+
+
+def from_params(
+    name: str, arch: str, config, params, tokenizer=None, *, dtype: str = "float32", remat: bool = False,
+    extra: dict | None = None,
+) -> LoadedModel:
+    """Wrap `params` (our layout) and a transformers config as a LoadedModel.
+
+    `dtype` is the computation dtype (params are used as given); `remat` recomputes each block's
+    activations in the backward pass. The layer table is checked against the parameters."""
+    spec = arch_of(arch, name)
+    module = make_module(arch, config, dtype, remat)
+    layers = spec.layers(config)
     layers.check(params)
     return LoadedModel(
         name=name,
         arch=spec.arch,
         kind=spec.kind,
-        apply=spec.make_apply(model.module),
+        apply=spec.make_apply(module),
         params=params,
-        config=cfg,
+        config=config,
         tokenizer=tokenizer,
         layers=layers,
-        max_length=int(spec.max_length(cfg)),
-        module=model.module,
+        max_length=int(spec.max_length(config)),
+        module=module,
         extra=dict(extra or {}),
     )
 
@@ -415,12 +416,23 @@ def _tiny_bert_tokenizer():
         single="<s> $A </s>", pair="<s> $A </s> $B:1 </s>:1", special_tokens=[("<s>", 2), ("</s>", 3)]
     )
     tok.cls_token, tok.sep_token = "<s>", "</s>"
+    # transformers 5 returns token_type_ids only when the tokenizer lists them
+    tok.model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
     return tok
 
 
-def tiny(arch: str = "gpt2", seed: int = 0, vocab_size: int = 128, **config_overrides) -> LoadedModel:
+def tiny(
+    arch: str = "gpt2",
+    seed: int = 0,
+    vocab_size: int = 128,
+    *,
+    dtype: str = "float32",
+    remat: bool = False,
+    **config_overrides,
+) -> LoadedModel:
     """A tiny random model for tests: 2 blocks (2 encoder + 2 decoder for seq2seq), width 32,
     with the word-level tokenizer of `salem_jax.testing` (ids 0 pad, 1 unk, 2 bos, 3 eos).
+    `dtype` is the computation and parameter dtype; `remat` wraps each block in `nn.remat`.
 
     `config_overrides` go to the transformers config, e.g.
     `tiny("t5", feed_forward_proj="gated-gelu", tie_word_embeddings=False)` for a T5 v1.1.
@@ -436,5 +448,5 @@ def tiny(arch: str = "gpt2", seed: int = 0, vocab_size: int = 128, **config_over
         tok = _tiny_bert_tokenizer()
     else:
         tok = tiny_tokenizer()
-    model = flax_class(arch)(cfg, seed=seed)
-    return from_flax_model(f"tiny-{arch}", model, tok)
+    params = jax.tree.map(lambda x: x.astype(dtype), init_params(arch, cfg, seed))
+    return from_params(f"tiny-{arch}", arch, cfg, params, tok, dtype=dtype, remat=remat)

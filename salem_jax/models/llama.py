@@ -65,9 +65,29 @@ def head_dim(config) -> int:
     return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
 
-def rope_type(config) -> str:
-    """The rotary variant named by `config.rope_scaling` ("default" when it is None)."""
+def rope_scaling(config):
+    """The rotary settings dict: `config.rope_scaling` (transformers 4), else
+    `config.rope_parameters` (transformers 5 moved rope_theta and the scaling there); None
+    when neither is set."""
     scaling = getattr(config, "rope_scaling", None)
+    if scaling is None:
+        scaling = getattr(config, "rope_parameters", None)
+    return scaling
+
+
+def rope_theta(config) -> float:
+    """The rotary base: `config.rope_theta` (transformers 4) or `config.rope_parameters["rope_theta"]` (5)."""
+    theta = getattr(config, "rope_theta", None)
+    if theta is None:
+        theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta")
+    if theta is None:
+        raise ValueError("Llama config has no rope_theta (nor rope_parameters['rope_theta'])")
+    return float(theta)
+
+
+def rope_type(config) -> str:
+    """The rotary variant named by `rope_scaling(config)` ("default" when it is None)."""
+    scaling = rope_scaling(config)
     if not scaling:
         return "default"
     if not isinstance(scaling, dict):
@@ -86,15 +106,15 @@ def rope_inv_freq(config) -> np.ndarray:
     dim = head_dim(config)
     if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
         raise NotImplementedError("partial_rotary_factor != 1 is not supported by salem_jax's Llama")
-    base = np.float32(config.rope_theta)
+    base = np.float32(rope_theta(config))
     inv = (1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))).astype(np.float32)
     kind = rope_type(config)
     if kind == "linear":
-        inv = inv / np.float32(config.rope_scaling["factor"])
+        inv = inv / np.float32(rope_scaling(config)["factor"])
     elif kind == "llama3":
         # Llama 3.1 frequency-dependent scaling: long wavelengths are slowed by `factor`, short
         # ones kept, and the band between is interpolated smoothly.
-        s = config.rope_scaling
+        s = rope_scaling(config)
         factor, lo, hi = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
         old_ctx = float(s["original_max_position_embeddings"])
         wavelen = 2 * math.pi / inv

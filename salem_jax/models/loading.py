@@ -6,15 +6,18 @@
    "minilm-l6" (all-MiniLM-L6-v2 as a BERT classifier with a new head);
 2. a `.gguf` file -> `salem_jax.models.gguf.load_gguf`;
 3. a local folder with config.json: llama -> `salem_jax.models.llama.load_llama_folder`;
-   gpt2 / gpt_neo / t5 / bart / bert -> transformers' Flax class, from Flax weights
-   (flax_model.msgpack, Flax safetensors) or PyTorch weights (model.safetensors,
-   sharded safetensors, pytorch_model.bin; only .bin needs torch);
+   gpt2 / gpt_neo / t5 / bart / bert -> our own Flax modules (`salem_jax.models.hf`), from
+   PyTorch weights (model.safetensors, sharded safetensors with an index, pytorch_model.bin
+   read with `torch.load(weights_only=True)`; only .bin needs torch) or weights written by
+   transformers' former Flax classes (flax_model.msgpack, sharded msgpack, Flax safetensors),
+   converted by `salem_jax.models.convert`; the config comes from config.json;
 4. a Hugging Face hub id ("gpt2-xl", "google/t5-v1_1-base"): the local HF cache if it holds the
    model, otherwise a download when the hub answers. Offline (HF_HUB_OFFLINE) or unreachable
    (a 3 s probe) -> `HubUnavailableError` at once, saying how to pass a local folder instead.
 
-`save_model(model, params, out_dir)` writes a folder that `load_model` and transformers read,
-atomically (a temporary folder beside `out_dir`, renamed into place when complete).
+`save_model(model, params, out_dir)` writes a folder that `load_model` and transformers' PyTorch
+classes read (config.json, PyTorch-layout model.safetensors, tokenizer), atomically (a temporary
+folder beside `out_dir`, renamed into place when complete).
 """
 
 from __future__ import annotations
@@ -32,10 +35,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from salem_jax import env
-from salem_jax.models import hf
-from salem_jax.models.base import LoadedModel
+from salem_jax.models import convert, hf
+from salem_jax.models.base import LoadedModel, param_paths
+from salem_jax.models.llama import read_safetensors, unflatten
 
 log = logging.getLogger(__name__)
 
@@ -163,41 +168,30 @@ def _pad_with_eos(tok) -> None:
         tok.pad_token = tok.eos_token
 
 
-def _fill_missing(model, params, seed: int):
-    """Give parameters the checkpoint lacks (e.g. a new head) their random initial values."""
-    from flax.core import unfreeze
-    from flax.traverse_util import flatten_dict
-
-    have = set(flatten_dict(params))
-    missing = set(flatten_dict(model.params_shape_tree)) - have
-    if not missing:
-        return params, []
-    model._missing_keys = missing  # read by transformers' init_weights(params=...)
-    params = unfreeze(model.init_weights(jax.random.PRNGKey(seed), model.input_shape, params))
-    return params, sorted("/".join(k) for k in missing)
+def _shard_files(folder: Path, wfile: str) -> list[str]:
+    """The files holding a checkpoint: `wfile` itself, or the shards its index lists."""
+    if not wfile.endswith(".index.json"):
+        return [wfile]
+    index = json.loads((folder / wfile).read_text())
+    try:
+        files = sorted(set(index["weight_map"].values()))
+    except (KeyError, AttributeError):
+        raise ValueError(f"{folder / wfile}: field 'weight_map' is missing") from None
+    for name in files:
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / wfile} lists the shard {name}, which is missing")
+    return files
 
 
 def read_torch_state(folder: Path, wfile: str) -> dict[str, Any]:
-    """The PyTorch state dict of a folder's weights: model.safetensors, pytorch_model.bin or
-    a sharded index of either (`wfile` names the file or the index). Only .bin needs torch."""
-    from safetensors import safe_open
-
-    if wfile.endswith(".index.json"):
-        index = json.loads((folder / wfile).read_text())
-        try:
-            files = sorted(set(index["weight_map"].values()))
-        except (KeyError, AttributeError):
-            raise ValueError(f"{folder / wfile}: field 'weight_map' is missing") from None
-    else:
-        files = [wfile]
+    """The PyTorch state dict of a folder's weights as numpy arrays: model.safetensors,
+    pytorch_model.bin or a sharded index of either (`wfile` names the file or the index).
+    Only .bin needs torch (read with `weights_only=True`: no pickled code runs)."""
     state: dict[str, Any] = {}
-    for name in files:
+    for name in _shard_files(folder, wfile):
         path = folder / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{folder / wfile} lists the shard {name}, which is missing")
         if name.endswith(".safetensors"):
-            with safe_open(str(path), framework="flax") as f:  # flax: keeps bfloat16 tensors as they are
-                state.update({k: f.get_tensor(k) for k in f.keys()})
+            state.update(read_safetensors(path))  # memory-mapped; bfloat16 kept as is
         else:
             import torch
 
@@ -206,22 +200,24 @@ def read_torch_state(folder: Path, wfile: str) -> dict[str, Any]:
     return state
 
 
-def _load_pytorch(cls, folder: Path, wfile: str, config, dtype, seed: int, drop_prefix: str | None):
-    """transformers' Flax model with PyTorch weights converted by transformers' own key and layout
-    rules. Parameters the checkpoint lacks keep their random initial values (listed in `missing`);
-    tensors under `drop_prefix` (a head being replaced) are ignored."""
-    from flax.traverse_util import flatten_dict, unflatten_dict
-    from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
+def read_flax_state(folder: Path, wfile: str) -> dict[str, Any]:
+    """{"a/b/c": array} of weights written by transformers' former Flax classes:
+    flax_model.msgpack, its sharded index, or Flax safetensors (keys joined by ".")."""
+    from flax.serialization import msgpack_restore
 
-    state = read_torch_state(folder, wfile)
-    if drop_prefix:
-        state = {k: v for k, v in state.items() if not k.startswith(drop_prefix)}
-    model = cls(config, seed=seed, dtype=dtype)  # the random init supplies missing parameters
-    flat = flatten_dict(convert_pytorch_state_dict_to_flax(state, model))
-    init = flatten_dict(model.params)
-    missing = sorted("/".join(k) for k in init if k not in flat)
-    params = unflatten_dict({k: flat.get(k, v) for k, v in init.items()})
-    return model, params, missing
+    flat: dict[str, Any] = {}
+    for name in _shard_files(folder, wfile):
+        path = folder / name
+        if name.endswith(".safetensors"):
+            flat.update({k.replace(".", "/"): v for k, v in read_safetensors(path).items()})
+            continue
+        try:
+            tree = msgpack_restore(path.read_bytes())
+        except Exception as e:  # msgpack raises several unrelated types for a damaged file
+            raise ValueError(f"{path}: not a Flax msgpack checkpoint ({type(e).__name__}: {e})") from None
+        leaves = jax.tree_util.tree_leaves(tree)
+        flat.update(dict(zip(param_paths(tree), leaves)))
+    return flat
 
 
 # --------------------------------------------------------------------------- folders
@@ -272,34 +268,31 @@ def load_folder(
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True, **cfg_kwargs)
 
     fmt, wfile = find_weights(folder, from_pt)
-    cls = hf.flax_class(spec.arch)
     if wfile.endswith(".bin") or wfile.endswith(".bin.index.json"):
         _require_torch(f"{folder / wfile} (a PyTorch .bin checkpoint)")
     log.info("loading %s (%s) from %s (%s weights)", name, spec.arch, folder / wfile, fmt)
+    shapes = hf.abstract_shapes(spec.arch, config)  # traced: nothing allocated yet
+    where = str(folder / wfile)
+
+    def skip(path: str) -> bool:  # a head of the wrong size (or none) must not be read
+        return new_head and path.startswith("classifier/")
+
     if fmt == "pt":
-        drop = "classifier." if new_head else None  # a head of the wrong size must not be converted
-        model, params, missing = _load_pytorch(cls, folder, wfile, config, dt, seed, drop)
-    else:
-        # A single file is passed by path so transformers loads exactly the file chosen above;
-        # sharded Flax checkpoints go by folder (transformers then finds the index itself).
-        target = folder if wfile.endswith(".index.json") else folder / wfile
-        # Skip the random init (a large model would briefly need twice the memory), except for
-        # classifiers whose head may be new or resized.
-        do_init = spec.kind == "classifier"
-        out = cls.from_pretrained(
-            str(target),
-            config=config,
-            dtype=dt,
-            _do_init=do_init,
-            seed=seed,
-            local_files_only=True,
-            ignore_mismatched_sizes=do_init,
+        flat, missing, ignored = convert.params_from_torch(
+            spec.arch, read_torch_state(folder, wfile), shapes, tied=hf.tied_head(spec.arch, config), where=where,
+            skip=skip,
         )
-        if do_init:
-            model, params, missing = out, out.params, []
-        else:
-            model, params = out
-            params, missing = _fill_missing(model, params, seed)
+    else:
+        flat, missing, ignored = convert.params_from_flax(
+            spec.arch, read_flax_state(folder, wfile), shapes, where=where, skip=skip
+        )
+    if missing:  # random initial values (seeded) for what the checkpoint lacks, e.g. a new head
+        init = hf.init_params(spec.arch, config, seed)
+        flat.update({p: np.asarray(x) for p, x in zip(param_paths(init), jax.tree_util.tree_leaves(init))
+                     if p in missing})
+    if ignored:
+        log.warning("%s: %d tensors of the checkpoint are not used by the %s model: %s", name, len(ignored),
+                    spec.arch, ignored[:10])
     if spec.kind == "classifier":  # the head has its own message below
         missing = [k for k in missing if not k.startswith("classifier/")]
     if missing:
@@ -312,10 +305,10 @@ def load_folder(
             name,
             config.num_labels,
         )
-    params = cast_params(params, dtype)
+    params = cast_params(unflatten({p: jnp.asarray(v) for p, v in flat.items()}), dtype)
     tok = _load_tokenizer(folder, spec.kind)
     extra = dict(source=str(folder), weights=wfile, format=fmt, new_head=new_head)
-    return hf.from_flax_model(name, model, tok, params=params, extra=extra)
+    return hf.from_params(name, spec.arch, config, params, tok, dtype=dtype, extra=extra)
 
 
 # --------------------------------------------------------------------------- hub
@@ -480,7 +473,7 @@ def load_model(
 
     Args:
       dtype: "float32" (default), "bfloat16" or "float16": every floating parameter is cast
-        to it and transformers' modules compute in it (use bfloat16 on TPU/GPU).
+        to it and the modules compute in it (use bfloat16 on TPU/GPU).
       num_labels: classes of a classifier (BERT); "minilm-l6" defaults to 2.
       from_pt: True = load PyTorch weights (converted), False = Flax weights only,
         None = whichever the folder has (Flax first).
@@ -533,14 +526,32 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         os.rename(tmp, out)
 
 
-def save_model(model: LoadedModel, params: Any, out_dir: str | os.PathLike, *, torch_weights: bool = False) -> str:
+def _record_tying(config_json: Path, tied: bool) -> None:
+    """Write `tie_word_embeddings` as the model has it: transformers 5 saves T5 configs with
+    `tie_word_embeddings: true` always (keeping the real flag as `scale_decoder_outputs`), which
+    transformers 4 and other readers would take for a tied head."""
+    raw = json.loads(config_json.read_text())
+    if raw.get("tie_word_embeddings") != tied:
+        raw["tie_word_embeddings"] = tied
+        config_json.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+
+
+def save_model(
+    model: LoadedModel, params: Any, out_dir: str | os.PathLike, *, torch_weights: bool | None = None
+) -> str:
     """Write `params` as a model folder that `load_model` (and transformers) open; returns its path.
 
-    HF architectures: Flax weights (flax_model.msgpack) + config.json + tokenizer files.
-    `torch_weights=True` also writes PyTorch model.safetensors (needs torch) so that
-    `AutoModel.from_pretrained(out_dir)` opens it directly in PyTorch. Llama models are
-    written by `salem_jax.models.llama.save_llama_folder`. The folder appears complete or not at all.
+    HF architectures: config.json (with `architectures` naming the PyTorch class), the weights as
+    PyTorch-layout float32 model.safetensors (`AutoModel...from_pretrained(out_dir)` opens them;
+    writing needs no torch) and the tokenizer files. `torch_weights` is accepted for callers of
+    the earlier API (where True added PyTorch weights beside Flax ones, which needed torch) and
+    has no effect: PyTorch-layout safetensors are now the only format written, with or without torch. Llama models are written by
+    `salem_jax.models.llama.save_llama_folder`. The folder appears complete or not at all.
     """
+    import copy
+
+    from safetensors.numpy import save_file
+
     out = Path(out_dir).expanduser().absolute()
     check_save_target(out)
     if model.arch == "llama":
@@ -549,16 +560,15 @@ def save_model(model: LoadedModel, params: Any, out_dir: str | os.PathLike, *, t
         return str(llama.save_llama_folder(model, params, out))  # atomic as well (llama.write_atomically)
     if model.arch not in hf.ARCHS:
         raise ValueError(f"cannot save architecture {model.arch!r}; supported: {', '.join(sorted(hf.ARCHS))}, llama")
-    if torch_weights:
-        _require_torch("save_model(torch_weights=True)")
+    config = copy.deepcopy(model.config)
+    config.architectures = [hf.ARCHS[model.arch].torch_class]
+    state = convert.params_to_torch(model.arch, params)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        params = jax.device_get(params)
-        if torch_weights:
-            hf.to_torch(model, params).save_pretrained(str(tmp), safe_serialization=True)
-        # _do_init=False: no random weights are made, the class only serialises `params`
-        hf.flax_class(model.arch)(model.config, _do_init=False).save_pretrained(str(tmp), params=params)
+        config.save_pretrained(str(tmp))
+        _record_tying(tmp / "config.json", hf.tied_head(model.arch, config))
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(str(tmp))
         _replace_dir(tmp, out)

@@ -1,0 +1,295 @@
+"""Benchmark: the golden-layer test with r-ROME on SmolLM2 (is one fixed layer as good as each edit's best?).
+
+    python benchmarks/golden_layers.py --n 20 --layer-stride 3 --out runs/golden.json
+
+For N CounterFact (`counterfact-preknown`) and N zsRE edits, r-ROME edits each one at every
+candidate layer (every --layer-stride'th block) and scores it there:
+
+  rewrite   token accuracy (teacher-forced argmax) of target_new after the prompt (EasyEdit's
+            rewrite accuracy)
+  rephrase  the same on the record's rephrases / paraphrase prompts
+  locality  share of the locality prompts' answer tokens whose argmax did not change
+  ES/PS/NS  CounterFact's (ROME's) success on prompt / paraphrases / neighbourhood (CF only)
+
+Then the ways of choosing a layer, each as one layer for all edits of a data set (except the
+oracle): the per-edit oracle (each edit's best layer, ordered by rewrite, rephrase, locality),
+the best fixed layer by brute force over the evaluated edits themselves, and the layer each
+scorer picks from a disjoint proxy set of --proxy edits of the same data set: salem (gradient
+saliency of the fail rows), contrast (fail minus pass saliency), lga (the project's reading),
+lga_ip (the third-party definition: gradient inner product, Tukey fences) and causal tracing
+(on --trace-facts proxy facts). Each scorer's choice is restricted to the candidate layers.
+Gaps are paired over edits with 95% bootstrap intervals. Costs are this run's wall times
+(the machine is shared: the load average is recorded). Also: the France -> Rome edit at the
+best fixed CounterFact layer and whether "The capital of Germany is" moves.
+
+Prints a table; writes JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+METRICS = ("rewrite", "rephrase", "locality")
+
+
+def load_edits(name: str, n: int, proxy: int):
+    from salem_jax.baselines.requests import EditRequest
+    from salem_jax.data.paths import find_data_file
+    from salem_jax.data.readers import read_records
+
+    fname = "counterfact-preknown" if name == "counterfact" else "zsre"
+    fmt = "counterfact" if name == "counterfact" else "zsre"
+    recs = [r for r in read_records(find_data_file(fname), fmt, limit=20 * (n + proxy))
+            if r.subject and r.subject in r.prompt and r.target_new.strip() and r.rephrases and r.loc_prompts]
+    if len(recs) < n + proxy:
+        raise SystemExit(f"{fname}: only {len(recs)} usable records for --n {n} + --proxy {proxy}")
+    def req(r):
+        return EditRequest(r.prompt, r.subject, r.target_new, relation=r.extra.get("relation_id"),
+                           target_true=r.target_true, record_id=r.id)
+    ev, px = recs[:n], recs[n : n + proxy]
+    return ev, [req(r) for r in ev], px
+
+
+def loc_rows(rec):
+    return [{"prompt": p, "target": t if t else rec.target_true} for p, t in zip(rec.loc_prompts, rec.loc_targets)]
+
+
+def token_acc(out) -> float:
+    return float(out["token_correct"].sum() / max(out["n_tokens"].sum(), 1))
+
+
+def score_edit(model, base, params, rec, req, cf: bool):
+    from salem_jax.eval import metrics as M
+    from salem_jax.eval.counterfact import evaluate_counterfact
+
+    rw = M.score_rows(model, params, [{"prompt": rec.prompt, "target": req.target_new}], progress=False)
+    rp = M.score_rows(model, params, [{"prompt": p, "target": req.target_new} for p in rec.rephrases], progress=False)
+    lc = M.compare_rows(model, base, params, loc_rows(rec), progress=False)
+    out = {"rewrite": token_acc(rw), "rephrase": token_acc(rp),
+           "locality": float(lc["unchanged"].sum() / max(lc["n_tokens_after"].sum(), 1))}
+    if cf:
+        m = evaluate_counterfact(model, params, [rec], progress=False)
+        out.update(ES=m["ES"], PS=m["PS"], NS=m["NS"])
+    return out
+
+
+def scorer_layers(model, proxy, cand, args, log):
+    """{scorer: (chosen candidate layer, per-candidate scores, wall seconds)} from the proxy edits."""
+    import jax
+
+    from salem_jax import saliency as S
+    from salem_jax.data.tokenize import encode, pad_rows
+    from salem_jax.locate import causal_trace as C
+    from salem_jax.locate.golden import lga_inner_product_scores, tukey_choice
+
+    names = model.layers.names()
+    ci = [names.index(c) for c in cand]
+    fail = [(r.prompt, r.target_new) for r in proxy]
+    keep = [(p, t if t else r.target_true) for r in proxy for p, t in list(zip(r.loc_prompts, r.loc_targets))[:2]]
+    rows = [(p, t, "fail") for p, t in fail] + [(p, t, "pass") for p, t in keep]
+    L = max(encode(model, [p], [t])["input_ids"].shape[1] for p, t, _ in rows)
+    mb = 4
+    data = []
+    for s in range(0, len(rows), mb):
+        ch = rows[s : s + mb]
+        b = encode(model, [p for p, _, _ in ch], [t for _, t, _ in ch], length=L)
+        data.append((pad_rows(b, mb), [g for _, _, g in ch]))
+    out = {}
+    t = time.perf_counter()
+    st = S.saliency_stats(model, model.params, data, micro_batch=mb, track_mean=False)
+    dt = time.perf_counter() - t
+    for sc in ("salem", "contrast"):
+        v = st.layer_scores(sc, "fail")[ci]
+        out[sc] = (cand[int(np.argmax(v))], v.tolist(), dt)
+    log(f"saliency {dt:.0f}s")
+    t = time.perf_counter()
+    lg = S.lga_scores(model, model.params, data, micro_batch=mb)
+    v = lg.layer_scores("fail")[ci]
+    out["lga"] = (cand[int(np.argmax(v))], v.tolist(), time.perf_counter() - t)
+    log(f"lga {out['lga'][2]:.0f}s")
+    t = time.perf_counter()
+    v = lga_inner_product_scores(model, model.params, [r.prompt for r in proxy], [r.target_true for r in proxy],
+                                 [r.target_new for r in proxy], layers=cand)
+    j, dropped = tukey_choice(v, 1.0)
+    out["lga_ip"] = (cand[j], v.tolist(), time.perf_counter() - t)
+    out["lga_ip_dropped"] = [cand[i] for i in dropped]
+    log(f"lga_ip {out['lga_ip'][2]:.0f}s")
+    t = time.perf_counter()
+    facts = proxy[: args.trace_facts]
+    prompts = [r.prompt for r in facts]
+    b = encode(model, prompts, [r.target_true for r in facts])
+    sm = C.subject_token_mask(model, prompts, [r.subject for r in facts], b["input_ids"].shape[1])
+    prof, _ = C.trace_profile(model, model.params, b, sm, n_noise=args.n_noise, layers=cand)
+    v = np.asarray(prof.scores["fail"])  # traced on the candidate layers only
+    jax.effects_barrier()
+    out["causal_trace"] = (cand[int(np.argmax(v))], v.tolist(), time.perf_counter() - t)
+    log(f"causal trace {out['causal_trace'][2]:.0f}s on {len(facts)} facts")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--datasets", default="counterfact,zsre")
+    ap.add_argument("--n", type=int, default=20, help="edits per data set")
+    ap.add_argument("--proxy", type=int, default=10, help="proxy edits per data set for the scorers")
+    ap.add_argument("--layer-stride", type=int, default=3)
+    ap.add_argument("--layer-offset", type=int, default=0)
+    ap.add_argument("--cov-tokens", type=int, default=20000)
+    ap.add_argument("--prefixes", default="5x5,5x10", help="r-ROME prefixes: count x tokens, comma separated")
+    ap.add_argument("--v-steps", type=int, default=20)
+    ap.add_argument("--trace-facts", type=int, default=3)
+    ap.add_argument("--n-noise", type=int, default=5)
+    ap.add_argument("--boot", type=int, default=2000)
+    ap.add_argument("--out", default="runs/golden.json")
+    args = ap.parse_args(argv)
+
+    import dataclasses
+
+    from salem_jax.baselines.keystats import KeyStats, wikitext_texts
+    from salem_jax.baselines.locate_edit import EditorConfig
+    from salem_jax.baselines.rome import ROMEConfig, rome_weight
+    from salem_jax.baselines.rrome import rrome_one
+    from salem_jax.locate.golden import best_fixed_layer, bootstrap_gap, per_edit_oracle
+    from salem_jax.models import load_model
+
+    t_start = time.perf_counter()
+    load0 = os.getloadavg()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - t_start:7.0f}s] {msg}", file=sys.stderr, flush=True)
+
+    model = load_model(args.model)
+    base = model.params
+    names = model.layers.names()
+    cand = names[args.layer_offset :: args.layer_stride]
+    lengths = []
+    for part in args.prefixes.split(","):
+        if part:
+            c, n = part.split("x")
+            lengths += [int(n)] * int(c)
+    stats = KeyStats(model, base, wikitext_texts(2000), max_tokens=args.cov_tokens, prefix_lengths=lengths,
+                     progress=False)
+    cfg = EditorConfig(value=ROMEConfig(v_steps=args.v_steps))
+    prefixes = stats.prefixes()
+    t = time.perf_counter()
+    solvers = {c: stats.solver(c) for c in cand}
+    cov_time = time.perf_counter() - t
+    log(f"key statistics for {len(cand)} layers: {cov_time:.0f}s")
+    report = {"command": "python benchmarks/golden_layers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "model": args.model, "candidates": cand, "args": vars(args), "load_start": load0,
+              "cov_seconds": cov_time, "covariance": stats.report(), "datasets": {}}
+    for ds in args.datasets.split(","):
+        recs, reqs, proxy = load_edits(ds, args.n, args.proxy)
+        cf = ds == "counterfact"
+        table, extra = np.zeros((len(reqs), len(cand), len(METRICS))), [[None] * len(cand) for _ in reqs]
+        t = time.perf_counter()
+        for i, (rec, rq) in enumerate(zip(recs, reqs)):
+            for j, c in enumerate(cand):
+                p, info = rrome_one(model, base, rome_weight(model, c), rq, solvers[c], cfg, prefixes)
+                m = score_edit(model, base, p, rec, rq, cf)
+                table[i, j] = [m[k] for k in METRICS]
+                extra[i][j] = m
+            log(f"{ds} edit {i + 1}/{len(reqs)}: rewrite per layer {np.round(table[i, :, 0], 2).tolist()}")
+        sweep_time = time.perf_counter() - t
+        per_pair = sweep_time / (len(reqs) * len(cand))
+        best, best_m = per_edit_oracle(table)
+        fixed = best_fixed_layer(table)
+        scorers = scorer_layers(model, proxy, cand, args, log)
+        ways = {"oracle": {"layer": "per edit", "per_edit": best_m, "cost_s": sweep_time},
+                "brute_force_fixed": {"layer": cand[fixed], "per_edit": table[:, fixed],
+                                      "cost_s": per_pair * len(proxy) * len(cand),
+                                      "cost_note": "r-ROME + scoring at every candidate on the proxy set, "
+                                                   "from this run's time per (edit, layer)"}}
+        for sc in ("salem", "contrast", "lga", "lga_ip", "causal_trace"):
+            layer, scores, secs = scorers[sc]
+            ways[sc] = {"layer": layer, "per_edit": table[:, cand.index(layer)], "cost_s": secs, "scores": scores}
+        res = {"n": len(reqs), "oracle_layers": [cand[b] for b in best], "sweep_seconds": sweep_time,
+               "seconds_per_edit_layer": per_pair, "lga_ip_dropped": scorers["lga_ip_dropped"],
+               "table": table.tolist(), "ways": {}}
+        for w, d in ways.items():
+            pe = np.asarray(d["per_edit"])
+            row = {"layer": d["layer"], "cost_s": d["cost_s"], **{k: float(pe[:, q].mean()) for q, k in enumerate(METRICS)}}
+            if "scores" in d:
+                row["scores"] = d["scores"]
+            for q, k in enumerate(METRICS):
+                row[f"gap_{k}_vs_oracle"] = bootstrap_gap(best_m[:, q], pe[:, q], n_boot=args.boot)
+                row[f"gap_{k}_vs_fixed"] = bootstrap_gap(table[:, fixed, q], pe[:, q], n_boot=args.boot)
+            if cf:
+                if w == "oracle":
+                    sel = [extra[i][b] for i, b in enumerate(best)]
+                else:
+                    sel = [extra[i][cand.index(d["layer"])] for i in range(len(reqs))]
+                for k in ("ES", "PS", "NS"):
+                    row[k] = float(np.mean([s[k] for s in sel]))
+            res["ways"][w] = row
+        report["datasets"][ds] = res
+        if "spill" not in report:  # the France -> Rome edit at the first data set's best fixed layer
+            layer = res["ways"]["brute_force_fixed"]["layer"]
+            report["spill"] = spill_check(model, base, layer, solvers[layer], cfg, prefixes)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))  # partial results survive a later failure
+        log(f"{ds} done")
+    report["load_end"] = os.getloadavg()
+    report["wall_seconds"] = time.perf_counter() - t_start
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print_table(report)
+    return 0
+
+
+def spill_check(model, base, layer, solver, cfg, prefixes):
+    from salem_jax.baselines.requests import EditRequest
+    from salem_jax.baselines.rome import rome_weight
+    from salem_jax.baselines.rrome import rrome_one
+    from salem_jax.eval.counterfact import target_probs
+    from salem_jax.generate import greedy
+
+    rq = EditRequest("The capital of France is", "France", " Rome", target_true=" Paris")
+    p, _ = rrome_one(model, base, rome_weight(model, layer), rq, solver, cfg, prefixes)
+    prompts = ["The capital of France is", "The capital of Germany is", "The capital of Italy is",
+               "The capital of Spain is"]
+    out = {"layer": layer}
+    for name, params in (("before", base), ("after", p)):
+        gen = greedy(model, params, prompts, max_new_tokens=3)
+        pr = target_probs(model, params, prompts[:2], [" Rome", " Rome"], progress=False)
+        pb = target_probs(model, params, prompts[1:2], [" Berlin"], progress=False)
+        out[name] = {"greedy": dict(zip(prompts, gen)), "p_rome_france": float(pr[0]),
+                     "p_rome_germany": float(pr[1]), "p_berlin_germany": float(pb[0])}
+    return out
+
+
+def _fmt_gap(g):
+    return f"{g['mean']:+.2f} [{g['lo']:+.2f},{g['hi']:+.2f}]"
+
+
+def print_table(rep):
+    print(f"model {rep['model']}, candidates {', '.join(rep['candidates'])}, load {rep['load_start'][0]:.1f} -> "
+          f"{rep['load_end'][0]:.1f}, wall {rep['wall_seconds']:.0f}s")
+    for ds, res in rep["datasets"].items():
+        print(f"\n{ds}: N={res['n']}, {res['seconds_per_edit_layer']:.1f}s per (edit, layer)")
+        cf = "ES" in res["ways"]["oracle"]
+        head = f"{'way':<18}{'layer':<10}{'rewrite':>8}{'rephr':>7}{'local':>7}" + (f"{'ES':>6}{'PS':>6}{'NS':>6}" if cf else "")
+        print(head + f"  {'rewrite gap vs oracle':<22}{'vs best fixed':<22}{'cost s':>8}")
+        for w, r in res["ways"].items():
+            line = f"{w:<18}{r['layer']:<10}{r['rewrite']:>8.3f}{r['rephrase']:>7.3f}{r['locality']:>7.3f}"
+            if cf:
+                line += f"{r['ES']:>6.2f}{r['PS']:>6.2f}{r['NS']:>6.2f}"
+            print(line + f"  {_fmt_gap(r['gap_rewrite_vs_oracle']):<22}{_fmt_gap(r['gap_rewrite_vs_fixed']):<22}"
+                         f"{r['cost_s']:>8.0f}")
+    s = rep["spill"]
+    print(f"\nFrance -> Rome at {s['layer']}: " + "; ".join(
+        f"{k}: P(Rome|France) {s[k]['p_rome_france']:.3f}, P(Rome|Germany) {s[k]['p_rome_germany']:.3f}, "
+        f"P(Berlin|Germany) {s[k]['p_berlin_germany']:.3f}, greedy Germany -> {s[k]['greedy']['The capital of Germany is']!r}"
+        for k in ("before", "after")))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

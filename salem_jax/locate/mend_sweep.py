@@ -1,0 +1,239 @@
+"""The paper's own layer oracle (its Table 6): train the same MEND editor on each candidate layer set.
+
+SaLEM's claim is about the editor it trains on the chosen layer, so the reference for "where
+should SaLEM edit" is that editor's result per layer set, not fine-tuning (salem_jax.locate.sweep,
+kept as the cheaper second oracle). For every candidate set S (default `default_layer_sets`:
+single layers at a stride, the last layer, and three contiguous triples):
+
+    editor_S   = train_editor(model, data, part weights of S, the SAME TrainConfig, workdir/S)
+    curve_S    = its validation records (metrics.jsonl): step, edit_acc, fail_acc, adapt_acc,
+                 drawdown, kl at every val_every steps
+    final_S    = the last editor applied to every val group alone (mend.train.eval_step):
+                 per group, its edit rows (fail + rephrasings) correct, its pass rows' accuracy
+                 before minus after (drawdown) and KL
+
+Drawdown-aware ranking (as the FT sweep's): the key (mean drawdown <= budget, edit accuracy,
+-drawdown), bigger first. Bootstrap over val groups (resampled with replacement, the same
+groups for every set) gives per-set intervals of edit accuracy and drawdown, each set's rank
+interval and how often it ranks first.
+
+Bad input is refused before anything trains: unknown layer names (KeyError listing the valid
+ones), empty or repeated sets, and a sweep whose estimate (sets x steps x seconds_per_step)
+exceeds the time budget - the estimate is in the error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from salem_jax import parallel
+from salem_jax.mend.train import EditData, TrainConfig, eval_step, train_editor, val_batches
+from salem_jax.saliency import jsonable
+
+# Wall seconds per editor step (training + its share of validation) of the CPU-budget editor on
+# one SmolLM2 layer, 2 unloaded CPU cores (README main job: 150 steps in 355 s).
+SMOLLM2_CPU_SECONDS_PER_STEP = 2.4
+
+
+@dataclasses.dataclass(frozen=True)
+class MendSweepConfig:
+    """drawdown_budget: max mean val drawdown (pass accuracy lost) of a set ranked by accuracy;
+    budget_seconds / seconds_per_step: the estimate that refuses a sweep too long to run;
+    n_boot, seed: the bootstrap; part: which weights of each layer the editor edits."""
+
+    drawdown_budget: float = 0.05
+    budget_seconds: float = 3600.0
+    seconds_per_step: float = SMOLLM2_CPU_SECONDS_PER_STEP
+    n_boot: int = 1000
+    seed: int = 0
+    part: str = "mlp"
+
+
+def default_layer_sets(names: Sequence[str], stride: int = 3) -> list[tuple[str, ...]]:
+    """Single layers 0, stride, 2 stride, ... and the last; triples: the first, middle and last three."""
+    n = len(names)
+    singles = sorted(set(range(0, n, stride)) | {n - 1})
+    sets = [(names[i],) for i in singles]
+    if n >= 3:
+        mid = (n - 3) // 2
+        for s in sorted({0, mid, n - 3}):
+            sets.append(tuple(names[s : s + 3]))
+    return sets
+
+
+def set_name(layers: Sequence[str]) -> str:
+    """A folder-safe name of a layer set: 'layers.27+layers.28+layers.29'."""
+    return "+".join(re.sub(r"[^A-Za-z0-9_.-]", "_", n) for n in layers)
+
+
+def check_layer_sets(model, layer_sets: Sequence[Sequence[str]]) -> list[tuple[str, ...]]:
+    """The sets as tuples; KeyError for layers the model does not have, ValueError for empty or repeated sets."""
+    out = []
+    for s in layer_sets:
+        s = tuple(s)
+        if not s:
+            raise ValueError("mend-sweep: an empty layer set")
+        model.layers.select(list(s))  # KeyError naming the valid layers
+        if len(set(s)) != len(s):
+            raise ValueError(f"mend-sweep: layer set {s} repeats a layer")
+        out.append(s)
+    if len({frozenset(s) for s in out}) != len(out):
+        raise ValueError("mend-sweep: the same layer set is listed twice")
+    if not out:
+        raise ValueError("mend-sweep: no layer sets")
+    return out
+
+
+def estimate_seconds(n_sets: int, cfg: TrainConfig, seconds_per_step: float) -> float:
+    """Sets x steps x seconds per step (each set trains cfg.max_steps steps, validation included)."""
+    return float(n_sets * cfg.max_steps * seconds_per_step)
+
+
+def group_outcomes(model, spec, cfg: TrainConfig, editor_params, norm, data: EditData, mesh=None) -> dict[str, np.ndarray]:
+    """The editor applied to every val group alone: per group [G] edit / fail / adapt accuracy,
+    pass accuracy before and after, KL (groups with weight 0 dropped)."""
+    mesh = mesh if mesh is not None else parallel.data_mesh()
+    cfg = cfg.resolved(parallel.n_data(mesh))
+    k = cfg.edits_per_group
+    kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg.step_config(), mesh=mesh)
+    params, nrm, base = (parallel.replicate(x, mesh) for x in (editor_params, norm, model.params))
+    cols = {key: [] for key in ("edit_acc", "fail_acc", "adapt_acc", "pass_before", "pass_after", "kl")}
+    for b in val_batches(data, cfg):
+        r = parallel.fetch(eval_step(params, nrm, base, parallel.shard_batch(b, mesh), **kw))
+        w = np.asarray(b["weight"]) > 0
+        ev, ec = np.asarray(r["edit_valid"])[w], np.asarray(r["edit_correct"])[w]
+        pv = np.asarray(r["pass_valid"])[w]
+        share = lambda c, v: np.where(v.sum(-1) > 0, (c & v).sum(-1) / np.maximum(v.sum(-1), 1), np.nan)  # noqa: E731
+        fv, av = ev.copy(), ev.copy()
+        fv[:, k:] = False
+        av[:, :k] = False
+        cols["edit_acc"].append(share(ec, ev))
+        cols["fail_acc"].append(share(ec, fv))
+        cols["adapt_acc"].append(share(ec, av))
+        cols["pass_before"].append(share(np.asarray(r["base_pass_correct"])[w], pv))
+        cols["pass_after"].append(share(np.asarray(r["pass_correct"])[w], pv))
+        cols["kl"].append(np.asarray(r["kl"])[w])
+    return {key: np.concatenate(v) for key, v in cols.items()}
+
+
+def ranking_key(edit_acc: float, drawdown: float, budget: float) -> tuple:
+    """Bigger is better: within the drawdown budget first, then edit accuracy, then less drawdown."""
+    return (drawdown <= budget + 1e-12, edit_acc, -drawdown)
+
+
+def rank_sets(edit_acc: Sequence[float], drawdown: Sequence[float], budget: float) -> list[int]:
+    """Indices of the sets, best first (ties keep the listed order)."""
+    keys = [ranking_key(a, d, budget) for a, d in zip(edit_acc, drawdown)]
+    return sorted(range(len(keys)), key=lambda i: keys[i], reverse=True)
+
+
+def bootstrap(outcomes: Sequence[Mapping[str, np.ndarray]], budget: float, n_boot: int, seed: int) -> dict:
+    """Per set: 95% intervals of edit accuracy and drawdown, rank interval (1 = best) and the share
+    of resamples where it ranks first; val groups resampled with replacement, the same for every set."""
+    g = len(outcomes[0]["edit_acc"])
+    rng = np.random.default_rng([seed, 6])
+    ea, dd, ranks = [], [], []
+    for _ in range(n_boot):
+        idx = rng.integers(0, g, g)
+        a = [float(np.nanmean(o["edit_acc"][idx])) for o in outcomes]
+        d = [float(np.nanmean(o["pass_before"][idx] - o["pass_after"][idx])) for o in outcomes]
+        order = rank_sets(a, d, budget)
+        pos = np.empty(len(order), int)
+        pos[order] = np.arange(1, len(order) + 1)
+        ea.append(a)
+        dd.append(d)
+        ranks.append(pos)
+    ea, dd, ranks = np.asarray(ea), np.asarray(dd), np.asarray(ranks)
+    q = lambda x: np.nanquantile(x, [0.025, 0.975], axis=0).T  # noqa: E731
+    return {"edit_acc_ci": q(ea), "drawdown_ci": q(dd), "rank_ci": q(ranks), "p_first": (ranks == 1).mean(0)}
+
+
+@dataclasses.dataclass(frozen=True)
+class MendSweepResult:
+    layer_sets: tuple[tuple[str, ...], ...]
+    rows: tuple[dict, ...]  # per set: final metrics, curve, cost, intervals
+    ranking: tuple[int, ...]  # indices into layer_sets, best first
+    config: MendSweepConfig
+    train_config: dict
+    estimate_seconds: float
+    wall_time: float
+
+    def best(self) -> tuple[str, ...]:
+        return self.layer_sets[self.ranking[0]]
+
+    def position(self, layers: Sequence[str]) -> int | None:
+        """1-based rank of a set (None if it was not swept)."""
+        for p, i in enumerate(self.ranking, 1):
+            if tuple(self.layer_sets[i]) == tuple(layers):
+                return p
+        return None
+
+    def to_dict(self) -> dict:
+        return jsonable({"layer_sets": self.layer_sets, "rows": self.rows, "ranking": self.ranking,
+                         "ranked_sets": [self.layer_sets[i] for i in self.ranking], "config": dataclasses.asdict(self.config),
+                         "train_config": self.train_config, "estimate_seconds": self.estimate_seconds,
+                         "wall_time": self.wall_time})
+
+
+def read_curve(workdir: Path) -> list[dict]:
+    """The validation records of a train_editor run (metrics.jsonl)."""
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    keys = ("step", "edit_acc", "fail_acc", "adapt_acc", "drawdown", "kl", "loss")
+    return [{k: r.get(k) for k in keys} for r in recs if r.get("split") == "val"]
+
+
+def mend_sweep(model, data: Mapping[str, EditData], layer_sets: Sequence[Sequence[str]], train_cfg: TrainConfig,
+               workdir: str | Path, *, config: MendSweepConfig = MendSweepConfig(), mesh=None,
+               progress: bool = False, say=print) -> MendSweepResult:
+    """Train `train_cfg`'s editor on each set (module docstring) in workdir/<set name> (a killed
+    sweep resumes: each set from its checkpoints) and rank the sets."""
+    sets = check_layer_sets(model, layer_sets)
+    for s in sets:
+        if not model.layers.weights(list(s), part=config.part):
+            raise ValueError(f"mend-sweep: layer set {s} lists no {config.part!r} weights")
+    est = estimate_seconds(len(sets), train_cfg, config.seconds_per_step)
+    if est > config.budget_seconds:
+        raise ValueError(
+            f"mend-sweep: {len(sets)} layer sets x {train_cfg.max_steps} steps x {config.seconds_per_step:g} s/step "
+            f"= {est / 60:.0f} min estimated, over the budget of {config.budget_seconds / 60:.0f} min: sweep fewer sets "
+            "(--layer-sets), fewer steps, or raise the budget (--budget-minutes)"
+        )
+    say(f"mend-sweep: {len(sets)} layer sets, estimated {est / 60:.1f} min "
+        f"({train_cfg.max_steps} steps x {config.seconds_per_step:g} s/step each)")
+    t0 = time.perf_counter()
+    workdir = Path(workdir)
+    rows, outs = [], []
+    for s in sets:
+        t = time.perf_counter()
+        wd = workdir / set_name(s)
+        res = train_editor(model, data, model.layers.weights(list(s), part=config.part), train_cfg, wd, mesh=mesh,
+                           progress=progress)
+        o = group_outcomes(model, res.spec, res.config, res.params, res.norm, data["val"], mesh=mesh)
+        outs.append(o)
+        rows.append({
+            "layers": list(s), "steps": res.step, "seconds": time.perf_counter() - t,
+            "edit_acc": float(np.nanmean(o["edit_acc"])), "fail_acc": float(np.nanmean(o["fail_acc"])),
+            "adapt_acc": float(np.nanmean(o["adapt_acc"])),
+            "drawdown": float(np.nanmean(o["pass_before"] - o["pass_after"])), "kl": float(np.mean(o["kl"])),
+            "groups": len(o["edit_acc"]), "best_step": res.best_step, "last_val": res.last_val,
+            "curve": read_curve(wd),
+        })
+        say(f"  {'+'.join(s)}: val EA {rows[-1]['edit_acc']:.3f} adapt {rows[-1]['adapt_acc']:.3f} "
+            f"DD {rows[-1]['drawdown']:.3f} ({rows[-1]['seconds']:.0f} s)")
+    order = rank_sets([r["edit_acc"] for r in rows], [r["drawdown"] for r in rows], config.drawdown_budget)
+    boot = bootstrap(outs, config.drawdown_budget, config.n_boot, config.seed)
+    for i, r in enumerate(rows):
+        r["rank"] = order.index(i) + 1
+        r.update({k: v[i] for k, v in boot.items()})
+    return MendSweepResult(tuple(sets), tuple(rows), tuple(order), config, train_cfg.to_dict(), est,
+                           time.perf_counter() - t0)

@@ -1,0 +1,114 @@
+"""Locate-then-edit methods `rrome`, `memit`, `emmet` and `alphaedit` (causal LMs), in closed form.
+
+Layer: config.locate_edit.layer, or ('') the saliency profile's top layer
+(config.locate_edit.layer_from = "saliency", any scorer config.saliency.scorer gives) or the
+causal-traced one ("trace"). r-ROME edits that layer; MEMIT / EMMET / AlphaEdit edit the
+config.locate_edit.band blocks ending at it (`salem_jax.baselines.editors.layers_for`). Key
+statistics: config.locate_edit.cov_tokens tokens of WikiText from the data directory
+(config.locate_edit.texts = "wikitext"; "held_out" = the evaluation's held-out texts), cached on
+disk per model and layer (`salem_jax.baselines.keystats`). The evaluation applies one val fail row
+at a time to the base parameters, so batch_size only matters for a caller's own multi-row edits.
+Val fail rows whose subject does not occur in the prompt are left out and counted, as for `rome`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from salem_jax.baselines.editors import get_editor, layers_for
+from salem_jax.baselines.keystats import KeyStats, wikitext_texts
+from salem_jax.baselines.locate_edit import EditorConfig
+from salem_jax.baselines.requests import EditRequest
+from salem_jax.baselines.rome import ROMEConfig
+from salem_jax.locate.trace_rows import subject_in_prompt
+from salem_jax.methods.registry import Context, Method, Prepared
+from salem_jax.methods.rome import rome_val_rows
+
+LAYER_FROM = ("saliency", "trace")
+TEXTS = ("wikitext", "held_out")  # key statistics: WikiText of the data directory, or config.eval.text's texts
+
+
+def editor_config(cfg) -> EditorConfig:
+    """EditorConfig from the pipeline config's `locate_edit` section."""
+    e = cfg.locate_edit
+    value = ROMEConfig(v_steps=e.v_steps, v_lr=e.v_lr, kl_factor=e.kl_factor, weight_decay=e.weight_decay,
+                       clamp_norm_factor=e.clamp_norm_factor)
+    return EditorConfig(value=value, use_prefixes=e.n_prefixes > 0, batch_size=e.batch_size,
+                        memit_lambda=e.memit_lambda, emmet_lambda=e.emmet_lambda, alpha_energy=e.alpha_energy,
+                        alpha_l2=e.alpha_l2)
+
+
+def _layer(ctx: Context) -> str:
+    e = ctx.cfg.locate_edit
+    if e.layer:
+        return e.layer
+    return ctx.traced_layer if e.layer_from == "trace" else ctx.profile.chosen[0]
+
+
+def check(ctx: Context) -> None:
+    e, model = ctx.cfg.locate_edit, ctx.model
+    if e.layer and e.layer not in model.layers.names():
+        raise ValueError(f"config.locate_edit.layer {e.layer!r} is not a layer of {model.name!r}; layers are "
+                         f"{', '.join(model.layers.names())} ('' = chosen by config.locate_edit.layer_from)")
+    if e.layer_from not in LAYER_FROM:
+        raise ValueError(f"config.locate_edit.layer_from {e.layer_from!r}: choose from {', '.join(LAYER_FROM)}")
+    if e.texts not in TEXTS:
+        raise ValueError(f"config.locate_edit.texts {e.texts!r}: choose from {', '.join(TEXTS)}")
+    if e.texts == "held_out" and not ctx.texts:
+        raise ValueError(f"config.locate_edit.texts='held_out' needs held-out text (config.eval.text), but: {ctx.text_note}")
+    for field in ("band", "batch_size", "cov_tokens"):
+        if int(e[field]) < 1:
+            raise ValueError(f"config.locate_edit.{field} must be >= 1, got {e[field]}")
+
+
+def _prepare(name: str):
+    def prepare(ctx: Context, layers: tuple[str, ...]) -> Prepared:
+        cfg, model, e = ctx.cfg, ctx.model, ctx.cfg.locate_edit
+        t = time.perf_counter()
+        n = e.n_prefixes
+        if e.texts == "held_out":
+            texts = list(ctx.texts)
+        else:
+            texts = wikitext_texts(data_dir=cfg.data_dir or None)
+        stats = KeyStats(model, model.params, texts, max_tokens=e.cov_tokens,
+                         prefix_lengths=(5,) * (n // 2) + (10,) * (n - n // 2), progress=cfg.progress)
+        for w in layers:
+            stats.solver(w)  # fit (or read) the statistics now, so their cost is the method's preparation
+        ec, fn, subjects = editor_config(cfg), get_editor(name), ctx.subjects
+
+        def edit(params, rows):
+            reqs = []
+            for r in rows:
+                s = subject_in_prompt(r["prompt"], subjects.get(r["record_id"], ""))
+                if s is None:
+                    raise ValueError(f"{name}: row {r['id']!r}: the subject of record {r['record_id']!r} "
+                                     f"({subjects.get(r['record_id'], '')!r}) does not occur in the prompt {r['prompt']!r}")
+                reqs.append(EditRequest(r["prompt"], s, r["target"], record_id=r["id"]))
+            return fn(model, params, reqs, layers=layers, stats=stats, config=ec, progress=False).params
+
+        eval_rows, skipped = rome_val_rows(ctx.val_rows, ctx.subjects, cfg.eval.max_edits)
+        info = dict(layers=list(layers), covariance=stats.report(), steps=e.v_steps, seconds=time.perf_counter() - t,
+                    layer_from="config.locate_edit.layer" if e.layer else e.layer_from, skipped_edits=len(skipped))
+        if skipped:
+            ctx.say(f"{name}: {len(skipped)} val fail rows without their subject in the prompt are skipped")
+        return Prepared(edit=edit, info=info, eval_rows=eval_rows, skipped_edits=tuple(skipped))
+
+    return prepare
+
+
+def _method(name: str, summary: str) -> Method:
+    return Method(
+        name=name, summary=summary, supports=frozenset({"causal"}),
+        unsupported="locate-then-edit writes a causal LM's MLP output projection at the last subject token",
+        layers=lambda ctx: layers_for(ctx.model, name, _layer(ctx), ctx.cfg.locate_edit.band),
+        prepare=_prepare(name),
+        needs_trace=lambda cfg: not cfg.locate_edit.layer and cfg.locate_edit.layer_from == "trace",
+        check=check,
+    )
+
+
+RROME = _method("rrome", "r-ROME's rank-one edit (one key throughout)")
+MEMIT = _method("memit", "MEMIT's least-squares edit over a band of layers")
+EMMET = _method("emmet", "EMMET's equality-constrained edit over a band of layers")
+ALPHAEDIT = _method("alphaedit", "AlphaEdit's null-space projected edit over a band of layers")

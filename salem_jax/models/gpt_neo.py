@@ -1,0 +1,162 @@
+"""Our own GPT-Neo causal LM in flax.linen.
+
+Parameter paths mirror Hugging Face names (kernels `[in, out]`, PyTorch Linear weights are
+transposed on load):
+
+    transformer/wte/embedding, transformer/wpe/embedding
+    transformer/h/{i}/ln_1/{scale,bias}
+    transformer/h/{i}/attn/attention/{q,k,v}_proj/kernel     [C, C]   (no bias)
+    transformer/h/{i}/attn/attention/out_proj/{kernel,bias}  [C, C]
+    transformer/h/{i}/ln_2/{scale,bias}
+    transformer/h/{i}/mlp/c_fc/{kernel,bias}                 [C, I]
+    transformer/h/{i}/mlp/c_proj/{kernel,bias}               [I, C]
+    transformer/ln_f/{scale,bias}
+    lm_head/kernel                                           [C, V]  (only when untied)
+
+GPT-Neo differs from GPT-2 in two ways that matter for equivalence: attention scores are
+not scaled by 1/sqrt(head_dim), and layers listed "local" in `config.attention_layers` let
+query t see only keys s with t - s < window_size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from salem_jax.models.blocks import (
+    activation,
+    attend,
+    causal_bias,
+    default_positions,
+    dense,
+    embed,
+    layer_class,
+    layer_norm,
+    split_heads,
+)
+
+
+def check_config(config) -> None:
+    if config.hidden_size % config.num_heads:
+        raise ValueError(f"hidden_size ({config.hidden_size}) must be a multiple of num_heads ({config.num_heads})")
+    if len(config.attention_layers) != config.num_layers:
+        raise ValueError(
+            f"GPT-Neo config: attention_layers lists {len(config.attention_layers)} layers, num_layers is "
+            f"{config.num_layers}"
+        )
+    bad = sorted(set(config.attention_layers) - {"global", "local"})
+    if bad:
+        raise NotImplementedError(f"GPT-Neo attention types {bad} are not supported (global, local)")
+    activation(config.activation_function, "GPT-Neo config activation_function")
+
+
+class GPTNeoSelfAttention(nn.Module):
+    config: Any
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+        cfg = self.config
+        C, H, std = cfg.hidden_size, cfg.num_heads, cfg.initializer_range
+        q = dense(C, "q_proj", self.dtype, bias=False, std=std)(x)
+        k = dense(C, "k_proj", self.dtype, bias=False, std=std)(x)
+        v = dense(C, "v_proj", self.dtype, bias=False, std=std)(x)
+        out = attend(split_heads(q, H), split_heads(k, H), split_heads(v, H), bias, 1.0, self.dtype)
+        return dense(C, "out_proj", self.dtype, std=std)(out)
+
+
+class GPTNeoAttention(nn.Module):
+    """The "attn" wrapper around "attention" (as in Hugging Face's naming)."""
+
+    config: Any
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, bias):
+        return GPTNeoSelfAttention(self.config, self.dtype, name="attention")(x, bias)
+
+
+class GPTNeoMLP(nn.Module):
+    config: Any
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        inner = cfg.intermediate_size or 4 * cfg.hidden_size
+        h = activation(cfg.activation_function)(dense(inner, "c_fc", self.dtype, std=cfg.initializer_range)(x))
+        return dense(cfg.hidden_size, "c_proj", self.dtype, std=cfg.initializer_range)(h)
+
+
+class GPTNeoBlock(nn.Module):
+    config: Any
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, h, bias):
+        eps = self.config.layer_norm_epsilon
+        a = layer_norm(eps, "ln_1", self.dtype)(h)
+        h = h + GPTNeoAttention(self.config, self.dtype, name="attn")(a, bias)
+        m = layer_norm(eps, "ln_2", self.dtype)(h)
+        return h + GPTNeoMLP(self.config, self.dtype, name="mlp")(m)
+
+
+class GPTNeoBlocks(nn.Module):
+    config: Any
+    dtype: Any = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, h, global_bias, local_bias):
+        cls = layer_class(GPTNeoBlock, self.remat)
+        for i, kind in enumerate(self.config.attention_layers):
+            h = cls(self.config, self.dtype, name=str(i))(h, local_bias if kind == "local" else global_bias)
+        return h
+
+
+class GPTNeoModel(nn.Module):
+    config: Any
+    dtype: Any = jnp.float32
+    remat: bool = False
+
+    def setup(self):
+        cfg = self.config
+        self.wte = embed(cfg.vocab_size, cfg.hidden_size, "wte", self.dtype, cfg.initializer_range)
+        self.wpe = embed(cfg.max_position_embeddings, cfg.hidden_size, "wpe", self.dtype, cfg.initializer_range)
+        self.h = GPTNeoBlocks(cfg, self.dtype, self.remat)
+        self.ln_f = layer_norm(cfg.layer_norm_epsilon, "ln_f", self.dtype)
+
+    def __call__(self, input_ids, attention_mask, position_ids):
+        h = self.wte(input_ids) + self.wpe(position_ids)
+        h = self.h(h, causal_bias(attention_mask), causal_bias(attention_mask, self.config.window_size))
+        return self.ln_f(h)
+
+
+class GPTNeoForCausalLM(nn.Module):
+    """`__call__(input_ids [B,T], attention_mask | None, position_ids | None) -> logits [B, T, V]`."""
+
+    config: Any
+    dtype: Any = jnp.float32
+    remat: bool = False
+
+    def setup(self):
+        check_config(self.config)
+        self.transformer = GPTNeoModel(self.config, self.dtype, self.remat)
+        if not self.config.tie_word_embeddings:
+            cfg = self.config
+            self.lm_head = dense(cfg.vocab_size, "lm_head", self.dtype, bias=False, std=cfg.initializer_range)
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None):
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        if position_ids is None:
+            position_ids = default_positions(input_ids)
+        h = self.transformer(input_ids, attention_mask, position_ids)
+        if self.config.tie_word_embeddings:
+            logits = self.transformer.wte.attend(h)
+        else:
+            logits = self.lm_head(h)
+        return logits.astype(jnp.float32)

@@ -1,0 +1,85 @@
+"""The golden-layer helpers: per-edit oracle, best fixed layer, bootstrap gap, Tukey choice and the
+third-party LGA inner product, against hand loops on a tiny model."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from salem_jax.baselines import keystats as KS
+from salem_jax.baselines import rome as R
+from salem_jax.baselines.locate_edit import EditorConfig
+from salem_jax.baselines.requests import EditRequest
+from salem_jax.baselines.rrome import rrome_edit, rrome_one
+from salem_jax.data.tokenize import encode
+from salem_jax.eval import metrics as M
+from salem_jax.locate import golden as G
+from salem_jax.losses import example_nll
+from salem_jax.models import hf
+from salem_jax.models.base import get_path
+from salem_jax.testing import DEFAULT_WORDS
+
+
+def test_oracle_fixed_layer_and_gap_on_a_table():
+    t = np.zeros((3, 4, 2))
+    t[0, 2] = [1, 0.5]
+    t[0, 3] = [1, 0.9]  # same rewrite, better second metric: layer 3
+    t[1, 1] = [1, 0.1]
+    t[2, 1] = [0.5, 0.0]
+    t[2, 0] = [0.5, 0.0]  # a tie goes to the earlier layer
+    best, m = G.per_edit_oracle(t)
+    assert best.tolist() == [3, 1, 0] and m[:, 0].tolist() == [1, 1, 0.5]
+    assert G.best_fixed_layer(t) == 1  # mean rewrite 0.5 at layer 1, 0.33 at layers 2/3
+    g = G.bootstrap_gap(np.array([1.0, 1.0, 1.0, 0.0]), np.zeros(4), n_boot=500)
+    assert g["mean"] == 0.75 and 0.0 <= g["lo"] <= 0.75 <= g["hi"] <= 1.0
+    j, dropped = G.tukey_choice([1.0, 1.1, 1.2, 0.9, 50.0, 1.05])
+    assert dropped == [4] and j == 2
+
+
+def _texts(n=16, words=12, seed=0):
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(DEFAULT_WORDS, size=words)) for _ in range(n)]
+
+
+def test_per_edit_oracle_equals_a_hand_loop(tmp_path):
+    model = hf.tiny("gpt2", seed=2)
+    stats = KS.KeyStats(model, model.params, _texts(), max_tokens=1000, window=32, cache=tmp_path,
+                        prefix_lengths=(), progress=False)
+    cfg = EditorConfig(value=R.ROMEConfig(v_steps=4, v_lr=0.1, clamp_norm_factor=100.0, weight_decay=1e-3))
+    reqs = [EditRequest("what is the capital of france", "france", "tokyo"),
+            EditRequest("what is the currency of japan", "japan", "rupee")]
+    layers = model.layers.names()
+
+    def nll(params, r):
+        return float(M.score_rows(model, params, [{"prompt": r.prompt, "target": r.target_new}],
+                                  progress=False)["nll_sum"][0])
+
+    # the table as the benchmark builds it (rrome_one), minus NLL so that larger is better
+    table = np.asarray([[[-nll(rrome_one(model, model.params, R.rome_weight(model, l), r, stats.solver(l), cfg,
+                                         stats.prefixes())[0], r)] for l in layers] for r in reqs])
+    best, _ = G.per_edit_oracle(table)
+    # the hand loop: the public editor at each layer, keep the lowest NLL
+    for i, r in enumerate(reqs):
+        scores = [nll(rrome_edit(model, model.params, [r], layers=l, stats=stats, config=cfg,
+                                 progress=False).params, r) for l in layers]
+        assert best[i] == int(np.argmin(scores))
+        np.testing.assert_allclose(-table[i, :, 0], scores, rtol=1e-5)
+
+
+def test_lga_inner_product_matches_full_gradients():
+    model = hf.tiny("gpt2", seed=3)
+    prompts, old, new = ["what is the capital of france", "which river lies in egypt"], ["paris", "nile"], ["rome", "cairo"]
+    got = G.lga_inner_product_scores(model, model.params, prompts, old, new)
+
+    def grads(p, t):
+        b = encode(model, [p], [t])
+        return jax.grad(lambda q: example_nll(model.apply(q, b), b["labels"], b["label_mask"]).sum())(model.params)
+
+    want = np.zeros(len(model.layers.names()))
+    for p, o, n in zip(prompts, old, new):
+        go, gn = grads(p, o), grads(p, n)
+        for li, name in enumerate(model.layers.names()):
+            for w in model.layers[name].mlp:
+                want[li] += float(np.vdot(np.asarray(get_path(go, w.path), np.float64),
+                                          np.asarray(get_path(gn, w.path), np.float64)))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-9)

@@ -1,0 +1,79 @@
+"""The MEND layer-set oracle (salem_jax.locate.mend_sweep) against training each set by hand."""
+
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from salem_jax import parallel
+from salem_jax.locate import mend_sweep as MS
+from salem_jax.mend.train import TrainConfig, prepare_splits, train_editor
+from salem_jax.models import hf
+from tests.test_mend_train import COUNTRIES, synthetic_rows
+
+SETS = [("h.0",), ("h.1",), ("h.0", "h.1")]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = hf.tiny("gpt2")
+    data = prepare_splits(model, {"train": synthetic_rows(model, COUNTRIES[:6], 0, "tr"),
+                                  "val": synthetic_rows(model, COUNTRIES[6:10], 1, "va")})
+    cfg = TrainConfig.tiny(batch_size=2, max_steps=4, val_every=2, checkpoint_every=2, log_every=2, seed=3)
+    mesh = parallel.data_mesh(jax.devices()[:1])
+    return model, data, cfg, mesh
+
+
+@pytest.mark.slow  # trains six tiny editors: minutes under load
+def test_sweep_equals_training_each_set_by_hand(setup):
+    model, data, cfg, mesh = setup
+    with tempfile.TemporaryDirectory() as d:
+        sc = MS.MendSweepConfig(seconds_per_step=0.01, budget_seconds=60, n_boot=50, drawdown_budget=0.5)
+        res = MS.mend_sweep(model, data, SETS, cfg, Path(d) / "sweep", config=sc, mesh=mesh, say=lambda s: None)
+        for s, row in zip(SETS, res.rows):
+            hand = train_editor(model, data, model.layers.weights(list(s)), cfg, Path(d) / ("hand-" + "-".join(s)),
+                                mesh=mesh, progress=False)
+            assert row["steps"] == hand.step == 4
+            # the sweep's editor is the hand-trained one: its per-group evaluation averages to the
+            # hand run's last validation
+            assert row["edit_acc"] == pytest.approx(hand.last_val["edit_acc"], abs=1e-9)
+            assert row["adapt_acc"] == pytest.approx(hand.last_val["adapt_acc"], abs=1e-9)
+            assert row["drawdown"] == pytest.approx(hand.last_val["drawdown"], abs=1e-9)
+            assert row["kl"] == pytest.approx(hand.last_val["kl"], rel=1e-5, abs=1e-9)
+            assert [c["step"] for c in row["curve"]] == [2, 4]
+            assert row["curve"][-1]["edit_acc"] == pytest.approx(hand.last_val["edit_acc"])
+            lo, hi = row["edit_acc_ci"]
+            assert lo <= row["edit_acc"] + 1e-9 and row["edit_acc"] <= hi + 1e-9
+        # the ranking, by hand: within the budget first, then accuracy, then less drawdown
+        keys = [(r["drawdown"] <= 0.5, r["edit_acc"], -r["drawdown"]) for r in res.rows]
+        assert list(res.ranking) == sorted(range(3), key=lambda i: keys[i], reverse=True)
+        assert res.position(res.best()) == 1
+        assert sorted(r["rank"] for r in res.rows) == [1, 2, 3]
+
+
+def test_bad_input_is_refused_before_training(setup):
+    model, data, cfg, mesh = setup
+    with tempfile.TemporaryDirectory() as d:
+        wd = Path(d) / "sweep"
+        with pytest.raises(KeyError):
+            MS.mend_sweep(model, data, [("h.7",)], cfg, wd, mesh=mesh)
+        with pytest.raises(ValueError, match="repeats"):
+            MS.mend_sweep(model, data, [("h.0", "h.0")], cfg, wd, mesh=mesh)
+        with pytest.raises(ValueError, match="twice"):
+            MS.mend_sweep(model, data, [("h.0", "h.1"), ("h.1", "h.0")], cfg, wd, mesh=mesh)
+        big = TrainConfig.tiny(max_steps=1000)
+        with pytest.raises(ValueError, match=r"min estimated"):
+            MS.mend_sweep(model, data, SETS, big, wd, config=MS.MendSweepConfig(seconds_per_step=1.0, budget_seconds=60),
+                          mesh=mesh)
+        assert not wd.exists()  # nothing trained in vain
+
+
+def test_default_layer_sets():
+    names = [f"layers.{i}" for i in range(30)]
+    sets = MS.default_layer_sets(names, stride=3)
+    singles = [s[0] for s in sets if len(s) == 1]
+    assert singles == [f"layers.{i}" for i in (0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 29)]
+    assert [s for s in sets if len(s) == 3] == [tuple(names[0:3]), tuple(names[13:16]), tuple(names[27:30])]
+    assert np.all([len(s) in (1, 3) for s in sets])
