@@ -33,8 +33,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from salem_jax import parallel
-from salem_jax.mend.train import EditData, TrainConfig, eval_step, train_editor, val_batches
+from salem_jax import parallel, sharding
+from salem_jax.mend.train import (EditData, TrainConfig, eval_groups_per_call, eval_step, place_base_params, place_state,
+                                   train_editor, val_batches)
 from salem_jax.saliency import jsonable
 
 # Wall seconds per editor step (training + its share of validation) of the CPU-budget editor on
@@ -103,9 +104,13 @@ def group_outcomes(model, spec, cfg: TrainConfig, editor_params, norm, data: Edi
     cfg = cfg.resolved(parallel.n_data(mesh))
     k = cfg.edits_per_group
     kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg.step_config(), mesh=mesh)
-    params, nrm, base = (parallel.replicate(x, mesh) for x in (editor_params, norm, model.params))
+    # placed and batched as mend.train.evaluate does, so the per-group numbers average exactly to
+    # the training run's validation
+    params, nrm = place_state(editor_params, mesh), place_state(norm, mesh)
+    base = place_base_params(model, model.params, mesh)
+    per_call = eval_groups_per_call(cfg, data, sharding.axis_size(mesh, sharding.DATA))
     cols = {key: [] for key in ("edit_acc", "fail_acc", "adapt_acc", "pass_before", "pass_after", "kl")}
-    for b in val_batches(data, cfg):
+    for b in val_batches(data, dataclasses.replace(cfg, batch_size=per_call)):
         r = parallel.fetch(eval_step(params, nrm, base, parallel.shard_batch(b, mesh), **kw))
         w = np.asarray(b["weight"]) > 0
         ev, ec = np.asarray(r["edit_valid"])[w], np.asarray(r["edit_correct"])[w]
