@@ -236,8 +236,9 @@ def test_second_run_on_a_workdir_is_refused_and_a_stale_lock_taken_over(tmp_path
         RunLock(tmp_path).acquire()
 
 
-def _edit_set_folder(model, out, val_pass=True):
-    """The synthetic facts as an edit-set folder (without the val split's pass rows if asked)."""
+def _edit_set_folder(model, out, val_pass=True, long_val_prompt=None):
+    """The synthetic facts as an edit-set folder (without the val split's pass rows if asked; with
+    the first val row's prompt replaced by `long_val_prompt` if given)."""
     import datasets
 
     from salem_jax.data.edit_set import COLUMNS, EditSet, _features, save_edit_set
@@ -245,6 +246,8 @@ def _edit_set_folder(model, out, val_pass=True):
     splits = {"train": synthetic_rows(model, COUNTRIES[:8], 0, "tr"), "val": synthetic_rows(model, COUNTRIES[8:], 1, "va")}
     if not val_pass:
         splits["val"] = [r for r in splits["val"] if r["group"] != "pass"]
+    if long_val_prompt is not None:
+        splits["val"][0] = {**splits["val"][0], "prompt": long_val_prompt}
     extra = dict(field="prompt", target_true="", base_correct=False, base_token_acc=0.0)
     table = {s: {c: [{**extra, **r}[c] for r in rows] for c in COLUMNS} for s, rows in splits.items()}
     data = datasets.DatasetDict({s: datasets.Dataset.from_dict(t, features=_features()) for s, t in table.items()})
@@ -283,6 +286,14 @@ def test_train_editor_refusals_are_one_line(tmp_path, capsys, monkeypatch):
     assert cli.main(_train_argv(es, tmp_path / "w3", "--top-k", "3")) == 2
     assert error_line(capsys, "train-editor") == "--top-k 3: model 'tiny-gpt2' has 1 layers; use 1..1"
     assert not (tmp_path / "w3" / LOCK_NAME).exists()  # released after the error
+    # a row longer than --max-tokens: named with its length, before the saliency pass of --layers auto
+    from salem_jax.commands import train_editor as te
+
+    monkeypatch.setattr(te, "choose_layers", lambda *a, **k: pytest.fail("no layer choice before the length check"))
+    es = _edit_set_folder(model, tmp_path / "es-long", long_val_prompt=" ".join(["word"] * 40))
+    assert cli.main(_train_argv(es, tmp_path / "w4", "--max-tokens", "20")) == 2
+    msg = error_line(capsys, "train-editor")
+    assert "split 'val' row 0" in msg and "more than the limit of 20 tokens" in msg, msg
 
 
 # ------------------------------------------------------------------------------ salem dataset

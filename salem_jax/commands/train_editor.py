@@ -19,6 +19,7 @@ from pathlib import Path
 
 from salem_jax.commands.locate import SCORERS as SALIENCY_SCORERS
 from salem_jax.config import EDITOR_HELP, EDITOR_KEYS, editor_values, train_config
+from salem_jax.data.tokenize import DEFAULT_MAX_TOKENS
 from salem_jax.errors import UserError
 from salem_jax.mend.editor import MODES
 from salem_jax.mend.train import TrainConfig
@@ -47,6 +48,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tiny", action="store_true", help="start from the tiny test configuration (TrainConfig.tiny)")
     p.add_argument("--dtype", default="float32", help="model dtype (float32, bfloat16, float16)")
     p.add_argument("--num-labels", type=int, default=None, help="classifier models: number of classes")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help="refuse an edit-set row whose prompt + target is longer (also capped by the model's context)")
     p.add_argument("--devices", type=int, default=None, help="use only the first N devices (default: all of them)")
     p.add_argument("--no-progress", action="store_true")
     add_editor_flags(p)
@@ -161,10 +164,12 @@ def _train(args, cfg, workdir: Path, es) -> int:
             "its fail/pass groups may not match this model's errors",
             file=sys.stderr,
         )
+    # tokenised (and every row checked against --max-tokens) before the layer choice's saliency pass
+    data = prepare_splits(model, {"train": es.rows("train"), "val": es.rows("val")}, where=f"edit set {args.edit_set}",
+                          max_tokens=args.max_tokens)
     names = choose_layers(model, es, args, workdir)
     weights = model.layers.weights(names, part=args.part)
     print(f"editing {len(weights)} weights: {', '.join(w.path for w in weights)}", file=sys.stderr)
-    data = prepare_splits(model, {"train": es.rows("train"), "val": es.rows("val")}, where=f"edit set {args.edit_set}")
     devices = jax.devices()
     if args.devices is not None:
         if not 1 <= args.devices <= len(devices):

@@ -174,12 +174,16 @@ def _row_get(row: Mapping, key: str, where: str):
     return row[key]
 
 
-def prepare_splits(model, splits: Mapping[str, Sequence[Mapping]], where: str = "edit set") -> dict[str, EditData]:
+def prepare_splits(model, splits: Mapping[str, Sequence[Mapping]], where: str = "edit set",
+                   max_tokens: int | None = None) -> dict[str, EditData]:
     """Tokenise every split with one common padded length (so train and val share shapes).
 
     splits: {"train": rows, "val": rows}; rows are dicts with the edit-set fields
-    (id, record_id, group in {fail, adapt, pass}, prompt, target, label, text_pair)."""
-    all_rows, spans = [], {}
+    (id, record_id, group in {fail, adapt, pass}, prompt, target, label, text_pair).
+    Every row's prompt + target is checked against the model's context and `max_tokens` first
+    (an error names the split and row): every row is padded to the longest, so one long row
+    would make every training batch that long."""
+    all_rows, spans, names = [], {}, []
     for name, rows in splits.items():
         rows = list(rows)
         spans[name] = (len(all_rows), len(all_rows) + len(rows))
@@ -190,6 +194,7 @@ def prepare_splits(model, splits: Mapping[str, Sequence[Mapping]], where: str = 
                 raise ValueError(f"{w}: field 'group' = {g!r}, expected 'fail', 'adapt' or 'pass'")
             for k in ("id", "record_id", "prompt", "target"):
                 _row_get(r, k, w)
+            names.append(f"split {name!r} row {i} (id {r['id']})")
         all_rows.extend(rows)
     if not all_rows:
         raise ValueError(f"{where}: no rows")
@@ -202,6 +207,8 @@ def prepare_splits(model, splits: Mapping[str, Sequence[Mapping]], where: str = 
         targets,
         text_pairs=pairs if any(pairs) else None,
         where=where,
+        max_tokens=max_tokens,
+        names=names,
     )
     out = {}
     for name, (a, b) in spans.items():
