@@ -72,7 +72,7 @@ def test_mismatched_checkpoints_are_refused(tmp_path):
     assert load_editor(work, renamed, check_name=False).spec.weights == tuple(weights)  # e.g. an edited copy
     path = weights[0].path
     wider = dataclasses.replace(model, params=set_path(model.params, path, np.zeros((64, 32), np.float32)))
-    with pytest.raises(CheckpointMismatch, match=r"shape \(128, 32\), but this model's is \(64, 32\)"):
+    with pytest.raises(CheckpointMismatch, match=r"shape \(32, 128\), but this model's is \(64, 32\)"):
         load_editor(work, wider, check_name=False)
 
 

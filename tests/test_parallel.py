@@ -53,7 +53,9 @@ def test_eight_devices_give_the_one_device_step():
     assert g1.keys() == g8.keys() and len(g1) == len(jax.tree.leaves(s1["params"]))
     assert max(float(np.abs(g).max()) for g in g1.values()) > 1e-3  # not a trivial comparison
     for k in g1:
-        np.testing.assert_allclose(g1[k], g8[k], atol=1e-5, rtol=1e-5, err_msg=k)
+        # atol 3e-5: an edit lr's gradient is a sum over a whole kernel of products that partly
+        # cancel, so eight devices' summation order moves it by ~1e-5 on a gradient of 2e-2
+        np.testing.assert_allclose(g1[k], g8[k], atol=3e-5, rtol=1e-5, err_msg=k)
     # The updated parameters agree too, except where Adam's first step g / (|g| + eps) divides
     # a gradient close to eps = 1e-8 by itself: a float-rounding-sized change of such a g moves
     # the update by a sizeable part of lr. Beyond 100 eps the update is stable to 1e-5.

@@ -161,7 +161,8 @@ def test_rome_update_is_rank_one_along_the_inverse_covariance_of_the_key(run):
         assert words[0] == "in" and words[1] in {c for c, _, _ in FACTS}  # "in <subject> the capital city is"
         k = _inputs(model, module, row["prompt"])[2]  # the tiny tokenizer: <s>, then one token per word
         u = np.linalg.solve(C + cfg.rome.ridge * np.trace(C) / d * np.eye(d), k)
-        dw = np.asarray(edited["transformer"]["h"][str(i)]["mlp"]["c_proj"]["kernel"], np.float64) - base  # [out, in]
+        # GPT-2 kernels are [in, out] (our own Flax GPT-2): transposed to [out, in] for dW = a u^T
+        dw = (np.asarray(edited["transformer"]["h"][str(i)]["mlp"]["c_proj"]["kernel"], np.float64) - base).T
         s = np.linalg.svd(dw, compute_uv=False)
         assert s[0] > 0 and s[1] < 1e-4 * s[0]
         on_u = dw @ np.outer(u, u) / (u @ u)

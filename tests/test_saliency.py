@@ -266,7 +266,7 @@ def test_bad_input(gpt2):
     long["label_mask"][0, 3] = 1
     with pytest.raises(ValueError, match="longer than the context"):
         S.saliency_stats(m, m.params, long)
-    with pytest.raises(ValueError, match="longer than the context"):
+    with pytest.raises(ValueError, match="more than the model's context"):
         encode(m, ["the " * 70], ["paris"])
     no_target = {k: v[:2].copy() for k, v in b.items()}
     no_target["label_mask"][1] = 0
