@@ -231,3 +231,77 @@ def test_train_and_eval_steps_trace_once_across_steps():
     for _ in range(2):
         for b in val_batches(data["val"], cfg):
             ev(state["params"], state["norm"], base, sharding.shard_batch(b, mesh), **kw)
+
+
+# ---------------------------------------------------------------------------- fast paths keep the numbers
+
+
+def _without_score_pos(batch):
+    return {k: ({kk: vv for kk, vv in v.items() if kk != "score_pos"} if isinstance(v, dict) else v) for k, v in batch.items()}
+
+
+def test_step_and_evaluation_at_scored_positions_equal_the_full_logits():
+    """The step (loss, metrics, updated editor, statistics) and the evaluation with the LM head
+    at the scored positions only (and edit + pass rows in one forward pass) equal the same step
+    on the full [rows, S, V] logits, the path without `score_pos`."""
+    model, data, weights, cfg, _ = tiny_setup()
+    mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+    cfg = dataclasses.replace(cfg, accum_steps=1).resolved(1)
+    spec = EditorSpec.from_params(weights, model.params, cfg.editor)
+    kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg.step_config(), mesh=mesh)
+    base = place_base_params(model, model.params, mesh)
+    batches = [train_batch(data["train"], cfg, i) for i in range(2)]
+    assert batches[0]["edit"]["score_pos"].shape[-1] < batches[0]["edit"]["input_ids"].shape[-1]
+    runs = []
+    for strip in (False, True):
+        state = place_state(init_train_state(spec, cfg), mesh)
+        ms = []
+        for b in batches:
+            state, m = train_step(state, base, sharding.shard_batch(_without_score_pos(b) if strip else b, mesh), **kw)
+            ms.append(jax.device_get(m))
+        vb = val_batches(data["val"], cfg)[0]
+        ev = eval_step(state["params"], state["norm"], base, sharding.shard_batch(_without_score_pos(vb) if strip else vb, mesh), **kw)
+        runs.append((ms, jax.device_get(state), jax.device_get(ev)))
+    (ms_a, st_a, ev_a), (ms_b, st_b, ev_b) = runs
+    for a, b in zip(ms_a, ms_b):
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=1e-6, err_msg=k)
+    for a, b in zip(jax.tree.leaves(st_a), jax.tree.leaves(st_b)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
+    for k in ev_a:
+        np.testing.assert_allclose(ev_a[k], ev_b[k], rtol=2e-4, atol=1e-6, err_msg=k)
+    assert ev_a["edit_correct"].any() or ev_a["edit_before"].any() or ev_a["pass_correct"].any()  # not all trivially False
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_optimizer_update_equals_optax_multisteps(k):
+    """`optimizer_update` = MultiSteps' update + apply_updates, step by step, with and without
+    accumulation (params and every part of the optimizer state)."""
+    import optax
+
+    from salem_jax.mend.train import make_optimizer, optimizer_update
+
+    model, _, weights, cfg, _ = tiny_setup()
+    cfg = dataclasses.replace(cfg, accum_steps=k, grad_clip=0.5).resolved(1)
+    spec = EditorSpec.from_params(weights, model.params, cfg.editor)
+    state = init_train_state(spec, cfg)
+    tx = make_optimizer(cfg, state["params"])
+    ref_p, ref_o = state["params"], state["opt_state"]
+    new_p, new_o = state["params"], state["opt_state"]
+    fast = jax.jit(lambda p, g, o: optimizer_update(cfg, p, g, o))
+
+    @jax.jit
+    def ref(p, g, o):
+        upd, o = tx.update(g, o, p)
+        return optax.apply_updates(p, upd), o
+
+    for i in range(2 * k + 1):
+        leaves, tdef = jax.tree.flatten(state["params"])
+        keys = jax.random.split(jax.random.PRNGKey(i), len(leaves))
+        grads = jax.tree.unflatten(tdef, [jax.random.normal(key, x.shape) * 0.1 for key, x in zip(keys, leaves)])
+        ref_p, ref_o = ref(ref_p, grads, ref_o)
+        new_p, new_o = fast(new_p, grads, new_o)
+        for a, b in zip(jax.tree.leaves((ref_p, ref_o)), jax.tree.leaves((new_p, new_o))):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
+    assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(new_p), jax.tree.leaves(state["params"])))  # it moved
+    assert jax.tree.structure(new_o) == jax.tree.structure(state["opt_state"])

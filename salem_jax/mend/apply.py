@@ -28,10 +28,11 @@ from tqdm.auto import tqdm
 
 from salem_jax.data.tokenize import encode
 from salem_jax.errors import UserError
-from salem_jax.mend.capture import capture
 from salem_jax.mend.checkpoint import CheckpointError, CheckpointMismatch, restore_editor, steps_in
 from salem_jax.mend.editor import EditorSpec, edited_params
+from salem_jax.mend.train import capture_factors
 from salem_jax.models.base import get_path, set_path
+from salem_jax.scored_logits import with_score_positions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +80,10 @@ def check_model(spec: EditorSpec, params: Any, where: str = "editor") -> None:
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "spec"))
 def edited_kernels(editor_params, editor_state, params, batch, *, apply_fn, spec: EditorSpec):
-    """{weight path: its edited kernel} after one editor pass over `batch` (the rest of params unchanged)."""
-    _, factors = capture(apply_fn, params, batch, spec.weights)
+    """{weight path: its edited kernel} after one editor pass over `batch` (the rest of params
+    unchanged). With `score_pos` in the batch (`with_score_positions`) the gradient pass applies
+    the LM head at the target positions only (the same factors, less work)."""
+    factors = capture_factors(apply_fn, params, batch, spec.weights)
     new = edited_params(spec, editor_params, editor_state, params, factors)
     return {w.path: get_path(new, w.path) for w in spec.weights}
 
@@ -88,6 +91,7 @@ def edited_kernels(editor_params, editor_state, params, batch, *, apply_fn, spec
 def _edit(editor_params, editor_state, params, batch, *, apply_fn, spec: EditorSpec):
     # Only the edited kernels leave the jitted function; every other leaf of the result is the
     # input's own array (no copy of the whole model per edit).
+    batch = with_score_positions(batch)
     kernels = edited_kernels(editor_params, editor_state, params, batch, apply_fn=apply_fn, spec=spec)
     for path, k in kernels.items():
         params = set_path(params, path, k)

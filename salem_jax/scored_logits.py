@@ -1,0 +1,94 @@
+"""Logits only at the scored positions: the LM head applied to K gathered hidden states, not S.
+
+An edit, a rephrasing or a locality row is scored at its target tokens only (label_mask = 1):
+for SmolLM2 (vocabulary 49,152, hidden 576) the head costs 57 MFLOP per position, ~20% of a
+16-token row's forward pass, and the log-softmax over [B, S, V] dominates the memory traffic.
+With the K scored positions of each row known in advance (`with_score_positions`, on the host,
+so K is a static shape), `scored_logits` gathers the final hidden states at those positions
+*before* the head, and every loss and metric of `salem_jax.losses` then runs on [B, K, V] with
+the gathered labels and mask - the same numbers as the full [B, S, V] computation (positions
+with mask 0 count nowhere).
+
+How, without touching model code: `flax.linen.intercept_methods` sees the head call - a tied
+embedding's `attend` (Llama, GPT-2, GPT-Neo, BART) or a module named `lm_head` - and feeds it
+the gathered [B, K, H] instead of [B, S, H]. A model whose head is neither (a classifier, T5's
+scaled head) gets its full logits gathered afterwards: the same numbers, no saving.
+
+Batch key (see models/base.py for the others):
+  score_pos [B, K] int32: the positions with label_mask = 1 first, in order, then positions with
+                          label_mask = 0 (K >= every row's number of scored positions).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SCORE_POS = "score_pos"
+
+
+def with_score_positions(batch: dict, k: int | None = None) -> dict:
+    """`batch` (numpy, leaves [..., S]) with `score_pos` [..., K] added (a new dict).
+
+    k: positions per row (default: the most scored positions of any row, at least 1); an error
+    if some row has more. When K would not be smaller than S the batch comes back unchanged
+    (nothing to save). Host-side: K is a shape, so it must be known before jit."""
+    mask = np.asarray(batch["label_mask"])
+    counts = (mask != 0).sum(-1)
+    need = max(1, int(counts.max(initial=0)))
+    k = need if k is None else int(k)
+    if k < need:
+        raise ValueError(f"with_score_positions: k={k} but a row has {need} scored positions")
+    if k >= mask.shape[-1]:
+        return dict(batch)
+    pos = np.argsort(mask == 0, axis=-1, kind="stable")[..., :k].astype(np.int32)
+    return {**batch, SCORE_POS: pos}
+
+
+def _gather(x: jax.Array, pos: jax.Array) -> jax.Array:
+    """x [B, S, ...] at pos [B, K] -> [B, K, ...]."""
+    idx = pos.reshape(pos.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, idx, axis=1)
+
+
+def scored_labels(batch: dict) -> tuple[jax.Array, jax.Array]:
+    """(labels, label_mask) at `batch["score_pos"]` ([B, K]); unchanged without that key."""
+    if SCORE_POS not in batch:
+        return batch["labels"], batch["label_mask"]
+    pos = batch[SCORE_POS]
+    return _gather(batch["labels"], pos), _gather(batch["label_mask"], pos)
+
+
+def _is_head(context) -> bool:
+    path = context.module.path
+    return context.method_name == "attend" or (context.method_name == "__call__" and bool(path) and path[-1] == "lm_head")
+
+
+def scored_logits(apply_fn: Callable[[Any, dict], jax.Array], params: Any, batch: dict):
+    """`(logits [B, K, V], labels [B, K], label_mask [B, K])` at `batch["score_pos"]`; without
+    that key, `(apply_fn(params, batch), labels, label_mask)` unchanged ([B, S, ...]).
+
+    The losses of `salem_jax.losses` on the result equal those on the full logits."""
+    if SCORE_POS not in batch:
+        return apply_fn(params, batch), batch["labels"], batch["label_mask"]
+    pos = batch[SCORE_POS]
+    seq = batch["label_mask"].shape[-1]
+    seen = []
+
+    def head_at_positions(next_fun, args, kwargs, context):
+        if not _is_head(context) or not args or getattr(args[0], "ndim", 0) != 3 or args[0].shape[:2] != (pos.shape[0], seq):
+            return next_fun(*args, **kwargs)
+        if seen:
+            raise ValueError(f"scored_logits: the head ({'/'.join(context.module.path)}) was called twice in one forward pass")
+        seen.append(True)
+        return next_fun(_gather(args[0], pos), *args[1:], **kwargs)
+
+    with nn.intercept_methods(head_at_positions):
+        logits = apply_fn(params, batch)
+    if not seen:  # no recognisable head: gather the full logits (same numbers, no saving)
+        logits = _gather(logits, pos)
+    return (logits, *scored_labels(batch))

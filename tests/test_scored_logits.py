@@ -1,0 +1,94 @@
+"""Logits at the scored positions only: the losses and metrics equal the full-vocabulary,
+every-position computation, and the LM head really sees K positions instead of S."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from salem_jax.data.tokenize import encode
+from salem_jax.losses import batch_nll, example_correct, example_nll, kl_divergence
+from salem_jax.scored_logits import SCORE_POS, scored_labels, scored_logits, with_score_positions
+
+
+def _models():
+    from salem_jax.models import hf, llama
+
+    return {
+        "llama-tied": llama.tiny_llama(),
+        "llama-untied": llama.tiny_llama(tie_word_embeddings=False),
+        "gpt2": hf.tiny("gpt2", n_layer=1),
+    }
+
+
+MODELS = _models()
+PROMPTS = ["the capital of france is", "paris is the capital of", "the capital of peru is"]
+TARGETS = ["paris", "france is a country", "lima"]
+
+
+def test_score_positions_put_the_scored_positions_first_in_order():
+    mask = np.array([[0, 0, 1, 1, 0, 0], [0, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], np.int32)
+    b = with_score_positions({"label_mask": mask, "labels": np.arange(18).reshape(3, 6)})
+    np.testing.assert_array_equal(b[SCORE_POS], [[2, 3], [1, 0], [0, 1]])
+    labels, m = scored_labels({k: jnp.asarray(v) for k, v in b.items()})
+    np.testing.assert_array_equal(m, [[1, 1], [1, 0], [0, 0]])
+    np.testing.assert_array_equal(labels[0], [2, 3])
+    with pytest.raises(ValueError, match="scored positions"):
+        with_score_positions({"label_mask": mask, "labels": mask}, k=1)
+    full = np.ones((2, 3), np.int32)
+    assert SCORE_POS not in with_score_positions({"label_mask": full, "labels": full})  # K >= S: nothing to save
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_losses_and_metrics_equal_the_full_computation(name):
+    model = MODELS[name]
+    batch = encode(model, PROMPTS, TARGETS)
+    sb = with_score_positions(batch)
+    assert sb[SCORE_POS].shape[1] < batch["input_ids"].shape[1]
+    full = model.apply(model.params, batch)
+    # a second parameter set (the "edited" model) for the KL
+    other = jax.tree.map(lambda x: x * 1.01, model.params)
+    full2 = model.apply(other, batch)
+    logits, labels, mask = scored_logits(model.apply, model.params, sb)
+    logits2, _, _ = scored_logits(model.apply, other, sb)
+    assert logits.shape[:2] == sb[SCORE_POS].shape
+    L, M = batch["labels"], batch["label_mask"]
+    np.testing.assert_allclose(example_nll(logits, labels, mask), example_nll(full, L, M), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(batch_nll(logits, labels, mask), batch_nll(full, L, M), rtol=1e-5)
+    np.testing.assert_allclose(kl_divergence(logits, logits2, mask), kl_divergence(full, full2, M), rtol=1e-4, atol=1e-8)
+    np.testing.assert_array_equal(example_correct(logits, labels, mask), example_correct(full, L, M))
+    # and gradients through it (what the editor's training differentiates)
+    g_full = jax.grad(lambda p: batch_nll(model.apply(p, batch), L, M))(model.params)
+    g_sc = jax.grad(lambda p: batch_nll(*scored_logits(model.apply, p, sb)))(model.params)
+    for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_sc)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def _flops(fn, *args):
+    ca = jax.jit(fn).lower(*args).compile().cost_analysis()
+    return (ca[0] if isinstance(ca, list) else ca)["flops"]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_the_head_runs_at_the_scored_positions_only(name):
+    """The compiled forward does (S - K) positions' worth of head matmuls less."""
+    model = MODELS[name]
+    sb = {k: jnp.asarray(v) for k, v in with_score_positions(encode(model, PROMPTS, TARGETS)).items()}
+    (B, S), K = sb["input_ids"].shape, sb[SCORE_POS].shape[1]
+    V, H = model.config.vocab_size, getattr(model.config, "hidden_size", None) or model.config.n_embd
+    saved = _flops(model.apply, model.params, sb) - _flops(lambda p, b: scored_logits(model.apply, p, b)[0], model.params, sb)
+    assert saved >= 0.9 * 2 * B * (S - K) * H * V
+
+
+def test_a_model_without_a_recognised_head_is_gathered_after():
+    model = MODELS["llama-tied"]
+    sb = with_score_positions(encode(model, PROMPTS, TARGETS))
+    full = model.apply(model.params, sb)
+
+    def opaque(params, batch):  # the head hidden from the interceptor: logits come from outside flax
+        return jnp.asarray(full) + 0.0
+
+    logits, _, _ = scored_logits(opaque, model.params, sb)
+    np.testing.assert_allclose(logits, np.take_along_axis(np.asarray(full), sb[SCORE_POS][..., None], 1))
