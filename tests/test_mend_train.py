@@ -305,3 +305,15 @@ def test_optimizer_update_equals_optax_multisteps(k):
             np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
     assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(new_p), jax.tree.leaves(state["params"])))  # it moved
     assert jax.tree.structure(new_o) == jax.tree.structure(state["opt_state"])
+
+
+def test_validation_groups_are_spread_evenly_over_the_calls():
+    """19 groups at 8 per call: 3 calls of 7 (21, not 24 scored groups); a multiple of the
+    data-parallel devices; all groups in one call when they fit."""
+    from types import SimpleNamespace
+
+    from salem_jax.mend.train import eval_groups_per_call
+
+    cfg = TrainConfig(val_groups=500)
+    per = lambda n_fail, n_data=1: eval_groups_per_call(cfg, SimpleNamespace(n_fail=n_fail), n_data, limit=8)  # noqa: E731
+    assert [per(19), per(16), per(17), per(5), per(19, 2), per(5, 2)] == [7, 8, 6, 5, 8, 6]
