@@ -373,3 +373,20 @@ def test_batch_size_changes_no_metric(gpt2):
         assert o.keys() == outs[0].keys()
         for k in o:
             assert o[k] == pytest.approx(outs[0][k], rel=1e-5, abs=1e-7), k
+
+
+def test_row_batches_carry_one_set_of_scored_positions_per_group(gpt2):
+    """The scorers run the head at the target positions only (`score_pos`, K < S), with one K
+    for all batches of a group (one compilation); the numbers are checked against numpy above."""
+    from salem_jax.eval.metrics import row_batches
+
+    rows = [{"prompt": "the capital of france is", "target": t} for t in ("paris", "paris is nice", "rome")]
+    batches = list(row_batches(gpt2, rows, 2))
+    assert len(batches) == 2
+    shapes = {b["score_pos"].shape for b, _ in batches}
+    assert len(shapes) == 1
+    (_, k), s = shapes.pop(), batches[0][0]["input_ids"].shape[1]
+    assert k < s
+    for b, n in batches:
+        for i in range(n):
+            np.testing.assert_array_equal(b["score_pos"][i][: int(b["label_mask"][i].sum())], np.flatnonzero(b["label_mask"][i]))

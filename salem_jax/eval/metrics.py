@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from salem_jax import losses
 from salem_jax.data.tokenize import encode, pad_rows, slice_rows
+from salem_jax.scored_logits import scored_logits, with_score_positions
 
 Rows = Sequence[Mapping[str, Any]]
 
@@ -80,28 +81,35 @@ def compare_batch(
     return out
 
 
+# The jitted scorers apply the LM head at the scored positions only when the batch has
+# `score_pos` (`row_batches` adds it; salem_jax.scored_logits): the same scores, K positions'
+# worth of head and log-softmax per row instead of S.
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _score(apply: Callable, params: Any, batch: dict) -> dict[str, jax.Array]:
-    return batch_scores(apply(params, batch), batch["labels"], batch["label_mask"])
+    return batch_scores(*scored_logits(apply, params, batch))
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _compare(apply: Callable, base_params: Any, new_params: Any, batch: dict) -> dict[str, jax.Array]:
-    return compare_batch(apply(base_params, batch), apply(new_params, batch), batch["labels"], batch["label_mask"])
+    base, labels, mask = scored_logits(apply, base_params, batch)
+    return compare_batch(base, scored_logits(apply, new_params, batch)[0], labels, mask)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _score_with_argmax(apply: Callable, params: Any, batch: dict) -> tuple[dict[str, jax.Array], jax.Array]:
-    logits = apply(params, batch)
-    return batch_scores(logits, batch["labels"], batch["label_mask"]), jnp.argmax(logits, -1).astype(jnp.int32)
+    logits, labels, mask = scored_logits(apply, params, batch)
+    return batch_scores(logits, labels, mask), jnp.argmax(logits, -1).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _compare_to_argmax(apply: Callable, new_params: Any, batch: dict, base_argmax: jax.Array) -> dict[str, jax.Array]:
-    """`compare_batch`'s "after" half and `unchanged`, against stored base argmaxes [B, S]."""
-    logits = apply(new_params, batch)
-    out = {f"{k}_after": v for k, v in batch_scores(logits, batch["labels"], batch["label_mask"]).items()}
-    same = (jnp.argmax(logits, -1) == base_argmax) & (batch["label_mask"] > 0)
+    """`compare_batch`'s "after" half and `unchanged`, against stored base argmaxes [B, K]
+    (`_score_with_argmax` on the same batch)."""
+    logits, labels, mask = scored_logits(apply, new_params, batch)
+    out = {f"{k}_after": v for k, v in batch_scores(logits, labels, mask).items()}
+    same = (jnp.argmax(logits, -1) == base_argmax) & (mask > 0)
     out["unchanged"] = same.astype(jnp.float32).sum(-1)
     return out
 
@@ -173,12 +181,13 @@ def row_batches(
     """Tokenize `rows` (mappings with "prompt" and "target", or "label" and optional
     "text_pair" for classifiers, e.g. edit-set rows) into batches of exactly `batch_size`
     rows and one sequence length; yields (batch, number of real rows). Padded rows have
-    all-zero masks and are dropped by the caller."""
+    all-zero masks and are dropped by the caller. Every batch carries `score_pos` with one K
+    for all of `rows` (`salem_jax.scored_logits`), so the scorers compile once per group."""
     rows = list(rows)
     if not rows:
         return
     prompts, targets, pairs = _rows_to_lists(model, rows, where)
-    full = encode(model, prompts, targets, text_pairs=pairs, length=length, where=where)
+    full = with_score_positions(encode(model, prompts, targets, text_pairs=pairs, length=length, where=where))
     for start in range(0, len(rows), batch_size):
         part = slice_rows(full, start, start + batch_size)
         n = next(iter(part.values())).shape[0]

@@ -30,7 +30,7 @@ from salem_jax.data.tokenize import encode
 from salem_jax.errors import UserError
 from salem_jax.mend.checkpoint import CheckpointError, CheckpointMismatch, restore_editor, steps_in
 from salem_jax.mend.editor import EditorSpec, edited_params
-from salem_jax.mend.train import capture_factors
+from salem_jax.mend.train import EDIT_BUCKETS, capture_factors
 from salem_jax.models.base import get_path, set_path
 from salem_jax.scored_logits import with_score_positions
 
@@ -113,7 +113,8 @@ def _as_request(r: Request, i: int) -> tuple[str, Any, str]:
 
 
 def encode_requests(model, requests: Sequence[Request], where: str = "requests", max_tokens: int | None = None) -> dict:
-    """The batch dict of edit requests (classifier targets may be label names or indices).
+    """The batch dict of edit requests (classifier targets may be label names or indices),
+    padded to a length of `mend.train.EDIT_BUCKETS`.
 
     Each request must fit the model's context and `max_tokens`; errors name it by its file line
     when `requests` came from `read_requests`."""
@@ -137,7 +138,7 @@ def encode_requests(model, requests: Sequence[Request], where: str = "requests",
         targets = out
     pairs = [p for _, _, p in reqs]
     return encode(model, [p for p, _, _ in reqs], targets, text_pairs=pairs if any(pairs) else None, where=where,
-                  max_tokens=max_tokens, names=row_names)
+                  max_tokens=max_tokens, names=row_names, buckets=EDIT_BUCKETS)
 
 
 def apply_edits(
