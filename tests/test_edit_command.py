@@ -135,7 +135,8 @@ def test_batch_and_sequential_edits():
         # (summed loss, frozen statistics: the pseudo-gradients add up)
         d = [np.asarray(get_path(p, w.path)) - w0 for p in one]
         assert all(np.abs(x).max() > 0 for x in d)
-        np.testing.assert_allclose(np.asarray(get_path(both, w.path)) - w0, d[0] + d[1], atol=1e-6)
+        # (float32 summation order: one request alone is padded to 8 tokens since EDIT_BUCKETS)
+        np.testing.assert_allclose(np.asarray(get_path(both, w.path)) - w0, d[0] + d[1], atol=2e-6)
         # sequential = the second edit captured on the first edit's parameters
         np.testing.assert_array_equal(get_path(seq, w.path), get_path(on_top, w.path))
     # a single request: batch and sequential agree
