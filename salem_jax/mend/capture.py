@@ -16,7 +16,7 @@ the loss does not change, and the gradient of the loss with respect to that pert
 exactly `delta`. The input `args[0]` is read the same way, through the backward pass (an
 identity whose custom gradient w.r.t. a zero probe is the input itself), so no traced value
 escapes by side effect. One forward and one backward pass give every target's `(u, delta)`;
-the same code serves transformers' Flax classes and our own Llama (also with nn.remat),
+the same code serves all our Flax models (GPT-2, GPT-Neo, T5, BART, BERT, Llama; also with nn.remat),
 because it only relies on module paths matching parameter paths.
 """
 
