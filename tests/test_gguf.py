@@ -52,7 +52,7 @@ def write_llama_gguf(path, config, state, *, arch="llama", tokenizer=False, add_
     w.add_head_count(config.num_attention_heads)
     w.add_head_count_kv(config.num_key_value_heads)
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
-    w.add_rope_freq_base(config.rope_theta)
+    w.add_rope_freq_base(llama.rope_theta(config))  # transformers 5 keeps it in rope_parameters
     w.add_rope_dimension_count(llama.head_dim(config))
     if tokenizer:
         _tokenizer_fields(w, add_bos)
