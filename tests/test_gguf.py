@@ -106,7 +106,7 @@ def test_round_trip_matches_source_and_transformers(tmp_path):
     path = write_llama_gguf(tmp_path / "tiny.gguf", config, state, tokenizer=True)
 
     m = G.load_gguf(path, cache=False)
-    assert m.config.rope_theta == 5e4 and m.config.num_key_value_heads == 2
+    assert llama.rope_theta(m.config) == 5e4 and m.config.num_key_value_heads == 2
     assert m.config.rms_norm_eps == pytest.approx(1e-4) and m.config.max_position_embeddings == 128
     assert not m.config.tie_word_embeddings and m.extra["cache_hit"] is False
     want = llama.hf_to_params(state, config)
