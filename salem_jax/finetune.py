@@ -376,8 +376,8 @@ def save_classifier(model: LoadedModel, params, out: str | os.PathLike, *, torch
     if torch_weights is None:
         torch_weights = importlib.util.find_spec("torch") is not None
         if not torch_weights:
-            log.warning("torch is not installed: %s gets Flax weights only (load_model and transformers' Flax "
-                        "classes open it; PyTorch's AutoModelForSequenceClassification needs model.safetensors)", out)
+            log.warning("torch is not installed: %s gets Flax weights only (load_model opens it;"
+                        " PyTorch's AutoModelForSequenceClassification needs model.safetensors)", out)
     return save_model(model, params, out, torch_weights=torch_weights)
 
 

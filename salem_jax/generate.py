@@ -3,7 +3,7 @@
 No KV cache: every step re-runs the model on a fixed buffer and reads the logits at each row's
 own last position. For the short answers of editing benchmarks (a few tokens) that costs little,
 and it needs nothing from the model beyond `apply(params, batch)`, so it works for our Llama,
-transformers' Flax GPT-2 / GPT-Neo and the encoder-decoders alike (and under
+our GPT-2 / GPT-Neo and the encoder-decoders alike (and under
 `flax.linen.intercept_methods`, e.g. with an edit applied on the fly).
 
 Shapes are static: prompts are right padded into a buffer whose length is a bucket

@@ -52,7 +52,7 @@ def write_llama_gguf(path, config, state, *, arch="llama", tokenizer=False, add_
     w.add_head_count(config.num_attention_heads)
     w.add_head_count_kv(config.num_key_value_heads)
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
-    w.add_rope_freq_base(config.rope_theta)
+    w.add_rope_freq_base(llama.rope_theta(config))  # transformers 5 keeps it in rope_parameters
     w.add_rope_dimension_count(llama.head_dim(config))
     if tokenizer:
         _tokenizer_fields(w, add_bos)
@@ -106,7 +106,7 @@ def test_round_trip_matches_source_and_transformers(tmp_path):
     path = write_llama_gguf(tmp_path / "tiny.gguf", config, state, tokenizer=True)
 
     m = G.load_gguf(path, cache=False)
-    assert m.config.rope_theta == 5e4 and m.config.num_key_value_heads == 2
+    assert llama.rope_theta(m.config) == 5e4 and m.config.num_key_value_heads == 2
     assert m.config.rms_norm_eps == pytest.approx(1e-4) and m.config.max_position_embeddings == 128
     assert not m.config.tie_word_embeddings and m.extra["cache_hit"] is False
     want = llama.hf_to_params(state, config)

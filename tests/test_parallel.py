@@ -44,8 +44,16 @@ def test_eight_devices_give_the_one_device_step():
     mesh8 = parallel.data_mesh(jax.devices()[:8])
     s1, m1 = _one_step(model, data, spec, cfg, mesh1)
     s8, m8 = _one_step(model, data, spec, cfg, mesh8)
+    # An edit lr's gradient is a sum over a whole kernel of products that partly cancel, so
+    # eight devices' summation order moves it by float-rounding noise far above its own eps:
+    # measured max |1-device - 8-device| 1.1e-5 (jax 0.9.2) and 3.1e-5 (jax 0.10.2) on lr
+    # gradients of 2e-2 and 0.15. The grad norm is dominated by those lr gradients (0.152 of
+    # it), so it shares their tolerance; a gradient summed instead of averaged over eight
+    # devices would be off by a factor of eight.
+    lr_atol = 6e-5
     for k in m1:  # per-group losses and accuracies, grad norm
-        np.testing.assert_allclose(m1[k], m8[k], atol=1e-5, rtol=1e-5, err_msg=k)
+        atol = lr_atol if k == "grad_norm" else 1e-5
+        np.testing.assert_allclose(m1[k], m8[k], atol=atol, rtol=1e-5, err_msg=k)
     # running statistics (combined over devices with psum) and the averaged gradients
     for a, b in zip(jax.tree.leaves(s1["norm"]), jax.tree.leaves(s8["norm"])):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
@@ -53,9 +61,8 @@ def test_eight_devices_give_the_one_device_step():
     assert g1.keys() == g8.keys() and len(g1) == len(jax.tree.leaves(s1["params"]))
     assert max(float(np.abs(g).max()) for g in g1.values()) > 1e-3  # not a trivial comparison
     for k in g1:
-        # atol 3e-5: an edit lr's gradient is a sum over a whole kernel of products that partly
-        # cancel, so eight devices' summation order moves it by ~1e-5 on a gradient of 2e-2
-        np.testing.assert_allclose(g1[k], g8[k], atol=3e-5, rtol=1e-5, err_msg=k)
+        atol = lr_atol if k.startswith("['lr']") else 1e-5  # the other gradients move by < 1e-8
+        np.testing.assert_allclose(g1[k], g8[k], atol=atol, rtol=1e-5, err_msg=k)
     # The updated parameters agree too, except where Adam's first step g / (|g| + eps) divides
     # a gradient close to eps = 1e-8 by itself: a float-rounding-sized change of such a g moves
     # the update by a sizeable part of lr. Beyond 100 eps the update is stable to 1e-5.

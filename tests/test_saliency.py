@@ -148,8 +148,10 @@ def test_micro_batch_path_equals_one_at_a_time_and_compiles_once(gpt2, gpt2_stat
     groups = np.asarray(GROUPS)
     for w in st.weights:
         for gi, grp in enumerate(st.groups):
-            want = sum(get_path(g, w.path) for g, k in zip(gpt2_grads, groups) if k == grp)
-            np.testing.assert_allclose(st.grad_sums[w.path][gi], want, rtol=1e-4, atol=1e-8)
+            want = np.asarray(sum(get_path(g, w.path) for g, k in zip(gpt2_grads, groups) if k == grp))
+            # atol relative to the array's scale: vmapped and one-row gradients round differently;
+            # jax 0.10.2 moved entries near 1e-4 by 3.7e-8 in an array whose largest entry is ~0.14
+            np.testing.assert_allclose(st.grad_sums[w.path][gi], want, rtol=1e-4, atol=2e-6 * np.abs(want).max())
     # another pass of the same shapes reuses the compilation
     again = S.saliency_stats(m, m.params, (gpt2[1], GROUPS), micro_batch=2)
     assert again.traces == 0

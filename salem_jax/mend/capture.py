@@ -16,7 +16,7 @@ the loss does not change, and the gradient of the loss with respect to that pert
 exactly `delta`. The input `args[0]` is read the same way, through the backward pass (an
 identity whose custom gradient w.r.t. a zero probe is the input itself), so no traced value
 escapes by side effect. One forward and one backward pass give every target's `(u, delta)`;
-the same code serves transformers' Flax classes and our own Llama (also with nn.remat),
+the same code serves all our Flax models (GPT-2, GPT-Neo, T5, BART, BERT, Llama; also with nn.remat),
 because it only relies on module paths matching parameter paths.
 """
 
@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from salem_jax._compat import abstract_like, varying_axes
 from salem_jax.losses import example_nll
 from salem_jax.models.base import Weight, get_path
 
@@ -68,12 +69,6 @@ def _check_weights(params: Any, weights: Sequence[Weight]) -> None:
         w.in_out_shape(tuple(kernel.shape))  # raises on a non-2-D kernel
 
 
-def _aval(x) -> jax.ShapeDtypeStruct:
-    """Shape, dtype and varying manual axes of an array or tracer (static metadata only)."""
-    vma = getattr(jax.typeof(x), "vma", None) or frozenset()
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, vma=frozenset(vma))
-
-
 def _io_shapes(apply_fn, params, batch, targets: dict[str, Weight]) -> dict[str, tuple]:
     """(input, output) avals of each target module, from an abstract (compute-free) pass."""
     calls: dict[str, list] = {m: [] for m in targets}
@@ -89,7 +84,7 @@ def _io_shapes(apply_fn, params, batch, targets: dict[str, Weight]) -> dict[str,
                 raise TypeError(f"module {name!r} returned {type(out).__name__}, expected one array")
             # Only static metadata leaves this function, never a tracer: that keeps the pass
             # valid inside lifted transforms (nn.remat, nn.scan) of the model.
-            calls[name].append((_aval(x), _aval(out)))
+            calls[name].append((abstract_like(x), abstract_like(out)))
         return out
 
     def run(params, batch):
@@ -113,8 +108,8 @@ def _zeros_like(s: jax.ShapeDtypeStruct) -> jax.Array:
     perturbation that varies too: the gradient w.r.t. a replicated input is summed over the
     devices, which would turn every device's delta into the sum of all devices' deltas."""
     z = jnp.zeros(s.shape, s.dtype)
-    vma = tuple(sorted(getattr(s, "vma", None) or ()))
-    return jax.lax.pcast(z, vma, to="varying") if vma else z
+    axes = tuple(sorted(varying_axes(s)))
+    return jax.lax.pcast(z, axes, to="varying") if axes else z
 
 
 @jax.custom_vjp

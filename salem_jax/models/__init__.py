@@ -1,4 +1,4 @@
-"""Models: the LoadedModel interface (base), transformers' Flax classes (hf), our Flax Llama
+"""Models: the LoadedModel interface (base), our Flax GPT-2/GPT-Neo/T5/BART/BERT (hf), our Flax Llama
 (llama, gguf), and `load_model` / `save_model` (loading)."""
 
 from salem_jax.models.base import Block, LayerTable, LoadedModel, Weight

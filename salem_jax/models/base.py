@@ -1,8 +1,8 @@
 """What every loaded model looks like to the rest of salem_jax.
 
 A model is a pure function of (params, batch) plus the tables that name its layers.
-Nothing here knows about a particular architecture; `hf.py` (transformers' Flax
-classes) and `llama.py` (our own Llama) fill these structures in.
+Nothing here knows about a particular architecture; `hf.py` (our Flax GPT-2, GPT-Neo,
+T5, BART, BERT) and `llama.py` (our own Llama) fill these structures in.
 
 Batch convention (a dict of int32 arrays with static shapes, built by `salem_jax.data`):
 
