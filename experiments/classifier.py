@@ -53,7 +53,7 @@ def classifier_config(name: str, data: str, mode: str, tiny: bool) -> ml_collect
     # The evaluation budget (each edit re-runs the classifier on every pass row: edits x pass rows
     # forward passes per method): all val edits up to max_edits, at most train_edits of the editor's
     # train edits (Table 3's "train" columns), DD on the first max_pass pass rows of each split.
-    # Measured on this 2-core CPU at load ~10: ~0.065 s per pass row per edit, ~1.5 s per MEND step
+    # Measured on this 2-core CPU at load ~10: ~0.065 s per pass row per edit, 1.5-3 s per MEND step (1-3 layers)
     # (README, "Classifiers"); these defaults keep an experiment near 20 minutes there.
     c.eval.max_edits = 48
     c.eval.max_pass = 16
@@ -241,7 +241,8 @@ def run_classifier_experiment(cfg: ml_collections.ConfigDict, workdir: str | os.
             f"(prepare {train_seconds:.0f}s, evaluate {sum(eval_seconds.values()):.0f}s)")
     ft_info = json.loads((folder / "finetune.json").read_text()) if (folder / "finetune.json").is_file() else {}
     out = dict(config=json.loads(cfg.to_json_best_effort()), model_folder=str(folder), finetune=ft_info,
-               edit_set=es.info, n_pass=n_pass, n_edits=n_edits, chosen_layers=list(profile.chosen), profile=profile.to_dict(),
+               edit_set=es.info, n_pass=n_pass, n_edits=n_edits, chosen_layers=list(profile.chosen),
+               profile=profile.to_dict(),
                methods=results, seconds=time.perf_counter() - t_all)
     table = results_table(out)
     (work / "results.json").write_text(json.dumps(F.jsonable(out), indent=2))

@@ -34,7 +34,8 @@ def test_real_configs_state_their_budget():
 def test_results_table_rows_and_note():
     split = dict(ea=0.75, dd_acc=0.0625, edit_seconds=0.5)
     out = dict(
-        methods={"salem": dict(layers=["layer.0"], train=dict(split, ea=1.0), val=split, steps=100, train_seconds=12.4)},
+        methods={"salem": dict(layers=["layer.0"], train=dict(split, ea=1.0), val=split, steps=100,
+                               train_seconds=12.4)},
         finetune=dict(best_acc=0.765, majority_rate=0.474), model_folder="m",
         edit_set=dict(counts={"train": {"fail": 3}}), n_pass={"val": 16, "train": 16}, n_edits={"val": 48, "train": 16},
     )
