@@ -14,7 +14,8 @@
 4. saliency profile on the train rows (the salient layer and the top three);
 5. methods (`cfg.methods`, from the method registry salem_jax.methods): salem, salem3, mend_fixed
    (MEND editors), ft, ft_kl (fine-tuning), ke and enn (salem_jax.methods.meta), each evaluated one
-   edit at a time on the val edits and on up to `eval.max_edits` train edits;
+   edit at a time on up to `eval.max_edits` val edits and up to `train_edits` train edits, DD on
+   the first `eval.max_pass` pass rows of each split;
 6. `results.json` and `results.md`: the paper's Table 3 columns (EA and DD on train and on val)
    plus the edited layers, editor steps and seconds.
 
@@ -49,13 +50,24 @@ def classifier_config(name: str, data: str, mode: str, tiny: bool) -> ml_collect
     c.finetuned = ""  # a `salem finetune` folder; '' = workdir/finetuned (fine-tuned on the first run)
     c.finetune = ml_collections.ConfigDict(dict(epochs=1, batch_size=16, lr=1e-4, max_length=128, heldout=0.1,
                                                 edit=0.2, patience=1, max_steps=0))
-    c.eval.max_edits = 100
-    c.eval.max_pass = 100
+    # The evaluation budget (each edit re-runs the classifier on every pass row: edits x pass rows
+    # forward passes per method): all val edits up to max_edits, at most train_edits of the editor's
+    # train edits (Table 3's "train" columns), DD on the first max_pass pass rows of each split.
+    # Measured on this 2-core CPU at load ~10: ~0.065 s per pass row per edit, 1.5-3 s per MEND step (1-3 layers)
+    # (README, "Classifiers"); these defaults keep an experiment near 20 minutes there.
+    c.eval.max_edits = 48
+    c.eval.max_pass = 16
+    c.train_edits = 16  # 0 = eval.max_edits
+    c.edit_max_tokens = 0  # > 0: edit records longer than this many tokens are left out (listed)
+    c.editor.steps = 100
+    c.ke.steps = 100
+    c.enn.steps = 50
     if tiny:
         from experiments.common import tiny_overrides
 
         tiny_overrides(c, "tiny-bert")
         c.limit = 160
+        c.train_edits = 0  # tiny_overrides' eval.max_edits for both splits
         c.finetune.update(dict(epochs=1, batch_size=8, lr=1e-3, edit=0.5))
         c.ke.update(dict(steps=4, lstm_hidden=8, condition_dim=16, hidden=8, loc_per_step=4))
         c.enn.update(dict(steps=4, loc_per_step=4))
@@ -104,6 +116,33 @@ def finetuned_classifier(cfg, records, work: Path, say):
     return folder, doc
 
 
+def token_counts(model, records) -> list[int]:
+    """Tokens of each record as the classifier reads it ([CLS] text [SEP] pair [SEP])."""
+    tok = model.tokenizer
+    return [len(tok(r.prompt, r.text_pair or None, add_special_tokens=True)["input_ids"]) for r in records]
+
+
+def drop_long(model, records, max_tokens: int) -> tuple[list, list[str]]:
+    """(records of at most max_tokens tokens, ids of the others); max_tokens 0 keeps all.
+
+    Why: every edit re-scores the pass rows, padded to their longest row's length bucket, so a few
+    long RTE pairs (12% exceed 128 tokens, the fine-tuning length) would double or quadruple the cost
+    of every evaluation; the classifier was also trained on pairs truncated at that length."""
+    if not max_tokens:
+        return list(records), []
+    n = token_counts(model, records)
+    return [r for r, k in zip(records, n) if k <= max_tokens], [r.id for r, k in zip(records, n) if k > max_tokens]
+
+
+def train_split_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """cfg for evaluating the editor-train edits: eval.max_edits = cfg.train_edits (0: unchanged)."""
+    out = cfg.copy_and_resolve_references()
+    if cfg.get("train_edits", 0):
+        with out.unlocked():
+            out.eval.max_edits = int(cfg.train_edits)
+    return out
+
+
 def _fmt(x):
     return "-" if x is None else f"{x:.4f}" if isinstance(x, float) else str(x)
 
@@ -119,15 +158,14 @@ def results_table(out: dict) -> str:
     ft = out.get("finetune", {})
     note = (f"\nClassifier: {out['model_folder']} (held-out accuracy {_fmt(ft.get('best_acc'))}, majority class "
             f"{_fmt(ft.get('majority_rate'))}). Edits: {out['edit_set']['counts']}. EA = share of edits right after "
-            f"the edit; DD = pass-row accuracy before minus after (val: {out['n_pass']['val']} pass rows, train: "
-            f"{out['n_pass']['train']}).")
+            f"the edit; DD = pass-row accuracy before minus after (val: {out['n_edits']['val']} edits, "
+            f"{out['n_pass']['val']} pass rows; train: {out['n_edits']['train']} edits, {out['n_pass']['train']} "
+            "pass rows).")
     return "\n".join(lines) + "\n" + note
 
 
 def run_classifier_experiment(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     import functools
-
-    import jax
 
     from salem_jax import finetune as F
     from salem_jax import methods as method_registry
@@ -158,6 +196,9 @@ def run_classifier_experiment(cfg: ml_collections.ConfigDict, workdir: str | os.
                          "was the classifier fine-tuned on another file or --config.limit?")
     edit_records = [by[i] for i in splits["splits"]["edit"]]
     F.check_disjoint(edit_records, splits, where=str(folder))
+    edit_records, too_long = drop_long(model, edit_records, cfg.edit_max_tokens)
+    if too_long:
+        say(f"left out {len(too_long)} edit records longer than {cfg.edit_max_tokens} tokens (edit_split.json)")
     es = build_edit_set(model, edit_records, mode=cfg.mode, seed=cfg.seed, val_fraction=cfg.val_fraction,
                         batch_size=cfg.score_batch, progress=cfg.progress, skip_invalid=cfg.skip_invalid)
     save_edit_set(es, work / "edit_set", overwrite=True)
@@ -166,7 +207,8 @@ def run_classifier_experiment(cfg: ml_collections.ConfigDict, workdir: str | os.
         model_folder=str(folder), mode=cfg.mode,
         finetune=splits["splits"]["finetune"], heldout=splits["splits"]["heldout"],
         editor_train=sorted({r["record_id"] for r in train_rows}, key=F.id_order),
-        editor_val=sorted({r["record_id"] for r in val_rows}, key=F.id_order)))
+        editor_val=sorted({r["record_id"] for r in val_rows}, key=F.id_order),
+        too_long=dict(max_tokens=cfg.edit_max_tokens, records=too_long)))
     say(es.summary())
 
     profile = P.saliency(model, train_rows, cfg)
@@ -174,26 +216,33 @@ def run_classifier_experiment(cfg: ml_collections.ConfigDict, workdir: str | os.
     say(f"saliency chose {', '.join(profile.chosen)}")
     ctx = Context(model=model, cfg=cfg, work=work, say=say, train_rows=train_rows, val_rows=val_rows,
                   data=prepare_splits(model, {"train": train_rows, "val": val_rows}), profile=profile)
+    train_cfg = train_split_config(cfg)
     results: dict = {}
     n_pass = {s: min(cfg.eval.max_pass, sum(r["group"] == "pass" for r in rows))
               for s, rows in (("train", train_rows), ("val", val_rows))}
+    n_edits = {s: min(c.eval.max_edits, sum(r["group"] == "fail" for r in rows))
+               for s, rows, c in (("train", train_rows, train_cfg), ("val", val_rows, cfg))}
     for method in methods:
         t = time.perf_counter()
         layers = tuple(method.layers(ctx))
         prepared = method.prepare(ctx, layers)
         train_seconds = time.perf_counter() - t
         edit = functools.partial(prepared.edit, model.params)  # every edit starts from the given model
-        per = {split: P.evaluate_method(model, edit, rows, [], cfg, f"{method.name} ({split})")
-               for split, rows in (("val", val_rows), ("train", train_rows))}
+        per, eval_seconds = {}, {}
+        for split, rows, split_cfg in (("val", val_rows, cfg), ("train", train_rows, train_cfg)):
+            t = time.perf_counter()
+            per[split] = P.evaluate_method(model, edit, rows, [], split_cfg, f"{method.name} ({split})")
+            eval_seconds[split] = time.perf_counter() - t
         info = {k: v for k, v in prepared.info.items() if k not in ("layers",)}
         results[method.name] = dict(info, layers=list(layers), steps=prepared.info.get("steps"),
-                                    train_seconds=train_seconds, **per)
+                                    train_seconds=train_seconds, eval_seconds=eval_seconds, **per)
         say(f"{method.name}: EA train {_fmt(per['train'].get('ea'))} val {_fmt(per['val'].get('ea'))}, "
-            f"DD train {_fmt(per['train'].get('dd_acc'))} val {_fmt(per['val'].get('dd_acc'))}")
-        jax.clear_caches()
+            f"DD train {_fmt(per['train'].get('dd_acc'))} val {_fmt(per['val'].get('dd_acc'))} "
+            f"(prepare {train_seconds:.0f}s, evaluate {sum(eval_seconds.values()):.0f}s)")
     ft_info = json.loads((folder / "finetune.json").read_text()) if (folder / "finetune.json").is_file() else {}
     out = dict(config=json.loads(cfg.to_json_best_effort()), model_folder=str(folder), finetune=ft_info,
-               edit_set=es.info, n_pass=n_pass, chosen_layers=list(profile.chosen), profile=profile.to_dict(),
+               edit_set=es.info, n_pass=n_pass, n_edits=n_edits, chosen_layers=list(profile.chosen),
+               profile=profile.to_dict(),
                methods=results, seconds=time.perf_counter() - t_all)
     table = results_table(out)
     (work / "results.json").write_text(json.dumps(F.jsonable(out), indent=2))
