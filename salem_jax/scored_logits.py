@@ -34,13 +34,14 @@ SCORE_POS = "score_pos"
 def with_score_positions(batch: dict, k: int | None = None) -> dict:
     """`batch` (numpy, leaves [..., S]) with `score_pos` [..., K] added (a new dict).
 
-    k: positions per row (default: the most scored positions of any row, at least 1); an error
-    if some row has more. When K would not be smaller than S the batch comes back unchanged
+    k: positions per row (default: the most scored positions of any row, rounded up to a power
+    of two, so that edits whose targets have 1..8 tokens share four compiled programs instead of
+    compiling one per token count); an error if some row has more. When K would not be smaller than S the batch comes back unchanged
     (nothing to save). Host-side: K is a shape, so it must be known before jit."""
     mask = np.asarray(batch["label_mask"])
     counts = (mask != 0).sum(-1)
     need = max(1, int(counts.max(initial=0)))
-    k = need if k is None else int(k)
+    k = 1 << (need - 1).bit_length() if k is None else int(k)
     if k < need:
         raise ValueError(f"with_score_positions: k={k} but a row has {need} scored positions")
     if k >= mask.shape[-1]:

@@ -41,6 +41,22 @@ def test_score_positions_put_the_scored_positions_first_in_order():
     assert SCORE_POS not in with_score_positions({"label_mask": full, "labels": full})  # K >= S: nothing to save
 
 
+def test_default_k_is_rounded_up_to_a_power_of_two():
+    # one compiled program per power of two, not per target length: 3 scored positions -> K = 4,
+    # the scored positions first, then unscored ones (which count nowhere)
+    mask = np.zeros((2, 12), np.int32)
+    mask[0, [4, 5, 6]] = 1
+    mask[1, 7] = 1
+    b = with_score_positions({"label_mask": mask, "labels": mask})
+    assert b[SCORE_POS].shape == (2, 4)
+    np.testing.assert_array_equal(b[SCORE_POS][0, :3], [4, 5, 6])
+    assert b[SCORE_POS][1, 0] == 7 and mask[1, b[SCORE_POS][1, 1:]].sum() == 0
+    for need, k in [(1, 1), (2, 2), (5, 8), (8, 8), (9, 16)]:
+        m = np.zeros((1, 32), np.int32)
+        m[0, :need] = 1
+        assert with_score_positions({"label_mask": m, "labels": m})[SCORE_POS].shape == (1, k)
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_losses_and_metrics_equal_the_full_computation(name):
     model = MODELS[name]
