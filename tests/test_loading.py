@@ -175,36 +175,6 @@ def test_other_weight_files(tiny, tmp_path):
         assert_same_params(got.params, m.params, atol=1e-7)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gpt_neo", "t5", "bart", "bert"])
-def test_checkpoint_written_by_transformers_flax_class(arch, tmp_path):
-    """Where transformers still has its Flax classes (4.x), a flax_model.msgpack written by its own
-    save_pretrained loads into our modules and gives its logits (an independent check of the
-    paths and of FlaxGPT2's transposed Conv1D kernels)."""
-    import transformers
-
-    cls = getattr(transformers, "Flax" + hf.ARCHS[arch].torch_class, None)
-    if cls is None:
-        pytest.skip(f"transformers {transformers.__version__} has no Flax classes (removed in 5.0)")
-    if arch == "t5" and tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 10):
-        pytest.skip("transformers' FlaxT5 calls jnp.clip(a_max=), which jax >= 0.10 removed")
-    m = hf.tiny(arch)
-    theirs = cls(m.config, seed=7)
-    theirs.save_pretrained(tmp_path)
-    m.tokenizer.save_pretrained(tmp_path)
-    got = load_model(tmp_path)
-    assert got.extra["weights"] == "flax_model.msgpack"
-    b = sample_batch(m)
-    if m.kind == "classifier":
-        ref = theirs(b["input_ids"], b["attention_mask"], b["token_type_ids"]).logits[:, None]
-    elif m.kind == "seq2seq":
-        ref = theirs(input_ids=b["input_ids"], attention_mask=b["attention_mask"], decoder_input_ids=b["decoder_input_ids"],
-                     decoder_attention_mask=b["decoder_attention_mask"]).logits
-    else:
-        ref = theirs(b["input_ids"], b["attention_mask"]).logits
-    pos = real_positions(m, b)
-    np.testing.assert_allclose(np.asarray(got.apply(got.params, b))[pos], np.asarray(ref)[pos], atol=1e-4, rtol=0)
-
-
 def test_from_pt_choice(tiny, tmp_path):
     m = tiny("gpt2")
     both = flax_folder(m, tmp_path / "both")
