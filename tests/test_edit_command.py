@@ -199,3 +199,43 @@ def test_edit_with_a_locate_then_edit_method(tmp_path, monkeypatch, capsys):
                                        "--out", str(tmp_path / "o2")]))
     with pytest.raises(SystemExit, match="--editor is required"):
         edit_cmd.run(_parse(edit_cmd, ["edit", "--model", "tiny", "--requests", str(req), "--out", str(tmp_path / "o3")]))
+
+
+def test_edit_layers_auto(tmp_path, monkeypatch, capsys):
+    """`salem edit --method rrome --layers auto --scorer NAME`: the edited layer is the top-1 of the
+    scorer's profile of the requests (each a fail row), computed here directly with saliency_profile
+    on the same rows; the profile is saved beside the edited weights; bad combinations are refused
+    before the model loads."""
+    from salem_jax import models
+    from salem_jax.data.tokenize import encode
+    from salem_jax.models import hf
+    from salem_jax.saliency import saliency_profile
+
+    model = hf.tiny("gpt2", seed=2)
+    monkeypatch.setattr(models, "load_model", lambda name, **kw: model)
+    data = tmp_path / "data"
+    (data / "wikitext").mkdir(parents=True)
+    (data / "wikitext" / "wiki.test.raw").write_text(
+        "\n".join(" ".join([COUNTRIES[i % len(COUNTRIES)]] * 6) + " the capital of is what city" for i in range(40)) + "\n")
+    monkeypatch.setenv("SALEM_JAX_DATA", str(data))
+    monkeypatch.setenv("SALEM_JAX_CACHE", str(tmp_path / "cache"))
+    reqs = [{"prompt": "what is the capital of france", "target": "tokyo", "subject": "france"},
+            {"prompt": "what is the capital of peru", "target": "paris", "subject": "peru"}]
+    req = tmp_path / "req.jsonl"
+    req.write_text("".join(json.dumps(r) + "\n" for r in reqs))
+    args = _parse(edit_cmd, ["edit", "--model", "tiny", "--method", "rrome", "--layers", "auto", "--scorer", "salem",
+                             "--requests", str(req), "--out", str(tmp_path / "out"), "--cov-tokens", "300", "--no-progress"])
+    assert edit_cmd.run(args) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(next(line for line in out.splitlines() if line.startswith('{"method"')))
+    batch = encode(model, [r["prompt"] for r in reqs], [r["target"] for r in reqs])
+    ref = saliency_profile(model, model.params, [(batch, ["fail", "fail"])], scorer="salem", part="mlp", top_k=1)
+    assert summary["layers"] == [ref.chosen[0]] and summary["edited"] == 2
+    saved = json.loads((tmp_path / "out" / "layer_profile.json").read_text())
+    assert saved["chosen"] == [ref.chosen[0]]
+    with pytest.raises(SystemExit, match="give --keep"):
+        edit_cmd.run(_parse(edit_cmd, ["edit", "--model", "tiny", "--method", "rrome", "--layers", "auto", "--scorer",
+                                       "contrast", "--requests", str(req), "--out", str(tmp_path / "o2")]))
+    with pytest.raises(SystemExit, match="--layers is for the closed-form methods"):
+        edit_cmd.run(_parse(edit_cmd, ["edit", "--model", "tiny", "--editor", str(tmp_path), "--layers", "h.0",
+                                       "--requests", str(req), "--out", str(tmp_path / "o3")]))

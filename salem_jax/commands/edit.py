@@ -17,14 +17,26 @@ the last layer of the band (`--band` blocks), key statistics come from WikiText 
 directory (cached), and `--batch-size` edits go into each closed-form update.
 
     salem edit --model smollm2-135m --method rrome --layers layers.7 --requests facts.jsonl --out runs/smollm2-rrome
+
+`--layers auto --scorer NAME` chooses that layer from the requests themselves (each request a
+`fail` row: its prompt with the new target; `--keep` facts are the `pass` rows that "contrast"
+needs): a saliency scorer (salem = the paper's, lga, contrast, ...) or "causal-trace" (ROME's
+causal tracing on the requests' subjects). The top-1 layer is the edited layer (r-ROME) or the last
+block of the band; the profile is written to `<out>/layer_profile.json`.
+
+    salem edit --model smollm2-135m --method rrome --layers auto --scorer causal-trace --requests facts.jsonl --out runs/smollm2-rrome
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from salem_jax.data.tokenize import DEFAULT_MAX_TOKENS
+from salem_jax.commands.locate import SCORERS as SALIENCY_SCORERS  # no jax import: `salem --help` stays fast
+
+AUTO_SCORERS = SALIENCY_SCORERS + ("causal-trace",)  # salem edit --layers auto --scorer NAME
 
 
 def add_parser(subparsers) -> None:
@@ -38,7 +50,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--method", choices=("mend", "rrome", "memit", "emmet", "alphaedit"), default="mend",
                    help="mend: a trained editor (--editor); the others edit in closed form (--layers)")
     p.add_argument("--editor", default=None, help="workdir of `salem train-editor` (or its checkpoints folder)")
-    p.add_argument("--layers", default=None, help="rrome/memit/emmet/alphaedit: the layer (or comma list of layers)")
+    p.add_argument("--layers", default=None,
+                   help="rrome/memit/emmet/alphaedit: the layer (or comma list of layers), or 'auto' (chosen by --scorer)")
+    p.add_argument("--scorer", choices=AUTO_SCORERS, default="salem",
+                   help="--layers auto: a saliency scorer (salem = the paper's) or causal-trace (needs each request's subject)")
     p.add_argument("--band", type=int, default=3, help="memit/emmet/alphaedit: blocks ending at --layers")
     p.add_argument("--batch-size", type=int, default=100, help="memit/emmet/alphaedit: edits per update")
     p.add_argument("--cov-tokens", type=int, default=100_000, help="WikiText tokens for the key statistics")
@@ -70,7 +85,29 @@ def _correct(model, params, batch):
     return np.asarray(example_correct(logits, batch["labels"], batch["label_mask"]))
 
 
-def _locate_edit(model, requests, args):
+def auto_layer(model, requests: list[dict], keep: list[dict] | None, scorer: str, *, progress: bool = True):
+    """The layer a scorer chooses for closed-form edits of `requests`: (layer name, LayerProfile).
+
+    Each request is a `fail` row (prompt -> new target, record id = its 1-based line); `keep` facts
+    are `pass` rows. Saliency scorers profile the MLP weights of every layer on those rows; with
+    "causal-trace", ROME's causal tracing of the requests' subjects (requests whose subject is not
+    in the prompt are left out of the trace). Top-1 of the profile."""
+    from salem_jax.locate.choose import LocateConfig, locate  # jax and the model code: not needed for --help
+
+    rows = [{"id": f"req{i + 1}", "record_id": str(i + 1), "group": "fail", "prompt": r["prompt"], "target": r["target"]}
+            for i, r in enumerate(requests)]
+    rows += [{"id": f"keep{i + 1}", "record_id": f"keep{i + 1}", "group": "pass", "prompt": r["prompt"],
+              "target": r["target"]} for i, r in enumerate(keep or [])]
+    cfg = LocateConfig(scorer=scorer if scorer != "causal-trace" else "salem", part="mlp", top_k=1)
+    if scorer == "causal-trace":
+        subjects = {str(i + 1): r.get("subject", "") for i, r in enumerate(requests)}
+        profile = locate(model, rows, "causal-trace", cfg, subjects=subjects, progress=progress)
+    else:
+        profile = locate(model, rows, "lga" if scorer == "lga" else "saliency", cfg, progress=progress)
+    return profile.chosen[0], profile
+
+
+def _locate_edit(model, requests, args, keep=None):
     import dataclasses
 
     from salem_jax.baselines.editors import get_editor, layers_for
@@ -78,7 +115,12 @@ def _locate_edit(model, requests, args):
     from salem_jax.baselines.locate_edit import EditorConfig
     from salem_jax.baselines.requests import EditRequest
 
-    layers = args.layers.split(",") if "," in args.layers else args.layers
+    if args.layers == "auto":
+        layers, profile = auto_layer(model, requests, keep, args.scorer, progress=not args.no_progress)
+        print(f"--layers auto ({args.scorer}) chose {layers}")
+    else:
+        profile = None
+        layers = args.layers.split(",") if "," in args.layers else args.layers
     reqs = [EditRequest(r["prompt"], r.get("subject", ""), r["target"], relation=r.get("relation"),
                         record_id=str(i + 1)) for i, r in enumerate(requests)]
     stats = KeyStats(model, model.params, max_tokens=args.cov_tokens, progress=not args.no_progress)
@@ -89,7 +131,7 @@ def _locate_edit(model, requests, args):
         print(f"skipped: {why}")
     print(json.dumps({"method": args.method, "layers": list(out.layers), "edited": len(out.edited),
                       "skipped": len(out.skipped), "covariance": out.stats["layers"]}))
-    return out.params
+    return out.params, profile
 
 
 def run(args) -> int:
@@ -119,7 +161,11 @@ def run(args) -> int:
     if args.method == "mend" and not args.editor:
         raise SystemExit("salem edit: --editor is required with --method mend (or choose --method rrome|memit|emmet|alphaedit)")
     if args.method != "mend" and not args.layers:
-        raise SystemExit(f"salem edit: --method {args.method} needs --layers (e.g. layers.7; `salem locate` suggests one)")
+        raise SystemExit(f"salem edit: --method {args.method} needs --layers (e.g. layers.7, or auto; `salem locate` suggests one)")
+    if args.layers == "auto" and args.scorer == "contrast" and not args.keep:
+        raise SystemExit("salem edit: --scorer contrast compares the requests with facts that must not change: give --keep")
+    if args.method == "mend" and args.layers:
+        raise SystemExit("salem edit: --layers is for the closed-form methods; a MEND editor edits the layers it was trained on")
     # everything that can be checked without the model, before loading it
     requests = read_requests(args.requests)
     keep = read_requests(args.keep) if args.keep else None
@@ -133,8 +179,9 @@ def run(args) -> int:
     if args.method == "mend":
         editor = load_editor(args.editor, model, step=step, check_name=not args.allow_other_model)
         params = apply_edits(model, editor, requests, mode=args.mode, progress=not args.no_progress)
+        profile = None
     else:
-        params = _locate_edit(model, requests, args)
+        params, profile = _locate_edit(model, requests, args, keep)
     check_finite(params)  # a diverged edit is reported before any result (save_edited refuses it too)
     before, after = _correct(model, model.params, batch), _correct(model, params, batch)
     # rephrasings: one batch of (rephrase, target) rows, scored on the base and the edited model
@@ -153,6 +200,8 @@ def run(args) -> int:
                         rephrases_right_after=int(reph_after[mine].sum()))
         print(json.dumps(line))
     out = save_edited(model, params, args.out)
+    if profile is not None:  # --layers auto: how the layer was chosen, beside the weights
+        (Path(out) / "layer_profile.json").write_text(profile.to_json())
     print(f"{int(after.sum())}/{len(requests)} requests right after editing ({int(before.sum())} before); edited model in {out}")
     if owner.size:
         print(f"{int(reph_after.sum())}/{owner.size} rephrasings right after editing ({int(reph_before.sum())} before)")
