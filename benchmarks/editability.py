@@ -71,7 +71,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     enable_compile_cache(enabled=not args.no_compile_cache)
 
-    from salem_jax.data.edit_set import build_edit_set, load_edit_set
+    from salem_jax.edit_set_builder import build_edit_set
+    from salem_jax.data.edit_set import load_edit_set
     from salem_jax.mend.train import prepare_splits
     from salem_jax.methods.mend import train_config
     from salem_jax.pipeline import load, read_records

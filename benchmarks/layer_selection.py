@@ -81,7 +81,8 @@ class PeakRSS:
 
 def build_rows(model, args) -> tuple[list[dict], dict]:
     """Score the data set with the model (cached beside --out) and pick N edits."""
-    from salem_jax.data.edit_set import build_edit_set, load_edit_set, save_edit_set
+    from salem_jax.edit_set_builder import build_edit_set
+    from salem_jax.data.edit_set import load_edit_set, save_edit_set
 
     es_dir = Path(str(args.out) + f".edit_set-{args.data}-{args.mode}-{args.records}")
     if (es_dir / "info.json").is_file():

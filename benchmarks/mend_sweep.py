@@ -45,7 +45,8 @@ def main(argv=None) -> int:
 
     import numpy as np
 
-    from salem_jax.data.edit_set import build_edit_set, load_edit_set
+    from salem_jax.edit_set_builder import build_edit_set
+    from salem_jax.data.edit_set import load_edit_set
     from salem_jax.locate import mend_sweep as MS
     from salem_jax.locate.choose import group_batch
     from salem_jax.locate.rank import spearman

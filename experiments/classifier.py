@@ -170,7 +170,8 @@ def run_classifier_experiment(cfg: ml_collections.ConfigDict, workdir: str | os.
     from salem_jax import finetune as F
     from salem_jax import methods as method_registry
     from salem_jax import pipeline as P
-    from salem_jax.data.edit_set import build_edit_set, save_edit_set
+    from salem_jax.edit_set_builder import build_edit_set
+    from salem_jax.data.edit_set import save_edit_set
     from salem_jax.methods import Context
     from salem_jax.mend.train import prepare_splits
     from salem_jax.models import load_model
