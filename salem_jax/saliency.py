@@ -52,7 +52,6 @@ planned bytes per device.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import json
@@ -63,6 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from salem_jax.compile_cache import compilations
 from salem_jax.losses import example_nll, token_logprobs
 from salem_jax.models.base import LoadedModel, Part, Weight, get_path
 
@@ -73,10 +73,8 @@ _ELEMENTWISE = ("salem", "grad_x_weight", "mean_sq")
 
 Examples = tuple[dict, Sequence[str] | None]
 
-# How many times each jitted step was traced (= compiled), for checking compile-once behaviour.
-# Steps are module-level jitted functions with the model's `apply` as a static argument, so
-# repeated calls on one model reuse their compilations.
-TRACE_COUNTS: collections.Counter = collections.Counter()
+# The jitted steps are module-level functions with the model's `apply` as a static argument, so
+# repeated calls on one model reuse their compilations (`compile_cache.compilations` counts them).
 
 
 # ----------------------------------------------------------------------------- result
@@ -416,7 +414,6 @@ def _saliency_step(apply, weights, layer_paths, track_mean, state_shardings, gra
     new state is held to them, so the donated state keeps its placement and the step compiles
     once. grad_shardings: None, or one NamedSharding per tracked weight for its per-example
     gradients [m, a, b] (see `_grad_shardings`)."""
-    TRACE_COUNTS["saliency"] += 1  # runs at trace time only
     g = _grad_one(apply, _nll)(params, batch)  # the whole pytree, per example
     cols = {name: {} for name in _ELEMENTWISE}
     new = {"cols": {}, "grad": {}}
@@ -527,7 +524,7 @@ def saliency_stats(
     if micro_batch < 1:
         raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
 
-    traces0 = TRACE_COUNTS["saliency"]
+    traces0 = compilations(_saliency_step)
     static, state, put = _step_setup(model, params, weights, layer_paths, G, micro_batch, track_mean)
 
     total = sum(-(-n // micro_batch) for _, _, n in checked)
@@ -558,7 +555,7 @@ def saliency_stats(
         per_example={k: np.concatenate(v).astype(np.float64) for k, v in per_ex.items()},
         column_sums={k: {p: np.asarray(v, np.float64) for p, v in d.items()} for k, d in state["cols"].items()},
         grad_sums={p: np.asarray(v) for p, v in state["grad"].items()} if track_mean else None,  # float32: as big as the weights
-        traces=TRACE_COUNTS["saliency"] - traces0,
+        traces=compilations(_saliency_step) - traces0,
         wall_time=time.perf_counter() - t0,
     )
     return stats
@@ -716,7 +713,7 @@ def lga_scores(
         raise ValueError(f"lga needs rows of group 'pass' (inputs to keep); groups present: {groups}")
     if all(g == "pass" for g in groups):
         raise ValueError("lga needs edit rows (groups other than 'pass'); only 'pass' rows were given")
-    traces0 = TRACE_COUNTS["lga"]
+    traces0 = compilations(_lga_pass1, _lga_pass2)
     lp = tuple(layer_paths.values())
     G = {w.path: jnp.zeros(np.shape(get_path(params, w.path)), jnp.float32) for w in weights}
     total = 2 * sum(-(-n // micro_batch) for _, _, n in checked)
@@ -747,7 +744,7 @@ def lga_scores(
         row_groups=np.asarray(row_groups),
         attribution=np.concatenate(attr).astype(np.float64),
         edit_grad_l1=l1,
-        traces=TRACE_COUNTS["lga"] - traces0,
+        traces=compilations(_lga_pass1, _lga_pass2) - traces0,
         wall_time=time.perf_counter() - t0,
     )
 
@@ -755,7 +752,6 @@ def lga_scores(
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))
 def _lga_pass1(apply, G, params, batch, w):
     """G + sum over the micro-batch's edit rows (weight w=1) of grad M(x), tracked weights only."""
-    TRACE_COUNTS["lga"] += 1
 
     def margin_sum(p):
         logits = apply(p, batch)
@@ -768,7 +764,6 @@ def _lga_pass1(apply, G, params, batch, w):
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _lga_pass2(apply, layer_paths, params, sG, batch, is_edit):
     """[m, L]: <sign(G_l), grad_l loss(x)> per example (margin for edit rows, NLL for pass rows)."""
-    TRACE_COUNTS["lga"] += 1
 
     def one(p, ex, edit):
         b = {k: v[None] for k, v in ex.items()}

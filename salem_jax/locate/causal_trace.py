@@ -33,7 +33,6 @@ and `restorations` the (layer, position) pairs (ROME runs one batched forward pe
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import time
@@ -48,10 +47,6 @@ from salem_jax.losses import token_logprobs
 from salem_jax.models.base import Block, LoadedModel
 
 Answer = Literal["existing", "target"]
-
-# Traces (= compilations) of the jitted passes, for checking compile-once behaviour.
-TRACE_COUNTS: collections.Counter = collections.Counter()
-
 
 @dataclasses.dataclass(frozen=True)
 class TraceResult:
@@ -195,7 +190,6 @@ def _static(model: LoadedModel, blocks: tuple[Block, ...]) -> tuple:
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _capture(apply, emb, block_paths, params, batch):
     """Clean run of a one-row batch: (block outputs [L, T, d], embeddings [T, d], logits)."""
-    TRACE_COUNTS["capture"] += 1
     index = {p: i for i, p in enumerate(block_paths)}
     states: dict[int, jax.Array] = {}
     embeds: list[jax.Array] = []
@@ -226,7 +220,6 @@ def _restored(apply, emb, block_paths, params, batch, labels, mask, noise, resto
     """Mean over the noised copies of P(answer), one value per restoration mask: [K].
 
     batch, labels, mask: one row; noise [N, T, d]; restore [K, L, T] bool; clean [L, T, d]."""
-    TRACE_COUNTS["restored"] += 1
     index = {p: i for i, p in enumerate(block_paths)}
     K, N = restore.shape[0], noise.shape[0]
     rows = K * N
