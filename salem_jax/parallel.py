@@ -27,9 +27,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from salem_jax import env as salem_env
-from salem_jax import sharding
 
-DATA = sharding.DATA
+# The one set of placement helpers is salem_jax.sharding's (imported here for shard_map code).
+from salem_jax.sharding import DATA, replicate, shard_batch  # noqa: F401 - re-exported
+
 REPLICATED = P()
 SHARDED = P(DATA)
 
@@ -75,11 +76,6 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 def n_data(mesh: Mesh) -> int:
     return int(mesh.shape[DATA])
-
-
-# One set of placement helpers, in salem_jax.sharding (re-exported here for shard_map code).
-replicate = sharding.replicate
-shard_batch = sharding.shard_batch
 
 
 def shard(fn: Callable, mesh: Mesh, *, in_specs: Any, out_specs: Any) -> Callable:

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import time
 from typing import Any, Iterable, Sequence
 
@@ -62,9 +61,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
+
 from salem_jax.compile_cache import compilations
+from salem_jax.data.tokenize import pad_rows, slice_rows
+from salem_jax.locate.profile import LayerProfile, jsonable, top_k_layers
 from salem_jax.losses import example_nll, token_logprobs
 from salem_jax.models.base import LoadedModel, Part, Weight, get_path
+from salem_jax.parallel import fetch
+from salem_jax.sharding import mesh_of, put, rows_sharding, shardings, spec_like
 
 GROUPS = ("fail", "adapt", "pass")
 SCORERS = ("salem", "grad_x_weight", "mean_sq", "abs_mean_grad", "contrast", "lga")
@@ -78,60 +85,6 @@ Examples = tuple[dict, Sequence[str] | None]
 
 
 # ----------------------------------------------------------------------------- result
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerProfile:
-    """Per-layer scores of one layer-selection method, and the layers it chose.
-
-    scores: group name -> one score per layer (in `layers` order); groups are "fail", "adapt",
-    "pass", "overall" (whichever the method defines). `chosen` are the top-`top_k` layers of
-    `scores[select_group]`. `extra` holds method-specific details (other scorers' scores, forward
-    pass counts, sweep metrics) and must be JSON-serialisable.
-    """
-
-    method: str  # "saliency" | "lga" | "causal-trace" | "sweep"
-    scorer: str
-    layers: tuple[str, ...]
-    scores: dict[str, list[float]]
-    chosen: tuple[str, ...]
-    select_group: str
-    part: str
-    top_k: int
-    examples: dict[str, int]
-    wall_time: float
-    model: str = ""
-    extra: dict = dataclasses.field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return jsonable(dataclasses.asdict(self))
-
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LayerProfile":
-        d = dict(d)
-        d["layers"] = tuple(d["layers"])
-        d["chosen"] = tuple(d["chosen"])
-        return cls(**d)
-
-
-def jsonable(x):
-    """`x` with numpy / jax values as plain Python (non-finite floats as None), for json.dumps."""
-    if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    if isinstance(x, (np.ndarray, jax.Array)):
-        return jsonable(np.asarray(x).tolist())
-    if isinstance(x, (np.floating, float)):
-        return None if not np.isfinite(x) else float(x)
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.bool_):
-        return bool(x)
-    return x
 
 
 # ----------------------------------------------------------------------------- eq. 2-5 on explicit arrays
@@ -202,19 +155,6 @@ def layer_saliency(
     return jnp.stack(out, axis=-1)
 
 
-def top_k_layers(scores: Sequence[float] | np.ndarray, names: Sequence[str], k: int = 1) -> tuple[str, ...]:
-    """Eq. 5: the names of the k highest-scoring layers, best first (ties: the earlier layer)."""
-    s = np.asarray(scores, dtype=np.float64)
-    if s.ndim != 1 or len(s) != len(names):
-        raise ValueError(f"need one score per layer: {s.shape} scores for {len(names)} layers")
-    if not 1 <= k <= len(names):
-        raise ValueError(f"top_k must be in [1, {len(names)}], got {k}")
-    if np.isnan(s).any():
-        raise ValueError(f"scores contain NaN at layers {[names[i] for i in np.flatnonzero(np.isnan(s))]}")
-    order = np.argsort(-s, kind="stable")
-    return tuple(names[i] for i in order[:k])
-
-
 # ----------------------------------------------------------------------------- input checks
 
 
@@ -268,7 +208,6 @@ def _group_names(all_groups: Iterable[str]) -> tuple[str, ...]:
 
 def _micro_batches(batch: dict, n_rows: int, m: int):
     """Yield (start, rows, micro-batch padded to m rows)."""
-    from salem_jax.data.tokenize import pad_rows, slice_rows
 
     for s in range(0, n_rows, m):
         e = min(s + m, n_rows)
@@ -450,42 +389,18 @@ def _grad_shardings(params: Any, weights: Sequence[Weight], mesh) -> tuple | Non
     batch's gradients / N."""
     if mesh is None:
         return None
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    out = []
-    for w in weights:
-        x = get_path(params, w.path)
-        sh = x.sharding
-        spec = tuple(sh.spec) if isinstance(sh, NamedSharding) and sh.mesh == mesh else ()
-        out.append(NamedSharding(mesh, PartitionSpec(None, *spec, *(None,) * (np.ndim(x) - len(spec)))))
-    return tuple(out)
-
-
-def _mesh_of(params: Any):
-    """The mesh of parameters placed with NamedShardings over several devices, else None."""
-    for leaf in jax.tree.leaves(params):
-        sh = getattr(leaf, "sharding", None)
-        if isinstance(sh, jax.sharding.NamedSharding) and len(sh.device_set) > 1:
-            return sh.mesh
-    return None
+    return tuple(NamedSharding(mesh, spec_like(get_path(params, w.path), mesh, lead=1)) for w in weights)
 
 
 def _sharded_state(state: dict, params: Any, mesh) -> tuple[dict, tuple]:
     """The streaming state placed on `mesh`: column statistics replicated (small), gradient sums
     [G, *kernel] sharded like their kernels (as big as the weights). Returns (state, shardings)."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    def kernel_spec(path):
-        sh = get_path(params, path).sharding
-        spec = tuple(sh.spec) if isinstance(sh, NamedSharding) and sh.mesh == mesh else ()
-        return spec + (None,) * (np.ndim(get_path(params, path)) - len(spec))
-
     spec_tree = {
-        "cols": {n: {q: PartitionSpec(None, None) for q in d} for n, d in state["cols"].items()},
-        "grad": {q: PartitionSpec(None, *kernel_spec(q)) for q in state["grad"]},
+        "cols": {n: {q: P(None, None) for q in d} for n, d in state["cols"].items()},
+        "grad": {q: spec_like(get_path(params, q), mesh, lead=1) for q in state["grad"]},
     }
-    shard_tree = jax.tree.map(lambda s: NamedSharding(mesh, s), spec_tree, is_leaf=lambda x: isinstance(x, PartitionSpec))
-    placed = jax.tree.map(jax.device_put, state, shard_tree)
+    shard_tree = shardings(spec_tree, mesh)
+    placed = jax.tree.map(put, state, shard_tree)
     return placed, tuple(jax.tree.leaves(shard_tree))
 
 
@@ -525,7 +440,7 @@ def saliency_stats(
         raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
 
     traces0 = compilations(_saliency_step)
-    static, state, put = _step_setup(model, params, weights, layer_paths, G, micro_batch, track_mean)
+    static, state, put_rows = _step_setup(model, params, weights, layer_paths, G, micro_batch, track_mean)
 
     total = sum(-(-n // micro_batch) for _, _, n in checked)
     bar = _progress(total, "saliency", progress)
@@ -536,14 +451,14 @@ def saliency_stats(
         for s, rows, mb in _micro_batches(b, n, micro_batch):
             onehot = np.zeros((micro_batch, G), np.float32)
             onehot[np.arange(rows), gidx[s : s + rows]] = 1.0
-            state, pe = _saliency_step(*static, state, params, {k: put(v) for k, v in mb.items()}, put(onehot))
-            pe = _fetch(pe)
+            state, pe = _saliency_step(*static, state, params, {k: put_rows(v) for k, v in mb.items()}, put_rows(onehot))
+            pe = fetch(pe)
             for name in _ELEMENTWISE:
                 per_ex[name].append(np.asarray(pe[name])[:rows])
             bar.update(1)
         row_groups.extend(grp)
     bar.close()
-    state = _fetch(state)
+    state = fetch(state)
     stats = SaliencyStats(
         model=model.name,
         layers=names,
@@ -571,18 +486,15 @@ def _step_setup(model: LoadedModel, params: Any, weights, layer_paths: dict, G: 
         if track_mean
         else {},
     }
-    mesh = _mesh_of(params)
+    mesh = mesh_of(params)
     state_shardings = None
-    put = jnp.asarray
+    put_rows = jnp.asarray
     if mesh is not None:
-        from jax.sharding import NamedSharding, PartitionSpec
-
         state, state_shardings = _sharded_state(state, params, mesh)
-        n_data = int(mesh.shape.get("data", 1))
-        rows_spec = PartitionSpec("data") if micro_batch % n_data == 0 else PartitionSpec()
-        put = lambda x: jax.device_put(x, NamedSharding(mesh, rows_spec))  # noqa: E731
+        rows = rows_sharding(mesh, micro_batch)
+        put_rows = lambda x: put(x, rows)  # noqa: E731
     static = (model.apply, weights, tuple(layer_paths.values()), track_mean, state_shardings, _grad_shardings(params, weights, mesh))
-    return static, state, put
+    return static, state, put_rows
 
 
 def lower_step(
@@ -593,21 +505,13 @@ def lower_step(
     `params` are): `.compile().memory_analysis()` is the memory XLA plans per device."""
     _, weights, layer_paths = _tracked(model, params, None, part)
     m = int(np.shape(batch["input_ids"])[0])
-    static, state, put = _step_setup(model, params, weights, layer_paths, groups, m, track_mean)
+    static, state, put_rows = _step_setup(model, params, weights, layer_paths, groups, m, track_mean)
     onehot = np.zeros((m, groups), np.float32)
     onehot[:, 0] = 1.0
-    return _saliency_step.lower(*static, state, params, {k: put(np.asarray(v)) for k, v in batch.items()}, put(onehot))
-
-
-def _fetch(tree):
-    from salem_jax.parallel import fetch
-
-    return fetch(tree)
+    return _saliency_step.lower(*static, state, params, {k: put_rows(np.asarray(v)) for k, v in batch.items()}, put_rows(onehot))
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
 
 

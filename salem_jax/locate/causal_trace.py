@@ -45,6 +45,8 @@ import numpy as np
 
 from salem_jax.losses import token_logprobs
 from salem_jax.models.base import Block, LoadedModel
+from tqdm.auto import tqdm
+from salem_jax.locate.profile import LayerProfile, jsonable, top_k_layers
 
 Answer = Literal["existing", "target"]
 
@@ -303,7 +305,6 @@ def trace(
     Compiles once per sequence length; each fact costs ceil((L*P + 1) / restorations_per_call)
     calls of restorations_per_call * n_noise sequences plus one clean call.
     """
-    from tqdm.auto import tqdm
 
     if answer not in ("existing", "target"):
         raise ValueError(f"unknown answer {answer!r}; choose 'existing' or 'target'")
@@ -397,7 +398,6 @@ def trace_profile(
 ):
     """Trace every row and average: layer score = mean over facts of `TraceResult.layer_scores`.
     Returns (LayerProfile, list of TraceResult)."""
-    from salem_jax.saliency import LayerProfile, jsonable, top_k_layers
 
     t0 = time.perf_counter()
     res = trace(model, params, batch, subject_mask, **kwargs)

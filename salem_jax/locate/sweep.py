@@ -38,6 +38,8 @@ from salem_jax.baselines.finetune import ft_init, ft_step
 from salem_jax.compile_cache import compilations
 from salem_jax.losses import example_correct
 from salem_jax.models.base import Block, LoadedModel, Part, get_path, set_path
+from tqdm.auto import tqdm
+from salem_jax.locate.profile import LayerProfile, jsonable, top_k_layers
 
 
 
@@ -140,7 +142,6 @@ class SweepResult:
         return [self.best(n).summary(self.pass_acc_before) for n in self.layers]
 
     def to_profile(self, top_k: int = 1, model: str = ""):
-        from salem_jax.saliency import LayerProfile, jsonable, top_k_layers
 
         scores = self.oracle_scores()
         return LayerProfile(
@@ -270,7 +271,6 @@ def sweep_layers(
     """Fine-tune each layer alone on `edits` for each learning rate and measure EA, RA,
     locality and drawdown (see the module docstring). `rephrases` are the "adapt" rows and
     `keep` the "pass" rows, each a batch dict."""
-    from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
     _check_rows(model, edits, "edits")
