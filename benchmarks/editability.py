@@ -40,11 +40,11 @@ def one_step_scores(model, data, layers, tcfg, lrs, warm: int):
 
     from salem_jax import parallel
     from salem_jax.mend.editor import EditorSpec, update_norm_state
-    from salem_jax.mend.train import _factors, evaluate, init_train_state, train_batch
+    from salem_jax.mend.train import evaluate, group_factors, init_train_state, train_batch
 
     spec = EditorSpec.from_params(model.layers.weights(layers, part="mlp"), model.params, tcfg.editor)
     state = init_train_state(spec, tcfg)
-    factors = jax.jit(lambda p, b: _factors(model.apply, spec, p, b))
+    factors = jax.jit(lambda p, b: group_factors(model.apply, spec, p, b))
     norm = state["norm"]
     for step in range(warm):
         norm = update_norm_state(spec, norm, factors(model.params, train_batch(data["train"], tcfg, step)["fail"]))

@@ -450,14 +450,16 @@ def _base_logits(apply_fn, base_params, batches):
     return jax.vmap(lambda b: scored_logits(apply_fn, base_params, b)[0])(batches)
 
 
-def _factors(apply_fn, spec, base_params, fail):
+def group_factors(apply_fn, spec, base_params, fail):
+    """The rank-1 gradient factors of every editor weight for each group of fail rows (leaves
+    [G, rows, ...], as the training batch holds them): `capture_factors` vmapped over groups."""
     return jax.vmap(lambda b: capture_factors(apply_fn, base_params, b, spec.weights))(fail)
 
 
 def _step(state, base_params, batch, *, apply_fn, spec, cfg):
     """The whole training step on the global batch (leaves [G, ...]); `train_step` jits it over
     a mesh and XLA's partitioner splits the work (groups over "data", weights as placed)."""
-    factors = _factors(apply_fn, spec, base_params, batch["fail"])
+    factors = group_factors(apply_fn, spec, base_params, batch["fail"])
     norm = update_norm_state(spec, state["norm"], factors)
     base_pass = _base_logits(apply_fn, base_params, batch["pass"])
     group = jax.vmap(
@@ -490,7 +492,7 @@ def _step(state, base_params, batch, *, apply_fn, spec, cfg):
 
 
 def _eval(editor_params, norm, base_params, batch, *, apply_fn, spec, cfg):
-    factors = _factors(apply_fn, spec, base_params, batch["fail"])
+    factors = group_factors(apply_fn, spec, base_params, batch["fail"])
     (base_edit, base_pass), _, _ = jax.vmap(lambda e, q: _apply_rows(apply_fn, base_params, e, q))(batch["edit"], batch["pass"])
     _, out = jax.vmap(
         lambda f, e, q, bl: _group_outputs(apply_fn, spec, cfg, editor_params, norm, base_params, f, e, q, bl)
