@@ -11,8 +11,8 @@ and the tests use.
 - `--config.methods=salem,mend_fixed,ft,ft_kl`: its tuple parser `literal_eval`s the text and,
   when that fails, keeps the whole string as ONE element - `("salem,mend_fixed,ft,ft_kl",)`, a
   silent wrong value (only `--config.methods="('salem', 'ft')"` or repeating the flag work).
-- A field whose default is None (`--config.ft.max_change=0.1`, `--config.rome.layer`,
-  `--config.finetuned=DIR`): it raises UnsupportedOperationError ("Type NoneType ... is not
+- A field whose default is None (`--config.ft.max_change=0.1`, FT-L's clamp, tested in
+  tests/test_config.py): it raises UnsupportedOperationError ("Type NoneType ... is not
   supported for overriding"), since it types every override by the default's Python type.
 Everything else (ints, floats, bools such as `--config.progress=false`, strings, tuples written
 as literals, "did you mean" for a typo) it does as `apply_overrides` does; the ConfigDict itself
