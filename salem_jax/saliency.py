@@ -201,6 +201,16 @@ def _as_examples(data: Examples | Iterable[Examples]) -> list[Examples]:
     return [(d, None) if isinstance(d, dict) else d for d in out]
 
 
+def _checked_examples(model: LoadedModel, data: Examples | Iterable[Examples]) -> tuple[list, tuple[str, ...]]:
+    """([(batch, one group name per labelled row, labelled rows)], the group names in order),
+    every batch checked (`_check_batch`) before anything runs."""
+    checked = []
+    for i, (b, grp) in enumerate(_as_examples(data)):
+        n = _check_batch(model, b, grp, where=f"batch {i}")
+        checked.append((b, list(grp) if grp is not None else ["fail"] * n, n))
+    return checked, _group_names(g for _, gs, _ in checked for g in gs)
+
+
 def _group_names(all_groups: Iterable[str]) -> tuple[str, ...]:
     seen = set(all_groups)
     return tuple(g for g in GROUPS if g in seen) + tuple(sorted(seen - set(GROUPS)))
@@ -428,13 +438,8 @@ def saliency_stats(
     one-device numbers.
     """
     t0 = time.perf_counter()
-    pairs = _as_examples(data)
     names, weights, layer_paths = _tracked(model, params, layers, part)
-    checked = []
-    for i, (b, grp) in enumerate(pairs):
-        n = _check_batch(model, b, grp, where=f"batch {i}")
-        checked.append((b, list(grp) if grp is not None else ["fail"] * n, n))
-    groups = _group_names(g for _, gs, _ in checked for g in gs)
+    checked, groups = _checked_examples(model, data)
     G = len(groups)
     if micro_batch < 1:
         raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
@@ -606,13 +611,8 @@ def lga_scores(
     so layers of equal shape compare directly. Needs "pass" rows.
     """
     t0 = time.perf_counter()
-    pairs = _as_examples(data)
     names, weights, layer_paths = _tracked(model, params, layers, part)
-    checked = []
-    for i, (b, grp) in enumerate(pairs):
-        n = _check_batch(model, b, grp, where=f"batch {i}")
-        checked.append((b, list(grp) if grp is not None else ["fail"] * n, n))
-    groups = _group_names(g for _, gs, _ in checked for g in gs)
+    checked, groups = _checked_examples(model, data)
     if "pass" not in groups:
         raise ValueError(f"lga needs rows of group 'pass' (inputs to keep); groups present: {groups}")
     if all(g == "pass" for g in groups):
