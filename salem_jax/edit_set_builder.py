@@ -308,22 +308,7 @@ def build_edit_set(
     if not per_record:
         raise ValueError(f"every record was skipped ({len(skipped)}); first: {skipped[0].message() if skipped else '-'}")
 
-    scorer = _scorer(model)
-    desc = f"scoring with {model.name}"
-    if mode == "correction":
-        # Stage 1: each record's own prompt decides fail / pass; stage 2: rephrases of fails.
-        mains = [rows[0] for rows in per_record.values()]
-        _score_rows(model, params, mains, batch_size, progress, desc + " (prompts)", buckets, scorer, token_budget)
-        for i, rows in per_record.items():
-            if rows[0].correct:
-                rows[0].group = "pass"
-                per_record[i] = [rows[0]]
-        adapt = [r for rows in per_record.values() for r in rows[1:]]
-        _score_rows(model, params, adapt, batch_size, progress, desc + " (rephrases)", buckets, scorer, token_budget)
-    else:
-        every = [r for rows in per_record.values() for r in rows]
-        _score_rows(model, params, every, batch_size, progress, desc, buckets, scorer, token_budget)
-
+    _score_records(model, params, per_record, mode, batch_size, progress, buckets, token_budget)
     data, n_records, counts, shapes = _tables(records, per_record, seed, val_fraction)
     info = {
         "mode": mode,
@@ -345,6 +330,26 @@ def build_edit_set(
         "shapes": sorted(list(s) for s in shapes),
     }
     return EditSet(data=data, info=info, skipped=skipped)
+
+
+def _score_records(model, params, per_record, mode, batch_size, progress, buckets, token_budget) -> None:
+    """Score every kept row (in place). Correction mode decides the groups as it goes: each
+    record's own prompt first (right: the record becomes one "pass" row), then the rephrases of
+    the records it got wrong."""
+    scorer = _scorer(model)
+    desc = f"scoring with {model.name}"
+    if mode == "correction":
+        mains = [rows[0] for rows in per_record.values()]
+        _score_rows(model, params, mains, batch_size, progress, desc + " (prompts)", buckets, scorer, token_budget)
+        for i, rows in per_record.items():
+            if rows[0].correct:
+                rows[0].group = "pass"
+                per_record[i] = [rows[0]]
+        adapt = [r for rows in per_record.values() for r in rows[1:]]
+        _score_rows(model, params, adapt, batch_size, progress, desc + " (rephrases)", buckets, scorer, token_budget)
+    else:
+        every = [r for rows in per_record.values() for r in rows]
+        _score_rows(model, params, every, batch_size, progress, desc, buckets, scorer, token_budget)
 
 
 def _checked_records(records: Sequence[EditRecord]) -> list[EditRecord]:

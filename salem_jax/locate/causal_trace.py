@@ -306,6 +306,7 @@ def trace(
     calls of restorations_per_call * n_noise sequences plus one clean call.
     """
 
+    # --- checks: answer, batch shape, context, subject mask
     if answer not in ("existing", "target"):
         raise ValueError(f"unknown answer {answer!r}; choose 'existing' or 'target'")
     blocks = traced_blocks(model, layers)
@@ -320,6 +321,7 @@ def trace(
         raise ValueError(f"subject_mask has shape {sm.shape}, input_ids {ids.shape}")
     if n_noise < 1 or restorations_per_call < 1:
         raise ValueError("n_noise and restorations_per_call must be >= 1")
+    # --- clean runs of every row, and the noise level
     st = _static(model, blocks)
     B, T = ids.shape
     L = len(blocks)
@@ -334,6 +336,7 @@ def trace(
     if noise_std is None:
         subj = np.concatenate([np.asarray(c[1])[sm[i].astype(bool)] for i, c in enumerate(clean_runs)])
         noise_std = float(subj.std())
+    # --- per fact: noised runs with every (layer, position) restored, in calls of restorations_per_call
     sigma = noise_scale * noise_std
     rng = np.random.RandomState(seed)
     results = []

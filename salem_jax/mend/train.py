@@ -744,6 +744,7 @@ def train_editor(
 
     from salem_jax.mend.checkpoint import EditorCheckpointer
 
+    # --- setup: mesh, resolved config, editor spec, workdir, checkpointer
     base_params = model.params if base_params is None else base_params
     mesh = mesh if mesh is not None else sharding.make_mesh()
     cfg = cfg.resolved(sharding.axis_size(mesh, sharding.DATA))
@@ -757,6 +758,7 @@ def train_editor(
     metrics_path = workdir / "metrics.jsonl"
     ckpt = EditorCheckpointer(workdir / "checkpoints", model_name=model.name, spec=spec, config=cfg, keep=cfg.keep_checkpoints)
 
+    # --- resume from the newest checkpoint that restores, or start at step 0
     state = init_train_state(spec, cfg)
     run = {"best_val_loss": float("inf"), "best_step": None, "last_val": None, "stopped_early": False}
     start = 0
@@ -782,6 +784,7 @@ def train_editor(
         if metrics_path.exists():
             metrics_path.unlink()
 
+    # --- place on the mesh; validation
     state = place_state(state, mesh)
     base = place_base_params(model, base_params, mesh)
     kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg.step_config(), mesh=mesh)
@@ -796,6 +799,7 @@ def train_editor(
         run["last_val"] = v
         return v
 
+    # --- the loop: one jitted step, then logging, validation, early stop, checkpoints
     step = start
     stopped_early = bool(run["stopped_early"])  # a resumed run that had stopped stays stopped
     pending: list = []
@@ -844,6 +848,7 @@ def train_editor(
     finally:
         bar.close()
         ckpt.wait()
+    # --- result
     return TrainResult(
         params=parallel.fetch(state["params"]),  # split over the mesh's devices (and hosts) when sharded
         norm=parallel.fetch(state["norm"]),
