@@ -58,6 +58,7 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from salem_jax.data.records import EditRecord
+from salem_jax.models import load_model
 from salem_jax.models.base import LoadedModel
 from salem_jax.models.loading import save_model
 
@@ -473,8 +474,6 @@ def finetune_classifier(
 
     best_params = None
     if run["best_epoch"] >= 0 and (out / "config.json").is_file():
-        from salem_jax.models import load_model
-
         best_params = load_model(str(out)).params
     # --- the loop: steps, per-epoch held-out accuracy, best model saved, early stop
     step = int(run["step"])

@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -171,8 +172,6 @@ def host_local_batch(tree: Any, mesh: Mesh, global_rows: int | None = None) -> A
 def fetch(tree: Any) -> Any:
     """Host (numpy) copies of every leaf, also of arrays sharded over several hosts' devices
     (gathered over processes; on one process it is `jax.device_get`)."""
-    from jax.experimental import multihost_utils
-
     def get(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))

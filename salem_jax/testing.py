@@ -26,6 +26,7 @@ def tiny_tokenizer(words: Iterable[str] = DEFAULT_WORDS, *, seq2seq: bool = Fals
     Ids: 0 <pad>, 1 <unk>, 2 <s>, 3 </s>, then `words` in order. Causal models get a BOS
     (`<s>`) before each text; with `seq2seq=True` an EOS (`</s>`) is appended instead, like T5.
     """
+    # heavy (seconds) and only for models built in tests or tiny configs: imported when one is
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 

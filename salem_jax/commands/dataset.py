@@ -12,6 +12,8 @@ from the countryinfo package). `salem fetch-data` downloads the full public ROME
 
 from __future__ import annotations
 
+# JAX, the models and the data-set code are imported inside `run` (heavy: seconds), not here:
+# `salem --help` builds every command's parser (cli.build_parser) and answers without them.
 import argparse
 import sys
 

@@ -21,6 +21,8 @@ directory (cached), and `--batch-size` edits go into each closed-form update.
 
 from __future__ import annotations
 
+# JAX, the models and the data-set code are imported inside `run` (heavy: seconds), not here:
+# `salem --help` builds every command's parser (cli.build_parser) and answers without them.
 import argparse
 import json
 

@@ -26,6 +26,8 @@ and DIR/profile.png (bar chart, chosen layers in red).
 
 from __future__ import annotations
 
+# JAX, the models and the data-set code are imported inside `run` (heavy: seconds), not here:
+# `salem --help` builds every command's parser (cli.build_parser) and answers without them.
 import argparse
 import json
 import os

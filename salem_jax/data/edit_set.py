@@ -32,6 +32,9 @@ from salem_jax.data.readers import quiet_datasets
 from salem_jax.data.records import Skipped, read_skip_report, write_skip_report
 from salem_jax.data.tokenize import DEFAULT_BUCKETS, encode, pad_rows
 
+# `datasets` is imported inside the functions that need it (heavy: seconds): salem_jax.data is
+# imported by `salem --help` (commands import data.spec), which never touches an edit set.
+
 MODES = ("correction", "counterfactual")
 GROUPS = ("fail", "adapt", "pass")
 SPLITS = ("train", "val")

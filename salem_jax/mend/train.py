@@ -42,12 +42,14 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
 
 from salem_jax import parallel, sharding
 from salem_jax.data.tokenize import encode
 from salem_jax.errors import UserError
 from salem_jax.losses import batch_nll, example_correct, example_nll, kl_divergence
 from salem_jax.mend.capture import capture
+from salem_jax.mend.checkpoint import CheckpointError, EditorCheckpointer
 from salem_jax.mend.editor import EditorConfig, EditorSpec, edited_params, init_editor, param_labels, update_norm_state
 from salem_jax.scored_logits import scored_labels, scored_logits, with_score_positions
 
@@ -740,10 +742,6 @@ def train_editor(
     stop_after: stop (without a final checkpoint) once this step is reached - for tests of
       interruption; a normal run leaves it None.
     """
-    from tqdm.auto import tqdm
-
-    from salem_jax.mend.checkpoint import EditorCheckpointer
-
     # --- setup: mesh, resolved config, editor spec, workdir, checkpointer
     base_params = model.params if base_params is None else base_params
     mesh = mesh if mesh is not None else sharding.make_mesh()
@@ -774,8 +772,6 @@ def train_editor(
         _truncate_metrics(metrics_path, start)
     else:
         if ckpt.latest_step() is not None:
-            from salem_jax.mend.checkpoint import CheckpointError
-
             raise CheckpointError(
                 f"{workdir} already holds checkpoints (latest step {ckpt.latest_step()}); resume from them or use a new workdir"
             )
