@@ -150,4 +150,6 @@ class GPTNeoForCausalLM(nn.Module):
             self.lm_head = dense(cfg.vocab_size, "lm_head", self.dtype, bias=False, std=cfg.initializer_range)
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None):
-        return causal_lm_logits(self, input_ids, attention_mask, position_ids)
+        tied = self.config.tie_word_embeddings
+        head = (lambda h: self.transformer.wte.attend(h)) if tied else (lambda h: self.lm_head(h))
+        return causal_lm_logits(self.transformer, head, input_ids, attention_mask, position_ids)
