@@ -40,11 +40,11 @@ def one_step_scores(model, data, layers, tcfg, lrs, warm: int):
 
     from salem_jax import parallel
     from salem_jax.mend.editor import EditorSpec, update_norm_state
-    from salem_jax.mend.train import _factors, evaluate, init_train_state, train_batch
+    from salem_jax.mend.train import evaluate, group_factors, init_train_state, train_batch
 
     spec = EditorSpec.from_params(model.layers.weights(layers, part="mlp"), model.params, tcfg.editor)
     state = init_train_state(spec, tcfg)
-    factors = jax.jit(lambda p, b: _factors(model.apply, spec, p, b))
+    factors = jax.jit(lambda p, b: group_factors(model.apply, spec, p, b))
     norm = state["norm"]
     for step in range(warm):
         norm = update_norm_state(spec, norm, factors(model.params, train_batch(data["train"], tcfg, step)["fail"]))
@@ -71,7 +71,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     enable_compile_cache(enabled=not args.no_compile_cache)
 
-    from salem_jax.data.edit_set import build_edit_set, load_edit_set
+    from salem_jax.edit_set_builder import build_edit_set
+    from salem_jax.data.edit_set import load_edit_set
     from salem_jax.mend.train import prepare_splits
     from salem_jax.methods.mend import train_config
     from salem_jax.pipeline import load, read_records

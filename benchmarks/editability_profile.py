@@ -41,7 +41,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
-    from salem_jax.data.edit_set import build_edit_set, load_edit_set, save_edit_set
+    from salem_jax.edit_set_builder import build_edit_set
+    from salem_jax.data.edit_set import load_edit_set, save_edit_set
     from salem_jax.locate.editability import EditabilityConfig, editability_profile
     from salem_jax.pipeline import load, read_records
 

@@ -28,21 +28,36 @@ Prints a table; writes JSON to --out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
+
+from salem_jax import saliency as S
+from salem_jax.baselines.keystats import KeyStats, wikitext_texts
+from salem_jax.baselines.locate_edit import EditorConfig
+from salem_jax.baselines.requests import EditRequest
+from salem_jax.baselines.rome import ROMEConfig, rome_weight
+from salem_jax.baselines.rrome import rrome_one
+from salem_jax.data.paths import find_data_file
+from salem_jax.data.readers import read_records
+from salem_jax.data.tokenize import encode, pad_rows
+from salem_jax.eval import metrics as M
+from salem_jax.eval.counterfact import evaluate_counterfact, target_probs
+from salem_jax.generate import greedy
+from salem_jax.locate import causal_trace as C
+from salem_jax.locate.golden import best_fixed_layer, bootstrap_gap, lga_inner_product_scores, per_edit_oracle, tukey_choice
+from salem_jax.models import load_model
 
 METRICS = ("rewrite", "rephrase", "locality")
 
 
 def load_edits(name: str, n: int, proxy: int):
-    from salem_jax.baselines.requests import EditRequest
-    from salem_jax.data.paths import find_data_file
-    from salem_jax.data.readers import read_records
 
     fname = "counterfact-preknown" if name == "counterfact" else "zsre"
     fmt = "counterfact" if name == "counterfact" else "zsre"
@@ -66,8 +81,6 @@ def token_acc(out) -> float:
 
 
 def score_edit(model, base, params, rec, req, cf: bool):
-    from salem_jax.eval import metrics as M
-    from salem_jax.eval.counterfact import evaluate_counterfact
 
     rw = M.score_rows(model, params, [{"prompt": rec.prompt, "target": req.target_new}], progress=False)
     rp = M.score_rows(model, params, [{"prompt": p, "target": req.target_new} for p in rec.rephrases], progress=False)
@@ -82,12 +95,7 @@ def score_edit(model, base, params, rec, req, cf: bool):
 
 def scorer_layers(model, proxy, cand, args, log):
     """{scorer: (chosen candidate layer, per-candidate scores, wall seconds)} from the proxy edits."""
-    import jax
 
-    from salem_jax import saliency as S
-    from salem_jax.data.tokenize import encode, pad_rows
-    from salem_jax.locate import causal_trace as C
-    from salem_jax.locate.golden import lga_inner_product_scores, tukey_choice
 
     names = model.layers.names()
     ci = [names.index(c) for c in cand]
@@ -135,6 +143,7 @@ def scorer_layers(model, proxy, cand, args, log):
 
 
 def main(argv=None) -> int:
+    # --- flags
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--datasets", default="counterfact,zsre")
@@ -151,15 +160,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/golden.json")
     args = ap.parse_args(argv)
 
-    import dataclasses
 
-    from salem_jax.baselines.keystats import KeyStats, wikitext_texts
-    from salem_jax.baselines.locate_edit import EditorConfig
-    from salem_jax.baselines.rome import ROMEConfig, rome_weight
-    from salem_jax.baselines.rrome import rrome_one
-    from salem_jax.locate.golden import best_fixed_layer, bootstrap_gap, per_edit_oracle
-    from salem_jax.models import load_model
 
+    # --- the model, candidate layers and key statistics (shared by every data set)
     t_start = time.perf_counter()
     load0 = os.getloadavg()
 
@@ -186,6 +189,7 @@ def main(argv=None) -> int:
     report = {"command": "python benchmarks/golden_layers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "model": args.model, "candidates": cand, "args": vars(args), "load_start": load0,
               "cov_seconds": cov_time, "covariance": stats.report(), "datasets": {}}
+    # --- per data set: scorers on the proxy edits, then the per-edit oracle
     for ds in args.datasets.split(","):
         recs, reqs, proxy = load_edits(ds, args.n, args.proxy)
         cf = ds == "counterfact"
@@ -237,6 +241,7 @@ def main(argv=None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))  # partial results survive a later failure
         log(f"{ds} done")
+    # --- report
     report["load_end"] = os.getloadavg()
     report["wall_seconds"] = time.perf_counter() - t_start
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -246,11 +251,6 @@ def main(argv=None) -> int:
 
 
 def spill_check(model, base, layer, solver, cfg, prefixes):
-    from salem_jax.baselines.requests import EditRequest
-    from salem_jax.baselines.rome import rome_weight
-    from salem_jax.baselines.rrome import rrome_one
-    from salem_jax.eval.counterfact import target_probs
-    from salem_jax.generate import greedy
 
     rq = EditRequest("The capital of France is", "France", " Rome", target_true=" Paris")
     p, _ = rrome_one(model, base, rome_weight(model, layer), rq, solver, cfg, prefixes)

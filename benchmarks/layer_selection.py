@@ -81,7 +81,8 @@ class PeakRSS:
 
 def build_rows(model, args) -> tuple[list[dict], dict]:
     """Score the data set with the model (cached beside --out) and pick N edits."""
-    from salem_jax.data.edit_set import build_edit_set, load_edit_set, save_edit_set
+    from salem_jax.edit_set_builder import build_edit_set
+    from salem_jax.data.edit_set import load_edit_set, save_edit_set
 
     es_dir = Path(str(args.out) + f".edit_set-{args.data}-{args.mode}-{args.records}")
     if (es_dir / "info.json").is_file():
@@ -314,6 +315,7 @@ def print_table(rep: dict, spec: dict) -> None:
 
 
 def main(argv=None) -> int:
+    # --- flags
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--data", choices=("countries", "zsre", "counterfact"), default="countries")
@@ -344,6 +346,7 @@ def main(argv=None) -> int:
     add_flag(p)
     args = p.parse_args(argv)
     enable_compile_cache(enabled=not args.no_compile_cache)
+    # --- a worker process runs one method; --quick and defaults
     if args.worker:
         worker(args.worker, args.spec)
         return 0
@@ -355,6 +358,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     work = out.with_suffix("")
     work.mkdir(parents=True, exist_ok=True)
+    # --- re-analyse an earlier run
     if args.analyse_only:
         spec = json.loads((work / "spec.json").read_text())
         outs = {}
@@ -364,6 +368,7 @@ def main(argv=None) -> int:
                     outs[m] = pickle.load(f)
         return _finish(outs, spec, out, 0.0)
 
+    # --- the rows (built once, in this process), then one worker process per method
     t0 = time.perf_counter()
     from salem_jax.data.tokenize import token_ids, target_text
     from salem_jax.models import load_model

@@ -24,6 +24,18 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
+from salem_jax.data.edit_set import load_edit_set
+from salem_jax.edit_set_builder import build_edit_set
+from salem_jax.locate import mend_sweep as MS
+from salem_jax.locate.choose import group_batch
+from salem_jax.locate.rank import spearman
+from salem_jax.locate.sweep import SweepConfig, sweep_layers
+from salem_jax.mend.train import prepare_splits
+from salem_jax.methods.mend import train_config
+from salem_jax.pipeline import load, read_records
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `experiments` without installing
 
 
@@ -43,16 +55,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
-    import numpy as np
 
-    from salem_jax.data.edit_set import build_edit_set, load_edit_set
-    from salem_jax.locate import mend_sweep as MS
-    from salem_jax.locate.choose import group_batch
-    from salem_jax.locate.rank import spearman
-    from salem_jax.locate.sweep import SweepConfig, sweep_layers
-    from salem_jax.mend.train import prepare_splits
-    from salem_jax.methods.mend import train_config
-    from salem_jax.pipeline import load, read_records
 
     cfg = importlib.import_module(f"experiments.{args.experiment}").get_config(args.quick)
     cfg.progress = False

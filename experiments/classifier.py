@@ -26,6 +26,7 @@ user gave (ENN replaces it with its meta-trained base theta*, whose own drift is
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -33,6 +34,15 @@ from pathlib import Path
 
 import ml_collections
 
+from salem_jax import finetune as F
+from salem_jax import methods as method_registry
+from salem_jax import pipeline as P
+from salem_jax.commands.finetune import read_classification_records
+from salem_jax.data.edit_set import save_edit_set
+from salem_jax.edit_set_builder import build_edit_set
+from salem_jax.methods import Context
+from salem_jax.mend.train import prepare_splits
+from salem_jax.models import hf, load_model
 from salem_jax.pipeline import default_config
 
 METHODS = ("salem", "salem3", "mend_fixed", "ft", "ft_kl", "ke", "enn")  # the paper's Table 3 rows
@@ -75,13 +85,11 @@ def classifier_config(name: str, data: str, mode: str, tiny: bool) -> ml_collect
 
 
 def read(cfg):
-    from salem_jax.commands.finetune import read_classification_records
 
     return read_classification_records(cfg.data, cfg.format, data_dir=cfg.data_dir or None, limit=cfg.limit or 0)
 
 
 def base_model(cfg, n_labels: int):
-    from salem_jax.models import hf, load_model
 
     if cfg.model.startswith("tiny-"):
         return hf.tiny(cfg.model[len("tiny-"):], seed=cfg.seed, num_labels=n_labels)
@@ -90,7 +98,6 @@ def base_model(cfg, n_labels: int):
 
 def finetuned_classifier(cfg, records, work: Path, say):
     """(model folder, splits document): reuse cfg.finetuned / work/finetuned or fine-tune now."""
-    from salem_jax import finetune as F
 
     folder = Path(cfg.finetuned) if cfg.finetuned else work / "finetuned"
     if (folder / "config.json").is_file():
@@ -165,16 +172,9 @@ def results_table(out: dict) -> str:
 
 
 def run_classifier_experiment(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
-    import functools
 
-    from salem_jax import finetune as F
-    from salem_jax import methods as method_registry
-    from salem_jax import pipeline as P
-    from salem_jax.data.edit_set import build_edit_set, save_edit_set
-    from salem_jax.methods import Context
-    from salem_jax.mend.train import prepare_splits
-    from salem_jax.models import load_model
 
+    # --- load: the methods (checked first), the records, the fine-tuned classifier
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
@@ -189,6 +189,7 @@ def run_classifier_experiment(cfg: ml_collections.ConfigDict, workdir: str | os.
     for m in methods:
         m.refuse_unsupported(model)
         m.check(Context(model=model, cfg=cfg, work=work, say=say))
+    # --- edit set: the edit split's records, scored by the classifier
     by = {r.id: r for r in records}
     missing = [i for i in splits["splits"]["edit"] if i not in by]
     if missing:
@@ -211,9 +212,11 @@ def run_classifier_experiment(cfg: ml_collections.ConfigDict, workdir: str | os.
         too_long=dict(max_tokens=cfg.edit_max_tokens, records=too_long)))
     say(es.summary())
 
+    # --- locate: saliency over the train rows
     profile = P.saliency(model, train_rows, cfg)
     (work / "profile.json").write_text(profile.to_json())
     say(f"saliency chose {', '.join(profile.chosen)}")
+    # --- for each method: prepare, evaluate
     ctx = Context(model=model, cfg=cfg, work=work, say=say, train_rows=train_rows, val_rows=val_rows,
                   data=prepare_splits(model, {"train": train_rows, "val": val_rows}), profile=profile)
     train_cfg = train_split_config(cfg)
@@ -239,6 +242,7 @@ def run_classifier_experiment(cfg: ml_collections.ConfigDict, workdir: str | os.
         say(f"{method.name}: EA train {_fmt(per['train'].get('ea'))} val {_fmt(per['val'].get('ea'))}, "
             f"DD train {_fmt(per['train'].get('dd_acc'))} val {_fmt(per['val'].get('dd_acc'))} "
             f"(prepare {train_seconds:.0f}s, evaluate {sum(eval_seconds.values()):.0f}s)")
+    # --- report
     ft_info = json.loads((folder / "finetune.json").read_text()) if (folder / "finetune.json").is_file() else {}
     out = dict(config=json.loads(cfg.to_json_best_effort()), model_folder=str(folder), finetune=ft_info,
                edit_set=es.info, n_pass=n_pass, n_edits=n_edits, chosen_layers=list(profile.chosen),

@@ -4,6 +4,19 @@
 Each experiment module defines `get_config(tiny: bool) -> ml_collections.ConfigDict` and
 `main(argv)` that calls `run(get_config, argv)`. Overrides are dotted (`--config.editor.steps=50`)
 and typed by the default they replace, so a typo or a wrong type is an error, not a silent no-op.
+
+Why not ml_collections' `config_flags` (checked with ml_collections 1.1.0, `DEFINE_config_dict`
+on a private `absl.flags.FlagValues` with `sys_argv=`): it fails two override forms this README
+and the tests use.
+- `--config.methods=salem,mend_fixed,ft,ft_kl`: its tuple parser `literal_eval`s the text and,
+  when that fails, keeps the whole string as ONE element - `("salem,mend_fixed,ft,ft_kl",)`, a
+  silent wrong value (only `--config.methods="('salem', 'ft')"` or repeating the flag work).
+- A field whose default is None (`--config.ft.max_change=0.1`, FT-L's clamp, tested in
+  tests/test_config.py): it raises UnsupportedOperationError ("Type NoneType ... is not
+  supported for overriding"), since it types every override by the default's Python type.
+Everything else (ints, floats, bools such as `--config.progress=false`, strings, tuples written
+as literals, "did you mean" for a typo) it does as `apply_overrides` does; the ConfigDict itself
+still type-checks every assignment (`node[key] = value` below).
 """
 
 from __future__ import annotations

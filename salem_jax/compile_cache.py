@@ -73,3 +73,15 @@ def add_flag(parser) -> None:
     """`--no-compile-cache` on an argparse parser (entry points)."""
     parser.add_argument("--no-compile-cache", action="store_true",
                         help=f"do not use JAX's persistent compilation cache (or set {ENV_COMPILE_CACHE}=0)")
+
+
+def compilations(*jitted) -> int:
+    """How many programs the in-memory caches of these `jax.jit` functions hold (all static
+    arguments and shapes together). The difference across a call is how many times it traced
+    and compiled them, which results report (`SaliencyStats.traces`, the sweep's "compiles") to
+    show that a step compiled once. It replaces module-level trace counters (global state that
+    every traced function had to bump); tests assert the same with `chex.assert_max_traces`.
+
+    Reads jax's `_cache_size()`, the one count JAX exposes (its own tests use it); it drops
+    after `jax.clear_caches()`, so compare two readings taken without a clear in between."""
+    return sum(int(f._cache_size()) for f in jitted)

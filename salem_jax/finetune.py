@@ -58,6 +58,7 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from salem_jax.data.records import EditRecord
+from salem_jax.models import load_model
 from salem_jax.models.base import LoadedModel
 from salem_jax.models.loading import save_model
 
@@ -402,6 +403,7 @@ def finetune_classifier(
     `splits_doc` (`splits_document(...)`) is written as `out/splits.json` with every saved model,
     `extra_info` into `out/finetune.json`.
     """
+    # --- checks: label sets, the model's classes, the batch settings
     t0 = time.perf_counter()
     labels = label_set(train, "fine-tuning records")
     if label_set(heldout, "held-out records") != labels:
@@ -413,6 +415,7 @@ def finetune_classifier(
     out = Path(out).expanduser().absolute()
     ck = Path(checkpoint_dir).expanduser().absolute() if checkpoint_dir else out.with_name(out.name + ".ckpt")
 
+    # --- encode both splits; schedule; the majority-class baseline
     data, trunc = encode_records(model, train, config.max_length)
     held, trunc_h = encode_records(model, heldout, config.max_length)
     if trunc or trunc_h:
@@ -427,6 +430,7 @@ def finetune_classifier(
     majority = int(np.argmax(counts))
     majority_rate = float(np.mean(held["labels"] == majority))
 
+    # --- optimizer, jitted step, the run's stamp
     tx = make_optimizer(config, total, model.params)
     step_fn = make_step(model.apply, tx)
     params = jax.tree.map(jnp.asarray, model.params)
@@ -436,6 +440,7 @@ def finetune_classifier(
                  config={k: getattr(config, k) for k in _TRAJECTORY})
     run = dict(stamp, step=0, history=[], best_epoch=-1, best_acc=-1.0, stopped_early=False)
 
+    # --- resume a checkpoint of the same configuration; saving
     mngr = _manager(ck)
     resumed = mngr.latest_step()
     if resumed is not None:
@@ -469,9 +474,8 @@ def finetune_classifier(
 
     best_params = None
     if run["best_epoch"] >= 0 and (out / "config.json").is_file():
-        from salem_jax.models import load_model
-
         best_params = load_model(str(out)).params
+    # --- the loop: steps, per-epoch held-out accuracy, best model saved, early stop
     step = int(run["step"])
     losses: list[float] = []
     bar = tqdm(total=total, initial=step, desc="fine-tune", disable=not progress, unit="step")
@@ -507,6 +511,7 @@ def finetune_classifier(
     finally:
         bar.close()
         mngr.wait_until_finished()
+    # --- result
     if (out / "config.json").is_file():
         sidecars()  # the final history (epochs after the best one included)
     return FinetuneResult(out=str(out), params=best_params, history=run["history"], best_epoch=run["best_epoch"],

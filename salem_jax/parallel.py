@@ -23,13 +23,15 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from salem_jax import env as salem_env
-from salem_jax import sharding
 
-DATA = sharding.DATA
+# The one set of placement helpers is salem_jax.sharding's (imported here for shard_map code).
+from salem_jax.sharding import DATA, replicate, shard_batch  # noqa: F401 - re-exported
+
 REPLICATED = P()
 SHARDED = P(DATA)
 
@@ -75,11 +77,6 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 def n_data(mesh: Mesh) -> int:
     return int(mesh.shape[DATA])
-
-
-# One set of placement helpers, in salem_jax.sharding (re-exported here for shard_map code).
-replicate = sharding.replicate
-shard_batch = sharding.shard_batch
 
 
 def shard(fn: Callable, mesh: Mesh, *, in_specs: Any, out_specs: Any) -> Callable:
@@ -175,8 +172,6 @@ def host_local_batch(tree: Any, mesh: Mesh, global_rows: int | None = None) -> A
 def fetch(tree: Any) -> Any:
     """Host (numpy) copies of every leaf, also of arrays sharded over several hosts' devices
     (gathered over processes; on one process it is `jax.device_get`)."""
-    from jax.experimental import multihost_utils
-
     def get(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -43,7 +43,8 @@ from salem_jax import parallel, sharding
 from salem_jax.config import default_config  # noqa: F401  (experiments import it from here)
 from salem_jax.data import paths, readers
 from salem_jax.data.countries import country_records
-from salem_jax.data.edit_set import build_edit_set, load_edit_set, save_edit_set
+from salem_jax.edit_set_builder import build_edit_set
+from salem_jax.data.edit_set import load_edit_set, save_edit_set
 from salem_jax.data.records import RecordList
 from salem_jax.data.spec import DataSpec
 from salem_jax.data.spec import read_records as read_spec

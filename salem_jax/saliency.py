@@ -52,10 +52,8 @@ planned bytes per device.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
-import json
 import time
 from typing import Any, Iterable, Sequence
 
@@ -63,8 +61,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
+
+from salem_jax.compile_cache import compilations
+from salem_jax.data.tokenize import pad_rows, slice_rows
+from salem_jax.locate.profile import LayerProfile, jsonable, top_k_layers
 from salem_jax.losses import example_nll, token_logprobs
 from salem_jax.models.base import LoadedModel, Part, Weight, get_path
+from salem_jax.parallel import fetch
+from salem_jax.sharding import mesh_of, put, rows_sharding, shardings, spec_like
 
 GROUPS = ("fail", "adapt", "pass")
 SCORERS = ("salem", "grad_x_weight", "mean_sq", "abs_mean_grad", "contrast", "lga")
@@ -73,67 +80,11 @@ _ELEMENTWISE = ("salem", "grad_x_weight", "mean_sq")
 
 Examples = tuple[dict, Sequence[str] | None]
 
-# How many times each jitted step was traced (= compiled), for checking compile-once behaviour.
-# Steps are module-level jitted functions with the model's `apply` as a static argument, so
-# repeated calls on one model reuse their compilations.
-TRACE_COUNTS: collections.Counter = collections.Counter()
+# The jitted steps are module-level functions with the model's `apply` as a static argument, so
+# repeated calls on one model reuse their compilations (`compile_cache.compilations` counts them).
 
 
 # ----------------------------------------------------------------------------- result
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerProfile:
-    """Per-layer scores of one layer-selection method, and the layers it chose.
-
-    scores: group name -> one score per layer (in `layers` order); groups are "fail", "adapt",
-    "pass", "overall" (whichever the method defines). `chosen` are the top-`top_k` layers of
-    `scores[select_group]`. `extra` holds method-specific details (other scorers' scores, forward
-    pass counts, sweep metrics) and must be JSON-serialisable.
-    """
-
-    method: str  # "saliency" | "lga" | "causal-trace" | "sweep"
-    scorer: str
-    layers: tuple[str, ...]
-    scores: dict[str, list[float]]
-    chosen: tuple[str, ...]
-    select_group: str
-    part: str
-    top_k: int
-    examples: dict[str, int]
-    wall_time: float
-    model: str = ""
-    extra: dict = dataclasses.field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return jsonable(dataclasses.asdict(self))
-
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LayerProfile":
-        d = dict(d)
-        d["layers"] = tuple(d["layers"])
-        d["chosen"] = tuple(d["chosen"])
-        return cls(**d)
-
-
-def jsonable(x):
-    """`x` with numpy / jax values as plain Python (non-finite floats as None), for json.dumps."""
-    if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    if isinstance(x, (np.ndarray, jax.Array)):
-        return jsonable(np.asarray(x).tolist())
-    if isinstance(x, (np.floating, float)):
-        return None if not np.isfinite(x) else float(x)
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.bool_):
-        return bool(x)
-    return x
 
 
 # ----------------------------------------------------------------------------- eq. 2-5 on explicit arrays
@@ -204,19 +155,6 @@ def layer_saliency(
     return jnp.stack(out, axis=-1)
 
 
-def top_k_layers(scores: Sequence[float] | np.ndarray, names: Sequence[str], k: int = 1) -> tuple[str, ...]:
-    """Eq. 5: the names of the k highest-scoring layers, best first (ties: the earlier layer)."""
-    s = np.asarray(scores, dtype=np.float64)
-    if s.ndim != 1 or len(s) != len(names):
-        raise ValueError(f"need one score per layer: {s.shape} scores for {len(names)} layers")
-    if not 1 <= k <= len(names):
-        raise ValueError(f"top_k must be in [1, {len(names)}], got {k}")
-    if np.isnan(s).any():
-        raise ValueError(f"scores contain NaN at layers {[names[i] for i in np.flatnonzero(np.isnan(s))]}")
-    order = np.argsort(-s, kind="stable")
-    return tuple(names[i] for i in order[:k])
-
-
 # ----------------------------------------------------------------------------- input checks
 
 
@@ -263,6 +201,16 @@ def _as_examples(data: Examples | Iterable[Examples]) -> list[Examples]:
     return [(d, None) if isinstance(d, dict) else d for d in out]
 
 
+def _checked_examples(model: LoadedModel, data: Examples | Iterable[Examples]) -> tuple[list, tuple[str, ...]]:
+    """([(batch, one group name per labelled row, labelled rows)], the group names in order),
+    every batch checked (`_check_batch`) before anything runs."""
+    checked = []
+    for i, (b, grp) in enumerate(_as_examples(data)):
+        n = _check_batch(model, b, grp, where=f"batch {i}")
+        checked.append((b, list(grp) if grp is not None else ["fail"] * n, n))
+    return checked, _group_names(g for _, gs, _ in checked for g in gs)
+
+
 def _group_names(all_groups: Iterable[str]) -> tuple[str, ...]:
     seen = set(all_groups)
     return tuple(g for g in GROUPS if g in seen) + tuple(sorted(seen - set(GROUPS)))
@@ -270,7 +218,6 @@ def _group_names(all_groups: Iterable[str]) -> tuple[str, ...]:
 
 def _micro_batches(batch: dict, n_rows: int, m: int):
     """Yield (start, rows, micro-batch padded to m rows)."""
-    from salem_jax.data.tokenize import pad_rows, slice_rows
 
     for s in range(0, n_rows, m):
         e = min(s + m, n_rows)
@@ -416,7 +363,6 @@ def _saliency_step(apply, weights, layer_paths, track_mean, state_shardings, gra
     new state is held to them, so the donated state keeps its placement and the step compiles
     once. grad_shardings: None, or one NamedSharding per tracked weight for its per-example
     gradients [m, a, b] (see `_grad_shardings`)."""
-    TRACE_COUNTS["saliency"] += 1  # runs at trace time only
     g = _grad_one(apply, _nll)(params, batch)  # the whole pytree, per example
     cols = {name: {} for name in _ELEMENTWISE}
     new = {"cols": {}, "grad": {}}
@@ -453,42 +399,18 @@ def _grad_shardings(params: Any, weights: Sequence[Weight], mesh) -> tuple | Non
     batch's gradients / N."""
     if mesh is None:
         return None
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    out = []
-    for w in weights:
-        x = get_path(params, w.path)
-        sh = x.sharding
-        spec = tuple(sh.spec) if isinstance(sh, NamedSharding) and sh.mesh == mesh else ()
-        out.append(NamedSharding(mesh, PartitionSpec(None, *spec, *(None,) * (np.ndim(x) - len(spec)))))
-    return tuple(out)
-
-
-def _mesh_of(params: Any):
-    """The mesh of parameters placed with NamedShardings over several devices, else None."""
-    for leaf in jax.tree.leaves(params):
-        sh = getattr(leaf, "sharding", None)
-        if isinstance(sh, jax.sharding.NamedSharding) and len(sh.device_set) > 1:
-            return sh.mesh
-    return None
+    return tuple(NamedSharding(mesh, spec_like(get_path(params, w.path), mesh, lead=1)) for w in weights)
 
 
 def _sharded_state(state: dict, params: Any, mesh) -> tuple[dict, tuple]:
     """The streaming state placed on `mesh`: column statistics replicated (small), gradient sums
     [G, *kernel] sharded like their kernels (as big as the weights). Returns (state, shardings)."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    def kernel_spec(path):
-        sh = get_path(params, path).sharding
-        spec = tuple(sh.spec) if isinstance(sh, NamedSharding) and sh.mesh == mesh else ()
-        return spec + (None,) * (np.ndim(get_path(params, path)) - len(spec))
-
     spec_tree = {
-        "cols": {n: {q: PartitionSpec(None, None) for q in d} for n, d in state["cols"].items()},
-        "grad": {q: PartitionSpec(None, *kernel_spec(q)) for q in state["grad"]},
+        "cols": {n: {q: P(None, None) for q in d} for n, d in state["cols"].items()},
+        "grad": {q: spec_like(get_path(params, q), mesh, lead=1) for q in state["grad"]},
     }
-    shard_tree = jax.tree.map(lambda s: NamedSharding(mesh, s), spec_tree, is_leaf=lambda x: isinstance(x, PartitionSpec))
-    placed = jax.tree.map(jax.device_put, state, shard_tree)
+    shard_tree = shardings(spec_tree, mesh)
+    placed = jax.tree.map(put, state, shard_tree)
     return placed, tuple(jax.tree.leaves(shard_tree))
 
 
@@ -516,19 +438,14 @@ def saliency_stats(
     one-device numbers.
     """
     t0 = time.perf_counter()
-    pairs = _as_examples(data)
     names, weights, layer_paths = _tracked(model, params, layers, part)
-    checked = []
-    for i, (b, grp) in enumerate(pairs):
-        n = _check_batch(model, b, grp, where=f"batch {i}")
-        checked.append((b, list(grp) if grp is not None else ["fail"] * n, n))
-    groups = _group_names(g for _, gs, _ in checked for g in gs)
+    checked, groups = _checked_examples(model, data)
     G = len(groups)
     if micro_batch < 1:
         raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
 
-    traces0 = TRACE_COUNTS["saliency"]
-    static, state, put = _step_setup(model, params, weights, layer_paths, G, micro_batch, track_mean)
+    traces0 = compilations(_saliency_step)
+    static, state, put_rows = _step_setup(model, params, weights, layer_paths, G, micro_batch, track_mean)
 
     total = sum(-(-n // micro_batch) for _, _, n in checked)
     bar = _progress(total, "saliency", progress)
@@ -539,14 +456,14 @@ def saliency_stats(
         for s, rows, mb in _micro_batches(b, n, micro_batch):
             onehot = np.zeros((micro_batch, G), np.float32)
             onehot[np.arange(rows), gidx[s : s + rows]] = 1.0
-            state, pe = _saliency_step(*static, state, params, {k: put(v) for k, v in mb.items()}, put(onehot))
-            pe = _fetch(pe)
+            state, pe = _saliency_step(*static, state, params, {k: put_rows(v) for k, v in mb.items()}, put_rows(onehot))
+            pe = fetch(pe)
             for name in _ELEMENTWISE:
                 per_ex[name].append(np.asarray(pe[name])[:rows])
             bar.update(1)
         row_groups.extend(grp)
     bar.close()
-    state = _fetch(state)
+    state = fetch(state)
     stats = SaliencyStats(
         model=model.name,
         layers=names,
@@ -558,7 +475,7 @@ def saliency_stats(
         per_example={k: np.concatenate(v).astype(np.float64) for k, v in per_ex.items()},
         column_sums={k: {p: np.asarray(v, np.float64) for p, v in d.items()} for k, d in state["cols"].items()},
         grad_sums={p: np.asarray(v) for p, v in state["grad"].items()} if track_mean else None,  # float32: as big as the weights
-        traces=TRACE_COUNTS["saliency"] - traces0,
+        traces=compilations(_saliency_step) - traces0,
         wall_time=time.perf_counter() - t0,
     )
     return stats
@@ -574,18 +491,15 @@ def _step_setup(model: LoadedModel, params: Any, weights, layer_paths: dict, G: 
         if track_mean
         else {},
     }
-    mesh = _mesh_of(params)
+    mesh = mesh_of(params)
     state_shardings = None
-    put = jnp.asarray
+    put_rows = jnp.asarray
     if mesh is not None:
-        from jax.sharding import NamedSharding, PartitionSpec
-
         state, state_shardings = _sharded_state(state, params, mesh)
-        n_data = int(mesh.shape.get("data", 1))
-        rows_spec = PartitionSpec("data") if micro_batch % n_data == 0 else PartitionSpec()
-        put = lambda x: jax.device_put(x, NamedSharding(mesh, rows_spec))  # noqa: E731
+        rows = rows_sharding(mesh, micro_batch)
+        put_rows = lambda x: put(x, rows)  # noqa: E731
     static = (model.apply, weights, tuple(layer_paths.values()), track_mean, state_shardings, _grad_shardings(params, weights, mesh))
-    return static, state, put
+    return static, state, put_rows
 
 
 def lower_step(
@@ -596,21 +510,13 @@ def lower_step(
     `params` are): `.compile().memory_analysis()` is the memory XLA plans per device."""
     _, weights, layer_paths = _tracked(model, params, None, part)
     m = int(np.shape(batch["input_ids"])[0])
-    static, state, put = _step_setup(model, params, weights, layer_paths, groups, m, track_mean)
+    static, state, put_rows = _step_setup(model, params, weights, layer_paths, groups, m, track_mean)
     onehot = np.zeros((m, groups), np.float32)
     onehot[:, 0] = 1.0
-    return _saliency_step.lower(*static, state, params, {k: put(np.asarray(v)) for k, v in batch.items()}, put(onehot))
-
-
-def _fetch(tree):
-    from salem_jax.parallel import fetch
-
-    return fetch(tree)
+    return _saliency_step.lower(*static, state, params, {k: put_rows(np.asarray(v)) for k, v in batch.items()}, put_rows(onehot))
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
 
 
@@ -705,18 +611,13 @@ def lga_scores(
     so layers of equal shape compare directly. Needs "pass" rows.
     """
     t0 = time.perf_counter()
-    pairs = _as_examples(data)
     names, weights, layer_paths = _tracked(model, params, layers, part)
-    checked = []
-    for i, (b, grp) in enumerate(pairs):
-        n = _check_batch(model, b, grp, where=f"batch {i}")
-        checked.append((b, list(grp) if grp is not None else ["fail"] * n, n))
-    groups = _group_names(g for _, gs, _ in checked for g in gs)
+    checked, groups = _checked_examples(model, data)
     if "pass" not in groups:
         raise ValueError(f"lga needs rows of group 'pass' (inputs to keep); groups present: {groups}")
     if all(g == "pass" for g in groups):
         raise ValueError("lga needs edit rows (groups other than 'pass'); only 'pass' rows were given")
-    traces0 = TRACE_COUNTS["lga"]
+    traces0 = compilations(_lga_pass1, _lga_pass2)
     lp = tuple(layer_paths.values())
     G = {w.path: jnp.zeros(np.shape(get_path(params, w.path)), jnp.float32) for w in weights}
     total = 2 * sum(-(-n // micro_batch) for _, _, n in checked)
@@ -747,7 +648,7 @@ def lga_scores(
         row_groups=np.asarray(row_groups),
         attribution=np.concatenate(attr).astype(np.float64),
         edit_grad_l1=l1,
-        traces=TRACE_COUNTS["lga"] - traces0,
+        traces=compilations(_lga_pass1, _lga_pass2) - traces0,
         wall_time=time.perf_counter() - t0,
     )
 
@@ -755,7 +656,6 @@ def lga_scores(
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))
 def _lga_pass1(apply, G, params, batch, w):
     """G + sum over the micro-batch's edit rows (weight w=1) of grad M(x), tracked weights only."""
-    TRACE_COUNTS["lga"] += 1
 
     def margin_sum(p):
         logits = apply(p, batch)
@@ -768,7 +668,6 @@ def _lga_pass1(apply, G, params, batch, w):
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _lga_pass2(apply, layer_paths, params, sG, batch, is_edit):
     """[m, L]: <sign(G_l), grad_l loss(x)> per example (margin for edit rows, NLL for pass rows)."""
-    TRACE_COUNTS["lga"] += 1
 
     def one(p, ex, edit):
         b = {k: v[None] for k, v in ex.items()}

@@ -224,6 +224,32 @@ def shard_batch(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(place, tree)
 
 
+def mesh_of(tree: Any) -> Mesh | None:
+    """The mesh of a tree placed with NamedShardings over several devices, else None (one device,
+    numpy leaves): code that takes parameters as given follows their placement."""
+    for leaf in jax.tree.leaves(tree):
+        sh = getattr(leaf, "sharding", None)
+        if isinstance(sh, NamedSharding) and len(sh.device_set) > 1:
+            return sh.mesh
+    return None
+
+
+def spec_like(x: Any, mesh: Mesh, lead: int = 0) -> P:
+    """The spec that places an array of shape [*lead axes, *x.shape] like `x` on `mesh`: `lead`
+    unsplit leading axes (per example, per group), then `x`'s own spec padded to its rank
+    (nothing split when `x` is not placed on `mesh`). E.g. a kernel on P(None, "model") with
+    lead=1 gives P(None, None, "model")."""
+    sh = getattr(x, "sharding", None)
+    spec = tuple(sh.spec) if isinstance(sh, NamedSharding) and sh.mesh == mesh else ()
+    return P(*(None,) * lead, *spec, *(None,) * (np.ndim(x) - len(spec)))
+
+
+def rows_sharding(mesh: Mesh, n_rows: int) -> NamedSharding:
+    """A batch of `n_rows` rows split over the "data" axis when it divides them evenly, else
+    replicated (a micro-batch smaller than the data axis)."""
+    return NamedSharding(mesh, P(DATA) if n_rows % axis_size(mesh, DATA) == 0 else P())
+
+
 def shardings(specs: Any, mesh: Mesh) -> Any:
     """The NamedShardings of a spec tree (for `jax.jit(..., in_shardings=...)`)."""
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))

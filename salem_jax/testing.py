@@ -5,7 +5,10 @@ Real tokenizers come from the model folders; tests must not need any file or net
 
 from __future__ import annotations
 
+import functools
 from typing import Iterable
+
+import numpy as np
 
 DEFAULT_WORDS = (
     "the capital of is what city country river language currency in a which lies on "
@@ -23,6 +26,7 @@ def tiny_tokenizer(words: Iterable[str] = DEFAULT_WORDS, *, seq2seq: bool = Fals
     Ids: 0 <pad>, 1 <unk>, 2 <s>, 3 </s>, then `words` in order. Causal models get a BOS
     (`<s>`) before each text; with `seq2seq=True` an EOS (`</s>`) is appended instead, like T5.
     """
+    # heavy (seconds) and only for models built in tests or tiny configs: imported when one is
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -40,3 +44,24 @@ def tiny_tokenizer(words: Iterable[str] = DEFAULT_WORDS, *, seq2seq: bool = Fals
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
     )
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_edit_model(arch: str):
+    """The tiny model the locate-then-edit tests (ROME, r-ROME, MEMIT, EMMET, AlphaEdit) edit:
+    GPT-2 ("gpt2": Conv1D "out_in" kernels) or Llama (anything else: "in_out", no bias), seed 2.
+    Built once per process (building takes seconds); callers never change it in place."""
+    # The model modules import this module's tokenizer, so they are imported here, not at the top.
+    if arch == "gpt2":
+        from salem_jax.models import hf
+
+        return hf.tiny("gpt2", seed=2)
+    from salem_jax.models.llama import tiny_llama
+
+    return tiny_llama(seed=2)
+
+
+def random_texts(n: int = 24, words: int = 14, seed: int = 0) -> list[str]:
+    """`n` texts of `words` words drawn from DEFAULT_WORDS with `seed` (key statistics, fluency)."""
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(DEFAULT_WORDS, size=words)) for _ in range(n)]

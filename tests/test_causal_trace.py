@@ -1,5 +1,7 @@
 """Causal tracing (ROME) on tiny decoder-only and encoder-decoder models."""
 
+import chex
+import jax
 import numpy as np
 import pytest
 
@@ -70,14 +72,16 @@ def test_trace_matrix_effects_and_cost(gpt2, gpt2_traces):
         assert tr.forward_passes == -(-(2 * P + 1) // K) + 1
         assert tr.sequences == (tr.forward_passes - 1) * K * N + 1
         assert tr.chosen_layer() in ("h.0", "h.1")
-    assert C.TRACE_COUNTS["capture"] >= 1
 
 
-def test_trace_profile_and_compile_once(gpt2, gpt2_traces):
+def test_trace_profile_and_compile_once(gpt2, gpt2_traces, monkeypatch):
     m, b, sm = gpt2
-    before = dict(C.TRACE_COUNTS)
+    # fresh jitted passes that fail on a second trace: two profiles of the same shapes trace once
+    for name in ("_capture", "_restored"):
+        fn = getattr(C, name)
+        monkeypatch.setattr(C, name, jax.jit(chex.assert_max_traces(fn.__wrapped__, n=1), static_argnums=(0, 1, 2)))
+    C.trace_profile(m, m.params, b, sm, n_noise=N, restorations_per_call=K, noise_std=1.0, seed=1)
     prof, res = C.trace_profile(m, m.params, b, sm, n_noise=N, restorations_per_call=K, noise_std=1.0, seed=1)
-    assert dict(C.TRACE_COUNTS) == before  # same shapes as the fixture: nothing recompiled
     want = np.mean([r.effect[:, r.last_subject] for r in res], axis=0)
     np.testing.assert_allclose(prof.scores["fail"], want)
     assert prof.chosen == (("h.0", "h.1")[int(np.argmax(want))],)

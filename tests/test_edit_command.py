@@ -28,12 +28,12 @@ def _save_edit_set(model, out):
     """The synthetic facts as an edit-set folder in the data helper's format."""
     import datasets
 
-    from salem_jax.data.edit_set import COLUMNS, EditSet, _features, save_edit_set
+    from salem_jax.data.edit_set import COLUMNS, EditSet, edit_set_features, save_edit_set
 
     splits = {"train": synthetic_rows(model, COUNTRIES[:8], 0, "tr"), "val": synthetic_rows(model, COUNTRIES[8:], 1, "va")}
     extra = dict(field="prompt", target_true="", base_correct=False, base_token_acc=0.0)
     table = {s: {c: [{**extra, **r}[c] for r in rows] for c in COLUMNS} for s, rows in splits.items()}
-    data = datasets.DatasetDict({s: datasets.Dataset.from_dict(t, features=_features()) for s, t in table.items()})
+    data = datasets.DatasetDict({s: datasets.Dataset.from_dict(t, features=edit_set_features()) for s, t in table.items()})
     save_edit_set(EditSet(data=data, info={"mode": "correction", "model": model.name, "seed": 0}), out)
     return splits
 

@@ -9,9 +9,10 @@ import os
 import numpy as np
 import pytest
 
-from salem_jax.data import EditRecord, RecordError, build_edit_set, edit_set_batches, load_edit_set, save_edit_set
+from salem_jax.data import EditRecord, RecordError, edit_set_batches, load_edit_set, save_edit_set
 from salem_jax.data.edit_set import split_records
 from salem_jax.data.tokenize import encode
+from salem_jax.edit_set_builder import build_edit_set
 from salem_jax.models import hf
 
 COUNTRIES = [

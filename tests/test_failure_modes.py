@@ -241,7 +241,7 @@ def _edit_set_folder(model, out, val_pass=True, long_val_prompt=None):
     the first val row's prompt replaced by `long_val_prompt` if given)."""
     import datasets
 
-    from salem_jax.data.edit_set import COLUMNS, EditSet, _features, save_edit_set
+    from salem_jax.data.edit_set import COLUMNS, EditSet, edit_set_features, save_edit_set
 
     splits = {"train": synthetic_rows(model, COUNTRIES[:8], 0, "tr"), "val": synthetic_rows(model, COUNTRIES[8:], 1, "va")}
     if not val_pass:
@@ -250,7 +250,7 @@ def _edit_set_folder(model, out, val_pass=True, long_val_prompt=None):
         splits["val"][0] = {**splits["val"][0], "prompt": long_val_prompt}
     extra = dict(field="prompt", target_true="", base_correct=False, base_token_acc=0.0)
     table = {s: {c: [{**extra, **r}[c] for r in rows] for c in COLUMNS} for s, rows in splits.items()}
-    data = datasets.DatasetDict({s: datasets.Dataset.from_dict(t, features=_features()) for s, t in table.items()})
+    data = datasets.DatasetDict({s: datasets.Dataset.from_dict(t, features=edit_set_features()) for s, t in table.items()})
     save_edit_set(EditSet(data=data, info={"mode": "correction", "model": model.name, "seed": 0}), out)
     return out
 
@@ -335,7 +335,7 @@ def test_dataset_long_record_named_before_scoring_and_small_split_warned(tmp_pat
 
 
 def test_scoring_batches_respect_the_token_budget(monkeypatch):
-    from salem_jax.data import edit_set
+    from salem_jax import edit_set_builder
     from salem_jax.data.records import EditRecord
     from salem_jax.models import hf
 
@@ -343,7 +343,7 @@ def test_scoring_batches_respect_the_token_budget(monkeypatch):
     recs = [EditRecord(id=f"r{i}", prompt=" ".join(["red"] * (3 + 40 * (i % 3))), target_true="paris")
             for i in range(12)]
     seen = []
-    real = edit_set._scorer
+    real = edit_set_builder._scorer
 
     def spy(m):
         fn = real(m)
@@ -354,12 +354,12 @@ def test_scoring_batches_respect_the_token_budget(monkeypatch):
 
         return scored
 
-    monkeypatch.setattr(edit_set, "_scorer", spy)
-    small = edit_set.build_edit_set(model, recs, batch_size=16, progress=False, token_budget=100)
+    monkeypatch.setattr(edit_set_builder, "_scorer", spy)
+    small = edit_set_builder.build_edit_set(model, recs, batch_size=16, progress=False, token_budget=100)
     assert seen and all(b * length <= 100 or b == 1 for b, length in seen)
     assert {length: b for b, length in seen} == {16: 6, 64: 1, 128: 1}
     seen.clear()
-    large = edit_set.build_edit_set(model, recs, batch_size=16, progress=False, token_budget=None)
+    large = edit_set_builder.build_edit_set(model, recs, batch_size=16, progress=False, token_budget=None)
     assert all(b == 16 for b, _ in seen)
     for s in ("train", "val"):  # the same scores whatever the batching
         a, b = small.rows(s), large.rows(s)

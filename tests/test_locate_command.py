@@ -68,7 +68,8 @@ def test_saliency_from_a_data_file(setup):
 
 
 def test_edit_set_folder_sweep_and_trace(setup):
-    from salem_jax.data.edit_set import build_edit_set, save_edit_set
+    from salem_jax.edit_set_builder import build_edit_set
+    from salem_jax.data.edit_set import save_edit_set
     from salem_jax.data.readers import read_zsre
 
     d, model_dir, data = setup

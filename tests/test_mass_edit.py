@@ -19,31 +19,15 @@ from salem_jax.baselines.mass_edit import (
 )
 from salem_jax.baselines.requests import EditRequest
 from salem_jax.baselines.rrome import rrome_edit
-from salem_jax.models import hf
-from salem_jax.testing import DEFAULT_WORDS
+from salem_jax.testing import random_texts, tiny_edit_model
 
 VALUE = R.ROMEConfig(v_steps=15, v_lr=0.1, clamp_norm_factor=100.0, weight_decay=1e-3)
 EXACT = EditorConfig(value=VALUE, use_prefixes=False, emmet_lambda=0.0)
 REQS = [EditRequest("what is the capital of france", "france", "tokyo", record_id="fr"),
         EditRequest("what is the currency of japan", "japan", "rupee", record_id="jp"),
         EditRequest("which language does peru", "peru", "yen", record_id="pe")]
-_MODELS: dict = {}
-
-
-def _model(arch):
-    if arch not in _MODELS:
-        if arch == "gpt2":
-            _MODELS[arch] = hf.tiny("gpt2", seed=2)
-        else:
-            from salem_jax.models.llama import tiny_llama
-
-            _MODELS[arch] = tiny_llama(seed=2)
-    return _MODELS[arch]
-
-
-def _texts(n=24, words=14, seed=0):
-    rng = np.random.default_rng(seed)
-    return [" ".join(rng.choice(DEFAULT_WORDS, size=words)) for _ in range(n)]
+_model = tiny_edit_model  # one tiny model per architecture, shared by the edit tests
+_texts = random_texts
 
 
 def _stats(model, cache):

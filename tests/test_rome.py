@@ -11,9 +11,8 @@ import pytest
 
 from salem_jax.baselines import rome as R
 from salem_jax.eval import metrics as M
-from salem_jax.models import hf
 from salem_jax.models.base import get_path, param_paths
-from salem_jax.testing import DEFAULT_WORDS, tiny_tokenizer
+from salem_jax.testing import random_texts, tiny_edit_model, tiny_tokenizer
 
 # The subject ends the prompt: in a tiny random model attention is close to uniform and its
 # weights tiny, so a change at an earlier subject token barely reaches the last position;
@@ -24,24 +23,8 @@ PROMPT, SUBJECT = "what is the capital of france", "france"
 TINY_CFG = R.ROMEConfig(v_steps=30, v_lr=0.1, clamp_norm_factor=100.0, weight_decay=1e-3)
 
 
-_MODELS: dict = {}
-
-
-def _model(arch):
-    """One tiny model per architecture for the whole file (building one takes seconds)."""
-    if arch not in _MODELS:
-        if arch == "gpt2":
-            _MODELS[arch] = hf.tiny("gpt2", seed=2)
-        else:
-            from salem_jax.models.llama import tiny_llama
-
-            _MODELS[arch] = tiny_llama(seed=2)
-    return _MODELS[arch]
-
-
-def _texts(n=24, words=14, seed=0):
-    rng = np.random.default_rng(seed)
-    return [" ".join(rng.choice(DEFAULT_WORDS, size=words)) for _ in range(n)]
+_model = tiny_edit_model  # one tiny model per architecture, shared by the edit tests
+_texts = random_texts
 
 
 @functools.lru_cache(maxsize=None)

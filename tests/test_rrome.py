@@ -11,31 +11,15 @@ from salem_jax.baselines import rome as R
 from salem_jax.baselines.locate_edit import EditorConfig, out_in
 from salem_jax.baselines.requests import EditRequest, check_requests
 from salem_jax.baselines.rrome import rrome_edit
-from salem_jax.models import hf
 from salem_jax.models.base import get_path, param_paths
-from salem_jax.testing import DEFAULT_WORDS
+from salem_jax.testing import random_texts, tiny_edit_model
 
 import jax
 
 TINY_VALUE = R.ROMEConfig(v_steps=30, v_lr=0.1, clamp_norm_factor=100.0, weight_decay=1e-3)
 CFG = EditorConfig(value=TINY_VALUE)
-_MODELS: dict = {}
-
-
-def _model(arch):
-    if arch not in _MODELS:
-        if arch == "gpt2":
-            _MODELS[arch] = hf.tiny("gpt2", seed=2)
-        else:
-            from salem_jax.models.llama import tiny_llama
-
-            _MODELS[arch] = tiny_llama(seed=2)
-    return _MODELS[arch]
-
-
-def _texts(n=24, words=14, seed=0):
-    rng = np.random.default_rng(seed)
-    return [" ".join(rng.choice(DEFAULT_WORDS, size=words)) for _ in range(n)]
+_model = tiny_edit_model  # one tiny model per architecture, shared by the edit tests
+_texts = random_texts
 
 
 def _stats(model, tmp_path, **kw):

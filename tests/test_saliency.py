@@ -10,6 +10,7 @@ import pytest
 
 from salem_jax import saliency as S
 from salem_jax.data.tokenize import encode
+from salem_jax.locate.profile import LayerProfile, top_k_layers
 from salem_jax.losses import example_nll
 from salem_jax.models import hf
 from salem_jax.models.base import Block, LayerTable, LoadedModel, Weight, get_path
@@ -199,12 +200,12 @@ def test_column_and_layer_means_by_eye():
 
 def test_top_k_known_scores():
     names = ["h.0", "h.1", "h.2", "h.3"]
-    assert S.top_k_layers([0.1, 0.5, 0.3, 0.5], names, 1) == ("h.1",)
-    assert S.top_k_layers([0.1, 0.5, 0.3, 0.5], names, 3) == ("h.1", "h.3", "h.2")
+    assert top_k_layers([0.1, 0.5, 0.3, 0.5], names, 1) == ("h.1",)
+    assert top_k_layers([0.1, 0.5, 0.3, 0.5], names, 3) == ("h.1", "h.3", "h.2")
     with pytest.raises(ValueError, match="top_k"):
-        S.top_k_layers([0.1, 0.5, 0.3, 0.5], names, 0)
+        top_k_layers([0.1, 0.5, 0.3, 0.5], names, 0)
     with pytest.raises(ValueError, match="NaN"):
-        S.top_k_layers([0.1, float("nan"), 0.3, 0.5], names, 1)
+        top_k_layers([0.1, float("nan"), 0.3, 0.5], names, 1)
 
 
 def test_lga_equals_hand_computation(gpt2, gpt2_grads):
@@ -250,10 +251,10 @@ def test_profile_result_and_json(gpt2, gpt2_stats):
     assert prof.extra["traces"] == 0  # the same shapes as the gpt2_stats fixture: no recompilation
     assert prof.method == "saliency" and prof.scorer == "contrast"
     assert set(prof.scores) == {"fail", "adapt", "overall"}
-    assert prof.chosen == S.top_k_layers(prof.scores["fail"], prof.layers, 2)
+    assert prof.chosen == top_k_layers(prof.scores["fail"], prof.layers, 2)
     assert prof.examples == {"fail": 2, "adapt": 1, "pass": 2}
     d = json.loads(prof.to_json())
-    assert S.LayerProfile.from_dict(d) == S.LayerProfile.from_dict(prof.to_dict())
+    assert LayerProfile.from_dict(d) == LayerProfile.from_dict(prof.to_dict())
     assert set(d["extra"]["scores_by_scorer"]) == {"salem", "grad_x_weight", "mean_sq", "abs_mean_grad", "contrast"}
 
 

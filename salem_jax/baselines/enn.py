@@ -44,6 +44,7 @@ import optax
 from tqdm.auto import tqdm
 
 from salem_jax import losses
+from salem_jax.baselines.finetune import position_mask
 from salem_jax.baselines.meta_data import MetaData, encode_rows
 from salem_jax.models.base import Weight, get_path, set_path
 
@@ -77,8 +78,6 @@ def _nll(apply, params, batch):
 
 
 def _loc_mask(batch):
-    from salem_jax.baselines.finetune import position_mask
-
     return position_mask(batch)
 
 

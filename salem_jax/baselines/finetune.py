@@ -64,28 +64,63 @@ def position_mask(batch: dict) -> jax.Array:
     return batch["attention_mask"]
 
 
-@functools.lru_cache(maxsize=32)
-def _make_step(apply: Callable, lr: float, kl_weight: float, max_change: float | None):
-    opt = optax.adam(lr)
+# The optimizer of every fine-tuning step: Adam's moment estimates (optax defaults), with the
+# learning rate applied by `ft_step` as an argument, so one compilation serves every rate
+# (the layer sweep runs several). Identical to `optax.adam(lr)`: w + (-lr * u) == w - lr * u.
+_ADAM = optax.scale_by_adam()
 
-    def loss_fn(sub, params, edit_batch, loc_batch, base_loc_logits):
-        p = _merge(params, sub)
+
+def ft_init(sub: dict[str, jax.Array]) -> Any:
+    """The optimizer state of `ft_step` for the trained leaves `sub` {path: array}."""
+    return _ADAM.init(sub)
+
+
+def ft_step(
+    apply: Callable,
+    sub: dict[str, jax.Array],
+    opt_state: Any,
+    params: Any,
+    edit_batch: dict,
+    lr: jax.Array | float,
+    *,
+    kl_weight: float = 0.0,
+    loc_batch: dict | None = None,
+    base_loc_logits: jax.Array | None = None,
+    max_change: float | None = None,
+    base_sub: dict[str, jax.Array] | None = None,
+) -> tuple[dict[str, jax.Array], Any, jax.Array]:
+    """One Adam step of FT (FT+KL when `kl_weight`) on the leaves `sub` {path: array} of
+    `params` (the rest frozen): (new sub, new optimizer state, the loss before the step).
+
+    Pure and not jitted: `finetune` jits it per model, `locate.sweep` scans it over steps. `lr`
+    may be a traced scalar. `max_change` clamps each leaf to within +-max_change of `base_sub`."""
+
+    def loss_fn(s):
+        p = _merge(params, s)
         loss = losses.batch_nll(apply(p, edit_batch), edit_batch["labels"], edit_batch["label_mask"])
         if kl_weight:
             kl = losses.kl_divergence(base_loc_logits, apply(p, loc_batch), position_mask(loc_batch))
             loss = loss + kl_weight * kl
         return loss
 
-    @jax.jit
-    def step(sub, opt_state, base_sub, params, edit_batch, loc_batch, base_loc_logits):
-        loss, grads = jax.value_and_grad(loss_fn)(sub, params, edit_batch, loc_batch, base_loc_logits)
-        updates, opt_state = opt.update(grads, opt_state, sub)
-        sub = optax.apply_updates(sub, updates)
-        if max_change is not None:
-            sub = jax.tree.map(lambda w, b: b + jnp.clip(w - b, -max_change, max_change), sub, base_sub)
-        return sub, opt_state, loss
+    loss, grads = jax.value_and_grad(loss_fn)(sub)
+    updates, opt_state = _ADAM.update(grads, opt_state, sub)
+    sub = jax.tree.map(lambda w, u: w - (lr * u).astype(w.dtype), sub, updates)
+    if max_change is not None:
+        sub = jax.tree.map(lambda w, b: b + jnp.clip(w - b, -max_change, max_change), sub, base_sub)
+    return sub, opt_state, loss
 
-    return opt, step
+
+@functools.lru_cache(maxsize=32)
+def _make_step(apply: Callable, kl_weight: float, max_change: float | None):
+    @jax.jit
+    def step(sub, opt_state, base_sub, params, edit_batch, loc_batch, base_loc_logits, lr):
+        return ft_step(
+            apply, sub, opt_state, params, edit_batch, lr, kl_weight=kl_weight, loc_batch=loc_batch,
+            base_loc_logits=base_loc_logits, max_change=max_change, base_sub=base_sub,
+        )
+
+    return step
 
 
 def finetune(
@@ -112,16 +147,17 @@ def finetune(
     if config.kl_weight and loc_batch is None:
         raise ValueError("FT+KL (kl_weight > 0) needs locality inputs: pass loc_batch")
     base_sub = {p: get_path(params, p) for p in paths}
-    opt, step = _make_step(model.apply, float(config.lr), float(config.kl_weight), config.max_change)
+    step = _make_step(model.apply, float(config.kl_weight), config.max_change)
+    lr = jnp.float32(config.lr)
     if config.kl_weight:
         base_loc_logits = jax.jit(model.apply)(params, loc_batch)
     else:
         loc_batch, base_loc_logits = None, None
     sub = dict(base_sub)
-    opt_state = opt.init(sub)
+    opt_state = ft_init(sub)
     bar = tqdm(range(config.steps), desc="FT+KL" if config.kl_weight else "FT", disable=not progress)
     for _ in bar:
-        sub, opt_state, loss = step(sub, opt_state, base_sub, params, edit_batch, loc_batch, base_loc_logits)
+        sub, opt_state, loss = step(sub, opt_state, base_sub, params, edit_batch, loc_batch, base_loc_logits, lr)
         if history is not None or progress:
             loss = float(loss)
             if history is not None:

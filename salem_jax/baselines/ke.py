@@ -47,6 +47,7 @@ import optax
 from tqdm.auto import tqdm
 
 from salem_jax import losses
+from salem_jax.baselines.finetune import position_mask
 from salem_jax.baselines.meta_data import MetaData, encode_rows
 from salem_jax.models.base import Weight, get_path, set_path
 
@@ -208,10 +209,8 @@ def condition_texts(model, rows: Sequence[Mapping], params=None) -> list[str]:
     """"<original> >> <desired> || <input>" per fail row. The original is the base model's predicted
     label for classifiers, the row's true answer for generation."""
     if model.kind == "classifier":
-        from salem_jax.baselines.meta_data import encode_rows as enc
-
         labels = list(getattr(model.config, "id2label", {}).values()) or None
-        batch = enc(model, rows)
+        batch = encode_rows(model, rows)
         pred = np.asarray(jnp.argmax(jax.jit(model.apply)(model.params if params is None else params, batch)[:, 0], -1))
         names = [str(labels[int(k)]) if labels and int(k) < len(labels) else str(int(k)) for k in pred]
         desired = [str(labels[int(r["label"])]) if labels else str(r["label"]) for r in rows]
@@ -232,8 +231,6 @@ def encode_conditions(model, texts: Sequence[str], length: int) -> tuple[np.ndar
 
 def ke_loss(ke_params, apply, base, weights, edit_batch, loc_batch, base_loc_logits, cond_ids, cond_mask,
             config: KEConfig):
-    from salem_jax.baselines.finetune import position_mask
-
     edited = ke_edit(apply, ke_params, base, weights, edit_batch, cond_ids, cond_mask, config.max_scale)
     l_edit = losses.batch_nll(apply(edited, edit_batch), edit_batch["labels"], edit_batch["label_mask"])
     l_loc = losses.kl_divergence(base_loc_logits, apply(edited, loc_batch), position_mask(loc_batch))

@@ -12,6 +12,8 @@ from the countryinfo package). `salem fetch-data` downloads the full public ROME
 
 from __future__ import annotations
 
+# JAX, the models and the data-set code are imported inside `run` (heavy: seconds), not here:
+# `salem --help` builds every command's parser (cli.build_parser) and answers without them.
 import argparse
 import sys
 
@@ -107,7 +109,8 @@ def _template(args) -> str | None:
 def run(args) -> int:
     if getattr(args, "command", "dataset") == "fetch-data":
         return _run_fetch(args)
-    from salem_jax.data.edit_set import build_edit_set, check_out_dir, missing_groups, save_edit_set
+    from salem_jax.edit_set_builder import build_edit_set
+    from salem_jax.data.edit_set import check_out_dir, missing_groups, save_edit_set
     from salem_jax.data.records import with_template
 
     check_out_dir(args.out, overwrite=args.overwrite)  # before the model is loaded and every record scored

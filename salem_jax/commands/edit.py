@@ -29,6 +29,8 @@ block of the band; the profile is written to `<out>/layer_profile.json`.
 
 from __future__ import annotations
 
+# JAX, the models and the data-set code are imported inside `run` (heavy: seconds), not here:
+# `salem --help` builds every command's parser (cli.build_parser) and answers without them.
 import argparse
 import json
 from pathlib import Path

@@ -16,6 +16,8 @@ to OUT.ckpt; rerunning the same command after a kill resumes from the last one.
 
 from __future__ import annotations
 
+# JAX, the models and the data-set code are imported inside `run` (heavy: seconds), not here:
+# `salem --help` builds every command's parser (cli.build_parser) and answers without them.
 import argparse
 import logging
 import sys

@@ -26,6 +26,8 @@ and DIR/profile.png (bar chart, chosen layers in red).
 
 from __future__ import annotations
 
+# JAX, the models and the data-set code are imported inside `run` (heavy: seconds), not here:
+# `salem --help` builds every command's parser (cli.build_parser) and answers without them.
 import argparse
 import json
 import os
@@ -98,7 +100,8 @@ def is_edit_set_dir(path: str) -> bool:
 
 def edit_rows(model, args, progress: bool) -> tuple[list[dict], dict, dict[str, str] | None]:
     """(rows of the chosen split, edit-set info, {record id: subject} when the records are at hand)."""
-    from salem_jax.data.edit_set import build_edit_set, load_edit_set
+    from salem_jax.edit_set_builder import build_edit_set
+    from salem_jax.data.edit_set import load_edit_set
 
     subjects = None
     if is_edit_set_dir(args.data):
@@ -172,7 +175,8 @@ def run_mend_sweep(args) -> int:
     import dataclasses
 
     from salem_jax.config import CPU_EDITOR, editor_values, train_config
-    from salem_jax.data.edit_set import build_edit_set, load_edit_set
+    from salem_jax.edit_set_builder import build_edit_set
+    from salem_jax.data.edit_set import load_edit_set
     from salem_jax.locate import mend_sweep as MS
     from salem_jax.mend.train import prepare_splits
     from salem_jax.models import load_model

@@ -12,6 +12,8 @@ workdir; running the same command again resumes from the last checkpoint.
 
 from __future__ import annotations
 
+# JAX, the models and the data-set code are imported inside `run` (heavy: seconds), not here:
+# `salem --help` builds every command's parser (cli.build_parser) and answers without them.
 import argparse
 import json
 import sys

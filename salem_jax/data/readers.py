@@ -39,6 +39,9 @@ from typing import Any, Callable, Sequence
 
 from salem_jax.data.records import EditRecord, RecordError, RecordList, Skipped
 
+# `datasets` is imported inside the two functions that use it (heavy: seconds), so that
+# `salem --help` and the record checks that fail early do not wait for it.
+
 log = logging.getLogger(__name__)
 
 FEVER_LABELS = ("SUPPORTS", "REFUTES")

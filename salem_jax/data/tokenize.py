@@ -103,6 +103,7 @@ def encode(
     Returns int32 numpy arrays: input_ids, attention_mask, labels, label_mask [, decoder_*,
     token_type_ids].
     """
+    # --- checks and the limits every kind shares
     if len(prompts) == 0:
         raise ValueError(f"{where or 'encode'}: empty batch")
     if len(prompts) != len(targets):
@@ -119,6 +120,7 @@ def encode(
         name = names[i] if names is not None else f"record {i}"
         return ValueError(f"{where + ' ' if where else ''}{name}: {msg}")
 
+    # --- causal LM: prompt + target in one sequence, labels shifted by one
     if kind == "causal":
         seqs, starts = [], []
         for i, (p, t) in enumerate(zip(prompts, targets)):
@@ -144,6 +146,7 @@ def encode(
             lmask[i, st - 1 : len(s) - 1] = 1
         return dict(input_ids=ids, attention_mask=mask, labels=labels, label_mask=lmask)
 
+    # --- encoder-decoder: prompt to the encoder, target to the decoder
     if kind == "seq2seq":
         srcs, tgts = [], []
         eos = tok.eos_token_id
@@ -175,6 +178,7 @@ def encode(
             label_mask=_pad([[1] * len(t) for t in tgts], S),
         )
 
+    # --- classifier: the text (and text pair), one label per row
     if kind == "classifier":
         n_labels = int(getattr(model.config, "num_labels", 0) or 0)
         rows, types = [], []

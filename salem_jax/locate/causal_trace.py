@@ -33,7 +33,6 @@ and `restorations` the (layer, position) pairs (ROME runs one batched forward pe
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import time
@@ -46,12 +45,10 @@ import numpy as np
 
 from salem_jax.losses import token_logprobs
 from salem_jax.models.base import Block, LoadedModel
+from tqdm.auto import tqdm
+from salem_jax.locate.profile import LayerProfile, jsonable, top_k_layers
 
 Answer = Literal["existing", "target"]
-
-# Traces (= compilations) of the jitted passes, for checking compile-once behaviour.
-TRACE_COUNTS: collections.Counter = collections.Counter()
-
 
 @dataclasses.dataclass(frozen=True)
 class TraceResult:
@@ -195,7 +192,6 @@ def _static(model: LoadedModel, blocks: tuple[Block, ...]) -> tuple:
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _capture(apply, emb, block_paths, params, batch):
     """Clean run of a one-row batch: (block outputs [L, T, d], embeddings [T, d], logits)."""
-    TRACE_COUNTS["capture"] += 1
     index = {p: i for i, p in enumerate(block_paths)}
     states: dict[int, jax.Array] = {}
     embeds: list[jax.Array] = []
@@ -226,7 +222,6 @@ def _restored(apply, emb, block_paths, params, batch, labels, mask, noise, resto
     """Mean over the noised copies of P(answer), one value per restoration mask: [K].
 
     batch, labels, mask: one row; noise [N, T, d]; restore [K, L, T] bool; clean [L, T, d]."""
-    TRACE_COUNTS["restored"] += 1
     index = {p: i for i, p in enumerate(block_paths)}
     K, N = restore.shape[0], noise.shape[0]
     rows = K * N
@@ -310,8 +305,8 @@ def trace(
     Compiles once per sequence length; each fact costs ceil((L*P + 1) / restorations_per_call)
     calls of restorations_per_call * n_noise sequences plus one clean call.
     """
-    from tqdm.auto import tqdm
 
+    # --- checks: answer, batch shape, context, subject mask
     if answer not in ("existing", "target"):
         raise ValueError(f"unknown answer {answer!r}; choose 'existing' or 'target'")
     blocks = traced_blocks(model, layers)
@@ -326,6 +321,7 @@ def trace(
         raise ValueError(f"subject_mask has shape {sm.shape}, input_ids {ids.shape}")
     if n_noise < 1 or restorations_per_call < 1:
         raise ValueError("n_noise and restorations_per_call must be >= 1")
+    # --- clean runs of every row, and the noise level
     st = _static(model, blocks)
     B, T = ids.shape
     L = len(blocks)
@@ -340,6 +336,7 @@ def trace(
     if noise_std is None:
         subj = np.concatenate([np.asarray(c[1])[sm[i].astype(bool)] for i, c in enumerate(clean_runs)])
         noise_std = float(subj.std())
+    # --- per fact: noised runs with every (layer, position) restored, in calls of restorations_per_call
     sigma = noise_scale * noise_std
     rng = np.random.RandomState(seed)
     results = []
@@ -404,7 +401,6 @@ def trace_profile(
 ):
     """Trace every row and average: layer score = mean over facts of `TraceResult.layer_scores`.
     Returns (LayerProfile, list of TraceResult)."""
-    from salem_jax.saliency import LayerProfile, jsonable, top_k_layers
 
     t0 = time.perf_counter()
     res = trace(model, params, batch, subject_mask, **kwargs)

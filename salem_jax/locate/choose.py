@@ -24,7 +24,8 @@ from salem_jax.locate import METHODS
 from salem_jax.locate.editability import EditabilityConfig, editability_profile
 from salem_jax.locate.sweep import SweepConfig, sweep_layers
 from salem_jax.locate.trace_rows import trace_edit_rows
-from salem_jax.saliency import LayerProfile, saliency_profile
+from salem_jax.locate.profile import LayerProfile
+from salem_jax.saliency import saliency_profile
 
 
 

@@ -49,7 +49,7 @@ from salem_jax.losses import example_correct
 from salem_jax.mend.capture import capture
 from salem_jax.mend.editor import EditorConfig, EditorSpec, init_editor, pseudo_grads, update_norm_state
 from salem_jax.models.base import get_path, set_path
-from salem_jax.saliency import LayerProfile, jsonable, top_k_layers
+from salem_jax.locate.profile import LayerProfile, jsonable, top_k_layers
 
 NAME = "editability"  # the scorer's name in `locate`, `salem locate --method` and `--scorer`
 

@@ -36,7 +36,7 @@ import numpy as np
 from salem_jax import parallel, sharding
 from salem_jax.mend.train import (EditData, TrainConfig, eval_groups_per_call, eval_step, place_base_params, place_state,
                                    train_editor, val_batches)
-from salem_jax.saliency import jsonable
+from salem_jax.locate.profile import jsonable
 
 # Wall seconds per editor step (training + its share of validation) of the CPU-budget editor on
 # one SmolLM2 layer, 2 unloaded CPU cores (README main job: 150 steps in 355 s).

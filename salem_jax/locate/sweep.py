@@ -25,7 +25,6 @@ batch shape.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import time
@@ -34,13 +33,14 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from salem_jax.losses import batch_nll, example_correct
+from salem_jax.baselines.finetune import ft_init, ft_step
+from salem_jax.compile_cache import compilations
+from salem_jax.losses import example_correct
 from salem_jax.models.base import Block, LoadedModel, Part, get_path, set_path
+from tqdm.auto import tqdm
+from salem_jax.locate.profile import LayerProfile, jsonable, top_k_layers
 
-# Traces (= compilations) of the jitted steps, for checking compile-once behaviour.
-TRACE_COUNTS: collections.Counter = collections.Counter()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +142,6 @@ class SweepResult:
         return [self.best(n).summary(self.pass_acc_before) for n in self.layers]
 
     def to_profile(self, top_k: int = 1, model: str = ""):
-        from salem_jax.saliency import LayerProfile, jsonable, top_k_layers
 
         scores = self.oracle_scores()
         return LayerProfile(
@@ -202,36 +201,23 @@ def _trainable_paths(block: Block, part: Part) -> tuple[str, ...]:
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _finetune(apply, paths, steps, params, batch, lr):
-    """`steps` full-batch Adam steps on the leaves at `paths` (the rest of params frozen):
-    (new leaves {path: array}, training loss before each step [steps])."""
-    TRACE_COUNTS["finetune"] += 1
-    adam = optax.scale_by_adam()
-
-    def loss_fn(trainable):
-        p = params
-        for q in paths:
-            p = set_path(p, q, trainable[q])
-        logits = apply(p, batch)
-        return batch_nll(logits, batch["labels"], batch["label_mask"])
-
+    """`steps` full-batch Adam steps (the FT baseline's `ft_step`) on the leaves at `paths` (the
+    rest of params frozen): (new leaves {path: array}, training loss before each step [steps])."""
     trainable = {q: get_path(params, q) for q in paths}
 
     def one(carry, _):
         tr, st = carry
-        loss, g = jax.value_and_grad(loss_fn)(tr)
-        upd, st = adam.update(g, st, tr)
         # lr is an argument, not baked into the optimizer: one compilation serves every lr
-        tr = jax.tree.map(lambda w, u: w - (lr * u).astype(w.dtype), tr, upd)
+        tr, st, loss = ft_step(apply, tr, st, params, batch, lr)
         return (tr, st), loss
 
-    (trainable, _), losses = jax.lax.scan(one, (trainable, adam.init(trainable)), None, length=steps)
+    (trainable, _), losses = jax.lax.scan(one, (trainable, ft_init(trainable)), None, length=steps)
     return trainable, losses
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _predict(apply, params, batch):
     """(argmax tokens [B, S], whole target correct [B])."""
-    TRACE_COUNTS["predict"] += 1
     logits = apply(params, batch)
     return jnp.argmax(logits, -1), example_correct(logits, batch["labels"], batch["label_mask"])
 
@@ -285,7 +271,6 @@ def sweep_layers(
     """Fine-tune each layer alone on `edits` for each learning rate and measure EA, RA,
     locality and drawdown (see the module docstring). `rephrases` are the "adapt" rows and
     `keep` the "pass" rows, each a batch dict."""
-    from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
     _check_rows(model, edits, "edits")
@@ -304,7 +289,7 @@ def sweep_layers(
     def predict(p, batch):
         return _predict(model.apply, p, batch)
 
-    traces0 = TRACE_COUNTS["finetune"]
+    traces0 = compilations(_finetune)
     base_keep = predict(params, keep) if keep is not None else None
     pass_acc_before = None if base_keep is None else float(np.asarray(base_keep[1]).mean())
     outcomes = []
@@ -334,5 +319,5 @@ def sweep_layers(
         pass_acc_before=pass_acc_before,
         wall_time=time.perf_counter() - t0,
         train_steps=len(blocks) * len(config.learning_rates) * config.steps,
-        compiles=TRACE_COUNTS["finetune"] - traces0,
+        compiles=compilations(_finetune) - traces0,
     )

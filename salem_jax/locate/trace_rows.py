@@ -9,6 +9,8 @@ if its subject occurs in its prompt (the noise goes on the subject's tokens). Sh
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
+from salem_jax.data.tokenize import encode
+from salem_jax.locate.causal_trace import subject_token_mask, trace_profile
 
 
 def subject_in_prompt(prompt: str, subject: str) -> str | None:
@@ -66,8 +68,6 @@ def trace_edit_rows(
     `profile.extra` also holds `fact_rows` (ids of the traced rows) and `skipped_rows` (ids of the
     group's rows left out for want of a subject in the prompt). Raises ValueError when no row of
     the group can be traced."""
-    from salem_jax.data.tokenize import encode
-    from salem_jax.locate.causal_trace import subject_token_mask, trace_profile
 
     usable, skipped = rows_with_subject(rows, subjects, group)
     n_group = len(usable) + len(skipped)

@@ -42,12 +42,14 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
 
 from salem_jax import parallel, sharding
 from salem_jax.data.tokenize import encode
 from salem_jax.errors import UserError
 from salem_jax.losses import batch_nll, example_correct, example_nll, kl_divergence
 from salem_jax.mend.capture import capture
+from salem_jax.mend.checkpoint import CheckpointError, EditorCheckpointer
 from salem_jax.mend.editor import EditorConfig, EditorSpec, edited_params, init_editor, param_labels, update_norm_state
 from salem_jax.scored_logits import scored_labels, scored_logits, with_score_positions
 
@@ -450,14 +452,16 @@ def _base_logits(apply_fn, base_params, batches):
     return jax.vmap(lambda b: scored_logits(apply_fn, base_params, b)[0])(batches)
 
 
-def _factors(apply_fn, spec, base_params, fail):
+def group_factors(apply_fn, spec, base_params, fail):
+    """The rank-1 gradient factors of every editor weight for each group of fail rows (leaves
+    [G, rows, ...], as the training batch holds them): `capture_factors` vmapped over groups."""
     return jax.vmap(lambda b: capture_factors(apply_fn, base_params, b, spec.weights))(fail)
 
 
 def _step(state, base_params, batch, *, apply_fn, spec, cfg):
     """The whole training step on the global batch (leaves [G, ...]); `train_step` jits it over
     a mesh and XLA's partitioner splits the work (groups over "data", weights as placed)."""
-    factors = _factors(apply_fn, spec, base_params, batch["fail"])
+    factors = group_factors(apply_fn, spec, base_params, batch["fail"])
     norm = update_norm_state(spec, state["norm"], factors)
     base_pass = _base_logits(apply_fn, base_params, batch["pass"])
     group = jax.vmap(
@@ -490,7 +494,7 @@ def _step(state, base_params, batch, *, apply_fn, spec, cfg):
 
 
 def _eval(editor_params, norm, base_params, batch, *, apply_fn, spec, cfg):
-    factors = _factors(apply_fn, spec, base_params, batch["fail"])
+    factors = group_factors(apply_fn, spec, base_params, batch["fail"])
     (base_edit, base_pass), _, _ = jax.vmap(lambda e, q: _apply_rows(apply_fn, base_params, e, q))(batch["edit"], batch["pass"])
     _, out = jax.vmap(
         lambda f, e, q, bl: _group_outputs(apply_fn, spec, cfg, editor_params, norm, base_params, f, e, q, bl)
@@ -738,10 +742,7 @@ def train_editor(
     stop_after: stop (without a final checkpoint) once this step is reached - for tests of
       interruption; a normal run leaves it None.
     """
-    from tqdm.auto import tqdm
-
-    from salem_jax.mend.checkpoint import EditorCheckpointer
-
+    # --- setup: mesh, resolved config, editor spec, workdir, checkpointer
     base_params = model.params if base_params is None else base_params
     mesh = mesh if mesh is not None else sharding.make_mesh()
     cfg = cfg.resolved(sharding.axis_size(mesh, sharding.DATA))
@@ -755,6 +756,7 @@ def train_editor(
     metrics_path = workdir / "metrics.jsonl"
     ckpt = EditorCheckpointer(workdir / "checkpoints", model_name=model.name, spec=spec, config=cfg, keep=cfg.keep_checkpoints)
 
+    # --- resume from the newest checkpoint that restores, or start at step 0
     state = init_train_state(spec, cfg)
     run = {"best_val_loss": float("inf"), "best_step": None, "last_val": None, "stopped_early": False}
     start = 0
@@ -770,8 +772,6 @@ def train_editor(
         _truncate_metrics(metrics_path, start)
     else:
         if ckpt.latest_step() is not None:
-            from salem_jax.mend.checkpoint import CheckpointError
-
             raise CheckpointError(
                 f"{workdir} already holds checkpoints (latest step {ckpt.latest_step()}); resume from them or use a new workdir"
             )
@@ -780,6 +780,7 @@ def train_editor(
         if metrics_path.exists():
             metrics_path.unlink()
 
+    # --- place on the mesh; validation
     state = place_state(state, mesh)
     base = place_base_params(model, base_params, mesh)
     kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg.step_config(), mesh=mesh)
@@ -794,6 +795,7 @@ def train_editor(
         run["last_val"] = v
         return v
 
+    # --- the loop: one jitted step, then logging, validation, early stop, checkpoints
     step = start
     stopped_early = bool(run["stopped_early"])  # a resumed run that had stopped stays stopped
     pending: list = []
@@ -842,6 +844,7 @@ def train_editor(
     finally:
         bar.close()
         ckpt.wait()
+    # --- result
     return TrainResult(
         params=parallel.fetch(state["params"]),  # split over the mesh's devices (and hosts) when sharded
         norm=parallel.fetch(state["norm"]),

@@ -20,6 +20,7 @@ from salem_jax.baselines import enn as E
 from salem_jax.baselines import ke as K
 from salem_jax.baselines.meta_data import MetaData
 from salem_jax.config import enn_config, ke_config
+from salem_jax.eval.metrics import evaluate_edit
 from salem_jax.methods.registry import Context, Method, Prepared
 
 UNSUPPORTED = "tested on sequence classifiers only so far (the paper's classification tables)"
@@ -68,8 +69,6 @@ def prepare_enn(ctx: Context, layers: tuple[str, ...]) -> Prepared:
 
 def base_drift(ctx: Context, theta) -> float | None:
     """Accuracy of the given model minus ENN's theta* on the val pass rows (before any edit)."""
-    from salem_jax.eval.metrics import evaluate_edit
-
     passes = [r for r in ctx.val_rows if r["group"] == "pass"][: ctx.cfg.eval.max_pass]
     if not passes:
         return None

@@ -105,6 +105,17 @@ def default_positions(input_ids: jax.Array) -> jax.Array:
     return jnp.broadcast_to(jnp.arange(input_ids.shape[1])[None], input_ids.shape)
 
 
+def causal_lm_logits(trunk: Callable, head: Callable, input_ids: jax.Array, attention_mask=None, position_ids=None) -> jax.Array:
+    """The causal-LM head GPT-2, GPT-Neo and Llama share: `trunk(ids, mask, positions)` (mask and
+    positions defaulting to all-visible and 0 .. T-1), then `head` (the tied embedding's `attend`
+    or the `lm_head`): logits [B, T, V] in float32."""
+    if attention_mask is None:
+        attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    if position_ids is None:
+        position_ids = default_positions(input_ids)
+    return head(trunk(input_ids, attention_mask, position_ids)).astype(jnp.float32)
+
+
 def layer_class(cls, remat: bool):
     """`cls`, or `nn.remat(cls)` (recompute its activations in the backward pass) when `remat`."""
     return nn.remat(cls) if remat else cls

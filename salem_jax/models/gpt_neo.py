@@ -30,7 +30,7 @@ from salem_jax.models.blocks import (
     activation,
     attend,
     causal_bias,
-    default_positions,
+    causal_lm_logits,
     dense,
     embed,
     layer_class,
@@ -150,13 +150,6 @@ class GPTNeoForCausalLM(nn.Module):
             self.lm_head = dense(cfg.vocab_size, "lm_head", self.dtype, bias=False, std=cfg.initializer_range)
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None):
-        if attention_mask is None:
-            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-        if position_ids is None:
-            position_ids = default_positions(input_ids)
-        h = self.transformer(input_ids, attention_mask, position_ids)
-        if self.config.tie_word_embeddings:
-            logits = self.transformer.wte.attend(h)
-        else:
-            logits = self.lm_head(h)
-        return logits.astype(jnp.float32)
+        tied = self.config.tie_word_embeddings
+        head = (lambda h: self.transformer.wte.attend(h)) if tied else (lambda h: self.lm_head(h))
+        return causal_lm_logits(self.transformer, head, input_ids, attention_mask, position_ids)

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from salem_jax.models.base import Block, LayerTable, LoadedModel, Weight, param_paths
+from salem_jax.models.blocks import causal_lm_logits
 
 # Added to masked attention scores instead of -inf, so a row with no visible key (an all-zero
 # attention_mask) softmaxes to uniform weights rather than NaN.
@@ -296,16 +297,9 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = _dense(self.config, self.config.vocab_size, False, self.dtype, "lm_head")
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None):
-        if attention_mask is None:
-            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-        if position_ids is None:
-            position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1])[None], input_ids.shape)
-        h = self.model(input_ids, attention_mask, position_ids)
-        if self.config.tie_word_embeddings:
-            logits = self.model.embed_tokens.attend(h)
-        else:
-            logits = self.lm_head(h)
-        return logits.astype(jnp.float32)
+        tied = self.config.tie_word_embeddings
+        head = (lambda h: self.model.embed_tokens.attend(h)) if tied else (lambda h: self.lm_head(h))
+        return causal_lm_logits(self.model, head, input_ids, attention_mask, position_ids)
 
 
 # ----------------------------------------------------------------------------- LoadedModel glue

@@ -237,6 +237,7 @@ def load_folder(
     `num_labels` (classifiers) sets the number of classes; a checkpoint without a matching
     classification head gets a new, randomly initialised one (seeded by `seed`) and a warning.
     """
+    # --- the folder's config: Llama-family folders go to llama.py
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"no such model folder: {folder}")
@@ -255,6 +256,7 @@ def load_folder(
 
     from transformers import AutoConfig
 
+    # --- the Hugging Face config (a classifier's label count)
     cfg_kwargs = {}
     new_head = False
     if spec.kind == "classifier":
@@ -267,6 +269,7 @@ def load_folder(
         raise ValueError(f"{folder}: num_labels applies to classifiers only, not to a {spec.kind} model ({spec.arch})")
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True, **cfg_kwargs)
 
+    # --- the weights: read leaf by leaf, missing ones initialised, the rest reported
     fmt, wfile = find_weights(folder, from_pt)
     if wfile.endswith(".bin") or wfile.endswith(".bin.index.json"):
         _require_torch(f"{folder / wfile} (a PyTorch .bin checkpoint)")
@@ -305,6 +308,7 @@ def load_folder(
             name,
             config.num_labels,
         )
+    # --- the model
     params = cast_params(unflatten({p: jnp.asarray(v) for p, v in flat.items()}), dtype)
     tok = _load_tokenizer(folder, spec.kind)
     extra = dict(source=str(folder), weights=wfile, format=fmt, new_head=new_head)
