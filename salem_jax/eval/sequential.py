@@ -294,18 +294,24 @@ def plot_many_edits(studies: Mapping[str, Mapping[str, list[dict]]], path: str |
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     has_keep = any("keep_acc" in r for s in studies.values() for rs in s.values() for r in rs)
     panels = [("ea", "retention EA (all edits so far)"), ("ea_first", f"EA of the first {FIRST} edits"),
               ("keep_acc", "keep-set accuracy") if has_keep else ("dd_acc", "DD (val pass accuracy)")]
     fig, ax = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
+    styles = {"sequential": "-", "independent": "--", "batch": ":"}  # equal values stay visible
     for method, by_mode in studies.items():
         for mode, rs in by_mode.items():
             xs = [r["T"] for r in rs]
             for a, (key, _) in zip(ax, panels):
-                a.plot(xs, [r.get(key, np.nan) for r in rs], marker="o", label=f"{method} {mode}")
+                a.plot(xs, [r.get(key, np.nan) for r in rs], marker="o", linestyle=styles.get(mode, "-"),
+                       label=f"{method} {mode}")
     for a, (_, title) in zip(ax, panels):
         a.set(xscale="log", xlabel="edits made (T)", title=title)
+        a.set_xticks(sorted({r["T"] for s in studies.values() for rs in s.values() for r in rs}))
+        a.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        a.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
