@@ -222,7 +222,12 @@ class Eval:
     """The evaluation: at most max_edits val fail rows edited one at a time, max_pass pass rows for the
     drawdown, held-out text perplexity for the first ppl_edits edits. keep: a held-out keep set
     (salem_jax.eval.keep): '' = none; "countries:REL,REL" = those relations of the country data; else a
-    data name/path read with keep_format ('' = format); up to max_keep rows the base model gets right."""
+    data name/path read with keep_format ('' = format); up to max_keep rows the base model gets right.
+    generate: also score greedy generations of each edit prompt and its rephrasings (salem_jax.eval.generated),
+    gen_extra_tokens past the target's length; ROME's generation fluency on CounterFact's generation_prompts
+    (fluency_prompts per edit, fluency_tokens new tokens) for the first fluency_edits edits (0 = off).
+    sequential: "T1,T2,..." = also edit the val fail rows one after another and score after T edits
+    (salem_jax.eval.sequential) in each of sequential_modes (sequential | independent | batch); '' = off."""
 
     max_edits: int = 20
     max_pass: int = 48
@@ -234,6 +239,13 @@ class Eval:
     keep: str = ""
     keep_format: str = ""
     max_keep: int = 48
+    generate: bool = True
+    gen_extra_tokens: int = 2
+    fluency_edits: int = 5
+    fluency_prompts: int = 2
+    fluency_tokens: int = 32
+    sequential: str = ""
+    sequential_modes: str = "sequential,independent,batch"
 
 
 @dataclasses.dataclass(frozen=True)

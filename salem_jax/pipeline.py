@@ -17,7 +17,9 @@ what it means). Steps (the marked sections of
    evaluate it on the val split, one edit at a time (as MEND and the paper report): edit accuracy
    on the fail row, adapt accuracy on its rephrasings, drawdown / locality on the val pass rows,
    and perplexity change on held-out text for the first `eval.ppl_edits` edits;
-6. write `results.json`, `results.md` and plots into `workdir`.
+   with `config.eval.sequential=T1,T2,...` also edits the val fail rows one after another on the same
+   weights (and in one batch) and scores retention after T edits (salem_jax.eval.sequential);
+6. write `results.json`, `results.md` and plots into `workdir` (many_edits_*.json, many_edits.png/.md).
 
 Every intermediate result is written as it is produced (edit set, profile, editor checkpoints),
 so a killed run resumes: the editor from its last checkpoint, the rest recomputed (cheap).
@@ -50,8 +52,11 @@ from salem_jax.data.spec import DataSpec
 from salem_jax.data.spec import read_records as read_spec
 from salem_jax.data.spec import resolve as resolve_spec
 from salem_jax.eval.counterfact import evaluate_counterfact, harmonic_mean
+from salem_jax.eval.generated import edit_generation_metrics, generation_fluency_metrics
 from salem_jax.eval.keep import keep_rows
 from salem_jax.eval.metrics import base_scores, evaluate_edit
+from salem_jax.eval.portability import portability_rows
+from salem_jax.eval import sequential as many
 from salem_jax.locate.plot import plot_profile
 from salem_jax.locate.choose import LocateConfig, locate
 from salem_jax.locate.trace_rows import rows_with_subject
@@ -188,7 +193,7 @@ CF_KEYS = ("ES", "EM", "PS", "PM", "NS", "NM")  # ROME's CounterFact metrics, pe
 
 
 def evaluate_method(model, edit: Callable, val_rows: list[dict], texts: list[str], cfg, name: str,
-                    keep: list[dict] = (), cf_records: dict | None = None) -> dict:
+                    keep: list[dict] = (), cf_records: dict | None = None, portability: dict | None = None) -> dict:
     """Edit each val fail record on its own (base weights each time); average the per-edit metrics.
 
     The base model's scores on the pass rows, the keep rows (`keep_set`) and held-out text are
@@ -197,7 +202,11 @@ def evaluate_method(model, edit: Callable, val_rows: list[dict], texts: list[str
     (record id -> CounterFact record, for CounterFact data) each edit is also scored with ROME's
     metrics on its own record (salem_jax.eval.counterfact): `cf/ES`, `cf/EM`, `cf/PS`, `cf/PM`,
     `cf/NS`, `cf/NM` averaged over edits as ROME's summary does, `cf/Score` their harmonic mean,
-    and the same on the base model as `cf/*_before`."""
+    and the same on the base model as `cf/*_before`. With `portability` (record id -> portability rows,
+    salem_jax.eval.portability) each edit's questions are scored too (`portability`, `portability_before`).
+    With config.eval.generate, greedy generations of the edit prompt and its rephrasings before and after
+    (salem_jax.eval.generated: `gen/*`), and ROME's fluency on CounterFact generation_prompts for the first
+    config.eval.fluency_edits edits."""
     fails = [r for r in val_rows if r["group"] == "fail"][: cfg.eval.max_edits]
     adapts: dict[str, list[dict]] = {}
     for r in val_rows:
@@ -222,6 +231,8 @@ def evaluate_method(model, edit: Callable, val_rows: list[dict], texts: list[str
         own = {"fail": [row]}
         if adapts.get(row["record_id"]):
             own["adapt"] = adapts[row["record_id"]]
+        if portability and portability.get(row["record_id"]):
+            own["portability"] = portability[row["record_id"]]
         m = evaluate_edit(model, model.params, edited, own, **{**kw, "batch_size": own_batch})
         with_text = base_text is not None and i < cfg.eval.ppl_edits
         m.update(
@@ -236,6 +247,7 @@ def evaluate_method(model, edit: Callable, val_rows: list[dict], texts: list[str
             cf = evaluate_counterfact(model, edited, [cf_records[row["record_id"]]], batch_size=cfg.eval.batch_size,
                                       progress=False)
             m.update({f"cf/{k}": cf[k] for k in CF_KEYS})
+        m.update(generation_metrics(model, edited, row, adapts.get(row["record_id"], []), cfg, i, cf_records))
         per_edit.append(m)
     out: dict[str, Any] = {"edits": len(per_edit), "edit_seconds": t_edit / max(len(per_edit), 1)}
     keys = sorted({k for m in per_edit for k in m})
@@ -248,6 +260,19 @@ def evaluate_method(model, edit: Callable, val_rows: list[dict], texts: list[str
                                       batch_size=cfg.eval.batch_size, progress=False)
         out.update({f"cf/{k}_before": before[k] for k in (*CF_KEYS, "Score")})
     return out
+
+
+def generation_metrics(model, edited, row: dict, adapt_rows: list[dict], cfg, i: int, cf_records) -> dict:
+    """Generated answers (config.eval.generate) and, for the first config.eval.fluency_edits CounterFact
+    edits, ROME's fluency on the record's generation_prompts (salem_jax.eval.generated)."""
+    if model.kind == "classifier" or not cfg.eval.generate:
+        return {}
+    m = edit_generation_metrics(model, model.params, edited, row, adapt_rows, extra_tokens=cfg.eval.gen_extra_tokens)
+    if cf_records is not None and i < cfg.eval.fluency_edits and cfg.eval.fluency_prompts > 0:
+        prompts = list(cf_records[row["record_id"]].extra.get("generation_prompts") or [])[: cfg.eval.fluency_prompts]
+        if prompts:
+            m.update(generation_fluency_metrics(model, model.params, edited, prompts, max_new_tokens=cfg.eval.fluency_tokens))
+    return m
 
 
 def _main_process() -> bool:
@@ -272,6 +297,9 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
     t_all = time.perf_counter()
 
     # -- 1. load: records, model, held-out text; refuse what cannot run before any costly step
+    steps = many.parse_steps(cfg.eval.sequential) if cfg.eval.sequential else ()
+    if steps:
+        many.parse_modes(cfg.eval.sequential_modes)
     records = timed(times, "read_records", read_records, cfg)
     model = timed(times, "load_model", load, cfg, records)
     say(f"model {model.name} ({model.arch}, {len(model.layers)} blocks) loaded in {times['load_model']:.1f}s")
@@ -283,6 +311,7 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
     es = timed(times, "edit_set", edit_set, model, records, cfg, work)
     say(es.summary())
     train_rows, val_rows = split_rows(es)
+    many.check_enough_edits(steps, sum(r["group"] == "fail" for r in val_rows), "the val split")
 
     # -- 3. locate: the salient layer(s); the causal-traced layer when a method uses it
     profile = timed(times, "saliency", saliency, model, train_rows, cfg)
@@ -315,12 +344,19 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
                   profile=profile, traced_layer=traced_layer, trace_info=trace_info)
     # CounterFact data: every edit is also scored with ROME's metrics on its own record
     cf_records = {r.id: r for r in records} if cfg.format == "counterfact" else None
+    # zsRE portability questions (salem_jax.eval.portability) assume the counterfactual answer
+    portability = portability_rows(records) if cfg.mode == "counterfactual" else None
     results: dict[str, Any] = {}
     training: dict[str, Any] = {}
     for method in methods:
-        results[method.name], training[method.name] = run_method(method, ctx, keep, cf_records, times)
+        results[method.name], training[method.name] = run_method(method, ctx, keep, cf_records, times,
+                                                                  portability=portability)
 
     # -- 6. report
+    studies = {k: v["many_edits"] for k, v in results.items() if "many_edits" in v}
+    if studies and _main_process():
+        many.plot_many_edits(studies, work / "many_edits.png")
+        (work / "many_edits.md").write_text(many.summary_table(studies) + "\n")
     times["total"] = time.perf_counter() - t_all
     out = dict(
         config=json.loads(cfg.to_json_best_effort()), model=model.name, edit_set=es.info, profile=profile.to_dict(),
@@ -407,7 +443,8 @@ def split_rows(es) -> tuple[list[dict], list[dict]]:
     return train_rows, val_rows
 
 
-def run_method(method: Method, ctx: Context, keep: list[dict], cf_records, times: dict) -> tuple[dict, dict]:
+def run_method(method: Method, ctx: Context, keep: list[dict], cf_records, times: dict,
+               portability: dict | None = None) -> tuple[dict, dict]:
     """Prepare `method` and evaluate its edits on the val split: (results entry, training entry)."""
     layers = tuple(method.layers(ctx))
     prepared = method.prepare(ctx, layers)
@@ -415,8 +452,13 @@ def run_method(method: Method, ctx: Context, keep: list[dict], cf_records, times
     edit = functools.partial(prepared.edit, ctx.model.params)  # every edit starts from the base weights
     t = time.perf_counter()
     res = evaluate_method(ctx.model, edit, eval_rows, list(ctx.texts), ctx.cfg, method.name, keep=keep,
-                          cf_records=cf_records)
+                          cf_records=cf_records, portability=portability)
     res["layers"] = list(layers)
+    if ctx.cfg.eval.sequential:  # many edits on the same weights (salem_jax.eval.sequential)
+        t_many = time.perf_counter()
+        res["many_edits"] = many.pipeline_study(ctx.model, prepared.edit, eval_rows, keep, list(ctx.texts), ctx.cfg,
+                                                method.name, ctx.work)
+        times[f"many_edits_{method.name}"] = time.perf_counter() - t_many
     if prepared.skipped_edits is not None:
         res["skipped_edits"] = len(prepared.skipped_edits)
         res["skipped_edit_rows"] = list(prepared.skipped_edits)
@@ -449,8 +491,18 @@ COLUMNS = (
     ("cf/PS", "PS"),
     ("cf/NS", "NS"),
     ("cf/Score", "CF score"),
+    ("portability", "portability"),
+    ("gen/fail_starts_after", "gen starts"),
+    ("gen/fail_contains_after", "gen contains"),
+    ("gen/adapt_starts_after", "gen starts (rephr.)"),
+    ("gen/fluency_after", "fluency"),
 )
-OPTIONAL_COLUMNS = ("dd_keep_acc", "cf/ES", "cf/PS", "cf/NS", "cf/Score")  # shown only when measured
+# shown only when measured; the base row reads these from the "_before" twin (BEFORE_KEYS)
+OPTIONAL_COLUMNS = ("dd_keep_acc", "cf/ES", "cf/PS", "cf/NS", "cf/Score", "portability", "gen/fail_starts_after",
+                    "gen/fail_contains_after", "gen/adapt_starts_after", "gen/fluency_after")
+BEFORE_KEYS = {"portability": "portability_before", "gen/fail_starts_after": "gen/fail_starts_before",
+               "gen/fail_contains_after": "gen/fail_contains_before", "gen/adapt_starts_after": "gen/adapt_starts_before",
+               "gen/fluency_after": "gen/fluency_before"}
 
 
 def _fmt(x) -> str:
@@ -483,6 +535,7 @@ def results_table(out: dict) -> str:
             "locality": 1.0,
             "dd_ppl_text_rel": 0.0,
             **{k: any_m.get(f"{k}_before") for k in OPTIONAL_COLUMNS if k.startswith("cf/")},
+            **{k: any_m.get(b) for k, b in BEFORE_KEYS.items()},
         }
         lines.append("| base (no edit) | - | " + " | ".join(_fmt(base[k]) for k, _ in columns) + " | - | - |")
     for name, m in methods.items():

@@ -3,9 +3,10 @@
 Formats (field names as in the public files; /work/shared/data/*/README.md describes them):
 
 * zsRE, MEND/ROME format (`read_zsre`): subject, src, rephrase, alt, answers, loc, loc_ans
-  [, pred, cond]. prompt = src, target_true = answers[0], target_new = alt (may be empty:
+  [, pred, cond, portability]. prompt = src, target_true = answers[0], target_new = alt (may be empty:
   then only correction mode can use the record),
-  rephrases = (rephrase,), locality = (loc -> loc_ans).
+  rephrases = (rephrase,), locality = (loc -> loc_ans); EasyEdit's `portability` questions
+  (New Question -> New Answer) become extra["portability_prompts"] / ["portability_targets"].
 * CounterFact, ROME format (`read_counterfact`): requested_rewrite {prompt with "{}", subject,
   target_true.str, target_new.str}, paraphrase_prompts, neighborhood_prompts. The neighborhood
   prompts are other subjects that share the true answer, so their targets are target_true.
@@ -345,6 +346,8 @@ def read_zsre(path: str | os.PathLike, *, limit: int | None = None, skip_invalid
         answers = f.str_list("answers")
         loc = f.str("loc")
         loc_ans = f.str("loc_ans")
+        extra = {"answers": list(answers), "pred": f.str("pred", required=False)}
+        extra.update(_zsre_portability(f))
         return EditRecord(
             id=rid,
             prompt=src,
@@ -354,10 +357,41 @@ def read_zsre(path: str | os.PathLike, *, limit: int | None = None, skip_invalid
             loc_prompts=(loc,),
             loc_targets=(loc_ans,),
             subject=subject,
-            extra={"answers": list(answers), "pred": f.str("pred", required=False)},
+            extra=extra,
         )
 
     return _read(path, "zsre", parse, limit=limit, skip_invalid=skip_invalid)
+
+
+def _zsre_portability(f: _Fields) -> dict:
+    """EasyEdit's portability questions of a zsRE record (`zsre_mend_eval_portability_gpt4.json`):
+    `portability` = {"New Question", "New Answer"[, "Recalled Relation"]} or a list of such
+    objects. Returns {} when the record has none, else extra fields `portability_prompts` and
+    `portability_targets` (equal-length lists). A question without its answer is an error."""
+    raw = f.raw("portability")
+    if raw is _MISSING:
+        return {}
+    items = raw if isinstance(raw, list) else [raw]
+    prompts, targets = [], []
+    for i, item in enumerate(items):
+        where = "portability" if not isinstance(raw, list) else f"portability[{i}]"
+        if not isinstance(item, dict):
+            raise f.error(where, f"expected an object with 'New Question' and 'New Answer', got {type(item).__name__}")
+        sub = _Fields(f.source, f.number, item)
+        try:
+            q = sub.str("New Question")
+            a = sub.raw("New Answer")
+            if isinstance(a, list):  # several acceptable answers: the first is the target
+                a = sub.str_list("New Answer")[0]
+            elif a is _MISSING:
+                raise sub.error("New Answer", "missing (or null): a portability question needs its answer")
+            else:
+                a = sub.str("New Answer")
+        except RecordError as e:
+            raise f.error(f"{where}.{e.skipped.field}", e.skipped.reason) from None
+        prompts.append(q)
+        targets.append(a)
+    return {"portability_prompts": prompts, "portability_targets": targets}
 
 
 def read_counterfact(path: str | os.PathLike, *, limit: int | None = None, skip_invalid: bool = False) -> RecordList:

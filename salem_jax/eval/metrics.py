@@ -379,6 +379,8 @@ def evaluate_edit(
     `g/token_acc_after`, `g/locality` and (not for classifiers) `g/ppl_before`, `g/ppl_after`;
     and the headline numbers (when their group is given):
       `ea` = fail/acc_after, `ea_token` = fail/token_acc_after, `adapt_acc` = adapt/acc_after,
+      `portability` / `portability_before` = portability/acc_after / acc_before (group "portability",
+      salem_jax.eval.portability),
       `dd_acc` = pass/acc_before - pass/acc_after, `locality` = pass/locality,
       `dd_ppl_pass_rel` / `dd_ppl_pass_abs` (perplexity drawdown of the pass targets),
       `text_ppl_before`, `text_ppl_after`, `dd_ppl_text_rel`, `dd_ppl_text_abs` (held-out text).
@@ -414,6 +416,9 @@ def evaluate_edit(
         out["ea_token"] = per["fail"].token_acc_after
     if "adapt" in per:
         out["adapt_acc"] = per["adapt"].acc_after
+    if "portability" in per:  # salem_jax.eval.portability
+        out["portability"] = per["portability"].acc_after
+        out["portability_before"] = per["portability"].acc_before
     if "pass" in per:
         p = per["pass"]
         out["dd_acc"] = drawdown(p.acc_before, p.acc_after)

@@ -1,0 +1,75 @@
+"""Benchmark: many edits on the same weights - sequential, independent and batch editing, scored on
+retention (EA and adapt accuracy over ALL edits made so far), the keep set and locality against the
+untouched base model (salem_jax.eval.sequential; the pipeline's `--config.eval.sequential` mode).
+
+    python benchmarks/many_edits.py --experiment zsre_smollm2 --methods ft --steps 1,10,50,100 \\
+        --workdir runs/many-zsre --out runs/many-zsre.json [--config.KEY=VALUE ...]
+    python benchmarks/many_edits.py --quick                        # tiny random model, a smoke run
+
+--experiment names an experiments/ config (zsre_smollm2, counterfact_smollm2, capitals_smollm2, ...)
+whose data, model, mode and keep set are used; --methods replaces its methods; --modes picks among
+sequential (apply the editor again to the edited weights), independent (each edit on the original
+weights, the changes summed) and batch (all T edits in one update). Any --config.KEY=VALUE override
+applies last (e.g. --config.limit=1037 --config.eval.max_edits=5). The method's one-edit-at-a-time
+evaluation runs too (config.eval.max_edits edits), as in every pipeline run.
+
+Writes the pipeline's outputs into --workdir (many_edits_<method>.json after every T,
+many_edits.png, many_edits.md, results.json/md) and the studies with the timings to --out; prints
+the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `experiments` without installing
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--experiment", default="zsre_smollm2")
+    ap.add_argument("--methods", default=None, help="comma separated registry names (default: the experiment's)")
+    ap.add_argument("--steps", default="1,10,50,100", help="score after this many edits")
+    ap.add_argument("--modes", default="sequential,independent,batch")
+    ap.add_argument("--workdir", default="runs/many_edits")
+    ap.add_argument("--out", default=None, help="JSON summary (default WORKDIR/many_edits_summary.json)")
+    ap.add_argument("--quick", action="store_true", help="tiny random model, few records (a smoke run)")
+    args, rest = ap.parse_known_args(argv)
+
+    from experiments.common import apply_overrides
+    from salem_jax.eval import sequential as S
+    from salem_jax.pipeline import run_pipeline
+
+    exp = importlib.import_module(f"experiments.{args.experiment}")
+    cfg = exp.get_config(args.quick)
+    if args.methods:
+        cfg.methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    cfg.eval.sequential, cfg.eval.sequential_modes = args.steps, args.modes
+    if args.quick:
+        cfg.limit, cfg.val_fraction, cfg.eval.max_edits = 60, 0.2, 2
+    cfg = apply_overrides(cfg, rest)
+    S.parse_steps(cfg.eval.sequential)
+    S.parse_modes(cfg.eval.sequential_modes)
+    t = time.perf_counter()
+    out = run_pipeline(cfg, args.workdir)
+    seconds = time.perf_counter() - t
+    studies = {k: v["many_edits"] for k, v in out["methods"].items() if "many_edits" in v}
+    summary = dict(experiment=args.experiment, model=out["model"], config=out["config"], seconds=seconds,
+                   times=out["times"], edit_set=out["edit_set"], keep=out["keep"], text=out["text"], studies=studies,
+                   single_edit={k: {m: v.get(m) for m in ("edits", "ea", "adapt_acc", "dd_acc", "dd_keep_acc",
+                                                            "locality", "gen/fail_starts_after", "portability")}
+                                for k, v in out["methods"].items()})
+    path = Path(args.out) if args.out else Path(args.workdir) / "many_edits_summary.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    S.write_json(path, summary)
+    print(S.summary_table(studies))
+    print(f"[many_edits] {seconds:.0f}s; summary in {path}, plot in {Path(args.workdir) / 'many_edits.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,102 @@
+"""Generated answers: does the edited model *say* the new target when it decodes greedily?
+
+Edit accuracy EA (salem_jax.eval.metrics; SaLEM eq. 7) is teacher forced: every target token is
+scored with the gold prefix before it. A model can pass that and still generate something else
+(a known complaint of EasyEdit users), so beside EA we report what greedy decoding
+(`salem_jax.generate.greedy`) produces, before and after the edit:
+
+* **starts**: the share of prompts whose continuation starts with the target;
+* **contains**: the share whose continuation contains the target anywhere.
+
+Matching is on normalised text: whitespace runs collapsed to one space, leading/trailing
+whitespace dropped, case folded (" Paris." starts with "paris"). Generation is kept cheap:
+`max_new_tokens` = the target's token count + `extra_tokens` (config.eval.gen_extra_tokens, 2 by
+default), so "contains" looks only a couple of tokens past the target's length.
+
+Per edit (`edit_generation_metrics`) the prompts are the edit prompt (`gen/fail_*`) and its
+rephrasings (`gen/adapt_*`, the share over the rephrasings); each edit's shares are averaged over
+edits by the pipeline. ROME's generation fluency (salem_jax.eval.fluency) on CounterFact's
+`generation_prompts` is `generation_fluency_metrics`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def normalise(text: str) -> str:
+    """Whitespace collapsed and stripped, case folded."""
+    return " ".join(text.split()).casefold()
+
+
+def answer_match(generation: str, target: str) -> tuple[bool, bool]:
+    """(starts, contains): whether the normalised generation starts with / contains the
+    normalised target. An empty target matches nothing."""
+    t = normalise(target)
+    if not t:
+        return False, False
+    g = normalise(generation)
+    return g.startswith(t), t in g
+
+
+def match_shares(generations: Sequence[str], targets: Sequence[str]) -> dict[str, float]:
+    """{"starts", "contains"}: shares of (generation, target) pairs that match (NaN for none)."""
+    if len(generations) != len(targets):
+        raise ValueError(f"{len(generations)} generations for {len(targets)} targets")
+    if not generations:
+        return {"starts": float("nan"), "contains": float("nan")}
+    m = np.asarray([answer_match(g, t) for g, t in zip(generations, targets)], bool)
+    return {"starts": float(m[:, 0].mean()), "contains": float(m[:, 1].mean())}
+
+
+def target_tokens(model, target: str) -> int:
+    """Number of tokens of `target` as an answer (with its leading space for causal LMs)."""
+    text = target if model.kind == "seq2seq" else " " + target.lstrip()
+    return len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def generate_answers(model, params: Any, prompts: Sequence[str], targets: Sequence[str], *, extra_tokens: int = 2,
+                     batch_size: int = 32) -> list[str]:
+    """Greedy continuations of `prompts`, each long enough for the longest target + extra_tokens."""
+    from salem_jax.generate import greedy
+
+    if not prompts:
+        return []
+    n = max(target_tokens(model, t) for t in targets) + extra_tokens
+    return greedy(model, params, list(prompts), max_new_tokens=max(n, 1), batch_size=batch_size)
+
+
+def edit_generation_metrics(model, base_params: Any, edited_params: Any, fail_row: dict, adapt_rows: Sequence[dict],
+                            *, extra_tokens: int = 2, base_generations: list[str] | None = None) -> dict[str, float]:
+    """Generated-answer shares of one edit: `gen/fail_starts_before`, `gen/fail_starts_after`,
+    `gen/fail_contains_before`, `gen/fail_contains_after` on the edit prompt and the same
+    `gen/adapt_*` on its rephrasings (absent when it has none). Rows: edit-set rows (prompt, target)."""
+    rows = [fail_row, *adapt_rows]
+    prompts, targets = [r["prompt"] for r in rows], [r["target"] for r in rows]
+    before = base_generations
+    if before is None:
+        before = generate_answers(model, base_params, prompts, targets, extra_tokens=extra_tokens)
+    after = generate_answers(model, edited_params, prompts, targets, extra_tokens=extra_tokens)
+    out = {}
+    for when, gens in (("before", before), ("after", after)):
+        for group, sl in (("fail", slice(0, 1)), ("adapt", slice(1, None))):
+            if not rows[sl]:
+                continue
+            sh = match_shares(gens[sl], targets[sl])
+            out[f"gen/{group}_starts_{when}"] = sh["starts"]
+            out[f"gen/{group}_contains_{when}"] = sh["contains"]
+    return out
+
+
+def generation_fluency_metrics(model, base_params: Any, edited_params: Any, prompts: Sequence[str], *,
+                               max_new_tokens: int) -> dict[str, float]:
+    """ROME's generation fluency (salem_jax.eval.fluency: weighted bi/tri-gram entropy of prompt +
+    greedy continuation) of both models: `gen/fluency_before`, `gen/fluency_after`."""
+    from salem_jax.eval.fluency import generation_fluency
+
+    return {
+        "gen/fluency_before": generation_fluency(model, base_params, prompts, max_new_tokens=max_new_tokens),
+        "gen/fluency_after": generation_fluency(model, edited_params, prompts, max_new_tokens=max_new_tokens),
+    }

@@ -1,0 +1,332 @@
+"""Many edits: what happens to edit 1 after edit 100? Sequential and batch editing, scored on retention.
+
+A method's edit function `edit(params, rows) -> params` (salem_jax.methods: `Prepared.edit`) is
+applied to the val fail rows r_1, r_2, ... in one of three ways (`MODES`):
+
+* **sequential** - "apply the editor again to the edited weights": p_t = edit(p_{t-1}, [r_t]),
+  p_0 = the base weights. Each edit sees the weights the earlier edits produced (a MEND editor
+  captures its gradient factors there; fine-tuning starts there).
+* **independent** - "apply the editor to the original weights each time": each edit is computed on
+  the base weights, d_t = edit(p_0, [r_t]) - p_0, and the changes are summed,
+  p_t = p_{t-1} + d_t. No edit knows of the others (the weights they produce are the same whatever
+  the order); the difference from `sequential` is what seeing the edited weights buys or costs.
+* **batch** - all T edits in one update: p_T = edit(p_0, [r_1, ..., r_T]) (MEND: one combined
+  edit; fine-tuning: one run on all rows; ROME: its rows one after another, as ROME's own multi-row
+  edit is defined).
+
+After T = steps[0], steps[1], ... edits the weights p_T are scored (`score_after`):
+
+* retention: `ea` = EA (teacher forced, every target token the argmax) over ALL T edit prompts
+  made so far, `ea_first` over the first min(10, T) of them, `adapt_acc` over all their
+  rephrasings (row weighted); `ea_before` / `adapt_before` are the base model's on the same rows;
+* what must not change, against the untouched base model: the val pass rows (`dd_acc`,
+  `locality`), the held-out keep set (`keep_acc`, `dd_keep_acc` = base minus edited accuracy) and,
+  when given, held-out text perplexity (`dd_ppl_text_rel`);
+* generated answers (salem_jax.eval.generated), when asked: the share of the T edit prompts whose
+  greedy continuation starts with / contains the new target (`gen_starts`, `gen_contains`).
+
+An edit that makes a weight NaN or infinite stops the run with `NonFiniteEdit`, which names the
+edit (its number and row id) and carries the results so far and the last good parameters; the
+pipeline's driver (`pipeline_study`) writes the results so far before re-raising it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from salem_jax.errors import UserError
+from salem_jax.eval.metrics import base_scores, evaluate_edit, score_rows
+
+MODES = ("sequential", "independent", "batch")
+FIRST = 10  # `ea_first`: retention of the first FIRST edits
+
+
+class NonFiniteEdit(UserError):
+    """An edit produced non-finite weights. `.edit` (1-based number), `.row_id`, `.leaves` (paths),
+    `.results` (the scores so far) and `.params` (the last good parameters)."""
+
+    def __init__(self, message: str, *, edit: int, row_id: str, leaves: list[str], results: list[dict], params: Any):
+        super().__init__(message)
+        self.edit, self.row_id, self.leaves, self.results, self.params = edit, row_id, leaves, results, params
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+def parse_steps(spec: str, where: str = "config.eval.sequential") -> tuple[int, ...]:
+    """"1,10,50,100" -> (1, 10, 50, 100): positive, strictly increasing integers."""
+    try:
+        steps = tuple(int(s) for s in str(spec).split(",") if s.strip())
+    except ValueError:
+        raise UserError(f"{where}={spec!r}: expected edit counts like 1,10,50,100") from None
+    if not steps or any(t < 1 for t in steps) or list(steps) != sorted(set(steps)):
+        raise UserError(f"{where}={spec!r}: edit counts must be positive and strictly increasing, e.g. 1,10,50,100")
+    return steps
+
+
+def parse_modes(spec: str, where: str = "config.eval.sequential_modes") -> tuple[str, ...]:
+    modes = tuple(m.strip() for m in str(spec).split(",") if m.strip())
+    bad = [m for m in modes if m not in MODES]
+    if not modes or bad:
+        raise UserError(f"{where}={spec!r}: choose among {', '.join(MODES)} (comma separated)")
+    return modes
+
+
+def check_enough_edits(steps: Sequence[int], n_fail: int, where: str) -> None:
+    """A clear error when more edits are asked than there are val fail rows to edit."""
+    if steps and max(steps) > n_fail:
+        raise UserError(
+            f"config.eval.sequential asks for {max(steps)} edits but {where} has only {n_fail} val fail rows to edit; "
+            f"ask for at most {n_fail} edits, or use more records (--config.limit) or a larger --config.val_fraction"
+        )
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def changed_leaves(new: Any, old: Any) -> list[tuple[str, Any]]:
+    """(path, leaf) of the leaves of `new` that are not the very same array as in `old` (edit
+    functions return trees that share their untouched leaves with their input)."""
+    out = []
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(new)[0], jax.tree.leaves(old)):
+        if a is not b:
+            out.append((jax.tree_util.keystr(path, simple=True, separator="/"), a))
+    return out
+
+
+def non_finite(new: Any, old: Any) -> list[str]:
+    """Paths of the changed leaves of `new` that hold a NaN or an infinity."""
+    return [p for p, x in changed_leaves(new, old)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact) and not bool(jnp.isfinite(x).all())]
+
+
+def add_change(params: Any, edited: Any, base: Any) -> Any:
+    """params + (edited - base), leaf by leaf (leaves the edit left alone are kept as they are)."""
+    return jax.tree.map(lambda p, e, b: p if e is b else p + (e - b).astype(p.dtype), params, edited, base)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def adapt_rows_of(fails: Sequence[dict], adapts: Mapping[str, list[dict]]) -> list[dict]:
+    return [a for r in fails for a in adapts.get(r["record_id"], [])]
+
+
+def score_after(model, params: Any, fails: Sequence[dict], adapts: Mapping[str, list[dict]], fixed: Mapping[str, list],
+                base, *, before: Mapping[str, np.ndarray], batch_size: int, texts: Sequence[str] | None = None,
+                text_window: int | None = None, generate: bool = False, extra_tokens: int = 2) -> dict:
+    """The scores of `params` after the edits of `fails` (see the module docstring). `base`: the
+    `base_scores` of `fixed` (and texts); `before`: the base model's `correct` arrays of all the fail
+    rows ("fail") and of their adapt rows ("adapt", in `adapt_rows_of` order)."""
+    T = len(fails)
+    ad = adapt_rows_of(fails, adapts)
+    f = score_rows(model, params, fails, batch_size=batch_size, progress=False, where="retention fail rows")
+    out: dict[str, Any] = dict(
+        edits=T, ea=float(np.mean(f["correct"])), ea_first=float(np.mean(f["correct"][:FIRST])),
+        ea_before=float(np.mean(before["fail"][:T])), n_first=min(FIRST, T),
+    )
+    if ad:
+        a = score_rows(model, params, ad, batch_size=batch_size, progress=False, where="retention adapt rows")
+        out["adapt_acc"] = float(np.mean(a["correct"]))
+        out["adapt_before"] = float(np.mean(before["adapt"][: len(ad)]))
+    if fixed:
+        m = evaluate_edit(model, model.params, params, fixed, texts=texts or None, batch_size=batch_size,
+                          text_window=text_window, progress=False, base=base)
+        for k in ("dd_acc", "locality", "dd_ppl_text_rel", "text_ppl_after"):
+            if k in m:
+                out[k] = m[k]
+        if "keep/acc_after" in m:
+            out["keep_acc"] = m["keep/acc_after"]
+            out["keep_acc_before"] = m["keep/acc_before"]
+            out["dd_keep_acc"] = m["keep/acc_before"] - m["keep/acc_after"]
+    if generate and model.kind != "classifier":
+        from salem_jax.eval.generated import generate_answers, match_shares
+
+        targets = [r["target"] for r in fails]
+        gens = generate_answers(model, params, [r["prompt"] for r in fails], targets, extra_tokens=extra_tokens)
+        sh = match_shares(gens, targets)
+        out["gen_starts"], out["gen_contains"] = sh["starts"], sh["contains"]
+    return out
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def many_edits(model, edit: Callable[[Any, list[dict]], Any], fails: Sequence[dict], adapts: Mapping[str, list[dict]],
+               fixed: Mapping[str, list], *, steps: Sequence[int], mode: str, batch_size: int = 8,
+               texts: Sequence[str] | None = None, text_window: int | None = None, generate: bool = False,
+               extra_tokens: int = 2, on_result: Callable[[list[dict]], None] | None = None, progress: bool = False,
+               base=None) -> list[dict]:
+    """Apply the edits of `fails` in `mode` and score after each T in `steps`; one dict per T.
+
+    fails: val fail rows in edit order (edit-set rows: record_id, id, prompt, target); adapts: record
+    id -> its adapt rows; fixed: {"pass": rows, "keep": rows} scored against the base model.
+    `on_result(results so far)` is called after every T (e.g. to write them). Raises
+    `NonFiniteEdit` when an edit produces NaN/inf weights."""
+    from tqdm.auto import tqdm
+
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
+    steps = tuple(steps)
+    check_enough_edits(steps, len(fails), "the edit list")
+    fails = list(fails)[: max(steps)]
+    p0 = model.params
+    if base is None and fixed:
+        base = base_scores(model, p0, fixed, texts=texts or None, batch_size=batch_size, text_window=text_window,
+                           progress=False)
+    before = {"fail": score_rows(model, p0, fails, batch_size=batch_size, progress=False)["correct"]}
+    all_ad = adapt_rows_of(fails, adapts)
+    if all_ad:
+        before["adapt"] = score_rows(model, p0, all_ad, batch_size=batch_size, progress=False)["correct"]
+    kw = dict(before=before, batch_size=batch_size, texts=texts, text_window=text_window, generate=generate,
+              extra_tokens=extra_tokens)
+    results: list[dict] = []
+    params, done, seconds = p0, 0, 0.0
+    bar = tqdm(total=max(steps), desc=f"{mode} edits", disable=not progress)
+    for T in steps:
+        if mode == "batch":
+            t0 = time.perf_counter()
+            new = edit(p0, fails[:T])
+            jax.block_until_ready(new)
+            seconds = time.perf_counter() - t0
+            bad = non_finite(new, p0)
+            if bad:
+                raise NonFiniteEdit(
+                    f"batch edit of the first {T} val fail rows (the last is {fails[T - 1]['id']!r}) produced "
+                    f"non-finite weights in {', '.join(bad)}; results of the earlier batches are kept",
+                    edit=T, row_id=fails[T - 1]["id"], leaves=bad, results=results, params=params)
+            params = new
+            bar.update(T - bar.n)
+        else:
+            while done < T:
+                row = fails[done]
+                t0 = time.perf_counter()
+                if mode == "sequential":
+                    new = edit(params, [row])
+                else:
+                    new = add_change(params, edit(p0, [row]), p0)
+                jax.block_until_ready(new)
+                seconds += time.perf_counter() - t0
+                bad = non_finite(new, params)
+                if bad:
+                    raise NonFiniteEdit(
+                        f"{mode} edit {done + 1} (val fail row {row['id']!r}) produced non-finite weights in "
+                        f"{', '.join(bad)}; stopped there, keeping the weights after edit {done} and the results "
+                        "so far",
+                        edit=done + 1, row_id=row["id"], leaves=bad, results=results, params=params)
+                params, done = new, done + 1
+                bar.update(1)
+        r = dict(T=T, mode=mode, **score_after(model, params, fails[:T], adapts, fixed, base, **kw),
+                 edit_seconds=seconds)
+        results.append(r)
+        if on_result is not None:
+            on_result(results)
+    bar.close()
+    return results
+
+
+# ----------------------------------------------------------------------------- the pipeline's study
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Atomic JSON write (a killed run leaves the previous file, never half of one)."""
+    from salem_jax.pipeline import jsonable
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(jsonable(payload), indent=2))
+    os.replace(tmp, path)
+
+
+def split_val(rows: Sequence[dict], max_pass: int) -> tuple[list[dict], dict[str, list[dict]], list[dict]]:
+    """(fail rows in order, record id -> adapt rows, the first max_pass pass rows) of val rows."""
+    fails = [r for r in rows if r["group"] == "fail"]
+    adapts: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["group"] == "adapt":
+            adapts.setdefault(r["record_id"], []).append(r)
+    return fails, adapts, [r for r in rows if r["group"] == "pass"][:max_pass]
+
+
+def pipeline_study(model, edit, val_rows: Sequence[dict], keep: Sequence[dict], texts: Sequence[str], cfg, name: str,
+                   work: Path) -> dict:
+    """config.eval.sequential for one method: every mode of config.eval.sequential_modes, written to
+    work/many_edits_<name>.json after every T. A `NonFiniteEdit` is written there (with the results so
+    far) and re-raised. Returns {mode: [result per T]}."""
+    steps, modes = parse_steps(cfg.eval.sequential), parse_modes(cfg.eval.sequential_modes)
+    fails, adapts, passes = split_val(val_rows, cfg.eval.max_pass)
+    check_enough_edits(steps, len(fails), f"method {name!r}")
+    fixed = {"pass": passes, **({"keep": list(keep)} if keep else {})}
+    texts = list(texts) if texts and cfg.eval.ppl_edits else []
+    base = base_scores(model, model.params, fixed, texts=texts or None, batch_size=cfg.eval.batch_size,
+                       text_window=cfg.eval.text_window, progress=False)
+    path = work / f"many_edits_{name}.json"
+    payload: dict[str, Any] = dict(method=name, steps=list(steps), modes=list(modes), n_pass=len(passes),
+                                   n_keep=len(keep), texts=len(texts), results={})
+    for mode in modes:
+        def save(results, mode=mode):
+            payload["results"][mode] = list(results)
+            write_json(path, payload)
+
+        try:
+            many_edits(model, edit, fails, adapts, fixed, steps=steps, mode=mode, batch_size=cfg.eval.batch_size,
+                       texts=texts, text_window=cfg.eval.text_window, generate=bool(cfg.eval.generate),
+                       extra_tokens=cfg.eval.gen_extra_tokens, on_result=save, progress=cfg.progress, base=base)
+        except NonFiniteEdit as e:
+            payload["results"][mode] = list(e.results)
+            payload["error"] = dict(mode=mode, edit=e.edit, row_id=e.row_id, leaves=e.leaves, message=str(e))
+            write_json(path, payload)
+            raise
+    return payload["results"]
+
+
+def plot_many_edits(studies: Mapping[str, Mapping[str, list[dict]]], path: str | os.PathLike) -> None:
+    """Retention EA and keep accuracy (or pass-row accuracy drawdown without a keep set) against T,
+    one line per (method, mode). studies: method -> {mode: results}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    has_keep = any("keep_acc" in r for s in studies.values() for rs in s.values() for r in rs)
+    panels = [("ea", "retention EA (all edits so far)"), ("ea_first", f"EA of the first {FIRST} edits"),
+              ("keep_acc", "keep-set accuracy") if has_keep else ("dd_acc", "DD (val pass accuracy)")]
+    fig, ax = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
+    styles = {"sequential": "-", "independent": "--", "batch": ":"}  # equal values stay visible
+    for method, by_mode in studies.items():
+        for mode, rs in by_mode.items():
+            xs = [r["T"] for r in rs]
+            for a, (key, _) in zip(ax, panels):
+                a.plot(xs, [r.get(key, np.nan) for r in rs], marker="o", linestyle=styles.get(mode, "-"),
+                       label=f"{method} {mode}")
+    for a, (_, title) in zip(ax, panels):
+        a.set(xscale="log", xlabel="edits made (T)", title=title)
+        a.set_xticks(sorted({r["T"] for s in studies.values() for rs in s.values() for r in rs}))
+        a.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        a.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def summary_table(studies: Mapping[str, Mapping[str, list[dict]]]) -> str:
+    """Markdown: one row per (method, mode, T)."""
+    cols = [("ea", "retention EA"), ("ea_first", "EA first 10"), ("adapt_acc", "adapt"), ("gen_starts", "gen starts"),
+            ("dd_acc", "DD pass"), ("locality", "locality"), ("keep_acc", "keep acc"), ("dd_keep_acc", "DD keep"),
+            ("dd_ppl_text_rel", "DD text ppl"), ("edit_seconds", "edit s")]
+    lines = ["| method | mode | T | " + " | ".join(c for _, c in cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+    for method, by_mode in studies.items():
+        for mode, rs in by_mode.items():
+            for r in rs:
+                vals = ["-" if r.get(k) is None else f"{r[k]:.3f}" for k, _ in cols]
+                lines.append(f"| {method} | {mode} | {r['T']} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,147 @@
+"""Many edits (salem_jax.eval.sequential) on a tiny GPT-2 with real fine-tuning edits: retention equals
+a hand loop, batch T=1 equals one sequential edit, a NaN edit stops with the results so far written."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from salem_jax.errors import UserError
+from salem_jax.eval import sequential as S
+from salem_jax.methods.finetune import ft_edit_fn
+from salem_jax.models import hf
+from salem_jax.pipeline import default_config
+
+FACTS = [("the capital of france is", "lima"), ("the capital of peru is", "paris"), ("the capital of chile is", "rome"),
+         ("the language of japan is", "euro"), ("the city of spain is", "cairo")]
+
+
+def _rows():
+    rows = []
+    for i, (p, t) in enumerate(FACTS):
+        rows.append(dict(id=f"r{i}#prompt", record_id=f"r{i}", group="fail", prompt=p, target=t, label=-1,
+                         text_pair=""))
+        rows.append(dict(id=f"r{i}#reph", record_id=f"r{i}", group="adapt", prompt=p.replace("the ", "", 1), target=t,
+                         label=-1, text_pair=""))
+    for j, (p, t) in enumerate([("which river lies in egypt", "cairo"), ("the capital of italy is", "rome")]):
+        rows.append(dict(id=f"q{j}#loc", record_id=f"q{j}", group="pass", prompt=p, target=t, label=-1, text_pair=""))
+    return rows
+
+
+KEEP = [dict(prompt="the capital of japan is", target="yen"), dict(prompt="the language of china is", target="yen")]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = hf.tiny("gpt2", seed=3)
+    cfg = default_config()
+    cfg.progress = False
+    cfg.eval.batch_size = 4
+    cfg.ft.steps = 4
+    cfg.ft.lr = 1e-2
+    edit = ft_edit_fn(model, ("h.1",), cfg, kl=False, pass_rows=[])
+    return model, cfg, edit
+
+
+def _hand_acc(model, params, rows):
+    from test_pipeline import _hand_correct
+
+    return float(np.mean([_hand_correct(model, params, r["prompt"], r["target"]) for r in rows]))
+
+
+def test_sequential_retention_equals_hand_loop(setup):
+    model, cfg, edit = setup
+    fails, adapts, passes = S.split_val(_rows(), 10)
+    res = S.many_edits(model, edit, fails, adapts, {"pass": passes, "keep": KEEP}, steps=(1, 2, 4), mode="sequential",
+                       batch_size=4)
+    assert [r["T"] for r in res] == [1, 2, 4]
+    p, hand = model.params, {}
+    for t, row in enumerate(fails[:4], 1):
+        p = edit(p, [row])  # the editor applied again to the edited weights
+        if t in (1, 2, 4):
+            hand[t] = dict(ea=_hand_acc(model, p, fails[:t]),
+                           adapt=_hand_acc(model, p, [a for r in fails[:t] for a in adapts[r["record_id"]]]),
+                           keep=_hand_acc(model, p, KEEP), pass_=_hand_acc(model, p, passes))
+    keep0, pass0 = _hand_acc(model, model.params, KEEP), _hand_acc(model, model.params, passes)
+    for r in res:
+        h = hand[r["T"]]
+        assert r["ea"] == pytest.approx(h["ea"]) and r["ea_first"] == pytest.approx(h["ea"])
+        assert r["adapt_acc"] == pytest.approx(h["adapt"])
+        assert r["keep_acc"] == pytest.approx(h["keep"])
+        assert r["dd_keep_acc"] == pytest.approx(keep0 - h["keep"])
+        assert r["dd_acc"] == pytest.approx(pass0 - h["pass_"])
+        assert r["ea_before"] == pytest.approx(_hand_acc(model, model.params, fails[: r["T"]]))
+    # the edits do something: the hand loop's first edit is learnt
+    assert hand[1]["ea"] == 1.0
+
+    # "independent": each edit on the original weights, the changes summed
+    ind = S.many_edits(model, edit, fails, adapts, {}, steps=(2,), mode="independent", batch_size=4)
+    p = jax.tree.map(lambda b, e1, e2: b + (e1 - b) + (e2 - b), model.params, edit(model.params, [fails[0]]),
+                     edit(model.params, [fails[1]]))
+    assert ind[0]["ea"] == pytest.approx(_hand_acc(model, p, fails[:2]))
+
+
+def test_batch_of_one_equals_one_sequential_edit(setup):
+    model, _, edit = setup
+    fails, adapts, passes = S.split_val(_rows(), 10)
+    kw = dict(steps=(1,), batch_size=4, generate=True)
+    b = S.many_edits(model, edit, fails, adapts, {"pass": passes}, mode="batch", **kw)[0]
+    s = S.many_edits(model, edit, fails, adapts, {"pass": passes}, mode="sequential", **kw)[0]
+    for k in b:
+        if k not in ("mode", "edit_seconds"):
+            assert b[k] == pytest.approx(s[k]), k
+    # batch of T: one edit of all T rows from the base weights
+    b3 = S.many_edits(model, edit, fails, adapts, {}, steps=(3,), mode="batch", batch_size=4)[0]
+    assert b3["ea"] == pytest.approx(_hand_acc(model, edit(model.params, fails[:3]), fails[:3]))
+
+
+def test_nan_edit_stops_named_with_earlier_results_written(setup, tmp_path):
+    model, cfg, edit = setup
+    calls = []
+
+    def bad_edit(params, rows):
+        calls.append(rows[0]["id"])
+        out = edit(params, rows)
+        if len(calls) == 3:  # the third edit blows up
+            return jax.tree.map(lambda x: x * np.nan if x.ndim == 2 and x.shape[0] > 8 else x, out)
+        return out
+
+    cfg.eval.sequential, cfg.eval.sequential_modes, cfg.eval.generate = "1,2,4", "sequential", False
+    with pytest.raises(S.NonFiniteEdit) as e:
+        S.pipeline_study(model, bad_edit, _rows(), KEEP, [], cfg, "ft", tmp_path)
+    err = e.value
+    assert err.edit == 3 and err.row_id == "r2#prompt"
+    assert "edit 3" in str(err) and "r2#prompt" in str(err) and err.leaves
+    written = json.loads((tmp_path / "many_edits_ft.json").read_text())
+    assert [r["T"] for r in written["results"]["sequential"]] == [1, 2]
+    assert written["error"]["edit"] == 3 and written["error"]["row_id"] == "r2#prompt"
+    # the last good parameters are those after edit 2
+    fails = [r for r in _rows() if r["group"] == "fail"]
+    p2 = edit(edit(model.params, [fails[0]]), [fails[1]])
+    for a, b in zip(jax.tree.leaves(err.params), jax.tree.leaves(p2)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_more_edits_than_val_rows_is_refused_before_any_edit(setup, tmp_path):
+    model, cfg, _ = setup
+    calls = []
+    cfg.eval.sequential, cfg.eval.sequential_modes = "1,6", "sequential,batch"
+    with pytest.raises(UserError, match="asks for 6 edits but method 'ft' has only 5 val fail rows"):
+        S.pipeline_study(model, lambda p, r: calls.append(r) or p, _rows(), [], [], cfg, "ft", tmp_path)
+    assert not calls
+    for bad in ("", "10,5", "0,1", "a,b", "1,1"):
+        with pytest.raises(UserError, match="config.eval.sequential"):
+            S.parse_steps(bad)
+    with pytest.raises(UserError, match="sequential_modes"):
+        S.parse_modes("sequential,twice")
+    assert S.parse_steps("1, 10,50,100") == (1, 10, 50, 100)
+
+
+def test_plot_and_table(tmp_path):
+    studies = {"ft": {"sequential": [dict(T=1, ea=1.0, ea_first=1.0, keep_acc=1.0), dict(T=10, ea=0.5, ea_first=0.4,
+                                                                                       keep_acc=0.9)]}}
+    S.plot_many_edits(studies, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
+    t = S.summary_table(studies)
+    assert "| ft | sequential | 10 | 0.500 | 0.400 |" in t
