@@ -27,10 +27,17 @@ disjoint records, sampled with `seed` from the rows given (the train split in th
 val split stays held out). `scores["fail"]` is the editability, `scores["fixed"]` and
 `scores["spill"]` its two parts at the best lr, `extra["grid"]` every (layer, lr) value.
 
-Cost: one capture (forward + backward, all candidate layers at once) per warm and probe row, and
-per (layer, lr, probe) one forward pass of 1 + adapt_per_edit + pass_per_edit rows. The probe
-step is jitted once: the layer is a one-hot mask argument, not a static one, so scoring 30
-layers compiles as much as scoring one.
+Cost (how it is made cheap; the score is the same as rebuilding W' and running the model):
+- one capture (forward + backward, every candidate layer at once) per `micro_batch` of warm rows
+  and one per `micro_batch` of probes (the probes' factors are kept on the device, [P, S, .]);
+- one base forward of the rows the probes score, keeping every block's output;
+- per layer, one forward of all (probe, lr, row) combinations (`probe_batch` rows per call), where
+  each row's edit is the low-rank correction  x W' = x W - lr (x u~^T) delta~  added to the
+  edited modules' outputs (no weight matrix is rebuilt), the blocks the forward pass calls before
+  the edited one return their cached base outputs instead of running (lax.cond: skipped at run
+  time), and the vocabulary head runs at the target positions only (salem_jax.scored_logits).
+The layer is a traced integer, so one compiled program serves every layer whose weights have the
+same shapes, and the forward work per layer falls with its depth (the last layer runs one block).
 """
 
 from __future__ import annotations
@@ -206,19 +213,22 @@ def _probe(apply, slots, order, params, layer, start, cache, rows, factors, prob
 
     (the same in the "out_in" layout), applied as that low-rank correction to the module's
     output, so no weight matrix is rebuilt. Blocks the forward pass calls before the edited one
-    (order: ((block path, position), ...); start: the edited block's position) cannot see the
-    edit: they are not run, their base outputs `cache` {block path: [N, ...]} at rows `rows` [B]
-    are used instead (lax.cond: skipped at run time, one program for every layer). Returns (row correct [B], pass tokens whose argmax
+    (order: ((block path, position, per-row flag of each output leaf), ...); start: the edited
+    block's position) cannot see the edit: they are not run, their base outputs `cache` {block
+    path: output pytree, per-row leaves [N, ...] taken at rows `rows` [B]} are used instead (lax.cond: skipped at run time, one program for every layer). Returns (row correct [B], pass tokens whose argmax
     changed [B], target tokens [B]) at the scored positions."""
     where = {m: (li, k) for m, li, k in slots}
-    position = dict(order)
+    position = {n: (i, flags) for n, i, flags in order}
+
+    def cached(name):
+        tree = cache[name]
+        leaves = [c[rows] if f else c for c, f in zip(jax.tree.leaves(tree), position[name][1])]
+        return jax.tree.unflatten(jax.tree.structure(tree), leaves)
 
     def edit(next_fun, args, kwargs, context):
         name = "/".join(context.module.path)
         if context.method_name == "__call__" and name in position:
-            return jax.lax.cond(position[name] < start,
-                                lambda: jax.tree.map(lambda c: c[rows], cache[name]),
-                                lambda: next_fun(*args, **kwargs))
+            return jax.lax.cond(position[name][0] < start, lambda: cached(name), lambda: next_fun(*args, **kwargs))
         out = next_fun(*args, **kwargs)
         if context.method_name != "__call__" or name not in where:
             return out
@@ -315,14 +325,21 @@ def editability_profile(model, rows: Sequence[dict], *, layers: Sequence[str] | 
     used = sorted({r for rr in edit_idx + pass_idx for r in rr if r >= 0})
     at = {r: n for n, r in enumerate(used)}
     order = _block_order(model.apply, params, {k: v[:1] for k, v in scored.items()}, block_paths)
-    base_am, cache = [], []
-    for idx in _chunks(len(used), mb):
+    base_am, outs_all = [], []
+    size = max(mb, 2)  # a leaf with leading dim `size` is per row; others (T5's [1, ...] bias) are shared
+    for idx in _chunks(len(used), size):
         am, outs = _base_pass(model.apply, block_paths, params,
                               {k: jnp.asarray(v) for k, v in _take(scored, [used[i] if i >= 0 else -1 for i in idx]).items()})
         base_am.append(am[idx >= 0])
-        cache.append(jax.tree.map(lambda c: c[idx >= 0], outs))
+        outs_all.append((idx >= 0, outs))
     base_am = jnp.concatenate(base_am)
-    cache = jax.tree.map(lambda *c: jnp.concatenate(c), *cache)
+    per_row = {n: tuple(leaf.shape[0] == size for leaf in jax.tree.leaves(outs_all[0][1][n])) for n in block_paths}
+    cache = {}
+    for n in block_paths:
+        leaves = [jax.tree.leaves(o[n]) for _, o in outs_all]
+        cache[n] = jax.tree.unflatten(jax.tree.structure(outs_all[0][1][n]), [
+            jnp.concatenate([lv[k][keep] for (keep, _), lv in zip(outs_all, leaves)]) if flag else leaves[0][k]
+            for k, flag in enumerate(per_row[n])])
 
     # the rows one layer is scored on: per probe i and lr j, its edit rows then its pass rows
     plan = [(r, i, j, kind) for i in range(n_p) for j in range(n_lr)
@@ -339,7 +356,7 @@ def editability_profile(model, rows: Sequence[dict], *, layers: Sequence[str] | 
         b = {k: jnp.asarray(v) for k, v in _take(scored, r).items()}
         pos_ = jnp.asarray(np.array([at.get(int(x), 0) for x in r], np.int32))
         batches.append((idx, b, jnp.asarray(np.where(ok_row, probe[np.maximum(idx, 0)], 0).astype(np.int32)), pos_))
-    order_t = tuple(order.items())
+    order_t = tuple((n, order[n], per_row[n]) for n in block_paths)
 
     fixed = np.zeros((n_l, n_lr, n_p))
     spill = np.zeros((n_l, n_lr, n_p))
