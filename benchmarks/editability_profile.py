@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -63,10 +64,13 @@ def main(argv=None) -> int:
                            warm=min(args.warm, 4) if args.quick else args.warm, pass_per_edit=args.pass_per_edit,
                            seed=cfg.seed)
     layers = args.layers.split(",") if args.layers else None
+    load0, cpu0 = os.getloadavg()[0], time.process_time()
     prof = editability_profile(model, es.rows("train"), layers=layers, config=ec, top_k=min(3, len(layers or model.layers.names())),
                                progress=True)
+    cpu, load1 = time.process_time() - cpu0, os.getloadavg()[0]
     print(f"{model.name}, {args.experiment} (train split; edit set {t_es:.0f} s): editability, "
-          f"{prof.examples} rows, {prof.wall_time:.0f} s")
+          f"{prof.examples} rows, {prof.wall_time:.0f} s wall, {cpu:.0f} s CPU (all threads), "
+          f"load average {load0:.1f} -> {load1:.1f}")
     print("| layer | editability | fixed | spill | best lr | MEND val EA (150 steps) |")
     print("|---|---|---|---|---|---|")
     for i, n in enumerate(prof.layers):
@@ -77,7 +81,8 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         d = prof.to_dict()
-        d.update(experiment=args.experiment, edit_set_seconds=t_es, known_mend=KNOWN_MEND)
+        d.update(experiment=args.experiment, edit_set_seconds=t_es, known_mend=KNOWN_MEND, cpu_seconds=cpu,
+                 load_average=[load0, load1])
         Path(args.out).write_text(json.dumps(d, indent=2))
     return 0
 

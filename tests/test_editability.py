@@ -9,7 +9,7 @@ from salem_jax.data.tokenize import encode
 from salem_jax.locate import editability as ED
 from salem_jax.locate.choose import LocateConfig, locate
 from salem_jax.losses import example_nll
-from salem_jax.models import hf
+from salem_jax.models import hf, llama
 from salem_jax.models.base import get_path, set_path
 
 CAPS = [("france", "paris"), ("peru", "lima"), ("japan", "tokyo"), ("chile", "santiago"), ("kenya", "nairobi"),
@@ -80,6 +80,23 @@ def test_score_equals_hand_computation(model):
     assert prof.extra["best_lr"] == [cfg.lrs[int(b)] for b in grid.argmax(-1)]
     # the grid is not trivial: some lr edits something and some lr changes pass tokens
     assert fixed.max() > 0 and spill.max() > 0
+
+
+@pytest.mark.slow  # the hand computation runs op by op: minutes on 2 shared cores
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+def test_skipped_blocks_and_low_rank_edit_equal_hand_computation(arch):
+    """The probe runs only the blocks from the edited one on (earlier blocks' base outputs are
+    reused) and edits through a low-rank correction of the module output; on a decoder-only
+    Llama and an encoder-decoder T5 (whose decoder blocks run after every encoder block) the
+    shares equal rebuilding the weights and running the whole model (hand computation)."""
+    m = llama.tiny_llama(seed=1) if arch == "llama" else hf.tiny(arch, seed=1)
+    names = m.layers.names()[-2:] if arch == "t5" else m.layers.names()
+    cfg = ED.EditabilityConfig(lrs=(30.0,), probes=2, adapt_per_edit=1, pass_per_edit=2, normalize=False)
+    prof = ED.editability_profile(m, rows(), layers=names, config=cfg)
+    fixed, spill = hand_profile(m, rows(), cfg, names)
+    np.testing.assert_allclose(prof.extra["per_probe"]["fixed"], fixed)
+    np.testing.assert_allclose(prof.extra["per_probe"]["spill"], spill)
+    assert spill.max() > 0 or fixed.max() > 0
 
 
 def test_warm_statistics_standardise_the_step(model):

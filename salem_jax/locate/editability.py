@@ -27,10 +27,17 @@ disjoint records, sampled with `seed` from the rows given (the train split in th
 val split stays held out). `scores["fail"]` is the editability, `scores["fixed"]` and
 `scores["spill"]` its two parts at the best lr, `extra["grid"]` every (layer, lr) value.
 
-Cost: one capture (forward + backward, all candidate layers at once) per warm and probe row, and
-per (layer, lr, probe) one forward pass of 1 + adapt_per_edit + pass_per_edit rows. The probe
-step is jitted once: the layer is a one-hot mask argument, not a static one, so scoring 30
-layers compiles as much as scoring one.
+Cost (how it is made cheap; the score is the same as rebuilding W' and running the model):
+- one capture (forward + backward, every candidate layer at once) per `micro_batch` of warm rows
+  and one per `micro_batch` of probes (the probes' factors are kept on the device, [P, S, .]);
+- one base forward of the rows the probes score, keeping every block's output;
+- per layer, one forward of all (probe, lr, row) combinations (`probe_batch` rows per call), where
+  each row's edit is the low-rank correction  x W' = x W - lr (x u~^T) delta~  added to the
+  edited modules' outputs (no weight matrix is rebuilt), the blocks the forward pass calls before
+  the edited one return their cached base outputs instead of running (lax.cond: skipped at run
+  time), and the vocabulary head runs at the target positions only (salem_jax.scored_logits).
+The layer is a traced integer, so one compiled program serves every layer whose weights have the
+same shapes, and the forward work per layer falls with its depth (the last layer runs one block).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import functools
 import time
 from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,9 +55,9 @@ import numpy as np
 from salem_jax.data.tokenize import encode
 from salem_jax.losses import example_correct
 from salem_jax.mend.capture import capture
-from salem_jax.mend.editor import EditorConfig, EditorSpec, init_editor, pseudo_grads, update_norm_state
-from salem_jax.models.base import get_path, set_path
 from salem_jax.locate.profile import LayerProfile, jsonable, top_k_layers
+from salem_jax.mend.editor import EditorConfig, EditorSpec, init_editor, transform_factors, update_norm_state
+from salem_jax.scored_logits import scored_logits, with_score_positions
 
 NAME = "editability"  # the scorer's name in `locate`, `salem locate --method` and `--scorer`
 
@@ -60,7 +68,8 @@ class EditabilityConfig:
     factors fill the running statistics first; probes: fail records edited one at a time;
     adapt_per_edit / pass_per_edit: rows scored per probe; spill_weight: the price of one changed
     pass token against one fixed edit row; normalize / norm_eps: MEND's standardisation (as the
-    editor's EditorConfig); micro_batch: warm rows per capture call."""
+    editor's EditorConfig); micro_batch: rows per capture call; probe_batch: most edited rows per
+    forward pass (memory: probe_batch x target tokens x vocabulary logits)."""
 
     lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
     warm: int = 30
@@ -72,6 +81,7 @@ class EditabilityConfig:
     norm_eps: float = 1e-7
     part: str = "mlp"
     micro_batch: int = 8
+    probe_batch: int = 32
     seed: int = 0
 
     def check(self) -> None:
@@ -79,6 +89,8 @@ class EditabilityConfig:
             raise ValueError(f"EditabilityConfig.lrs must be positive numbers, got {self.lrs}")
         if self.probes < 1 or self.warm < 0 or self.adapt_per_edit < 0 or self.pass_per_edit < 1:
             raise ValueError("EditabilityConfig: probes >= 1, warm >= 0, adapt_per_edit >= 0, pass_per_edit >= 1")
+        if self.micro_batch < 1 or self.probe_batch < 1:
+            raise ValueError("EditabilityConfig: micro_batch and probe_batch must be >= 1")
         if self.normalize and self.warm < 2:
             raise ValueError("EditabilityConfig: normalize=True needs warm >= 2 rows of statistics")
 
@@ -144,29 +156,109 @@ def _capture(apply, weights, params, batch):
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _pseudo(spec, editor_params, norm, factors):
-    return pseudo_grads(spec, editor_params, norm, factors)
+def _transform(spec, editor_params, norm, factors):
+    """The identity editor's factors (u~ [P, S, in], delta~ [P, S, out]) of P probe edits."""
+    return transform_factors(spec, editor_params, norm, factors)
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _predict(apply, params, batch):
-    logits = apply(params, batch)
-    return jnp.argmax(logits, -1), example_correct(logits, batch["labels"], batch["label_mask"])
+def _block_order(apply, params, batch, block_paths: tuple[str, ...]) -> dict[str, int]:
+    """{block module path: its position in the order the forward pass calls the blocks}, from an
+    abstract (compute-free) pass; an error unless each block is called exactly once."""
+    seen: list[str] = []
+
+    def spy(next_fun, args, kwargs, context):
+        name = "/".join(context.module.path)
+        if context.method_name == "__call__" and name in block_paths:
+            seen.append(name)
+        return next_fun(*args, **kwargs)
+
+    def run(params, batch):
+        with nn.intercept_methods(spy):
+            apply(params, batch)
+
+    jax.eval_shape(run, params, batch)
+    if sorted(seen) != sorted(block_paths):
+        raise ValueError(f"editability: expected one call of each block {list(block_paths)}, saw {seen}")
+    return {name: i for i, name in enumerate(seen)}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _probe(apply, owners, params, grads, mask, lr, edit_batch, pass_batch, base_pass_argmax):
-    """One edit on the layers selected by `mask` [L] (owners: (weight path, layer index) pairs):
-    (edit rows correct [E], pass tokens whose argmax changed [P], pass target tokens [P])."""
-    new = params
-    for path, li in owners:
-        w = get_path(params, path)
-        new = set_path(new, path, (w.astype(jnp.float32) - lr * mask[li] * grads[path]).astype(w.dtype))
-    _, edit_ok = _predict(apply, new, edit_batch)
-    am, _ = _predict(apply, new, pass_batch)
-    m = pass_batch["label_mask"] > 0
-    changed = ((am != base_pass_argmax) & m).sum(-1)
-    return edit_ok, changed, m.sum(-1)
+def _base_pass(apply, block_paths, params, batch):
+    """The base model on `batch`: (argmax at the scored positions [B, K], {block path: the
+    block's output}), the outputs returned from this same trace (no side effect escapes)."""
+    outs = {}
+
+    def keep(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        name = "/".join(context.module.path)
+        if context.method_name == "__call__" and name in block_paths:
+            outs[name] = out
+        return out
+
+    with nn.intercept_methods(keep):
+        logits, _, _ = scored_logits(apply, params, batch)
+    return jnp.argmax(logits, -1), outs
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _probe(apply, slots, order, params, layer, start, cache, rows, factors, probe, coef, batch, base_argmax):
+    """Rows of `batch` [B] each under its own edit of the layer numbered `layer` (a traced int32,
+    so one compiled program serves every layer whose weights have the same shapes).
+
+    slots: ((module path, layer number, slot), ...) for every candidate weight; factors: {slot:
+    (u~ [P, S, in], delta~ [P, S, out])} of THIS layer's weights; probe [B]: which probe edit row
+    b gets; coef [B]: its edit lr. Row b sees each weight W of the layer as
+
+        W' = W - coef_b * sum_t u~_t^T delta~_t      i.e.   x W' = x W - coef_b (x u~^T) delta~
+
+    (the same in the "out_in" layout), applied as that low-rank correction to the module's
+    output, so no weight matrix is rebuilt. Blocks the forward pass calls before the edited one
+    (order: ((block path, position, per-row flag of each output leaf), ...); start: the edited
+    block's position) cannot see the edit: they are not run, their base outputs `cache` {block
+    path: output pytree, per-row leaves [N, ...] taken at rows `rows` [B]} are used instead (lax.cond: skipped at run time, one program for every layer). Returns (row correct [B], pass tokens whose argmax
+    changed [B], target tokens [B]) at the scored positions."""
+    where = {m: (li, k) for m, li, k in slots}
+    position = {n: (i, flags) for n, i, flags in order}
+
+    def cached(name):
+        tree = cache[name]
+        leaves = [c[rows] if f else c for c, f in zip(jax.tree.leaves(tree), position[name][1])]
+        return jax.tree.unflatten(jax.tree.structure(tree), leaves)
+
+    def edit(next_fun, args, kwargs, context):
+        name = "/".join(context.module.path)
+        if context.method_name == "__call__" and name in position:
+            return jax.lax.cond(position[name][0] < start, lambda: cached(name), lambda: next_fun(*args, **kwargs))
+        out = next_fun(*args, **kwargs)
+        if context.method_name != "__call__" or name not in where:
+            return out
+        li, k = where[name]
+        x = args[0] if args else kwargs["inputs"]
+
+        def corrected():
+            u, d = factors[k]
+            xb = x.reshape(x.shape[0], -1, x.shape[-1]).astype(jnp.float32)
+            a = jnp.einsum("bsi,bti->bst", xb, u[probe])
+            c = jnp.einsum("bst,bto->bso", a, d[probe]) * coef[:, None, None]
+            return (out.astype(jnp.float32) - c.reshape(out.shape)).astype(out.dtype)
+
+        return jax.lax.cond(layer == li, corrected, lambda: out)
+
+    with nn.intercept_methods(edit):
+        logits, labels, mask = scored_logits(apply, params, batch)
+    am = jnp.argmax(logits, -1)
+    m = mask > 0
+    changed = ((am != base_argmax) & m).sum(-1)
+    return example_correct(logits, labels, mask), changed, m.sum(-1)
+
+
+def _chunks(n: int, size: int) -> list[np.ndarray]:
+    """Index arrays of length `size` covering range(n); the last is padded with -1 (one shape)."""
+    out = []
+    for s in range(0, n, size):
+        idx = np.arange(s, min(s + size, n))
+        out.append(np.concatenate([idx, -np.ones(size - len(idx), np.int64)]))
+    return out
 
 
 def editability_profile(model, rows: Sequence[dict], *, layers: Sequence[str] | None = None,
@@ -185,9 +277,10 @@ def editability_profile(model, rows: Sequence[dict], *, layers: Sequence[str] | 
     if not 1 <= top_k <= len(names):
         raise ValueError(f"top_k must be in [1, {len(names)}], got {top_k}")
     weights = tuple(w for b in blocks for w in b.weights(cfg.part))
-    owners = tuple((w.path, i) for i, b in enumerate(blocks) for w in b.weights(cfg.part))
     if not weights:
         raise ValueError(f"the candidate layers list no {cfg.part!r} weights")
+    # slot k of a layer = its k-th weight; a layer's weights are passed to the probe by slot
+    slots = tuple((w.module_path, i, k) for i, b in enumerate(blocks) for k, w in enumerate(b.weights(cfg.part)))
     pr = choose_rows(rows, cfg)
 
     # one tokenisation (one padded length) for every row used
@@ -204,32 +297,94 @@ def editability_profile(model, rows: Sequence[dict], *, layers: Sequence[str] | 
     edit_idx = [[index(p)] + [index(a) for a in ad] + [-1] * (cfg.adapt_per_edit - len(ad)) for p, ad in zip(pr.probes, pr.adapts)]
     pass_idx = [[index(q) for q in qs] for qs in pr.passes]
     enc = _encode_all(model, flat)
+    scored = with_score_positions(enc)
 
     spec = EditorSpec.from_params(weights, params, EditorConfig(rank=8, n_hidden=1, normalize=cfg.normalize,
                                                                 norm_eps=cfg.norm_eps))
     editor, norm = init_editor(spec, jax.random.PRNGKey(cfg.seed))  # identity networks
-    for s in range(0, len(warm_idx), cfg.micro_batch):
-        chunk = warm_idx[s : s + cfg.micro_batch]
-        chunk = chunk + [-1] * (cfg.micro_batch - len(chunk))  # one shape: one compilation
+    mb = cfg.micro_batch
+    for s in range(0, len(warm_idx), mb):
+        chunk = warm_idx[s : s + mb]
+        chunk = chunk + [-1] * (mb - len(chunk))  # one shape: one compilation
         norm = update_norm_state(spec, norm, _capture(model.apply, weights, params, _take(enc, chunk)))
 
+    # every probe's factors of every candidate weight: one capture per micro-batch of probes
+    # (summed_nll keeps each row's factors its own), stacked [P, S, .] and kept on the device
     n_l, n_lr, n_p = len(names), len(cfg.lrs), len(pr.probes)
+    parts = []
+    for idx in _chunks(n_p, mb):  # the warm rows' batch shape: one compilation
+        f = _transform(spec, editor, norm,
+                       _capture(model.apply, weights, params, _take(enc, [edit_idx[i][0] if i >= 0 else -1 for i in idx])))
+        parts.append({p: (v.u[idx >= 0], v.delta[idx >= 0]) for p, v in f.items()})
+    fac = {p: (jnp.concatenate([q[p][0] for q in parts]), jnp.concatenate([q[p][1] for q in parts])) for p in parts[0]}
+
+    # the base model once on every row a probe scores: its argmax, and each block's output
+    # (the edited forward passes start at the edited block from these)
+    all_blocks = model.layers.blocks
+    block_paths = tuple(b.module_path for b in all_blocks)
+    used = sorted({r for rr in edit_idx + pass_idx for r in rr if r >= 0})
+    at = {r: n for n, r in enumerate(used)}
+    order = _block_order(model.apply, params, {k: v[:1] for k, v in scored.items()}, block_paths)
+    base_am, outs_all = [], []
+    size = max(mb, 2)  # a leaf with leading dim `size` is per row; others (T5's [1, ...] bias) are shared
+    for idx in _chunks(len(used), size):
+        am, outs = _base_pass(model.apply, block_paths, params,
+                              {k: jnp.asarray(v) for k, v in _take(scored, [used[i] if i >= 0 else -1 for i in idx]).items()})
+        base_am.append(am[idx >= 0])
+        outs_all.append((idx >= 0, outs))
+    base_am = jnp.concatenate(base_am)
+    per_row = {n: tuple(leaf.shape[0] == size for leaf in jax.tree.leaves(outs_all[0][1][n])) for n in block_paths}
+    cache = {}
+    for n in block_paths:
+        leaves = [jax.tree.leaves(o[n]) for _, o in outs_all]
+        cache[n] = jax.tree.unflatten(jax.tree.structure(outs_all[0][1][n]), [
+            jnp.concatenate([lv[k][keep] for (keep, _), lv in zip(outs_all, leaves)]) if flag else leaves[0][k]
+            for k, flag in enumerate(per_row[n])])
+
+    # the rows one layer is scored on: per probe i and lr j, its edit rows then its pass rows
+    plan = [(r, i, j, kind) for i in range(n_p) for j in range(n_lr)
+            for kind, rr in (("edit", edit_idx[i]), ("pass", pass_idx[i])) for r in rr]
+    row = np.array([r for r, _, _, _ in plan])
+    probe = np.array([i for _, i, _, _ in plan], np.int32)
+    lr_of = np.array([j for _, _, j, _ in plan])
+    is_edit = np.array([k == "edit" for _, _, _, k in plan])
+    batches = []
+    n_chunks = -(-len(plan) // cfg.probe_batch)
+    for idx in _chunks(len(plan), -(-len(plan) // n_chunks)):
+        ok_row = idx >= 0
+        r = np.where(ok_row, row[np.maximum(idx, 0)], -1)
+        b = {k: jnp.asarray(v) for k, v in _take(scored, r).items()}
+        pos_ = jnp.asarray(np.array([at.get(int(x), 0) for x in r], np.int32))
+        batches.append((idx, b, jnp.asarray(np.where(ok_row, probe[np.maximum(idx, 0)], 0).astype(np.int32)), pos_))
+    order_t = tuple((n, order[n], per_row[n]) for n in block_paths)
+
     fixed = np.zeros((n_l, n_lr, n_p))
     spill = np.zeros((n_l, n_lr, n_p))
-    eye = np.eye(n_l, dtype=np.float32)
-    bar = tqdm(total=n_p * n_l * n_lr, desc="editability", disable=not progress, leave=False)
-    for i in range(n_p):
-        eb, pb = _take(enc, edit_idx[i]), _take(enc, pass_idx[i])
-        grads = _pseudo(spec, editor, norm, _capture(model.apply, weights, params, _take(enc, edit_idx[i][:1])))
-        base_am, _ = _predict(model.apply, params, pb)
-        valid = np.asarray(eb["label_mask"]).sum(-1) > 0
-        for li in range(n_l):
-            for j, lr in enumerate(cfg.lrs):
-                ok, changed, tokens = jax.device_get(
-                    _probe(model.apply, owners, params, grads, eye[li], jnp.float32(lr), eb, pb, base_am))
-                fixed[li, j, i] = np.asarray(ok)[valid].mean()
-                spill[li, j, i] = np.asarray(changed).sum() / max(int(np.asarray(tokens).sum()), 1)
-                bar.update(1)
+    lrs = np.asarray(cfg.lrs, np.float32)
+    valid_edit = np.array([r >= 0 for r, _, _, _ in plan]) & is_edit
+    bar = tqdm(total=n_l, desc="editability", disable=not progress, leave=False)
+    for li, b in enumerate(blocks):
+        layer_fac = {k: fac[w.path] for k, w in enumerate(b.weights(cfg.part))}
+        ok_all = np.zeros(len(plan), bool)
+        changed_all = np.zeros(len(plan))
+        tokens_all = np.zeros(len(plan))
+        start = jnp.int32(order[b.module_path])
+        for idx, batch, pb, pos_ in batches:
+            coef = jnp.asarray(np.where(idx >= 0, lrs[lr_of[np.maximum(idx, 0)]], 0.0).astype(np.float32))
+            ok, changed, tokens = jax.device_get(
+                _probe(model.apply, slots, order_t, params, jnp.int32(li), start, cache, pos_, layer_fac, pb, coef,
+                       batch, base_am[pos_]))
+            keep = idx >= 0
+            ok_all[idx[keep]] = np.asarray(ok)[keep]
+            changed_all[idx[keep]] = np.asarray(changed)[keep]
+            tokens_all[idx[keep]] = np.asarray(tokens)[keep]
+        for i in range(n_p):
+            for j in range(n_lr):
+                sel = (probe == i) & (lr_of == j)
+                fixed[li, j, i] = ok_all[sel & valid_edit].mean()
+                ps = sel & ~is_edit
+                spill[li, j, i] = changed_all[ps].sum() / max(tokens_all[ps].sum(), 1)
+        bar.update(1)
     bar.close()
     return profile_from_grid(names, fixed, spill, cfg, top_k=top_k, model=model.name, part=cfg.part,
                              examples={"warm": len(pr.warm), "probes": n_p, "adapt": sum(map(len, pr.adapts)),
