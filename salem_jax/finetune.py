@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
@@ -278,7 +279,15 @@ def _decay_mask(params):
     return jax.tree_util.tree_map_with_path(leaf, params)
 
 
-def make_optimizer(config: FinetuneConfig, total_steps: int, params) -> optax.GradientTransformation:
+def make_optimizer(config: FinetuneConfig, total_steps: int, params=None) -> optax.GradientTransformation:
+    """Clip + AdamW with linear warm-up and decay. The same object for the same (config,
+    total_steps) (`params` is not needed: the decay mask is computed from the parameters the
+    optimizer sees), so a resumed or repeated run reuses the compiled step (`make_step`)."""
+    return _optimizer(config, int(total_steps))
+
+
+@functools.lru_cache(maxsize=16)
+def _optimizer(config: FinetuneConfig, total_steps: int) -> optax.GradientTransformation:
     warm = int(round(config.warmup_fraction * total_steps))
     schedule = optax.join_schedules(
         [optax.linear_schedule(0.0, config.lr, max(warm, 1)),
@@ -287,7 +296,7 @@ def make_optimizer(config: FinetuneConfig, total_steps: int, params) -> optax.Gr
     ) if warm > 0 else optax.linear_schedule(config.lr, 0.0, max(total_steps, 1))
     return optax.chain(
         optax.clip_by_global_norm(config.grad_clip),
-        optax.adamw(schedule, weight_decay=config.weight_decay, mask=_decay_mask(params)),
+        optax.adamw(schedule, weight_decay=config.weight_decay, mask=_decay_mask),
     )
 
 
@@ -298,7 +307,11 @@ def classification_loss(apply: Callable, params, batch: dict, weights: jax.Array
     return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
+@functools.lru_cache(maxsize=16)
 def make_step(apply: Callable, tx: optax.GradientTransformation):
+    """The jitted training step of `apply` and `tx`; cached, so one model and optimizer compile
+    it once however many runs use them."""
+
     @jax.jit
     def step(params, opt_state, batch, weights):
         loss, grads = jax.value_and_grad(lambda p: classification_loss(apply, p, batch, weights))(params)
@@ -308,9 +321,14 @@ def make_step(apply: Callable, tx: optax.GradientTransformation):
     return step
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _argmax_class(apply: Callable, params, batch: dict) -> jax.Array:
+    return jnp.argmax(apply(params, batch)[:, 0, :], -1)
+
+
 def predict(model: LoadedModel, params, data: dict, batch_size: int = 64, progress: bool = False) -> np.ndarray:
     """Argmax class of every row of `data` (encode_records' arrays)."""
-    fn = jax.jit(lambda p, b: jnp.argmax(model.apply(p, b)[:, 0, :], -1))
+    fn = functools.partial(_argmax_class, model.apply)
     n = len(data["labels"])
     out = []
     for s in tqdm(range(0, n, batch_size), desc="held-out", disable=not progress, leave=False):

@@ -54,9 +54,9 @@ from salem_jax.data.spec import resolve as resolve_spec
 from salem_jax.eval.counterfact import evaluate_counterfact, harmonic_mean
 from salem_jax.eval.generated import edit_generation_metrics, generation_fluency_metrics
 from salem_jax.eval.keep import keep_rows
-from salem_jax.eval.metrics import base_scores, evaluate_edit
-from salem_jax.eval.portability import portability_rows
 from salem_jax.eval import sequential as many
+from salem_jax.eval.edits import EditEvaluator
+from salem_jax.eval.portability import portability_rows
 from salem_jax.locate.plot import plot_profile
 from salem_jax.locate.choose import LocateConfig, locate
 from salem_jax.locate.trace_rows import rows_with_subject
@@ -215,12 +215,13 @@ def evaluate_method(model, edit: Callable, val_rows: list[dict], texts: list[str
     passes = {"pass": [r for r in val_rows if r["group"] == "pass"][: cfg.eval.max_pass]}
     if keep:
         passes["keep"] = list(keep)
-    kw = dict(batch_size=cfg.eval.batch_size, text_window=cfg.eval.text_window, progress=False)
-    base_pass = base_scores(model, model.params, passes, **kw)
-    base_text = base_scores(model, model.params, passes, texts=texts, **kw) if texts and cfg.eval.ppl_edits else None
-    # the edit's own rows (1 fail row, a few rephrasings) in batches of their size, not padded to
-    # eval.batch_size: the same numbers (rows are independent) at a fraction of the work
-    own_batch = min(cfg.eval.batch_size, 1 << (max([1] + [len(v) for v in adapts.values()]) - 1).bit_length())
+    # every shape fixed up front (salem_jax.eval.edits): the evaluation compiles once per split,
+    # not once per edit's padded length and number of scored positions
+    with_text = bool(texts) and cfg.eval.ppl_edits > 0
+    own = [{"fail": [row], "adapt": adapts.get(row["record_id"], []),
+            "portability": (portability or {}).get(row["record_id"], [])} for row in fails]
+    evaluator = EditEvaluator(model, model.params, own, passes, texts=texts if with_text else None,
+                              text_window=cfg.eval.text_window, batch_size=cfg.eval.batch_size)
     per_edit = []
     t_edit = 0.0
     for i, row in enumerate(tqdm(fails, desc=f"eval {name}", disable=not cfg.progress)):
@@ -228,19 +229,7 @@ def evaluate_method(model, edit: Callable, val_rows: list[dict], texts: list[str
         edited = edit([row])
         _block(edited)
         t_edit += time.perf_counter() - t0
-        own = {"fail": [row]}
-        if adapts.get(row["record_id"]):
-            own["adapt"] = adapts[row["record_id"]]
-        if portability and portability.get(row["record_id"]):
-            own["portability"] = portability[row["record_id"]]
-        m = evaluate_edit(model, model.params, edited, own, **{**kw, "batch_size": own_batch})
-        with_text = base_text is not None and i < cfg.eval.ppl_edits
-        m.update(
-            evaluate_edit(
-                model, model.params, edited, passes, texts=texts if with_text else None,
-                base=base_text if with_text else base_pass, **kw,
-            )
-        )
+        m = evaluator.evaluate(i, edited, with_text=with_text and i < cfg.eval.ppl_edits)
         if keep:
             m["dd_keep_acc"] = m["keep/acc_before"] - m["keep/acc_after"]
         if cf_records is not None:

@@ -1,5 +1,7 @@
 """Fine-tuning a classifier (salem_jax.finetune, `salem finetune`)."""
 
+import dataclasses
+import functools
 import json
 import subprocess
 import sys
@@ -31,6 +33,14 @@ def toy_records(n=48, seed=0, name="toy"):
 
 
 CFG = F.FinetuneConfig(epochs=10, batch_size=8, lr=2e-3, warmup_fraction=0.1, patience=10, checkpoint_every=50)
+# the short runs of the resume and refusal tests: one model object and one configuration, so
+# their runs share one compiled step (finetune.make_step is cached by model and optimizer)
+SHORT = F.FinetuneConfig(epochs=2, batch_size=4, lr=1e-3, patience=5, checkpoint_every=2)  # 5 steps per epoch
+
+
+@functools.cache
+def _bert():
+    return hf.tiny("bert", num_labels=2)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +49,7 @@ def trained(tmp_path_factory):
     sp = F.split_records_for_finetune(recs, heldout=0.25, edit=0.1, seed=0)
     by = {r.id: r for r in recs}
     out = tmp_path_factory.mktemp("ft") / "model"
-    model = hf.tiny("bert", num_labels=2)
+    model = _bert()
     res = F.finetune_classifier(model, [by[i] for i in sp["finetune"]], [by[i] for i in sp["heldout"]], out, CFG,
                                 progress=False, torch_weights=False, splits_doc=F.splits_document(sp, recs))
     return model, res, recs, sp, out
@@ -70,8 +80,7 @@ def test_toy_set_reaches_full_accuracy_and_reloads_identically(trained):
 def test_kill_mid_epoch_resumes_to_the_same_parameters(tmp_path):
     recs = toy_records(24, seed=1)
     train, held = recs[:18], recs[18:]
-    model = hf.tiny("bert", num_labels=2)
-    cfg = F.FinetuneConfig(epochs=2, batch_size=4, lr=1e-3, patience=5, checkpoint_every=2)  # 5 steps per epoch
+    model, cfg = _bert(), SHORT
 
     ref = F.finetune_classifier(model, train, held, tmp_path / "ref", cfg, progress=False, torch_weights=False)
     assert ref.steps == 10
@@ -99,13 +108,11 @@ def test_kill_mid_epoch_resumes_to_the_same_parameters(tmp_path):
 
 
 def test_checkpoint_of_another_configuration_is_refused(tmp_path):
-    recs = toy_records(16, seed=2)
-    model = hf.tiny("bert", num_labels=2)
-    cfg = F.FinetuneConfig(epochs=1, batch_size=4, lr=1e-3, checkpoint_every=2)
-    F.finetune_classifier(model, recs[:12], recs[12:], tmp_path / "m", cfg, progress=False, torch_weights=False)
+    recs = toy_records(24, seed=2)
+    model = _bert()
+    F.finetune_classifier(model, recs[:18], recs[18:], tmp_path / "m", SHORT, progress=False, torch_weights=False)
     with pytest.raises(F.CheckpointMismatch, match="lr"):
-        F.finetune_classifier(model, recs[:12], recs[12:], tmp_path / "m",
-                              F.FinetuneConfig(epochs=1, batch_size=4, lr=2e-3, checkpoint_every=2),
+        F.finetune_classifier(model, recs[:18], recs[18:], tmp_path / "m", dataclasses.replace(SHORT, lr=2e-3),
                               progress=False, torch_weights=False)
 
 

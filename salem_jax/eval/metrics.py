@@ -107,6 +107,12 @@ def _score_with_argmax(apply: Callable, params: Any, batch: dict) -> tuple[dict[
 def _compare_to_argmax(apply: Callable, new_params: Any, batch: dict, base_argmax: jax.Array) -> dict[str, jax.Array]:
     """`compare_batch`'s "after" half and `unchanged`, against stored base argmaxes [B, K]
     (`_score_with_argmax` on the same batch)."""
+    return after_vs_argmax(apply, new_params, batch, base_argmax)
+
+
+def after_vs_argmax(apply: Callable, new_params: Any, batch: dict, base_argmax: jax.Array) -> dict[str, jax.Array]:
+    """The body of `_compare_to_argmax`, for use inside other jitted functions: `batch_scores`
+    of `new_params` (keys suffixed `_after`) and `unchanged` against base argmaxes [B, K]."""
     logits, labels, mask = scored_logits(apply, new_params, batch)
     out = {f"{k}_after": v for k, v in batch_scores(logits, labels, mask).items()}
     same = (jnp.argmax(logits, -1) == base_argmax) & (mask > 0)
@@ -186,12 +192,18 @@ def row_batches(
     rows = list(rows)
     if not rows:
         return
-    prompts, targets, pairs = _rows_to_lists(model, rows, where)
-    full = with_score_positions(encode(model, prompts, targets, text_pairs=pairs, length=length, where=where))
+    full = encode_rows(model, rows, length=length, where=where)
     for start in range(0, len(rows), batch_size):
         part = slice_rows(full, start, start + batch_size)
         n = next(iter(part.values())).shape[0]
         yield pad_rows(part, batch_size), n
+
+
+def encode_rows(model, rows: Rows, *, length: int | None = None, where: str = "rows") -> dict[str, np.ndarray]:
+    """All of `rows` as one batch dict [N, S] with `score_pos` [N, K]: one padded length and
+    one K for every row (`row_batches` slices it into batches)."""
+    prompts, targets, pairs = _rows_to_lists(model, list(rows), where)
+    return with_score_positions(encode(model, prompts, targets, text_pairs=pairs, length=length, where=where))
 
 
 def _n_batches(n: int, batch_size: int) -> int:
@@ -355,6 +367,37 @@ def group_metrics(scores: dict[str, np.ndarray], *, with_ppl: bool = True) -> Gr
     )
 
 
+def group_outputs(name: str, gm: GroupMetrics, with_ppl: bool) -> dict[str, float]:
+    """`g/n`, `g/acc_before`, ... of one group (see `evaluate_edit`)."""
+    return {
+        f"{name}/{f.name}": getattr(gm, f.name)
+        for f in dataclasses.fields(gm)
+        if with_ppl or not f.name.startswith("ppl")
+    }
+
+
+def headline_metrics(per: Mapping[str, GroupMetrics], with_ppl: bool) -> dict[str, float]:
+    """`ea`, `ea_token`, `adapt_acc`, `portability(_before)`, `dd_acc`, `locality`, `dd_ppl_pass_*`
+    from the groups "fail", "adapt", "portability" and "pass" (each only when its group is in `per`)."""
+    out: dict[str, float] = {}
+    if "fail" in per:
+        out["ea"] = per["fail"].acc_after
+        out["ea_token"] = per["fail"].token_acc_after
+    if "adapt" in per:
+        out["adapt_acc"] = per["adapt"].acc_after
+    if "portability" in per:  # salem_jax.eval.portability
+        out["portability"] = per["portability"].acc_after
+        out["portability_before"] = per["portability"].acc_before
+    if "pass" in per:
+        p = per["pass"]
+        out["dd_acc"] = drawdown(p.acc_before, p.acc_after)
+        out["locality"] = p.locality
+        if with_ppl and p.n:
+            dd = perplexity_drawdown(p.ppl_before, p.ppl_after)
+            out["dd_ppl_pass_rel"], out["dd_ppl_pass_abs"] = dd["rel"], dd["abs"]
+    return out
+
+
 def evaluate_edit(
     model,
     base_params: Any,
@@ -405,27 +448,9 @@ def evaluate_edit(
                     model, base_params, edited_params, rows, batch_size=batch_size, progress=bar,
                     where=f"group {name!r}",
                 )
-            gm = group_metrics(scores, with_ppl=with_ppl)
-            per[name] = gm
-            for field in dataclasses.fields(gm):
-                if field.name.startswith("ppl") and not with_ppl:
-                    continue
-                out[f"{name}/{field.name}"] = getattr(gm, field.name)
-    if "fail" in per:
-        out["ea"] = per["fail"].acc_after
-        out["ea_token"] = per["fail"].token_acc_after
-    if "adapt" in per:
-        out["adapt_acc"] = per["adapt"].acc_after
-    if "portability" in per:  # salem_jax.eval.portability
-        out["portability"] = per["portability"].acc_after
-        out["portability_before"] = per["portability"].acc_before
-    if "pass" in per:
-        p = per["pass"]
-        out["dd_acc"] = drawdown(p.acc_before, p.acc_after)
-        out["locality"] = p.locality
-        if with_ppl and p.n:
-            dd = perplexity_drawdown(p.ppl_before, p.ppl_after)
-            out["dd_ppl_pass_rel"], out["dd_ppl_pass_abs"] = dd["rel"], dd["abs"]
+            per[name] = group_metrics(scores, with_ppl=with_ppl)
+            out.update(group_outputs(name, per[name], with_ppl))
+    out.update(headline_metrics(per, with_ppl))
     if texts:
         from salem_jax.eval.perplexity import perplexity, perplexity_change
 

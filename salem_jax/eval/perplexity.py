@@ -103,19 +103,27 @@ def default_window(model, window: int | None, stride: int | None) -> tuple[int, 
     return window, (max(1, window // 2) if stride is None else stride)
 
 
+def row_nll(apply: Callable, params: Any, batch: dict) -> jax.Array:
+    """Summed NLL of the counted tokens of each row of a window batch: [B] (traceable)."""
+    mask = batch["label_mask"].astype(jnp.float32)
+    return -(losses.token_logprobs(apply(params, batch), batch["labels"]) * mask).sum(-1)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _nll(apply: Callable, params_list: tuple, batch: dict) -> jax.Array:
     """Summed NLL of the counted tokens of each row, for each parameter set: [P, B]."""
-    mask = batch["label_mask"].astype(jnp.float32)
-    return jnp.stack(
-        [-(losses.token_logprobs(apply(p, batch), batch["labels"]) * mask).sum(-1) for p in params_list]
-    )
+    return jnp.stack([row_nll(apply, p, batch) for p in params_list])
+
+
+def text_windows(model, texts: Sequence[str], window: int | None, stride: int | None) -> dict[str, np.ndarray]:
+    """Every window of `texts` as one batch dict [W, window] (`default_window` for None)."""
+    window, stride = default_window(model, window, stride)
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    return token_windows(tokenize_texts(model, texts), window, stride, pad)
 
 
 def _run(model, params_list: tuple, texts, window, stride, batch_size, progress) -> tuple[np.ndarray, int, int]:
-    window, stride = default_window(model, window, stride)
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-    all_w = token_windows(tokenize_texts(model, texts), window, stride, pad)
+    all_w = text_windows(model, texts, window, stride)
     n_win = all_w["input_ids"].shape[0]
     n_tok = int(all_w["label_mask"].sum())
     if n_tok == 0:

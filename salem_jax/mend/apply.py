@@ -24,6 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from tqdm.auto import tqdm
 
 from salem_jax.data.tokenize import encode
@@ -32,7 +33,7 @@ from salem_jax.mend.checkpoint import CheckpointError, CheckpointMismatch, resto
 from salem_jax.mend.editor import EditorSpec, edited_params
 from salem_jax.mend.train import EDIT_BUCKETS, capture_factors
 from salem_jax.models.base import get_path, set_path
-from salem_jax.scored_logits import with_score_positions
+from salem_jax.scored_logits import SCORE_POS, with_score_positions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,10 +89,40 @@ def edited_kernels(editor_params, editor_state, params, batch, *, apply_fn, spec
     return {w.path: get_path(new, w.path) for w in spec.weights}
 
 
-def _edit(editor_params, editor_state, params, batch, *, apply_fn, spec: EditorSpec):
+def fit_to(batch: Mapping[str, np.ndarray], like: Mapping[str, Any] | None, pad_id: int = 0) -> dict:
+    """`batch` with `score_pos`, padded to the shape of `like`'s rows when it fits.
+
+    like: a tokenised batch (e.g. `prepare_splits(...)["val"].fail`, whose rows all share one
+    length and one K): every [B, S] array of `batch` is padded along S to the length of the same
+    key in `like` (ids with `pad_id`, masks and labels with 0: padded tokens are inactive, so
+    the edit is the same), and its score positions take `like`'s K. Then every request of a
+    split runs one compiled program instead of one per length bucket and K. When a request is
+    longer, or has more scored positions, than `like` allows, its own shape is used."""
+    batch = dict(batch)
+    if like is None or set(batch) - {SCORE_POS} != set(like) - {SCORE_POS}:
+        return with_score_positions(batch)
+    need = {k: np.asarray(v).shape[-1] for k, v in batch.items()}
+    have = {k: np.asarray(v).shape[-1] for k, v in like.items() if k != SCORE_POS}
+    if any(need[k] > have[k] or np.ndim(batch[k]) != np.ndim(like[k]) for k in have):
+        return with_score_positions(batch)
+    ids = ("input_ids", "decoder_input_ids")
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        width = [(0, 0)] * (v.ndim - 1) + [(0, have[k] - need[k])]
+        out[k] = np.pad(v, width, constant_values=pad_id if k in ids else 0)
+    scored = int((np.asarray(out["label_mask"]) != 0).sum(-1).max(initial=0))
+    seq = out["label_mask"].shape[-1]
+    k = like[SCORE_POS].shape[-1] if SCORE_POS in like else seq  # no score_pos in `like`: none here either
+    if scored > k:
+        return with_score_positions(batch)
+    return with_score_positions(out, k=k)
+
+
+def _edit(editor_params, editor_state, params, batch, *, apply_fn, spec: EditorSpec, like=None, pad_id=0):
     # Only the edited kernels leave the jitted function; every other leaf of the result is the
     # input's own array (no copy of the whole model per edit).
-    batch = with_score_positions(batch)
+    batch = fit_to(batch, like, pad_id)
     kernels = edited_kernels(editor_params, editor_state, params, batch, apply_fn=apply_fn, spec=spec)
     for path, k in kernels.items():
         params = set_path(params, path, k)
@@ -149,15 +180,19 @@ def apply_edits(
     params: Any = None,
     mode: str = "batch",
     progress: bool = True,
+    like: Mapping[str, Any] | None = None,
 ) -> Any:
     """Edited parameters for `requests` (dicts with prompt, target [, text_pair] or pairs).
 
     params: the parameters to edit (default the model's own); never modified.
     mode: "batch" (one combined edit) or "sequential" (each edit on top of the previous ones).
+    like: a tokenised batch whose row shape every edit is padded to when it fits (`fit_to`), so
+      that many calls compile once; the edit is the same.
     """
     params = model.params if params is None else params
     check_model(editor.spec, params, where="editor")
-    kw = dict(apply_fn=model.apply, spec=editor.spec)
+    pad_id = model.tokenizer.pad_token_id if model.tokenizer is not None and model.tokenizer.pad_token_id is not None else 0
+    kw = dict(apply_fn=model.apply, spec=editor.spec, like=like, pad_id=pad_id)
     if mode == "batch":
         return _edit(editor.params, editor.state, params, encode_requests(model, requests), **kw)
     if mode == "sequential":

@@ -47,12 +47,16 @@ def train_mend(model, data, layers: tuple[str, ...], cfg, workdir: Path, mesh=No
     return editor, result
 
 
-def mend_edit_fn(model, editor: TrainedEditor):
-    """edit(params, rows) -> params: one combined MEND edit of `rows` on `params`."""
+def mend_edit_fn(model, editor: TrainedEditor, like=None):
+    """edit(params, rows) -> params: one combined MEND edit of `rows` on `params`.
+
+    like: a tokenised batch (the edit set's val fail rows) whose row shape every edit is padded
+    to when it fits (`apply.fit_to`), so that the val edits compile one program, not one per
+    length and number of target tokens."""
 
     def edit(params, rows):
         reqs = [dict(prompt=r["prompt"], target=target(model, r), text_pair=r.get("text_pair", "")) for r in rows]
-        return apply_edits(model, editor, reqs, params=params, progress=False)
+        return apply_edits(model, editor, reqs, params=params, progress=False, like=like)
 
     return edit
 
@@ -66,7 +70,8 @@ def prepare_mend(ctx: Context, layers: tuple[str, ...], name: str) -> Prepared:
         best_val_loss=tr.best_val_loss, stopped_early=tr.stopped_early, last_val=tr.last_val,
         recompiles=tr.recompiles, seconds=time.perf_counter() - t,
     )
-    return Prepared(edit=mend_edit_fn(ctx.model, editor), info=info)
+    like = ctx.data["val"].fail if ctx.data and "val" in ctx.data else None
+    return Prepared(edit=mend_edit_fn(ctx.model, editor, like=like), info=info)
 
 
 def top_salient(ctx: Context, n: int) -> tuple[str, ...]:

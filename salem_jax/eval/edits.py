@@ -1,0 +1,186 @@
+"""Many edits, each evaluated on its own, at shapes fixed once for all of them.
+
+The pipeline edits each val fail row on its own (base weights each time) and scores the edited
+model on the edit's own rows (its fail row and rephrasings), on rows shared by every edit (pass,
+keep) and, for the first few edits, on held-out text. `evaluate_edit` tokenises the groups of
+each call anew, so each edit's rows get their own padded length and number of scored positions
+K, and every new (length, K) compiles new programs: on SmolLM2 the first edits took 20-26 s each,
+almost all of it compiling. `EditEvaluator` fixes every shape up front:
+
+  own rows     every edit's groups, encoded together: one length L_own and one K_own; each
+               edit's rows (group by group) padded to R = the most own rows of any edit: [R, L_own]
+  shared rows  every shared group, encoded together: [P, L_shared] with one K_shared
+  text         every window of the held-out text: [W / c, c, window] (chunks of c windows)
+
+and scores an edit in one jitted call (`_edited_scores`: both row sets and, if asked, the text),
+so the evaluation compiles two programs (with and without text) for the whole split. The base
+model's side of every row and of the text is computed once, in chunks of the same shapes.
+
+The numbers are `evaluate_edit`'s (tests/test_edit_eval.py): rows are independent, padded
+positions and rows count nowhere, and the aggregates are the same functions
+(`metrics.group_metrics`, `metrics.headline_metrics`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from salem_jax.data.tokenize import pad_rows, slice_rows
+from salem_jax.eval.metrics import (
+    Rows,
+    _score_with_argmax,
+    after_vs_argmax,
+    encode_rows,
+    group_metrics,
+    group_outputs,
+    headline_metrics,
+    perplexity_drawdown,
+)
+from salem_jax.eval.perplexity import row_nll, text_windows
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _edited_scores(apply: Callable, params: Any, own: dict, own_argmax, shared: dict | None, shared_argmax,
+                   windows: dict | None) -> dict:
+    """The edited model on one edit's own rows [R, L_own], the shared rows [P, L_shared] (or
+    None) and the text windows [C, c, window] (or None), in one program.
+
+    Returns {"own": after_vs_argmax(...) [R] each, "shared": ... [P] each, "text": [C, c] NLL}."""
+    out = {"own": after_vs_argmax(apply, params, own, own_argmax)}
+    if shared is not None:
+        out["shared"] = after_vs_argmax(apply, params, shared, shared_argmax)
+    if windows is not None:
+        out["text"] = jax.lax.map(lambda b: row_nll(apply, params, b), windows)
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _text_nll(apply: Callable, params: Any, windows: dict) -> Any:
+    return jax.lax.map(lambda b: row_nll(apply, params, b), windows)
+
+
+def _take(batch: dict[str, np.ndarray], idx: Sequence[int]) -> dict[str, np.ndarray]:
+    ix = np.asarray(idx, np.int64)
+    return {k: v[ix] for k, v in batch.items()}
+
+
+def _base_side(model, params, enc: dict[str, np.ndarray], batch_size: int) -> tuple[dict, np.ndarray]:
+    """Base-model `batch_scores` ([N] each) and argmaxes ([N, K]) of every row of `enc`, in
+    chunks of `batch_size` rows (one shape)."""
+    n = next(iter(enc.values())).shape[0]
+    parts, ams = [], []
+    for start in range(0, n, batch_size):
+        part = slice_rows(enc, start, start + batch_size)
+        m = next(iter(part.values())).shape[0]
+        sc, am = jax.device_get(_score_with_argmax(model.apply, params, pad_rows(part, batch_size)))
+        parts.append({k: np.asarray(v)[:m] for k, v in sc.items()})
+        ams.append(np.asarray(am)[:m])
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, np.concatenate(ams)
+
+
+class EditEvaluator:
+    """Evaluate edit i's edited parameters (`evaluate(i, params)`) like `evaluate_edit` of its
+    own groups plus the shared groups and the text, at shapes fixed for every edit.
+
+    edits: per edit, its own groups ({"fail": [row], "adapt": [rows]}; a group may be absent).
+    shared: groups every edit is scored on (e.g. {"pass": rows, "keep": rows}); the base side
+      is computed once.
+    texts: held-out text for the perplexity drawdown (causal LMs), window / stride as in
+      `salem_jax.eval.perplexity`; its windows run in chunks of `text_chunk`.
+    batch_size: rows per call of the base model's one-time pass.
+    """
+
+    def __init__(self, model, base_params: Any, edits: Sequence[Mapping[str, Rows]],
+                 shared: Mapping[str, Rows] | None = None, *, texts: Sequence[str] | None = None,
+                 text_window: int | None = None, text_stride: int | None = None, text_chunk: int = 8,
+                 batch_size: int = 8):
+        self.model = model
+        self.with_ppl = model.kind != "classifier"
+        # -- own rows: one encoding, then per edit the row indices of each group
+        own_rows, self._own_spans = [], []
+        for e in edits:
+            spans = {}
+            for name, rows in e.items():
+                rows = list(rows)
+                if rows:
+                    spans[name] = (len(own_rows), len(own_rows) + len(rows))
+                    own_rows.extend(rows)
+            self._own_spans.append(spans)
+        self.rows_per_edit = max([1] + [sum(b - a for a, b in s.values()) for s in self._own_spans])
+        self._own = encode_rows(model, own_rows, where="edit rows") if own_rows else None
+        if self._own is not None:
+            self._own_before, self._own_argmax = _base_side(model, base_params, self._own, batch_size)
+        # -- shared rows: one encoding, base side once, kept on the device
+        self._shared_spans, shared_rows = {}, []
+        for name, rows in (shared or {}).items():
+            rows = list(rows)
+            self._shared_spans[name] = (len(shared_rows), len(shared_rows) + len(rows))
+            shared_rows.extend(rows)
+        self._shared = self._shared_argmax = None
+        if shared_rows:
+            enc = encode_rows(model, shared_rows, where="shared rows")
+            self._shared_before, am = _base_side(model, base_params, enc, batch_size)
+            self._shared, self._shared_argmax = jax.device_put(enc), jax.device_put(am)
+        # -- text windows, in chunks of text_chunk (padded windows count nowhere)
+        self._windows = None
+        if texts:
+            w = text_windows(model, texts, text_window, text_stride)
+            self.text_tokens = int(w["label_mask"].sum())
+            if self.text_tokens == 0:
+                raise ValueError("no text has 2 or more tokens: nothing to score")
+            n = next(iter(w.values())).shape[0]
+            c = -(-n // text_chunk)
+            w = pad_rows(w, c * text_chunk)
+            self._windows = jax.device_put({k: v.reshape(c, text_chunk, *v.shape[1:]) for k, v in w.items()})
+            self.text_nll_before = float(np.asarray(jax.device_get(_text_nll(model.apply, base_params, self._windows)),
+                                                    np.float64).sum())
+
+    @property
+    def n_edits(self) -> int:
+        return len(self._own_spans)
+
+    def _own_batch(self, i: int) -> tuple[dict, np.ndarray, dict]:
+        spans = self._own_spans[i]
+        idx = [j for a, b in spans.values() for j in range(a, b)]
+        r = self.rows_per_edit
+        own = pad_rows(_take(self._own, idx), r)
+        am = np.zeros((r,) + self._own_argmax.shape[1:], self._own_argmax.dtype)
+        am[: len(idx)] = self._own_argmax[idx]
+        return own, am, spans
+
+    def evaluate(self, i: int, params: Any, *, with_text: bool = False) -> dict[str, float]:
+        """Every metric of edit i's edited `params`, the keys `evaluate_edit` gives for its own
+        groups, the shared groups and (with_text) the text: `g/acc_after`, ..., `ea`,
+        `adapt_acc`, `dd_acc`, `locality`, `text_ppl_*`, `dd_ppl_text_*`."""
+        if with_text and self._windows is None:
+            raise ValueError("with_text=True but the evaluator was built without texts")
+        if self._own is None:
+            raise ValueError("the evaluator was built without rows for any edit")
+        own, am, spans = self._own_batch(i)
+        out = jax.device_get(_edited_scores(self.model.apply, params, own, am, self._shared, self._shared_argmax,
+                                            self._windows if with_text else None))
+        per, res = {}, {}
+        groups = [(name, out["own"], self._own_before, a, b, a - next(iter(spans.values()))[0])
+                  for name, (a, b) in spans.items()]
+        groups += [(name, out.get("shared"), self._shared_before, a, b, a) for name, (a, b) in self._shared_spans.items()]
+        for name, after, before, a, b, at in groups:
+            if b == a:
+                scores = {}
+            else:
+                scores = {k: np.asarray(v)[at: at + b - a] for k, v in after.items()}
+                scores.update({f"{k}_before": v[a:b] for k, v in before.items()})
+            per[name] = group_metrics(scores, with_ppl=self.with_ppl)
+            res.update(group_outputs(name, per[name], self.with_ppl))
+        res.update(headline_metrics(per, self.with_ppl))
+        if with_text:
+            before = math.exp(self.text_nll_before / self.text_tokens)
+            after = math.exp(float(np.asarray(out["text"], np.float64).sum()) / self.text_tokens)
+            res["text_ppl_before"], res["text_ppl_after"] = before, after
+            dd = perplexity_drawdown(before, after)
+            res["dd_ppl_text_rel"], res["dd_ppl_text_abs"] = dd["rel"], dd["abs"]
+        return res

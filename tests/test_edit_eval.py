@@ -1,0 +1,139 @@
+"""Many edits at one fixed shape (salem_jax.eval.edits, mend.apply.fit_to): the numbers of the
+per-edit path (`evaluate_edit`, `apply_edits` at each request's own shape), and no compilation
+after the first edit."""
+
+import contextlib
+
+import jax
+import numpy as np
+import pytest
+
+from salem_jax.eval.edits import EditEvaluator
+from salem_jax.eval.metrics import base_scores, evaluate_edit
+from salem_jax.mend.apply import TrainedEditor, apply_edits, encode_requests, fit_to
+from salem_jax.mend.editor import EditorSpec, init_editor
+from salem_jax.models import hf
+from salem_jax.models.base import get_path, set_path
+
+# prompts and targets of different lengths and target token counts (1, 2 and 3 tokens), so
+# that the per-edit path pads each edit differently
+FACTS = [
+    ("the capital of france is", "paris", ["capital of france is", "the city of france is"]),
+    ("what is the capital city of the country peru in america", "lima lima", ["peru capital is"]),
+    ("chile", "santiago is a city", []),
+    ("the language of japan is", "yen", ["japan speaks", "the language spoken in japan is", "in japan they speak"]),
+]
+PASS = [("which river lies in egypt", "cairo"), ("the currency of india is", "rupee")]
+KEEP = [("the capital of kenya is", "nairobi"), ("the capital of germany is a city", "berlin"), ("brazil", "brasilia")]
+TEXTS = ["the capital of france is paris and the capital of peru is lima " * 3, "red blue green yellow one two"]
+
+
+def _row(p, t, group, i):
+    return dict(id=f"{group}{i}", record_id=f"r{i}", group=group, prompt=p, target=t, label=-1, text_pair="")
+
+
+def _edits():
+    return [
+        {"fail": [_row(p, t, "fail", i)], "adapt": [_row(a, t, "adapt", i) for a in reph]}
+        for i, (p, t, reph) in enumerate(FACTS)
+    ]
+
+
+def _shared():
+    return {"pass": [_row(p, t, "pass", i) for i, (p, t) in enumerate(PASS)],
+            "keep": [_row(p, t, "keep", i) for i, (p, t) in enumerate(KEEP)]}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return hf.tiny("gpt2", seed=5)
+
+
+def _perturbed(model, i):
+    """Edit i's "edited" parameters: one MLP kernel changed by a different amount per edit."""
+    path = model.layers.weights(["h.1"])[0].path
+    k = get_path(model.params, path)
+    return set_path(model.params, path, k * (1.5 + 0.5 * i) + 0.1 * i)
+
+
+@contextlib.contextmanager
+def _count_compiles():
+    """Counts XLA backend compilations inside the block (jax.monitoring events)."""
+    seen = []
+
+    def listen(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            seen.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield seen
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def test_fixed_shape_evaluation_equals_evaluate_edit_per_edit(model):
+    edits, shared = _edits(), _shared()
+    ev = EditEvaluator(model, model.params, edits, shared, texts=TEXTS, text_window=8, batch_size=4)
+    base = base_scores(model, model.params, shared, texts=TEXTS, batch_size=4, text_window=8, progress=False)
+    for i, own in enumerate(edits):
+        edited = _perturbed(model, i)
+        own = {k: v for k, v in own.items() if v}  # the pipeline leaves out an edit's empty adapt group
+        want = evaluate_edit(model, model.params, edited, own, batch_size=4, progress=False)
+        want.update(evaluate_edit(model, model.params, edited, shared, texts=TEXTS, text_window=8, base=base,
+                                  batch_size=4, progress=False))
+        got = ev.evaluate(i, edited, with_text=True)
+        assert sorted(got) == sorted(want)
+        for k, v in want.items():
+            assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-6, nan_ok=True), k
+        # the edits change something, so the comparison is not between two unchanged models
+        assert want["locality"] < 1.0 or want["fail/acc_after"] != want["fail/acc_before"] or i == 0
+        no_text = ev.evaluate(i, edited)
+        assert "text_ppl_after" not in no_text and no_text["ea"] == got["ea"]
+    assert ev.rows_per_edit == 4
+
+
+def test_fixed_shape_evaluation_compiles_once_for_all_edits(model):
+    edits, shared = _edits(), _shared()
+    ev = EditEvaluator(model, model.params, edits, shared, texts=TEXTS, text_window=8, batch_size=4)
+    ev.evaluate(0, _perturbed(model, 0), with_text=True)
+    ev.evaluate(0, _perturbed(model, 0))
+    with _count_compiles() as compiles:
+        for i in range(1, len(edits)):
+            ev.evaluate(i, _perturbed(model, i), with_text=i % 2 == 0)
+    assert compiles == []
+    # the per-edit path compiles anew for these edits (new lengths and K): the counter sees it
+    with _count_compiles() as compiles:
+        for i, own in enumerate(edits):
+            evaluate_edit(model, model.params, _perturbed(model, i), {k: v for k, v in own.items() if v},
+                          batch_size=3, progress=False)
+    assert len(compiles) >= 2
+
+
+def _editor(model):
+    spec = EditorSpec.from_params(model.layers.weights(["h.1"]), model.params)
+    params, state = init_editor(spec, jax.random.PRNGKey(0))  # identity nets: one scaled gradient step
+    return TrainedEditor(spec=spec, params=params, state=state, model_name=model.name, step=0)
+
+
+def test_edits_padded_to_one_shape_equal_their_own_shape_and_compile_once(model):
+    editor = _editor(model)
+    like = fit_to(encode_requests(model, [(p, t) for p, t, _ in FACTS]), None)  # every request fits
+    assert like["input_ids"].shape[-1] > encode_requests(model, [FACTS[2][:2]])["input_ids"].shape[-1]
+    path = editor.spec.weights[0].path
+    base_k = np.asarray(get_path(model.params, path))
+    apply_edits(model, editor, [FACTS[0][:2]], like=like, progress=False)  # compile
+    with _count_compiles() as compiles:
+        got = [apply_edits(model, editor, [(p, t)], like=like, progress=False) for p, t, _ in FACTS[1:]]
+    assert compiles == []
+    for (p, t, _), new in zip(FACTS[1:], got):
+        want = np.asarray(get_path(apply_edits(model, editor, [(p, t)], progress=False), path))
+        k = np.asarray(get_path(new, path))
+        assert np.abs(want - base_k).max() > 1e-7  # the edit does something
+        np.testing.assert_allclose(k, want, rtol=1e-5, atol=1e-7)
+    # a request longer than `like` keeps its own shape (and the same edit)
+    short = fit_to(encode_requests(model, [FACTS[2][:2]]), None)
+    long = (FACTS[1][0], FACTS[1][1])
+    k_fit = np.asarray(get_path(apply_edits(model, editor, [long], like=short, progress=False), path))
+    k_own = np.asarray(get_path(apply_edits(model, editor, [long], progress=False), path))
+    np.testing.assert_array_equal(k_fit, k_own)
