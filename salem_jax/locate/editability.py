@@ -283,7 +283,7 @@ def editability_profile(model, rows: Sequence[dict], *, layers: Sequence[str] | 
     slots = tuple((w.module_path, i, k) for i, b in enumerate(blocks) for k, w in enumerate(b.weights(cfg.part)))
     pr = choose_rows(rows, cfg)
 
-    # one tokenisation (one padded length) for every row used
+    # -- 1. rows: one tokenisation (one padded length) for every row used
     flat: list[dict] = []
     pos: dict[int, int] = {}
 
@@ -299,6 +299,7 @@ def editability_profile(model, rows: Sequence[dict], *, layers: Sequence[str] | 
     enc = _encode_all(model, flat)
     scored = with_score_positions(enc)
 
+    # -- 2. an identity editor, its running statistics warmed on the warm rows
     spec = EditorSpec.from_params(weights, params, EditorConfig(rank=8, n_hidden=1, normalize=cfg.normalize,
                                                                 norm_eps=cfg.norm_eps))
     editor, norm = init_editor(spec, jax.random.PRNGKey(cfg.seed))  # identity networks
@@ -308,7 +309,7 @@ def editability_profile(model, rows: Sequence[dict], *, layers: Sequence[str] | 
         chunk = chunk + [-1] * (mb - len(chunk))  # one shape: one compilation
         norm = update_norm_state(spec, norm, _capture(model.apply, weights, params, _take(enc, chunk)))
 
-    # every probe's factors of every candidate weight: one capture per micro-batch of probes
+    # -- 3. factors: every probe's factors of every candidate weight: one capture per micro-batch of probes
     # (summed_nll keeps each row's factors its own), stacked [P, S, .] and kept on the device
     n_l, n_lr, n_p = len(names), len(cfg.lrs), len(pr.probes)
     parts = []
@@ -318,7 +319,7 @@ def editability_profile(model, rows: Sequence[dict], *, layers: Sequence[str] | 
         parts.append({p: (v.u[idx >= 0], v.delta[idx >= 0]) for p, v in f.items()})
     fac = {p: (jnp.concatenate([q[p][0] for q in parts]), jnp.concatenate([q[p][1] for q in parts])) for p in parts[0]}
 
-    # the base model once on every row a probe scores: its argmax, and each block's output
+    # -- 4. base pass: the base model once on every row a probe scores: its argmax, and each block's output
     # (the edited forward passes start at the edited block from these)
     all_blocks = model.layers.blocks
     block_paths = tuple(b.module_path for b in all_blocks)
@@ -341,7 +342,7 @@ def editability_profile(model, rows: Sequence[dict], *, layers: Sequence[str] | 
             jnp.concatenate([lv[k][keep] for (keep, _), lv in zip(outs_all, leaves)]) if flag else leaves[0][k]
             for k, flag in enumerate(per_row[n])])
 
-    # the rows one layer is scored on: per probe i and lr j, its edit rows then its pass rows
+    # -- 5. plan: the rows one layer is scored on: per probe i and lr j, its edit rows then its pass rows
     plan = [(r, i, j, kind) for i in range(n_p) for j in range(n_lr)
             for kind, rr in (("edit", edit_idx[i]), ("pass", pass_idx[i])) for r in rr]
     row = np.array([r for r, _, _, _ in plan])
@@ -358,6 +359,7 @@ def editability_profile(model, rows: Sequence[dict], *, layers: Sequence[str] | 
         batches.append((idx, b, jnp.asarray(np.where(ok_row, probe[np.maximum(idx, 0)], 0).astype(np.int32)), pos_))
     order_t = tuple((n, order[n], per_row[n]) for n in block_paths)
 
+    # -- 6. probe every candidate layer: edits fixed and pass tokens changed per (layer, lr, probe)
     fixed = np.zeros((n_l, n_lr, n_p))
     spill = np.zeros((n_l, n_lr, n_p))
     lrs = np.asarray(cfg.lrs, np.float32)
