@@ -505,8 +505,8 @@ def results_table(out: dict) -> str:
     columns = [(k, c) for k, c in COLUMNS
                if k not in OPTIONAL_COLUMNS or any(m.get(k) is not None for m in methods.values())]
     lines = [
-        f"model {out['model']}, edit layers {', '.join(out['chosen_layers'])} "
-        f"(scorer {out['profile']['scorer']}), val edits per method: "
+        f"model {out['model']}, salient layers {', '.join(out['chosen_layers'])} "
+        f"(scorer {out['profile']['scorer']}; each method's edited layers in the table), val edits per method: "
         + ", ".join(f"{k} {v['edits']}" + (f" ({v['skipped_edits']} skipped: no subject in the prompt)"
                                             if v.get("skipped_edits") else "") for k, v in methods.items()),
         "",

@@ -169,9 +169,9 @@ def test_requests_file_errors(tmp_path):
         read_requests(f)
 
 
-def test_edit_with_a_locate_then_edit_method(tmp_path, monkeypatch, capsys):
-    """`salem edit --method rrome`: no trained editor; WikiText (here a tiny stand-in in a data
-    directory) gives the key statistics; a request without its subject is skipped and counted."""
+def _closed_form_setup(tmp_path, monkeypatch):
+    """A tiny GPT-2 served as `--model tiny`, and a tiny WikiText stand-in in a data directory
+    (the closed-form editors' key statistics), caches under tmp_path."""
     from salem_jax import models
     from salem_jax.models import hf
 
@@ -183,6 +183,13 @@ def test_edit_with_a_locate_then_edit_method(tmp_path, monkeypatch, capsys):
         "\n".join(" ".join([COUNTRIES[i % len(COUNTRIES)]] * 6) + " the capital of is what city" for i in range(40)) + "\n")
     monkeypatch.setenv("SALEM_JAX_DATA", str(data))
     monkeypatch.setenv("SALEM_JAX_CACHE", str(tmp_path / "cache"))
+    return model
+
+
+def test_edit_with_a_locate_then_edit_method(tmp_path, monkeypatch, capsys):
+    """`salem edit --method rrome`: no trained editor; WikiText (here a tiny stand-in in a data
+    directory) gives the key statistics; a request without its subject is skipped and counted."""
+    model = _closed_form_setup(tmp_path, monkeypatch)
     req = tmp_path / "req.jsonl"
     req.write_text(json.dumps({"prompt": "what is the capital of france", "target": "tokyo", "subject": "france"}) + "\n"
                    + json.dumps({"prompt": "what is the capital of peru", "target": "lima", "subject": "chile"}) + "\n")
@@ -206,19 +213,10 @@ def test_edit_layers_auto(tmp_path, monkeypatch, capsys):
     scorer's profile of the requests (each a fail row), computed here directly with saliency_profile
     on the same rows; the profile is saved beside the edited weights; bad combinations are refused
     before the model loads."""
-    from salem_jax import models
     from salem_jax.data.tokenize import encode
-    from salem_jax.models import hf
     from salem_jax.saliency import saliency_profile
 
-    model = hf.tiny("gpt2", seed=2)
-    monkeypatch.setattr(models, "load_model", lambda name, **kw: model)
-    data = tmp_path / "data"
-    (data / "wikitext").mkdir(parents=True)
-    (data / "wikitext" / "wiki.test.raw").write_text(
-        "\n".join(" ".join([COUNTRIES[i % len(COUNTRIES)]] * 6) + " the capital of is what city" for i in range(40)) + "\n")
-    monkeypatch.setenv("SALEM_JAX_DATA", str(data))
-    monkeypatch.setenv("SALEM_JAX_CACHE", str(tmp_path / "cache"))
+    model = _closed_form_setup(tmp_path, monkeypatch)
     reqs = [{"prompt": "what is the capital of france", "target": "tokyo", "subject": "france"},
             {"prompt": "what is the capital of peru", "target": "paris", "subject": "peru"}]
     req = tmp_path / "req.jsonl"
