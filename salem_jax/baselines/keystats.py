@@ -34,7 +34,7 @@ import numpy as np
 from salem_jax.baselines.rome import key_covariance, rome_weight
 from salem_jax.data.paths import cache_dir, find_data_file
 from salem_jax.data.readers import read_text
-from salem_jax.eval.perplexity import tokenize_texts
+from salem_jax.data.tokenize import tokenize_texts
 from salem_jax.models.base import Weight, param_paths
 
 # --------------------------------------------------------------------------- fingerprint

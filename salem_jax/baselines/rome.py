@@ -47,7 +47,7 @@ import optax
 from tqdm.auto import tqdm
 
 from salem_jax.data.tokenize import bucket_length, encode, pad_rows, slice_rows
-from salem_jax.eval.perplexity import token_windows, tokenize_texts
+from salem_jax.data.tokenize import token_windows, tokenize_texts
 from salem_jax.models.base import Weight, get_path, set_path
 
 

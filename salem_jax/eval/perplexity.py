@@ -28,7 +28,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from salem_jax import losses
-from salem_jax.data.tokenize import pad_rows, slice_rows
+# token_windows / tokenize_texts / window_spans live in data.tokenize (baselines use them too)
+from salem_jax.data.tokenize import pad_rows, slice_rows, token_windows, tokenize_texts, window_spans  # noqa: F401
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,60 +38,6 @@ class Perplexity:
     nll_sum: float  # nats, summed over scored tokens
     n_tokens: int  # scored tokens
     n_windows: int
-
-
-def window_spans(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
-    """(begin, end, first_scored) of each window over a text of n tokens: the window holds
-    tokens [begin, end) and scores the targets x_t for t in [first_scored, end)."""
-    if not 0 < stride <= window:
-        raise ValueError(f"need 0 < stride <= window, got stride={stride}, window={window}")
-    spans, scored_to, begin = [], 1, 0
-    while n >= 2:
-        end = min(begin + window, n)
-        spans.append((begin, end, max(scored_to, begin + 1)))
-        scored_to = end
-        if end == n:
-            break
-        begin += stride
-    return spans
-
-
-def token_windows(token_lists: Sequence[Sequence[int]], window: int, stride: int, pad_id: int = 0) -> dict[str, np.ndarray]:
-    """All windows of all token lists as one batch dict [W, window] (the library's causal
-    convention: labels[j] = token after position j, label_mask = 1 where that token is scored)."""
-    ids, att, lab, lm = [], [], [], []
-    for toks in token_lists:
-        toks = list(toks)
-        for begin, end, first in window_spans(len(toks), window, stride):
-            w = toks[begin:end]
-            row = np.full(window, pad_id, np.int32)
-            row[: len(w)] = w
-            a = np.zeros(window, np.int32)
-            a[: len(w)] = 1
-            labels = np.zeros(window, np.int32)
-            labels[: len(w) - 1] = w[1:]
-            m = np.zeros(window, np.int32)
-            # position j predicts token begin + j + 1; it counts if that token is in [first, end)
-            m[first - begin - 1 : end - begin - 1] = 1
-            ids.append(row), att.append(a), lab.append(labels), lm.append(m)
-    if not ids:
-        shape = (0, window)
-        return {k: np.zeros(shape, np.int32) for k in ("input_ids", "attention_mask", "labels", "label_mask")}
-    return dict(input_ids=np.stack(ids), attention_mask=np.stack(att), labels=np.stack(lab), label_mask=np.stack(lm))
-
-
-def tokenize_texts(model, texts: Sequence[str], where: str = "texts") -> list[list[int]]:
-    """Token ids of each text (with special tokens); texts with fewer than 2 tokens score nothing."""
-    if model.kind != "causal":
-        raise ValueError(f"perplexity of plain text needs a causal LM; {model.name!r} is {model.kind!r}")
-    if isinstance(texts, str):
-        raise TypeError(f"{where}: expected a list of texts, got one string")
-    out = []
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise TypeError(f"{where} item {i}: expected a string, got {type(t).__name__}")
-        out.append(list(model.tokenizer(t, add_special_tokens=True)["input_ids"]))
-    return out
 
 
 def default_window(model, window: int | None, stride: int | None) -> tuple[int, int]:
