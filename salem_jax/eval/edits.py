@@ -16,6 +16,14 @@ and scores an edit in one jitted call (`_edited_scores`: both row sets and, if a
 so the evaluation compiles two programs (with and without text) for the whole split. The base
 model's side of every row and of the text is computed once, in chunks of the same shapes.
 
+Unchanged blocks are not run again (decoder-only models; `skip_unchanged_blocks`): an edit of
+layer l leaves the hidden state entering block l unchanged on every row, so the evaluator keeps
+the base model's output of block l-1 for every own row, shared row and text window (computed
+once per l, `salem_jax.models.from_block`) and runs the edited model from block l. On SmolLM2
+with an edit of layers.26, 4 of 30 blocks per edited pass (`benchmarks/eval_edit.py`). Which
+blocks changed is read off the edited parameters (`first_changed_block`: leaves that are not
+the base's own objects are compared by value), so any edit function qualifies.
+
 The numbers are `evaluate_edit`'s (tests/test_edit_eval.py): rows are independent, padded
 positions and rows count nowhere, and the aggregates are the same functions
 (`metrics.group_metrics`, `metrics.headline_metrics`).
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -42,6 +51,7 @@ from salem_jax.eval.metrics import (
     perplexity_drawdown,
 )
 from salem_jax.eval.perplexity import row_nll, text_windows
+from salem_jax.models.from_block import BLOCK_INPUT, FromBlock, block_call_order, block_output, first_changed_block
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -93,13 +103,21 @@ class EditEvaluator:
     texts: held-out text for the perplexity drawdown (causal LMs), window / stride as in
       `salem_jax.eval.perplexity`; its windows run in chunks of `text_chunk`.
     batch_size: rows per call of the base model's one-time pass.
+    skip_unchanged_blocks: run each edited model from the first block its edit changed, on the
+      base model's cached hidden states (decoder-only models; the same numbers, less work).
     """
 
     def __init__(self, model, base_params: Any, edits: Sequence[Mapping[str, Rows]],
                  shared: Mapping[str, Rows] | None = None, *, texts: Sequence[str] | None = None,
                  text_window: int | None = None, text_stride: int | None = None, text_chunk: int = 8,
-                 batch_size: int = 8):
+                 batch_size: int = 8, skip_unchanged_blocks: bool = True):
         self.model = model
+        self.base_params = base_params
+        self.batch_size = batch_size
+        self.skip_unchanged_blocks = skip_unchanged_blocks and model.kind == "causal"
+        self._order: dict[str, int] | None = None
+        self._cache: tuple[int, dict] | None = None  # (start block, cached base block outputs)
+        self.last_start: int | None = None  # the block the last evaluate() started at (0 = all ran)
         self.with_ppl = model.kind != "classifier"
         # -- own rows: one encoding, then per edit the row indices of each group
         own_rows, self._own_spans = [], []
@@ -144,11 +162,12 @@ class EditEvaluator:
     def n_edits(self) -> int:
         return len(self._own_spans)
 
-    def _own_batch(self, i: int) -> tuple[dict, np.ndarray, dict]:
+    def _own_batch(self, i: int, cache: dict | None = None) -> tuple[dict, np.ndarray, dict]:
         spans = self._own_spans[i]
         idx = [j for a, b in spans.values() for j in range(a, b)]
         r = self.rows_per_edit
-        own = pad_rows(_take(self._own, idx), r)
+        src = self._own if cache is None else {**self._own, BLOCK_INPUT: cache["own"]}
+        own = pad_rows(_take(src, idx), r)
         am = np.zeros((r,) + self._own_argmax.shape[1:], self._own_argmax.dtype)
         am[: len(idx)] = self._own_argmax[idx]
         return own, am, spans
@@ -161,9 +180,13 @@ class EditEvaluator:
             raise ValueError("with_text=True but the evaluator was built without texts")
         if self._own is None:
             raise ValueError("the evaluator was built without rows for any edit")
-        own, am, spans = self._own_batch(i)
-        out = jax.device_get(_edited_scores(self.model.apply, params, own, am, self._shared, self._shared_argmax,
-                                            self._windows if with_text else None))
+        apply, cache = self._start_at(params, with_text)
+        own, am, spans = self._own_batch(i, cache)
+        shared, windows = self._shared, self._windows if with_text else None
+        if cache is not None:
+            shared = None if shared is None else {**shared, BLOCK_INPUT: cache["shared"]}
+            windows = None if windows is None else {**windows, BLOCK_INPUT: cache["text"]}
+        out = jax.device_get(_edited_scores(apply, params, own, am, shared, self._shared_argmax, windows))
         per, res = {}, {}
         groups = [(name, out["own"], self._own_before, a, b, a - next(iter(spans.values()))[0])
                   for name, (a, b) in spans.items()]
@@ -184,3 +207,49 @@ class EditEvaluator:
             dd = perplexity_drawdown(before, after)
             res["dd_ppl_text_rel"], res["dd_ppl_text_abs"] = dd["rel"], dd["abs"]
         return res
+
+    # -- running edited models from the first changed block (see the module docstring)
+
+    def _start_at(self, params: Any, with_text: bool) -> tuple[Callable, dict | None]:
+        """(the apply function for `params`, the cached base block outputs it starts from or None)."""
+        self.last_start = 0
+        if not self.skip_unchanged_blocks:
+            return self.model.apply, None
+        paths = tuple(b.module_path for b in self.model.layers.blocks)
+        if self._order is None:
+            try:
+                self._order = block_call_order(self.model.apply, self.base_params, _take(self._own, [0]), paths)
+            except ValueError as e:  # e.g. blocks under nn.scan: every block runs, as without the option
+                warnings.warn(f"EditEvaluator: every block runs for every edit ({e})")
+                self.skip_unchanged_blocks = False
+                return self.model.apply, None
+        start = first_changed_block(self.model, self.base_params, params, self._order)
+        if not start:
+            return self.model.apply, None
+        self.last_start = start
+        by_position = sorted(paths, key=self._order.__getitem__)
+        cache = self._block_cache(start, by_position[start - 1], with_text)
+        return FromBlock(self.model.apply, tuple(by_position[:start])), cache
+
+    def _block_cache(self, start: int, last: str, with_text: bool) -> dict:
+        """The base model's output of block `last` (the one before `start`) on every own row,
+        shared row and (when needed) text window; kept for the latest start only."""
+        if self._cache is not None and self._cache[0] == start and (not with_text or "text" in self._cache[1]):
+            return self._cache[1]
+        cache = self._cache[1] if self._cache is not None and self._cache[0] == start else {}
+        fn, base, bs = self.model.apply, self.base_params, self.batch_size
+
+        def rows(enc):
+            n = next(iter(enc.values())).shape[0]
+            parts = [np.asarray(block_output(fn, last, base, pad_rows(slice_rows(enc, a, a + bs), bs)))[: min(bs, n - a)]
+                     for a in range(0, n, bs)]
+            return np.concatenate(parts)
+
+        if "own" not in cache:
+            cache["own"] = rows(self._own)
+            if self._shared is not None:
+                cache["shared"] = jax.device_put(rows(jax.device_get(self._shared)))
+        if with_text and "text" not in cache:
+            cache["text"] = jax.lax.map(lambda b: block_output(fn, last, base, b), self._windows)
+        self._cache = (start, cache)
+        return cache

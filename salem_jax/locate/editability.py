@@ -55,6 +55,7 @@ import numpy as np
 from salem_jax.data.tokenize import encode
 from salem_jax.losses import example_correct
 from salem_jax.mend.capture import capture
+from salem_jax.models.from_block import block_call_order
 from salem_jax.locate.profile import LayerProfile, jsonable, top_k_layers
 from salem_jax.mend.editor import EditorConfig, EditorSpec, init_editor, transform_factors, update_norm_state
 from salem_jax.scored_logits import scored_logits, with_score_positions
@@ -159,27 +160,6 @@ def _capture(apply, weights, params, batch):
 def _transform(spec, editor_params, norm, factors):
     """The identity editor's factors (u~ [P, S, in], delta~ [P, S, out]) of P probe edits."""
     return transform_factors(spec, editor_params, norm, factors)
-
-
-def _block_order(apply, params, batch, block_paths: tuple[str, ...]) -> dict[str, int]:
-    """{block module path: its position in the order the forward pass calls the blocks}, from an
-    abstract (compute-free) pass; an error unless each block is called exactly once."""
-    seen: list[str] = []
-
-    def spy(next_fun, args, kwargs, context):
-        name = "/".join(context.module.path)
-        if context.method_name == "__call__" and name in block_paths:
-            seen.append(name)
-        return next_fun(*args, **kwargs)
-
-    def run(params, batch):
-        with nn.intercept_methods(spy):
-            apply(params, batch)
-
-    jax.eval_shape(run, params, batch)
-    if sorted(seen) != sorted(block_paths):
-        raise ValueError(f"editability: expected one call of each block {list(block_paths)}, saw {seen}")
-    return {name: i for i, name in enumerate(seen)}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -325,7 +305,7 @@ def editability_profile(model, rows: Sequence[dict], *, layers: Sequence[str] | 
     block_paths = tuple(b.module_path for b in all_blocks)
     used = sorted({r for rr in edit_idx + pass_idx for r in rr if r >= 0})
     at = {r: n for n, r in enumerate(used)}
-    order = _block_order(model.apply, params, {k: v[:1] for k, v in scored.items()}, block_paths)
+    order = block_call_order(model.apply, params, {k: v[:1] for k, v in scored.items()}, block_paths)
     base_am, outs_all = [], []
     size = max(mb, 2)  # a leaf with leading dim `size` is per row; others (T5's [1, ...] bias) are shared
     for idx in _chunks(len(used), size):

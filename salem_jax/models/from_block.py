@@ -1,0 +1,141 @@
+"""Run a decoder-only model from the first block an edit changed, on cached base hidden states.
+
+An edit of layer l changes nothing the blocks before l compute: on every row, the hidden state
+entering block l is the base model's. An evaluation that scores many edited models on the same
+rows (the pipeline scores every edit on the same 50-odd pass and keep rows) can compute that
+hidden state once with the base model and start each edited forward pass at block l. On
+SmolLM2 with an edit of layers.26 that is 4 of 30 blocks per edited pass.
+
+Pieces (all pure; nothing here changes model code - `flax.linen.intercept_methods` sees the
+blocks' calls):
+
+  block_call_order(apply, params, batch, paths) -> {block path: position in the call order}
+  first_changed_block(model, base, edited)      -> position of the first block whose
+                                                   parameters differ (0 if anything outside the
+                                                   blocks differs), or None when the model is
+                                                   not a plain chain of blocks
+  block_output(apply, path, params, batch)      -> that block's output [B, S, H] (jitted;
+                                                   XLA drops every later block)
+  FromBlock(apply, skipped)                     -> `apply` whose blocks in `skipped` do not run:
+                                                   each returns batch[BLOCK_INPUT], the cached
+                                                   output of the last skipped block
+
+Only decoder-only (`kind == "causal"`) models qualify: each block's output there feeds only the
+next block, so every skipped block may return the same cached tensor (an encoder-decoder's
+encoder output feeds cross-attention too, and a classifier's pooler reads its own positions).
+The numbers equal the full forward pass (tests/test_from_block.py: Llama, GPT-2, GPT-Neo).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from salem_jax.models.base import path_str
+
+BLOCK_INPUT = "block_input"  # batch key: the cached output of the last skipped block [B, S, H]
+
+
+def _name(context) -> str:
+    return "/".join(context.module.path)
+
+
+def block_call_order(apply: Callable, params: Any, batch: dict, block_paths: tuple[str, ...]) -> dict[str, int]:
+    """{block module path: its position in the order the forward pass calls the blocks}, from an
+    abstract (compute-free) pass; an error unless each block is called exactly once."""
+    seen: list[str] = []
+
+    def spy(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and _name(context) in block_paths:
+            seen.append(_name(context))
+        return next_fun(*args, **kwargs)
+
+    def run(params, batch):
+        with nn.intercept_methods(spy):
+            apply(params, batch)
+
+    jax.eval_shape(run, params, batch)
+    if sorted(seen) != sorted(block_paths):
+        raise ValueError(f"expected one call of each block {list(block_paths)}, saw {seen}")
+    return {name: i for i, name in enumerate(seen)}
+
+
+def changed_paths(base: Any, edited: Any) -> list[str]:
+    """Parameter paths whose leaves differ between two trees of the same structure. A leaf that
+    is the same object is unchanged (editors replace only the leaves they edit); any other leaf
+    is compared by value."""
+    a = jax.tree_util.tree_flatten_with_path(base)[0]
+    b = jax.tree_util.tree_flatten_with_path(edited)[0]
+    if [k for k, _ in a] != [k for k, _ in b]:
+        raise ValueError("edited parameters have another structure than the base parameters")
+    out = []
+    for (k, x), (_, y) in zip(a, b):
+        if x is y:
+            continue
+        if getattr(x, "shape", None) != getattr(y, "shape", None) or not bool(jnp.array_equal(x, y)):
+            out.append(path_str(k))
+    return out
+
+
+def first_changed_block(model, base: Any, edited: Any, order: dict[str, int] | None = None) -> int | None:
+    """Call position of the first block whose parameters differ between `base` and `edited`
+    (0 when a parameter outside every block differs; the number of blocks when none differs),
+    or None when `model` is not a decoder-only chain of blocks (nothing may be skipped).
+
+    order: `block_call_order`'s result (default: the layer table's order)."""
+    if model.kind != "causal":
+        return None
+    blocks = [b.module_path for b in model.layers.blocks]
+    order = order or {p: i for i, p in enumerate(blocks)}
+    start = len(blocks)
+    for path in changed_paths(base, edited):
+        owner = next((p for p in blocks if path.startswith(p + "/")), None)
+        if owner is None:
+            return 0
+        start = min(start, order[owner])
+    return start
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def block_output(apply: Callable, path: str, params: Any, batch: dict) -> jax.Array:
+    """The output of the block at module `path` on `batch` ([B, S, H]); an error if it is not one array."""
+    out = []
+
+    def keep(next_fun, args, kwargs, context):
+        o = next_fun(*args, **kwargs)
+        if context.method_name == "__call__" and _name(context) == path:
+            out.append(o)
+        return o
+
+    with nn.intercept_methods(keep):
+        apply(params, batch)
+    if len(out) != 1 or not isinstance(out[0], jax.Array):
+        raise ValueError(f"block {path!r}: expected one call returning one array, got {len(out)} calls")
+    return out[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class FromBlock:
+    """`apply(params, batch)` with the blocks in `skipped` (module paths, every block before the
+    first one to run) not run: each returns `batch[BLOCK_INPUT]`, the base model's output of the
+    last skipped block. Hashable, so it can be a static argument of a jitted function."""
+
+    apply: Callable
+    skipped: tuple[str, ...]
+
+    def __call__(self, params: Any, batch: dict) -> jax.Array:
+        h = batch[BLOCK_INPUT]
+        skipped = frozenset(self.skipped)
+
+        def skip(next_fun, args, kwargs, context):
+            if context.method_name == "__call__" and _name(context) in skipped:
+                return h
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(skip):
+            return self.apply(params, batch)

@@ -1,0 +1,111 @@
+"""Running an edited decoder-only model from its first changed block (salem_jax.models.from_block)
+gives the full forward pass's numbers, and the evaluator that uses it gives the same metrics as
+running every block."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from salem_jax.data.tokenize import encode
+from salem_jax.eval.edits import EditEvaluator
+from salem_jax.models import hf
+from salem_jax.models.base import get_path, set_path
+from salem_jax.models.from_block import (
+    BLOCK_INPUT,
+    FromBlock,
+    block_call_order,
+    block_output,
+    changed_paths,
+    first_changed_block,
+)
+from salem_jax.models.llama import tiny_llama
+
+PROMPTS = ["the capital of france is", "which river lies in egypt", "red blue"]
+TARGETS = ["paris", "cairo", "green yellow"]
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2", "gpt_neo"])
+def model(request):
+    if request.param == "llama":
+        return tiny_llama(seed=3, num_hidden_layers=3)
+    if request.param == "gpt2":
+        return hf.tiny("gpt2", seed=3, n_layer=3)
+    return hf.tiny("gpt_neo", seed=3, num_layers=3, attention_types=[[["global", "local", "global"], 1]])
+
+
+def _edit(model, block: int, scale: float = 1.7):
+    """The base parameters with one MLP kernel of `block` changed (a new tree; base untouched)."""
+    path = model.layers.blocks[block].mlp[0].path
+    return set_path(model.params, path, get_path(model.params, path) * scale + 0.05)
+
+
+def test_from_block_equals_the_full_forward_pass(model):
+    batch = encode(model, PROMPTS, TARGETS)
+    paths = tuple(b.module_path for b in model.layers.blocks)
+    order = block_call_order(model.apply, model.params, batch, paths)
+    assert order == {p: i for i, p in enumerate(paths)}
+    for start in (1, len(paths)):  # from a middle block; every block skipped
+        edited = _edit(model, start) if start < len(paths) else model.params  # blocks >= start changed
+        h = block_output(model.apply, paths[start - 1], model.params, batch)
+        # the hand computation: the hidden state after block start-1 is the base model's
+        got = FromBlock(model.apply, paths[:start])(edited, {**batch, BLOCK_INPUT: h})
+        want = model.apply(edited, batch)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-6)
+    # skipping a block whose weights DID change gives other logits: the comparison can fail
+    edited = _edit(model, 0)
+    h = block_output(model.apply, paths[0], model.params, batch)
+    skipped = FromBlock(model.apply, paths[:1])(edited, {**batch, BLOCK_INPUT: h})
+    assert np.abs(np.asarray(skipped) - np.asarray(model.apply(edited, batch))).max() > 1e-4
+
+
+def test_first_changed_block(model):
+    n = len(model.layers.blocks)
+    assert first_changed_block(model, model.params, model.params) == n
+    assert first_changed_block(model, model.params, _edit(model, 1)) == 1
+    # a copy with equal values is unchanged; other values in a block are a change
+    same = jax.tree.map(lambda x: jnp.array(x), model.params)
+    assert changed_paths(model.params, same) == []
+    both = _edit(model, n - 1)
+    path = model.layers.blocks[1].mlp[0].path
+    both = set_path(both, path, get_path(both, path) + 1.0)
+    assert first_changed_block(model, model.params, both) == 1
+    # a parameter outside every block (the embedding) changes everything after it
+    flat = jax.tree_util.tree_flatten_with_path(model.params)[0]
+    outside = next(k for k, _ in flat if not any(jax.tree_util.keystr(k, simple=True, separator="/").startswith(b.module_path + "/")
+                                                 for b in model.layers.blocks))
+    p = jax.tree_util.keystr(outside, simple=True, separator="/")
+    assert first_changed_block(model, model.params, set_path(model.params, p, get_path(model.params, p) + 1.0)) == 0
+
+
+def test_first_changed_block_is_none_for_encoder_decoders():
+    t5 = hf.tiny("t5", seed=0)
+    assert first_changed_block(t5, t5.params, t5.params) is None
+
+
+def _row(p, t, group, i):
+    return dict(id=f"{group}{i}", record_id=f"r{i}", group=group, prompt=p, target=t, label=-1, text_pair="")
+
+
+def test_evaluator_from_the_changed_block_equals_running_every_block():
+    # Llama here; GPT-2 through tests/test_edit_eval.py (its edits change h.1: h.0 is skipped there)
+    model = tiny_llama(seed=3, num_hidden_layers=3)
+    edits = [{"fail": [_row(p, t, "fail", i)], "adapt": [_row(p + " then", t, "adapt", i)]}
+             for i, (p, t) in enumerate(zip(PROMPTS, TARGETS))]
+    shared = {"pass": [_row("the capital of peru is", "lima", "pass", 0)],
+              "keep": [_row("brazil", "brasilia", "keep", 0), _row("japan speaks", "yen", "keep", 1)]}
+    texts = ["the capital of france is paris and the capital of peru is lima " * 3, "red blue green yellow one two"]
+    fast = EditEvaluator(model, model.params, edits, shared, texts=texts, text_window=8, batch_size=2)
+    slow = EditEvaluator(model, model.params, edits, shared, texts=texts, text_window=8, batch_size=2,
+                         skip_unchanged_blocks=False)
+    n = len(model.layers.blocks)
+    # edits at the last, first and middle blocks: the cached hidden states are rebuilt per start
+    for i, block in enumerate([n - 1, 0, 1]):
+        edited = _edit(model, block, scale=2.5)
+        for with_text in (False, True) if block == n - 1 else (i == 2,):
+            got = fast.evaluate(i, edited, with_text=with_text)
+            want = slow.evaluate(i, edited, with_text=with_text)
+            assert fast.last_start == block and slow.last_start == 0
+            assert sorted(got) == sorted(want)
+            for k, v in want.items():
+                assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-6, nan_ok=True), k
