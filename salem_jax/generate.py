@@ -1,7 +1,7 @@
 """Greedy decoding for any LoadedModel, jitted with static shapes.
 
 No KV cache: every step re-runs the model on a fixed buffer and reads the logits at each row's
-own last position. For the short answers of editing benchmarks (a few tokens) that costs little,
+own last position (the vocabulary head runs at that position only, `salem_jax.scored_logits`). For the short answers of editing benchmarks (a few tokens) that costs little,
 and it needs nothing from the model beyond `apply(params, batch)`, so it works for our Llama,
 our GPT-2 / GPT-Neo and the encoder-decoders alike (and under
 `flax.linen.intercept_methods`, e.g. with an edit applied on the fly).
@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from salem_jax.data.tokenize import bucket_length
+from salem_jax.scored_logits import SCORE_POS, scored_logits
 
 
 def _row_bucket(n: int, batch_size: int) -> int:
@@ -75,9 +76,10 @@ def _causal_loop(apply, params, ids, mask, pos, done, steps, eos):
 
     def body(state):
         i, ids, mask, pos, done = state
-        batch = {"input_ids": ids, "attention_mask": mask, "labels": zeros, "label_mask": zeros}
-        logits = apply(params, batch)  # [B, L, V]
-        last = logits[rows, pos - 1]  # each row's own last filled position
+        # the head at each row's own last filled position only ([B, 1, V], salem_jax.scored_logits)
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": zeros, "label_mask": zeros,
+                 SCORE_POS: (pos - 1)[:, None]}
+        last = scored_logits(apply, params, batch)[0][:, 0]
         nxt = jnp.argmax(last, axis=-1).astype(ids.dtype)
         write = ~done
         ids = ids.at[rows, pos].set(jnp.where(write, nxt, ids[rows, pos]))

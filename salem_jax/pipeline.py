@@ -52,7 +52,7 @@ from salem_jax.data.spec import DataSpec
 from salem_jax.data.spec import read_records as read_spec
 from salem_jax.data.spec import resolve as resolve_spec
 from salem_jax.eval.counterfact import evaluate_counterfact, harmonic_mean
-from salem_jax.eval.generated import edit_generation_metrics, generation_fluency_metrics
+from salem_jax.eval.generated import edit_generation_metrics, generation_fluency_metrics, generations_per_edit
 from salem_jax.eval.keep import keep_rows
 from salem_jax.eval import sequential as many
 from salem_jax.eval.edits import EditEvaluator
@@ -222,6 +222,11 @@ def evaluate_method(model, edit: Callable, val_rows: list[dict], texts: list[str
             "portability": (portability or {}).get(row["record_id"], [])} for row in fails]
     evaluator = EditEvaluator(model, model.params, own, passes, texts=texts if with_text else None,
                               text_window=cfg.eval.text_window, batch_size=cfg.eval.batch_size)
+    # the base model's generations of every edit's prompts, once and batched across edits
+    base_gens = None
+    if cfg.eval.generate and model.kind != "classifier":
+        base_gens = generations_per_edit(model, model.params, [(r, adapts.get(r["record_id"], [])) for r in fails],
+                                         extra_tokens=cfg.eval.gen_extra_tokens)
     per_edit = []
     t_edit = 0.0
     for i, row in enumerate(tqdm(fails, desc=f"eval {name}", disable=not cfg.progress)):
@@ -236,7 +241,8 @@ def evaluate_method(model, edit: Callable, val_rows: list[dict], texts: list[str
             cf = evaluate_counterfact(model, edited, [cf_records[row["record_id"]]], batch_size=cfg.eval.batch_size,
                                       progress=False)
             m.update({f"cf/{k}": cf[k] for k in CF_KEYS})
-        m.update(generation_metrics(model, edited, row, adapts.get(row["record_id"], []), cfg, i, cf_records))
+        m.update(generation_metrics(model, edited, row, adapts.get(row["record_id"], []), cfg, i, cf_records,
+                                    None if base_gens is None else base_gens[i]))
         per_edit.append(m)
     out: dict[str, Any] = {"edits": len(per_edit), "edit_seconds": t_edit / max(len(per_edit), 1)}
     keys = sorted({k for m in per_edit for k in m})
@@ -251,12 +257,15 @@ def evaluate_method(model, edit: Callable, val_rows: list[dict], texts: list[str
     return out
 
 
-def generation_metrics(model, edited, row: dict, adapt_rows: list[dict], cfg, i: int, cf_records) -> dict:
+def generation_metrics(model, edited, row: dict, adapt_rows: list[dict], cfg, i: int, cf_records,
+                       base_generations: list[str] | None = None) -> dict:
     """Generated answers (config.eval.generate) and, for the first config.eval.fluency_edits CounterFact
-    edits, ROME's fluency on the record's generation_prompts (salem_jax.eval.generated)."""
+    edits, ROME's fluency on the record's generation_prompts (salem_jax.eval.generated).
+    base_generations: the base model's generations of the row and its rephrasings, if computed already."""
     if model.kind == "classifier" or not cfg.eval.generate:
         return {}
-    m = edit_generation_metrics(model, model.params, edited, row, adapt_rows, extra_tokens=cfg.eval.gen_extra_tokens)
+    m = edit_generation_metrics(model, model.params, edited, row, adapt_rows, extra_tokens=cfg.eval.gen_extra_tokens,
+                                base_generations=base_generations)
     if cf_records is not None and i < cfg.eval.fluency_edits and cfg.eval.fluency_prompts > 0:
         prompts = list(cf_records[row["record_id"]].extra.get("generation_prompts") or [])[: cfg.eval.fluency_prompts]
         if prompts:

@@ -58,6 +58,21 @@ def test_generation_length_is_target_tokens_plus_extra(monkeypatch):
     assert seen["n"] == n + 2
 
 
+def test_generations_batched_across_edits_equal_each_edits_own():
+    model = hf.tiny("gpt2", seed=3)
+    row = lambda p, t: dict(prompt=p, target=t)  # noqa: E731
+    edits = [(row("the capital of chile is", "santiago"), [row("chile capital", "santiago")]),
+             (row("what is the capital of peru", "lima lima lima"), []),
+             (row("red blue", "green"), [row("one two", "green"), row("yes no", "green")])]
+    got = generated.generations_per_edit(model, model.params, edits, extra_tokens=2)
+    for (fail, adapts), gens in zip(edits, got):
+        rows = [fail, *adapts]
+        want = generated.generate_answers(model, model.params, [r["prompt"] for r in rows], [r["target"] for r in rows],
+                                          extra_tokens=2)
+        assert gens == want
+    assert len(got[1][0].split()) > len(got[0][0].split())  # the edits asked for different lengths
+
+
 def test_pipeline_reports_generated_answers_and_fluency():
     from salem_jax.generate import greedy, greedy_ids
 

@@ -68,6 +68,25 @@ def generate_answers(model, params: Any, prompts: Sequence[str], targets: Sequen
     return greedy(model, params, list(prompts), max_new_tokens=max(n, 1), batch_size=batch_size)
 
 
+def generations_per_edit(model, params: Any, edits: Sequence[tuple[dict, Sequence[dict]]], *, extra_tokens: int = 2,
+                         batch_size: int = 32) -> list[list[str]]:
+    """Greedy generations of every edit's prompts (its fail row, then its rephrasings) by one
+    model, batched across edits: per edit, the list `edit_generation_metrics` makes itself (each
+    edit's rows get its own longest target + extra_tokens new tokens; edits that need the same
+    number share calls). The base model's side of the pipeline's evaluation, computed once."""
+    from salem_jax.generate import greedy
+
+    need = [max(target_tokens(model, r["target"]) for r in (f, *a)) + extra_tokens for f, a in edits]
+    out: list[list[str]] = [[] for _ in edits]
+    for n in sorted(set(need)):
+        which = [i for i, k in enumerate(need) if k == n]
+        prompts = [r["prompt"] for i in which for r in (edits[i][0], *edits[i][1])]
+        gens = iter(greedy(model, params, prompts, max_new_tokens=max(n, 1), batch_size=batch_size))
+        for i in which:
+            out[i] = [next(gens) for _ in range(1 + len(edits[i][1]))]
+    return out
+
+
 def edit_generation_metrics(model, base_params: Any, edited_params: Any, fail_row: dict, adapt_rows: Sequence[dict],
                             *, extra_tokens: int = 2, base_generations: list[str] | None = None) -> dict[str, float]:
     """Generated-answer shares of one edit: `gen/fail_starts_before`, `gen/fail_starts_after`,
