@@ -1,0 +1,167 @@
+"""What one edit's evaluation costs, piece by piece: the pipeline's per-edit scoring on SmolLM2.
+
+The pipeline (`evaluate_method`) scores every val edit on its own rows (the fail row and its
+rephrasings), on rows shared by every edit (pass + keep) and, for the first few edits, on
+held-out text, and greedily generates the edit's prompts before and after. This benchmark times
+those pieces on the main job's shapes, with a stand-in edit: a rank-1 change of one block's MLP
+down-projection (one block changed, as a MEND edit of that layer does), so no editor is trained:
+
+  rows       capital facts of the countryinfo package (the main job's data): `--edits` edits, each a
+             fail row (counterfactual target: another country's capital) with `--rephrasings`
+             rephrasings, `--pass-rows` pass rows and `--keep-rows` keep rows (other relations)
+  text       the last `--texts` WikiText paragraphs of the data directory (the pipeline's held-out text)
+
+and reports, per edit (median over edits after a warm-up edit):
+
+  score, all blocks       EditEvaluator.evaluate with skip_unchanged_blocks=False
+  score, from the block   the same from the edited block (salem_jax.models.from_block)
+  score + text            the same with the text (the pipeline does it for eval.ppl_edits edits)
+  generate, after         greedy generation of the edit's prompts by the edited model
+  generate, before        the base model's generations, per edit as before this change, and
+                          batched across all edits once (eval.generated.generations_per_edit)
+
+    python benchmarks/eval_edit.py --layer layers.26 --out runs/bench-eval-edit.json
+
+Prints a table and writes JSON (hardware, load average, every time). Nothing is timed in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from salem_jax.compile_cache import enable_compile_cache  # noqa: E402
+from salem_jax.data.countries import country_records  # noqa: E402
+from salem_jax.eval.edits import EditEvaluator  # noqa: E402
+from salem_jax.eval.generated import edit_generation_metrics, generate_answers, generations_per_edit  # noqa: E402
+from salem_jax.models.base import get_path, set_path  # noqa: E402
+from salem_jax.models.loading import load_model  # noqa: E402
+
+
+def _row(prompt, target, group, i):
+    return dict(id=f"{group}{i}", record_id=f"r{i}", group=group, prompt=prompt, target=target, label=-1, text_pair="")
+
+
+def rows(args):
+    caps = list(country_records("capital", seed=args.seed))
+    others = list(country_records(("region", "currency", "languages"), seed=args.seed))
+    n = args.edits
+    if len(caps) < n + args.pass_rows + 1 or len(others) < args.keep_rows:
+        raise SystemExit(f"not enough country facts for {n} edits + {args.pass_rows} pass rows")
+    edits = []
+    for i, r in enumerate(caps[:n]):
+        new = caps[(i + 1) % n].target_true  # another country's capital: a counterfactual edit
+        edits.append({"fail": [_row(r.prompt, new, "fail", i)],
+                      "adapt": [_row(p, new, "adapt", i) for p in r.rephrases[: args.rephrasings]]})
+    shared = {"pass": [_row(r.prompt, r.target_true, "pass", i) for i, r in enumerate(caps[n: n + args.pass_rows])],
+              "keep": [_row(r.prompt, r.target_true, "keep", i) for i, r in enumerate(others[: args.keep_rows])]}
+    return edits, shared
+
+
+def texts(n: int) -> list[str]:
+    """The pipeline's held-out text: the last n paragraphs of the WikiText file (pipeline.held_out_texts)."""
+    from salem_jax.data import readers
+    from salem_jax.data.paths import find_data_file
+
+    return list(readers.read_text(find_data_file("wikitext")))[-n:] if n > 0 else []
+
+
+def edited_params(model, layer: str, i: int, scale: float):
+    """Base parameters with a rank-1 change of `layer`'s last MLP kernel (deterministic by i)."""
+    w = model.layers[layer].mlp[-1]
+    k = get_path(model.params, w.path)
+    key = jax.random.PRNGKey(i)
+    u, v = jax.random.normal(key, (k.shape[0],)), jax.random.normal(jax.random.fold_in(key, 1), (k.shape[1],))
+    return set_path(model.params, w.path, k + scale * jnp.outer(u, v) / np.sqrt(k.size))
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    jax.block_until_ready(out) if not isinstance(out, (dict, list)) else None
+    return time.perf_counter() - t, out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--layer", default="layers.26")
+    ap.add_argument("--edits", type=int, default=8)
+    ap.add_argument("--rephrasings", type=int, default=4)
+    ap.add_argument("--pass-rows", type=int, default=6)
+    ap.add_argument("--keep-rows", type=int, default=48)
+    ap.add_argument("--texts", type=int, default=8)
+    ap.add_argument("--scale", type=float, default=4.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="runs/bench-eval-edit.json")
+    ap.add_argument("--no-compile-cache", action="store_true")
+    args = ap.parse_args(argv)
+    if not args.no_compile_cache:
+        enable_compile_cache()
+    load0 = os.getloadavg()
+    model = load_model(args.model)
+    edits, shared = rows(args)
+    txt = texts(args.texts)
+    res: dict = {"args": vars(args), "hardware": {"platform": platform.platform(), "devices": [str(d) for d in jax.devices()],
+                                                  "cpu_count": os.cpu_count()}, "load_start": load0}
+    print(f"{len(edits)} edits, {sum(map(len, shared.values()))} shared rows, {len(txt)} texts "
+          f"({sum(len(t.split()) for t in txt)} words)", flush=True)
+    t0 = time.perf_counter()
+    ev = {s: EditEvaluator(model, model.params, edits, shared, texts=txt, batch_size=8, skip_unchanged_blocks=s)
+          for s in (False, True)}
+    res["evaluator_setup_s"] = (time.perf_counter() - t0) / 2
+    print(f"evaluators built in {2 * res['evaluator_setup_s']:.1f} s", flush=True)
+    times: dict[str, list[float]] = {k: [] for k in ("score_all_blocks", "score_from_block", "score_text_all_blocks",
+                                                     "score_text_from_block", "generate_after", "generate_before_per_edit")}
+    for i in range(args.edits):
+        p = edited_params(model, args.layer, i, args.scale)
+        jax.block_until_ready(p)
+        for name, skip, text in (("score_all_blocks", False, False), ("score_from_block", True, False),
+                                 ("score_text_all_blocks", False, True), ("score_text_from_block", True, True)):
+            dt, m = timed(lambda: ev[skip].evaluate(i, p, with_text=text))
+            times[name].append(dt)
+            if name == "score_from_block":
+                assert ev[True].last_start == model.layers.names().index(args.layer), ev[True].last_start
+        prompts = [r["prompt"] for g in ("fail", "adapt") for r in edits[i][g]]
+        targets = [r["target"] for g in ("fail", "adapt") for r in edits[i][g]]
+        times["generate_after"].append(timed(lambda: generate_answers(model, p, prompts, targets))[0])
+        times["generate_before_per_edit"].append(timed(lambda: generate_answers(model, model.params, prompts, targets))[0])
+        print(f"edit {i}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
+    dt, _ = timed(lambda: generations_per_edit(model, model.params, [(e["fail"][0], e["adapt"]) for e in edits]))
+    res["generate_before_batched_total_s"] = dt
+    res["times_s"] = times
+    med = {k: statistics.median(v[1:]) for k, v in times.items()}  # the first edit compiles
+    res["median_s"] = med
+    res["generate_before_batched_per_edit_s"] = dt / args.edits
+    before_now = med["score_from_block"] + med["generate_after"] + dt / args.edits
+    before_old = med["score_all_blocks"] + med["generate_after"] + med["generate_before_per_edit"]
+    res["per_edit_old_s"], res["per_edit_new_s"] = before_old, before_now
+    res["load_end"] = os.getloadavg()
+    print(f"\n{args.model}, edit at {args.layer}: {args.edits} edits x ({1 + args.rephrasings} own rows), "
+          f"{args.pass_rows + args.keep_rows} shared rows, {args.texts} text paragraphs; load {load0[0]:.1f} -> {res['load_end'][0]:.1f}")
+    print("| piece (median per edit, first edit excluded) | seconds |\n|---|---|")
+    for k, v in med.items():
+        print(f"| {k} | {v:.3f} |")
+    print(f"| generate_before, batched across edits (per edit) | {dt / args.edits:.3f} |")
+    print(f"| one edit's evaluation without text: all blocks + generation before/after per edit | {before_old:.3f} |")
+    print(f"| the same from the edited block, base generations batched | {before_now:.3f} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
