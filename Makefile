@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/scale.py --out runs/bench-scale.json
 	$(PY) benchmarks/layer_selection.py --out runs/bench-layer-selection.json
 	$(PY) benchmarks/editability.py --out runs/bench-editability.json
+	$(PY) benchmarks/eval_edit.py --out runs/bench-eval-edit.json
 
 clean:
 	rm -rf $(VENV)
