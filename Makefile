@@ -25,7 +25,7 @@ demo: $(STAMP)
 PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
 
 test: $(STAMP)
-	$(PYTEST) -m "not slow"
+	$(PYTEST) -m "not slow" --durations=25
 
 test-slow: $(STAMP)
 	$(PYTEST) -m slow
