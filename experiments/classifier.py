@@ -171,18 +171,13 @@ def results_table(out: dict) -> str:
     return "\n".join(lines) + "\n" + note
 
 
-def run_classifier_experiment(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+def classifier_edit_set(cfg: ml_collections.ConfigDict, work: Path, say, methods=()) -> dict:
+    """Steps 1-3 of the experiment: records, the fine-tuned classifier, the edit set split into
+    editor train / val rows (written to work/edit_set and work/edit_split.json).
 
-
-    # --- load: the methods (checked first), the records, the fine-tuned classifier
-    work = Path(workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    t_all = time.perf_counter()
-
-    def say(msg):
-        print(f"[{cfg.name}] {msg}", flush=True)
-
-    methods = [method_registry.get(name) for name in cfg.methods]  # unknown names fail here, before any cost
+    Shared with benchmarks/mend_sweep.py so that its layer-set ablation trains on exactly the
+    experiment's edits. methods: registry Methods checked against the model before the edit set is
+    built. Returns dict(model, folder, splits, es, train_rows, val_rows)."""
     records = read(cfg)
     folder, splits = finetuned_classifier(cfg, records, work, say)
     model = load_model(str(folder))
@@ -211,6 +206,24 @@ def run_classifier_experiment(cfg: ml_collections.ConfigDict, workdir: str | os.
         editor_val=sorted({r["record_id"] for r in val_rows}, key=F.id_order),
         too_long=dict(max_tokens=cfg.edit_max_tokens, records=too_long)))
     say(es.summary())
+    return dict(model=model, folder=folder, splits=splits, es=es, train_rows=train_rows, val_rows=val_rows)
+
+
+def run_classifier_experiment(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+
+
+    # --- load: the methods (checked first), the records, the fine-tuned classifier
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+
+    def say(msg):
+        print(f"[{cfg.name}] {msg}", flush=True)
+
+    methods = [method_registry.get(name) for name in cfg.methods]  # unknown names fail here, before any cost
+    prep = classifier_edit_set(cfg, work, say, methods)
+    model, folder, es = prep["model"], prep["folder"], prep["es"]
+    train_rows, val_rows = prep["train_rows"], prep["val_rows"]
 
     # --- locate: saliency over the train rows
     profile = P.saliency(model, train_rows, cfg)

@@ -50,6 +50,9 @@ def test_sweep_equals_training_each_set_by_hand(setup):
         keys = [(r["drawdown"] <= 0.5, r["edit_acc"], -r["drawdown"]) for r in res.rows]
         assert list(res.ranking) == sorted(range(3), key=lambda i: keys[i], reverse=True)
         assert res.position(res.best()) == 1
+        two = res.ranking.index(2) + 1  # ("h.0", "h.1")'s rank; a set is found in any order
+        assert res.position(("h.1", "h.0")) == res.position(("h.0", "h.1")) == two
+        assert res.position(("h.1", "h.2")) is None
         assert sorted(r["rank"] for r in res.rows) == [1, 2, 3]
 
 
@@ -77,3 +80,32 @@ def test_default_layer_sets():
     assert singles == [f"layers.{i}" for i in (0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 29)]
     assert [s for s in sets if len(s) == 3] == [tuple(names[0:3]), tuple(names[13:16]), tuple(names[27:30])]
     assert np.all([len(s) in (1, 3) for s in sets])
+
+
+def test_contiguous_sets():
+    names = [f"layer.{i}" for i in range(6)]
+    assert MS.contiguous_sets(names, 3) == [tuple(f"layer.{j}" for j in range(i, i + 3)) for i in range(4)]
+    assert MS.contiguous_sets(names, 6) == [tuple(names)]
+    with pytest.raises(ValueError):
+        MS.contiguous_sets(names, 7)
+
+
+def test_random_layer_sets_seeded_distinct_and_excluding():
+    names = [f"layer.{i}" for i in range(6)]
+    contiguous = MS.contiguous_sets(names, 3)
+    a = MS.random_layer_sets(names, 3, 2, seed=0, exclude=contiguous)
+    assert a == MS.random_layer_sets(names, 3, 2, seed=0, exclude=contiguous)  # deterministic
+    # the same draw by hand: default_rng([seed, k]).choice, sorted, the first two not excluded
+    rng, want, seen = np.random.default_rng([0, 3]), [], {frozenset(c) for c in contiguous}
+    while len(want) < 2:
+        s = tuple(names[i] for i in sorted(rng.choice(6, 3, replace=False).tolist()))
+        if frozenset(s) not in seen:
+            seen.add(frozenset(s))
+            want.append(s)
+    assert a == want
+    assert len({frozenset(s) for s in a}) == 2 and not {frozenset(s) for s in a} & {frozenset(c) for c in contiguous}
+    assert all(list(s) == sorted(s, key=names.index) for s in a)  # layer order
+    # all 20 triples minus the 4 contiguous: 16 exist, a 17th is refused
+    assert len(MS.random_layer_sets(names, 3, 16, seed=1, exclude=contiguous)) == 16
+    with pytest.raises(ValueError, match="only 16"):
+        MS.random_layer_sets(names, 3, 17, seed=1, exclude=contiguous)

@@ -69,6 +69,35 @@ def default_layer_sets(names: Sequence[str], stride: int = 3) -> list[tuple[str,
     return sets
 
 
+def contiguous_sets(names: Sequence[str], k: int = 3) -> list[tuple[str, ...]]:
+    """Every run of k consecutive layers: (0..k-1), (1..k), ... (the paper's Table 6 rows)."""
+    if not 1 <= k <= len(names):
+        raise ValueError(f"mend-sweep: sets of {k} layers from {len(names)} layers")
+    return [tuple(names[i : i + k]) for i in range(len(names) - k + 1)]
+
+
+def random_layer_sets(names: Sequence[str], k: int, n: int, seed: int,
+                      exclude: Sequence[Sequence[str]] = ()) -> list[tuple[str, ...]]:
+    """n distinct sets of k layers (in layer order) drawn uniformly without replacement by
+    numpy's default_rng([seed, k]), skipping the sets in `exclude` (as the paper's Table 6 adds two
+    random triples, (2,5,9) and (1,2,4), to the contiguous ones). Deterministic in (names, k, n, seed)."""
+    from math import comb
+
+    left = comb(len(names), k) - len({frozenset(e) for e in exclude if len(e) == k})
+    if n > left:
+        raise ValueError(f"mend-sweep: {n} random sets of {k} of {len(names)} layers asked, only {left} not excluded")
+    rng = np.random.default_rng([seed, k])
+    seen = {frozenset(e) for e in exclude}
+    out = []
+    while len(out) < n:
+        idx = sorted(rng.choice(len(names), size=k, replace=False).tolist())
+        s = tuple(names[i] for i in idx)
+        if frozenset(s) not in seen:
+            seen.add(frozenset(s))
+            out.append(s)
+    return out
+
+
 def set_name(layers: Sequence[str]) -> str:
     """A folder-safe name of a layer set: 'layers.27+layers.28+layers.29'."""
     return "+".join(re.sub(r"[^A-Za-z0-9_.-]", "_", n) for n in layers)
@@ -174,9 +203,9 @@ class MendSweepResult:
         return self.layer_sets[self.ranking[0]]
 
     def position(self, layers: Sequence[str]) -> int | None:
-        """1-based rank of a set (None if it was not swept)."""
+        """1-based rank of a set, in any order (None if it was not swept)."""
         for p, i in enumerate(self.ranking, 1):
-            if tuple(self.layer_sets[i]) == tuple(layers):
+            if frozenset(self.layer_sets[i]) == frozenset(layers):
                 return p
         return None
 
