@@ -168,6 +168,25 @@ def test_key_is_averaged_over_prefixes():
     assert idx == 4
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_key_padded_to_bucket_compiles_once_per_bucket(arch):
+    """compute_key pads to a length bucket: the key equals the one read by the test's own
+    single-row capture at each text's exact length, and prompts of different lengths in one
+    bucket share one compiled program."""
+    model = _model(arch)
+    w = R.rome_weight(model, model.layers.names()[-1])
+    prompts = ["france", "the capital of france", "what is the capital city of france"]
+    lengths = {len(model.tokenizer(p)["input_ids"]) for p in prompts}
+    assert len(lengths) == 3 and max(lengths) <= 16  # three lengths, one bucket (16)
+    before = R._keys_values._cache_size()
+    for p in prompts:
+        key, idx = R.compute_key(model, model.params, w, p, "france")
+        n = len(model.tokenizer(p)["input_ids"])
+        x, _ = _capture(model, model.params, w.module_path, p, length=n)  # unpadded
+        np.testing.assert_allclose(np.asarray(key), x[idx], rtol=1e-5, atol=1e-6)
+    assert R._keys_values._cache_size() - before <= 1
+
+
 # --------------------------------------------------------------------------- real model
 
 

@@ -245,7 +245,10 @@ def compute_key(model, params: Any, weight: Weight, prompt: str, subject: str, p
     idx = np.asarray(
         [subject_last_index(model.tokenizer, t, subject, start=len(t) - len(prompt)) for t in texts], np.int32
     )
-    batch = _text_batch(model, texts)
+    # padded to a length bucket (right padding leaves a causal model's earlier positions alone),
+    # so `_keys_values` compiles once per bucket, not once per prompt length
+    n = max(len(model.tokenizer(t, add_special_tokens=True)["input_ids"]) for t in texts)
+    batch = _text_batch(model, texts, length=bucket_length(n, model.max_length))
     k, _ = _keys_values(model.apply, weight.module_path, params, batch, idx)
     bare = subject_last_index(model.tokenizer, prompt, subject)
     return k.mean(0), bare
