@@ -51,10 +51,12 @@ from salem_jax.eval import metrics as M
 from salem_jax.eval.counterfact import evaluate_counterfact, target_probs
 from salem_jax.generate import greedy
 from salem_jax.locate import causal_trace as C
-from salem_jax.locate.golden import best_fixed_layer, bootstrap_gap, lga_inner_product_scores, per_edit_oracle, tukey_choice
+from salem_jax.locate.golden import (EditScorer, best_fixed_layer, bootstrap_gap, lga_inner_product_scores,
+                                     per_edit_oracle, tukey_choice)
 from salem_jax.models import load_model
 
 METRICS = ("rewrite", "rephrase", "locality")
+SCORERS = ("salem", "contrast", "lga", "lga_ip", "causal_trace")
 
 
 def load_edits(name: str, n: int, proxy: int):
@@ -78,19 +80,6 @@ def loc_rows(rec):
 
 def token_acc(out) -> float:
     return float(out["token_correct"].sum() / max(out["n_tokens"].sum(), 1))
-
-
-def score_edit(model, base, params, rec, req, cf: bool):
-
-    rw = M.score_rows(model, params, [{"prompt": rec.prompt, "target": req.target_new}], progress=False)
-    rp = M.score_rows(model, params, [{"prompt": p, "target": req.target_new} for p in rec.rephrases], progress=False)
-    lc = M.compare_rows(model, base, params, loc_rows(rec), progress=False)
-    out = {"rewrite": token_acc(rw), "rephrase": token_acc(rp),
-           "locality": float(lc["unchanged"].sum() / max(lc["n_tokens_after"].sum(), 1))}
-    if cf:
-        m = evaluate_counterfact(model, params, [rec], progress=False)
-        out.update(ES=m["ES"], PS=m["PS"], NS=m["NS"])
-    return out
 
 
 def scorer_layers(model, proxy, cand, args, log):
@@ -157,6 +146,7 @@ def main(argv=None) -> int:
     ap.add_argument("--trace-facts", type=int, default=3)
     ap.add_argument("--n-noise", type=int, default=5)
     ap.add_argument("--boot", type=int, default=2000)
+    ap.add_argument("--no-spill", dest="spill", action="store_false", help="skip the France -> Rome check")
     ap.add_argument("--out", default="runs/golden.json")
     args = ap.parse_args(argv)
 
@@ -189,57 +179,45 @@ def main(argv=None) -> int:
     report = {"command": "python benchmarks/golden_layers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "model": args.model, "candidates": cand, "args": vars(args), "load_start": load0,
               "cov_seconds": cov_time, "covariance": stats.report(), "datasets": {}}
-    # --- per data set: scorers on the proxy edits, then the per-edit oracle
+    # --- per data set: scorers on the proxy edits, then the sweep; the JSON is rewritten after every edit
     for ds in args.datasets.split(","):
         recs, reqs, proxy = load_edits(ds, args.n, args.proxy)
         cf = ds == "counterfact"
-        table, extra = np.zeros((len(reqs), len(cand), len(METRICS))), [[None] * len(cand) for _ in reqs]
-        t = time.perf_counter()
-        for i, (rec, rq) in enumerate(zip(recs, reqs)):
-            for j, c in enumerate(cand):
-                p, info = rrome_one(model, base, rome_weight(model, c), rq, solvers[c], cfg, prefixes)
-                m = score_edit(model, base, p, rec, rq, cf)
-                table[i, j] = [m[k] for k in METRICS]
-                extra[i][j] = m
-            log(f"{ds} edit {i + 1}/{len(reqs)}: rewrite per layer {np.round(table[i, :, 0], 2).tolist()}")
-        sweep_time = time.perf_counter() - t
-        per_pair = sweep_time / (len(reqs) * len(cand))
-        best, best_m = per_edit_oracle(table)
-        fixed = best_fixed_layer(table)
         scorers = scorer_layers(model, proxy, cand, args, log)
-        ways = {"oracle": {"layer": "per edit", "per_edit": best_m, "cost_s": sweep_time},
-                "brute_force_fixed": {"layer": cand[fixed], "per_edit": table[:, fixed],
-                                      "cost_s": per_pair * len(proxy) * len(cand),
-                                      "cost_note": "r-ROME + scoring at every candidate on the proxy set, "
-                                                   "from this run's time per (edit, layer)"}}
-        for sc in ("salem", "contrast", "lga", "lga_ip", "causal_trace"):
-            layer, scores, secs = scorers[sc]
-            ways[sc] = {"layer": layer, "per_edit": table[:, cand.index(layer)], "cost_s": secs, "scores": scores}
-        res = {"n": len(reqs), "oracle_layers": [cand[b] for b in best], "sweep_seconds": sweep_time,
-               "seconds_per_edit_layer": per_pair, "lga_ip_dropped": scorers["lga_ip_dropped"],
-               "table": table.tolist(), "ways": {}}
-        for w, d in ways.items():
-            pe = np.asarray(d["per_edit"])
-            row = {"layer": d["layer"], "cost_s": d["cost_s"], **{k: float(pe[:, q].mean()) for q, k in enumerate(METRICS)}}
-            if "scores" in d:
-                row["scores"] = d["scores"]
-            for q, k in enumerate(METRICS):
-                row[f"gap_{k}_vs_oracle"] = bootstrap_gap(best_m[:, q], pe[:, q], n_boot=args.boot)
-                row[f"gap_{k}_vs_fixed"] = bootstrap_gap(table[:, fixed, q], pe[:, q], n_boot=args.boot)
-            if cf:
-                if w == "oracle":
-                    sel = [extra[i][b] for i, b in enumerate(best)]
-                else:
-                    sel = [extra[i][cand.index(d["layer"])] for i in range(len(reqs))]
-                for k in ("ES", "PS", "NS"):
-                    row[k] = float(np.mean([s[k] for s in sel]))
-            res["ways"][w] = row
-        report["datasets"][ds] = res
-        if "spill" not in report:  # the France -> Rome edit at the first data set's best fixed layer
-            layer = res["ways"]["brute_force_fixed"]["layer"]
+        rows, extra = [], []
+        t = time.perf_counter()
+        t_edit = t_score = 0.0
+        for i, (rec, rq) in enumerate(zip(recs, reqs)):
+            t0 = time.perf_counter()
+            score = EditScorer(model, base, rec, rq.target_new, counterfact=cf)  # base argmax once per edit
+            t_score += time.perf_counter() - t0
+            row, ex = [], []
+            for c in cand:
+                t0 = time.perf_counter()
+                p, info = rrome_one(model, base, rome_weight(model, c), rq, solvers[c], cfg, prefixes)
+                jax.block_until_ready(p)
+                t1 = time.perf_counter()
+                m = score(p)
+                t_score += time.perf_counter() - t1
+                t_edit += t1 - t0
+                m["v_steps_run"] = len(info["losses"]) - 1
+                m["dw_norm"] = info["dw_norm"]
+                row.append([m[k] for k in METRICS])
+                ex.append(m)
+            rows.append(row)
+            extra.append(ex)
+            log(f"{ds} edit {i + 1}/{len(reqs)}: rewrite per layer {np.round(np.asarray(row)[:, 0], 2).tolist()} "
+                f"(edit {t_edit:.0f}s, scoring {t_score:.0f}s so far; load {os.getloadavg()[0]:.1f})")
+            sweep_time = time.perf_counter() - t
+            report["datasets"][ds] = summarize(np.asarray(rows), extra, cand, scorers, sweep_time, t_edit, t_score,
+                                               len(proxy), cf, args.boot)
+            report["datasets"][ds]["n_planned"] = len(reqs)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=1))  # a stopped run keeps its edits
+        if args.spill and "spill" not in report:  # the France -> Rome edit at the first data set's best fixed layer
+            layer = report["datasets"][ds]["ways"]["brute_force_fixed"]["layer"]
             report["spill"] = spill_check(model, base, layer, solvers[layer], cfg, prefixes)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))  # partial results survive a later failure
+            Path(args.out).write_text(json.dumps(report, indent=1))
         log(f"{ds} done")
     # --- report
     report["load_end"] = os.getloadavg()
@@ -248,6 +226,44 @@ def main(argv=None) -> int:
     Path(args.out).write_text(json.dumps(report, indent=1))
     print_table(report)
     return 0
+
+
+def summarize(table, extra, cand, scorers, sweep_time, t_edit, t_score, n_proxy, cf, n_boot):
+    """The golden-layer table of one data set from the (edits, layers, METRICS) array so far."""
+    n = table.shape[0]
+    per_pair = sweep_time / (n * len(cand))
+    best, best_m = per_edit_oracle(table)
+    fixed = best_fixed_layer(table)
+    ways = {"oracle": {"layer": "per edit", "per_edit": best_m, "cost_s": sweep_time,
+                       "cost_note": "r-ROME + scoring at every candidate layer for every evaluated edit"},
+            "brute_force_fixed": {"layer": cand[fixed], "per_edit": table[:, fixed],
+                                  "cost_s": per_pair * n_proxy * len(cand),
+                                  "cost_note": "r-ROME + scoring at every candidate on the proxy set, "
+                                               "from this run's time per (edit, layer)"}}
+    for sc in SCORERS:
+        layer, scores, secs = scorers[sc]
+        ways[sc] = {"layer": layer, "per_edit": table[:, cand.index(layer)], "cost_s": secs, "scores": scores}
+    res = {"n": n, "oracle_layers": [cand[b] for b in best], "sweep_seconds": sweep_time,
+           "edit_seconds": t_edit, "scoring_seconds": t_score, "seconds_per_edit_layer": per_pair,
+           "lga_ip_dropped": scorers["lga_ip_dropped"], "table": table.tolist(), "extra": extra, "ways": {}}
+    for w, d in ways.items():
+        pe = np.asarray(d["per_edit"])
+        row = {"layer": d["layer"], "cost_s": d["cost_s"], **{k: float(pe[:, q].mean()) for q, k in enumerate(METRICS)}}
+        for key in ("scores", "cost_note"):
+            if key in d:
+                row[key] = d[key]
+        for q, k in enumerate(METRICS):
+            row[f"gap_{k}_vs_oracle"] = bootstrap_gap(best_m[:, q], pe[:, q], n_boot=n_boot)
+            row[f"gap_{k}_vs_fixed"] = bootstrap_gap(table[:, fixed, q], pe[:, q], n_boot=n_boot)
+        if cf:
+            if w == "oracle":
+                sel = [extra[i][b] for i, b in enumerate(best)]
+            else:
+                sel = [extra[i][cand.index(d["layer"])] for i in range(n)]
+            for k in ("ES", "PS", "NS"):
+                row[k] = float(np.mean([s[k] for s in sel]))
+        res["ways"][w] = row
+    return res
 
 
 def spill_check(model, base, layer, solver, cfg, prefixes):
@@ -284,6 +300,8 @@ def print_table(rep):
                 line += f"{r['ES']:>6.2f}{r['PS']:>6.2f}{r['NS']:>6.2f}"
             print(line + f"  {_fmt_gap(r['gap_rewrite_vs_oracle']):<22}{_fmt_gap(r['gap_rewrite_vs_fixed']):<22}"
                          f"{r['cost_s']:>8.0f}")
+    if "spill" not in rep:
+        return
     s = rep["spill"]
     print(f"\nFrance -> Rome at {s['layer']}: " + "; ".join(
         f"{k}: P(Rome|France) {s[k]['p_rome_france']:.3f}, P(Rome|Germany) {s[k]['p_rome_germany']:.3f}, "
