@@ -39,6 +39,7 @@ import jax
 import numpy as np
 
 from salem_jax import saliency as S
+from salem_jax.compile_cache import add_flag, enable_compile_cache
 from salem_jax.baselines.keystats import KeyStats, wikitext_texts
 from salem_jax.baselines.locate_edit import EditorConfig
 from salem_jax.baselines.requests import EditRequest
@@ -140,6 +141,7 @@ def main(argv=None) -> int:
     ap.add_argument("--proxy", type=int, default=10, help="proxy edits per data set for the scorers")
     ap.add_argument("--layer-stride", type=int, default=3)
     ap.add_argument("--layer-offset", type=int, default=0)
+    ap.add_argument("--layers", default="", help="candidate layers, comma separated (instead of stride / offset)")
     ap.add_argument("--cov-tokens", type=int, default=20000)
     ap.add_argument("--prefixes", default="5x5,5x10", help="r-ROME prefixes: count x tokens, comma separated")
     ap.add_argument("--v-steps", type=int, default=20)
@@ -148,7 +150,9 @@ def main(argv=None) -> int:
     ap.add_argument("--boot", type=int, default=2000)
     ap.add_argument("--no-spill", dest="spill", action="store_false", help="skip the France -> Rome check")
     ap.add_argument("--out", default="runs/golden.json")
+    add_flag(ap)
     args = ap.parse_args(argv)
+    enable_compile_cache(enabled=not args.no_compile_cache)
 
 
 
@@ -163,6 +167,11 @@ def main(argv=None) -> int:
     base = model.params
     names = model.layers.names()
     cand = names[args.layer_offset :: args.layer_stride]
+    if args.layers:
+        cand = args.layers.split(",")
+        bad = [c for c in cand if c not in names]
+        if bad:
+            raise SystemExit(f"--layers: {bad} are not layers of {args.model} ({names[0]} .. {names[-1]})")
     lengths = []
     for part in args.prefixes.split(","):
         if part:
