@@ -28,6 +28,7 @@ Prints a table; writes JSON to --out.
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import dataclasses
 import json
 import os
@@ -149,9 +150,15 @@ def main(argv=None) -> int:
     ap.add_argument("--n-noise", type=int, default=5)
     ap.add_argument("--boot", type=int, default=2000)
     ap.add_argument("--no-spill", dest="spill", action="store_false", help="skip the France -> Rome check")
+    ap.add_argument("--spill-only", metavar="LAYER", help="only the France -> Rome check at LAYER (e.g. the best "
+                    "fixed layer of a stopped run), written to --out")
     ap.add_argument("--out", default="runs/golden.json")
+    ap.add_argument("--markdown", metavar="JSON", help="print the tables of an earlier run's JSON as markdown, run nothing")
     add_flag(ap)
     args = ap.parse_args(argv)
+    if args.markdown:
+        print_markdown(json.loads(Path(args.markdown).read_text()))
+        return 0
     enable_compile_cache(enabled=not args.no_compile_cache)
 
 
@@ -167,6 +174,8 @@ def main(argv=None) -> int:
     base = model.params
     names = model.layers.names()
     cand = names[args.layer_offset :: args.layer_stride]
+    if args.spill_only:
+        args.layers = args.spill_only
     if args.layers:
         cand = args.layers.split(",")
         bad = [c for c in cand if c not in names]
@@ -188,6 +197,13 @@ def main(argv=None) -> int:
     report = {"command": "python benchmarks/golden_layers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "model": args.model, "candidates": cand, "args": vars(args), "load_start": load0,
               "cov_seconds": cov_time, "covariance": stats.report(), "datasets": {}}
+    if args.spill_only:
+        report["spill"] = spill_check(model, base, cand[0], solvers[cand[0]], cfg, prefixes)
+        report["wall_seconds"], report["load_end"] = time.perf_counter() - t_start, os.getloadavg()
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        print_markdown(report)
+        return 0
     # --- per data set: scorers on the proxy edits, then the sweep; the JSON is rewritten after every edit
     for ds in args.datasets.split(","):
         recs, reqs, proxy = load_edits(ds, args.n, args.proxy)
@@ -316,6 +332,40 @@ def print_table(rep):
         f"{k}: P(Rome|France) {s[k]['p_rome_france']:.3f}, P(Rome|Germany) {s[k]['p_rome_germany']:.3f}, "
         f"P(Berlin|Germany) {s[k]['p_berlin_germany']:.3f}, greedy Germany -> {s[k]['greedy']['The capital of Germany is']!r}"
         for k in ("before", "after")))
+
+
+NAMES = {"oracle": "per-edit oracle", "brute_force_fixed": "best fixed (brute force)", "salem": "salem",
+         "contrast": "contrast", "lga": "lga (project's reading)", "lga_ip": "lga_ip (third-party definition)",
+         "causal_trace": "causal tracing"}
+
+
+def print_markdown(rep):
+    """The README's tables (one per data set) from a run's JSON (complete or stopped)."""
+    for ds, res in rep["datasets"].items():
+        cf = "ES" in res["ways"]["oracle"]
+        print(f"\n{ds}: N = {res['n']} of {res.get('n_planned', res['n'])} edits, {res['seconds_per_edit_layer']:.1f} s "
+              f"per (edit, layer) (r-ROME {res['edit_seconds']:.0f} s + scoring {res['scoring_seconds']:.0f} s in all); "
+              f"oracle layers {dict(sorted(Counter(res['oracle_layers']).items()))}\n")
+        head = "| way of choosing | layer | rewrite | rephrase | locality |" + (" ES | PS | NS |" if cf else "")
+        head += " rewrite gap to oracle [95% CI] | rewrite gap to best fixed [95% CI] | cost |"
+        print(head)
+        print("|" + "---|" * (head.count("|") - 1))
+        for w, r in res["ways"].items():
+            g = r["gap_rewrite_vs_oracle"]
+            f = r["gap_rewrite_vs_fixed"]
+            line = f"| {NAMES.get(w, w)} | {r['layer']} | {r['rewrite']:.3f} | {r['rephrase']:.3f} | {r['locality']:.3f} |"
+            if cf:
+                line += f" {r['ES']:.2f} | {r['PS']:.2f} | {r['NS']:.2f} |"
+            gap = "-" if w == "oracle" else f"{g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]"
+            gfx = "-" if w in ("oracle", "brute_force_fixed") else f"{f['mean']:+.3f} [{f['lo']:+.3f}, {f['hi']:+.3f}]"
+            print(line + f" {gap} | {gfx} | {r['cost_s']:.0f} s |")
+        print("\nscores per candidate: " + "; ".join(f"{w} {np.round(r['scores'], 4).tolist()}"
+                                                   for w, r in res["ways"].items() if "scores" in r))
+    if "spill" in rep:
+        s = rep["spill"]
+        for k in ("before", "after"):
+            print(f"spill {s['layer']} {k}: P(Rome|France) {s[k]['p_rome_france']:.4f}, P(Rome|Germany) "
+                  f"{s[k]['p_rome_germany']:.4f}, P(Berlin|Germany) {s[k]['p_berlin_germany']:.4f}, greedy {s[k]['greedy']}")
 
 
 if __name__ == "__main__":

@@ -304,10 +304,15 @@ def _make_v_step(apply, module_path: str, lr: float, kl_factor: float, weight_de
     return opt, step, loss_only
 
 
+MIN_SCORED = 8  # the fewest scored positions per row in the v* batch (a static shape)
+
+
 def _with_value_positions(batch: dict, kl_idx: int, n_rw: int) -> dict:
     """`batch` with `score_pos` [B, K]: each rewriting row's target positions first (as
     `with_score_positions`), and in the KL row (index n_rw, no labels) its subject token at slot 0."""
-    out = with_score_positions(batch, k=max(1, 1 << (int(np.asarray(batch["label_mask"]).sum(-1).max()) - 1).bit_length()))
+    need = int(np.asarray(batch["label_mask"]).sum(-1).max())
+    # K at least 8: targets of 1 to 8 tokens share one compiled step per length bucket
+    out = with_score_positions(batch, k=max(MIN_SCORED, 1 << max(need - 1, 0).bit_length()))
     if SCORE_POS not in out:  # K would not be smaller than S: positions 0..S-1 in order
         S = batch["input_ids"].shape[1]
         out = {**out, SCORE_POS: np.tile(np.arange(S, dtype=np.int32), (batch["input_ids"].shape[0], 1))}

@@ -26,6 +26,7 @@ import numpy as np
 
 from salem_jax.data.tokenize import encode
 from salem_jax.losses import example_nll
+from salem_jax.scored_logits import with_score_positions
 from salem_jax.models.base import get_path
 
 
@@ -188,7 +189,11 @@ class EditScorer:
             for name, ps in (("rw", [prompt]), ("pp", reph), ("nb", locp)):
                 self.groups[name + "_new"] = add([(p, target_new) for p in ps])
                 self.groups[name + "_true"] = add([(p, true) for p in ps])
-        full = M.encode_rows(model, [{"prompt": p, "target": t} for p, t in rows], where="golden-layer rows")
+        prompts, targets = [p for p, _ in rows], [t for _, t in rows]
+        enc = encode(model, prompts, targets, where="golden-layer rows")
+        need = int(enc["label_mask"].sum(-1).max())
+        # at least 8 scored positions: edits whose targets have 1..8 tokens share one program per length
+        full = with_score_positions(enc, k=max(8, 1 << max(need - 1, 0).bit_length()))
         self.n = len(rows)
         self.batches = [pad_rows(slice_rows(full, s, s + batch_size), batch_size)
                         for s in range(0, self.n, batch_size)]
