@@ -28,6 +28,7 @@ Prints a table; writes JSON to --out.
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import dataclasses
 import json
 import os
@@ -39,6 +40,7 @@ import jax
 import numpy as np
 
 from salem_jax import saliency as S
+from salem_jax.compile_cache import add_flag, enable_compile_cache
 from salem_jax.baselines.keystats import KeyStats, wikitext_texts
 from salem_jax.baselines.locate_edit import EditorConfig
 from salem_jax.baselines.requests import EditRequest
@@ -51,10 +53,12 @@ from salem_jax.eval import metrics as M
 from salem_jax.eval.counterfact import evaluate_counterfact, target_probs
 from salem_jax.generate import greedy
 from salem_jax.locate import causal_trace as C
-from salem_jax.locate.golden import best_fixed_layer, bootstrap_gap, lga_inner_product_scores, per_edit_oracle, tukey_choice
+from salem_jax.locate.golden import (EditScorer, best_fixed_layer, bootstrap_gap, lga_inner_product_scores,
+                                     per_edit_oracle, tukey_choice)
 from salem_jax.models import load_model
 
 METRICS = ("rewrite", "rephrase", "locality")
+SCORERS = ("salem", "contrast", "lga", "lga_ip", "causal_trace")
 
 
 def load_edits(name: str, n: int, proxy: int):
@@ -78,19 +82,6 @@ def loc_rows(rec):
 
 def token_acc(out) -> float:
     return float(out["token_correct"].sum() / max(out["n_tokens"].sum(), 1))
-
-
-def score_edit(model, base, params, rec, req, cf: bool):
-
-    rw = M.score_rows(model, params, [{"prompt": rec.prompt, "target": req.target_new}], progress=False)
-    rp = M.score_rows(model, params, [{"prompt": p, "target": req.target_new} for p in rec.rephrases], progress=False)
-    lc = M.compare_rows(model, base, params, loc_rows(rec), progress=False)
-    out = {"rewrite": token_acc(rw), "rephrase": token_acc(rp),
-           "locality": float(lc["unchanged"].sum() / max(lc["n_tokens_after"].sum(), 1))}
-    if cf:
-        m = evaluate_counterfact(model, params, [rec], progress=False)
-        out.update(ES=m["ES"], PS=m["PS"], NS=m["NS"])
-    return out
 
 
 def scorer_layers(model, proxy, cand, args, log):
@@ -151,14 +142,24 @@ def main(argv=None) -> int:
     ap.add_argument("--proxy", type=int, default=10, help="proxy edits per data set for the scorers")
     ap.add_argument("--layer-stride", type=int, default=3)
     ap.add_argument("--layer-offset", type=int, default=0)
+    ap.add_argument("--layers", default="", help="candidate layers, comma separated (instead of stride / offset)")
     ap.add_argument("--cov-tokens", type=int, default=20000)
     ap.add_argument("--prefixes", default="5x5,5x10", help="r-ROME prefixes: count x tokens, comma separated")
     ap.add_argument("--v-steps", type=int, default=20)
     ap.add_argument("--trace-facts", type=int, default=3)
     ap.add_argument("--n-noise", type=int, default=5)
     ap.add_argument("--boot", type=int, default=2000)
+    ap.add_argument("--no-spill", dest="spill", action="store_false", help="skip the France -> Rome check")
+    ap.add_argument("--spill-only", metavar="LAYER", help="only the France -> Rome check at LAYER (e.g. the best "
+                    "fixed layer of a stopped run), written to --out")
     ap.add_argument("--out", default="runs/golden.json")
+    ap.add_argument("--markdown", metavar="JSON", help="print the tables of an earlier run's JSON as markdown, run nothing")
+    add_flag(ap)
     args = ap.parse_args(argv)
+    if args.markdown:
+        print_markdown(json.loads(Path(args.markdown).read_text()))
+        return 0
+    enable_compile_cache(enabled=not args.no_compile_cache)
 
 
 
@@ -173,6 +174,13 @@ def main(argv=None) -> int:
     base = model.params
     names = model.layers.names()
     cand = names[args.layer_offset :: args.layer_stride]
+    if args.spill_only:
+        args.layers = args.spill_only
+    if args.layers:
+        cand = args.layers.split(",")
+        bad = [c for c in cand if c not in names]
+        if bad:
+            raise SystemExit(f"--layers: {bad} are not layers of {args.model} ({names[0]} .. {names[-1]})")
     lengths = []
     for part in args.prefixes.split(","):
         if part:
@@ -189,57 +197,52 @@ def main(argv=None) -> int:
     report = {"command": "python benchmarks/golden_layers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "model": args.model, "candidates": cand, "args": vars(args), "load_start": load0,
               "cov_seconds": cov_time, "covariance": stats.report(), "datasets": {}}
-    # --- per data set: scorers on the proxy edits, then the per-edit oracle
+    if args.spill_only:
+        report["spill"] = spill_check(model, base, cand[0], solvers[cand[0]], cfg, prefixes)
+        report["wall_seconds"], report["load_end"] = time.perf_counter() - t_start, os.getloadavg()
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        print_markdown(report)
+        return 0
+    # --- per data set: scorers on the proxy edits, then the sweep; the JSON is rewritten after every edit
     for ds in args.datasets.split(","):
         recs, reqs, proxy = load_edits(ds, args.n, args.proxy)
         cf = ds == "counterfact"
-        table, extra = np.zeros((len(reqs), len(cand), len(METRICS))), [[None] * len(cand) for _ in reqs]
-        t = time.perf_counter()
-        for i, (rec, rq) in enumerate(zip(recs, reqs)):
-            for j, c in enumerate(cand):
-                p, info = rrome_one(model, base, rome_weight(model, c), rq, solvers[c], cfg, prefixes)
-                m = score_edit(model, base, p, rec, rq, cf)
-                table[i, j] = [m[k] for k in METRICS]
-                extra[i][j] = m
-            log(f"{ds} edit {i + 1}/{len(reqs)}: rewrite per layer {np.round(table[i, :, 0], 2).tolist()}")
-        sweep_time = time.perf_counter() - t
-        per_pair = sweep_time / (len(reqs) * len(cand))
-        best, best_m = per_edit_oracle(table)
-        fixed = best_fixed_layer(table)
         scorers = scorer_layers(model, proxy, cand, args, log)
-        ways = {"oracle": {"layer": "per edit", "per_edit": best_m, "cost_s": sweep_time},
-                "brute_force_fixed": {"layer": cand[fixed], "per_edit": table[:, fixed],
-                                      "cost_s": per_pair * len(proxy) * len(cand),
-                                      "cost_note": "r-ROME + scoring at every candidate on the proxy set, "
-                                                   "from this run's time per (edit, layer)"}}
-        for sc in ("salem", "contrast", "lga", "lga_ip", "causal_trace"):
-            layer, scores, secs = scorers[sc]
-            ways[sc] = {"layer": layer, "per_edit": table[:, cand.index(layer)], "cost_s": secs, "scores": scores}
-        res = {"n": len(reqs), "oracle_layers": [cand[b] for b in best], "sweep_seconds": sweep_time,
-               "seconds_per_edit_layer": per_pair, "lga_ip_dropped": scorers["lga_ip_dropped"],
-               "table": table.tolist(), "ways": {}}
-        for w, d in ways.items():
-            pe = np.asarray(d["per_edit"])
-            row = {"layer": d["layer"], "cost_s": d["cost_s"], **{k: float(pe[:, q].mean()) for q, k in enumerate(METRICS)}}
-            if "scores" in d:
-                row["scores"] = d["scores"]
-            for q, k in enumerate(METRICS):
-                row[f"gap_{k}_vs_oracle"] = bootstrap_gap(best_m[:, q], pe[:, q], n_boot=args.boot)
-                row[f"gap_{k}_vs_fixed"] = bootstrap_gap(table[:, fixed, q], pe[:, q], n_boot=args.boot)
-            if cf:
-                if w == "oracle":
-                    sel = [extra[i][b] for i, b in enumerate(best)]
-                else:
-                    sel = [extra[i][cand.index(d["layer"])] for i in range(len(reqs))]
-                for k in ("ES", "PS", "NS"):
-                    row[k] = float(np.mean([s[k] for s in sel]))
-            res["ways"][w] = row
-        report["datasets"][ds] = res
-        if "spill" not in report:  # the France -> Rome edit at the first data set's best fixed layer
-            layer = res["ways"]["brute_force_fixed"]["layer"]
+        rows, extra = [], []
+        t = time.perf_counter()
+        t_edit = t_score = 0.0
+        for i, (rec, rq) in enumerate(zip(recs, reqs)):
+            t0 = time.perf_counter()
+            score = EditScorer(model, base, rec, rq.target_new, counterfact=cf)  # base argmax once per edit
+            t_score += time.perf_counter() - t0
+            row, ex = [], []
+            for c in cand:
+                t0 = time.perf_counter()
+                p, info = rrome_one(model, base, rome_weight(model, c), rq, solvers[c], cfg, prefixes)
+                jax.block_until_ready(p)
+                t1 = time.perf_counter()
+                m = score(p)
+                t_score += time.perf_counter() - t1
+                t_edit += t1 - t0
+                m["v_steps_run"] = len(info["losses"]) - 1
+                m["dw_norm"] = info["dw_norm"]
+                row.append([m[k] for k in METRICS])
+                ex.append(m)
+            rows.append(row)
+            extra.append(ex)
+            log(f"{ds} edit {i + 1}/{len(reqs)}: rewrite per layer {np.round(np.asarray(row)[:, 0], 2).tolist()} "
+                f"(edit {t_edit:.0f}s, scoring {t_score:.0f}s so far; load {os.getloadavg()[0]:.1f})")
+            sweep_time = time.perf_counter() - t
+            report["datasets"][ds] = summarize(np.asarray(rows), extra, cand, scorers, sweep_time, t_edit, t_score,
+                                               len(proxy), cf, args.boot)
+            report["datasets"][ds]["n_planned"] = len(reqs)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=1))  # a stopped run keeps its edits
+        if args.spill and "spill" not in report:  # the France -> Rome edit at the first data set's best fixed layer
+            layer = report["datasets"][ds]["ways"]["brute_force_fixed"]["layer"]
             report["spill"] = spill_check(model, base, layer, solvers[layer], cfg, prefixes)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))  # partial results survive a later failure
+            Path(args.out).write_text(json.dumps(report, indent=1))
         log(f"{ds} done")
     # --- report
     report["load_end"] = os.getloadavg()
@@ -248,6 +251,44 @@ def main(argv=None) -> int:
     Path(args.out).write_text(json.dumps(report, indent=1))
     print_table(report)
     return 0
+
+
+def summarize(table, extra, cand, scorers, sweep_time, t_edit, t_score, n_proxy, cf, n_boot):
+    """The golden-layer table of one data set from the (edits, layers, METRICS) array so far."""
+    n = table.shape[0]
+    per_pair = sweep_time / (n * len(cand))
+    best, best_m = per_edit_oracle(table)
+    fixed = best_fixed_layer(table)
+    ways = {"oracle": {"layer": "per edit", "per_edit": best_m, "cost_s": sweep_time,
+                       "cost_note": "r-ROME + scoring at every candidate layer for every evaluated edit"},
+            "brute_force_fixed": {"layer": cand[fixed], "per_edit": table[:, fixed],
+                                  "cost_s": per_pair * n_proxy * len(cand),
+                                  "cost_note": "r-ROME + scoring at every candidate on the proxy set, "
+                                               "from this run's time per (edit, layer)"}}
+    for sc in SCORERS:
+        layer, scores, secs = scorers[sc]
+        ways[sc] = {"layer": layer, "per_edit": table[:, cand.index(layer)], "cost_s": secs, "scores": scores}
+    res = {"n": n, "oracle_layers": [cand[b] for b in best], "sweep_seconds": sweep_time,
+           "edit_seconds": t_edit, "scoring_seconds": t_score, "seconds_per_edit_layer": per_pair,
+           "lga_ip_dropped": scorers["lga_ip_dropped"], "table": table.tolist(), "extra": extra, "ways": {}}
+    for w, d in ways.items():
+        pe = np.asarray(d["per_edit"])
+        row = {"layer": d["layer"], "cost_s": d["cost_s"], **{k: float(pe[:, q].mean()) for q, k in enumerate(METRICS)}}
+        for key in ("scores", "cost_note"):
+            if key in d:
+                row[key] = d[key]
+        for q, k in enumerate(METRICS):
+            row[f"gap_{k}_vs_oracle"] = bootstrap_gap(best_m[:, q], pe[:, q], n_boot=n_boot)
+            row[f"gap_{k}_vs_fixed"] = bootstrap_gap(table[:, fixed, q], pe[:, q], n_boot=n_boot)
+        if cf:
+            if w == "oracle":
+                sel = [extra[i][b] for i, b in enumerate(best)]
+            else:
+                sel = [extra[i][cand.index(d["layer"])] for i in range(n)]
+            for k in ("ES", "PS", "NS"):
+                row[k] = float(np.mean([s[k] for s in sel]))
+        res["ways"][w] = row
+    return res
 
 
 def spill_check(model, base, layer, solver, cfg, prefixes):
@@ -284,11 +325,47 @@ def print_table(rep):
                 line += f"{r['ES']:>6.2f}{r['PS']:>6.2f}{r['NS']:>6.2f}"
             print(line + f"  {_fmt_gap(r['gap_rewrite_vs_oracle']):<22}{_fmt_gap(r['gap_rewrite_vs_fixed']):<22}"
                          f"{r['cost_s']:>8.0f}")
+    if "spill" not in rep:
+        return
     s = rep["spill"]
     print(f"\nFrance -> Rome at {s['layer']}: " + "; ".join(
         f"{k}: P(Rome|France) {s[k]['p_rome_france']:.3f}, P(Rome|Germany) {s[k]['p_rome_germany']:.3f}, "
         f"P(Berlin|Germany) {s[k]['p_berlin_germany']:.3f}, greedy Germany -> {s[k]['greedy']['The capital of Germany is']!r}"
         for k in ("before", "after")))
+
+
+NAMES = {"oracle": "per-edit oracle", "brute_force_fixed": "best fixed (brute force)", "salem": "salem",
+         "contrast": "contrast", "lga": "lga (project's reading)", "lga_ip": "lga_ip (third-party definition)",
+         "causal_trace": "causal tracing"}
+
+
+def print_markdown(rep):
+    """The README's tables (one per data set) from a run's JSON (complete or stopped)."""
+    for ds, res in rep["datasets"].items():
+        cf = "ES" in res["ways"]["oracle"]
+        print(f"\n{ds}: N = {res['n']} of {res.get('n_planned', res['n'])} edits, {res['seconds_per_edit_layer']:.1f} s "
+              f"per (edit, layer) (r-ROME {res['edit_seconds']:.0f} s + scoring {res['scoring_seconds']:.0f} s in all); "
+              f"oracle layers {dict(sorted(Counter(res['oracle_layers']).items()))}\n")
+        head = "| way of choosing | layer | rewrite | rephrase | locality |" + (" ES | PS | NS |" if cf else "")
+        head += " rewrite gap to oracle [95% CI] | rewrite gap to best fixed [95% CI] | cost |"
+        print(head)
+        print("|" + "---|" * (head.count("|") - 1))
+        for w, r in res["ways"].items():
+            g = r["gap_rewrite_vs_oracle"]
+            f = r["gap_rewrite_vs_fixed"]
+            line = f"| {NAMES.get(w, w)} | {r['layer']} | {r['rewrite']:.3f} | {r['rephrase']:.3f} | {r['locality']:.3f} |"
+            if cf:
+                line += f" {r['ES']:.2f} | {r['PS']:.2f} | {r['NS']:.2f} |"
+            gap = "-" if w == "oracle" else f"{g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]"
+            gfx = "-" if w in ("oracle", "brute_force_fixed") else f"{f['mean']:+.3f} [{f['lo']:+.3f}, {f['hi']:+.3f}]"
+            print(line + f" {gap} | {gfx} | {r['cost_s']:.0f} s |")
+        print("\nscores per candidate: " + "; ".join(f"{w} {np.round(r['scores'], 4).tolist()}"
+                                                   for w, r in res["ways"].items() if "scores" in r))
+    if "spill" in rep:
+        s = rep["spill"]
+        for k in ("before", "after"):
+            print(f"spill {s['layer']} {k}: P(Rome|France) {s[k]['p_rome_france']:.4f}, P(Rome|Germany) "
+                  f"{s[k]['p_rome_germany']:.4f}, P(Berlin|Germany) {s[k]['p_berlin_germany']:.4f}, greedy {s[k]['greedy']}")
 
 
 if __name__ == "__main__":

@@ -83,3 +83,48 @@ def test_lga_inner_product_matches_full_gradients():
                 want[li] += float(np.vdot(np.asarray(get_path(go, w.path), np.float64),
                                           np.asarray(get_path(gn, w.path), np.float64)))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-9)
+
+
+def test_edit_scorer_equals_the_separate_metric_calls():
+    """EditScorer (one forward per edited params, base argmax stored) gives the numbers of
+    score_rows / compare_rows / evaluate_counterfact called group by group."""
+    from types import SimpleNamespace
+
+    from salem_jax.eval.counterfact import evaluate_counterfact
+
+    model = hf.tiny("gpt2", seed=4)
+    rec = SimpleNamespace(id="r0", prompt="what is the capital of france", target_true="paris",
+                          rephrases=["the capital of france is", "france has its capital in"],
+                          loc_prompts=["what is the capital of japan", "which river lies in egypt", "the currency of peru"],
+                          loc_targets=["tokyo", "", "sol"])
+    new = "rome"
+    w = R.rome_weight(model, model.layers.names()[1])
+    k = get_path(model.params, w.path)
+    rng = np.random.default_rng(0)
+    edited = [model.params] + [hf_set(model.params, w.path, k + s * rng.standard_normal(k.shape).astype(k.dtype))
+                               for s in (0.05, 0.5, 5.0)]
+    for cf in (True, False):
+        sc = G.EditScorer(model, model.params, rec, new, counterfact=cf, batch_size=4)  # 4 rows: several batches
+        for p in edited:
+            got = sc(p)
+            rw = M.score_rows(model, p, [{"prompt": rec.prompt, "target": new}], progress=False)
+            rp = M.score_rows(model, p, [{"prompt": q, "target": new} for q in rec.rephrases], progress=False)
+            loc = [{"prompt": q, "target": t or rec.target_true} for q, t in zip(rec.loc_prompts, rec.loc_targets)]
+            lc = M.compare_rows(model, model.params, p, loc, progress=False)
+            want = {"rewrite": rw["token_correct"].sum() / rw["n_tokens"].sum(),
+                    "rephrase": rp["token_correct"].sum() / rp["n_tokens"].sum(),
+                    "locality": lc["unchanged"].sum() / lc["n_tokens_after"].sum()}
+            if cf:
+                m = evaluate_counterfact(model, p, [SimpleNamespace(**{**vars(rec), "target_new": new})], progress=False)
+                want.update(ES=m["ES"], PS=m["PS"], NS=m["NS"])
+            assert set(got) == set(want)
+            for key in want:
+                np.testing.assert_allclose(got[key], want[key], rtol=1e-6, err_msg=key)
+        if cf:  # the perturbations move something, so the comparison is not vacuous
+            assert sc(edited[-1])["locality"] < 1.0
+
+
+def hf_set(params, path, value):
+    from salem_jax.models.base import set_path
+
+    return set_path(params, path, value)

@@ -168,6 +168,57 @@ def test_key_is_averaged_over_prefixes():
     assert idx == 4
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_key_padded_to_bucket_compiles_once_per_bucket(arch):
+    """compute_key pads to a length bucket: the key equals the one read by the test's own
+    single-row capture at each text's exact length, and prompts of different lengths in one
+    bucket share one compiled program."""
+    model = _model(arch)
+    w = R.rome_weight(model, model.layers.names()[-1])
+    prompts = ["france", "the capital of france", "what is the capital city of france"]
+    lengths = {len(model.tokenizer(p)["input_ids"]) for p in prompts}
+    assert len(lengths) == 3 and max(lengths) <= 16  # three lengths, one bucket (16)
+    before = R._keys_values._cache_size()
+    for p in prompts:
+        key, idx = R.compute_key(model, model.params, w, p, "france")
+        n = len(model.tokenizer(p)["input_ids"])
+        x, _ = _capture(model, model.params, w.module_path, p, length=n)  # unpadded
+        np.testing.assert_allclose(np.asarray(key), x[idx], rtol=1e-5, atol=1e-6)
+    assert R._keys_values._cache_size() - before <= 1
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_v_loss_with_head_at_scored_positions_equals_full_logits(arch):
+    """The v* loss computes the head only at the target tokens and the KL row's subject token
+    (`_with_value_positions`); a hand computation on the full [B, S, V] logits with the same
+    delta gives the same loss. Two prefixes of different lengths, a two-token target."""
+    import jax.numpy as jnp
+
+    model = _model(arch)
+    w = R.rome_weight(model, model.layers.names()[0])
+    cfg = R.ROMEConfig(prefixes=("", "red blue green one two"), kl_factor=0.7, weight_decay=0.3)
+    batch, idx, n_rw = R._value_batch(model, PROMPT, SUBJECT, "tokyo cairo", cfg)
+    kl_init_all, o_all = R._kl_init(model.apply, w.module_path, model.params, batch, idx)
+    kl_init, o_norm = kl_init_all[n_rw], jnp.linalg.norm(o_all[0])
+    _, _, loss_only = R._make_v_step(model.apply, w.module_path, cfg.v_lr, cfg.kl_factor, cfg.weight_decay,
+                                     cfg.clamp_norm_factor)
+    delta = 3.0 * o_norm * jax.random.normal(jax.random.PRNGKey(0), o_all[0].shape) / np.sqrt(o_all.shape[1])
+    got = float(loss_only(delta, model.params, R._with_value_positions(batch, idx[n_rw], n_rw), idx, n_rw,
+                          kl_init, o_norm))
+    B = batch["input_ids"].shape[0]
+    logits, _, _ = R._forward_at(model.apply, w.module_path, model.params, batch, idx, jnp.broadcast_to(delta, (B, delta.shape[0])))
+    logp = np.asarray(jax.nn.log_softmax(np.asarray(logits, np.float64), -1))
+    mask = np.asarray(batch["label_mask"], np.float64)
+    assert mask[:n_rw].sum(-1).min() == mask[:n_rw].sum(-1).max() >= 2 and mask[n_rw].sum() == 0
+    tok = np.take_along_axis(logp, np.asarray(batch["labels"])[..., None], -1)[..., 0]
+    nll = -(tok * mask).sum() / mask.sum()
+    new = logp[n_rw, idx[n_rw]]
+    kl = np.sum(np.exp(new) * (new - np.asarray(kl_init, np.float64)))
+    want = nll + cfg.kl_factor * kl + cfg.weight_decay * np.linalg.norm(np.asarray(delta, np.float64)) / float(o_norm) ** 2
+    assert kl > 1e-4  # the delta moves the KL row, so slot 0 must be its subject token
+    np.testing.assert_allclose(got, want, rtol=2e-4)
+
+
 # --------------------------------------------------------------------------- real model
 
 

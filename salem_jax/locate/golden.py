@@ -26,6 +26,7 @@ import numpy as np
 
 from salem_jax.data.tokenize import encode
 from salem_jax.losses import example_nll
+from salem_jax.scored_logits import with_score_positions
 from salem_jax.models.base import get_path
 
 
@@ -134,3 +135,89 @@ def lga_inner_product_scores(model, params: Any, prompts: Sequence[str], old_tar
         out.append(total[k : k + len(ps)].sum())
         k += len(ps)
     return np.asarray(out)
+
+
+# --------------------------------------------------------------------------- scoring one edit at many layers
+
+
+def _get(rec, name: str, default=None):
+    return rec.get(name, default) if isinstance(rec, dict) else getattr(rec, name, default)
+
+
+class EditScorer:
+    """Scores one edit record on many edited parameter sets (the edit made at each candidate
+    layer) with one jitted forward of the edited model per set.
+
+    The rows - rewrite and rephrases with target_new, the locality prompts with their answers,
+    and for CounterFact the rewrite / paraphrase / neighbourhood prompts with target_new and
+    target_true - are tokenised once into batches of `batch_size` rows (one bucketed length, one
+    K), and the base model's argmax on them is computed once, so that each call runs only the
+    edited model (`metrics._compare_to_argmax`). Returns the same numbers as scoring each group
+    with `score_rows` / `compare_rows` / `evaluate_counterfact` (tested):
+
+      rewrite, rephrase  token accuracy of target_new (teacher-forced argmax)
+      locality           share of the locality answers' tokens whose argmax did not move
+      ES, PS, NS         CounterFact's (counterfact=True): P(new) > P(true) on the prompt and on
+                         the paraphrases, P(true) > P(new) on the neighbourhood prompts
+    """
+
+    def __init__(self, model, base_params: Any, rec, target_new: str, *, counterfact: bool, batch_size: int = 16):
+        from salem_jax.data.tokenize import pad_rows, slice_rows
+        from salem_jax.eval import metrics as M
+
+        self.model, self.counterfact = model, counterfact
+        rows: list[tuple[str, str]] = []
+        index: dict[tuple[str, str], int] = {}
+
+        def add(pairs):
+            out = []
+            for pair in pairs:
+                if pair not in index:
+                    index[pair] = len(rows)
+                    rows.append(pair)
+                out.append(index[pair])
+            return np.asarray(out, np.int64)
+
+        prompt, true = _get(rec, "prompt"), _get(rec, "target_true")
+        reph = list(_get(rec, "rephrases", ()) or ())
+        locp = list(_get(rec, "loc_prompts", ()) or ())
+        loct = list(_get(rec, "loc_targets", ()) or ())
+        loct = loct + [""] * (len(locp) - len(loct))
+        self.groups = {"rewrite": add([(prompt, target_new)]), "rephrase": add([(p, target_new) for p in reph]),
+                       "locality": add([(p, t if t else true) for p, t in zip(locp, loct)])}
+        if counterfact:
+            for name, ps in (("rw", [prompt]), ("pp", reph), ("nb", locp)):
+                self.groups[name + "_new"] = add([(p, target_new) for p in ps])
+                self.groups[name + "_true"] = add([(p, true) for p in ps])
+        prompts, targets = [p for p, _ in rows], [t for _, t in rows]
+        enc = encode(model, prompts, targets, where="golden-layer rows")
+        need = int(enc["label_mask"].sum(-1).max())
+        # at least 8 scored positions: edits whose targets have 1..8 tokens share one program per length
+        full = with_score_positions(enc, k=max(8, 1 << max(need - 1, 0).bit_length()))
+        self.n = len(rows)
+        self.batches = [pad_rows(slice_rows(full, s, s + batch_size), batch_size)
+                        for s in range(0, self.n, batch_size)]
+        self.base_argmax = [M._score_with_argmax(model.apply, base_params, b)[1] for b in self.batches]
+
+    def __call__(self, params: Any) -> dict[str, float]:
+        from salem_jax.eval import metrics as M
+        from salem_jax.eval.counterfact import PromptProbs, counterfact_metrics, probs_from_nll
+
+        outs = jax.device_get([M._compare_to_argmax(self.model.apply, params, b, am)
+                               for b, am in zip(self.batches, self.base_argmax)])
+        s = {k: np.concatenate([np.asarray(o[k]) for o in outs])[: self.n]
+             for k in ("token_correct_after", "n_tokens_after", "nll_sum_after", "unchanged")}
+
+        def ratio(num, g):
+            idx = self.groups[g]
+            return float(s[num][idx].sum() / max(s["n_tokens_after"][idx].sum(), 1.0))
+
+        out = {"rewrite": ratio("token_correct_after", "rewrite"), "rephrase": ratio("token_correct_after", "rephrase"),
+               "locality": ratio("unchanged", "locality")}
+        if self.counterfact:
+            p = probs_from_nll(s["nll_sum_after"] / np.maximum(s["n_tokens_after"], 1.0))
+            pp = {g: PromptProbs(p[self.groups[g + "_new"]], p[self.groups[g + "_true"]]) for g in ("rw", "pp", "nb")}
+            m = counterfact_metrics(pp["rw"], pp["pp"] if pp["pp"].p_new.size else None,
+                                    pp["nb"] if pp["nb"].p_new.size else None)
+            out.update(ES=m["ES"], PS=m["PS"], NS=m["NS"])
+        return out
