@@ -47,8 +47,12 @@ def _coerce(old, text: str, key: str):
     if isinstance(old, float):
         return float(text)
     if isinstance(old, (tuple, list)):
-        value = ast.literal_eval(text) if text[:1] in "([" else [t for t in text.split(",") if t]
-        return type(old)(value)
+        if text[:1] in "([":
+            return type(old)(ast.literal_eval(text))
+        # a,b,c: each item takes the type of the default's items (lrs=1e-3,3e-4 are numbers, not strings)
+        like = old[0] if len(old) else ""
+        return type(old)(_coerce(like, t.strip(), key) if isinstance(like, (bool, int, float)) else t
+                         for t in text.split(",") if t.strip())
     if old is None:
         try:
             return ast.literal_eval(text)

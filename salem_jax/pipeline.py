@@ -454,8 +454,8 @@ def run_method(method: Method, ctx: Context, keep: list[dict], cf_records, times
     res["layers"] = list(layers)
     if ctx.cfg.eval.sequential:  # many edits on the same weights (salem_jax.eval.sequential)
         t_many = time.perf_counter()
-        res["many_edits"] = many.pipeline_study(ctx.model, prepared.edit, eval_rows, keep, list(ctx.texts), ctx.cfg,
-                                                method.name, ctx.work)
+        res["many_edits"] = many.pipeline_study(ctx.model, prepared.edit, many_edit_rows(ctx.val_rows, prepared), keep,
+                                                list(ctx.texts), ctx.cfg, method.name, ctx.work)
         times[f"many_edits_{method.name}"] = time.perf_counter() - t_many
     if prepared.skipped_edits is not None:
         res["skipped_edits"] = len(prepared.skipped_edits)
@@ -463,6 +463,14 @@ def run_method(method: Method, ctx: Context, keep: list[dict], cf_records, times
     times[f"eval_{method.name}"] = time.perf_counter() - t
     say(f"{method.name}: EA {_fmt(res.get('ea'))}, adapt {_fmt(res.get('adapt_acc'))}, DD {_fmt(res.get('dd_acc'))}")
     return res, prepared.info
+
+
+def many_edit_rows(val_rows: list[dict], prepared) -> list[dict]:
+    """The val rows of the many-edits study: every val fail row the method can edit
+    (`Prepared.can_edit`), not only the first config.eval.max_edits the one-at-a-time evaluation takes."""
+    if prepared.can_edit is None:
+        return list(val_rows)
+    return [r for r in val_rows if r["group"] != "fail" or prepared.can_edit(r)]
 
 
 def write_results(out: dict, work: Path) -> None:

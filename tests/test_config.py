@@ -69,6 +69,10 @@ def test_every_editor_key_reaches_train_config_from_config_overrides():
                                                "--config.ft.max_change=0.1"])
     assert rome_config(cfg).stop_loss == 0.5 and rome_config(cfg).prefixes == ("a", "b")
     assert C.ft_config(cfg, kl=True).max_change == 0.1 and C.ft_config(cfg, kl=False).kl_weight == 0.0
+    # comma lists of numbers are numbers (they were strings: lrs=0.001 gave ("0.001",))
+    cfg = apply_overrides(C.default_config(), ["--config.editability.lrs=0.001,3e-4", "--config.saliency.groups=fail,pass"])
+    assert cfg.editability.lrs == (0.001, 3e-4) and all(type(x) is float for x in cfg.editability.lrs)
+    assert cfg.saliency.groups == ("fail", "pass")
 
 
 def test_every_editor_key_is_a_train_editor_flag():

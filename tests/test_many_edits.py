@@ -145,3 +145,35 @@ def test_plot_and_table(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 0
     t = S.summary_table(studies)
     assert "| ft | sequential | 10 | 0.500 | 0.400 |" in t
+
+
+def test_study_edits_every_row_the_method_can_edit_beyond_max_edits(setup, tmp_path):
+    """A method that cannot edit some rows (rome, rrome, alphaedit: no subject in the prompt) gives the
+    one-at-a-time evaluation only the first config.eval.max_edits fail rows; the sequential study must
+    still reach T beyond that, on every val fail row the method accepts (`Prepared.can_edit`), in order.
+    (It used to get the max_edits rows only, so T = 100 with max_edits = 3 was refused.)"""
+    from salem_jax import pipeline as P
+    from salem_jax.methods.registry import Context, Method, Prepared
+
+    model, cfg, _ = setup
+    cfg.eval.update(dict(max_edits=1, sequential="1,3", sequential_modes="sequential", generate=False, ppl_edits=0))
+    rows = _rows()
+    skip = "r1#prompt"  # a row the method cannot edit
+    edited = []
+
+    def edit(params, rs):
+        edited.extend(r["id"] for r in rs)
+        return params
+
+    def prepare(ctx, layers):
+        fails = [r for r in ctx.val_rows if r["group"] == "fail"][: ctx.cfg.eval.max_edits]
+        eval_rows = [r for r in ctx.val_rows if r["group"] != "fail" or r in fails]
+        return Prepared(edit=edit, info={}, eval_rows=eval_rows, can_edit=lambda r: r["id"] != skip)
+
+    method = Method(name="toy", summary="toy", supports=frozenset({"causal"}), layers=lambda ctx: ("h.1",),
+                    prepare=prepare)
+    ctx = Context(model=model, cfg=cfg, work=tmp_path, say=lambda m: None, val_rows=rows)
+    res, _ = P.run_method(method, ctx, [], None, {})
+    assert res["edits"] == 1 and edited[0] == "r0#prompt"  # the one-at-a-time evaluation: max_edits rows
+    assert edited[1:] == ["r0#prompt", "r2#prompt", "r3#prompt"]  # the study: rows it can edit, r1 left out
+    assert [r["T"] for r in res["many_edits"]["sequential"]] == [1, 3]

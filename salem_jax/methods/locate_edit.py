@@ -23,7 +23,7 @@ from salem_jax.baselines.requests import EditRequest
 from salem_jax.baselines.rome import ROMEConfig
 from salem_jax.locate.trace_rows import subject_in_prompt
 from salem_jax.methods.registry import Context, Method, Prepared
-from salem_jax.methods.rome import rome_val_rows
+from salem_jax.methods.rome import has_subject, rome_val_rows
 
 LAYER_FROM = ("saliency", "trace")
 TEXTS = ("wikitext", "held_out")  # key statistics: WikiText of the data directory, or config.eval.text's texts
@@ -92,7 +92,8 @@ def _prepare(name: str):
                     layer_from="config.locate_edit.layer" if e.layer else e.layer_from, skipped_edits=len(skipped))
         if skipped:
             ctx.say(f"{name}: {len(skipped)} val fail rows without their subject in the prompt are skipped")
-        return Prepared(edit=edit, info=info, eval_rows=eval_rows, skipped_edits=tuple(skipped))
+        return Prepared(edit=edit, info=info, eval_rows=eval_rows, skipped_edits=tuple(skipped),
+                        can_edit=has_subject(subjects))
 
     return prepare
 

@@ -62,12 +62,16 @@ class Prepared:
 
     info: goes to results["training"][name] (steps, seconds, best_step, ...).
     eval_rows: the val rows to evaluate on, when the method cannot edit some of them (None = all);
-    skipped_edits: ids of the val fail rows left out (reported as skipped_edits / skipped_edit_rows)."""
+    skipped_edits: ids of the val fail rows left out (reported as skipped_edits / skipped_edit_rows).
+    can_edit(row) -> bool: which val fail rows the method can edit at all (None = every one). The
+    one-at-a-time evaluation uses eval_rows (cut at config.eval.max_edits); the many-edits study
+    (config.eval.sequential) edits up to 100s of rows, so it takes every val fail row can_edit accepts."""
 
     edit: EditFn
     info: dict
     eval_rows: list[dict] | None = None
     skipped_edits: tuple[str, ...] | None = None
+    can_edit: Callable[[dict], bool] | None = None
 
 
 def _never(cfg) -> bool:

@@ -46,6 +46,12 @@ def rome_val_rows(val_rows: list[dict], subjects: dict[str, str], max_edits: int
     return [r for r in val_rows if r["group"] != "fail" or id(r) in keep], skipped
 
 
+def has_subject(subjects: dict[str, str]):
+    """row -> whether its record's subject occurs in its prompt (what ROME-style editors need);
+    `Prepared.can_edit` of rome and the locate-then-edit methods."""
+    return lambda row: bool(rows_with_subject([row], subjects, row["group"])[0])
+
+
 def check(ctx: Context) -> None:
     """Before any costly step: the configured layer exists, the covariance is known and has its texts."""
     cfg, model = ctx.cfg, ctx.model
@@ -83,7 +89,7 @@ def prepare(ctx: Context, layers: tuple[str, ...]) -> Prepared:
     if skipped:
         ctx.say(f"rome: {len(skipped)} val fail rows without their subject in the prompt are skipped")
     return Prepared(edit=rome_edit_fn(model, layer, cov, cfg, ctx.subjects), info=info, eval_rows=eval_rows,
-                    skipped_edits=tuple(skipped))
+                    skipped_edits=tuple(skipped), can_edit=has_subject(ctx.subjects))
 
 
 ROME = Method(
