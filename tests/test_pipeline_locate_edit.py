@@ -82,3 +82,45 @@ def test_bad_config_is_refused_early(tmp_path):
     cfg.locate_edit.layer, cfg.locate_edit.layer_from = "", "gradients"
     with pytest.raises(ValueError, match="layer_from 'gradients'"):
         P.run_pipeline(cfg, tmp_path / "work2")
+
+
+def test_alphaedit_continues_its_state_only_on_its_own_output(tmp_path):
+    """The many-edits study's sequential mode calls edit(previous output, rows): AlphaEdit must
+    then continue with the earlier edits' keys (its sequential memory); on any other parameters
+    (the base weights, a copy) it starts afresh. Compared with the editor called by hand."""
+    from salem_jax.baselines.editors import get_editor
+    from salem_jax.baselines.keystats import KeyStats
+    from salem_jax.baselines.requests import EditRequest
+    from salem_jax.methods.locate_edit import editor_config
+    from salem_jax.methods.registry import Context
+    from salem_jax.models import hf
+    from test_pipeline_baselines import TEXTS
+
+    import jax
+
+    model = hf.tiny("gpt2", seed=0)
+    cfg = _config(tmp_path, ("alphaedit",))
+    cfg.locate_edit.update(dict(texts="held_out", n_prefixes=0, v_steps=4, v_lr=0.1, clamp_norm_factor=100.0,
+                                weight_decay=1e-3, alpha_energy=0.5))
+    facts = [("the capital of france is", "france", "rome"), ("the capital of peru is", "peru", "tokyo")]
+    rows = [dict(id=f"fail{i}", record_id=f"r{i}", prompt=p, target=t, group="fail") for i, (p, _, t) in enumerate(facts)]
+    ctx = Context(model=model, cfg=cfg, work=tmp_path, texts=tuple(TEXTS), subjects={"r0": "france", "r1": "peru"},
+                  val_rows=rows)
+    layers = ("h.1",)
+    prepared = methods.get("alphaedit").prepare(ctx, layers)
+    p1 = prepared.edit(model.params, rows[:1])
+    p2 = prepared.edit(p1, rows[1:])
+    p2_fresh = prepared.edit(jax.tree.map(lambda x: x + 0, p1), rows[1:])  # equal values, another object
+
+    stats = KeyStats(model, model.params, list(TEXTS), max_tokens=cfg.locate_edit.cov_tokens, prefix_lengths=())
+    fn, ec = get_editor("alphaedit"), editor_config(cfg)
+    reqs = [EditRequest(p, s, t, record_id=f"fail{i}") for i, (p, s, t) in enumerate(facts)]
+    o1 = fn(model, model.params, reqs[:1], layers=layers, stats=stats, config=ec, progress=False)
+    o2 = fn(model, o1.params, reqs[1:], layers=layers, stats=stats, config=ec, state=o1.state, progress=False)
+    o2_fresh = fn(model, o1.params, reqs[1:], layers=layers, stats=stats, config=ec, progress=False)
+    path = "transformer/h/1/mlp/c_proj/kernel"
+    k = lambda p: np.asarray(get_path(p, path), np.float64)  # noqa: E731
+    np.testing.assert_allclose(k(p1), k(o1.params), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(k(p2), k(o2.params), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(k(p2_fresh), k(o2_fresh.params), rtol=1e-5, atol=1e-7)
+    assert np.abs(k(o2.params) - k(o2_fresh.params)).max() > 1e-6  # the memory changes the second edit

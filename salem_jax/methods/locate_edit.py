@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Any
 
 from salem_jax.baselines.editors import get_editor, layers_for
 from salem_jax.baselines.keystats import KeyStats, wikitext_texts
@@ -77,6 +78,12 @@ def _prepare(name: str):
             stats.solver(w)  # fit (or read) the statistics now, so their cost is the method's preparation
         ec, fn, subjects = editor_config(cfg), get_editor(name), ctx.subjects
 
+        # A sequence of edits continues the editor's state (AlphaEdit: the keys of the earlier edits,
+        # its `cache_c`) exactly when edit() is called on the parameters its previous call returned
+        # (the many-edits study's sequential mode); any other params (the base weights of the
+        # one-at-a-time evaluation, the batch mode) start a fresh state, so nothing leaks between runs.
+        last: dict[str, Any] = {"params": None, "state": None}
+
         def edit(params, rows):
             reqs = []
             for r in rows:
@@ -85,7 +92,10 @@ def _prepare(name: str):
                     raise ValueError(f"{name}: row {r['id']!r}: the subject of record {r['record_id']!r} "
                                      f"({subjects.get(r['record_id'], '')!r}) does not occur in the prompt {r['prompt']!r}")
                 reqs.append(EditRequest(r["prompt"], s, r["target"], record_id=r["id"]))
-            return fn(model, params, reqs, layers=layers, stats=stats, config=ec, progress=False).params
+            state = last["state"] if params is last["params"] else None
+            out = fn(model, params, reqs, layers=layers, stats=stats, config=ec, state=state, progress=False)
+            last.update(params=out.params, state=out.state)
+            return out.params
 
         eval_rows, skipped = rome_val_rows(ctx.val_rows, ctx.subjects, cfg.eval.max_edits)
         info = dict(layers=list(layers), covariance=stats.report(), steps=e.v_steps, seconds=time.perf_counter() - t,
