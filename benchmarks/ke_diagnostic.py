@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import sys
 import time
@@ -130,11 +129,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from experiments.classifier import classifier_edit_set
-    from experiments.common import apply_overrides
+    from experiments.common import experiment_config
 
-    cfg = importlib.import_module(f"experiments.{args.experiment}").get_config(args.quick)
-    apply_overrides(cfg, [f"--config.{kv}" for kv in args.set])
-    cfg.progress = False
+    cfg = experiment_config(args.experiment, args.quick, args.set)
     prep = classifier_edit_set(cfg, Path(args.workdir), print)
     model, train_rows, val_rows = prep["model"], prep["train_rows"], prep["val_rows"]
     layers = model.layers.names()[-cfg.fixed_layers:]

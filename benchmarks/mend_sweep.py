@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import sys
 import time
@@ -78,13 +77,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
+    from experiments.common import experiment_config
 
-
-    from experiments.common import apply_overrides
-
-    cfg = importlib.import_module(f"experiments.{args.experiment}").get_config(args.quick)
-    apply_overrides(cfg, [f"--config.{kv}" for kv in args.set])
-    cfg.progress = False
+    cfg = experiment_config(args.experiment, args.quick, args.set)
     if args.steps:
         cfg.editor.steps = args.steps
         cfg.editor.val_every = min(cfg.editor.val_every, args.steps)

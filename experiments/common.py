@@ -61,6 +61,16 @@ def _coerce(old, text: str, key: str):
     return text
 
 
+def experiment_config(name: str, tiny: bool = False, sets: list[str] = ()) -> ml_collections.ConfigDict:
+    """`experiments.<name>.get_config(tiny)` with KEY=VALUE overrides (the benchmarks' `--set`), progress bars off."""
+    import importlib
+
+    cfg = importlib.import_module(f"experiments.{name}").get_config(tiny)
+    apply_overrides(cfg, [f"--config.{kv}" for kv in sets])
+    cfg.progress = False
+    return cfg
+
+
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
     for item in overrides:
         if not item.startswith("--config.") or "=" not in item:

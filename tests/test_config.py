@@ -110,3 +110,15 @@ def test_environment_is_read_in_one_module(monkeypatch, tmp_path):
     readers = [str(p.relative_to(root)) for p in root.rglob("*.py")
                if p.name != "env.py" and ("os.environ" in p.read_text() or "getenv(" in p.read_text())]
     assert readers == []
+
+
+def test_experiment_config_applies_the_benchmarks_set_overrides():
+    from experiments.capitals_smollm2 import get_config
+    from experiments.common import experiment_config
+
+    cfg = experiment_config("capitals_smollm2", True, ["editor.steps=7", "eval.max_edits=2"])
+    plain = get_config(True)
+    assert (cfg.editor.steps, cfg.eval.max_edits, cfg.progress) == (7, 2, False)
+    assert (plain.editor.steps, plain.eval.max_edits) != (7, 2)
+    with pytest.raises(ValueError):
+        experiment_config("capitals_smollm2", True, ["editor.steps"])  # no "=": refused, named
