@@ -92,6 +92,51 @@ def _causal_loop(apply, params, ids, mask, pos, done, steps, eos):
     return ids, pos
 
 
+def _append(ids, mask, pos, done, nxt, eos):
+    """Row b writes nxt[b] at pos[b] unless it is done; returns the new (ids, mask, pos, done)."""
+    rows = jnp.arange(ids.shape[0])
+    nxt = nxt.astype(ids.dtype)
+    write = ~done
+    ids = ids.at[rows, pos].set(jnp.where(write, nxt, ids[rows, pos]))
+    mask = mask.at[rows, pos].set(jnp.where(write, 1, mask[rows, pos]))
+    pos = pos + write.astype(pos.dtype)
+    done = done | (write & _stopped(nxt, eos))
+    return ids, mask, pos, done
+
+
+@functools.partial(jax.jit, static_argnames=("decode",))
+def _cached_causal_loop(decode, params, ids, mask, pos, done, steps, eos):
+    """`_causal_loop` with a KV cache (`LoadedModel.kv_decode`); same arguments and results.
+
+    One prefill over the whole right-padded buffer [B, L] fills every layer's cache (keys and
+    values [B, L, kv heads, D]; slots past a row's prompt hold padding until that row writes
+    there) and gives each row's first token from the logits at pos[b] - 1. Then each step runs
+    the model on one token per row: the token a row wrote last, at slot (and RoPE / learned
+    position) pos[b] - 1, attending to its filled slots; done rows recompute their last slot
+    with the same values and write nothing. Static shapes throughout: the loop carries the
+    cache, so it compiles once per (model, rows, length)."""
+    B, L = ids.shape
+    rows = jnp.arange(B)
+    positions = jnp.broadcast_to(jnp.arange(L, dtype=pos.dtype)[None], (B, L))
+    zeros = jnp.zeros((B,), pos.dtype)
+    logits, cache = decode(params, None, ids, mask, positions, zeros, (pos - 1)[:, None])
+    ids, mask, pos, done = _append(ids, mask, pos, done, jnp.argmax(logits[:, 0], axis=-1), eos)
+
+    def cond(state):
+        i, _, _, _, done, _ = state
+        return (i < steps) & ~jnp.all(done)
+
+    def body(state):
+        i, ids, mask, pos, done, cache = state
+        last = pos - 1
+        logits, cache = decode(params, cache, ids[rows, last][:, None], mask, last[:, None], last, zeros[:, None])
+        ids, mask, pos, done = _append(ids, mask, pos, done, jnp.argmax(logits[:, 0], axis=-1), eos)
+        return i + 1, ids, mask, pos, done, cache
+
+    _, ids, _, pos, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), ids, mask, pos, done, cache))
+    return ids, pos
+
+
 @functools.partial(jax.jit, static_argnames=("apply",))
 def _seq2seq_loop(apply, params, src, src_mask, dec, done, steps, eos):
     """src/src_mask [B, L]; dec [B, S] holding the start token at 0; steps, eos as in
@@ -145,9 +190,14 @@ def greedy_ids(
     *,
     batch_size: int = 32,
     eos_token_id: int | Sequence[int] | None = None,
+    kv_cache: bool | None = None,
 ) -> list[list[int]]:
     """Greedy continuations as token ids, one list per prompt (without the prompt). With
     `stop_at_eos` a row ends at its first end token, which is included as the list's last id.
+
+    kv_cache: None (default) decodes with a KV cache when the model supports one
+    (`model.supports_kv_cache`: our Llama, GPT-2, GPT-Neo) and re-runs the whole buffer every
+    step otherwise; False always re-runs the buffer (the reference path); True requires the cache.
 
     `model` is a LoadedModel of kind "causal" or "seq2seq"; prompts are tokenized with the
     model's tokenizer and its special tokens (as `salem_jax.data.tokenize.encode` does). The end
@@ -158,8 +208,14 @@ def greedy_ids(
         raise ValueError(f"model {model.name!r} has no tokenizer")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if kv_cache and not (model.kind == "causal" and model.supports_kv_cache):
+        raise ValueError(
+            f"kv_cache=True: model {model.name!r} ({model.arch}, {model.kind}) has no KV-cached decoding "
+            "(LoadedModel.kv_decode); pass kv_cache=None to fall back to the uncached loop"
+        )
     if not prompts:
         return []
+    use_cache = model.kind == "causal" and model.supports_kv_cache and kv_cache is not False
     tok = model.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     eos = _eos_ids(model, eos_token_id) if stop_at_eos else ()
@@ -169,13 +225,13 @@ def greedy_ids(
         chunk = encoded[start : start + batch_size]
         B = _row_bucket(len(chunk), batch_size)
         if model.kind == "causal":
-            out += _greedy_causal(model, params, chunk, B, pad, max_new_tokens, eos)
+            out += _greedy_causal(model, params, chunk, B, pad, max_new_tokens, eos, use_cache)
         else:
             out += _greedy_seq2seq(model, params, chunk, B, pad, max_new_tokens, eos)
     return out
 
 
-def _greedy_causal(model, params, rows, B, pad, steps, eos):
+def _greedy_causal(model, params, rows, B, pad, steps, eos, use_cache=False):
     longest = max(map(len, rows))
     if longest + steps > model.max_length:
         raise ValueError(
@@ -191,7 +247,11 @@ def _greedy_causal(model, params, rows, B, pad, steps, eos):
         lens[b] = len(r)
     mask[len(rows) :, 0] = 1
     done = np.arange(B) >= len(rows)
-    ids_out, pos = _causal_loop(model.apply, params, ids, mask, lens, done, np.int32(steps), _eos_array(eos))
+    if use_cache:
+        loop = functools.partial(_cached_causal_loop, model.kv_decode)
+    else:
+        loop = functools.partial(_causal_loop, model.apply)
+    ids_out, pos = loop(params, ids, mask, lens, done, np.int32(steps), _eos_array(eos))
     ids_out, pos = np.asarray(ids_out), np.asarray(pos)
     return [ids_out[b, lens[b] : pos[b]].tolist() for b in range(len(rows))]
 
@@ -238,13 +298,15 @@ def greedy(
     *,
     batch_size: int = 32,
     eos_token_id: int | Sequence[int] | None = None,
+    kv_cache: bool | None = None,
 ) -> list[str]:
     """Greedy continuations as text, one per prompt (special tokens such as EOS dropped).
 
     Causal models: the text that follows the prompt, e.g. " Paris." for "The capital of
     France is". Seq2seq models: the decoded answer."""
     new = greedy_ids(
-        model, params, prompts, max_new_tokens, stop_at_eos, batch_size=batch_size, eos_token_id=eos_token_id
+        model, params, prompts, max_new_tokens, stop_at_eos, batch_size=batch_size, eos_token_id=eos_token_id,
+        kv_cache=kv_cache,
     )
     tok = model.tokenizer
     if model.kind == "seq2seq":
