@@ -1,15 +1,33 @@
 """Greedy decoding for any LoadedModel, jitted with static shapes.
 
-No KV cache: every step re-runs the model on a fixed buffer and reads the logits at each row's
-own last position (the vocabulary head runs at that position only, `salem_jax.scored_logits`). For the short answers of editing benchmarks (a few tokens) that costs little,
-and it needs nothing from the model beyond `apply(params, batch)`, so it works for our Llama,
-our GPT-2 / GPT-Neo and the encoder-decoders alike (and under
-`flax.linen.intercept_methods`, e.g. with an edit applied on the fly).
+Two loops, the same tokens (tests/test_kv_cache.py):
+
+* **KV-cached** (`_cached_causal_loop`), chosen automatically for the decoder-only models that
+  declare it (`LoadedModel.supports_kv_cache`: our Llama - SmolLM2 -, GPT-2 and GPT-Neo): one
+  prefill over the right-padded buffer fills every attention layer's cache of keys and values
+  (`[B, L, kv heads, head_dim]` per layer, L = the buffer's bucket length; a flax "cache"
+  collection, `salem_jax.models.blocks.cached_kv`) and gives each row's first token; each later
+  step runs the model on one token per row - the token the row wrote last, at its own slot and
+  position (RoPE for Llama, learned positions for GPT-2 / GPT-Neo) - attending to that row's
+  filled slots only. A step costs one token's forward pass instead of the whole buffer's.
+* **uncached** (`_causal_loop`, the reference and the path for every other model): every step
+  re-runs the model on the whole buffer and reads the logits at each row's own last position
+  (the vocabulary head runs at that position only, `salem_jax.scored_logits`). It needs nothing
+  from the model beyond `apply(params, batch)`, so it also serves the encoder-decoders
+  (`_seq2seq_loop`). `greedy_ids(..., kv_cache=False)` forces it.
+
+Both take the parameters as an argument (edited weights work as they are) and run the model's
+own submodules, so `flax.linen.intercept_methods` sees every call (an edit applied on the fly
+works on both paths; in a cached step the intercepted inputs are `[B, 1, ...]`). The jitted loops
+are keyed by the model's functions, not by the interceptors active: an interceptor must be active
+when a model's loop is first traced (use a fresh LoadedModel for intercepted generation).
 
 Shapes are static: prompts are right padded into a buffer whose length is a bucket
 (`salem_jax.data.tokenize.bucket_length`) of prompt + new tokens, and the number of rows is
-padded to a power of two, so the decoding loop compiles once per (model, rows, length) bucket;
-the number of new tokens and the end tokens are traced values and never cause a recompile.
+padded to a power of two, so each loop compiles once per (model, rows, length) bucket; the number
+of new tokens and the end tokens are traced values and never cause a recompile. The cached loop
+holds two copies of the model (prefill [B, L] and step [B, 1]), so its first call compiles about
+twice as long as the uncached loop's (README, "Speed").
 
 * causal models: row b appends its next token at its own position `pos[b]` (its prompt length
   plus the tokens generated so far) and attends only to its filled positions;
