@@ -130,8 +130,8 @@ def main(argv=None) -> int:
         for s in (False, True)}
     res["evaluator_setup_s"] = (time.perf_counter() - t0) / 2
     print(f"evaluators built in {2 * res['evaluator_setup_s']:.1f} s", flush=True)
-    scoring = () if args.generate_only else ("score_all_blocks", "score_from_block", "score_text_all_blocks",
-                                             "score_text_from_block")
+    scoring = () if args.generate_only else ("score_all_blocks", "score_from_block") + (
+        ("score_text_all_blocks", "score_text_from_block") if txt else ())  # --texts 0: no text rows
     times: dict[str, list[float]] = {k: [] for k in (*scoring, "generate_after", "generate_after_uncached",
                                                      "generate_before_per_edit")}
     # Compile every generation program first (the edits' targets fall into different length
