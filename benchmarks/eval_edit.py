@@ -186,7 +186,8 @@ def main(argv=None) -> int:
     print(f"| generate_before, batched across edits (per edit) | {dt / args.edits:.3f} |")
     print(f"| generation after the edit: uncached / KV-cached, same run | {res['generate_kv_cache_speedup']:.2f}x |")
     if not args.generate_only:
-        print(f"| one edit's evaluation without text: all blocks, uncached generation before/after per edit | {before_old:.3f} |")
+        print("| one edit's evaluation without text: all blocks, uncached generation before/after per edit "
+              f"| {before_old:.3f} |")
         print(f"| the same from the edited block, KV-cached generation, base generations batched | {before_now:.3f} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))

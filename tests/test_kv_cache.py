@@ -41,13 +41,8 @@ def _prompts(model):
     return [p for p in PROMPTS if model.tokenizer(p)["input_ids"]]
 
 
-def test_flag():
-    assert llama.tiny_llama().supports_kv_cache
-    assert hf.tiny("gpt2").supports_kv_cache and hf.tiny("gpt_neo").supports_kv_cache
-    assert not hf.tiny("bart").supports_kv_cache and not hf.tiny("t5").supports_kv_cache
-
-
 def test_cached_equals_uncached_ragged_rows(model):
+    assert model.supports_kv_cache
     prompts = _prompts(model)
     slow = generate.greedy_ids(model, model.params, prompts, STEPS, stop_at_eos=False, kv_cache=False)
     fast = generate.greedy_ids(model, model.params, prompts, STEPS, stop_at_eos=False, kv_cache=True)
@@ -165,6 +160,7 @@ def test_compiles_once_per_bucket():
 
 def test_kv_cache_true_needs_support():
     m = hf.tiny("bart", seed=5)
+    assert not m.supports_kv_cache
     with pytest.raises(ValueError, match="kv_cache=True"):
         generate.greedy_ids(m, m.params, ["paris"], 2, kv_cache=True)
     # the default falls back to the uncached loop

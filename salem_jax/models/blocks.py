@@ -169,7 +169,9 @@ def cached_kv(module: nn.Module, k: jax.Array, v: jax.Array, cache_pos: jax.Arra
     return ck.value, cv.value
 
 
-def cached_lm_logits(trunk: Callable, head: Callable, input_ids, key_mask, position_ids, cache_pos, head_pos) -> jax.Array:
+def cached_lm_logits(
+    trunk: Callable, head: Callable, input_ids, key_mask, position_ids, cache_pos, head_pos
+) -> jax.Array:
     """The cache-mode twin of `causal_lm_logits`: `trunk(ids [B, T], key_mask [B, L], positions
     [B, T], cache_pos [B])` writes the T new tokens' keys/values into the cache and returns their
     hidden states; the head runs only at `head_pos` [B, K] (indices into T): logits [B, K, V]

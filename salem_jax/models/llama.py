@@ -278,7 +278,9 @@ class LlamaModel(nn.Module):
         self.layers = LlamaLayers(cfg, self.dtype, self.remat)
         self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype)
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, position_ids: jax.Array, cache_pos=None) -> jax.Array:
+    def __call__(
+        self, input_ids: jax.Array, attention_mask: jax.Array, position_ids: jax.Array, cache_pos=None
+    ) -> jax.Array:
         """Without `cache_pos`: attention_mask [B, T] over the input tokens. With `cache_pos` [B]
         (cache mode): attention_mask [B, L] over the cache slots, the new tokens sit at slots
         cache_pos[b] + t (see `salem_jax.models.blocks.cache_visible`)."""
