@@ -85,7 +85,6 @@ def _causal_loop(apply, params, ids, mask, pos, done, steps, eos):
     """ids/mask [B, L] right padded, pos [B] = next write position, done [B], steps: scalar,
     eos [E] end-token ids. Returns (ids, pos): row b's new tokens are
     ids[b, prompt_len[b] : pos[b]]."""
-    rows = jnp.arange(ids.shape[0])
     zeros = jnp.zeros_like(ids)
 
     def cond(state):
@@ -98,12 +97,7 @@ def _causal_loop(apply, params, ids, mask, pos, done, steps, eos):
         batch = {"input_ids": ids, "attention_mask": mask, "labels": zeros, "label_mask": zeros,
                  SCORE_POS: (pos - 1)[:, None]}
         last = scored_logits(apply, params, batch)[0][:, 0]
-        nxt = jnp.argmax(last, axis=-1).astype(ids.dtype)
-        write = ~done
-        ids = ids.at[rows, pos].set(jnp.where(write, nxt, ids[rows, pos]))
-        mask = mask.at[rows, pos].set(jnp.where(write, 1, mask[rows, pos]))
-        pos = pos + write.astype(pos.dtype)
-        done = done | (write & _stopped(nxt, eos))
+        ids, mask, pos, done = _append(ids, mask, pos, done, jnp.argmax(last, axis=-1), eos)
         return i + 1, ids, mask, pos, done
 
     _, ids, _, pos, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), ids, mask, pos, done))
