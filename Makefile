@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/layer_selection.py --out runs/bench-layer-selection.json
 	$(PY) benchmarks/editability.py --out runs/bench-editability.json
 	$(PY) benchmarks/eval_edit.py --out runs/bench-eval-edit.json
+	$(PY) benchmarks/kv_cache_step.py
 
 clean:
 	rm -rf $(VENV)

@@ -16,11 +16,15 @@ and reports, per edit (median over edits after a warm-up edit):
   score, all blocks       EditEvaluator.evaluate with skip_unchanged_blocks=False
   score, from the block   the same from the edited block (salem_jax.models.from_block)
   score + text            the same with the text (the pipeline does it for eval.ppl_edits edits)
-  generate, after         greedy generation of the edit's prompts by the edited model
+  generate, after         greedy generation of the edit's prompts by the edited model, with
+                          the KV cache (the default for SmolLM2) and without it (kv_cache=False:
+                          the whole buffer re-run every step), same run, same prompts - the
+                          two must give the same texts (checked)
   generate, before        the base model's generations, per edit as before this change, and
                           batched across all edits once (eval.generated.generations_per_edit)
 
     python benchmarks/eval_edit.py --layer layers.26 --out runs/bench-eval-edit.json
+    python benchmarks/eval_edit.py --generate-only --edits 8   # the generation rows alone
 
 Prints a table and writes JSON (hardware, load average, every time). Nothing is timed in tests.
 """
@@ -107,6 +111,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/bench-eval-edit.json")
     ap.add_argument("--no-compile-cache", action="store_true")
+    ap.add_argument("--generate-only", action="store_true",
+                    help="time only the generation rows (cached and uncached), not the scoring")
     args = ap.parse_args(argv)
     if not args.no_compile_cache:
         enable_compile_cache()
@@ -119,24 +125,45 @@ def main(argv=None) -> int:
     print(f"{len(edits)} edits, {sum(map(len, shared.values()))} shared rows, {len(txt)} texts "
           f"({sum(len(t.split()) for t in txt)} words)", flush=True)
     t0 = time.perf_counter()
-    ev = {s: EditEvaluator(model, model.params, edits, shared, texts=txt, batch_size=8, skip_unchanged_blocks=s)
-          for s in (False, True)}
+    ev = {} if args.generate_only else {
+        s: EditEvaluator(model, model.params, edits, shared, texts=txt, batch_size=8, skip_unchanged_blocks=s)
+        for s in (False, True)}
     res["evaluator_setup_s"] = (time.perf_counter() - t0) / 2
     print(f"evaluators built in {2 * res['evaluator_setup_s']:.1f} s", flush=True)
-    times: dict[str, list[float]] = {k: [] for k in ("score_all_blocks", "score_from_block", "score_text_all_blocks",
-                                                     "score_text_from_block", "generate_after", "generate_before_per_edit")}
+    scoring = () if args.generate_only else ("score_all_blocks", "score_from_block") + (
+        ("score_text_all_blocks", "score_text_from_block") if txt else ())  # --texts 0: no text rows
+    times: dict[str, list[float]] = {k: [] for k in (*scoring, "generate_after", "generate_after_uncached",
+                                                     "generate_before_per_edit")}
+    # Compile every generation program first (the edits' targets fall into different length
+    # buckets, each compiled once per path), so the medians below are warm calls.
+    compile_s = {"generate_cached": 0.0, "generate_uncached": 0.0}
+    for e in edits:
+        rows_ = e["fail"] + e["adapt"]
+        for key, kv in (("generate_cached", None), ("generate_uncached", False)):
+            compile_s[key] += timed(lambda: generate_answers(model, model.params, [r["prompt"] for r in rows_],
+                                                             [r["target"] for r in rows_], kv_cache=kv))[0]
+    res["generate_first_pass_s"] = compile_s
+    print("first pass over the edits' generations (compiles every bucket): "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()), flush=True)
     for i in range(args.edits):
         p = edited_params(model, args.layer, i, args.scale)
         jax.block_until_ready(p)
         for name, skip, text in (("score_all_blocks", False, False), ("score_from_block", True, False),
                                  ("score_text_all_blocks", False, True), ("score_text_from_block", True, True)):
+            if name not in times:
+                continue
             dt, m = timed(lambda: ev[skip].evaluate(i, p, with_text=text))
             times[name].append(dt)
             if name == "score_from_block":
                 assert ev[True].last_start == model.layers.names().index(args.layer), ev[True].last_start
         prompts = [r["prompt"] for g in ("fail", "adapt") for r in edits[i][g]]
         targets = [r["target"] for g in ("fail", "adapt") for r in edits[i][g]]
-        times["generate_after"].append(timed(lambda: generate_answers(model, p, prompts, targets))[0])
+        dt, fast = timed(lambda: generate_answers(model, p, prompts, targets))
+        times["generate_after"].append(dt)
+        dt, slow = timed(lambda: generate_answers(model, p, prompts, targets, kv_cache=False))
+        times["generate_after_uncached"].append(dt)
+        if fast != slow:
+            raise SystemExit(f"edit {i}: cached and uncached generations differ: {fast} vs {slow}")
         times["generate_before_per_edit"].append(timed(lambda: generate_answers(model, model.params, prompts, targets))[0])
         print(f"edit {i}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
     dt, _ = timed(lambda: generations_per_edit(model, model.params, [(e["fail"][0], e["adapt"]) for e in edits]))
@@ -145,9 +172,11 @@ def main(argv=None) -> int:
     med = {k: statistics.median(v[1:]) for k, v in times.items()}  # the first edit compiles
     res["median_s"] = med
     res["generate_before_batched_per_edit_s"] = dt / args.edits
-    before_now = med["score_from_block"] + med["generate_after"] + dt / args.edits
-    before_old = med["score_all_blocks"] + med["generate_after"] + med["generate_before_per_edit"]
-    res["per_edit_old_s"], res["per_edit_new_s"] = before_old, before_now
+    res["generate_kv_cache_speedup"] = med["generate_after_uncached"] / med["generate_after"]
+    if not args.generate_only:
+        before_now = med["score_from_block"] + med["generate_after"] + dt / args.edits
+        before_old = med["score_all_blocks"] + med["generate_after_uncached"] + med["generate_before_per_edit"]
+        res["per_edit_old_s"], res["per_edit_new_s"] = before_old, before_now
     res["load_end"] = os.getloadavg()
     print(f"\n{args.model}, edit at {args.layer}: {args.edits} edits x ({1 + args.rephrasings} own rows), "
           f"{args.pass_rows + args.keep_rows} shared rows, {args.texts} text paragraphs; load {load0[0]:.1f} -> {res['load_end'][0]:.1f}")
@@ -155,8 +184,11 @@ def main(argv=None) -> int:
     for k, v in med.items():
         print(f"| {k} | {v:.3f} |")
     print(f"| generate_before, batched across edits (per edit) | {dt / args.edits:.3f} |")
-    print(f"| one edit's evaluation without text: all blocks + generation before/after per edit | {before_old:.3f} |")
-    print(f"| the same from the edited block, base generations batched | {before_now:.3f} |")
+    print(f"| generation after the edit: uncached / KV-cached, same run | {res['generate_kv_cache_speedup']:.2f}x |")
+    if not args.generate_only:
+        print("| one edit's evaluation without text: all blocks, uncached generation before/after per edit "
+              f"| {before_old:.3f} |")
+        print(f"| the same from the edited block, KV-cached generation, base generations batched | {before_now:.3f} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(f"wrote {args.out}")

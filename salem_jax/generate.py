@@ -1,15 +1,33 @@
 """Greedy decoding for any LoadedModel, jitted with static shapes.
 
-No KV cache: every step re-runs the model on a fixed buffer and reads the logits at each row's
-own last position (the vocabulary head runs at that position only, `salem_jax.scored_logits`). For the short answers of editing benchmarks (a few tokens) that costs little,
-and it needs nothing from the model beyond `apply(params, batch)`, so it works for our Llama,
-our GPT-2 / GPT-Neo and the encoder-decoders alike (and under
-`flax.linen.intercept_methods`, e.g. with an edit applied on the fly).
+Two loops, the same tokens (tests/test_kv_cache.py):
+
+* **KV-cached** (`_cached_causal_loop`), chosen automatically for the decoder-only models that
+  declare it (`LoadedModel.supports_kv_cache`: our Llama - SmolLM2 -, GPT-2 and GPT-Neo): one
+  prefill over the right-padded buffer fills every attention layer's cache of keys and values
+  (`[B, L, kv heads, head_dim]` per layer, L = the buffer's bucket length; a flax "cache"
+  collection, `salem_jax.models.blocks.cached_kv`) and gives each row's first token; each later
+  step runs the model on one token per row - the token the row wrote last, at its own slot and
+  position (RoPE for Llama, learned positions for GPT-2 / GPT-Neo) - attending to that row's
+  filled slots only. A step costs one token's forward pass instead of the whole buffer's.
+* **uncached** (`_causal_loop`, the reference and the path for every other model): every step
+  re-runs the model on the whole buffer and reads the logits at each row's own last position
+  (the vocabulary head runs at that position only, `salem_jax.scored_logits`). It needs nothing
+  from the model beyond `apply(params, batch)`, so it also serves the encoder-decoders
+  (`_seq2seq_loop`). `greedy_ids(..., kv_cache=False)` forces it.
+
+Both take the parameters as an argument (edited weights work as they are) and run the model's
+own submodules, so `flax.linen.intercept_methods` sees every call (an edit applied on the fly
+works on both paths; in a cached step the intercepted inputs are `[B, 1, ...]`). The jitted loops
+are keyed by the model's functions, not by the interceptors active: an interceptor must be active
+when a model's loop is first traced (use a fresh LoadedModel for intercepted generation).
 
 Shapes are static: prompts are right padded into a buffer whose length is a bucket
 (`salem_jax.data.tokenize.bucket_length`) of prompt + new tokens, and the number of rows is
-padded to a power of two, so the decoding loop compiles once per (model, rows, length) bucket;
-the number of new tokens and the end tokens are traced values and never cause a recompile.
+padded to a power of two, so each loop compiles once per (model, rows, length) bucket; the number
+of new tokens and the end tokens are traced values and never cause a recompile. The cached loop
+holds two copies of the model (prefill [B, L] and step [B, 1]), so its first call compiles about
+twice as long as the uncached loop's (README, "Speed").
 
 * causal models: row b appends its next token at its own position `pos[b]` (its prompt length
   plus the tokens generated so far) and attends only to its filled positions;
@@ -67,7 +85,6 @@ def _causal_loop(apply, params, ids, mask, pos, done, steps, eos):
     """ids/mask [B, L] right padded, pos [B] = next write position, done [B], steps: scalar,
     eos [E] end-token ids. Returns (ids, pos): row b's new tokens are
     ids[b, prompt_len[b] : pos[b]]."""
-    rows = jnp.arange(ids.shape[0])
     zeros = jnp.zeros_like(ids)
 
     def cond(state):
@@ -80,15 +97,55 @@ def _causal_loop(apply, params, ids, mask, pos, done, steps, eos):
         batch = {"input_ids": ids, "attention_mask": mask, "labels": zeros, "label_mask": zeros,
                  SCORE_POS: (pos - 1)[:, None]}
         last = scored_logits(apply, params, batch)[0][:, 0]
-        nxt = jnp.argmax(last, axis=-1).astype(ids.dtype)
-        write = ~done
-        ids = ids.at[rows, pos].set(jnp.where(write, nxt, ids[rows, pos]))
-        mask = mask.at[rows, pos].set(jnp.where(write, 1, mask[rows, pos]))
-        pos = pos + write.astype(pos.dtype)
-        done = done | (write & _stopped(nxt, eos))
+        ids, mask, pos, done = _append(ids, mask, pos, done, jnp.argmax(last, axis=-1), eos)
         return i + 1, ids, mask, pos, done
 
     _, ids, _, pos, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), ids, mask, pos, done))
+    return ids, pos
+
+
+def _append(ids, mask, pos, done, nxt, eos):
+    """Row b writes nxt[b] at pos[b] unless it is done; returns the new (ids, mask, pos, done)."""
+    rows = jnp.arange(ids.shape[0])
+    nxt = nxt.astype(ids.dtype)
+    write = ~done
+    ids = ids.at[rows, pos].set(jnp.where(write, nxt, ids[rows, pos]))
+    mask = mask.at[rows, pos].set(jnp.where(write, 1, mask[rows, pos]))
+    pos = pos + write.astype(pos.dtype)
+    done = done | (write & _stopped(nxt, eos))
+    return ids, mask, pos, done
+
+
+@functools.partial(jax.jit, static_argnames=("decode",))
+def _cached_causal_loop(decode, params, ids, mask, pos, done, steps, eos):
+    """`_causal_loop` with a KV cache (`LoadedModel.kv_decode`); same arguments and results.
+
+    One prefill over the whole right-padded buffer [B, L] fills every layer's cache (keys and
+    values [B, L, kv heads, D]; slots past a row's prompt hold padding until that row writes
+    there) and gives each row's first token from the logits at pos[b] - 1. Then each step runs
+    the model on one token per row: the token a row wrote last, at slot (and RoPE / learned
+    position) pos[b] - 1, attending to its filled slots; done rows recompute their last slot
+    with the same values and write nothing. Static shapes throughout: the loop carries the
+    cache, so it compiles once per (model, rows, length)."""
+    B, L = ids.shape
+    rows = jnp.arange(B)
+    positions = jnp.broadcast_to(jnp.arange(L, dtype=pos.dtype)[None], (B, L))
+    zeros = jnp.zeros((B,), pos.dtype)
+    logits, cache = decode(params, None, ids, mask, positions, zeros, (pos - 1)[:, None])
+    ids, mask, pos, done = _append(ids, mask, pos, done, jnp.argmax(logits[:, 0], axis=-1), eos)
+
+    def cond(state):
+        i, _, _, _, done, _ = state
+        return (i < steps) & ~jnp.all(done)
+
+    def body(state):
+        i, ids, mask, pos, done, cache = state
+        last = pos - 1
+        logits, cache = decode(params, cache, ids[rows, last][:, None], mask, last[:, None], last, zeros[:, None])
+        ids, mask, pos, done = _append(ids, mask, pos, done, jnp.argmax(logits[:, 0], axis=-1), eos)
+        return i + 1, ids, mask, pos, done, cache
+
+    _, ids, _, pos, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), ids, mask, pos, done, cache))
     return ids, pos
 
 
@@ -145,9 +202,14 @@ def greedy_ids(
     *,
     batch_size: int = 32,
     eos_token_id: int | Sequence[int] | None = None,
+    kv_cache: bool | None = None,
 ) -> list[list[int]]:
     """Greedy continuations as token ids, one list per prompt (without the prompt). With
     `stop_at_eos` a row ends at its first end token, which is included as the list's last id.
+
+    kv_cache: None (default) decodes with a KV cache when the model supports one
+    (`model.supports_kv_cache`: our Llama, GPT-2, GPT-Neo) and re-runs the whole buffer every
+    step otherwise; False always re-runs the buffer (the reference path); True requires the cache.
 
     `model` is a LoadedModel of kind "causal" or "seq2seq"; prompts are tokenized with the
     model's tokenizer and its special tokens (as `salem_jax.data.tokenize.encode` does). The end
@@ -158,8 +220,14 @@ def greedy_ids(
         raise ValueError(f"model {model.name!r} has no tokenizer")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if kv_cache and not (model.kind == "causal" and model.supports_kv_cache):
+        raise ValueError(
+            f"kv_cache=True: model {model.name!r} ({model.arch}, {model.kind}) has no KV-cached decoding "
+            "(LoadedModel.kv_decode); pass kv_cache=None to fall back to the uncached loop"
+        )
     if not prompts:
         return []
+    use_cache = model.kind == "causal" and model.supports_kv_cache and kv_cache is not False
     tok = model.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     eos = _eos_ids(model, eos_token_id) if stop_at_eos else ()
@@ -169,13 +237,13 @@ def greedy_ids(
         chunk = encoded[start : start + batch_size]
         B = _row_bucket(len(chunk), batch_size)
         if model.kind == "causal":
-            out += _greedy_causal(model, params, chunk, B, pad, max_new_tokens, eos)
+            out += _greedy_causal(model, params, chunk, B, pad, max_new_tokens, eos, use_cache)
         else:
             out += _greedy_seq2seq(model, params, chunk, B, pad, max_new_tokens, eos)
     return out
 
 
-def _greedy_causal(model, params, rows, B, pad, steps, eos):
+def _greedy_causal(model, params, rows, B, pad, steps, eos, use_cache=False):
     longest = max(map(len, rows))
     if longest + steps > model.max_length:
         raise ValueError(
@@ -191,7 +259,11 @@ def _greedy_causal(model, params, rows, B, pad, steps, eos):
         lens[b] = len(r)
     mask[len(rows) :, 0] = 1
     done = np.arange(B) >= len(rows)
-    ids_out, pos = _causal_loop(model.apply, params, ids, mask, lens, done, np.int32(steps), _eos_array(eos))
+    if use_cache:
+        loop = functools.partial(_cached_causal_loop, model.kv_decode)
+    else:
+        loop = functools.partial(_causal_loop, model.apply)
+    ids_out, pos = loop(params, ids, mask, lens, done, np.int32(steps), _eos_array(eos))
     ids_out, pos = np.asarray(ids_out), np.asarray(pos)
     return [ids_out[b, lens[b] : pos[b]].tolist() for b in range(len(rows))]
 
@@ -238,13 +310,15 @@ def greedy(
     *,
     batch_size: int = 32,
     eos_token_id: int | Sequence[int] | None = None,
+    kv_cache: bool | None = None,
 ) -> list[str]:
     """Greedy continuations as text, one per prompt (special tokens such as EOS dropped).
 
     Causal models: the text that follows the prompt, e.g. " Paris." for "The capital of
     France is". Seq2seq models: the decoded answer."""
     new = greedy_ids(
-        model, params, prompts, max_new_tokens, stop_at_eos, batch_size=batch_size, eos_token_id=eos_token_id
+        model, params, prompts, max_new_tokens, stop_at_eos, batch_size=batch_size, eos_token_id=eos_token_id,
+        kv_cache=kv_cache,
     )
     tok = model.tokenizer
     if model.kind == "seq2seq":

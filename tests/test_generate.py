@@ -88,8 +88,9 @@ def free(tiny):
     return [_reference_causal(tiny, tiny.params, p, STEPS) for p in PROMPTS]
 
 
-def test_llama_matches_reference_loop(tiny, free):
-    got = generate.greedy_ids(tiny, tiny.params, PROMPTS, STEPS, stop_at_eos=False)
+@pytest.mark.parametrize("kv_cache", [True, False])
+def test_llama_matches_reference_loop(tiny, free, kv_cache):
+    got = generate.greedy_ids(tiny, tiny.params, PROMPTS, STEPS, stop_at_eos=False, kv_cache=kv_cache)
     assert got == free
     assert all(len(g) == STEPS for g in got)
     assert len({tuple(g) for g in got}) > 1  # the rows really differ
@@ -112,12 +113,15 @@ def test_text_follows_the_prompt(tiny, free):
 
 
 def test_compiles_once_per_bucket(tiny):
-    generate.greedy_ids(tiny, tiny.params, ["paris is"], STEPS, stop_at_eos=False)
+    # the uncached loop (tests/test_kv_cache.py checks the cached one)
+    generate.greedy_ids(tiny, tiny.params, ["paris is"], STEPS, stop_at_eos=False, kv_cache=False)
     before = generate._causal_loop._cache_size()
     # Same buckets (1 row, length 16): other prompts, answer lengths and end tokens reuse it.
-    generate.greedy_ids(tiny, tiny.params, ["the capital of peru is"], STEPS + 3, stop_at_eos=False)
-    generate.greedy_ids(tiny, tiny.params, ["lima"], 2, eos_token_id=5)
+    generate.greedy_ids(tiny, tiny.params, ["the capital of peru is"], STEPS + 3, stop_at_eos=False, kv_cache=False)
+    generate.greedy_ids(tiny, tiny.params, ["lima"], 2, eos_token_id=5, kv_cache=False)
     assert generate._causal_loop._cache_size() == before
+    generate.greedy_ids(tiny, tiny.params, ["lima", "paris"], 2, kv_cache=False)  # 2 rows: a new bucket
+    assert generate._causal_loop._cache_size() == before + 1
 
 
 def test_gpt2_matches_reference_loop():

@@ -46,7 +46,7 @@ def test_generation_length_is_target_tokens_plus_extra(monkeypatch):
     model = hf.tiny("gpt2", seed=3)
     seen = {}
 
-    def fake_greedy(model, params, prompts, max_new_tokens, batch_size=32):
+    def fake_greedy(model, params, prompts, max_new_tokens, batch_size=32, kv_cache=None):
         seen["n"] = max_new_tokens
         return [""] * len(prompts)
 

@@ -81,3 +81,15 @@ def test_greedy_answers_paris(loaded):
     _, _, model, _ = loaded
     out = greedy(model, model.params, PROMPTS[:1], max_new_tokens=4)
     assert out[0].startswith(" Paris"), out
+
+
+def test_kv_cached_greedy_equals_uncached(loaded):
+    """The KV-cached loop (the default for our Llama) against the loop that re-runs the whole
+    buffer every step, on the real model, ragged prompts, 8 new tokens."""
+    from salem_jax.generate import greedy_ids
+
+    _, _, model, _ = loaded
+    assert model.supports_kv_cache
+    fast = greedy_ids(model, model.params, PROMPTS, max_new_tokens=8, stop_at_eos=False, kv_cache=True)
+    slow = greedy_ids(model, model.params, PROMPTS, max_new_tokens=8, stop_at_eos=False, kv_cache=False)
+    assert fast == slow

@@ -58,18 +58,19 @@ def target_tokens(model, target: str) -> int:
 
 
 def generate_answers(model, params: Any, prompts: Sequence[str], targets: Sequence[str], *, extra_tokens: int = 2,
-                     batch_size: int = 32) -> list[str]:
-    """Greedy continuations of `prompts`, each long enough for the longest target + extra_tokens."""
+                     batch_size: int = 32, kv_cache: bool | None = None) -> list[str]:
+    """Greedy continuations of `prompts`, each long enough for the longest target + extra_tokens.
+    kv_cache: as `salem_jax.generate.greedy_ids` (None: cached where the model supports it)."""
     from salem_jax.generate import greedy
 
     if not prompts:
         return []
     n = max(target_tokens(model, t) for t in targets) + extra_tokens
-    return greedy(model, params, list(prompts), max_new_tokens=max(n, 1), batch_size=batch_size)
+    return greedy(model, params, list(prompts), max_new_tokens=max(n, 1), batch_size=batch_size, kv_cache=kv_cache)
 
 
 def generations_per_edit(model, params: Any, edits: Sequence[tuple[dict, Sequence[dict]]], *, extra_tokens: int = 2,
-                         batch_size: int = 32) -> list[list[str]]:
+                         batch_size: int = 32, kv_cache: bool | None = None) -> list[list[str]]:
     """Greedy generations of every edit's prompts (its fail row, then its rephrasings) by one
     model, batched across edits: per edit, the list `edit_generation_metrics` makes itself (each
     edit's rows get its own longest target + extra_tokens new tokens; edits that need the same
@@ -81,7 +82,7 @@ def generations_per_edit(model, params: Any, edits: Sequence[tuple[dict, Sequenc
     for n in sorted(set(need)):
         which = [i for i, k in enumerate(need) if k == n]
         prompts = [r["prompt"] for i in which for r in (edits[i][0], *edits[i][1])]
-        gens = iter(greedy(model, params, prompts, max_new_tokens=max(n, 1), batch_size=batch_size))
+        gens = iter(greedy(model, params, prompts, max_new_tokens=max(n, 1), batch_size=batch_size, kv_cache=kv_cache))
         for i in which:
             out[i] = [next(gens) for _ in range(1 + len(edits[i][1]))]
     return out

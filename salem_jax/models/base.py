@@ -150,6 +150,16 @@ class LoadedModel:
     max_length: int  # longest sequence the model accepts (positions / context)
     module: Any = None  # the flax.linen module, for users who need it
     extra: dict = dataclasses.field(default_factory=dict)
+    # KV-cached decoding (`salem_jax.models.blocks.make_kv_decode`): `kv_decode(params, cache,
+    # input_ids, key_mask, position_ids, cache_pos, head_pos) -> (logits [B, K, V], cache)`, set
+    # by the decoder-only families that support it (Llama, GPT-2, GPT-Neo); None for the others,
+    # which `salem_jax.generate` then decodes by re-running the whole buffer every step.
+    kv_decode: Callable | None = None
+
+    @property
+    def supports_kv_cache(self) -> bool:
+        """Whether greedy decoding can use a KV cache (`kv_decode` is set)."""
+        return self.kv_decode is not None
 
     @property
     def is_encoder_decoder(self) -> bool:

@@ -119,3 +119,79 @@ def causal_lm_logits(trunk: Callable, head: Callable, input_ids: jax.Array, atte
 def layer_class(cls, remat: bool):
     """`cls`, or `nn.remat(cls)` (recompute its activations in the backward pass) when `remat`."""
     return nn.remat(cls) if remat else cls
+
+
+# ----------------------------------------------------------------------------- KV cache
+#
+# Greedy decoding (`salem_jax.generate`) can run our decoder-only models with a cache of keys
+# and values instead of re-running the whole buffer every step. The cache lives in the flax
+# variable collection "cache" (one "key" and one "value" array `[B, L, heads, head_dim]` per
+# attention module, under that module's path), so no module's `__call__` changes its return
+# type: a model in cache mode is called with `cache_pos` (where each row's new tokens go) and
+# `mutable=["cache"]`, and every interceptor still sees the same submodule calls on `[B, T, ...]`
+# inputs (T = 1 in a decoding step).
+
+
+def cache_visible(key_mask: jax.Array, cache_pos: jax.Array, T: int, window: int | None = None) -> jax.Array:
+    """`[B, T, L]` bool: which cache slots each of the T new tokens may attend to.
+
+    key_mask [B, L]: 1 for filled cache slots (after this call's writes); cache_pos [B]: the slot
+    of row b's first new token, so new token t sits at slot q = cache_pos[b] + t and sees slots
+    s <= q that are filled (and, with `window`, only q - s < window: GPT-Neo's local attention).
+    With cache_pos = 0 and T = L this is exactly `causal_bias`'s visibility."""
+    L = key_mask.shape[1]
+    q = cache_pos[:, None] + jnp.arange(T)[None]  # [B, T]
+    s = jnp.arange(L)[None, None]
+    vis = s <= q[:, :, None]
+    if window is not None:
+        vis = vis & (q[:, :, None] - s < window)
+    return vis & (key_mask[:, None, :] > 0)
+
+
+def _write_rows(cache: jax.Array, new: jax.Array, cache_pos: jax.Array) -> jax.Array:
+    """cache [B, L, ...] with new [B, T, ...] written at slots cache_pos[b] .. cache_pos[b] + T - 1."""
+    def one(c, x, p):
+        return jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (p,) + (0,) * (c.ndim - 1))
+
+    return jax.vmap(one)(cache, new, cache_pos)
+
+
+def cached_kv(module: nn.Module, k: jax.Array, v: jax.Array, cache_pos: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Append keys and values `[B, T, heads, D]` to `module`'s cache at each row's `cache_pos[b]`
+    and return the whole cache `(keys, values)` `[B, L, heads, D]`.
+
+    The cache is created (zeros, L = T) on the first call - the prefill over the whole buffer -
+    so the cache length is the buffer length; later calls (T = 1) write one slot per row."""
+    ck = module.variable("cache", "key", jnp.zeros, k.shape, k.dtype)
+    cv = module.variable("cache", "value", jnp.zeros, v.shape, v.dtype)
+    ck.value = _write_rows(ck.value, k, cache_pos)
+    cv.value = _write_rows(cv.value, v, cache_pos)
+    return ck.value, cv.value
+
+
+def cached_lm_logits(
+    trunk: Callable, head: Callable, input_ids, key_mask, position_ids, cache_pos, head_pos
+) -> jax.Array:
+    """The cache-mode twin of `causal_lm_logits`: `trunk(ids [B, T], key_mask [B, L], positions
+    [B, T], cache_pos [B])` writes the T new tokens' keys/values into the cache and returns their
+    hidden states; the head runs only at `head_pos` [B, K] (indices into T): logits [B, K, V]
+    float32."""
+    h = trunk(input_ids, key_mask, position_ids, cache_pos)
+    h = jnp.take_along_axis(h, head_pos[..., None], axis=1)
+    return head(h).astype(jnp.float32)
+
+
+def make_kv_decode(module: nn.Module) -> Callable:
+    """`decode(params, cache, input_ids, key_mask, position_ids, cache_pos, head_pos) -> (logits
+    [B, K, V], cache)` for a module with a `decode` method (Llama, GPT-2, GPT-Neo). `cache` None
+    is the prefill: it creates the cache with length T = the buffer length. Pure, so it can be
+    jitted and traced inside `jax.lax.while_loop`."""
+    method = type(module).decode
+
+    def decode(params, cache, input_ids, key_mask, position_ids, cache_pos, head_pos):
+        variables = {"params": params} if cache is None else {"params": params, "cache": cache}
+        logits, state = module.apply(variables, input_ids, key_mask, position_ids, cache_pos, head_pos,
+                                     method=method, mutable=["cache"])
+        return logits, state["cache"]
+
+    return decode

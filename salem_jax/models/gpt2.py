@@ -30,8 +30,12 @@ import jax.numpy as jnp
 from salem_jax.models.blocks import (
     activation,
     attend,
+    cache_visible,
+    cached_kv,
+    cached_lm_logits,
     causal_bias,
     causal_lm_logits,
+    mask_bias,
     dense,
     embed,
     layer_class,
@@ -54,7 +58,8 @@ class GPT2Attention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, bias: jax.Array, cache_pos=None) -> jax.Array:
+        """With `cache_pos` [B]: cache mode (`salem_jax.models.blocks.cached_kv`), bias [B, 1, T, L]."""
         cfg = self.config
         C, H = cfg.n_embd, cfg.n_head
         std = cfg.initializer_range
@@ -62,7 +67,10 @@ class GPT2Attention(nn.Module):
         scale = (C // H) ** -0.5 if getattr(cfg, "scale_attn_weights", True) else 1.0
         if getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
             scale /= float(self.layer_idx + 1)
-        out = attend(split_heads(q, H), split_heads(k, H), split_heads(v, H), bias, scale, self.dtype)
+        k, v = split_heads(k, H), split_heads(v, H)
+        if cache_pos is not None:
+            k, v = cached_kv(self, k, v, cache_pos)
+        out = attend(split_heads(q, H), k, v, bias, scale, self.dtype)
         return dense(C, "c_proj", self.dtype, std=std)(out)
 
 
@@ -85,10 +93,10 @@ class GPT2Block(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, h: jax.Array, bias: jax.Array) -> jax.Array:
+    def __call__(self, h: jax.Array, bias: jax.Array, cache_pos=None) -> jax.Array:
         eps = self.config.layer_norm_epsilon
         a = layer_norm(eps, "ln_1", self.dtype)(h)
-        h = h + GPT2Attention(self.config, self.layer_idx, self.dtype, name="attn")(a, bias)
+        h = h + GPT2Attention(self.config, self.layer_idx, self.dtype, name="attn")(a, bias, cache_pos)
         m = layer_norm(eps, "ln_2", self.dtype)(h)
         return h + GPT2MLP(self.config, self.dtype, name="mlp")(m)
 
@@ -101,10 +109,10 @@ class GPT2Blocks(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, h, bias):
+    def __call__(self, h, bias, cache_pos=None):
         cls = layer_class(GPT2Block, self.remat)
         for i in range(self.config.n_layer):
-            h = cls(self.config, i, self.dtype, name=str(i))(h, bias)
+            h = cls(self.config, i, self.dtype, name=str(i))(h, bias, cache_pos)
         return h
 
 
@@ -120,9 +128,14 @@ class GPT2Model(nn.Module):
         self.h = GPT2Blocks(cfg, self.dtype, self.remat)
         self.ln_f = layer_norm(cfg.layer_norm_epsilon, "ln_f", self.dtype)
 
-    def __call__(self, input_ids, attention_mask, position_ids):
+    def __call__(self, input_ids, attention_mask, position_ids, cache_pos=None):
+        """With `cache_pos` [B] (cache mode) attention_mask is [B, L] over the cache slots."""
         h = self.wte(input_ids) + self.wpe(position_ids)
-        h = self.h(h, causal_bias(attention_mask))
+        if cache_pos is None:
+            bias = causal_bias(attention_mask)
+        else:
+            bias = mask_bias(cache_visible(attention_mask, cache_pos, input_ids.shape[1])[:, None])
+        h = self.h(h, bias, cache_pos)
         return self.ln_f(h)
 
 
@@ -145,3 +158,9 @@ class GPT2LMHeadModel(nn.Module):
         tied = self.config.tie_word_embeddings
         head = (lambda h: self.transformer.wte.attend(h)) if tied else (lambda h: self.lm_head(h))
         return causal_lm_logits(self.transformer, head, input_ids, attention_mask, position_ids)
+
+    def decode(self, input_ids, key_mask, position_ids, cache_pos, head_pos):
+        """KV-cached pass, as `salem_jax.models.llama.LlamaForCausalLM.decode`."""
+        tied = self.config.tie_word_embeddings
+        head = (lambda h: self.transformer.wte.attend(h)) if tied else (lambda h: self.lm_head(h))
+        return cached_lm_logits(self.transformer, head, input_ids, key_mask, position_ids, cache_pos, head_pos)

@@ -29,8 +29,12 @@ import jax.numpy as jnp
 from salem_jax.models.blocks import (
     activation,
     attend,
+    cache_visible,
+    cached_kv,
+    cached_lm_logits,
     causal_bias,
     causal_lm_logits,
+    mask_bias,
     dense,
     embed,
     layer_class,
@@ -58,13 +62,17 @@ class GPTNeoSelfAttention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, bias: jax.Array, cache_pos=None) -> jax.Array:
+        """With `cache_pos` [B]: cache mode (`salem_jax.models.blocks.cached_kv`), bias [B, 1, T, L]."""
         cfg = self.config
         C, H, std = cfg.hidden_size, cfg.num_heads, cfg.initializer_range
         q = dense(C, "q_proj", self.dtype, bias=False, std=std)(x)
         k = dense(C, "k_proj", self.dtype, bias=False, std=std)(x)
         v = dense(C, "v_proj", self.dtype, bias=False, std=std)(x)
-        out = attend(split_heads(q, H), split_heads(k, H), split_heads(v, H), bias, 1.0, self.dtype)
+        k, v = split_heads(k, H), split_heads(v, H)
+        if cache_pos is not None:
+            k, v = cached_kv(self, k, v, cache_pos)
+        out = attend(split_heads(q, H), k, v, bias, 1.0, self.dtype)
         return dense(C, "out_proj", self.dtype, std=std)(out)
 
 
@@ -75,8 +83,8 @@ class GPTNeoAttention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, bias):
-        return GPTNeoSelfAttention(self.config, self.dtype, name="attention")(x, bias)
+    def __call__(self, x, bias, cache_pos=None):
+        return GPTNeoSelfAttention(self.config, self.dtype, name="attention")(x, bias, cache_pos)
 
 
 class GPTNeoMLP(nn.Module):
@@ -96,10 +104,10 @@ class GPTNeoBlock(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, h, bias):
+    def __call__(self, h, bias, cache_pos=None):
         eps = self.config.layer_norm_epsilon
         a = layer_norm(eps, "ln_1", self.dtype)(h)
-        h = h + GPTNeoAttention(self.config, self.dtype, name="attn")(a, bias)
+        h = h + GPTNeoAttention(self.config, self.dtype, name="attn")(a, bias, cache_pos)
         m = layer_norm(eps, "ln_2", self.dtype)(h)
         return h + GPTNeoMLP(self.config, self.dtype, name="mlp")(m)
 
@@ -110,10 +118,10 @@ class GPTNeoBlocks(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, h, global_bias, local_bias):
+    def __call__(self, h, global_bias, local_bias, cache_pos=None):
         cls = layer_class(GPTNeoBlock, self.remat)
         for i, kind in enumerate(self.config.attention_layers):
-            h = cls(self.config, self.dtype, name=str(i))(h, local_bias if kind == "local" else global_bias)
+            h = cls(self.config, self.dtype, name=str(i))(h, local_bias if kind == "local" else global_bias, cache_pos)
         return h
 
 
@@ -129,9 +137,16 @@ class GPTNeoModel(nn.Module):
         self.h = GPTNeoBlocks(cfg, self.dtype, self.remat)
         self.ln_f = layer_norm(cfg.layer_norm_epsilon, "ln_f", self.dtype)
 
-    def __call__(self, input_ids, attention_mask, position_ids):
+    def __call__(self, input_ids, attention_mask, position_ids, cache_pos=None):
+        """With `cache_pos` [B] (cache mode) attention_mask is [B, L] over the cache slots."""
         h = self.wte(input_ids) + self.wpe(position_ids)
-        h = self.h(h, causal_bias(attention_mask), causal_bias(attention_mask, self.config.window_size))
+        if cache_pos is None:
+            h = self.h(h, causal_bias(attention_mask), causal_bias(attention_mask, self.config.window_size))
+        else:
+            T, w = input_ids.shape[1], self.config.window_size
+            glob = mask_bias(cache_visible(attention_mask, cache_pos, T)[:, None])
+            loc = mask_bias(cache_visible(attention_mask, cache_pos, T, w)[:, None])
+            h = self.h(h, glob, loc, cache_pos)
         return self.ln_f(h)
 
 
@@ -153,3 +168,9 @@ class GPTNeoForCausalLM(nn.Module):
         tied = self.config.tie_word_embeddings
         head = (lambda h: self.transformer.wte.attend(h)) if tied else (lambda h: self.lm_head(h))
         return causal_lm_logits(self.transformer, head, input_ids, attention_mask, position_ids)
+
+    def decode(self, input_ids, key_mask, position_ids, cache_pos, head_pos):
+        """KV-cached pass, as `salem_jax.models.llama.LlamaForCausalLM.decode`."""
+        tied = self.config.tie_word_embeddings
+        head = (lambda h: self.transformer.wte.attend(h)) if tied else (lambda h: self.lm_head(h))
+        return cached_lm_logits(self.transformer, head, input_ids, key_mask, position_ids, cache_pos, head_pos)

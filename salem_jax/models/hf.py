@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from salem_jax.models import bart, bert, gpt2, gpt_neo, t5
 from salem_jax.models.base import Block, Kind, LayerTable, LoadedModel, Weight, param_paths
+from salem_jax.models.blocks import make_kv_decode
 from salem_jax.models.convert import params_to_torch
 
 
@@ -332,6 +333,8 @@ def from_params(
         max_length=int(spec.max_length(config)),
         module=module,
         extra=dict(extra or {}),
+        # KV-cached greedy decoding where our module has a `decode` method (GPT-2, GPT-Neo)
+        kv_decode=make_kv_decode(module) if hasattr(spec.module, "decode") else None,
     )
 
 

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from salem_jax.models.base import Block, LayerTable, LoadedModel, Weight, param_paths
-from salem_jax.models.blocks import causal_lm_logits
+from salem_jax.models.blocks import cache_visible, cached_kv, cached_lm_logits, causal_lm_logits, make_kv_decode
 
 # Added to masked attention scores instead of -inf, so a row with no visible key (an all-zero
 # attention_mask) softmaxes to uniform weights rather than NaN.
@@ -182,13 +182,17 @@ def _dense(config, features: int, bias: bool, dtype, name: str) -> nn.Dense:
 
 class LlamaAttention(nn.Module):
     """Grouped-query self-attention with rotary positions (kv head h serves query heads
-    h*G .. h*G+G-1, G = heads / kv heads, as transformers' repeat_kv)."""
+    h*G .. h*G+G-1, G = heads / kv heads, as transformers' repeat_kv).
+
+    With `cache_pos` [B] (cache mode, `salem_jax.models.blocks.cached_kv`) the rotated keys and
+    the values of the T new tokens are written to this module's "cache" at each row's slot and
+    the queries attend over the whole cache; `visible` is then `[B, T, L]` over cache slots."""
 
     config: Any
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, visible: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, visible: jax.Array, cache_pos=None) -> jax.Array:
         cfg = self.config
         B, T, _ = x.shape
         D, H, Hkv = head_dim(cfg), cfg.num_attention_heads, cfg.num_key_value_heads
@@ -200,6 +204,8 @@ class LlamaAttention(nn.Module):
         c, s = cos[:, :, None, :], sin[:, :, None, :]
         q = q * c + _rotate_half(q) * s
         k = k * c + _rotate_half(k) * s
+        if cache_pos is not None:
+            k, v = cached_kv(self, k, v, cache_pos)  # [B, L, Hkv, D]
         q = q.reshape(B, T, Hkv, G, D)
         scores = jnp.einsum("bthgd,bshd->bhgts", q, k).astype(jnp.float32) * (D**-0.5)
         scores = jnp.where(visible[:, None, None], scores, MASK_VALUE)  # visible: [B, T, S]
@@ -229,10 +235,10 @@ class LlamaDecoderLayer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, visible: jax.Array) -> jax.Array:
+    def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, visible: jax.Array, cache_pos=None) -> jax.Array:
         cfg = self.config
         a = RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_layernorm")(h)
-        h = h + LlamaAttention(cfg, self.dtype, name="self_attn")(a, cos, sin, visible)
+        h = h + LlamaAttention(cfg, self.dtype, name="self_attn")(a, cos, sin, visible, cache_pos)
         m = RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attention_layernorm")(h)
         return h + LlamaMLP(cfg, self.dtype, name="mlp")(m)
 
@@ -246,10 +252,10 @@ class LlamaLayers(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, h, cos, sin, visible):
+    def __call__(self, h, cos, sin, visible, cache_pos=None):
         layer_cls = nn.remat(LlamaDecoderLayer) if self.remat else LlamaDecoderLayer
         for i in range(self.config.num_hidden_layers):
-            h = layer_cls(self.config, self.dtype, name=str(i))(h, cos, sin, visible)
+            h = layer_cls(self.config, self.dtype, name=str(i))(h, cos, sin, visible, cache_pos)
         return h
 
 
@@ -272,13 +278,21 @@ class LlamaModel(nn.Module):
         self.layers = LlamaLayers(cfg, self.dtype, self.remat)
         self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype)
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, position_ids: jax.Array) -> jax.Array:
+    def __call__(
+        self, input_ids: jax.Array, attention_mask: jax.Array, position_ids: jax.Array, cache_pos=None
+    ) -> jax.Array:
+        """Without `cache_pos`: attention_mask [B, T] over the input tokens. With `cache_pos` [B]
+        (cache mode): attention_mask [B, L] over the cache slots, the new tokens sit at slots
+        cache_pos[b] + t (see `salem_jax.models.blocks.cache_visible`)."""
         T = input_ids.shape[1]
-        causal = jnp.tril(jnp.ones((T, T), bool))
-        visible = causal[None] & (attention_mask[:, None, :] > 0)  # [B, T(query), S(key)]
+        if cache_pos is None:
+            causal = jnp.tril(jnp.ones((T, T), bool))
+            visible = causal[None] & (attention_mask[:, None, :] > 0)  # [B, T(query), S(key)]
+        else:
+            visible = cache_visible(attention_mask, cache_pos, T)  # [B, T, L]
         cos, sin = rotary_tables(self.config, position_ids, self.dtype)
         h = self.embed_tokens(input_ids)
-        h = self.layers(h, cos, sin, visible)
+        h = self.layers(h, cos, sin, visible, cache_pos)
         return self.norm(h)
 
 
@@ -300,6 +314,15 @@ class LlamaForCausalLM(nn.Module):
         tied = self.config.tie_word_embeddings
         head = (lambda h: self.model.embed_tokens.attend(h)) if tied else (lambda h: self.lm_head(h))
         return causal_lm_logits(self.model, head, input_ids, attention_mask, position_ids)
+
+    def decode(self, input_ids, key_mask, position_ids, cache_pos, head_pos):
+        """KV-cached pass (apply with `mutable=["cache"]`): input_ids and position_ids [B, T] are
+        the new tokens, written to the cache at slots cache_pos[b] ..; key_mask [B, L] marks the
+        filled slots (these included); logits [B, K, V] at head_pos [B, K] (indices into T).
+        The first call (T = L, cache_pos 0) creates the cache. `salem_jax.generate` uses it."""
+        tied = self.config.tie_word_embeddings
+        head = (lambda h: self.model.embed_tokens.attend(h)) if tied else (lambda h: self.lm_head(h))
+        return cached_lm_logits(self.model, head, input_ids, key_mask, position_ids, cache_pos, head_pos)
 
 
 # ----------------------------------------------------------------------------- LoadedModel glue
@@ -354,6 +377,7 @@ def from_params(
         max_length=int(config.max_position_embeddings),
         module=module,
         extra=dict(dtype=str(jnp.dtype(dtype)), **extra),
+        kv_decode=make_kv_decode(module),
     )
 
 
