@@ -23,6 +23,22 @@ def model():
     return hf.tiny("bert", num_labels=2, seed=3, initializer_range=0.2)
 
 
+@pytest.fixture(scope="module")
+def model_02():
+    """BERT's own initialisation (0.02): ENN's training-step reference and ENN's training run
+    share it (and ENN_CFG), so the jitted ENN step compiles once for both."""
+    return hf.tiny("bert", num_labels=2, seed=3)
+
+
+# One configuration each for KE's and ENN's training-step references and the training runs of
+# test_train_and_edit_functions_run_and_keep_the_base: the steps are cached by (model, weights,
+# config), so each compiles once in this file. KE's references are jitted (one compilation, not
+# one per small op); ENN's stay op by op: there the ops compiled by one test serve the next, and
+# jitting them measured slower.
+KE_CFG = K.KEConfig(lstm_hidden=8, condition_dim=16, hidden=8, cond_length=12, lr=1e-3, grad_clip=1e-5, steps=3)
+ENN_CFG = E.ENNConfig(lr=1e-4, lr_lr=1e-2, grad_clip=0.05, c_base=1.0, steps=3)
+
+
 def rows(n_fail=4, n_pass=6):
     out = []
     for i, t in enumerate(TEXTS[: n_fail + n_pass]):
@@ -95,9 +111,10 @@ def test_ke_update_equals_numpy_reference(model):
     batch = encode_rows(model, r)
     ids, mask = K.encode_conditions(model, K.condition_texts(model, r), cfg.cond_length)
     assert 0 < mask[0].sum() < cfg.cond_length  # padding is exercised
-    edited = K.ke_edit(model.apply, kp, model.params, weights, batch, ids[0], mask[0], cfg.max_scale)
+    edited = jax.jit(lambda kp_, p: K.ke_edit(model.apply, kp_, p, weights, batch, ids[0], mask[0], cfg.max_scale))(
+        kp, model.params)
     # reference gradient: jax.grad over the whole parameter tree, then the weight's leaf
-    full_grad = jax.grad(lambda p: nll(model, p, batch))(model.params)
+    full_grad = jax.jit(jax.grad(lambda p: nll(model, p, batch)))(model.params)
     for w in weights:
         g = np.asarray(get_path(full_grad, w.path))
         assert np.abs(g).max() > 0
@@ -123,7 +140,7 @@ def clip(tree, max_norm):
 
 def test_ke_training_step_equals_hand_written_adam_step(model):
     weights = model.layers.weights(["layer.1"])
-    cfg = K.KEConfig(lstm_hidden=8, condition_dim=16, hidden=8, cond_length=12, lr=1e-3, grad_clip=1e-5)
+    cfg = KE_CFG
     kp = K.init_ke(model, weights, cfg)
     data = MetaData.from_rows(model, rows(), seed=0, loc_per_step=4)
     eb, lb = data.batch(0)
@@ -145,7 +162,7 @@ def test_ke_training_step_equals_hand_written_adam_step(model):
         kl = jnp.mean(jnp.sum(jax.nn.softmax(base) * (jax.nn.log_softmax(base) - jax.nn.log_softmax(post)), -1))
         return cfg.c_edit * nll(model, p, eb) + cfg.c_loc * kl
 
-    g = jax.grad(loss)(kp)
+    g = jax.jit(jax.grad(loss))(kp)
     g, norm = clip(g, cfg.grad_clip)
     assert norm > cfg.grad_clip  # clipping is exercised
     want = jax.tree.map(lambda p, gg: np.asarray(p, np.float64) + adam_first_step(gg, cfg.lr), kp, g)
@@ -201,13 +218,13 @@ def test_enn_second_order_gradient_matches_finite_differences(model):
     assert not np.allclose(np.asarray(get_path(g["params"], base_leaf)), np.asarray(get_path(g1["params"], base_leaf)))
 
 
-def test_enn_training_step_equals_hand_written_adam_step():
+def test_enn_training_step_equals_hand_written_adam_step(model_02):
     # BERT's own initialisation (0.02): with the wider one of `model` some of the base weights'
     # gradients come within float noise of Adam's eps, where g / (|g| + eps) is ill-conditioned
-    model = hf.tiny("bert", num_labels=2, seed=3)
+    model = model_02
     weights = model.layers.weights(["layer.1"])
     paths = tuple(w.path for w in weights)
-    cfg = E.ENNConfig(lr=1e-4, lr_lr=1e-2, grad_clip=0.05, c_base=1.0)
+    cfg = ENN_CFG
     data = MetaData.from_rows(model, rows(), seed=2, loc_per_step=4)
     eb, lb = data.batch(0)
     tr = E.init_enn(model.params, paths, cfg)
@@ -239,19 +256,20 @@ def test_enn_training_step_equals_hand_written_adam_step():
         np.testing.assert_allclose(float(new["lrs"][p]), want_lrs[p], rtol=1e-5)
 
 
-def test_train_and_edit_functions_run_and_keep_the_base(model):
+def test_train_and_edit_functions_run_and_keep_the_base(model, model_02):
     weights = model.layers.weights(["layer.1"])
     data = MetaData.from_rows(model, rows(), seed=0, loc_per_step=4)
-    kr = K.train_ke(model, data, weights, K.KEConfig(lstm_hidden=8, condition_dim=16, hidden=8, steps=3, lr=1e-3),
-                    progress=False)
-    er = E.train_enn(model, data, weights, E.ENNConfig(steps=3, lr=1e-4), progress=False)
+    kr = K.train_ke(model, data, weights, KE_CFG, progress=False)
+    # ENN on model_02 with ENN_CFG: the step compiled by the ENN training-step test
+    data_02 = MetaData.from_rows(model_02, rows(), seed=0, loc_per_step=4)
+    er = E.train_enn(model_02, data_02, weights, ENN_CFG, progress=False)
     r = rows()[:1]
-    for fn in (K.ke_edit_fn(model, kr), E.enn_edit_fn(model, er)):
+    for m, fn in ((model, K.ke_edit_fn(model, kr)), (model_02, E.enn_edit_fn(model_02, er))):
         edited = fn(r)
-        assert jax.tree.structure(edited) == jax.tree.structure(model.params)
+        assert jax.tree.structure(edited) == jax.tree.structure(m.params)
     # ENN trained the base (theta* differs from the given model), which itself is untouched
     w = weights[0].path
-    assert not np.array_equal(np.asarray(get_path(er.params, w)), np.asarray(get_path(model.params, w)))
+    assert not np.array_equal(np.asarray(get_path(er.params, w)), np.asarray(get_path(model_02.params, w)))
     with pytest.raises(ValueError, match="one row"):
         K.ke_edit_fn(model, kr)(rows()[:2])
 
