@@ -98,3 +98,41 @@ def test_train_pass_bad_config_names_the_fix(split):
     with pytest.raises(ValueError, match="train_pass=''"):
         train_pass_set(model, cfg, train, val, keep)
     assert default_config().train_pass == ""  # off unless asked for
+
+
+@pytest.mark.slow
+def test_tiny_main_job_trains_on_the_extra_pass_rows(tmp_path, monkeypatch):
+    """The pipeline adds the rows to the editors' train split only (val unchanged). A random model
+    knows no country fact, so `keep_rows` is replaced by "knows every candidate"."""
+    import json
+
+    import salem_jax.pipeline as pipeline
+    from experiments import capitals_smollm2
+
+    seen = {}
+    real_prepare = pipeline.prepare_splits
+
+    def spy_prepare(model, splits, **kw):
+        out = real_prepare(model, splits, **kw)
+        seen["splits"], seen["data"] = {k: list(v) for k, v in splits.items()}, out
+        return out
+
+    def knows_all(model, records, *, max_rows, **kw):
+        return candidate_rows(records)[:max_rows]
+
+    monkeypatch.setattr(pipeline, "prepare_splits", spy_prepare)
+    monkeypatch.setattr(pipeline, "keep_rows", knows_all)
+    argv = ["--tiny", "--workdir", str(tmp_path), "--config.progress=false", "--config.methods=mend_fixed",
+            "--config.train_pass=countries:region", "--config.max_train_pass=7"]
+    assert capitals_smollm2.main(argv) == 0
+    train, val = seen["splits"]["train"], seen["splits"]["val"]
+    extra = [r for r in train if r["id"].startswith("train_pass:")]
+    assert len(extra) == 7 and all(r["group"] == "pass" and ":region:" in r["record_id"] for r in extra)
+    assert not any(r["id"].startswith("train_pass:") for r in val)
+    n_edit_pass = sum(r["group"] == "pass" for r in train) - 7
+    assert seen["data"]["train"].n_pass == n_edit_pass + 7
+    # their countries are train countries, none a val country
+    val_c = {r["record_id"].split(":")[-1] for r in val}
+    train_c = {r["record_id"].split(":")[-1] for r in train if not r["id"].startswith("train_pass:")}
+    assert {r["record_id"].split(":")[-1] for r in extra} <= train_c - val_c
+    assert json.loads((tmp_path / "results.json").read_text())["methods"]["mend_fixed"]["edits"] >= 1
