@@ -259,7 +259,10 @@ class Pipeline:
     skip_invalid: records too long for the model are skipped (and counted) instead of an error.
     mesh_model: 0 = the model replicated on every device, the editor step data parallel (1-D mesh);
     N >= 1 = the model's weights sharded over a (data, N) mesh (salem_jax.sharding).
-    fixed_layers: mend_fixed (and ke / enn) edit the last N blocks."""
+    fixed_layers: mend_fixed (and ke / enn) edit the last N blocks.
+    train_pass: '' = none; "countries:REL,REL" = extra pass rows (locality KL) in the editors' training
+    split: up to max_train_pass facts of those relations the base model knows, of TRAIN countries
+    only, disjoint from the keep set and the val countries (salem_jax.pipeline.train_pass_set)."""
 
     name: str = "salem"
     model: str = "smollm2-135m"
@@ -280,6 +283,8 @@ class Pipeline:
     methods: tuple[str, ...] = ("salem",)
     mesh_model: int = 0
     fixed_layers: int = 3
+    train_pass: str = ""
+    max_train_pass: int = 96
     ft: FTConfig = PIPELINE_FT
     ke: KEConfig = PIPELINE_KE
     enn: ENNConfig = PIPELINE_ENN

@@ -146,6 +146,65 @@ def keep_set(model, cfg, exclude_prompts=()) -> tuple[list[dict], str]:
     return rows, f"{len(rows)} rows of {source} the base model gets right (of {len(records)} records)"
 
 
+def train_pass_candidates(records, train_rows, val_rows, keep, relations) -> list:
+    """The records extra train pass rows may come from (config `train_pass`; used by `train_pass_set`).
+
+    records: EditRecords of the country data (any relations; `extra["country"]` names the country);
+    train_rows / val_rows: the edit set's splits; keep: the held-out keep rows; relations: the
+    relations the extra rows may have. A record qualifies when its relation is in `relations`,
+    its country is a country of the TRAIN split and of no val row, of no keep row, and its prompt
+    is neither a keep row's nor an edit-set row's. So the extra rows are strictly disjoint from
+    the keep set (no shared fact, no shared country) and from the val split's countries: the
+    keep-set drawdown still measures facts of countries the editor never saw. Returns the
+    qualifying records in input order."""
+    by_id = {r.id: r for r in records}
+
+    def country(record_id):
+        r = by_id.get(record_id)
+        return r.extra.get("country") if r is not None else None
+
+    def countries(rows):
+        return {c for c in (country(r["record_id"]) for r in rows) if c is not None}
+
+    train_c = countries(train_rows) - countries(val_rows) - countries(keep)
+    banned = {r["prompt"] for r in list(train_rows) + list(val_rows) + list(keep)}
+    return [
+        r for r in records
+        if r.extra.get("relation") in relations and r.extra.get("country") in train_c and r.prompt not in banned
+    ]
+
+
+def train_pass_set(model, cfg, train_rows, val_rows, keep) -> tuple[list[dict], str]:
+    """Extra pass rows for the editors' TRAINING split only (config `train_pass`, e.g.
+    "countries:region,currency,languages"; at most `max_train_pass` rows the base model gets
+    right): harder locality data for the KL term, other facts of the train countries.
+
+    Why: with only the edit set's pass rows (other capitals) the editor's locality term never sees
+    another relation of the same countries, and the keep-set drawdown is measured on exactly such
+    facts. The rows come from `train_pass_candidates` (disjoint from the keep set by fact and by
+    country, and from the val countries); editability and saliency do not see them (they read the
+    edit set's train rows), the val split is unchanged. Rows: {"id": "train_pass:ID", "record_id",
+    "group": "pass", "prompt", "target"}."""
+    spec = cfg.train_pass
+    if not spec.startswith("countries:") or not [r for r in spec[len("countries:"):].split(",") if r]:
+        raise ValueError(f"config.train_pass={spec!r}: give 'countries:REL,REL' (e.g. countries:region,currency,languages) "
+                         "or '' for none")
+    if cfg.format != "countries":
+        raise ValueError(f"config.train_pass needs the countries data (format {cfg.format!r}); set config.train_pass=''")
+    relations = [r for r in spec[len("countries:"):].split(",") if r]
+    # every relation's records, so keep rows of any country relation name their country
+    all_records = country_records("all", seed=cfg.seed)
+    cands = train_pass_candidates(all_records, train_rows, val_rows, keep, relations)
+    if not cands:
+        raise ValueError(f"config.train_pass={spec!r}: no candidate facts of train countries outside the keep set")
+    rows = keep_rows(model, cands, max_rows=cfg.max_train_pass, seed=cfg.seed, batch_size=cfg.eval.batch_size,
+                     progress=cfg.progress)
+    rows = [dict(r, id=f"train_pass:{r['record_id']}", group="pass") for r in rows]
+    n_c = len({by.extra["country"] for by in cands})
+    return rows, (f"{len(rows)} extra train pass rows of country {', '.join(relations)} facts the base model gets right "
+                  f"(of {len(cands)} candidates, {n_c} train countries outside the keep set and the val split)")
+
+
 def saliency(model, rows: list[dict], cfg):
     """SaLEM's saliency profile (cfg.saliency) of at most max_examples rows of each profiled group."""
     sc = cfg.saliency
@@ -335,10 +394,16 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
                                 exclude_prompts=[r["prompt"] for r in train_rows + val_rows])
         say(f"keep set: {keep_note}")
 
+    # -- 4b. extra pass rows for the editors' training split (config.train_pass; disjoint from the keep set)
+    train_pass: list[dict] = []
+    if cfg.train_pass:
+        train_pass, tp_note = timed(times, "train_pass", train_pass_set, model, cfg, train_rows, val_rows, keep)
+        say(f"train pass: {tp_note}")
+
     # -- 5. each method: prepare (train an editor, fit statistics), then evaluate on the val split
     ctx = Context(model=model, cfg=cfg, work=work, say=say, mesh=mesh, texts=tuple(texts), text_note=text_note,
                   subjects=subjects, train_rows=train_rows, val_rows=val_rows,
-                  data=prepare_splits(model, {"train": train_rows, "val": val_rows}),
+                  data=prepare_splits(model, {"train": train_rows + train_pass, "val": val_rows}),
                   profile=profile, traced_layer=traced_layer, trace_info=trace_info)
     # CounterFact data: every edit is also scored with ROME's metrics on its own record
     cf_records = {r.id: r for r in records} if cfg.format == "counterfact" else None
