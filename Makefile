@@ -24,8 +24,11 @@ demo: $(STAMP)
 # Two workers (one per core here); each test file stays on one worker so module fixtures build once.
 PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
 
+# The tiny programs of the suite compile with XLA's backend optimisation off (tests/conftest.py):
+# they run for milliseconds, so compiling them costs far more than running them. The slow suite
+# (real models) keeps the optimised compile.
 test: $(STAMP)
-	$(PYTEST) -m "not slow" --durations=25
+	SALEM_JAX_TEST_FAST_COMPILE=1 $(PYTEST) -m "not slow" --durations=25
 
 test-slow: $(STAMP)
 	$(PYTEST) -m slow
