@@ -174,9 +174,7 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", default=None, help="PNG of val EA and drawdown against steps")
     args = ap.parse_args(argv)
 
-    from experiments.common import experiment_config
-    from salem_jax.data.edit_set import load_edit_set, save_edit_set
-    from salem_jax.edit_set_builder import build_edit_set
+    from experiments.common import benchmark_edit_set, experiment_config
     from salem_jax.methods.mend import train_config
     from salem_jax.mend.train import prepare_splits
     from salem_jax.pipeline import load, read_records
@@ -197,13 +195,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"convergence: estimate {est / 60:.0f} min over the budget of {args.budget_minutes:g} min: "
                          "fewer --steps or sets, or raise --budget-minutes")
     t = time.perf_counter()
-    if args.edit_set:
-        es = load_edit_set(args.edit_set)
-    else:
-        es = build_edit_set(model, records, mode=cfg.mode, seed=cfg.seed, val_fraction=cfg.val_fraction,
-                            batch_size=cfg.score_batch, progress=False, skip_invalid=cfg.skip_invalid)
-        if args.save_edit_set:
-            save_edit_set(es, args.save_edit_set, overwrite=True)
+    es = benchmark_edit_set(model, records, cfg, args.edit_set, args.save_edit_set)
     data = prepare_splits(model, {"train": es.rows("train"), "val": es.rows("val")})
     print(f"edit set ready in {time.perf_counter() - t:.0f} s; editor: {tc.max_steps} steps, effective batch "
           f"{tc.effective_batch}, lr {tc.lr:g}, val every {tc.val_every} on {tc.val_groups} val groups")

@@ -71,21 +71,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     enable_compile_cache(enabled=not args.no_compile_cache)
 
-    from salem_jax.edit_set_builder import build_edit_set
-    from salem_jax.data.edit_set import load_edit_set
     from salem_jax.mend.train import prepare_splits
     from salem_jax.methods.mend import train_config
+    from experiments.common import benchmark_edit_set
     from salem_jax.pipeline import load, read_records
 
     cfg = importlib.import_module(f"experiments.{args.experiment}").get_config(args.quick)
     cfg.progress = False
     records = read_records(cfg)
     model = load(cfg, records)
-    if args.edit_set:
-        es = load_edit_set(args.edit_set)
-    else:
-        es = build_edit_set(model, records, mode=cfg.mode, seed=cfg.seed, val_fraction=cfg.val_fraction,
-                            batch_size=cfg.score_batch, progress=False, skip_invalid=cfg.skip_invalid)
+    es = benchmark_edit_set(model, records, cfg, args.edit_set)
     data = prepare_splits(model, {"train": es.rows("train"), "val": es.rows("val")})
     tcfg = dataclasses.replace(train_config(cfg), val_groups=args.val_groups).resolved(1)
     names = model.layers.names()

@@ -42,9 +42,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
-    from salem_jax.edit_set_builder import build_edit_set
-    from salem_jax.data.edit_set import load_edit_set, save_edit_set
     from salem_jax.locate.editability import EditabilityConfig, editability_profile
+    from experiments.common import benchmark_edit_set
     from salem_jax.pipeline import load, read_records
 
     cfg = importlib.import_module(f"experiments.{args.experiment}").get_config(args.quick)
@@ -52,13 +51,7 @@ def main(argv=None) -> int:
     records = read_records(cfg)
     model = load(cfg, records)
     t = time.perf_counter()
-    if args.edit_set:
-        es = load_edit_set(args.edit_set)
-    else:
-        es = build_edit_set(model, records, mode=cfg.mode, seed=cfg.seed, val_fraction=cfg.val_fraction,
-                            batch_size=cfg.score_batch, progress=False, skip_invalid=cfg.skip_invalid)
-        if args.save_edit_set:
-            save_edit_set(es, args.save_edit_set, overwrite=True)
+    es = benchmark_edit_set(model, records, cfg, args.edit_set, args.save_edit_set)
     t_es = time.perf_counter() - t
     ec = EditabilityConfig(lrs=tuple(float(x) for x in args.lrs.split(",")), probes=args.probes,
                            warm=min(args.warm, 4) if args.quick else args.warm, pass_per_edit=args.pass_per_edit,

@@ -39,8 +39,6 @@ from pathlib import Path
 
 import numpy as np
 
-from salem_jax.data.edit_set import load_edit_set
-from salem_jax.edit_set_builder import build_edit_set
 from salem_jax.locate import mend_sweep as MS
 from salem_jax import pipeline as P
 from salem_jax.locate.choose import group_batch
@@ -77,7 +75,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
-    from experiments.common import experiment_config
+    from experiments.common import benchmark_edit_set, experiment_config
 
     cfg = experiment_config(args.experiment, args.quick, args.set)
     if args.steps:
@@ -94,9 +92,7 @@ def main(argv=None) -> int:
     else:
         records = read_records(cfg)
         model = load(cfg, records)
-        es = load_edit_set(args.edit_set) if args.edit_set else build_edit_set(
-            model, records, mode=cfg.mode, seed=cfg.seed, val_fraction=cfg.val_fraction, batch_size=cfg.score_batch,
-            progress=False, skip_invalid=cfg.skip_invalid)
+        es = benchmark_edit_set(model, records, cfg, args.edit_set)
     names = model.layers.names()
     sets = ([tuple(s.split(",")) for s in args.layer_sets.split(";")] if args.layer_sets
             else [] if args.contiguous else MS.default_layer_sets(names, args.stride))
@@ -146,7 +142,9 @@ def main(argv=None) -> int:
     # the second oracle: fine-tuning each single layer on the train fail rows
     singles = [s[0] for s in sets if len(s) == 1]
     ft, rho = None, None
-    if singles:
+    if len(singles) < 2:  # one layer has no ranking to correlate (it used to stop the run here)
+        print(f"FT sweep skipped: {len(singles)} single-layer set(s), a Spearman correlation needs two or more")
+    else:
         ft = sweep_layers(model, model.params, group_batch(model, train, "fail"), rephrases=group_batch(model, train, "adapt"),
                           keep=group_batch(model, train, "pass"), layers=singles,
                           config=SweepConfig(learning_rates=(3e-4, 1e-3), steps=10, part=cfg.saliency.part))

@@ -132,6 +132,23 @@ def main_for(name: str, get_config: Callable[[bool], ml_collections.ConfigDict],
     return 0
 
 
+def benchmark_edit_set(model, records, cfg: ml_collections.ConfigDict, load_from: str | None = None,
+                       save_to: str | None = None):
+    """The benchmarks' edit set: read from `load_from` (a saved edit set folder) or built from
+    `records` with the experiment's mode, seed and val fraction (and then saved to `save_to`
+    when given), so several benchmarks can share one edit set instead of rebuilding it."""
+    from salem_jax.data.edit_set import load_edit_set, save_edit_set
+    from salem_jax.edit_set_builder import build_edit_set
+
+    if load_from:
+        return load_edit_set(load_from)
+    es = build_edit_set(model, records, mode=cfg.mode, seed=cfg.seed, val_fraction=cfg.val_fraction,
+                        batch_size=cfg.score_batch, progress=False, skip_invalid=cfg.skip_invalid)
+    if save_to:
+        save_edit_set(es, save_to, overwrite=True)
+    return es
+
+
 def tiny_overrides(c: ml_collections.ConfigDict, model: str) -> ml_collections.ConfigDict:
     """Shrink a config to a tiny random model and a few records: the same code path in seconds."""
     c.model = model
