@@ -236,3 +236,34 @@ def test_sharded_step_from_the_edited_block_equals_one_device():
     mesh = sharding.make_mesh(2, 4, jax.devices()[:8])
     kept = {k: with_block_inputs(plan, model.params, d) for k, d in data.items()}
     _compare(model, spec, cfg, [(sharding.make_mesh(1, 1, jax.devices()[:1]), data, None), (mesh, data, plan), (mesh, kept, plan)])
+
+
+@pytest.mark.parametrize("which", ["late", "first"])
+def test_validation_with_the_base_side_kept_equals_a_fresh_one(which):
+    """`evaluate(..., base_cache=...)` (train_editor's validations): the base model's side of each
+    batch is computed on the first call and reused by the next ones, which give what a full
+    evaluation gives - for two different editors, with (late layer) and without (layer 0) a
+    from-block plan."""
+    from salem_jax.mend.train import eval_base_step
+
+    model, data = _model("llama"), _data("llama")
+    cfg = dataclasses.replace(_cfg(2), val_groups=2)
+    spec = EditorSpec.from_params(_weights("llama", which), model.params, cfg.editor)
+    mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+    base = place_base_params(model, model.params, mesh)
+    state = place_state(init_train_state(spec, cfg), mesh)
+    kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg.step_config(), mesh=mesh)
+    cache: dict = {}
+    for round_ in range(2):
+        fresh = evaluate(model, spec, cfg, mesh, state["params"], state["norm"], base, data["val"])
+        size = eval_base_step._cache_size()
+        kept = evaluate(model, spec, cfg, mesh, state["params"], state["norm"], base, data["val"], base_cache=cache)
+        assert len(cache) == 1
+        if round_:
+            assert eval_base_step._cache_size() == size  # not even traced again: the cached side was reused
+        for k in fresh:
+            np.testing.assert_allclose(kept[k], fresh[k], rtol=2e-4, atol=1e-6, err_msg=k)
+        # a trained (non-identity) editor for the second round
+        for i in range(2):
+            state, _ = train_step(state, base, sharding.shard_batch(train_batch(data["train"], cfg, i), mesh), **kw)
+    assert fresh["kl"] != 0.0 and fresh["edit_acc_before"] == kept["edit_acc_before"]

@@ -641,26 +641,42 @@ def _step(state, base_params, batch, *, apply_fn, spec, cfg, plan=None):
     return new_state, metrics
 
 
-def _eval(editor_params, norm, base_params, batch, *, apply_fn, spec, cfg, plan=None):
+def _eval_base(base_params, batch, *, apply_fn, spec, plan=None):
+    """The base model's side of an evaluation - the same for every editor, so a caller that
+    validates repeatedly on the same rows computes it once (`evaluate`'s `base_cache`):
+    {"factors": the fail rows' capture factors [G, ...], "base_pass": base logits of the pass
+    rows at their scored positions [G, P, K, V], "edit_before": the base model's correctness on
+    the edit rows [G, rows]}."""
     batch, apply_fn = _with_block_inputs(plan, apply_fn, base_params, batch)
     factors = group_factors(apply_fn, spec, base_params, batch["fail"])
     (base_edit, base_pass), _, _ = jax.vmap(lambda e, q: _apply_rows(apply_fn, base_params, e, q))(batch["edit"], batch["pass"])
+    edit_labels, edit_mask = jax.vmap(scored_labels)(batch["edit"])
+    return {"factors": factors, "base_pass": base_pass, "edit_before": example_correct(base_edit, edit_labels, edit_mask)}
+
+
+def _eval_edited(editor_params, norm, base_params, batch, base_side, *, apply_fn, spec, cfg, plan=None):
+    """Edit every group with the editor and score it, given `_eval_base`'s outputs."""
+    batch, apply_fn = _with_block_inputs(plan, apply_fn, base_params, batch)
     _, out = jax.vmap(
         lambda f, e, q, bl: _group_outputs(apply_fn, spec, cfg, editor_params, norm, base_params, f, e, q, bl)
-    )(factors, batch["edit"], batch["pass"], base_pass)
+    )(base_side["factors"], batch["edit"], batch["pass"], base_side["base_pass"])
     em = batch["edit"]["label_mask"]
-    edit_labels, edit_mask = jax.vmap(scored_labels)(batch["edit"])
     return {
         "loss": out["loss"],
         "nll": out["nll"],
         "kl": out["kl"],
         "edit_correct": out["edit_correct"],
-        "edit_before": example_correct(base_edit, edit_labels, edit_mask),
+        "edit_before": base_side["edit_before"],
         "edit_valid": em.sum(-1) > 0,
         "pass_correct": out["pass_correct"],
         "base_pass_correct": out["base_pass_correct"],
         "pass_valid": batch["pass"]["label_mask"].sum(-1) > 0,
     }
+
+
+def _eval(editor_params, norm, base_params, batch, *, apply_fn, spec, cfg, plan=None):
+    base_side = _eval_base(base_params, batch, apply_fn=apply_fn, spec=spec, plan=plan)
+    return _eval_edited(editor_params, norm, base_params, batch, base_side, apply_fn=apply_fn, spec=spec, cfg=cfg, plan=plan)
 
 
 def _state_specs(state, mesh):
@@ -742,6 +758,27 @@ def eval_step(editor_params, norm, base_params, batch, *, apply_fn, spec: Editor
     return _constrain(out, mesh, jax.tree.map(lambda _: P(), out))
 
 
+@functools.partial(jax.jit, static_argnames=("apply_fn", "spec", "mesh", "from_block"))
+def eval_base_step(base_params, batch, *, apply_fn, spec: EditorSpec, mesh, from_block: "FromBlockPlan | None" = None):
+    """`_eval_base` jitted: the base model's side of `eval_step` (factors, pass-row logits, edit
+    rows' correctness before the edit), split over "data" by group."""
+    batch = _constrain(batch, mesh, _batch_specs(batch))
+    out = _eval_base(base_params, batch, apply_fn=apply_fn, spec=spec, plan=from_block)
+    return _constrain(out, mesh, _batch_specs(out))
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "spec", "cfg", "mesh", "from_block"))
+def eval_edited_step(editor_params, norm, base_params, batch, base_side, *, apply_fn, spec: EditorSpec, cfg: TrainConfig, mesh,
+                     from_block: "FromBlockPlan | None" = None):
+    """`eval_step` given `eval_base_step`'s outputs for the batch: the same outputs, without
+    the base model's passes."""
+    batch = _constrain(batch, mesh, _batch_specs(batch))
+    base_side = _constrain(base_side, mesh, _batch_specs(base_side))
+    out = _eval_edited(_split_editor(editor_params, mesh), norm, base_params, batch, base_side, apply_fn=apply_fn, spec=spec,
+                       cfg=cfg, plan=from_block)
+    return _constrain(out, mesh, jax.tree.map(lambda _: P(), out))
+
+
 def place_base_params(model, base_params, mesh):
     """Base parameters placed for the steps on `mesh` (`sharding.shard_params`): FSDP over all
     devices, MLPs tensor parallel when the "model" axis > 1; one device holds them whole."""
@@ -804,7 +841,7 @@ def eval_groups_per_call(cfg: TrainConfig, data: EditData, n_data: int, limit: i
 
 
 def evaluate(model, spec, cfg, mesh, editor_params, norm, base_params, data: EditData, *,
-             skip_unchanged_blocks: bool = True, plan: FromBlockPlan | None = None) -> dict:
+             skip_unchanged_blocks: bool = True, plan: FromBlockPlan | None = None, base_cache: dict | None = None) -> dict:
     """Edit every validation group with the editor and summarise (see `summarize_eval`).
 
     All arguments placed as for `train_step` (`place_state`, `place_base_params`). The groups
@@ -812,7 +849,12 @@ def evaluate(model, spec, cfg, mesh, editor_params, norm, base_params, data: Edi
     come back to the host once, at the end. skip_unchanged_blocks: on decoder-only models, run
     the blocks below the first edited one once per row, on the base model (`from_block_plan`;
     the same numbers); plan: that plan when the caller has it (then `data` should hold the
-    hidden states, `with_block_inputs`, or the step computes them)."""
+    hidden states, `with_block_inputs`, or the step computes them). base_cache: a dict the caller
+    keeps between calls with the same model, base params, spec, cfg, mesh, plan and data (only the
+    editor changing, as in `train_editor`'s validations): the base model's side of each batch
+    (`eval_base_step`: capture factors, pass-row logits, edit rows before the edit) is computed
+    on the first call and reused (the same numbers; at `layers.0` of SmolLM2 more than half of
+    an evaluation's arithmetic)."""
     if plan is None:
         plan, data = from_block_data(model, spec, data, base_params, skip_unchanged_blocks)
     elif data.block_input_of not in (None, plan.last):
@@ -820,7 +862,15 @@ def evaluate(model, spec, cfg, mesh, editor_params, norm, base_params, data: Edi
     per_call = eval_groups_per_call(cfg, data, sharding.axis_size(mesh, sharding.DATA))
     batches = val_batches(data, dataclasses.replace(cfg, batch_size=per_call))
     kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg.step_config(), mesh=mesh, from_block=plan)
-    results = [eval_step(editor_params, norm, base_params, sharding.shard_batch(b, mesh), **kw) for b in batches]
+    if base_cache is None:
+        results = [eval_step(editor_params, norm, base_params, sharding.shard_batch(b, mesh), **kw) for b in batches]
+    else:
+        results = []
+        for i, b in enumerate(batches):
+            sb = sharding.shard_batch(b, mesh)
+            if i not in base_cache:
+                base_cache[i] = eval_base_step(base_params, sb, apply_fn=model.apply, spec=spec, mesh=mesh, from_block=plan)
+            results.append(eval_edited_step(editor_params, norm, base_params, sb, base_cache[i], **kw))
     return summarize_eval(parallel.fetch(results), [b["weight"] for b in batches], cfg.edits_per_group)
 
 
@@ -962,8 +1012,10 @@ def train_editor(
     kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg.step_config(), mesh=mesh, from_block=plan)
     step_fn = train_step
 
+    val_base: dict = {}  # the base model's side of every validation batch, computed once
+
     def validate(step):
-        v = evaluate(model, spec, cfg, mesh, state["params"], state["norm"], base, val_data, plan=plan)
+        v = evaluate(model, spec, cfg, mesh, state["params"], state["norm"], base, val_data, plan=plan, base_cache=val_base)
         _log(metrics_path, {"step": step, "split": "val", **v})
         improved = v["loss"] < run["best_val_loss"]
         if improved:
