@@ -54,6 +54,7 @@ from salem_jax.mend.editor import EditorConfig, EditorSpec, weight_key
 from salem_jax.mend.train import (
     TrainConfig,
     evaluate,
+    from_block_plan,
     init_train_state,
     place_base_params,
     place_state,
@@ -61,6 +62,7 @@ from salem_jax.mend.train import (
     train_batch,
     train_step,
     val_batches,
+    with_block_inputs,
 )
 from salem_jax.models import llama
 
@@ -340,32 +342,46 @@ def bench_layers(model, pt, torch, layers: list[str], args) -> dict:
     ref = TorchMEND(torch, pt, fresh["params"], spec, cfg)
     out: dict = {"layers": layers, "editor_params": int(sum(x.size for x in jax.tree.leaves(fresh["params"])))}
 
-    # -- editor step
-    holder = {"state": place_state(fresh, mesh)}
-    gb = sharding.shard_batch(batch, mesh)
-
-    def jax_step():
-        holder["state"], m = train_step(holder["state"], base, gb, **kw)
-        return jax.block_until_ready(m)
-
-    first, run = _median_after_warmup(jax_step, args.repeats)
-    loss_jax = float(jax_step()["loss"])
-    cached = _cached_first(jax_step)
+    # -- editor step: the path train_editor takes (from the first edited block, hidden states kept
+    # for the edit set, when the model and layers qualify) and, with --every-block, the step that
+    # runs every block (before issue 14's from-block step), in the same run
+    plan, why = from_block_plan(model, spec, data["train"])
+    out["from_block"] = {"start": plan.start, "n_blocks": plan.n_blocks} if plan else {"why_not": why}
+    print(f"  from block: {f'blocks {plan.start}..{plan.n_blocks - 1} run' if plan else 'every block runs: ' + why}", flush=True)
+    variants = [("editor_step", plan, with_block_inputs(plan, base, data["train"]) if plan else data["train"])]
+    if args.every_block and plan is not None:
+        variants.append(("editor_step_every_block", None, data["train"]))
     tb = _group(torch, batch, 0)
     loss_pt0 = ref.train_step(tb)  # warm-up; also the first step's loss, to compare with JAX's
     pt_t = _torch_median(torch, lambda: ref.train_step(tb), args.repeats)
     run_pt = pt_t["best"]
-    first_jax_loss = float(jax.device_get(train_step(place_state(fresh, mesh), base, gb, **kw)[1])["loss"])
-    out["editor_step"] = {"jax_s": run, "torch_s": run_pt, "torch_by_threads": pt_t["threads"], "first_s": first, "cached_first_s": cached,
-                          "first_step_loss": {"jax": first_jax_loss, "torch": loss_pt0}, "later_loss_jax": loss_jax}
-    print(f"  editor step: jax {run:.3f}s torch {run_pt:.3f}s (first {first:.1f}s, cached first {cached:.1f}s); "
-          f"first-step loss jax {first_jax_loss:.5f} torch {loss_pt0:.5f}", flush=True)
+    for name, p, d in variants:
+        vkw = dict(kw, from_block=p)
+        holder = {"state": place_state(fresh, mesh)}
+        gb = sharding.shard_batch(train_batch(d, cfg, 0), mesh)
 
+        def jax_step():
+            holder["state"], m = train_step(holder["state"], base, gb, **vkw)
+            return jax.block_until_ready(m)
+
+        first, run = _median_after_warmup(jax_step, args.repeats)
+        loss_jax = float(jax_step()["loss"])
+        cached = _cached_first(jax_step) if name == "editor_step" and not args.no_cached_first else float("nan")
+        compiled = train_step.lower(place_state(fresh, mesh), base, gb, **vkw).compile()
+        ca = compiled.cost_analysis()
+        ca = ca[0] if isinstance(ca, list) else ca
+        first_jax_loss = float(jax.device_get(train_step(place_state(fresh, mesh), base, gb, **vkw)[1])["loss"])
+        out[name] = {"jax_s": run, "torch_s": run_pt, "torch_by_threads": pt_t["threads"], "first_s": first, "cached_first_s": cached,
+                     "gflop": float(ca.get("flops", float("nan"))) / 1e9, "gbytes": float(ca.get("bytes accessed", float("nan"))) / 1e9,
+                     "first_step_loss": {"jax": first_jax_loss, "torch": loss_pt0}, "later_loss_jax": loss_jax}
+        print(f"  {name}: jax {run:.3f}s torch {run_pt:.3f}s (first {first:.1f}s, cached first {cached:.1f}s; "
+              f"{out[name]['gflop']:.1f} GFLOP, {out[name]['gbytes']:.2f} GB); "
+              f"first-step loss jax {first_jax_loss:.5f} torch {loss_pt0:.5f}", flush=True)
     # -- edits and validation: the editor at its initial values on both sides (costs do not
     # depend on them; the reference above was trained by its steps, so take a fresh one)
     ref = TorchMEND(torch, pt, fresh["params"], spec, cfg)
     ed = TrainedEditor(spec=spec, params=fresh["params"], state=fresh["norm"], model_name=model.name, step=0)
-    for n in (1, 10):
+    for n in () if args.steps_only else (1, 10):
         reqs = [(f"The capital of {c} is", " " + cap) for c, cap in (FACTS * 2)[:n]]
 
         def jax_edit(reqs=reqs):
@@ -389,23 +405,31 @@ def bench_layers(model, pt, torch, layers: list[str], args) -> dict:
         print(f"  edit x{n}: jax {run:.3f}s torch {run_pt:.3f}s (first {first:.1f}s, cached {cached:.1f}s); "
               f"kernels differ by {diff:.2e}", flush=True)
 
-    # -- validation over val_groups groups
+    # -- validation over val_groups groups (as train_editor validates: from the edited block when
+    # the model qualifies, the hidden states kept; with --every-block also the old path)
     st = place_state(fresh, mesh)
-
-    def jax_val():
-        return evaluate(model, spec, cfg, mesh, st["params"], st["norm"], base, data["val"])
-
-    first, run = _median_after_warmup(jax_val, max(1, args.repeats // 2))
-    cached = _cached_first(jax_val)
+    val_data = with_block_inputs(plan, base, data["val"]) if plan else data["val"]
     vb = val_batches(data["val"], cfg)
 
     def pt_val():
         return [ref.val_group(_group(torch, b, 0)) for b in vb if b["weight"][0] > 0]
 
-    pt_t = _torch_median(torch, pt_val, max(1, args.repeats // 2))
+    pt_t = _torch_median(torch, pt_val, max(1, args.repeats // 2)) if not args.no_torch_val else {"threads": {}, "best": float("nan")}
     run_pt = pt_t["best"]
-    out[f"val_{args.val_groups}"] = {"jax_s": run, "torch_s": run_pt, "torch_by_threads": pt_t["threads"], "first_s": first, "cached_first_s": cached}
-    print(f"  validation of {args.val_groups} groups: jax {run:.2f}s torch {run_pt:.2f}s (first {first:.1f}s)", flush=True)
+    # val_<n>_base_kept: as train_editor's second and later validations, the base model's side of
+    # every batch computed by the warm-up call and reused (`evaluate(..., base_cache=...)`)
+    base_cache: dict = {}
+    for name, p, d, bc in [(f"val_{args.val_groups}", plan, val_data, None), (f"val_{args.val_groups}_base_kept", plan, val_data, base_cache)] + (
+            [(f"val_{args.val_groups}_every_block", None, data["val"], None)] if args.every_block and plan else []):
+
+        def jax_val(p=p, d=d, bc=bc):
+            return evaluate(model, spec, cfg, mesh, st["params"], st["norm"], base, d, plan=p, skip_unchanged_blocks=p is not None,
+                            base_cache=bc)
+
+        first, run = _median_after_warmup(jax_val, max(1, args.repeats // 2))
+        cached = _cached_first(jax_val) if p is plan and bc is None and not args.no_cached_first else float("nan")
+        out[name] = {"jax_s": run, "torch_s": run_pt, "torch_by_threads": pt_t["threads"], "first_s": first, "cached_first_s": cached}
+        print(f"  {name}: jax {run:.2f}s torch {run_pt:.2f}s (first {first:.1f}s)", flush=True)
     return out
 
 
@@ -507,6 +531,11 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--val-groups", type=int, default=19)
     ap.add_argument("--quick", action="store_true", help="a tiny random Llama (smoke run)")
+    ap.add_argument("--every-block", action="store_true",
+                    help="also time the editor step and validation running every block (the path before the from-block step)")
+    ap.add_argument("--steps-only", action="store_true", help="only the editor step and the validation (no edits, saliency, fwd+bwd)")
+    ap.add_argument("--no-torch-val", action="store_true", help="skip the PyTorch reference's validation (minutes of eager passes)")
+    ap.add_argument("--no-cached-first", action="store_true", help="skip the cached-first-call measurements (they clear jax's caches)")
     ap.add_argument("--out", default="runs/bench-vs-pytorch.json")
     add_flag(ap)
     args = ap.parse_args(argv)
@@ -540,7 +569,7 @@ def main(argv=None) -> int:
         print(f"{spec} ({len(layers)} MLP block(s)) ...", flush=True)
         rep["layers"][spec] = bench_layers(model, pt, torch, layers, args)
     print("saliency and fwd+bwd ...", flush=True)
-    rep["model_wide"] = bench_model_wide(model, pt, torch, args)
+    rep["model_wide"] = {} if args.steps_only else bench_model_wide(model, pt, torch, args)
     rep["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     rep["targets"] = {}
     for name, check in TARGETS.items():

@@ -34,8 +34,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from salem_jax import parallel, sharding
-from salem_jax.mend.train import (EditData, TrainConfig, eval_groups_per_call, eval_step, place_base_params, place_state,
-                                   train_editor, val_batches)
+from salem_jax.mend.train import (EditData, TrainConfig, eval_groups_per_call, eval_step, from_block_data, place_base_params,
+                                   place_state, train_editor, val_batches)
 from salem_jax.locate.profile import jsonable
 
 # Wall seconds per editor step (training + its share of validation) of the CPU-budget editor on
@@ -132,11 +132,12 @@ def group_outcomes(model, spec, cfg: TrainConfig, editor_params, norm, data: Edi
     mesh = mesh if mesh is not None else parallel.data_mesh()
     cfg = cfg.resolved(parallel.n_data(mesh))
     k = cfg.edits_per_group
-    kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg.step_config(), mesh=mesh)
-    # placed and batched as mend.train.evaluate does, so the per-group numbers average exactly to
-    # the training run's validation
+    # placed and batched as mend.train.evaluate does (from the first edited block on decoder-only
+    # models), so the per-group numbers average exactly to the training run's validation
     params, nrm = place_state(editor_params, mesh), place_state(norm, mesh)
     base = place_base_params(model, model.params, mesh)
+    plan, data = from_block_data(model, spec, data, base)
+    kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg.step_config(), mesh=mesh, from_block=plan)
     per_call = eval_groups_per_call(cfg, data, sharding.axis_size(mesh, sharding.DATA))
     cols = {key: [] for key in ("edit_acc", "fail_acc", "adapt_acc", "pass_before", "pass_after", "kl")}
     for b in val_batches(data, dataclasses.replace(cfg, batch_size=per_call)):

@@ -45,12 +45,13 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from salem_jax import parallel, sharding
-from salem_jax.data.tokenize import encode
+from salem_jax.data.tokenize import encode, pad_rows, slice_rows
 from salem_jax.errors import UserError
 from salem_jax.losses import batch_nll, example_correct, example_nll, kl_divergence
 from salem_jax.mend.capture import capture
 from salem_jax.mend.checkpoint import CheckpointError, EditorCheckpointer
 from salem_jax.mend.editor import EditorConfig, EditorSpec, edited_params, init_editor, param_labels, update_norm_state
+from salem_jax.models.from_block import BLOCK_INPUT, FromBlock, block_call_order, block_output
 from salem_jax.scored_logits import scored_labels, scored_logits, with_score_positions
 
 # ---------------------------------------------------------------------------- configuration
@@ -168,6 +169,9 @@ class EditData:
     passes: dict[str, np.ndarray]
     adapt_of: tuple[np.ndarray, ...]
     fail_ids: tuple[str, ...]
+    # module path of the block whose base-model output fail / adapt / passes hold under
+    # BLOCK_INPUT ([N, S, H] each; `with_block_inputs`), None when they hold none
+    block_input_of: str | None = None
 
     @property
     def n_fail(self) -> int:
@@ -325,6 +329,146 @@ def val_batches(data: EditData, cfg: TrainConfig) -> list[dict]:
     return batches
 
 
+# ---------------------------------------------------------------------------- from the edited block
+#
+# An edit of block l changes nothing the blocks below l compute: on every row, the hidden state
+# entering block l is the base model's, in the capture pass, the base pass rows' KL targets and
+# the edited model's pass alike. On a decoder-only model the step therefore runs the blocks below
+# l once per row on the base model (or not at all: `with_block_inputs` keeps that hidden state
+# for every row of an edit set, computed once before training) and starts every pass at block l
+# (`salem_jax.models.from_block`). On SmolLM2 (30 blocks) an editor of layers.27-29 runs 3
+# blocks per pass instead of 30. The gradients are the same: nothing the editor's parameters
+# reach lies below block l (tests/test_mend_from_block.py compares the two paths).
+
+# Hidden states kept for a whole split at most (bytes, float32): beyond it the step computes them
+# itself, once per step (an edit set of 100k 32-token rows on SmolLM2 would need 7 GB).
+BLOCK_CACHE_BYTES = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class FromBlockPlan:
+    """How the steps skip the blocks below the first edited one (hashable: a static argument).
+
+    apply: the model's apply with the skipped blocks returning `batch[BLOCK_INPUT]`.
+    last:  module path of the last skipped block: BLOCK_INPUT is the base model's output of it.
+    start: position of the first block that runs (>= 1), of n_blocks."""
+
+    apply: FromBlock
+    last: str
+    start: int
+    n_blocks: int
+
+
+def from_block_plan(model, spec: EditorSpec, data: EditData) -> tuple[FromBlockPlan | None, str]:
+    """(the plan for editing `spec`'s weights of `model`, "") or (None, why the step must run
+    every block): only decoder-only models (kind "causal") without nn.remat whose blocks are
+    called once each, in a chain, and only when every edited weight lies in a block after the
+    first. `data`: any split of the edit set (one row traces the call order, compute-free)."""
+    if model.kind != "causal":
+        return None, f"a {model.kind!r} model (only decoder-only models pass one hidden state from block to block)"
+    if getattr(model.module, "remat", False):
+        return None, "nn.remat blocks (the skipped blocks' cached output cannot enter a rematerialised block)"
+    blocks = [b.module_path for b in model.layers.blocks]
+    owners = [next((p for p in blocks if w.module_path.startswith(p + "/")), None) for w in spec.weights]
+    if any(o is None for o in owners):
+        return None, "an edited weight outside every block"
+    sample = {k: v[:1] for k, v in data.fail.items() if k != BLOCK_INPUT}
+    try:
+        order = block_call_order(model.apply, model.params, sample, tuple(blocks))
+    except ValueError as e:  # e.g. blocks under nn.scan
+        return None, f"the blocks' call order is not a chain ({e})"
+    start = min(order[o] for o in owners)
+    if start == 0:
+        return None, "the first block is edited (nothing below it to skip)"
+    by_position = sorted(blocks, key=order.__getitem__)
+    skipped = tuple(by_position[:start])
+    return FromBlockPlan(FromBlock(model.apply, skipped), skipped[-1], start, len(blocks)), ""
+
+
+def _with_block_inputs(plan: FromBlockPlan | None, apply_fn, base_params, batch: dict) -> tuple[dict, Any]:
+    """(batch, apply function) for the step: unchanged without a plan; with one, every row set
+    of the batch gets BLOCK_INPUT [G, rows, S, H] - the base model's output of block `plan.last` -
+    and the apply function is `plan.apply`. A batch that holds BLOCK_INPUT already (from
+    `with_block_inputs`) is used as it is; otherwise one base pass over the edit and pass rows
+    of each group (the fail rows are the first edit rows) computes it, up to that block only
+    (XLA drops the later ones)."""
+    if plan is None:
+        return batch, apply_fn
+    if BLOCK_INPUT in batch["edit"]:
+        if not all(BLOCK_INPUT in batch[part] for part in ("fail", "pass")):
+            raise ValueError("a batch with BLOCK_INPUT in its edit rows needs it in its fail and pass rows too")
+        return batch, plan.apply
+    n_edit, k = batch["edit"]["input_ids"].shape[1], batch["fail"]["input_ids"].shape[1]
+
+    def one(e, q):
+        joint = {key: jnp.concatenate([e[key], q[key]], axis=0) for key in e}
+        return block_output(plan.apply.apply, plan.last, base_params, joint)
+
+    h = jax.lax.stop_gradient(jax.vmap(one)(batch["edit"], batch["pass"]))
+    out = dict(batch)
+    out["fail"] = {**batch["fail"], BLOCK_INPUT: h[:, :k]}
+    out["edit"] = {**batch["edit"], BLOCK_INPUT: h[:, :n_edit]}
+    out["pass"] = {**batch["pass"], BLOCK_INPUT: h[:, n_edit:]}
+    return out, plan.apply
+
+
+def _block_shape(plan: FromBlockPlan, base_params, data: EditData) -> tuple[int, ...]:
+    """(S, H): the shape of one row's BLOCK_INPUT (from an abstract pass, compute-free)."""
+    sample = {k: v[:1] for k, v in data.fail.items() if k != BLOCK_INPUT}
+    return tuple(jax.eval_shape(lambda b: block_output(plan.apply.apply, plan.last, base_params, b), sample).shape[1:])
+
+
+def block_cache_bytes(plan: FromBlockPlan, base_params, data: EditData) -> int:
+    """Bytes (float32) the hidden states of every row of `data` take: rows x S x H x 4."""
+    rows = sum(int(next(iter(d.values())).shape[0]) for d in (data.fail, data.adapt, data.passes) if d)
+    return rows * int(np.prod(_block_shape(plan, base_params, data))) * 4
+
+
+def without_block_inputs(data: EditData) -> EditData:
+    """`data` without its kept hidden states."""
+    if data.block_input_of is None:
+        return data
+    strip = lambda d: {k: v for k, v in d.items() if k != BLOCK_INPUT}  # noqa: E731
+    return dataclasses.replace(data, fail=strip(data.fail), adapt=strip(data.adapt), passes=strip(data.passes),
+                               block_input_of=None)
+
+
+def with_block_inputs(plan: FromBlockPlan, base_params, data: EditData, chunk: int = 32) -> EditData:
+    """`data` with BLOCK_INPUT [N, S, H] (float32 numpy) in fail, adapt and passes: the base
+    model's output of block `plan.last` on every row, computed once, `chunk` rows per call (one
+    compilation). The steps then run no block below `plan.start` at all (`_with_block_inputs`).
+    base_params: as placed for the steps (any placement)."""
+    if data.block_input_of == plan.last:
+        return data
+    data = without_block_inputs(data)
+    fn = plan.apply.apply
+    shape = _block_shape(plan, base_params, data)
+
+    def rows(enc):
+        n = int(next(iter(enc.values())).shape[0]) if enc else 0
+        if n == 0:
+            return {**enc, BLOCK_INPUT: np.zeros((0,) + shape, np.float32)} if enc else enc
+        parts = [np.asarray(block_output(fn, plan.last, base_params, pad_rows(slice_rows(enc, a, a + chunk), chunk)),
+                            np.float32)[: min(chunk, n - a)] for a in range(0, n, chunk)]
+        return {**enc, BLOCK_INPUT: np.concatenate(parts)}
+
+    return dataclasses.replace(data, fail=rows(data.fail), adapt=rows(data.adapt), passes=rows(data.passes),
+                               block_input_of=plan.last)
+
+
+def from_block_data(model, spec: EditorSpec, data: EditData, base_params, skip: bool = True,
+                    cache_bytes: int = BLOCK_CACHE_BYTES) -> tuple[FromBlockPlan | None, EditData]:
+    """(plan, data) for the steps: `from_block_plan` when `skip` (else None) and, with a plan,
+    `data` holding the hidden states when they fit in `cache_bytes` (else the step computes
+    them); hidden states of another block are dropped."""
+    plan = from_block_plan(model, spec, data)[0] if skip else None
+    if plan is None:
+        return None, without_block_inputs(data)
+    if data.block_input_of != plan.last and block_cache_bytes(plan, base_params, data) > cache_bytes:
+        return plan, without_block_inputs(data)
+    return plan, with_block_inputs(plan, base_params, data)
+
+
 # ---------------------------------------------------------------------------- the step
 
 
@@ -458,9 +602,13 @@ def group_factors(apply_fn, spec, base_params, fail):
     return jax.vmap(lambda b: capture_factors(apply_fn, base_params, b, spec.weights))(fail)
 
 
-def _step(state, base_params, batch, *, apply_fn, spec, cfg):
+def _step(state, base_params, batch, *, apply_fn, spec, cfg, plan=None):
     """The whole training step on the global batch (leaves [G, ...]); `train_step` jits it over
-    a mesh and XLA's partitioner splits the work (groups over "data", weights as placed)."""
+    a mesh and XLA's partitioner splits the work (groups over "data", weights as placed).
+
+    plan: a `FromBlockPlan` (decoder-only models): every pass below starts at the first edited
+    block, on the base model's hidden state there (`_with_block_inputs`); None: all blocks."""
+    batch, apply_fn = _with_block_inputs(plan, apply_fn, base_params, batch)
     factors = group_factors(apply_fn, spec, base_params, batch["fail"])
     norm = update_norm_state(spec, state["norm"], factors)
     base_pass = _base_logits(apply_fn, base_params, batch["pass"])
@@ -493,25 +641,42 @@ def _step(state, base_params, batch, *, apply_fn, spec, cfg):
     return new_state, metrics
 
 
-def _eval(editor_params, norm, base_params, batch, *, apply_fn, spec, cfg):
+def _eval_base(base_params, batch, *, apply_fn, spec, plan=None):
+    """The base model's side of an evaluation - the same for every editor, so a caller that
+    validates repeatedly on the same rows computes it once (`evaluate`'s `base_cache`):
+    {"factors": the fail rows' capture factors [G, ...], "base_pass": base logits of the pass
+    rows at their scored positions [G, P, K, V], "edit_before": the base model's correctness on
+    the edit rows [G, rows]}."""
+    batch, apply_fn = _with_block_inputs(plan, apply_fn, base_params, batch)
     factors = group_factors(apply_fn, spec, base_params, batch["fail"])
     (base_edit, base_pass), _, _ = jax.vmap(lambda e, q: _apply_rows(apply_fn, base_params, e, q))(batch["edit"], batch["pass"])
+    edit_labels, edit_mask = jax.vmap(scored_labels)(batch["edit"])
+    return {"factors": factors, "base_pass": base_pass, "edit_before": example_correct(base_edit, edit_labels, edit_mask)}
+
+
+def _eval_edited(editor_params, norm, base_params, batch, base_side, *, apply_fn, spec, cfg, plan=None):
+    """Edit every group with the editor and score it, given `_eval_base`'s outputs."""
+    batch, apply_fn = _with_block_inputs(plan, apply_fn, base_params, batch)
     _, out = jax.vmap(
         lambda f, e, q, bl: _group_outputs(apply_fn, spec, cfg, editor_params, norm, base_params, f, e, q, bl)
-    )(factors, batch["edit"], batch["pass"], base_pass)
+    )(base_side["factors"], batch["edit"], batch["pass"], base_side["base_pass"])
     em = batch["edit"]["label_mask"]
-    edit_labels, edit_mask = jax.vmap(scored_labels)(batch["edit"])
     return {
         "loss": out["loss"],
         "nll": out["nll"],
         "kl": out["kl"],
         "edit_correct": out["edit_correct"],
-        "edit_before": example_correct(base_edit, edit_labels, edit_mask),
+        "edit_before": base_side["edit_before"],
         "edit_valid": em.sum(-1) > 0,
         "pass_correct": out["pass_correct"],
         "base_pass_correct": out["base_pass_correct"],
         "pass_valid": batch["pass"]["label_mask"].sum(-1) > 0,
     }
+
+
+def _eval(editor_params, norm, base_params, batch, *, apply_fn, spec, cfg, plan=None):
+    base_side = _eval_base(base_params, batch, apply_fn=apply_fn, spec=spec, plan=plan)
+    return _eval_edited(editor_params, norm, base_params, batch, base_side, apply_fn=apply_fn, spec=spec, cfg=cfg, plan=plan)
 
 
 def _state_specs(state, mesh):
@@ -554,8 +719,9 @@ def _batch_specs(batch):
     return jax.tree.map(lambda x: P(sharding.DATA), batch)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "spec", "cfg", "mesh"), donate_argnums=(0,))
-def train_step(state, base_params, batch, *, apply_fn, spec: EditorSpec, cfg: TrainConfig, mesh):
+@functools.partial(jax.jit, static_argnames=("apply_fn", "spec", "cfg", "mesh", "from_block"), donate_argnums=(0,))
+def train_step(state, base_params, batch, *, apply_fn, spec: EditorSpec, cfg: TrainConfig, mesh,
+               from_block: "FromBlockPlan | None" = None):
     """The editor's training step: `(state, base_params, batch) -> (state, metrics)`.
 
     One jitted function for every device layout: a 1-CPU run, data parallel (an `(n, 1)` mesh,
@@ -569,19 +735,47 @@ def train_step(state, base_params, batch, *, apply_fn, spec: EditorSpec, cfg: Tr
     `place_base_params(model, params, mesh)`, never modified. batch: `train_batch(...)` placed
     with `sharding.shard_batch` (or `parallel.host_local_batch` on a pod).
     metrics: replicated scalars: loss, nll, kl, edit_acc, drawdown (means over the step's
-    groups) and grad_norm. jit caches on (apply_fn, spec, cfg, mesh) and the input placements."""
+    groups) and grad_norm. jit caches on (apply_fn, spec, cfg, mesh, from_block) and the input
+    placements.
+
+    from_block: `from_block_plan(model, spec, data)` on decoder-only models (the same numbers,
+    fewer blocks run: see `FromBlockPlan`); None runs every block (`train_editor` and `evaluate`
+    choose for themselves)."""
     batch = _constrain(batch, mesh, _batch_specs(batch))
-    new_state, metrics = _step(state, base_params, batch, apply_fn=apply_fn, spec=spec, cfg=cfg)
+    new_state, metrics = _step(state, base_params, batch, apply_fn=apply_fn, spec=spec, cfg=cfg, plan=from_block)
     return _constrain(new_state, mesh, _state_specs(new_state, mesh)), _constrain(metrics, mesh, jax.tree.map(lambda _: P(), metrics))
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "spec", "cfg", "mesh"))
-def eval_step(editor_params, norm, base_params, batch, *, apply_fn, spec: EditorSpec, cfg: TrainConfig, mesh):
+@functools.partial(jax.jit, static_argnames=("apply_fn", "spec", "cfg", "mesh", "from_block"))
+def eval_step(editor_params, norm, base_params, batch, *, apply_fn, spec: EditorSpec, cfg: TrainConfig, mesh,
+              from_block: "FromBlockPlan | None" = None):
     """Edit every group of `batch` with the editor (statistics frozen) and score it: per-group
     loss, nll, kl [G]; fail/adapt/pass correctness before and after the edit [G, rows] and their
     validity masks - all replicated. Placements as for `train_step`."""
     batch = _constrain(batch, mesh, _batch_specs(batch))
-    out = _eval(_split_editor(editor_params, mesh), norm, base_params, batch, apply_fn=apply_fn, spec=spec, cfg=cfg)
+    out = _eval(_split_editor(editor_params, mesh), norm, base_params, batch, apply_fn=apply_fn, spec=spec, cfg=cfg,
+                plan=from_block)
+    return _constrain(out, mesh, jax.tree.map(lambda _: P(), out))
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "spec", "mesh", "from_block"))
+def eval_base_step(base_params, batch, *, apply_fn, spec: EditorSpec, mesh, from_block: "FromBlockPlan | None" = None):
+    """`_eval_base` jitted: the base model's side of `eval_step` (factors, pass-row logits, edit
+    rows' correctness before the edit), split over "data" by group."""
+    batch = _constrain(batch, mesh, _batch_specs(batch))
+    out = _eval_base(base_params, batch, apply_fn=apply_fn, spec=spec, plan=from_block)
+    return _constrain(out, mesh, _batch_specs(out))
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "spec", "cfg", "mesh", "from_block"))
+def eval_edited_step(editor_params, norm, base_params, batch, base_side, *, apply_fn, spec: EditorSpec, cfg: TrainConfig, mesh,
+                     from_block: "FromBlockPlan | None" = None):
+    """`eval_step` given `eval_base_step`'s outputs for the batch: the same outputs, without
+    the base model's passes."""
+    batch = _constrain(batch, mesh, _batch_specs(batch))
+    base_side = _constrain(base_side, mesh, _batch_specs(base_side))
+    out = _eval_edited(_split_editor(editor_params, mesh), norm, base_params, batch, base_side, apply_fn=apply_fn, spec=spec,
+                       cfg=cfg, plan=from_block)
     return _constrain(out, mesh, jax.tree.map(lambda _: P(), out))
 
 
@@ -646,16 +840,37 @@ def eval_groups_per_call(cfg: TrainConfig, data: EditData, n_data: int, limit: i
     return n_data * math.ceil(math.ceil(n_groups / n_calls) / n_data)
 
 
-def evaluate(model, spec, cfg, mesh, editor_params, norm, base_params, data: EditData) -> dict:
+def evaluate(model, spec, cfg, mesh, editor_params, norm, base_params, data: EditData, *,
+             skip_unchanged_blocks: bool = True, plan: FromBlockPlan | None = None, base_cache: dict | None = None) -> dict:
     """Edit every validation group with the editor and summarise (see `summarize_eval`).
 
     All arguments placed as for `train_step` (`place_state`, `place_base_params`). The groups
     go through `eval_step` `eval_groups_per_call` at a time (one compilation), and the results
-    come back to the host once, at the end."""
+    come back to the host once, at the end. skip_unchanged_blocks: on decoder-only models, run
+    the blocks below the first edited one once per row, on the base model (`from_block_plan`;
+    the same numbers); plan: that plan when the caller has it (then `data` should hold the
+    hidden states, `with_block_inputs`, or the step computes them). base_cache: a dict the caller
+    keeps between calls with the same model, base params, spec, cfg, mesh, plan and data (only the
+    editor changing, as in `train_editor`'s validations): the base model's side of each batch
+    (`eval_base_step`: capture factors, pass-row logits, edit rows before the edit) is computed
+    on the first call and reused (the same numbers; at `layers.0` of SmolLM2 more than half of
+    an evaluation's arithmetic)."""
+    if plan is None:
+        plan, data = from_block_data(model, spec, data, base_params, skip_unchanged_blocks)
+    elif data.block_input_of not in (None, plan.last):
+        data = without_block_inputs(data)
     per_call = eval_groups_per_call(cfg, data, sharding.axis_size(mesh, sharding.DATA))
     batches = val_batches(data, dataclasses.replace(cfg, batch_size=per_call))
-    kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg.step_config(), mesh=mesh)
-    results = [eval_step(editor_params, norm, base_params, sharding.shard_batch(b, mesh), **kw) for b in batches]
+    kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg.step_config(), mesh=mesh, from_block=plan)
+    if base_cache is None:
+        results = [eval_step(editor_params, norm, base_params, sharding.shard_batch(b, mesh), **kw) for b in batches]
+    else:
+        results = []
+        for i, b in enumerate(batches):
+            sb = sharding.shard_batch(b, mesh)
+            if i not in base_cache:
+                base_cache[i] = eval_base_step(base_params, sb, apply_fn=model.apply, spec=spec, mesh=mesh, from_block=plan)
+            results.append(eval_edited_step(editor_params, norm, base_params, sb, base_cache[i], **kw))
     return summarize_eval(parallel.fetch(results), [b["weight"] for b in batches], cfg.edits_per_group)
 
 
@@ -729,6 +944,7 @@ def train_editor(
     progress: bool = True,
     resume: bool = True,
     stop_after: int | None = None,
+    skip_unchanged_blocks: bool = True,
 ) -> TrainResult:
     """Train an editor for the given weights; checkpoints and metrics.jsonl go to `workdir`.
 
@@ -741,6 +957,10 @@ def train_editor(
       model, the weights and the config, else `CheckpointMismatch`).
     stop_after: stop (without a final checkpoint) once this step is reached - for tests of
       interruption; a normal run leaves it None.
+    skip_unchanged_blocks: on decoder-only models, compute the base model's hidden state entering
+      the first edited block once per row of the edit set (`with_block_inputs`, up to
+      `BLOCK_CACHE_BYTES`, else once per step) and run the steps and the validation from that
+      block (`from_block_plan`; the same numbers, fewer blocks). Off: every block runs.
     """
     # --- setup: mesh, resolved config, editor spec, workdir, checkpointer
     base_params = model.params if base_params is None else base_params
@@ -783,11 +1003,19 @@ def train_editor(
     # --- place on the mesh; validation
     state = place_state(state, mesh)
     base = place_base_params(model, base_params, mesh)
-    kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg.step_config(), mesh=mesh)
+    plan, train_data = from_block_data(model, spec, data["train"], base, skip_unchanged_blocks)
+    val_data = from_block_data(model, spec, data["val"], base, skip_unchanged_blocks)[1]
+    if plan is not None:
+        kept = "kept for every row" if train_data.block_input_of else "computed once per step"
+        print(f"train-editor: blocks 0..{plan.start - 1} of {plan.n_blocks} run on the base model only "
+              f"(their output {kept}); the steps start at block {plan.start}", file=sys.stderr)
+    kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg.step_config(), mesh=mesh, from_block=plan)
     step_fn = train_step
 
+    val_base: dict = {}  # the base model's side of every validation batch, computed once
+
     def validate(step):
-        v = evaluate(model, spec, cfg, mesh, state["params"], state["norm"], base, data["val"])
+        v = evaluate(model, spec, cfg, mesh, state["params"], state["norm"], base, val_data, plan=plan, base_cache=val_base)
         _log(metrics_path, {"step": step, "split": "val", **v})
         improved = v["loss"] < run["best_val_loss"]
         if improved:
@@ -806,7 +1034,7 @@ def train_editor(
     t0 = time.time()
     try:
         while step < cfg.max_steps and not stopped_early:
-            batch = sharding.shard_batch(train_batch(data["train"], cfg, step), mesh)
+            batch = sharding.shard_batch(train_batch(train_data, cfg, step), mesh)
             state, m = step_fn(state, base, batch, **kw)
             step += 1
             if compiled is None:
