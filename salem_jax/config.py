@@ -214,6 +214,7 @@ class LocateEdit:
     memit_lambda: float = _EDIT.memit_lambda
     emmet_lambda: float = _EDIT.emmet_lambda
     alpha_energy: float = _EDIT.alpha_energy
+    alpha_threshold: float = _EDIT.alpha_threshold
     alpha_l2: float = _EDIT.alpha_l2
 
 

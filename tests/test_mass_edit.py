@@ -3,6 +3,8 @@ checked against numpy in test_rrome.py)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -131,6 +133,34 @@ def test_alphaedit_spares_preserved_keys_and_remembers(arch, tmp_path):
     assert out2.state is out.state and out2.state.n_edits == 3
     fresh = alphaedit_edit(model, model.params, REQS[2:], layers=[layer], stats=stats, config=cfg, progress=False)
     assert fresh.state.n_edits == 1
+
+
+def test_alphaedit_with_v_from_the_edited_block_equals_every_block(arch, tmp_path):
+    """Two sequential AlphaEdit edits over a band ending at the last block, with v*'s steps started
+    at that block (ROMEConfig.from_block, the default) and with every block run at every step:
+    the same weights after each edit, and the same remembered keys."""
+    model = _model(arch)
+    stats = _stats(model, tmp_path)
+    band = list(model.layers.names()[-2:])
+    fast = EditorConfig(value=dataclasses.replace(VALUE, stop_loss=0.0), use_prefixes=True, alpha_energy=0.02,
+                        alpha_l2=1e-4)
+    slow = dataclasses.replace(fast, value=dataclasses.replace(fast.value, from_block=False))
+    outs = {}
+    for name, cfg in (("fast", fast), ("slow", slow)):
+        a = alphaedit_edit(model, model.params, REQS[:1], layers=band, stats=stats, config=cfg, progress=False)
+        b = alphaedit_edit(model, a.params, REQS[1:2], layers=band, stats=stats, config=cfg, state=a.state,
+                           progress=False)
+        outs[name] = (a, b)
+    for i in (0, 1):
+        f, s = outs["fast"][i], outs["slow"][i]
+        for layer in band:
+            w = R.rome_weight(model, layer)
+            dw_f = out_in(f.params, w) - out_in(model.params, w)
+            dw_s = out_in(s.params, w) - out_in(model.params, w)
+            assert np.linalg.norm(dw_s) > 0
+            np.testing.assert_allclose(dw_f, dw_s, rtol=1e-3, atol=1e-3 * np.abs(dw_s).max())
+            np.testing.assert_allclose(f.state.prior[w.path], s.state.prior[w.path], rtol=1e-3,
+                                       atol=1e-6 * np.abs(s.state.prior[w.path]).max())
 
 
 def _capture_keys(model, w, text):

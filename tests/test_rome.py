@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -217,6 +218,55 @@ def test_v_loss_with_head_at_scored_positions_equals_full_logits(arch):
     want = nll + cfg.kl_factor * kl + cfg.weight_decay * np.linalg.norm(np.asarray(delta, np.float64)) / float(o_norm) ** 2
     assert kl > 1e-4  # the delta moves the KL row, so slot 0 must be its subject token
     np.testing.assert_allclose(got, want, rtol=2e-4)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_value_from_the_edited_block_equals_every_block_and_skips_the_ones_below(arch):
+    """v*'s steps start at the edited block on the base hidden state entering it (config.from_block):
+    v*, o and the loss history equal the path that runs every block at every step; the blocks below
+    really do not run (their weights set to NaN leave the loss finite and unchanged); a second
+    prompt of the same length bucket compiles nothing new."""
+    import jax.numpy as jnp
+
+    from salem_jax.models.base import path_str
+    from salem_jax.models.from_block import FromBlock
+
+    model = _model(arch)
+    layer = model.layers.names()[-1]
+    w = R.rome_weight(model, layer)
+    cfg = dataclasses.replace(TINY_CFG, v_steps=8, stop_loss=0.0, prefixes=("", "red blue green one two"))
+    slow = R.compute_value(model, model.params, w, PROMPT, SUBJECT, "tokyo cairo",
+                           dataclasses.replace(cfg, from_block=False), progress=False)
+    fast = R.compute_value(model, model.params, w, PROMPT, SUBJECT, "tokyo cairo", cfg, progress=False)
+    v0, o0 = np.asarray(slow[0]), np.asarray(slow[1])
+    assert len(slow[2]) == 9 and np.linalg.norm(v0 - o0) > 0.1 * np.linalg.norm(o0)  # v* moved away from o
+    np.testing.assert_allclose(np.asarray(fast[1]), np.asarray(slow[1]), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(fast[0]), np.asarray(slow[0]), rtol=1e-4,
+                               atol=1e-4 * float(np.abs(np.asarray(slow[0])).max()))
+    np.testing.assert_allclose(fast[2], slow[2], rtol=1e-4)
+
+    batch, idx, n_rw = R._value_batch(model, PROMPT, SUBJECT, "tokyo cairo", cfg)
+    kl_init_all, o_all = R._kl_init(model.apply, w.module_path, model.params, batch, idx)
+    batch = R._with_value_positions(batch, idx[n_rw], n_rw)
+    apply, fb_batch, start = R._start_at_edited_block(model, model.params, w.module_path, batch)
+    assert isinstance(apply, FromBlock) and start == len(model.layers.blocks) - 1 >= 1
+    below = tuple(apply.skipped)
+    poisoned = jax.tree_util.tree_map_with_path(
+        lambda k, x: jnp.full_like(x, jnp.nan) if any(path_str(k).startswith(b + "/") for b in below) else x,
+        model.params)
+    args = (cfg.v_lr, cfg.kl_factor, cfg.weight_decay, cfg.clamp_norm_factor)
+    _, step, loss_only = R._make_v_step(apply, w.module_path, *args)
+    _, _, full_loss = R._make_v_step(model.apply, w.module_path, *args)
+    kl_init, o_norm = kl_init_all[n_rw], jnp.linalg.norm(o_all[0])
+    delta = 2.0 * o_norm * jax.random.normal(jax.random.PRNGKey(1), o_all[0].shape) / np.sqrt(o_all.shape[1])
+    want = float(full_loss(delta, model.params, batch, idx, n_rw, kl_init, o_norm))
+    got = float(loss_only(delta, poisoned, fb_batch, idx, n_rw, kl_init, o_norm))
+    assert np.isfinite(want) and np.isfinite(got)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+    compiled = step._cache_size()
+    R.compute_value(model, model.params, w, "what is the capital of peru", "peru", "lima", cfg, progress=False)
+    assert step._cache_size() == compiled  # same length bucket, same target bucket: no new program
 
 
 # --------------------------------------------------------------------------- real model

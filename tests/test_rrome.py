@@ -93,6 +93,19 @@ def test_alphaedit_update_spares_the_preserved_keys():
     np.testing.assert_allclose(dw, want, atol=1e-9)
 
 
+def test_null_projection_by_absolute_threshold():
+    """AlphaEdit's own rule (alpha_threshold): P projects on the eigenvectors of C whose eigenvalue
+    is below the threshold, against numpy's eigh; 0 falls back to the energy share."""
+    C, _, _ = _random_problem()
+    ev, U = np.linalg.eigh(C)
+    th = float(np.sort(ev)[5] + np.sort(ev)[6]) / 2  # six eigenvalues below it
+    s = KS.covariance_solver(C, max_cond=1e12)
+    U0 = U[:, ev < th]
+    assert U0.shape[1] == 6
+    np.testing.assert_allclose(s.null_projection(0.5, threshold=th), U0 @ U0.T, atol=1e-10)
+    np.testing.assert_allclose(s.null_projection(0.01, threshold=0.0), s.null_projection(0.01), atol=0)
+
+
 def test_solver_adds_a_reported_ridge_when_ill_conditioned():
     C, _, _ = _random_problem()
     C[:, 0] = C[0, :] = 0.0  # singular

@@ -140,11 +140,16 @@ class CovSolver:
         return self.evecs @ ((self.evecs.T @ k) / ((self.evals + self.ridge)[:, None] if k.ndim == 2
                                                    else (self.evals + self.ridge)))
 
-    def null_projection(self, energy: float) -> np.ndarray:
+    def null_projection(self, energy: float, threshold: float = 0.0) -> np.ndarray:
         """AlphaEdit's P = U0 U0^T, U0 = the eigenvectors of C with the smallest eigenvalues whose
-        sum is at most `energy` x trace(C) (the key directions plain text hardly uses)  [d, d]."""
-        cum = np.cumsum(self.evals)
-        n0 = int(np.searchsorted(cum, energy * cum[-1], side="right"))
+        sum is at most `energy` x trace(C) (the key directions plain text hardly uses)  [d, d].
+        threshold > 0 instead takes every eigenvector whose eigenvalue is below `threshold`
+        (AlphaEdit's own rule, `nullspace_threshold` 2e-2 on its mean k k^T; scale dependent)."""
+        if threshold > 0:
+            n0 = int(np.searchsorted(self.evals, threshold, side="left"))  # evals ascending
+        else:
+            cum = np.cumsum(self.evals)
+            n0 = int(np.searchsorted(cum, energy * cum[-1], side="right"))
         u0 = self.evecs[:, :n0]
         return u0 @ u0.T
 

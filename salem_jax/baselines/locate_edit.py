@@ -36,6 +36,7 @@ class EditorConfig:
     memit_lambda: float = 15000.0  # MEMIT's mom2_update_weight (GPT-J: 15000, GPT-2 XL: 20000)
     emmet_lambda: float = 0.1  # EMMET's relaxation of dW K = R (0: exact equality)
     alpha_energy: float = 0.01  # AlphaEdit: null space = smallest eigen-directions holding this share of trace(C)
+    alpha_threshold: float = 0.0  # > 0: null space = eigen-directions of C below it (AlphaEdit's 2e-2), not alpha_energy
     alpha_l2: float = 10.0  # AlphaEdit's L2
 
 

@@ -124,7 +124,7 @@ def _edit_batch(kind: str, model, params: Any, names, weights, reqs: Sequence[Ed
             dw = emmet_delta(K, R, solver, config.emmet_lambda)
         elif kind == "alphaedit":
             if w.path not in state.projection:
-                state.projection[w.path] = solver.null_projection(config.alpha_energy)
+                state.projection[w.path] = solver.null_projection(config.alpha_energy, config.alpha_threshold)
             dw = alphaedit_delta(K, R, state.projection[w.path], state.prior.get(w.path), config.alpha_l2)
         else:
             raise ValueError(f"unknown mass-edit method {kind!r}")

@@ -37,6 +37,7 @@ def editor_config(cfg) -> EditorConfig:
                        clamp_norm_factor=e.clamp_norm_factor)
     return EditorConfig(value=value, use_prefixes=e.n_prefixes > 0, batch_size=e.batch_size,
                         memit_lambda=e.memit_lambda, emmet_lambda=e.emmet_lambda, alpha_energy=e.alpha_energy,
+                        alpha_threshold=e.alpha_threshold,
                         alpha_l2=e.alpha_l2)
 
 
