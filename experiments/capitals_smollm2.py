@@ -2,7 +2,7 @@
 
     python -m experiments.capitals_smollm2                     # the real run (under 15 min on 2 CPU cores)
     python -m experiments.capitals_smollm2 --tiny              # tiny random model, seconds
-    python -m experiments.capitals_smollm2 --config.methods=salem_edit,salem   # with the paper's row (~17 min)
+    python -m experiments.capitals_smollm2 --config.methods=salem_edit,salem   # with the paper's row (a second 300-step editor: not timed at these settings)
     python -m experiments.capitals_smollm2 --config.methods=salem,mend_fixed,ft,ft_kl
 
 Builds the edit set from the countryinfo package's capitals (fail = capitals the model gets

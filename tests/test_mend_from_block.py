@@ -128,8 +128,17 @@ def _assert_same(m_a, st_a, m_b, st_b, cfg):
         np.testing.assert_allclose(b, a, rtol=2e-4, atol=5e-2 * cfg.lr, err_msg="params")
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize("which", ["late", "middle"])
+# make test keeps one case per architecture (late Llama, middle GPT-2: ~80 s of compiling whole
+# steps); the other two go to the slow suite
+_SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("arch,which", [
+    ("llama", "late"),
+    ("gpt2", "middle"),
+    pytest.param("llama", "middle", marks=_SLOW),
+    pytest.param("gpt2", "late", marks=_SLOW),
+])
 def test_step_and_eval_from_the_edited_block_equal_every_block(arch, which):
     model, data = _model(arch), _data(arch)
     cfg = _cfg(2)
@@ -238,7 +247,7 @@ def test_sharded_step_from_the_edited_block_equals_one_device():
     _compare(model, spec, cfg, [(sharding.make_mesh(1, 1, jax.devices()[:1]), data, None), (mesh, data, plan), (mesh, kept, plan)])
 
 
-@pytest.mark.parametrize("which", ["late", "first"])
+@pytest.mark.parametrize("which", ["late", pytest.param("first", marks=_SLOW)])
 def test_validation_with_the_base_side_kept_equals_a_fresh_one(which):
     """`evaluate(..., base_cache=...)` (train_editor's validations): the base model's side of each
     batch is computed on the first call and reused by the next ones, which give what a full
