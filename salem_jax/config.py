@@ -49,6 +49,7 @@ EDITOR_KEYS = {
     "norm_eps": "editor.norm_eps", "c_fail": "c_fail", "c_loc": "c_loc", "grad_clip": "grad_clip",
     "effective_batch": "effective_batch", "batch_size": "batch_size", "accum_steps": "accum_steps",
     "edits_per_group": "edits_per_group", "adapt_per_edit": "adapt_per_edit", "pass_per_group": "pass_per_group",
+    "extra_pass_per_group": "extra_pass_per_group",
     "val_every": "val_every", "val_groups": "val_groups", "patience": "patience",
     "checkpoint_every": "checkpoint_every", "keep_checkpoints": "keep_checkpoints", "log_every": "log_every",
 }
@@ -64,6 +65,8 @@ EDITOR_HELP = {
     "c_fail": "weight of the edit NLL (paper: 0.1)",
     "c_loc": "weight of the locality KL",
     "adapt_per_edit": "rephrasings of each edit in its loss",
+    "extra_pass_per_group": ("pass rows per group from the second pass pool (pipeline: config.train_pass's "
+                             "rows) on top of pass_per_group rows of the first (0: one pooled set)"),
     "patience": "early stop after this many steps without a better val loss",
     "normalize": "standardise u and delta with running statistics",
 }
@@ -263,7 +266,10 @@ class Pipeline:
     fixed_layers: mend_fixed (and ke / enn) edit the last N blocks.
     train_pass: '' = none; "countries:REL,REL" = extra pass rows (locality KL) in the editors' training
     split: up to max_train_pass facts of those relations the base model knows, of TRAIN countries
-    only, disjoint from the keep set and the val countries (salem_jax.pipeline.train_pass_set)."""
+    only, disjoint from the keep set and the val countries (salem_jax.pipeline.train_pass_set). They
+    join the edit set's pass rows in one pool, or, with editor.extra_pass_per_group = Q > 0, form a
+    pool of their own: each edit group then holds editor.pass_per_group edit-set pass rows plus Q
+    of these (a per-group mix)."""
 
     name: str = "salem"
     model: str = "smollm2-135m"

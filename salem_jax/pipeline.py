@@ -357,6 +357,10 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
     steps = many.parse_steps(cfg.eval.sequential) if cfg.eval.sequential else ()
     if steps:
         many.parse_modes(cfg.eval.sequential_modes)
+    if cfg.editor.get("extra_pass_per_group", 0) and not cfg.train_pass:
+        raise ValueError(f"config.editor.extra_pass_per_group={cfg.editor.extra_pass_per_group} draws pass rows from "
+                         "config.train_pass's rows, which is empty: set config.train_pass (e.g. "
+                         "countries:region,currency,languages) or config.editor.extra_pass_per_group=0")
     records = timed(times, "read_records", read_records, cfg)
     model = timed(times, "load_model", load, cfg, records)
     say(f"model {model.name} ({model.arch}, {len(model.layers)} blocks) loaded in {times['load_model']:.1f}s")
@@ -398,6 +402,10 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
     train_pass: list[dict] = []
     if cfg.train_pass:
         train_pass, tp_note = timed(times, "train_pass", train_pass_set, model, cfg, train_rows, val_rows, keep)
+        if cfg.editor.get("extra_pass_per_group", 0):
+            # a per-group mix: pass_per_group edit-set pass rows + extra_pass_per_group of these
+            train_pass = [dict(r, pass_pool="extra") for r in train_pass]
+            tp_note += f" (their own pool: {cfg.editor.extra_pass_per_group} per edit group)"
         say(f"train pass: {tp_note}")
 
     # -- 5. each method: prepare (train an editor, fit statistics), then evaluate on the val split

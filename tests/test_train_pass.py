@@ -136,3 +136,159 @@ def test_tiny_main_job_trains_on_the_extra_pass_rows(tmp_path, monkeypatch):
     train_c = {r["record_id"].split(":")[-1] for r in train if not r["id"].startswith("train_pass:")}
     assert {r["record_id"].split(":")[-1] for r in extra} <= train_c - val_c
     assert json.loads((tmp_path / "results.json").read_text())["methods"]["mend_fixed"]["edits"] >= 1
+
+
+# ---------------------------------------------------------------------------- the per-group mix
+
+
+def _pool_data(n_main: int, n_extra: int):
+    """An EditData by hand: pass row i has input_ids[i, 0] == i (the last n_extra form the second
+    pool); 4 fail rows, no rephrasings."""
+    from salem_jax.mend.train import EditData
+
+    def rows(n, base):
+        ids = np.zeros((n, 3), np.int32)
+        ids[:, 0] = base + np.arange(n)
+        return {"input_ids": ids, "attention_mask": np.ones((n, 3), np.int32)}
+
+    empty = {"input_ids": np.zeros((0, 3), np.int32), "attention_mask": np.zeros((0, 3), np.int32)}
+    return EditData(fail=rows(4, 100), adapt=empty, passes=rows(n_main + n_extra, 0),
+                    adapt_of=tuple(np.zeros(0, np.int64) for _ in range(4)), fail_ids=tuple("abcd"),
+                    n_extra_pass=n_extra)
+
+
+def _hand_epochs(n, seed, stream, count):
+    """The first `count` items of shuffled epochs over range(n), epoch e = rng([seed, stream, e])."""
+    out, e = [], 0
+    while len(out) < count:
+        out.extend(int(x) for x in np.random.default_rng([seed, stream, e]).permutation(n))
+        e += 1
+    return out[:count]
+
+
+def test_per_group_mix_draws_each_pool_apart():
+    """extra_pass_per_group = q: every group holds pass_per_group rows of the first pool (the same
+    rows a split WITHOUT the second pool gives: the main job's capital rows are unchanged) and q
+    rows of the second pool, each pool visited in its own shuffled epochs."""
+    import dataclasses
+
+    from salem_jax.mend.train import TrainConfig, train_batch
+
+    n_main, n_extra, g, p, q, steps, seed = 5, 3, 2, 2, 1, 7, 3
+    mixed = _pool_data(n_main, n_extra)
+    cfg = TrainConfig.tiny(batch_size=g, pass_per_group=p, extra_pass_per_group=q, seed=seed).resolved(1)
+    got = np.stack([train_batch(mixed, cfg, s)["pass"]["input_ids"][:, :, 0] for s in range(steps)])  # [S, G, p+q]
+    assert got.shape == (steps, g, p + q)
+    main = _hand_epochs(n_main, seed, 1, steps * g * p)
+    extra = _hand_epochs(n_extra, seed, 3, steps * g * q)
+    assert got[:, :, :p].reshape(-1).tolist() == main
+    assert got[:, :, p:].reshape(-1).tolist() == [n_main + i for i in extra]
+    # every extra row is from the second pool, every first-p row from the first
+    assert (got[:, :, :p] < n_main).all() and (got[:, :, p:] >= n_main).all()
+    # the first pool's rows are exactly those of the split without the second pool
+    alone = dataclasses.replace(_pool_data(n_main, 0), passes={k: v[:n_main] for k, v in mixed.passes.items()})
+    cfg0 = dataclasses.replace(cfg, extra_pass_per_group=0)
+    for s in range(steps):
+        np.testing.assert_array_equal(train_batch(alone, cfg0, s)["pass"]["input_ids"][:, :, 0], got[s, :, :p])
+    # q = 0 is the pooled set: p rows per group drawn over all n_main + n_extra rows
+    pooled = np.stack([train_batch(mixed, cfg0, s)["pass"]["input_ids"][:, :, 0] for s in range(steps)])
+    assert pooled.reshape(-1).tolist() == _hand_epochs(n_main + n_extra, seed, 1, steps * g * p)
+
+
+def test_per_group_mix_without_a_second_pool_names_the_fix():
+    from salem_jax.mend.train import TrainConfig, train_batch
+
+    cfg = TrainConfig.tiny(batch_size=1, extra_pass_per_group=2).resolved(1)
+    with pytest.raises(ValueError, match="config.train_pass"):
+        train_batch(_pool_data(5, 0), cfg, 0)
+    with pytest.raises(ValueError, match="extra_pass_per_group must be >= 0"):
+        TrainConfig.tiny(extra_pass_per_group=-1).resolved(1)
+
+
+def test_prepare_splits_puts_the_marked_pass_rows_last():
+    """Rows marked pass_pool='extra' go after the other pass rows (their order kept) and are
+    counted in n_extra_pass; the val split (no marked rows) has none."""
+    from salem_jax.models import hf
+    from salem_jax.mend.train import prepare_splits
+
+    model = hf.tiny("gpt2", n_layer=1)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+    row = lambda i, g, extra=False: dict(  # noqa: E731
+        id=f"r{i}", record_id=f"r{i}", group=g, prompt=f"the word {words[i]} is", target=" x",
+        **({"pass_pool": "extra"} if extra else {}))
+    train = [row(0, "fail"), row(1, "pass", True), row(2, "pass"), row(3, "pass", True), row(4, "pass")]
+    out = prepare_splits(model, {"train": train, "val": [row(5, "fail"), row(2, "pass")]})
+    whole = prepare_splits(model, {"all": [row(i, "pass") for i in range(5)] + [row(0, "fail")]})["all"]
+    want = [2, 4, 1, 3]  # unmarked in order, then marked in order
+    np.testing.assert_array_equal(out["train"].passes["input_ids"], whole.passes["input_ids"][want])
+    assert out["train"].n_extra_pass == 2 and out["val"].n_extra_pass == 0
+
+
+def test_pipeline_refuses_a_mix_without_train_pass(tmp_path, capsys):
+    """Refused before anything is built (no edit set, no results)."""
+    from experiments import capitals_smollm2
+
+    rc = capitals_smollm2.main(["--tiny", "--workdir", str(tmp_path), "--config.progress=false",
+                                "--config.editor.extra_pass_per_group=2"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "extra_pass_per_group=2" in err and "set config.train_pass" in err
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / "edit_set").exists()
+
+
+def test_checkpoints_without_the_new_field_still_resume():
+    """A checkpoint written before extra_pass_per_group existed was written with 0: it resumes a
+    run with 0 and is refused for a run with a mix (the field changes the trajectory)."""
+    from salem_jax.mend.checkpoint import CheckpointMismatch, check_compatible
+    from salem_jax.mend.editor import EditorSpec
+    from salem_jax.mend.train import TrainConfig
+    from salem_jax.models import hf
+
+    model = hf.tiny("gpt2", n_layer=1)
+    spec = EditorSpec.from_params(model.layers.weights(["h.0"]), model.params)
+    cfg = TrainConfig.tiny()
+    old = cfg.to_dict()
+    del old["extra_pass_per_group"]
+    meta = {"model": "m", "spec": spec.to_dict(), "config": old}
+    check_compatible(meta, "m", spec, cfg, where="ckpt")  # no error
+    import dataclasses
+
+    with pytest.raises(CheckpointMismatch, match="extra_pass_per_group: saved 0, now 2"):
+        check_compatible(meta, "m", spec, dataclasses.replace(cfg, extra_pass_per_group=2), where="ckpt")
+
+
+@pytest.mark.slow
+def test_tiny_main_job_trains_on_a_per_group_mix(tmp_path, monkeypatch):
+    """--config.editor.extra_pass_per_group=2 with train_pass: the extra rows form the train split's
+    second pool (last, counted in n_extra_pass), the val split has none, and the editor trains."""
+    import json
+
+    import salem_jax.mend.train as mtrain
+    import salem_jax.pipeline as pipeline
+    from experiments import capitals_smollm2
+
+    seen = {}
+    real_prepare, real_batch = pipeline.prepare_splits, mtrain.train_batch
+
+    def spy_prepare(model, splits, **kw):
+        out = real_prepare(model, splits, **kw)
+        seen["data"] = out
+        return out
+
+    def spy_batch(data, cfg, step):
+        out = real_batch(data, cfg, step)
+        seen.setdefault("shapes", set()).add(out["pass"]["input_ids"].shape[:2])
+        return out
+
+    monkeypatch.setattr(pipeline, "prepare_splits", spy_prepare)
+    monkeypatch.setattr(mtrain, "train_batch", spy_batch)
+    monkeypatch.setattr(pipeline, "keep_rows",
+                        lambda model, records, *, max_rows, **kw: candidate_rows(records)[:max_rows])
+    argv = ["--tiny", "--workdir", str(tmp_path), "--config.progress=false", "--config.methods=mend_fixed",
+            "--config.train_pass=countries:region", "--config.max_train_pass=7",
+            "--config.editor.extra_pass_per_group=2"]
+    assert capitals_smollm2.main(argv) == 0
+    train, val = seen["data"]["train"], seen["data"]["val"]
+    assert train.n_extra_pass == 7 and val.n_extra_pass == 0
+    p = json.loads((tmp_path / "results.json").read_text())["config"]["editor"]["pass_per_group"]
+    assert {s[1] for s in seen["shapes"]} == {p + 2}  # every group: p edit-set pass rows + 2 extra
+    assert json.loads((tmp_path / "results.json").read_text())["methods"]["mend_fixed"]["edits"] >= 1

@@ -45,6 +45,7 @@ _TRAJECTORY_FIELDS = (
     "edits_per_group",
     "adapt_per_edit",
     "pass_per_group",
+    "extra_pass_per_group",
     "batch_size",
     "accum_steps",
     "c_fail",
@@ -54,6 +55,9 @@ _TRAJECTORY_FIELDS = (
     "grad_clip",
     "seed",
 )
+# Trajectory fields added after checkpoints were first written: a checkpoint without one was
+# written with this value (so older checkpoints still resume).
+_ADDED_FIELDS = {"extra_pass_per_group": 0}
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -245,8 +249,9 @@ def check_compatible(meta: dict, model_name: str, spec: EditorSpec, config, wher
         raise CheckpointMismatch(f"{where} has editor config {saved.config}, but this run uses {spec.config}")
     if config is not None:
         have = config.to_dict()
-        diffs = [f"{k}: saved {meta['config'].get(k)!r}, now {have.get(k)!r}" for k in _TRAJECTORY_FIELDS
-                 if meta["config"].get(k) != have.get(k)]
+        saved_cfg = {k: meta["config"].get(k, _ADDED_FIELDS.get(k)) for k in _TRAJECTORY_FIELDS}
+        diffs = [f"{k}: saved {saved_cfg[k]!r}, now {have.get(k)!r}" for k in _TRAJECTORY_FIELDS
+                 if saved_cfg[k] != have.get(k)]
         if diffs:
             raise CheckpointMismatch(f"{where} was written with another training configuration ({'; '.join(diffs)})")
 

@@ -3,7 +3,9 @@
 One training step takes `batch_size` *edit groups*. A group is what the editor learns from at
 once: `edits_per_group` fail rows (edited together: their factors are summed into one edit),
 `adapt_per_edit` rephrasings of each (rows of the same `record_id`), and `pass_per_group` pass
-rows. For every group, inside the loss and without touching the base parameters:
+rows (plus `extra_pass_per_group` rows of a second pass pool, when the split has one: a per-group
+mix of two kinds of locality rows, `EditData.n_extra_pass`). For every group, inside the loss and
+without touching the base parameters:
 
     (u, delta) = capture(base, fail rows)                   # rank-1 factors of the edited weights
     W~ = edited_params(editor, base, u, delta)             # W - lr_W * pseudo_grad
@@ -70,6 +72,10 @@ class TrainConfig:
     edits_per_group: int = 1
     adapt_per_edit: int = 2
     pass_per_group: int = 1
+    # rows per group from the split's second pass pool (the last `EditData.n_extra_pass` pass rows,
+    # e.g. other relations' facts: config.train_pass) on top of `pass_per_group` rows of the first;
+    # 0: one pool, every pass row alike (the pass_per_group rows are drawn from all of them)
+    extra_pass_per_group: int = 0
     # how many groups per step / per optimiser update
     batch_size: int | None = None  # groups per step (global); None: one per data-parallel device
     effective_batch: int = 10  # groups per optimiser update; accum_steps = ceil(effective / batch)
@@ -125,6 +131,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1")
         if self.adapt_per_edit < 0:
             raise ValueError("TrainConfig.adapt_per_edit must be >= 0")
+        if self.extra_pass_per_group < 0:
+            raise ValueError("TrainConfig.extra_pass_per_group must be >= 0")
         return dataclasses.replace(self, batch_size=bs, accum_steps=accum)
 
     def step_config(self) -> "TrainConfig":
@@ -162,7 +170,11 @@ class EditData:
 
     fail / adapt / passes: batch dicts (see models/base.py) with N_fail / N_adapt / N_pass rows.
     adapt_of[i]: indices into `adapt` of the rephrasings of fail row i (same record_id).
-    fail_ids: the fail rows' ids (for reports)."""
+    fail_ids: the fail rows' ids (for reports).
+    n_extra_pass: the LAST n_extra_pass rows of `passes` are a second pool (rows marked
+    `pass_pool: "extra"` in `prepare_splits`), drawn `extra_pass_per_group` per group apart from
+    the first pool's `pass_per_group` when that is > 0; with extra_pass_per_group 0 all pass rows
+    form one pool."""
 
     fail: dict[str, np.ndarray]
     adapt: dict[str, np.ndarray]
@@ -172,6 +184,7 @@ class EditData:
     # module path of the block whose base-model output fail / adapt / passes hold under
     # BLOCK_INPUT ([N, S, H] each; `with_block_inputs`), None when they hold none
     block_input_of: str | None = None
+    n_extra_pass: int = 0
 
     @property
     def n_fail(self) -> int:
@@ -193,10 +206,11 @@ def prepare_splits(model, splits: Mapping[str, Sequence[Mapping]], where: str = 
     """Tokenise every split with one common padded length (so train and val share shapes).
 
     splits: {"train": rows, "val": rows}; rows are dicts with the edit-set fields
-    (id, record_id, group in {fail, adapt, pass}, prompt, target, label, text_pair).
-    Every row's prompt + target is checked against the model's context and `max_tokens` first
-    (an error names the split and row): every row is padded to the longest, so one long row
-    would make every training batch that long."""
+    (id, record_id, group in {fail, adapt, pass}, prompt, target, label, text_pair; a pass row
+    with `pass_pool: "extra"` goes to the second pass pool: it is placed after the other pass rows
+    and counted in `EditData.n_extra_pass`). Every row's prompt + target is checked against the
+    model's context and `max_tokens` first (an error names the split and row): every row is padded
+    to the longest, so one long row would make every training batch that long."""
     all_rows, spans, names = [], {}, []
     for name, rows in splits.items():
         rows = list(rows)
@@ -232,6 +246,9 @@ def prepare_splits(model, splits: Mapping[str, Sequence[Mapping]], where: str = 
     for name, (a, b) in spans.items():
         rows = all_rows[a:b]
         idx = {g: [a + i for i, r in enumerate(rows) if r["group"] == g] for g in ("fail", "adapt", "pass")}
+        # the second pass pool last (its rows keep their order)
+        extra = [i for i in idx["pass"] if all_rows[i].get("pass_pool") == "extra"]
+        idx["pass"] = [i for i in idx["pass"] if all_rows[i].get("pass_pool") != "extra"] + extra
         if not idx["fail"]:
             raise ValueError(f"{where} split {name!r}: no 'fail' rows, nothing to edit")
         if not idx["pass"]:
@@ -246,6 +263,7 @@ def prepare_splits(model, splits: Mapping[str, Sequence[Mapping]], where: str = 
             passes=take(idx["pass"]),
             adapt_of=tuple(np.asarray(adapt_pos.get(str(all_rows[i]["record_id"]), []), np.int64) for i in idx["fail"]),
             fail_ids=tuple(str(all_rows[i]["id"]) for i in idx["fail"]),
+            n_extra_pass=len(extra),
         )
     return out
 
@@ -301,10 +319,25 @@ def _group_batch(data: EditData, edits: np.ndarray, adapts: np.ndarray, passes: 
 
 
 def train_batch(data: EditData, cfg: TrainConfig, step: int) -> dict:
-    """The global batch of training step `step` (a pure function of cfg.seed and step)."""
-    g, k, p = cfg.batch_size, cfg.edits_per_group, cfg.pass_per_group
+    """The global batch of training step `step` (a pure function of cfg.seed and step).
+
+    Pass rows [G, pass_per_group + extra_pass_per_group]: the first pass_per_group of each group
+    from the first pool (all pass rows when extra_pass_per_group is 0; else the first
+    n_pass - n_extra_pass rows, the same stream a split without the second pool gives), the
+    rest from the second pool (its own shuffled-epoch stream)."""
+    g, k, p, q = cfg.batch_size, cfg.edits_per_group, cfg.pass_per_group, cfg.extra_pass_per_group
     edits = _stream(data.n_fail, cfg.seed, 0, step * g * k, g * k).reshape(g, k)
-    passes = _stream(data.n_pass, cfg.seed, 1, step * g * p, g * p).reshape(g, p)
+    n_main = data.n_pass - data.n_extra_pass if q else data.n_pass
+    if q and (data.n_extra_pass == 0 or n_main == 0):
+        raise ValueError(
+            f"extra_pass_per_group={q} needs pass rows of both pools in the train split (it has "
+            f"{n_main} of the first, {data.n_extra_pass} of the second, rows marked pass_pool='extra'); "
+            "in the pipeline set config.train_pass, or set extra_pass_per_group=0"
+        )
+    passes = _stream(n_main, cfg.seed, 1, step * g * p, g * p).reshape(g, p)
+    if q:
+        extra = n_main + _stream(data.n_extra_pass, cfg.seed, 3, step * g * q, g * q).reshape(g, q)
+        passes = np.concatenate([passes, extra], axis=1)
     adapts = _adapt_choice(data, edits, cfg.adapt_per_edit, (cfg.seed, 2, step))
     return _group_batch(data, edits, adapts, passes, np.ones(g))
 
