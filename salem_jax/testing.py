@@ -65,3 +65,19 @@ def random_texts(n: int = 24, words: int = 14, seed: int = 0) -> list[str]:
     """`n` texts of `words` words drawn from DEFAULT_WORDS with `seed` (key statistics, fluency)."""
     rng = np.random.default_rng(seed)
     return [" ".join(rng.choice(DEFAULT_WORDS, size=words)) for _ in range(n)]
+
+
+def capital_edit_rows(countries: Iterable[str], cities: Iterable[str], tag: str) -> list[dict]:
+    """Edit-set rows for editor tests: per (country, city) a fail row, two adapt rephrasings and
+    two pass rows (record ids prefixed with `tag`, e.g. "tr" / "va" for the splits). What they
+    say does not matter to tests that compare two paths on the same rows; no model is called."""
+    rows = []
+    for c, city in zip(countries, cities):
+        common = dict(record_id=f"{tag}:{c}", target=city, label=-1, text_pair="")
+        rows.append(dict(id=f"{tag}:{c}:fail", group="fail", prompt=f"the capital of {c} is", **common))
+        rows.append(dict(id=f"{tag}:{c}:a0", group="adapt", prompt=f"what city is the capital of {c}", **common))
+        rows.append(dict(id=f"{tag}:{c}:a1", group="adapt", prompt=f"which city is the capital of {c}", **common))
+        for j, (p, t) in enumerate((("{} lies in", "europe"), ("{} speaks", "euro"))):
+            rows.append(dict(id=f"{tag}:{c}:p{j}", record_id=f"{tag}:{c}:p{j}", group="pass", prompt=p.format(c), target=t,
+                             label=-1, text_pair=""))
+    return rows

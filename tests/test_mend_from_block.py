@@ -31,24 +31,13 @@ from salem_jax.mend.train import (
     without_block_inputs,
 )
 from salem_jax.models.from_block import BLOCK_INPUT
+from salem_jax.testing import capital_edit_rows
 
 COUNTRIES = "france germany italy spain japan peru chile egypt".split()
 CITIES = "paris berlin rome madrid tokyo lima santiago cairo".split()
 
 
-def _rows(countries, cities, tag):
-    """Edit-set rows: a fail row, two rephrasings and two pass rows per fact (what they say does
-    not matter: both paths see the same rows)."""
-    rows = []
-    for c, city in zip(countries, cities):
-        common = dict(record_id=f"{tag}:{c}", target=city, label=-1, text_pair="")
-        rows.append(dict(id=f"{tag}:{c}:fail", group="fail", prompt=f"the capital of {c} is", **common))
-        rows.append(dict(id=f"{tag}:{c}:a0", group="adapt", prompt=f"what city is the capital of {c}", **common))
-        rows.append(dict(id=f"{tag}:{c}:a1", group="adapt", prompt=f"which city is the capital of {c} it was", **common))
-        for j, (p, t) in enumerate((("{} lies in", "europe"), ("{} speaks", "euro"))):
-            rows.append(dict(id=f"{tag}:{c}:p{j}", record_id=f"{tag}:{c}:p{j}", group="pass", prompt=p.format(c), target=t,
-                             label=-1, text_pair=""))
-    return rows
+_rows = capital_edit_rows
 
 
 @functools.cache

@@ -41,7 +41,10 @@ def test_sweep_equals_training_each_set_by_hand(setup):
             assert row["edit_acc"] == pytest.approx(hand.last_val["edit_acc"], abs=1e-9)
             assert row["adapt_acc"] == pytest.approx(hand.last_val["adapt_acc"], abs=1e-9)
             assert row["drawdown"] == pytest.approx(hand.last_val["drawdown"], abs=1e-9)
-            assert row["kl"] == pytest.approx(hand.last_val["kl"], rel=1e-5, abs=1e-9)
+            # the KL is a float32 mean over rows that the sweep's per-group evaluation and the
+            # hand run's validation (base side kept across validations) compute in other batch
+            # shapes: rounding, seen 1.2e-5 relative on a KL of 6e-4
+            assert row["kl"] == pytest.approx(hand.last_val["kl"], rel=1e-4, abs=1e-9)
             assert [c["step"] for c in row["curve"]] == [2, 4]
             assert row["curve"][-1]["edit_acc"] == pytest.approx(hand.last_val["edit_acc"])
             lo, hi = row["edit_acc_ci"]

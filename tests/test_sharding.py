@@ -31,6 +31,7 @@ from salem_jax.mend.train import (
 )
 from salem_jax.models import hf, llama
 from salem_jax.saliency import lower_step, saliency_stats
+from salem_jax.testing import capital_edit_rows
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices (tests/conftest.py sets 8 CPU devices)")
 
@@ -210,19 +211,7 @@ COUNTRIES = "france germany italy spain japan peru".split()
 CITIES = "paris berlin rome madrid tokyo lima".split()
 
 
-def _rows(countries, cities, tag):
-    """Edit-set rows (fail, two adapt rephrasings, two pass rows per fact). What they say does
-    not matter here - the sharded and one-device runs see the same rows - so no model calls."""
-    rows = []
-    for c, city in zip(countries, cities):
-        common = dict(record_id=f"{tag}:{c}", target=city, label=-1, text_pair="")
-        rows.append(dict(id=f"{tag}:{c}:fail", group="fail", prompt=f"the capital of {c} is", **common))
-        rows.append(dict(id=f"{tag}:{c}:a0", group="adapt", prompt=f"what city is the capital of {c}", **common))
-        rows.append(dict(id=f"{tag}:{c}:a1", group="adapt", prompt=f"which city is the capital of {c}", **common))
-        for j, (p, t) in enumerate((("{} lies in", "europe"), ("{} speaks", "euro"))):
-            rows.append(dict(id=f"{tag}:{c}:p{j}", record_id=f"{tag}:{c}:p{j}", group="pass", prompt=p.format(c), target=t,
-                             label=-1, text_pair=""))
-    return rows
+_rows = capital_edit_rows
 
 
 @functools.cache
