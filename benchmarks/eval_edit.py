@@ -117,6 +117,7 @@ def main(argv=None) -> int:
     ap.add_argument("--generate-only", action="store_true",
                     help="time only the generation rows (cached and uncached), not the scoring")
     ap.add_argument("--score-only", action="store_true", help="time only the scoring rows, no generation")
+    ap.add_argument("--skip-all-blocks", action="store_true", help="no all-blocks scoring rows")
     ap.add_argument("--text-window", type=int, default=128,
                     help="text window (the pipeline's eval.text_window, 128; sessions 7-8 ran this benchmark at 512)")
     args = ap.parse_args(argv)
@@ -134,11 +135,13 @@ def main(argv=None) -> int:
     ev = {} if args.generate_only else {
         (s, f): EditEvaluator(model, model.params, edits, shared, texts=txt, batch_size=8, skip_unchanged_blocks=s,
                               text_window=args.text_window, flat_scores=f)
-        for s, f in ((False, True), (True, True), (True, False))}
-    res["evaluator_setup_s"] = (time.perf_counter() - t0) / 3
-    print(f"evaluators built in {3 * res['evaluator_setup_s']:.1f} s", flush=True)
+        for s, f in ((False, True), (True, True), (True, False)) if s or not args.skip_all_blocks}
+    res["evaluator_setup_s"] = (time.perf_counter() - t0) / max(1, len(ev))
+    print(f"evaluators built in {len(ev) * res['evaluator_setup_s']:.1f} s", flush=True)
     scoring = () if args.generate_only else ("score_all_blocks", "score_from_block", "score_from_block_kpos") + (
         ("score_text_all_blocks", "score_text_from_block", "score_text_from_block_kpos") if txt else ())  # --texts 0: no text
+    if args.skip_all_blocks:
+        scoring = tuple(k for k in scoring if "all_blocks" not in k)
     gen = () if args.score_only else ("generate_after", "generate_after_uncached", "generate_before_per_edit")
     times: dict[str, list[float]] = {k: [] for k in (*scoring, *gen)}
     # Compile every generation program first (the edits' targets fall into different length
@@ -167,8 +170,8 @@ def main(argv=None) -> int:
                 assert ev[key].last_start == model.layers.names().index(args.layer), ev[key].last_start
             if name.endswith("_kpos"):  # the same numbers as the flat path just timed
                 flat = scores[name[: -len("_kpos")]]
-                bad = {k: (v, flat[k]) for k, v in m.items() if not np.isclose(v, flat[k], rtol=1e-4, atol=1e-6, equal_nan=True)}
-                if bad:
+                bad = {k: (v, flat[k]) for k, v in m.items() if not np.isclose(v, flat[k], rtol=1e-4, atol=1e-3, equal_nan=True)}
+                if bad:  # (atol 1e-3: dd_ppl_text_abs is a difference of two perplexities ~20, float32 sums)
                     raise SystemExit(f"edit {i}: flat and K-position scores differ: {bad}")
             scores[name] = m
         if not gen:
