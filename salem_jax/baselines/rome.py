@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from salem_jax.data.tokenize import bucket_length, encode, pad_rows, slice_rows
 from salem_jax.data.tokenize import token_windows, tokenize_texts
 from salem_jax.models.base import Weight, get_path, set_path
-from salem_jax.models.from_block import BLOCK_INPUT, FromBlock, block_call_order, block_output
+from salem_jax.models.from_block import BLOCK_INPUT, block_chain, block_output
 from salem_jax.scored_logits import SCORE_POS, scored_logits, with_score_positions
 
 
@@ -354,35 +354,20 @@ def _value_batch(model, prompt: str, subject: str, target_new: str, config: ROME
     return batch, idx, n_rw
 
 
-_BLOCK_ORDER: dict = {}  # (apply, block paths) -> {block path: call position}; one abstract pass per model
-
-
 def _start_at_edited_block(model, params: Any, module_path: str, batch: dict) -> tuple[Callable, dict, int]:
     """(apply, batch, first block run) for v*'s steps: `apply` skips every block called before the
     block that owns `module_path` and `batch` carries their output (`BLOCK_INPUT`, the base hidden
     state entering the edited block, [B, S, H], from one forward pass of `params`). v*'s delta is
     added inside the edited block, so nothing below it changes over the steps and the loss and its
     gradient are the full model's. Falls back to (model.apply, batch, 0) when the model is not a
-    decoder-only chain of blocks (`salem_jax.models.from_block`) or the module lies in no block."""
-    if model.kind != "causal":
+    decoder-only chain of blocks (`salem_jax.models.from_block.block_chain`) or the module lies in
+    no block or in the first."""
+    chain, _ = block_chain(model, params, batch)
+    start = chain.start(module_path) if chain is not None else None
+    if not start:
         return model.apply, batch, 0
-    paths = tuple(b.module_path for b in model.layers.blocks)
-    owner = next((p for p in paths if module_path.startswith(p + "/")), None)
-    if owner is None:
-        return model.apply, batch, 0
-    key = (model.apply, paths)
-    if key not in _BLOCK_ORDER:
-        try:
-            _BLOCK_ORDER[key] = block_call_order(model.apply, params, batch, paths)
-        except ValueError:  # e.g. blocks under nn.scan: every block runs
-            _BLOCK_ORDER[key] = None
-    order = _BLOCK_ORDER[key]
-    if order is None or order[owner] == 0:
-        return model.apply, batch, 0
-    by_position = sorted(paths, key=order.__getitem__)
-    start = order[owner]
-    h = block_output(model.apply, by_position[start - 1], params, batch)
-    return FromBlock(model.apply, tuple(by_position[:start])), {**batch, BLOCK_INPUT: h}, start
+    h = block_output(model.apply, chain.last_skipped(start), params, batch)
+    return chain.skipping(model.apply, start), {**batch, BLOCK_INPUT: h}, start
 
 
 def compute_value(

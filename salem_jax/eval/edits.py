@@ -53,7 +53,7 @@ from salem_jax.eval.metrics import (
 )
 from salem_jax.eval.perplexity import row_nll, text_windows
 from salem_jax import losses
-from salem_jax.models.from_block import BLOCK_INPUT, FromBlock, block_call_order, block_output, first_changed_block
+from salem_jax.models.from_block import BLOCK_INPUT, BlockChain, block_chain, block_output, first_changed_block
 from salem_jax.scored_logits import flat_positions, flat_scored_logits
 
 
@@ -179,7 +179,7 @@ class EditEvaluator:
         self.batch_size = batch_size
         self.skip_unchanged_blocks = skip_unchanged_blocks and model.kind == "causal"
         self.flat_scores = flat_scores and model.kind == "causal"
-        self._order: dict[str, int] | None = None
+        self._chain: BlockChain | None = None
         self._cache: tuple[int, dict] | None = None  # (start block, cached base block outputs)
         self.last_start: int | None = None  # the block the last evaluate() started at (0 = all ran)
         self.with_ppl = model.kind != "classifier"
@@ -292,21 +292,19 @@ class EditEvaluator:
         self.last_start = 0
         if not self.skip_unchanged_blocks:
             return self.model.apply, None
-        paths = tuple(b.module_path for b in self.model.layers.blocks)
-        if self._order is None:
-            try:
-                self._order = block_call_order(self.model.apply, self.base_params, _take(self._own, [0]), paths)
-            except ValueError as e:  # e.g. blocks under nn.scan: every block runs, as without the option
-                warnings.warn(f"EditEvaluator: every block runs for every edit ({e})")
+        if self._chain is None:
+            chain, why = block_chain(self.model, self.base_params, _take(self._own, [0]))
+            if chain is None:  # every block runs, as without the option (e.g. nn.remat or nn.scan blocks)
+                warnings.warn(f"EditEvaluator: every block runs for every edit: {why}")
                 self.skip_unchanged_blocks = False
                 return self.model.apply, None
-        start = first_changed_block(self.model, self.base_params, params, self._order)
+            self._chain = chain
+        start = first_changed_block(self.model, self.base_params, params, self._chain)
         if not start:
             return self.model.apply, None
         self.last_start = start
-        by_position = sorted(paths, key=self._order.__getitem__)
-        cache = self._block_cache(start, by_position[start - 1], with_text)
-        return FromBlock(self.model.apply, tuple(by_position[:start])), cache
+        cache = self._block_cache(start, self._chain.last_skipped(start), with_text)
+        return self._chain.skipping(self.model.apply, start), cache
 
     def _block_cache(self, start: int, last: str, with_text: bool) -> dict:
         """The base model's output of block `last` (the one before `start`) on every own row,

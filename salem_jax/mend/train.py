@@ -53,7 +53,7 @@ from salem_jax.losses import batch_nll, example_correct, example_nll, kl_diverge
 from salem_jax.mend.capture import capture
 from salem_jax.mend.checkpoint import CheckpointError, EditorCheckpointer
 from salem_jax.mend.editor import EditorConfig, EditorSpec, edited_params, init_editor, param_labels, update_norm_state
-from salem_jax.models.from_block import BLOCK_INPUT, FromBlock, block_call_order, block_output
+from salem_jax.models.from_block import BLOCK_INPUT, FromBlock, block_chain, block_output
 from salem_jax.scored_logits import flat_positions, flat_scored_logits, scored_labels, scored_logits, with_score_positions
 
 # ---------------------------------------------------------------------------- configuration
@@ -397,25 +397,16 @@ def from_block_plan(model, spec: EditorSpec, data: EditData) -> tuple[FromBlockP
     every block): only decoder-only models (kind "causal") without nn.remat whose blocks are
     called once each, in a chain, and only when every edited weight lies in a block after the
     first. `data`: any split of the edit set (one row traces the call order, compute-free)."""
-    if model.kind != "causal":
-        return None, f"a {model.kind!r} model (only decoder-only models pass one hidden state from block to block)"
-    if getattr(model.module, "remat", False):
-        return None, "nn.remat blocks (the skipped blocks' cached output cannot enter a rematerialised block)"
-    blocks = [b.module_path for b in model.layers.blocks]
-    owners = [next((p for p in blocks if w.module_path.startswith(p + "/")), None) for w in spec.weights]
-    if any(o is None for o in owners):
+    chain, why = block_chain(model, model.params, data.fail)
+    if chain is None:
+        return None, why
+    starts = [chain.start(w.module_path) for w in spec.weights]
+    if any(s is None for s in starts):
         return None, "an edited weight outside every block"
-    sample = {k: v[:1] for k, v in data.fail.items() if k != BLOCK_INPUT}
-    try:
-        order = block_call_order(model.apply, model.params, sample, tuple(blocks))
-    except ValueError as e:  # e.g. blocks under nn.scan
-        return None, f"the blocks' call order is not a chain ({e})"
-    start = min(order[o] for o in owners)
+    start = min(starts)
     if start == 0:
         return None, "the first block is edited (nothing below it to skip)"
-    by_position = sorted(blocks, key=order.__getitem__)
-    skipped = tuple(by_position[:start])
-    return FromBlockPlan(FromBlock(model.apply, skipped), skipped[-1], start, len(blocks)), ""
+    return FromBlockPlan(chain.skipping(model.apply, start), chain.last_skipped(start), start, len(chain.order)), ""
 
 
 def _with_block_inputs(plan: FromBlockPlan | None, apply_fn, base_params, batch: dict) -> tuple[dict, Any]:

@@ -19,6 +19,9 @@ blocks' calls):
   FromBlock(apply, skipped)                     -> `apply` whose blocks in `skipped` do not run:
                                                    each returns batch[BLOCK_INPUT], the cached
                                                    output of the last skipped block
+  block_chain(model, params, batch)             -> (BlockChain, "") when `model` may skip blocks,
+                                                   else (None, why): the one check the MEND step,
+                                                   ROME's v* and the edit evaluator share
 
 Only decoder-only (`kind == "causal"`) models qualify: each block's output there feeds only the
 next block, so every skipped block may return the same cached tensor (an encoder-decoder's
@@ -82,22 +85,21 @@ def changed_paths(base: Any, edited: Any) -> list[str]:
     return out
 
 
-def first_changed_block(model, base: Any, edited: Any, order: dict[str, int] | None = None) -> int | None:
+def first_changed_block(model, base: Any, edited: Any, chain: "BlockChain | None" = None) -> int | None:
     """Call position of the first block whose parameters differ between `base` and `edited`
     (0 when a parameter outside every block differs; the number of blocks when none differs),
     or None when `model` is not a decoder-only chain of blocks (nothing may be skipped).
 
-    order: `block_call_order`'s result (default: the layer table's order)."""
+    chain: `block_chain`'s result (default: the layer table's order)."""
     if model.kind != "causal":
         return None
-    blocks = [b.module_path for b in model.layers.blocks]
-    order = order or {p: i for i, p in enumerate(blocks)}
-    start = len(blocks)
+    chain = chain or BlockChain(tuple(b.module_path for b in model.layers.blocks))
+    start = len(chain.order)
     for path in changed_paths(base, edited):
-        owner = next((p for p in blocks if path.startswith(p + "/")), None)
-        if owner is None:
+        pos = chain.start(path)
+        if pos is None:
             return 0
-        start = min(start, order[owner])
+        start = min(start, pos)
     return start
 
 
@@ -139,3 +141,53 @@ class FromBlock:
 
         with nn.intercept_methods(skip):
             return self.apply(params, batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockChain:
+    """A decoder-only model's blocks in the order its forward pass calls them.
+
+    order: block module paths by call position (the chain: each block's output is the next one's
+    input). `start(path)` is the position of the block owning a parameter or module path (None
+    outside every block); `skipping(apply, start)` runs `apply` from that position on."""
+
+    order: tuple[str, ...]
+
+    def start(self, path: str) -> int | None:
+        return next((i for i, p in enumerate(self.order) if path.startswith(p + "/")), None)
+
+    def last_skipped(self, start: int) -> str:
+        """Module path of the block whose output enters block `start` (start >= 1)."""
+        if not 1 <= start <= len(self.order):
+            raise ValueError(f"no block runs before position {start} of {len(self.order)}")
+        return self.order[start - 1]
+
+    def skipping(self, apply: Callable, start: int) -> FromBlock:
+        """`apply` with the blocks before position `start` not run (see FromBlock)."""
+        self.last_skipped(start)
+        return FromBlock(apply, self.order[:start])
+
+
+_CHAINS: dict = {}  # (apply, block paths) -> BlockChain or the reason there is none; one abstract pass per model
+
+
+def block_chain(model, params: Any, batch: dict) -> tuple[BlockChain | None, str]:
+    """(the model's BlockChain, "") or (None, why no block may be skipped): only decoder-only models
+    (kind "causal") without nn.remat whose blocks are each called once, in a chain. The call order
+    comes from one abstract pass over `batch` (one row is enough; compute-free) and is kept per
+    (model.apply, block paths), so later calls cost nothing."""
+    if model.kind != "causal":
+        return None, f"a {model.kind!r} model (only decoder-only models pass one hidden state from block to block)"
+    if getattr(model.module, "remat", False):
+        return None, "nn.remat blocks (the skipped blocks' cached output cannot enter a rematerialised block)"
+    paths = tuple(b.module_path for b in model.layers.blocks)
+    key = (model.apply, paths)
+    if key not in _CHAINS:
+        sample = {k: v[:1] for k, v in batch.items() if k != BLOCK_INPUT}
+        try:
+            order = block_call_order(model.apply, params, sample, paths)
+            _CHAINS[key] = BlockChain(tuple(sorted(paths, key=order.__getitem__)))
+        except ValueError as e:  # e.g. blocks under nn.scan
+            _CHAINS[key] = f"the blocks' call order is not a chain ({e})"
+    found = _CHAINS[key]
+    return (found, "") if isinstance(found, BlockChain) else (None, found)
