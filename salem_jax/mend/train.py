@@ -1061,6 +1061,7 @@ def train_editor(
     resume: bool = True,
     stop_after: int | None = None,
     skip_unchanged_blocks: bool = True,
+    flat_head: bool = True,
 ) -> TrainResult:
     """Train an editor for the given weights; checkpoints and metrics.jsonl go to `workdir`.
 
@@ -1077,6 +1078,8 @@ def train_editor(
       the first edited block once per row of the edit set (`with_block_inputs`, up to
       `BLOCK_CACHE_BYTES`, else once per step) and run the steps and the validation from that
       block (`from_block_plan`; the same numbers, fewer blocks). Off: every block runs.
+    flat_head: the validations run the LM head on the rows' target tokens only (`evaluate`,
+      `flat_targets`; the same numbers). Off: at K positions of every row.
     """
     # --- setup: mesh, resolved config, editor spec, workdir, checkpointer
     base_params = model.params if base_params is None else base_params
@@ -1131,7 +1134,8 @@ def train_editor(
     val_base: dict = {}  # the base model's side of every validation batch, computed once
 
     def validate(step):
-        v = evaluate(model, spec, cfg, mesh, state["params"], state["norm"], base, val_data, plan=plan, base_cache=val_base)
+        v = evaluate(model, spec, cfg, mesh, state["params"], state["norm"], base, val_data, plan=plan, base_cache=val_base,
+                     flat_head=flat_head)
         _log(metrics_path, {"step": step, "split": "val", **v})
         improved = v["loss"] < run["best_val_loss"]
         if improved:
