@@ -16,6 +16,9 @@ and reports, per edit (median over edits after a warm-up edit):
   score, all blocks       EditEvaluator.evaluate with skip_unchanged_blocks=False
   score, from the block   the same from the edited block (salem_jax.models.from_block)
   score + text            the same with the text (the pipeline does it for eval.ppl_edits edits)
+  ..._kpos                the from-block rows with the head at K positions of every row and at every
+                          text position (`EditEvaluator(flat_scores=False)`, the path before issue 14's
+                          session 10; the default runs the head on the target tokens only)
   generate, after         greedy generation of the edit's prompts by the edited model, with
                           the KV cache (the default for SmolLM2) and without it (kv_cache=False:
                           the whole buffer re-run every step), same run, same prompts - the
@@ -113,6 +116,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compile-cache", action="store_true")
     ap.add_argument("--generate-only", action="store_true",
                     help="time only the generation rows (cached and uncached), not the scoring")
+    ap.add_argument("--score-only", action="store_true", help="time only the scoring rows, no generation")
+    ap.add_argument("--skip-all-blocks", action="store_true", help="no all-blocks scoring rows")
+    ap.add_argument("--text-window", type=int, default=128,
+                    help="text window (the pipeline's eval.text_window, 128; sessions 7-8 ran this benchmark at 512)")
     args = ap.parse_args(argv)
     if not args.no_compile_cache:
         enable_compile_cache()
@@ -126,18 +133,21 @@ def main(argv=None) -> int:
           f"({sum(len(t.split()) for t in txt)} words)", flush=True)
     t0 = time.perf_counter()
     ev = {} if args.generate_only else {
-        s: EditEvaluator(model, model.params, edits, shared, texts=txt, batch_size=8, skip_unchanged_blocks=s)
-        for s in (False, True)}
-    res["evaluator_setup_s"] = (time.perf_counter() - t0) / 2
-    print(f"evaluators built in {2 * res['evaluator_setup_s']:.1f} s", flush=True)
-    scoring = () if args.generate_only else ("score_all_blocks", "score_from_block") + (
-        ("score_text_all_blocks", "score_text_from_block") if txt else ())  # --texts 0: no text rows
-    times: dict[str, list[float]] = {k: [] for k in (*scoring, "generate_after", "generate_after_uncached",
-                                                     "generate_before_per_edit")}
+        (s, f): EditEvaluator(model, model.params, edits, shared, texts=txt, batch_size=8, skip_unchanged_blocks=s,
+                              text_window=args.text_window, flat_scores=f)
+        for s, f in ((False, True), (True, True), (True, False)) if s or not args.skip_all_blocks}
+    res["evaluator_setup_s"] = (time.perf_counter() - t0) / max(1, len(ev))
+    print(f"evaluators built in {len(ev) * res['evaluator_setup_s']:.1f} s", flush=True)
+    scoring = () if args.generate_only else ("score_all_blocks", "score_from_block", "score_from_block_kpos") + (
+        ("score_text_all_blocks", "score_text_from_block", "score_text_from_block_kpos") if txt else ())  # --texts 0: no text
+    if args.skip_all_blocks:
+        scoring = tuple(k for k in scoring if "all_blocks" not in k)
+    gen = () if args.score_only else ("generate_after", "generate_after_uncached", "generate_before_per_edit")
+    times: dict[str, list[float]] = {k: [] for k in (*scoring, *gen)}
     # Compile every generation program first (the edits' targets fall into different length
     # buckets, each compiled once per path), so the medians below are warm calls.
     compile_s = {"generate_cached": 0.0, "generate_uncached": 0.0}
-    for e in edits:
+    for e in edits if gen else ():
         rows_ = e["fail"] + e["adapt"]
         for key, kv in (("generate_cached", None), ("generate_uncached", False)):
             compile_s[key] += timed(lambda: generate_answers(model, model.params, [r["prompt"] for r in rows_],
@@ -146,16 +156,27 @@ def main(argv=None) -> int:
     print("first pass over the edits' generations (compiles every bucket): "
           + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()), flush=True)
     for i in range(args.edits):
+        scores: dict[str, dict] = {}
         p = edited_params(model, args.layer, i, args.scale)
         jax.block_until_ready(p)
-        for name, skip, text in (("score_all_blocks", False, False), ("score_from_block", True, False),
-                                 ("score_text_all_blocks", False, True), ("score_text_from_block", True, True)):
+        for name, key, text in (("score_all_blocks", (False, True), False), ("score_from_block", (True, True), False),
+                                ("score_from_block_kpos", (True, False), False), ("score_text_all_blocks", (False, True), True),
+                                ("score_text_from_block", (True, True), True), ("score_text_from_block_kpos", (True, False), True)):
             if name not in times:
                 continue
-            dt, m = timed(lambda: ev[skip].evaluate(i, p, with_text=text))
+            dt, m = timed(lambda: ev[key].evaluate(i, p, with_text=text))
             times[name].append(dt)
             if name == "score_from_block":
-                assert ev[True].last_start == model.layers.names().index(args.layer), ev[True].last_start
+                assert ev[key].last_start == model.layers.names().index(args.layer), ev[key].last_start
+            if name.endswith("_kpos"):  # the same numbers as the flat path just timed
+                flat = scores[name[: -len("_kpos")]]
+                bad = {k: (v, flat[k]) for k, v in m.items() if not np.isclose(v, flat[k], rtol=1e-4, atol=1e-3, equal_nan=True)}
+                if bad:  # (atol 1e-3: dd_ppl_text_abs is a difference of two perplexities ~20, float32 sums)
+                    raise SystemExit(f"edit {i}: flat and K-position scores differ: {bad}")
+            scores[name] = m
+        if not gen:
+            print(f"edit {i}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
+            continue
         prompts = [r["prompt"] for g in ("fail", "adapt") for r in edits[i][g]]
         targets = [r["target"] for g in ("fail", "adapt") for r in edits[i][g]]
         dt, fast = timed(lambda: generate_answers(model, p, prompts, targets))
@@ -166,14 +187,17 @@ def main(argv=None) -> int:
             raise SystemExit(f"edit {i}: cached and uncached generations differ: {fast} vs {slow}")
         times["generate_before_per_edit"].append(timed(lambda: generate_answers(model, model.params, prompts, targets))[0])
         print(f"edit {i}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
-    dt, _ = timed(lambda: generations_per_edit(model, model.params, [(e["fail"][0], e["adapt"]) for e in edits]))
+    dt = timed(lambda: generations_per_edit(model, model.params, [(e["fail"][0], e["adapt"]) for e in edits]))[0] if gen else 0.0
     res["generate_before_batched_total_s"] = dt
     res["times_s"] = times
     med = {k: statistics.median(v[1:]) for k, v in times.items()}  # the first edit compiles
     res["median_s"] = med
     res["generate_before_batched_per_edit_s"] = dt / args.edits
-    res["generate_kv_cache_speedup"] = med["generate_after_uncached"] / med["generate_after"]
-    if not args.generate_only:
+    if gen:
+        res["generate_kv_cache_speedup"] = med["generate_after_uncached"] / med["generate_after"]
+    if scoring:
+        res["flat_speedup"] = {k: med[k + "_kpos"] / med[k] for k in ("score_from_block", "score_text_from_block") if k in med}
+    if not args.generate_only and gen:
         before_now = med["score_from_block"] + med["generate_after"] + dt / args.edits
         before_old = med["score_all_blocks"] + med["generate_after_uncached"] + med["generate_before_per_edit"]
         res["per_edit_old_s"], res["per_edit_new_s"] = before_old, before_now
@@ -183,9 +207,12 @@ def main(argv=None) -> int:
     print("| piece (median per edit, first edit excluded) | seconds |\n|---|---|")
     for k, v in med.items():
         print(f"| {k} | {v:.3f} |")
-    print(f"| generate_before, batched across edits (per edit) | {dt / args.edits:.3f} |")
-    print(f"| generation after the edit: uncached / KV-cached, same run | {res['generate_kv_cache_speedup']:.2f}x |")
-    if not args.generate_only:
+    if gen:
+        print(f"| generate_before, batched across edits (per edit) | {dt / args.edits:.3f} |")
+        print(f"| generation after the edit: uncached / KV-cached, same run | {res['generate_kv_cache_speedup']:.2f}x |")
+    for k, v in res.get("flat_speedup", {}).items():
+        print(f"| {k}: head at K positions / on the target tokens, same run | {v:.2f}x |")
+    if not args.generate_only and gen:
         print("| one edit's evaluation without text: all blocks, uncached generation before/after per edit "
               f"| {before_old:.3f} |")
         print(f"| the same from the edited block, KV-cached generation, base generations batched | {before_now:.3f} |")

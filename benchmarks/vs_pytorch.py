@@ -352,9 +352,12 @@ def bench_layers(model, pt, torch, layers: list[str], args) -> dict:
     if args.every_block and plan is not None:
         variants.append(("editor_step_every_block", None, data["train"]))
     tb = _group(torch, batch, 0)
-    loss_pt0 = ref.train_step(tb)  # warm-up; also the first step's loss, to compare with JAX's
-    pt_t = _torch_median(torch, lambda: ref.train_step(tb), args.repeats)
-    run_pt = pt_t["best"]
+    if args.val_only:
+        variants = []
+    else:
+        loss_pt0 = ref.train_step(tb)  # warm-up; also the first step's loss, to compare with JAX's
+        pt_t = _torch_median(torch, lambda: ref.train_step(tb), args.repeats)
+        run_pt = pt_t["best"]
     for name, p, d in variants:
         vkw = dict(kw, from_block=p)
         holder = {"state": place_state(fresh, mesh)}
@@ -381,7 +384,7 @@ def bench_layers(model, pt, torch, layers: list[str], args) -> dict:
     # depend on them; the reference above was trained by its steps, so take a fresh one)
     ref = TorchMEND(torch, pt, fresh["params"], spec, cfg)
     ed = TrainedEditor(spec=spec, params=fresh["params"], state=fresh["norm"], model_name=model.name, step=0)
-    for n in () if args.steps_only else (1, 10):
+    for n in () if args.steps_only or args.val_only else (1, 10):
         reqs = [(f"The capital of {c} is", " " + cap) for c, cap in (FACTS * 2)[:n]]
 
         def jax_edit(reqs=reqs):
@@ -418,13 +421,27 @@ def bench_layers(model, pt, torch, layers: list[str], args) -> dict:
     run_pt = pt_t["best"]
     # val_<n>_base_kept: as train_editor's second and later validations, the base model's side of
     # every batch computed by the warm-up call and reused (`evaluate(..., base_cache=...)`)
+    # with --val-kpos also both with the LM head at K positions of every row (flat_head=False, the
+    # path before issue 14's session 10), same run; their summaries must equal the default's
     base_cache: dict = {}
-    for name, p, d, bc in [(f"val_{args.val_groups}", plan, val_data, None), (f"val_{args.val_groups}_base_kept", plan, val_data, base_cache)] + (
-            [(f"val_{args.val_groups}_every_block", None, data["val"], None)] if args.every_block and plan else []):
+    rows = [(f"val_{args.val_groups}", plan, val_data, None, True), (f"val_{args.val_groups}_base_kept", plan, val_data, base_cache, True)]
+    if args.val_kpos:
+        rows += [(f"val_{args.val_groups}_kpos", plan, val_data, None, False), (f"val_{args.val_groups}_base_kept_kpos", plan, val_data, {}, False)]
+    if args.every_block and plan:
+        rows.append((f"val_{args.val_groups}_every_block", None, data["val"], None, True))
+    summaries = {}
+    for name, p, d, bc, fh in rows:
 
-        def jax_val(p=p, d=d, bc=bc):
+        def jax_val(p=p, d=d, bc=bc, fh=fh):
             return evaluate(model, spec, cfg, mesh, st["params"], st["norm"], base, d, plan=p, skip_unchanged_blocks=p is not None,
-                            base_cache=bc)
+                            base_cache=bc, flat_head=fh)
+
+        summaries[name] = jax_val()
+        if name.endswith("_kpos"):
+            ref_s = summaries[name[: -len("_kpos")]]
+            bad = {k: (v, ref_s[k]) for k, v in summaries[name].items() if not np.isclose(v, ref_s[k], rtol=1e-4, atol=1e-6, equal_nan=True)}
+            if bad:
+                raise SystemExit(f"{name}: the validation differs from the flat head's: {bad}")
 
         first, run = _median_after_warmup(jax_val, max(1, args.repeats // 2))
         cached = _cached_first(jax_val) if p is plan and bc is None and not args.no_cached_first else float("nan")
@@ -536,6 +553,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps-only", action="store_true", help="only the editor step and the validation (no edits, saliency, fwd+bwd)")
     ap.add_argument("--no-torch-val", action="store_true", help="skip the PyTorch reference's validation (minutes of eager passes)")
     ap.add_argument("--no-cached-first", action="store_true", help="skip the cached-first-call measurements (they clear jax's caches)")
+    ap.add_argument("--val-only", action="store_true", help="only the validation rows (no editor step, edits, saliency, fwd+bwd)")
+    ap.add_argument("--val-kpos", action="store_true",
+                    help="also time the validation with the LM head at K positions of every row (flat_head=False, the path before)")
     ap.add_argument("--out", default="runs/bench-vs-pytorch.json")
     add_flag(ap)
     args = ap.parse_args(argv)
@@ -569,7 +589,7 @@ def main(argv=None) -> int:
         print(f"{spec} ({len(layers)} MLP block(s)) ...", flush=True)
         rep["layers"][spec] = bench_layers(model, pt, torch, layers, args)
     print("saliency and fwd+bwd ...", flush=True)
-    rep["model_wide"] = {} if args.steps_only else bench_model_wide(model, pt, torch, args)
+    rep["model_wide"] = {} if args.steps_only or args.val_only else bench_model_wide(model, pt, torch, args)
     rep["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     rep["targets"] = {}
     for name, check in TARGETS.items():

@@ -37,6 +37,7 @@ import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from salem_jax.data.tokenize import pad_rows, slice_rows
@@ -51,7 +52,9 @@ from salem_jax.eval.metrics import (
     perplexity_drawdown,
 )
 from salem_jax.eval.perplexity import row_nll, text_windows
+from salem_jax import losses
 from salem_jax.models.from_block import BLOCK_INPUT, BlockChain, block_chain, block_output, first_changed_block
+from salem_jax.scored_logits import flat_positions, flat_scored_logits
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -67,6 +70,61 @@ def _edited_scores(apply: Callable, params: Any, own: dict, own_argmax, shared: 
     if windows is not None:
         out["text"] = jax.lax.map(lambda b: row_nll(apply, params, b), windows)
     return out
+
+
+def _flat_after_vs_argmax(apply: Callable, params: Any, batch: dict, flat: dict) -> dict[str, jax.Array]:
+    """`after_vs_argmax` with the head run on exactly the batch's target tokens: flat =
+    `flat_positions` of its label_mask plus "base_argmax" [T] (the base model's argmax at each).
+    Per-row sums by `segment_sum` over the T tokens: [B] each, the same numbers (up to float
+    summation order)."""
+    rows, valid = flat["rows"], flat["valid"]
+    n = batch["label_mask"].shape[0]
+    logits = flat_scored_logits(apply, params, batch, rows, flat["pos"])
+    labels = batch["labels"][rows, flat["pos"]]
+    am = jnp.argmax(logits, -1)
+
+    def per_row(x):
+        return jax.ops.segment_sum(x * valid, rows, num_segments=n)
+
+    n_tok, ok = per_row(jnp.ones_like(valid)), per_row((am == labels).astype(jnp.float32))
+    return {"correct_after": (ok == n_tok) & (n_tok > 0), "token_correct_after": ok,
+            "nll_sum_after": per_row(-losses.token_logprobs(logits, labels)), "n_tokens_after": n_tok,
+            "unchanged": per_row((am == flat["base_argmax"]).astype(jnp.float32))}
+
+
+def _flat_row_nll(apply: Callable, params: Any, batch: dict, flat: dict) -> jax.Array:
+    """`row_nll` ([B] summed NLL of each window's counted tokens) with the head on those tokens only."""
+    logits = flat_scored_logits(apply, params, batch, flat["rows"], flat["pos"])
+    nll = -losses.token_logprobs(logits, batch["labels"][flat["rows"], flat["pos"]]) * flat["valid"]
+    return jax.ops.segment_sum(nll, flat["rows"], num_segments=batch["label_mask"].shape[0])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _edited_scores_flat(apply: Callable, params: Any, own: dict, own_flat: dict, shared: dict | None,
+                        shared_flat: dict | None, windows: dict | None, windows_flat: dict | None) -> dict:
+    """`_edited_scores` with the head on the target tokens only (`_flat_after_vs_argmax`):
+    own_flat / shared_flat [T] leaves, windows_flat [C, T_c] (one entry per chunk)."""
+    out = {"own": _flat_after_vs_argmax(apply, params, own, own_flat)}
+    if shared is not None:
+        out["shared"] = _flat_after_vs_argmax(apply, params, shared, shared_flat)
+    if windows is not None:
+        out["text"] = jax.lax.map(lambda bf: _flat_row_nll(apply, params, *bf), (windows, windows_flat))
+    return out
+
+
+def _with_base_argmax(flat: dict[str, np.ndarray], enc: dict[str, np.ndarray], argmax: np.ndarray) -> dict[str, np.ndarray]:
+    """`flat` (`flat_positions` of enc's label_mask) plus "base_argmax" [T]: `argmax` ([B, K] at
+    enc's `score_pos` - a row's scored positions first, in order, the order of `flat_positions` -
+    or [B, S] when enc has none) at each entry."""
+    mask = np.asarray(enc["label_mask"]) != 0
+    if "score_pos" in enc:
+        parts = [argmax[r, :c] for r, c in enumerate(mask.sum(-1))]
+    else:
+        parts = [argmax[r][m] for r, m in enumerate(mask)]
+    am = np.concatenate(parts + [np.zeros(0, argmax.dtype)])
+    out = np.zeros(flat["rows"].shape, argmax.dtype)
+    out[: len(am)] = am
+    return {**flat, "base_argmax": out}
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -105,16 +163,22 @@ class EditEvaluator:
     batch_size: rows per call of the base model's one-time pass.
     skip_unchanged_blocks: run each edited model from the first block its edit changed, on the
       base model's cached hidden states (decoder-only models; the same numbers, less work).
+    flat_scores: run the vocabulary head on the target tokens only, T of them per edit (own
+      rows), for the shared rows and per text chunk (decoder-only models; `flat_scored_logits`:
+      the same numbers, float summation order aside), instead of at K positions of every row
+      ([R, K], K = the most targets of any row) and at every position of every text window
+      (two thirds padding at window 128 on the main job's WikiText). False: the [R, K] path.
     """
 
     def __init__(self, model, base_params: Any, edits: Sequence[Mapping[str, Rows]],
                  shared: Mapping[str, Rows] | None = None, *, texts: Sequence[str] | None = None,
                  text_window: int | None = None, text_stride: int | None = None, text_chunk: int = 8,
-                 batch_size: int = 8, skip_unchanged_blocks: bool = True):
+                 batch_size: int = 8, skip_unchanged_blocks: bool = True, flat_scores: bool = True):
         self.model = model
         self.base_params = base_params
         self.batch_size = batch_size
         self.skip_unchanged_blocks = skip_unchanged_blocks and model.kind == "causal"
+        self.flat_scores = flat_scores and model.kind == "causal"
         self._chain: BlockChain | None = None
         self._cache: tuple[int, dict] | None = None  # (start block, cached base block outputs)
         self.last_start: int | None = None  # the block the last evaluate() started at (0 = all ran)
@@ -133,17 +197,20 @@ class EditEvaluator:
         self._own = encode_rows(model, own_rows, where="edit rows") if own_rows else None
         if self._own is not None:
             self._own_before, self._own_argmax = _base_side(model, base_params, self._own, batch_size)
+            counts = (self._own["label_mask"] != 0).sum(-1)
+            self._own_tokens = max(1, max(int(sum(counts[a:b].sum() for a, b in sp.values())) for sp in self._own_spans))
         # -- shared rows: one encoding, base side once, kept on the device
         self._shared_spans, shared_rows = {}, []
         for name, rows in (shared or {}).items():
             rows = list(rows)
             self._shared_spans[name] = (len(shared_rows), len(shared_rows) + len(rows))
             shared_rows.extend(rows)
-        self._shared = self._shared_argmax = None
+        self._shared = self._shared_argmax = self._shared_flat = None
         if shared_rows:
             enc = encode_rows(model, shared_rows, where="shared rows")
             self._shared_before, am = _base_side(model, base_params, enc, batch_size)
             self._shared, self._shared_argmax = jax.device_put(enc), jax.device_put(am)
+            self._shared_flat = jax.device_put(_with_base_argmax(flat_positions(enc["label_mask"]), enc, am))
         # -- text windows, in chunks of text_chunk (padded windows count nowhere)
         self._windows = None
         if texts:
@@ -155,6 +222,10 @@ class EditEvaluator:
             c = -(-n // text_chunk)
             w = pad_rows(w, c * text_chunk)
             self._windows = jax.device_put({k: v.reshape(c, text_chunk, *v.shape[1:]) for k, v in w.items()})
+            masks = w["label_mask"].reshape(c, text_chunk, -1)
+            t = max(1, int((masks != 0).sum((1, 2)).max()))
+            flats = [flat_positions(m, t) for m in masks]
+            self._windows_flat = jax.device_put({k: np.stack([f[k] for f in flats]) for k in flats[0]})
             self.text_nll_before = float(np.asarray(jax.device_get(_text_nll(model.apply, base_params, self._windows)),
                                                     np.float64).sum())
 
@@ -170,6 +241,8 @@ class EditEvaluator:
         own = pad_rows(_take(src, idx), r)
         am = np.zeros((r,) + self._own_argmax.shape[1:], self._own_argmax.dtype)
         am[: len(idx)] = self._own_argmax[idx]
+        if self.flat_scores:  # the base argmaxes at the target tokens instead: [T_own]
+            am = _with_base_argmax(flat_positions(own["label_mask"], self._own_tokens), own, am)
         return own, am, spans
 
     def evaluate(self, i: int, params: Any, *, with_text: bool = False) -> dict[str, float]:
@@ -186,7 +259,11 @@ class EditEvaluator:
         if cache is not None:
             shared = None if shared is None else {**shared, BLOCK_INPUT: cache["shared"]}
             windows = None if windows is None else {**windows, BLOCK_INPUT: cache["text"]}
-        out = jax.device_get(_edited_scores(apply, params, own, am, shared, self._shared_argmax, windows))
+        if self.flat_scores:
+            out = jax.device_get(_edited_scores_flat(apply, params, own, am, shared, self._shared_flat, windows,
+                                                     None if windows is None else self._windows_flat))
+        else:
+            out = jax.device_get(_edited_scores(apply, params, own, am, shared, self._shared_argmax, windows))
         per, res = {}, {}
         groups = [(name, out["own"], self._own_before, a, b, a - next(iter(spans.values()))[0])
                   for name, (a, b) in spans.items()]

@@ -49,12 +49,12 @@ from tqdm.auto import tqdm
 from salem_jax import parallel, sharding
 from salem_jax.data.tokenize import encode, pad_rows, slice_rows
 from salem_jax.errors import UserError
-from salem_jax.losses import batch_nll, example_correct, example_nll, kl_divergence
+from salem_jax.losses import batch_nll, example_correct, example_nll, kl_divergence, token_logprobs
 from salem_jax.mend.capture import capture
 from salem_jax.mend.checkpoint import CheckpointError, EditorCheckpointer
 from salem_jax.mend.editor import EditorConfig, EditorSpec, edited_params, init_editor, param_labels, update_norm_state
 from salem_jax.models.from_block import BLOCK_INPUT, FromBlock, block_chain, block_output
-from salem_jax.scored_logits import scored_labels, scored_logits, with_score_positions
+from salem_jax.scored_logits import flat_positions, flat_scored_logits, scored_labels, scored_logits, with_score_positions
 
 # ---------------------------------------------------------------------------- configuration
 
@@ -665,14 +665,97 @@ def _step(state, base_params, batch, *, apply_fn, spec, cfg, plan=None):
     return new_state, metrics
 
 
+# ---------------------------------------------------------------------------- validation, head on the targets
+#
+# A validation group's edit rows (fail + rephrasings) and pass rows are scored at K positions each
+# (`with_score_positions`: K = the most target tokens of any row of the edit set, 8 on SmolLM2's
+# capitals), though most rows have 1-3 target tokens: the LM head (57 MFLOP per position on
+# SmolLM2) ran at 4 x 8 positions per group where ~8 are targets - a third of the edited side of a
+# validation at layers.26. `evaluate(flat_head=True)` (decoder-only models) hands each group the
+# (row, position) pairs of its targets (`FLAT`: rows / pos / valid [G, T], rows numbered over the
+# group's edit rows then its pass rows, T = the most targets of any group) and the validation runs
+# the head on those only (`scored_logits.flat_scored_logits`); the same numbers as the [rows, K]
+# path, float summation order aside (tests/test_mend_flat_eval.py).
+
+FLAT = "flat"
+
+
+def flat_targets(batches: Sequence[dict]) -> list[dict]:
+    """`batches` (numpy `val_batches`) with FLAT added: each group's target (row, position) pairs
+    over its edit rows then its pass rows, [G, T] each, T the same for every batch (one compile)."""
+    masks = [np.concatenate([b["edit"]["label_mask"], b["pass"]["label_mask"]], axis=1) != 0 for b in batches]
+    t = max(1, max(int(m.sum((1, 2)).max()) for m in masks))
+    out = []
+    for b, m in zip(batches, masks):
+        flats = [flat_positions(g, t) for g in m]
+        out.append({**b, FLAT: {k: np.stack([f[k] for f in flats]) for k in flats[0]}})
+    return out
+
+
+def _joint_rows(edit_b: dict, pass_b: dict) -> dict:
+    """A group's edit rows then its pass rows as one row set (the numbering of FLAT's rows)."""
+    return {k: jnp.concatenate([edit_b[k], pass_b[k]], axis=0) for k in edit_b}
+
+
+def _flat_row_scores(logits, labels, flat, n_rows: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-row (summed NLL, correct target tokens, target tokens) [n_rows] from logits [T, V] at
+    FLAT's pairs."""
+    rows, valid = flat["rows"], flat["valid"]
+
+    def per_row(x):
+        return jax.ops.segment_sum(x * valid, rows, num_segments=n_rows)
+
+    ok = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    return per_row(-token_logprobs(logits, labels)), per_row(ok), per_row(jnp.ones_like(valid))
+
+
+def _flat_base(apply_fn, base_params, edit_b, pass_b, flat):
+    """The base model's logits at one group's FLAT pairs [T, V] and its edit rows' correctness [rows]."""
+    joint = _joint_rows(edit_b, pass_b)
+    logits = flat_scored_logits(apply_fn, base_params, joint, flat["rows"], flat["pos"])
+    labels = joint["labels"][flat["rows"], flat["pos"]]
+    n_edit = edit_b["label_mask"].shape[0]
+    _, ok, n = _flat_row_scores(logits, labels, flat, joint["label_mask"].shape[0])
+    return logits, ((ok == n) & (n > 0))[:n_edit]
+
+
+def _flat_group_outputs(apply_fn, spec, cfg, editor_params, norm, base_params, factors, edit_b, pass_b, base_logits, flat):
+    """`_group_outputs` (validation's per-group loss and results) with the head at FLAT's pairs:
+    base_logits [T, V] from `_flat_base`. The same numbers: nll = mean over edit rows with targets
+    of their mean target NLL, kl = MEND's KL averaged over the pass rows' target tokens."""
+    new = edited_params(spec, editor_params, norm, base_params, factors)
+    joint = _joint_rows(edit_b, pass_b)
+    rows, valid = flat["rows"], flat["valid"]
+    n_edit, n_rows = edit_b["label_mask"].shape[0], joint["label_mask"].shape[0]
+    logits = flat_scored_logits(apply_fn, new, joint, rows, flat["pos"])
+    labels = joint["labels"][rows, flat["pos"]]
+    nll_sum, ok, n = _flat_row_scores(logits, labels, flat, n_rows)
+    has = (n[:n_edit] > 0).astype(jnp.float32)
+    nll = (nll_sum[:n_edit] / jnp.maximum(n[:n_edit], 1.0) * has).sum() / jnp.maximum(has.sum(), 1.0)
+    p_log = jax.nn.log_softmax(base_logits.astype(jnp.float32), -1)
+    q_log = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+    on_pass = valid * (rows >= n_edit)
+    kl = ((jnp.exp(p_log) * (p_log - q_log)).sum(-1) * on_pass).sum() / jnp.maximum(on_pass.sum(), 1.0)
+    _, base_ok, _ = _flat_row_scores(base_logits, labels, flat, n_rows)
+    correct, base_correct = (ok == n) & (n > 0), (base_ok == n) & (n > 0)
+    loss = cfg.c_fail * nll + cfg.c_loc * kl
+    return loss, {"loss": loss, "nll": nll, "kl": kl, "edit_correct": correct[:n_edit], "pass_correct": correct[n_edit:],
+                  "base_pass_correct": base_correct[n_edit:]}
+
+
 def _eval_base(base_params, batch, *, apply_fn, spec, plan=None):
     """The base model's side of an evaluation - the same for every editor, so a caller that
     validates repeatedly on the same rows computes it once (`evaluate`'s `base_cache`):
     {"factors": the fail rows' capture factors [G, ...], "base_pass": base logits of the pass
-    rows at their scored positions [G, P, K, V], "edit_before": the base model's correctness on
-    the edit rows [G, rows]}."""
+    rows at their scored positions [G, P, K, V] (with FLAT in the batch: of every target token of
+    the edit and pass rows, [G, T, V]), "edit_before": the base model's correctness on the edit
+    rows [G, rows]}."""
     batch, apply_fn = _with_block_inputs(plan, apply_fn, base_params, batch)
     factors = group_factors(apply_fn, spec, base_params, batch["fail"])
+    if FLAT in batch:
+        base_logits, before = jax.vmap(lambda e, q, f: _flat_base(apply_fn, base_params, e, q, f))(
+            batch["edit"], batch["pass"], batch[FLAT])
+        return {"factors": factors, "base_pass": base_logits, "edit_before": before}
     (base_edit, base_pass), _, _ = jax.vmap(lambda e, q: _apply_rows(apply_fn, base_params, e, q))(batch["edit"], batch["pass"])
     edit_labels, edit_mask = jax.vmap(scored_labels)(batch["edit"])
     return {"factors": factors, "base_pass": base_pass, "edit_before": example_correct(base_edit, edit_labels, edit_mask)}
@@ -681,9 +764,14 @@ def _eval_base(base_params, batch, *, apply_fn, spec, plan=None):
 def _eval_edited(editor_params, norm, base_params, batch, base_side, *, apply_fn, spec, cfg, plan=None):
     """Edit every group with the editor and score it, given `_eval_base`'s outputs."""
     batch, apply_fn = _with_block_inputs(plan, apply_fn, base_params, batch)
-    _, out = jax.vmap(
-        lambda f, e, q, bl: _group_outputs(apply_fn, spec, cfg, editor_params, norm, base_params, f, e, q, bl)
-    )(base_side["factors"], batch["edit"], batch["pass"], base_side["base_pass"])
+    if FLAT in batch:
+        _, out = jax.vmap(
+            lambda f, e, q, bl, fl: _flat_group_outputs(apply_fn, spec, cfg, editor_params, norm, base_params, f, e, q, bl, fl)
+        )(base_side["factors"], batch["edit"], batch["pass"], base_side["base_pass"], batch[FLAT])
+    else:
+        _, out = jax.vmap(
+            lambda f, e, q, bl: _group_outputs(apply_fn, spec, cfg, editor_params, norm, base_params, f, e, q, bl)
+        )(base_side["factors"], batch["edit"], batch["pass"], base_side["base_pass"])
     em = batch["edit"]["label_mask"]
     return {
         "loss": out["loss"],
@@ -865,7 +953,8 @@ def eval_groups_per_call(cfg: TrainConfig, data: EditData, n_data: int, limit: i
 
 
 def evaluate(model, spec, cfg, mesh, editor_params, norm, base_params, data: EditData, *,
-             skip_unchanged_blocks: bool = True, plan: FromBlockPlan | None = None, base_cache: dict | None = None) -> dict:
+             skip_unchanged_blocks: bool = True, plan: FromBlockPlan | None = None, base_cache: dict | None = None,
+             flat_head: bool = True) -> dict:
     """Edit every validation group with the editor and summarise (see `summarize_eval`).
 
     All arguments placed as for `train_step` (`place_state`, `place_base_params`). The groups
@@ -878,13 +967,16 @@ def evaluate(model, spec, cfg, mesh, editor_params, norm, base_params, data: Edi
     editor changing, as in `train_editor`'s validations): the base model's side of each batch
     (`eval_base_step`: capture factors, pass-row logits, edit rows before the edit) is computed
     on the first call and reused (the same numbers; at `layers.0` of SmolLM2 more than half of
-    an evaluation's arithmetic)."""
+    an evaluation's arithmetic). flat_head: on decoder-only models, run the LM head on the rows'
+    target tokens only (`flat_targets`; the same numbers); False: at K positions of every row."""
     if plan is None:
         plan, data = from_block_data(model, spec, data, base_params, skip_unchanged_blocks)
     elif data.block_input_of not in (None, plan.last):
         data = without_block_inputs(data)
     per_call = eval_groups_per_call(cfg, data, sharding.axis_size(mesh, sharding.DATA))
     batches = val_batches(data, dataclasses.replace(cfg, batch_size=per_call))
+    if flat_head and model.kind == "causal":
+        batches = flat_targets(batches)
     kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg.step_config(), mesh=mesh, from_block=plan)
     if base_cache is None:
         results = [eval_step(editor_params, norm, base_params, sharding.shard_batch(b, mesh), **kw) for b in batches]
@@ -969,6 +1061,7 @@ def train_editor(
     resume: bool = True,
     stop_after: int | None = None,
     skip_unchanged_blocks: bool = True,
+    flat_head: bool = True,
 ) -> TrainResult:
     """Train an editor for the given weights; checkpoints and metrics.jsonl go to `workdir`.
 
@@ -985,6 +1078,8 @@ def train_editor(
       the first edited block once per row of the edit set (`with_block_inputs`, up to
       `BLOCK_CACHE_BYTES`, else once per step) and run the steps and the validation from that
       block (`from_block_plan`; the same numbers, fewer blocks). Off: every block runs.
+    flat_head: the validations run the LM head on the rows' target tokens only (`evaluate`,
+      `flat_targets`; the same numbers). Off: at K positions of every row.
     """
     # --- setup: mesh, resolved config, editor spec, workdir, checkpointer
     base_params = model.params if base_params is None else base_params
@@ -1039,7 +1134,8 @@ def train_editor(
     val_base: dict = {}  # the base model's side of every validation batch, computed once
 
     def validate(step):
-        v = evaluate(model, spec, cfg, mesh, state["params"], state["norm"], base, val_data, plan=plan, base_cache=val_base)
+        v = evaluate(model, spec, cfg, mesh, state["params"], state["norm"], base, val_data, plan=plan, base_cache=val_base,
+                     flat_head=flat_head)
         _log(metrics_path, {"step": step, "split": "val", **v})
         improved = v["loss"] < run["best_val_loss"]
         if improved:

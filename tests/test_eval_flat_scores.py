@@ -1,0 +1,78 @@
+"""The per-edit evaluation with the vocabulary head on the target tokens only (issue 14).
+
+`EditEvaluator(flat_scores=True)` (the default on decoder-only models) runs the head on exactly
+the target tokens (`scored_logits.flat_scored_logits`) instead of at K positions of every row and
+every position of every text window; it must give every metric of the [R, K] path
+(`flat_scores=False`), which tests/test_edit_eval.py checks against `evaluate_edit`."""
+
+import jax
+import numpy as np
+import pytest
+
+from salem_jax.eval import edits as edits_mod
+from salem_jax.eval.edits import EditEvaluator
+from salem_jax.models.base import get_path, set_path
+from salem_jax.models.llama import tiny_llama
+from salem_jax.scored_logits import flat_positions, flat_scored_logits
+
+# targets of 1, 2 and 4 words (different token counts per row, so K > most rows' counts)
+FACTS = [("the capital of france is", "paris", ["capital of france is", "the city of france is"]),
+         ("peru", "lima is a city", ["peru capital is"]),
+         ("the language of japan is", "yen yen", [])]
+SHARED = {"pass": [("which river lies in egypt", "cairo"), ("the currency of india is", "rupee rupee rupee")],
+          "keep": [("brazil", "brasilia"), ("the capital of kenya is", "nairobi")]}
+TEXTS = ["the capital of france is paris and the capital of peru is lima " * 2, "red blue green yellow one two"]
+
+
+def _row(p, t, group, i):
+    return dict(id=f"{group}{i}", record_id=f"r{i}", group=group, prompt=p, target=t, label=-1, text_pair="")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(seed=4, num_hidden_layers=3)
+
+
+def test_flat_scored_logits_equal_the_full_logits_at_the_pairs(model):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 60, size=(3, 7)).astype(np.int32)
+    mask = np.zeros((3, 7), np.int32)
+    mask[0, [2, 5]] = mask[2, [0, 1, 6]] = 1  # row 1 has no target
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids, "label_mask": mask}
+    flat = flat_positions(mask, 8)
+    assert flat["valid"].sum() == 5 and list(flat["rows"][:5]) == [0, 0, 2, 2, 2] and list(flat["pos"][:5]) == [2, 5, 0, 1, 6]
+    got = flat_scored_logits(model.apply, model.params, batch, flat["rows"], flat["pos"])
+    full = model.apply(model.params, batch)
+    assert got.shape == (8, full.shape[-1])
+    np.testing.assert_allclose(np.asarray(got), np.asarray(full)[flat["rows"], flat["pos"]], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="more than size"):
+        flat_positions(mask, 4)
+
+
+def test_flat_evaluation_equals_the_k_position_path(model):
+    edits = [{"fail": [_row(p, t, "fail", i)], "adapt": [_row(a, t, "adapt", i) for a in reph]}
+             for i, (p, t, reph) in enumerate(FACTS)]
+    shared = {g: [_row(p, t, g, i) for i, (p, t) in enumerate(rows)] for g, rows in SHARED.items()}
+    kw = dict(texts=TEXTS, text_window=8, batch_size=2)
+    flat = EditEvaluator(model, model.params, edits, shared, **kw)
+    slow = EditEvaluator(model, model.params, edits, shared, flat_scores=False, **kw)
+    assert flat.flat_scores and not slow.flat_scores
+    own_k = slow._own["score_pos"].shape[-1] * slow.rows_per_edit
+    assert flat._own_tokens < own_k  # the head runs on fewer positions than [R, K]
+    n = len(model.layers.blocks)
+    traces = edits_mod._edited_scores_flat._cache_size()
+    # from the last block (cached states) with the text, and from block 0 (every block) without
+    for i, (block, with_text) in enumerate([(n - 1, True), (0, False)]):
+        p = model.layers.weights([f"layers.{block}"])[0].path
+        k = get_path(model.params, p)
+        edited = set_path(model.params, p, k + 0.5 * jax.random.normal(jax.random.PRNGKey(i), k.shape))
+        got, want = flat.evaluate(i, edited, with_text=with_text), slow.evaluate(i, edited, with_text=with_text)
+        assert sorted(got) == sorted(want) and flat.last_start == block
+        for key, v in want.items():
+            assert got[key] == pytest.approx(v, rel=1e-5, abs=1e-6, nan_ok=True), key
+        assert want["locality"] < 1.0  # the edit changes the model, so the comparison can fail
+    # one program per (start block, text or not): no retrace per edit
+    assert edits_mod._edited_scores_flat._cache_size() - traces <= 2
+    # the text's head runs on its target tokens: each chunk's T is the most targets of any chunk
+    assert flat._windows_flat["rows"].shape[-1] < flat._windows["input_ids"][0].size
+    assert int(np.asarray(jax.device_get(flat._windows_flat["valid"])).sum()) == flat.text_tokens
