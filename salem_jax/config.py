@@ -231,7 +231,9 @@ class Eval:
     gen_extra_tokens past the target's length; ROME's generation fluency on CounterFact's generation_prompts
     (fluency_prompts per edit, fluency_tokens new tokens) for the first fluency_edits edits (0 = off).
     sequential: "T1,T2,..." = also edit the val fail rows one after another and score after T edits
-    (salem_jax.eval.sequential) in each of sequential_modes (sequential | independent | batch); '' = off."""
+    (salem_jax.eval.sequential) in each of sequential_modes (sequential | independent | batch); '' = off.
+    mend_edit_scale: the MEND-based methods' edits times this (W - s * lr_W * pseudo_grad;
+    `mend.apply.scaled_editor`): 1 = the trained editor's own edit; the editor trains at 1 either way."""
 
     max_edits: int = 20
     max_pass: int = 48
@@ -250,6 +252,7 @@ class Eval:
     fluency_tokens: int = 32
     sequential: str = ""
     sequential_modes: str = "sequential,independent,batch"
+    mend_edit_scale: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)

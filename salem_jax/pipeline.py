@@ -361,6 +361,9 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
         raise ValueError(f"config.editor.extra_pass_per_group={cfg.editor.extra_pass_per_group} draws pass rows from "
                          "config.train_pass's rows, which is empty: set config.train_pass (e.g. "
                          "countries:region,currency,languages) or config.editor.extra_pass_per_group=0")
+    scale = cfg.eval.get("mend_edit_scale", 1.0)
+    if not (isinstance(scale, (int, float)) and np.isfinite(scale) and scale > 0):
+        raise ValueError(f"config.eval.mend_edit_scale={scale!r}: give a finite number > 0 (1 = the trained editor's own edit)")
     records = timed(times, "read_records", read_records, cfg)
     model = timed(times, "load_model", load, cfg, records)
     say(f"model {model.name} ({model.arch}, {len(model.layers)} blocks) loaded in {times['load_model']:.1f}s")

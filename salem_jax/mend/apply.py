@@ -48,6 +48,21 @@ class TrainedEditor:
     meta: dict = dataclasses.field(default_factory=dict)
 
 
+def scaled_editor(editor: TrainedEditor, scale: float) -> TrainedEditor:
+    """The editor whose every edit is `scale` times the trained one's: each edited kernel becomes
+    W - scale * lr_W * pseudo_grad (the learned per-weight edit rates lr_W times `scale`; the nets
+    and statistics unchanged), i.e. base + scale * (edit - base). An evaluation-time knob between
+    reaching the edit (scale 1 is what the editor was trained for) and sparing what should not
+    change (a smaller step moves the other facts less). scale must be finite and > 0."""
+    scale = float(scale)
+    if not np.isfinite(scale) or scale <= 0:
+        raise ValueError(f"edit scale must be a finite number > 0, got {scale}")
+    if scale == 1.0:
+        return editor
+    params = {**editor.params, "lr": jax.tree.map(lambda x: x * scale, editor.params["lr"])}
+    return dataclasses.replace(editor, params=params, meta={**editor.meta, "edit_scale": scale})
+
+
 def _checkpoint_dir(path: Path) -> Path:
     return path / "checkpoints" if (path / "checkpoints").is_dir() else path
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from salem_jax import config
-from salem_jax.mend.apply import TrainedEditor, apply_edits, load_editor
+from salem_jax.mend.apply import TrainedEditor, apply_edits, load_editor, scaled_editor
 from salem_jax.mend.train import TrainConfig, train_editor
 from salem_jax.methods.registry import Context, Method, Prepared
 from salem_jax.methods.rows import target
@@ -70,6 +70,10 @@ def prepare_mend(ctx: Context, layers: tuple[str, ...], name: str) -> Prepared:
         best_val_loss=tr.best_val_loss, stopped_early=tr.stopped_early, last_val=tr.last_val,
         recompiles=tr.recompiles, seconds=time.perf_counter() - t,
     )
+    scale = float(ctx.cfg.eval.get("mend_edit_scale", 1.0))
+    if scale != 1.0:
+        editor = scaled_editor(editor, scale)
+        info["edit_scale"] = scale
     like = ctx.data["val"].fail if ctx.data and "val" in ctx.data else None
     return Prepared(edit=mend_edit_fn(ctx.model, editor, like=like), info=info)
 
