@@ -2,6 +2,11 @@ import os
 
 # Eight simulated CPU devices for the data-parallel and sharding tests; must precede jax's import.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# SALEM_JAX_TEST_FAST_COMPILE=1 (`make test`): also XLA's CPU code generator in its cheaper form
+# (see pytest_configure); read when the backend starts, so set here, and inherited by subprocesses.
+_FAST_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1"
+if os.environ.get("SALEM_JAX_TEST_FAST_COMPILE") == "1" and "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " " + _FAST_XLA_FLAGS
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Entry points called by tests (cli.main, experiments) must not write to the user's compilation

@@ -21,12 +21,20 @@ def cache(tmp_path):
         yield folder
     finally:
         compile_cache.disable_compile_cache()
-        jax.clear_caches()
 
 
-def _program(x):
-    # a few ops so it is a real program; the constant makes it unlike anything else compiled
-    return jnp.tanh(x @ x.T + 0.123456).sum(0) * 7.0
+def _fresh_program():
+    """A new function object each call: its jax.jit starts with empty in-memory caches (nothing
+    traced, lowered or compiled for it), while the program it compiles is the same each time.
+    Not jax.clear_caches(): that also empties every other test's compiled functions in this
+    worker (the tiny models cached per process), which the later tests then compiled again
+    (the test took 87 s inside the suite, 0.8 s alone)."""
+
+    def _program(x):
+        # a few ops so it is a real program; the constant makes it unlike anything else compiled
+        return jnp.tanh(x @ x.T + 0.123456).sum(0) * 7.0
+
+    return _program
 
 
 @pytest.fixture
@@ -41,14 +49,13 @@ def events():
 
 
 def test_unchanged_program_hits_changed_shape_compiles(cache, events):
-    f = jax.jit(_program)
+    f = jax.jit(_fresh_program())
     f(np.ones((4, 3), np.float32)).block_until_ready()
     first = _entries(cache)
     assert len(first) == 1, "the first compilation must be written to the cache folder"
 
-    jax.clear_caches()  # forget the in-memory executables: the next call must compile or load
     events.clear()
-    out = jax.jit(_program)(np.ones((4, 3), np.float32))
+    out = jax.jit(_fresh_program())(np.ones((4, 3), np.float32))  # no in-memory executable: compile or load
     x = np.ones((4, 3))
     np.testing.assert_allclose(np.asarray(out), np.tanh(x @ x.T + 0.123456).sum(0) * 7.0, rtol=1e-5)
     assert _entries(cache) == first, "an unchanged program must be found, not compiled again"
@@ -56,7 +63,7 @@ def test_unchanged_program_hits_changed_shape_compiles(cache, events):
 
     events.clear()
 
-    jax.jit(_program)(np.ones((5, 3), np.float32)).block_until_ready()
+    jax.jit(_fresh_program())(np.ones((5, 3), np.float32)).block_until_ready()
     assert len(_entries(cache)) == len(first) + 1, "a changed shape must compile a new entry"
     assert "/jax/compilation_cache/cache_misses" in events
 
