@@ -1,5 +1,7 @@
 """The editability score (salem_jax.locate.editability) against a hand computation on a tiny model."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,22 +40,28 @@ def hand_profile(model, rs, cfg, names):
     fixed = np.zeros((len(names), len(cfg.lrs), len(pr.probes)))
     spill = np.zeros_like(fixed)
     enc = lambda rr: encode(model, [r["prompt"] for r in rr], [r["target"] for r in rr])  # noqa: E731
-    logits = lambda p, b: np.asarray(model.apply(p, {k: jnp.asarray(v) for k, v in b.items()}))  # noqa: E731
+    # model.apply and the gradient jitted (one compilation per batch shape / layer, instead of one
+    # per small op): the same functions, so still independent of editability's probe
+    apply = jax.jit(model.apply)
+    logits = lambda p, b: np.asarray(apply(p, {k: jnp.asarray(v) for k, v in b.items()}))  # noqa: E731
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def grad(paths, ws, b):
+        def loss(ws):
+            q = model.params
+            for path, w in zip(paths, ws):
+                q = set_path(q, path, w)
+            return example_nll(model.apply(q, b), b["labels"], b["label_mask"]).sum()
+
+        return jax.grad(loss)(ws)
+
     for i, (p, ad, qs) in enumerate(zip(pr.probes, pr.adapts, pr.passes)):
         eb, pb, fb = enc([p] + ad), enc(qs), enc([p])
         base_pass = logits(model.params, pb).argmax(-1)
         for li, name in enumerate(names):
-            paths = [w.path for w in model.layers.weights([name], "mlp")]
-
-            def loss(ws):
-                q = model.params
-                for path, w in zip(paths, ws):
-                    q = set_path(q, path, w)
-                lg = model.apply(q, {k: jnp.asarray(v) for k, v in fb.items()})
-                return example_nll(lg, jnp.asarray(fb["labels"]), jnp.asarray(fb["label_mask"])).sum()
-
+            paths = tuple(w.path for w in model.layers.weights([name], "mlp"))
             ws = [get_path(model.params, path) for path in paths]
-            g = jax.grad(loss)(ws)
+            g = grad(paths, ws, {k: jnp.asarray(v) for k, v in fb.items()})
             for j, lr in enumerate(cfg.lrs):
                 q = model.params
                 for path, w, gw in zip(paths, ws, g):
