@@ -71,9 +71,11 @@ def test_lga_inner_product_matches_full_gradients():
     prompts, old, new = ["what is the capital of france", "which river lies in egypt"], ["paris", "nile"], ["rome", "cairo"]
     got = G.lga_inner_product_scores(model, model.params, prompts, old, new)
 
+    # jitted (one compilation for the four same-shape batches, not one per small op)
+    grad = jax.jit(jax.grad(lambda q, b: example_nll(model.apply(q, b), b["labels"], b["label_mask"]).sum()))
+
     def grads(p, t):
-        b = encode(model, [p], [t])
-        return jax.grad(lambda q: example_nll(model.apply(q, b), b["labels"], b["label_mask"]).sum())(model.params)
+        return grad(model.params, encode(model, [p], [t]))
 
     want = np.zeros(len(model.layers.names()))
     for p, o, n in zip(prompts, old, new):
