@@ -4,6 +4,7 @@ import itertools
 
 import numpy as np
 import pytest
+from test_pipeline import jit_apply
 
 from salem_jax.data.records import EditRecord
 from salem_jax.eval.keep import candidate_rows, keep_rows
@@ -15,7 +16,7 @@ from salem_jax.testing import DEFAULT_WORDS
 def _next_word(model, params, prompt):
     """The base model's argmax next token after `prompt`, one unpadded sequence (numpy)."""
     ids = np.asarray([model.tokenizer(prompt)["input_ids"]], np.int32)
-    logits = np.asarray(model.apply(params, dict(input_ids=ids, attention_mask=np.ones_like(ids))))[0, -1]
+    logits = np.asarray(jit_apply(model)(params, dict(input_ids=ids, attention_mask=np.ones_like(ids))))[0, -1]
     return int(logits.argmax())
 
 

@@ -1,5 +1,6 @@
 """The pipeline's evaluation protocol and the experiment command line, on a tiny GPT-2."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -21,6 +22,15 @@ def _rows():
     return rows
 
 
+_APPLY: dict = {}
+
+
+def jit_apply(model):
+    """`jax.jit(model.apply)`, one per model (kept alive with it): the hand computations below run the
+    plain forward, compiled once per sequence length instead of op by op (one compilation per small op)."""
+    return _APPLY.setdefault(id(model), (model, jax.jit(model.apply)))[1]
+
+
 def _hand_correct(model, params, prompt, target):
     """Every target token is the argmax, one unpadded sequence at a time (numpy)."""
     tok = model.tokenizer
@@ -28,7 +38,7 @@ def _hand_correct(model, params, prompt, target):
     t = tok(" " + target, add_special_tokens=False)["input_ids"]
     ids = np.asarray([p + t], np.int32)
     batch = dict(input_ids=ids, attention_mask=np.ones_like(ids))
-    logits = np.asarray(model.apply(params, batch))[0]
+    logits = np.asarray(jit_apply(model)(params, batch))[0]
     preds = logits[len(p) - 1 : len(p) + len(t) - 1].argmax(-1)
     return bool(np.all(preds == np.asarray(t)))
 

@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+from test_pipeline import jit_apply
 
 from salem_jax.data.records import EditRecord
 from salem_jax.models import hf
@@ -15,7 +16,7 @@ def _prob(model, params, prompt, target):
     p = tok(prompt)["input_ids"]
     t = tok(" " + target, add_special_tokens=False)["input_ids"]
     ids = np.asarray([p + t], np.int32)
-    logits = np.asarray(model.apply(params, dict(input_ids=ids, attention_mask=np.ones_like(ids))), np.float64)[0]
+    logits = np.asarray(jit_apply(model)(params, dict(input_ids=ids, attention_mask=np.ones_like(ids))), np.float64)[0]
     logits = logits[len(p) - 1 : len(p) + len(t) - 1]
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
     return float(np.exp(np.mean(logp[np.arange(len(t)), t])))

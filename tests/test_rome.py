@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from test_pipeline import jit_apply
 
 from salem_jax.baselines import rome as R
 from salem_jax.eval import metrics as M
@@ -75,7 +76,7 @@ def edited(request):
 
 def _greedy_next(model, params, prompt):
     ids = np.asarray([model.tokenizer(prompt)["input_ids"]], np.int32)
-    logits = model.apply(params, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    logits = jit_apply(model)(params, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
     return model.tokenizer.decode([int(np.argmax(logits[0, -1]))]).strip()
 
 
