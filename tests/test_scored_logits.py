@@ -76,8 +76,9 @@ def test_losses_and_metrics_equal_the_full_computation(name):
     np.testing.assert_allclose(kl_divergence(logits, logits2, mask), kl_divergence(full, full2, M), rtol=1e-4, atol=1e-8)
     np.testing.assert_array_equal(example_correct(logits, labels, mask), example_correct(full, L, M))
     # and gradients through it (what the editor's training differentiates)
-    g_full = jax.grad(lambda p: batch_nll(model.apply(p, batch), L, M))(model.params)
-    g_sc = jax.grad(lambda p: batch_nll(*scored_logits(model.apply, p, sb)))(model.params)
+    # jitted (one compilation each; op by op the backward passes compiled every small op)
+    g_full = jax.jit(jax.grad(lambda p: batch_nll(model.apply(p, batch), L, M)))(model.params)
+    g_sc = jax.jit(jax.grad(lambda p: batch_nll(*scored_logits(model.apply, p, sb))))(model.params)
     for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_sc)):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 
