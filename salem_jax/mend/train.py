@@ -50,11 +50,12 @@ from salem_jax import parallel, sharding
 from salem_jax.data.tokenize import encode, pad_rows, slice_rows
 from salem_jax.errors import UserError
 from salem_jax.losses import batch_nll, example_correct, example_nll, kl_divergence, token_logprobs
-from salem_jax.mend.capture import capture
+from salem_jax.mend.capture import Factors, capture
 from salem_jax.mend.checkpoint import CheckpointError, EditorCheckpointer
 from salem_jax.mend.editor import EditorConfig, EditorSpec, edited_params, init_editor, param_labels, update_norm_state
+from salem_jax.models.base import get_path
 from salem_jax.models.from_block import BLOCK_INPUT, FromBlock, block_chain, block_output
-from salem_jax.scored_logits import flat_positions, flat_scored_logits, scored_labels, scored_logits, with_score_positions
+from salem_jax.scored_logits import SCORE_POS, flat_positions, flat_scored_logits, scored_labels, scored_logits, with_score_positions
 
 # ---------------------------------------------------------------------------- configuration
 
@@ -185,6 +186,9 @@ class EditData:
     # BLOCK_INPUT ([N, S, H] each; `with_block_inputs`), None when they hold none
     block_input_of: str | None = None
     n_extra_pass: int = 0
+    # paths of the weights whose capture factors `fail` holds per row (`with_fail_factors`:
+    # FACTOR keys [N, S, fan_in] / [N, S, fan_out]), None when it holds none
+    factors_of: tuple[str, ...] | None = None
 
     @property
     def n_fail(self) -> int:
@@ -314,17 +318,28 @@ def _group_batch(data: EditData, edits: np.ndarray, adapts: np.ndarray, passes: 
     g, k = edits.shape
     fail = _gather(data.fail, edits)
     adapt = _gather(data.adapt, adapts.reshape(g, -1))
-    edit = {key: np.concatenate([fail[key], adapt[key]], axis=1) for key in fail}
+    edit = {key: np.concatenate([fail[key], adapt[key]], axis=1) for key in fail if not key.startswith(FACTOR)}
     return {"fail": fail, "edit": edit, "pass": _gather(data.passes, passes), "weight": weight.astype(np.float32)}
 
 
-def train_batch(data: EditData, cfg: TrainConfig, step: int) -> dict:
+def train_batch(data: EditData, cfg: TrainConfig, step: int, flat: tuple[int, int] | None = None) -> dict:
     """The global batch of training step `step` (a pure function of cfg.seed and step).
 
     Pass rows [G, pass_per_group + extra_pass_per_group]: the first pass_per_group of each group
     from the first pool (all pass rows when extra_pass_per_group is 0; else the first
     n_pass - n_extra_pass rows, the same stream a split without the second pool gives), the
-    rest from the second pool (its own shuffled-epoch stream)."""
+    rest from the second pool (its own shuffled-epoch stream).
+
+    flat: (T_edit, T_pass) from `flat_train_sizes`: the batch also holds each group's target
+    (row, position) pairs (FLAT, FLAT_PASS: `with_flat_train`), and the step runs the LM head on
+    those only."""
+    batch = _group_batch(data, *_train_indices(data, cfg, step))
+    return batch if flat is None else with_flat_train(batch, *flat)
+
+
+def _train_indices(data: EditData, cfg: TrainConfig, step: int) -> tuple[np.ndarray, ...]:
+    """(edits [G, k], adapts [G, k, A], passes [G, P + Q], weight [G]) of step `step`: row
+    indices into the split's fail / adapt / pass rows (-1: no row)."""
     g, k, p, q = cfg.batch_size, cfg.edits_per_group, cfg.pass_per_group, cfg.extra_pass_per_group
     edits = _stream(data.n_fail, cfg.seed, 0, step * g * k, g * k).reshape(g, k)
     n_main = data.n_pass - data.n_extra_pass if q else data.n_pass
@@ -339,7 +354,7 @@ def train_batch(data: EditData, cfg: TrainConfig, step: int) -> dict:
         extra = n_main + _stream(data.n_extra_pass, cfg.seed, 3, step * g * q, g * q).reshape(g, q)
         passes = np.concatenate([passes, extra], axis=1)
     adapts = _adapt_choice(data, edits, cfg.adapt_per_edit, (cfg.seed, 2, step))
-    return _group_batch(data, edits, adapts, passes, np.ones(g))
+    return edits, adapts, passes, np.ones(g)
 
 
 def val_batches(data: EditData, cfg: TrainConfig) -> list[dict]:
@@ -493,6 +508,128 @@ def from_block_data(model, spec: EditorSpec, data: EditData, base_params, skip: 
     return plan, with_block_inputs(plan, base_params, data)
 
 
+# ---------------------------------------------------------------------------- the fail rows' factors, once
+#
+# The capture pass (the base model's forward and backward on a group's fail rows, giving u and
+# delta at every edited weight) depends on the base model and the row only, not on the editor:
+# each row's factors are its own (`capture.summed_nll` sums over rows). `with_fail_factors`
+# computes them once for every fail row of the train split and keeps them in its `fail` rows
+# (FACTOR keys, gathered into each batch like the tokens), and the step then runs no capture pass.
+# On SmolLM2 at layers.26 the capture was ~11% of the step's arithmetic (1.7 of 15.6 GFLOP), at
+# layers.0 14% (4.7 of 33.4). Memory: rows x S x (fan_in + fan_out) x 4 bytes per weight (the
+# capitals train split at layers.26: 176 x 16 x 6,336 x 4 = 71 MB).
+
+FACTOR = "factor:"  # key prefix: f"factor:{i}:u" / f"factor:{i}:delta" for spec.weights[i]
+FACTOR_CACHE_BYTES = 1 << 30
+
+
+def _factor_keys(spec: EditorSpec) -> list[tuple[str, str, str]]:
+    return [(w.path, f"{FACTOR}{i}:u", f"{FACTOR}{i}:delta") for i, w in enumerate(spec.weights)]
+
+
+def fail_factor_bytes(spec: EditorSpec, base_params, data: EditData) -> int:
+    """Bytes (float32) of every fail row's factors: rows x S x sum(fan_in + fan_out) x 4."""
+    seq = int(data.fail["input_ids"].shape[-1])
+    per_token = sum(sum(w.in_out_shape(tuple(get_path(base_params, w.path).shape))) for w in spec.weights)
+    return data.n_fail * seq * per_token * 4
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "spec"))
+def _row_factors(base_params, rows, *, apply_fn, spec):
+    return capture_factors(apply_fn, base_params, rows, spec.weights)
+
+
+def without_fail_factors(data: EditData) -> EditData:
+    """`data` without kept capture factors."""
+    if data.factors_of is None:
+        return data
+    return dataclasses.replace(data, fail={k: v for k, v in data.fail.items() if not k.startswith(FACTOR)}, factors_of=None)
+
+
+def with_fail_factors(spec: EditorSpec, apply_fn, base_params, data: EditData, plan: FromBlockPlan | None = None,
+                      chunk: int = 32) -> EditData:
+    """`data` with the base model's capture factors of `spec`'s weights for every fail row in
+    `data.fail` (FACTOR keys: u [N, S, fan_in], delta [N, S, fan_out], float32 numpy), computed
+    now, `chunk` rows per call (one compilation); the step then uses them instead of a capture
+    pass (the same numbers). plan: the steps' `FromBlockPlan`, used when `data` holds its hidden
+    states (fewer blocks; the same factors). base_params: as placed for the steps."""
+    data = without_fail_factors(data)
+    if data.n_fail == 0:
+        return data
+    fn = plan.apply if plan is not None and data.block_input_of == plan.last else apply_fn
+    rows = {k: v for k, v in data.fail.items() if k != BLOCK_INPUT or fn is not apply_fn}
+    parts = []
+    for a in range(0, data.n_fail, chunk):
+        got = _row_factors(base_params, pad_rows(slice_rows(rows, a, a + chunk), chunk), apply_fn=fn, spec=spec)
+        parts.append(parallel.fetch(got))
+    n = data.n_fail
+    fail = dict(data.fail)
+    for path, ku, kd in _factor_keys(spec):
+        fail[ku] = np.concatenate([np.asarray(p[path].u, np.float32) for p in parts])[:n]
+        fail[kd] = np.concatenate([np.asarray(p[path].delta, np.float32) for p in parts])[:n]
+    return dataclasses.replace(data, fail=fail, factors_of=tuple(w.path for w in spec.weights))
+
+
+# The base model's logits at the pass rows' target tokens (the KL's targets) are the same at every
+# step, too: with the flat head the step can read them from PASS_LOGITS [N_pass, Kp, V] (Kp = the
+# most target tokens of any pass row), kept in the split's pass rows, instead of a base pass over
+# its pass rows (4 rows per group in the main job). Memory: N_pass x Kp x V x 4 bytes (capitals:
+# 45 rows; zsRE's 360 rows x 8 x 49,152 x 4 = 566 MB), up to PASS_LOGITS_CACHE_BYTES.
+
+PASS_LOGITS = "pass_base_logits"
+PASS_LOGITS_CACHE_BYTES = 1 << 30
+
+
+def _pass_targets(data: EditData) -> int:
+    return max(1, int(_row_targets(data.passes).max(initial=0)))
+
+
+def pass_logits_bytes(model, data: EditData) -> int:
+    """Bytes (float32) of PASS_LOGITS for `data`: N_pass x Kp x vocabulary x 4."""
+    if data.n_pass == 0:
+        return 0
+    one = {k: v[:1] for k, v in data.passes.items() if k not in (BLOCK_INPUT, PASS_LOGITS)}
+    vocab = jax.eval_shape(lambda b: scored_logits(model.apply, model.params, b)[0], one).shape[-1]
+    return data.n_pass * _pass_targets(data) * int(vocab) * 4
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "kp"))
+def _row_pass_logits(base_params, rows, *, apply_fn, kp):
+    return scored_logits(apply_fn, base_params, rows)[0][:, :kp]
+
+
+def with_pass_logits(apply_fn, base_params, data: EditData, plan: FromBlockPlan | None = None, chunk: int = 32) -> EditData:
+    """`data` with PASS_LOGITS [N_pass, Kp, V] (float32 numpy) in its pass rows: entry [r, j] the
+    base model's logits at row r's j-th target token (`score_pos` lists a row's targets first, in
+    order), zeros past its last. Computed now, `chunk` rows per call; plan as `with_fail_factors`.
+    Only the flat-head step reads them (`train_batch(..., flat=...)`)."""
+    passes = {k: v for k, v in data.passes.items() if k != PASS_LOGITS}
+    if data.n_pass == 0:
+        return dataclasses.replace(data, passes=passes)
+    fn = plan.apply if plan is not None and data.block_input_of == plan.last else apply_fn
+    rows = {k: v for k, v in passes.items() if k != BLOCK_INPUT or fn is not apply_fn}
+    kp = _pass_targets(data)
+    if SCORE_POS not in rows or rows[SCORE_POS].shape[-1] < kp:
+        raise ValueError("with_pass_logits: the pass rows need score positions (prepare_splits adds them)")
+    parts = [np.asarray(parallel.fetch(_row_pass_logits(base_params, pad_rows(slice_rows(rows, a, a + chunk), chunk),
+                                                        apply_fn=fn, kp=kp)), np.float32)
+             for a in range(0, data.n_pass, chunk)]
+    got = np.concatenate(parts)[: data.n_pass]
+    got *= (np.arange(kp)[None, :] < _row_targets(data.passes)[:, None])[..., None]
+    return dataclasses.replace(data, passes={**passes, PASS_LOGITS: got})
+
+
+def _kept_factors(spec: EditorSpec, fail: dict) -> dict | None:
+    """The batch's kept factors as `group_factors` returns them ({path: Factors [G, k, S, ...]}),
+    or None when the fail rows hold none."""
+    keys = _factor_keys(spec)
+    if not all(ku in fail for _, ku, _ in keys):
+        if any(k.startswith(FACTOR) for k in fail):
+            raise ValueError(f"the batch's fail rows hold factors of other weights than {[w.path for w in spec.weights]}")
+        return None
+    return {path: Factors(fail[ku], fail[kd]) for path, ku, kd in keys}
+
+
 # ---------------------------------------------------------------------------- the step
 
 
@@ -633,16 +770,29 @@ def _step(state, base_params, batch, *, apply_fn, spec, cfg, plan=None):
     plan: a `FromBlockPlan` (decoder-only models): every pass below starts at the first edited
     block, on the base model's hidden state there (`_with_block_inputs`); None: all blocks."""
     batch, apply_fn = _with_block_inputs(plan, apply_fn, base_params, batch)
-    factors = group_factors(apply_fn, spec, base_params, batch["fail"])
+    factors = _kept_factors(spec, batch["fail"])  # `with_fail_factors`
+    if factors is None:
+        factors = group_factors(apply_fn, spec, base_params, batch["fail"])
     norm = update_norm_state(spec, state["norm"], factors)
-    base_pass = _base_logits(apply_fn, base_params, batch["pass"])
-    group = jax.vmap(
-        lambda p, f, e, q, bl: _group_outputs(apply_fn, spec, cfg, p, norm, base_params, f, e, q, bl),
-        in_axes=(None, 0, 0, 0, 0),
-    )
+    if PASS_LOGITS in batch["pass"] and FLAT not in batch:
+        raise ValueError("pass rows with kept base logits (with_pass_logits) need the flat-head batch: train_batch(..., flat=...)")
+    if FLAT in batch:  # the head on the target tokens only (`with_flat_train`)
+        base_pass = _flat_base_pass(apply_fn, base_params, batch)
+        group = jax.vmap(
+            lambda p, f, e, q, bl, fl: _flat_group_outputs(apply_fn, spec, cfg, p, norm, base_params, f, e, q, bl, fl),
+            in_axes=(None, 0, 0, 0, 0, 0),
+        )
+        extra = (batch[FLAT],)
+    else:
+        base_pass = _base_logits(apply_fn, base_params, batch["pass"])
+        group = jax.vmap(
+            lambda p, f, e, q, bl: _group_outputs(apply_fn, spec, cfg, p, norm, base_params, f, e, q, bl),
+            in_axes=(None, 0, 0, 0, 0),
+        )
+        extra = ()
 
     def loss_fn(p):
-        losses, out = group(p, factors, batch["edit"], batch["pass"], base_pass)
+        losses, out = group(p, factors, batch["edit"], batch["pass"], base_pass, *extra)
         w = batch["weight"]
         return (losses * w).sum() / jnp.maximum(w.sum(), 1.0), out
 
@@ -690,6 +840,73 @@ def flat_targets(batches: Sequence[dict]) -> list[dict]:
         flats = [flat_positions(g, t) for g in m]
         out.append({**b, FLAT: {k: np.stack([f[k] for f in flats]) for k in flats[0]}})
     return out
+
+
+# The training step takes the same path (`train_batch(..., flat=...)`, `train_editor(flat_head=
+# True)`): its edited forward pass scores every target token of a group's edit and pass rows, its
+# base pass only the pass rows' (FLAT_PASS, the KL's targets). A training batch is drawn at random,
+# so its T is bounded for the whole run at once, on the host (`flat_train_sizes`: the most target
+# tokens of any group of any step, a pure function of the split, the config and the step count).
+# On SmolLM2's capitals (1 fail + 2 rephrasings + 4 pass rows per group) XLA's cost model puts the
+# step at layers.26 at 37.9 GFLOP against 47.1 (`benchmarks/train_step_head.py`).
+
+FLAT_PASS = "flat_pass"
+
+
+def _row_targets(enc: dict) -> np.ndarray:
+    """[N] the number of target tokens of each row (0 for a split without rows)."""
+    return (np.asarray(enc["label_mask"]) != 0).sum(-1) if enc else np.zeros(0, np.int64)
+
+
+def flat_train_sizes(data: EditData, cfg: TrainConfig, steps: int) -> tuple[int, int]:
+    """(T_edit, T_pass): the most target tokens of any group's edit rows (fail + rephrasings) and
+    of any group's pass rows over training steps 0..steps-1 (`train_batch`'s groups, rebuilt
+    from (seed, step) as index arrays only: no rows are gathered), each at least 1. The step's
+    FLAT shapes, static for the run: a resumed run computes the same sizes."""
+    nf, na, npass = _row_targets(data.fail), _row_targets(data.adapt), _row_targets(data.passes)
+    take = lambda counts, idx: np.where(idx >= 0, counts[np.maximum(idx, 0)] if len(counts) else 0, 0)  # noqa: E731
+    t_edit = t_pass = 1
+    for step in range(steps):
+        edits, adapts, passes, _ = _train_indices(data, cfg, step)
+        g = edits.shape[0]
+        t_edit = max(t_edit, int((take(nf, edits).sum(-1) + take(na, adapts).reshape(g, -1).sum(-1)).max()))
+        t_pass = max(t_pass, int(take(npass, passes).sum(-1).max()))
+    return t_edit, t_pass
+
+
+def with_flat_train(batch: dict, t_edit: int, t_pass: int) -> dict:
+    """A numpy training batch with FLAT [G, t_edit + t_pass] - each group's edit-row target pairs
+    (padded to t_edit) then its pass-row pairs (rows numbered after the edit rows, padded to
+    t_pass with weight-0 entries on the first pass row) - and FLAT_PASS [G, t_pass]: the same
+    pass pairs numbered within the pass rows, with "slot": which target of its row each pair is
+    (0, 1, ...: the index into PASS_LOGITS). An error if a group has more targets than that."""
+    n_edit = batch["edit"]["label_mask"].shape[1]
+    flats, passes = [], []
+    for em, pm in zip(np.asarray(batch["edit"]["label_mask"]), np.asarray(batch["pass"]["label_mask"])):
+        fe, fp = flat_positions(em, t_edit), flat_positions(pm, t_pass)
+        n = int(fp["valid"].sum())
+        first = np.searchsorted(fp["rows"][:n], fp["rows"][:n], side="left")  # pairs are in row-major order
+        fp["slot"] = np.zeros(t_pass, np.int32)
+        fp["slot"][:n] = np.arange(n) - first
+        passes.append(fp)
+        flats.append({"rows": np.concatenate([fe["rows"], fp["rows"] + n_edit]).astype(np.int32),
+                      "pos": np.concatenate([fe["pos"], fp["pos"]]), "valid": np.concatenate([fe["valid"], fp["valid"]])})
+    stack = lambda fs: {k: np.stack([f[k] for f in fs]) for k in fs[0]}  # noqa: E731
+    return {**batch, FLAT: stack(flats), FLAT_PASS: stack(passes)}
+
+
+def _flat_base_pass(apply_fn, base_params, batch) -> jax.Array:
+    """The base model's logits [G, t_edit + t_pass, V] at a training batch's FLAT pairs: zeros at
+    the edit pairs (the loss reads base logits at pass rows only), the pass rows' logits at
+    FLAT_PASS after them - read from the kept PASS_LOGITS (`with_pass_logits`) or from one base
+    pass over the pass rows, the head at their targets."""
+    if PASS_LOGITS in batch["pass"]:
+        base = jax.vmap(lambda q, f: q[PASS_LOGITS][f["rows"], f["slot"]])(batch["pass"], batch[FLAT_PASS])
+    else:
+        base = jax.vmap(lambda q, f: flat_scored_logits(apply_fn, base_params, q, f["rows"], f["pos"]))(
+            batch["pass"], batch[FLAT_PASS])
+    g, t, t_pass = batch[FLAT]["rows"].shape + (base.shape[1],)
+    return jnp.concatenate([jnp.zeros((g, t - t_pass) + base.shape[2:], base.dtype), base], axis=1)
 
 
 def _joint_rows(edit_b: dict, pass_b: dict) -> dict:
@@ -1062,6 +1279,7 @@ def train_editor(
     stop_after: int | None = None,
     skip_unchanged_blocks: bool = True,
     flat_head: bool = True,
+    keep_base_side: bool = True,
 ) -> TrainResult:
     """Train an editor for the given weights; checkpoints and metrics.jsonl go to `workdir`.
 
@@ -1078,8 +1296,16 @@ def train_editor(
       the first edited block once per row of the edit set (`with_block_inputs`, up to
       `BLOCK_CACHE_BYTES`, else once per step) and run the steps and the validation from that
       block (`from_block_plan`; the same numbers, fewer blocks). Off: every block runs.
-    flat_head: the validations run the LM head on the rows' target tokens only (`evaluate`,
-      `flat_targets`; the same numbers). Off: at K positions of every row.
+    flat_head: on decoder-only models the steps and the validations run the LM head on the rows'
+      target tokens only (`with_flat_train`, `flat_targets`; the same numbers, float summation
+      order aside). Off: at K positions of every row.
+    keep_base_side: compute the base model's side of the train split once, before training,
+      instead of in every step (the same numbers, up to float rounding): the capture factors of
+      every fail row (`with_fail_factors`, up to `FACTOR_CACHE_BYTES`, when the run's steps
+      capture at least twice as many fail rows as the split has) and, with the flat head,
+      the logits at every pass row's targets (`with_pass_logits`, up to
+      `PASS_LOGITS_CACHE_BYTES`, on the same condition for pass rows). Off: every step captures
+      and runs a base pass.
     """
     # --- setup: mesh, resolved config, editor spec, workdir, checkpointer
     base_params = model.params if base_params is None else base_params
@@ -1128,6 +1354,22 @@ def train_editor(
         kept = "kept for every row" if train_data.block_input_of else "computed once per step"
         print(f"train-editor: blocks 0..{plan.start - 1} of {plan.n_blocks} run on the base model only "
               f"(their output {kept}); the steps start at block {plan.start}", file=sys.stderr)
+    # the factors pay when the run captures each fail row at least twice on average (computing them
+    # for every row is one capture per row, and a program of its own to compile)
+    captures = cfg.max_steps * cfg.batch_size * cfg.edits_per_group
+    if keep_base_side and captures >= 2 * train_data.n_fail and fail_factor_bytes(spec, base, train_data) <= FACTOR_CACHE_BYTES:
+        train_data = with_fail_factors(spec, model.apply, base, train_data, plan)
+        print(f"train-editor: the capture factors of the {train_data.n_fail} train fail rows are computed once "
+              f"({fail_factor_bytes(spec, base, train_data) / 2**20:.0f} MiB), not in every step", file=sys.stderr)
+    flat = flat_train_sizes(train_data, cfg, cfg.max_steps) if flat_head and model.kind == "causal" else None
+    if flat is not None:
+        print(f"train-editor: the LM head runs on the target tokens only (<= {flat[0]} of the edit rows and "
+              f"{flat[1]} of the pass rows per group)", file=sys.stderr)
+        base_rows = cfg.max_steps * cfg.batch_size * (cfg.pass_per_group + cfg.extra_pass_per_group)
+        if keep_base_side and base_rows >= 2 * train_data.n_pass and pass_logits_bytes(model, train_data) <= PASS_LOGITS_CACHE_BYTES:
+            train_data = with_pass_logits(model.apply, base, train_data, plan)
+            print(f"train-editor: the base logits at the {train_data.n_pass} train pass rows' targets are computed once "
+                  f"({pass_logits_bytes(model, train_data) / 2**20:.0f} MiB), not in every step", file=sys.stderr)
     kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg.step_config(), mesh=mesh, from_block=plan)
     step_fn = train_step
 
@@ -1154,7 +1396,7 @@ def train_editor(
     t0 = time.time()
     try:
         while step < cfg.max_steps and not stopped_early:
-            batch = sharding.shard_batch(train_batch(train_data, cfg, step), mesh)
+            batch = sharding.shard_batch(train_batch(train_data, cfg, step, flat), mesh)
             state, m = step_fn(state, base, batch, **kw)
             step += 1
             if compiled is None:
