@@ -124,3 +124,138 @@ def test_alphaedit_continues_its_state_only_on_its_own_output(tmp_path):
     np.testing.assert_allclose(k(p2), k(o2.params), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(k(p2_fresh), k(o2_fresh.params), rtol=1e-5, atol=1e-7)
     assert np.abs(k(o2.params) - k(o2_fresh.params)).max() > 1e-6  # the memory changes the second edit
+
+
+# --------------------------------------------------------------------------- batch edits (issue 17)
+
+BATCH_FACTS = [("the capital of france is", "france", "rome"), ("the capital of peru is", "peru", "tokyo"),
+               ("the language of japan is", "japan", "lima"), ("the capital of chile is", "chile", "paris")]
+
+
+def _batch_setup(tmp_path, monkeypatch, names, **fields):
+    """Tiny GPT-2, the pipeline's prepared methods `names` on one layer (h.1), their KeyStats (same
+    texts and cache as the methods'), and the BATCH_FACTS as val fail rows and as EditRequests."""
+    from salem_jax.baselines.keystats import KeyStats
+    from salem_jax.baselines.requests import EditRequest
+    from salem_jax.methods.registry import Context
+    from salem_jax.models import hf
+    from test_pipeline_baselines import TEXTS
+
+    monkeypatch.setenv("SALEM_JAX_CACHE", str(tmp_path / "cache"))
+    model = hf.tiny("gpt2", seed=0)
+    cfg = _config(tmp_path, tuple(names))
+    cfg.locate_edit.update(dict(texts="held_out", n_prefixes=0, v_steps=4, v_lr=0.1, clamp_norm_factor=100.0,
+                                weight_decay=1e-3, **fields))
+    rows = [dict(id=f"fail{i}", record_id=f"r{i}", prompt=p, target=t, group="fail")
+            for i, (p, _, t) in enumerate(BATCH_FACTS)]
+    ctx = Context(model=model, cfg=cfg, work=tmp_path, texts=tuple(TEXTS),
+                  subjects={f"r{i}": s for i, (_, s, _) in enumerate(BATCH_FACTS)}, val_rows=rows)
+    prepared = {n: methods.get(n).prepare(ctx, ("h.1",)) for n in names}
+    stats = KeyStats(model, model.params, list(TEXTS), max_tokens=cfg.locate_edit.cov_tokens, prefix_lengths=())
+    reqs = [EditRequest(p, s, t, record_id=f"fail{i}") for i, (p, s, t) in enumerate(BATCH_FACTS)]
+    return model, cfg, prepared, stats, rows, reqs
+
+
+def test_batch_edit_is_one_closed_form_update_over_all_rows(tmp_path, monkeypatch):
+    """The many-edits study's batch mode calls edit(base params, T rows): EMMET and AlphaEdit must
+    solve ONE closed-form update for all T rows (not edit them one after another). Checked against
+    numpy solves of the papers' formulas with the rows' keys and v* on the base weights; with T = 1
+    EMMET (lambda 0) equals the single-edit path (r-ROME)."""
+    from salem_jax.baselines.locate_edit import out_in
+    from salem_jax.baselines.mass_edit import keys_of
+    from salem_jax.baselines.rome import compute_value, rome_weight
+    from salem_jax.methods.locate_edit import editor_config
+
+    model, cfg, prepared, stats, rows, reqs = _batch_setup(
+        tmp_path, monkeypatch, ("emmet", "alphaedit", "rrome"), emmet_lambda=0.0, alpha_energy=0.5, alpha_l2=0.1)
+    p0, w, T = model.params, rome_weight(model, "h.1"), 3
+    dw = lambda p: out_in(p, w) - out_in(p0, w)  # noqa: E731
+    K = keys_of(model, p0, w, reqs[:T], ("",))  # [in, T]
+    vcfg = editor_config(cfg).value
+    vo = [compute_value(model, p0, w, r.prompt, r.subject, r.target_new, vcfg, progress=False) for r in reqs[:T]]
+    R = np.stack([np.asarray(v, np.float64) - np.asarray(o, np.float64) for v, o, _ in vo], 1)  # [out, T]
+    solver = stats.solver(w)
+    C = solver.matrix()
+    CiK = np.linalg.solve(C, K)
+    want = {"emmet": R @ np.linalg.solve(K.T @ CiK, CiK.T)}
+    P = solver.null_projection(cfg.locate_edit.alpha_energy)
+    want["alphaedit"] = R @ K.T @ P @ np.linalg.inv((K @ K.T) @ P + cfg.locate_edit.alpha_l2 * np.eye(len(P)))
+    for name, d in want.items():
+        got = dw(prepared[name].edit(p0, rows[:T]))
+        np.testing.assert_allclose(got, d, rtol=1e-3, atol=1e-3 * np.abs(d).max(), err_msg=name)
+        # the same rows edited one after another give another update (so the check above can fail)
+        p = p0
+        for r in rows[:T]:
+            p = prepared[name].edit(p, [r])
+        assert np.abs(dw(p) - d).max() > 1e-2 * np.abs(d).max(), name
+    np.testing.assert_allclose(dw(prepared["emmet"].edit(p0, rows[:1])), dw(prepared["rrome"].edit(p0, rows[:1])),
+                               rtol=1e-3, atol=1e-4 * np.abs(want["emmet"]).max())
+
+
+def test_batch_reuses_each_rows_value_and_gives_the_same_numbers(tmp_path, monkeypatch):
+    """v* at the base weights is computed once per row across batches of T = 1, 3, 4 and across the
+    band methods of a run; the edited weights equal a fresh computation exactly. Edits of other
+    weights (a sequential edit, equal values in another object) compute their own v*."""
+    import jax
+
+    from salem_jax.baselines import mass_edit
+    from salem_jax.baselines.editors import get_editor
+    from salem_jax.methods.locate_edit import base_values, editor_config
+
+    model, cfg, prepared, stats, rows, reqs = _batch_setup(tmp_path, monkeypatch, ("alphaedit", "emmet"),
+                                                           alpha_energy=0.5, alpha_l2=0.1)
+    calls = []
+    real = mass_edit.compute_value
+
+    def counted(model_, params, weight, prompt, *a, **kw):
+        calls.append((prompt, params is model.params))
+        return real(model_, params, weight, prompt, *a, **kw)
+
+    monkeypatch.setattr(mass_edit, "compute_value", counted)
+    p0 = model.params
+    got = {n: [prepared[n].edit(p0, rows[:T]) for T in (1, 3, 4)] for n in ("alphaedit", "emmet")}
+    assert sorted(p for p, _ in calls) == sorted(r["prompt"] for r in rows) and all(b for _, b in calls)
+    assert len(base_values(p0)) == 4
+    ec = editor_config(cfg)
+    for name in ("alphaedit", "emmet"):
+        for T, p in zip((1, 3, 4), got[name]):
+            fresh = get_editor(name)(model, p0, reqs[:T], layers=("h.1",), stats=stats, config=ec, progress=False)
+            for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(fresh.params)):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    n = len(calls)  # the fresh calls above computed their own
+    assert n == 4 + 2 * (1 + 3 + 4)
+    prepared["alphaedit"].edit(got["alphaedit"][0], rows[1:2])  # sequential: on edited weights
+    prepared["alphaedit"].edit(jax.tree.map(lambda x: x + 0, p0), rows[:1])  # equal values, another object
+    assert len(calls) == n + 2 and not any(b for _, b in calls[n:])
+    assert len(base_values(p0)) == 4
+
+
+def test_values_are_reused_for_the_first_batch_only(tmp_path):
+    """With batch_size 2, four requests are two updates, the second on the weights the first edited
+    (AlphaEdit's sequential batches): only the first batch's v* (on the given params) may be reused."""
+    import jax
+
+    from salem_jax.baselines import rome as R
+    from salem_jax.baselines.keystats import KeyStats
+    from salem_jax.baselines.locate_edit import EditorConfig
+    from salem_jax.baselines.mass_edit import alphaedit_edit
+    from salem_jax.baselines.requests import EditRequest
+    from salem_jax.models import hf
+    from test_pipeline_baselines import TEXTS
+
+    model = hf.tiny("gpt2", seed=0)
+    stats = KeyStats(model, model.params, list(TEXTS), max_tokens=2000, cache=tmp_path, prefix_lengths=(),
+                     progress=False)
+    cfg = EditorConfig(value=R.ROMEConfig(v_steps=4, v_lr=0.1, clamp_norm_factor=100.0, weight_decay=1e-3),
+                       use_prefixes=False, batch_size=2, alpha_energy=0.5, alpha_l2=0.1)
+    reqs = [EditRequest(p, s, t, record_id=f"f{i}") for i, (p, s, t) in enumerate(BATCH_FACTS)]
+    values: dict = {}
+    kw = dict(layers=("h.0", "h.1"), stats=stats, config=cfg, progress=False)
+    a = alphaedit_edit(model, model.params, reqs, values=values, **kw)
+    assert len(values) == 2 and {k[1] for k in values} == {r.prompt for r in reqs[:2]}
+    assert len({b["batch"] for b in a.per_batch}) == 2 and a.state.n_edits == 4
+    b = alphaedit_edit(model, model.params, reqs, values=values, **kw)
+    c = alphaedit_edit(model, model.params, reqs, **kw)
+    for x, y, z in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), jax.tree.leaves(c.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(z))
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(z))

@@ -17,6 +17,14 @@ Shared machinery (MEMIT's algorithm, kmeng01/memit `memit_main.py`; REFERENCE.md
    edited model after each batch) in its `AlphaEditState`, so later batches do not undo earlier
    ones; pass `state=outcome.state` to continue a sequence. A fresh call starts a fresh state, so
    the memory never leaks between independent runs (EasyEdit#613).
+4. **v* reuse.** `values` (a dict the caller owns) keeps each request's v* at the band's last layer
+   for the parameters passed in: v* of a request on given weights does not depend on the other
+   requests of its batch, so a caller that edits the same base weights again with more rows (the
+   many-edits study's batch mode at T = 10, 50, 100; the one-at-a-time evaluation; the other band
+   editors of the run, which write v* at the same layer with the same settings) computes each v* once.
+   Keyed by (kernel path, prompt, subject, target, v* config); used for the first batch only (later
+   batches run on weights the earlier ones edited). The caller must pass a dict only with the very
+   parameters (of the very model) its entries were computed on.
 
 Differences from the papers' code: keys average the prompt and the prefixes with equal weight
 (MEMIT: 0.5 prompt + 0.5 mean of prefixes); the clamp on delta is ROME's (relative to the MLP
@@ -103,13 +111,25 @@ def keys_of(model, params: Any, weight, requests: Sequence[EditRequest], prefixe
 # --------------------------------------------------------------------------- one batch
 
 
+def _value(model, params: Any, weight, r: EditRequest, vcfg, values: dict | None):
+    """compute_value of request r at `weight` on `params`, read from / written to `values` when given
+    (see the module docstring, 4.): (v* [out], o [out], losses)."""
+    if values is None:
+        return compute_value(model, params, weight, r.prompt, r.subject, r.target_new, vcfg, progress=False)
+    key = (weight.path, r.prompt, r.subject, r.target_new, vcfg)
+    if key not in values:
+        values[key] = compute_value(model, params, weight, r.prompt, r.subject, r.target_new, vcfg, progress=False)
+    return values[key]
+
+
 def _edit_batch(kind: str, model, params: Any, names, weights, reqs: Sequence[EditRequest], stats: KeyStats,
-                config: EditorConfig, state: AlphaEditState | None, prefixes, progress: bool):
+                config: EditorConfig, state: AlphaEditState | None, prefixes, progress: bool,
+                values: dict | None = None):
     vcfg = dataclasses.replace(config.value, prefixes=prefixes)
     last_w, last_name = weights[-1], names[-1]
     deltas, per_edit = [], []
     for r in tqdm(reqs, desc=f"{kind} targets", disable=not progress):
-        v, o, hist = compute_value(model, params, last_w, r.prompt, r.subject, r.target_new, vcfg, progress=False)
+        v, o, hist = _value(model, params, last_w, r, vcfg, values)
         deltas.append(np.asarray(v, np.float64) - np.asarray(o, np.float64))
         per_edit.append({"losses": list(hist), "delta_norm": float(np.linalg.norm(deltas[-1]))})
     z = residual_at_subject(model, params, last_name, reqs) + np.stack(deltas)  # [n, d]
@@ -144,7 +164,7 @@ def _edit_batch(kind: str, model, params: Any, names, weights, reqs: Sequence[Ed
 
 
 def _band_edit(kind: str, model, params: Any, requests: Sequence, *, layers, stats: KeyStats, config: EditorConfig,
-               state: Any, progress: bool) -> EditOutcome:
+               state: Any, progress: bool, values: dict | None = None) -> EditOutcome:
     if model.kind != "causal":
         raise ValueError(f"{kind} edits causal LMs; {model.name!r} is {model.kind!r}")
     if config.batch_size < 1:
@@ -165,7 +185,7 @@ def _band_edit(kind: str, model, params: Any, requests: Sequence, *, layers, sta
     for b in range(0, len(kept), config.batch_size):
         ids = kept[b : b + config.batch_size]
         cur, pe, pl = _edit_batch(kind, model, cur, names, weights, [reqs[i] for i in ids], stats, config, state,
-                                  prefixes, progress)
+                                  prefixes, progress, values=values if b == 0 else None)
         for i, e in zip(ids, pe):
             e["request"] = i
         per_edit += pe
@@ -175,23 +195,25 @@ def _band_edit(kind: str, model, params: Any, requests: Sequence, *, layers, sta
 
 
 def memit_edit(model, params: Any, requests: Sequence, *, layers: str | Sequence[str], stats: KeyStats,
-               config: EditorConfig = EditorConfig(), state: Any = None, progress: bool = True) -> EditOutcome:
+               config: EditorConfig = EditorConfig(), state: Any = None, progress: bool = True,
+               values: dict | None = None) -> EditOutcome:
     """MEMIT: least-squares updates spread over `layers` (see the module docstring)."""
     return _band_edit("memit", model, params, requests, layers=layers, stats=stats, config=config, state=state,
-                      progress=progress)
+                      progress=progress, values=values)
 
 
 def emmet_edit(model, params: Any, requests: Sequence, *, layers: str | Sequence[str], stats: KeyStats,
-               config: EditorConfig = EditorConfig(), state: Any = None, progress: bool = True) -> EditOutcome:
+               config: EditorConfig = EditorConfig(), state: Any = None, progress: bool = True,
+               values: dict | None = None) -> EditOutcome:
     """EMMET: equality-constrained updates spread over `layers` (see the module docstring)."""
     return _band_edit("emmet", model, params, requests, layers=layers, stats=stats, config=config, state=state,
-                      progress=progress)
+                      progress=progress, values=values)
 
 
 def alphaedit_edit(model, params: Any, requests: Sequence, *, layers: str | Sequence[str], stats: KeyStats,
                    config: EditorConfig = EditorConfig(), state: AlphaEditState | None = None,
-                   progress: bool = True) -> EditOutcome:
+                   progress: bool = True, values: dict | None = None) -> EditOutcome:
     """AlphaEdit: null-space projected updates over `layers`; `state` from a previous outcome
     continues a sequence of edits (None: a fresh memory)."""
     return _band_edit("alphaedit", model, params, requests, layers=layers, stats=stats, config=config, state=state,
-                      progress=progress)
+                      progress=progress, values=values)

@@ -9,6 +9,11 @@ statistics: config.locate_edit.cov_tokens tokens of WikiText from the data direc
 disk per model and layer (`salem_jax.baselines.keystats`). The evaluation applies one val fail row
 at a time to the base parameters, so batch_size only matters for a caller's own multi-row edits.
 Val fail rows whose subject does not occur in the prompt are left out and counted, as for `rome`.
+
+The band editors compute each request's v* at most once per run on the base weights
+(`base_values`): the one-at-a-time evaluation, the many-edits study's batch and independent modes
+(every T edits the base weights again) and the other band methods of the run (same layer, same v*
+settings) reuse it; edits of any other weights compute theirs afresh.
 """
 
 from __future__ import annotations
@@ -39,6 +44,19 @@ def editor_config(cfg) -> EditorConfig:
                         memit_lambda=e.memit_lambda, emmet_lambda=e.emmet_lambda, alpha_energy=e.alpha_energy,
                         alpha_threshold=e.alpha_threshold,
                         alpha_l2=e.alpha_l2)
+
+
+# v* of requests on the base weights of a run, shared by the band methods (salem_jax.baselines.mass_edit,
+# `values`): entries are valid only for the very params object they were computed on, so the slot is
+# emptied when another base params object comes in (another model, another run in the same process).
+_BASE_VALUES: dict[str, Any] = {"params": None, "values": {}}
+
+
+def base_values(params) -> dict:
+    """The v* cache of `params` (base weights): a dict for mass_edit's `values`, empty for new params."""
+    if _BASE_VALUES["params"] is not params:
+        _BASE_VALUES.update(params=params, values={})
+    return _BASE_VALUES["values"]
 
 
 def _layer(ctx: Context) -> str:
@@ -94,7 +112,8 @@ def _prepare(name: str):
                                      f"({subjects.get(r['record_id'], '')!r}) does not occur in the prompt {r['prompt']!r}")
                 reqs.append(EditRequest(r["prompt"], s, r["target"], record_id=r["id"]))
             state = last["state"] if params is last["params"] else None
-            out = fn(model, params, reqs, layers=layers, stats=stats, config=ec, state=state, progress=False)
+            cache = {"values": base_values(params)} if name != "rrome" and params is model.params else {}
+            out = fn(model, params, reqs, layers=layers, stats=stats, config=ec, state=state, progress=False, **cache)
             last.update(params=out.params, state=out.state)
             return out.params
 
