@@ -91,8 +91,9 @@ def test_fast_train_step_equals_the_capturing_k_position_step(setup, layer):
     at [rows, K] (reference), the flat head with capture (the same numbers up to float summation
     order), the flat head with the kept factors and pass logits (the factors' rounding differs
     from the in-step capture's by ~2e-7 relative, which the 3e3-times enlarged edits below amplify
-    to ~1e-4 in the gradient norm). Metrics, editor parameters (exact paths), optimizer state and
-    norm statistics after each step. From the edited block (layers.2) and through every block (layers.0)."""
+    to ~1e-4 in the gradient norm): metrics after each step, and for the flat head alone also the
+    editor parameters, optimizer state and norm statistics. From the edited block (layers.2) and
+    through every block (layers.0)."""
     model, data, cfg, mesh, base = setup
     spec = EditorSpec.from_params(model.layers.weights([layer]), model.params, cfg.editor)
     plan, d = from_block_data(model, spec, data["train"], base)
@@ -105,12 +106,13 @@ def test_fast_train_step_equals_the_capturing_k_position_step(setup, layer):
     state["params"]["lr"] = jax.tree.map(lambda x: x * 3e3, state["params"]["lr"])
     kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg.step_config(), mesh=mesh, from_block=plan)
     # flat: every metric and state leaf equal to float summation order. flat+kept: the kept
-    # factors' and logits' rounding differs from the step's own by ~1e-7 relative, and the
-    # enlarged edits amplify it (~1e-4 in the gradient norm), so metrics and the optimizer's
-    # moments (Adam's mu, nu: the gradients; seen: within 0.3% of their largest entry) at 1e-2 of
-    # their scale (the kept values themselves are checked against each row alone below); not the editor's
-    # parameters, which Adam's first updates (lr x g / (|g| + eps), about lr x sign(g)) move by +-lr
-    # wherever g is ~0, so rounding flips the sign of an update on a few elements.
+    # factors' and logits' rounding differs from the step's own by ~1e-7 relative, and MEND's
+    # running normalisation (dividing u and delta by each feature's std, tiny for some features
+    # after two steps) and the enlarged edits amplify it: seen up to 1e-4 in the gradient norm and
+    # 0.3-2.5% of the largest entry of Adam's moments (more in the suite's fast-compile mode), so
+    # only the metrics (loss, NLL, KL, accuracies, gradient norm) are compared, at 1e-3; the kept
+    # values themselves are checked against each row alone below (a step reading the wrong slot of
+    # the kept logits was tried: its gradient norm is off by 83%).
     variants = {"flat": lambda s: train_batch(d, cfg, s, flat), "flat+kept": lambda s: train_batch(kept, cfg, s, flat)}
     states = {n: place_state(jax.tree.map(np.array, state), mesh) for n in ["ref", *variants]}
     for step in range(2):
@@ -129,11 +131,6 @@ def test_fast_train_step_equals_the_capturing_k_position_step(setup, layer):
             if name == "flat":
                 for a, g in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
                     np.testing.assert_allclose(g, a, rtol=2e-4, atol=1e-6, err_msg=name)
-                continue
-            for part in ("opt_state", "norm"):
-                for a, g in zip(jax.tree.leaves(ref[part]), jax.tree.leaves(got[part])):
-                    a, g = np.asarray(a, np.float64), np.asarray(g, np.float64)
-                    np.testing.assert_allclose(g, a, rtol=1e-2, atol=1e-2 * np.abs(a).max(), err_msg=f"{name} {part}")
 
 
 def test_kept_factors_and_logits_equal_each_row_alone(setup):
