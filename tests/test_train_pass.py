@@ -274,8 +274,8 @@ def test_tiny_main_job_trains_on_a_per_group_mix(tmp_path, monkeypatch):
         seen["data"] = out
         return out
 
-    def spy_batch(data, cfg, step):
-        out = real_batch(data, cfg, step)
+    def spy_batch(data, cfg, step, flat=None):
+        out = real_batch(data, cfg, step, flat)
         seen.setdefault("shapes", set()).add(out["pass"]["input_ids"].shape[:2])
         return out
 
