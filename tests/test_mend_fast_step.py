@@ -1,8 +1,8 @@
 """The editor's training step with the LM head on the target tokens only (mend.train
 `with_flat_train`) and the base model's side kept (the fail rows' capture factors,
 `with_fail_factors`; the pass rows' base logits at their targets, `with_pass_logits`), issue 14:
-the same loss, metrics and new state as the step that captures, runs a base pass and runs the
-head at [rows, K]; the run-wide target bound equal to a count over the full batches; the kept
+the same loss and metrics (and, with the head change alone, the same new state) as the step that
+captures, runs a base pass and runs the head at [rows, K]; the run-wide target bound equal to a count over the full batches; the kept
 factors and logits equal a capture / full forward pass of each row alone. `train_editor` takes
 this path by default (flat_head=True): its tests (test_mend_train, test_mend_from_block,
 test_checkpoint, test_sharding) run it."""
