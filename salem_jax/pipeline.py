@@ -520,8 +520,8 @@ def split_rows(es) -> tuple[list[dict], list[dict]]:
 def run_method(method: Method, ctx: Context, keep: list[dict], cf_records, times: dict,
                portability: dict | None = None) -> tuple[dict, dict]:
     """Prepare `method` and evaluate its edits on the val split: (results entry, training entry)."""
-    layers = tuple(method.layers(ctx))
-    prepared = method.prepare(ctx, layers)
+    layers = timed(times, f"layers_{method.name}", lambda: tuple(method.layers(ctx)))
+    prepared = timed(times, f"prepare_{method.name}", method.prepare, ctx, layers)
     eval_rows = ctx.val_rows if prepared.eval_rows is None else prepared.eval_rows
     edit = functools.partial(prepared.edit, ctx.model.params)  # every edit starts from the base weights
     t = time.perf_counter()

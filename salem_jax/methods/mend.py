@@ -68,7 +68,7 @@ def prepare_mend(ctx: Context, layers: tuple[str, ...], name: str) -> Prepared:
     info: dict[str, Any] = dict(
         layers=list(layers), steps=tr.step, evaluated_step=editor.step, best_step=tr.best_step,
         best_val_loss=tr.best_val_loss, stopped_early=tr.stopped_early, last_val=tr.last_val,
-        recompiles=tr.recompiles, seconds=time.perf_counter() - t,
+        recompiles=tr.recompiles, seconds=time.perf_counter() - t, times=tr.times,
     )
     scale = float(ctx.cfg.eval.get("mend_edit_scale", 1.0))
     if scale != 1.0:
