@@ -25,6 +25,12 @@ and reports, per edit (median over edits after a warm-up edit):
                           two must give the same texts (checked)
   generate, before        the base model's generations, per edit as before this change, and
                           batched across all edits once (eval.generated.generations_per_edit)
+  score, batched          every edit's scoring in vmapped calls of 8 edits (EditEvaluator.
+                          evaluate_many, the pipeline's path since session 12), checked equal
+  generate, after, batched  every edit's generations after it in one call (eval.generated.
+                          generations_after_edits, the pipeline's path since session 12): the
+                          weights the edits share are read once per decoding step for all of them;
+                          checked equal to the per-edit generations
 
     python benchmarks/eval_edit.py --layer layers.26 --out runs/bench-eval-edit.json
     python benchmarks/eval_edit.py --generate-only --edits 8   # the generation rows alone
@@ -52,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from salem_jax.compile_cache import enable_compile_cache  # noqa: E402
 from salem_jax.data.countries import country_records  # noqa: E402
 from salem_jax.eval.edits import EditEvaluator  # noqa: E402
-from salem_jax.eval.generated import edit_generation_metrics, generate_answers, generations_per_edit  # noqa: E402
+from salem_jax.eval.generated import generate_answers, generations_after_edits, generations_per_edit  # noqa: E402
 from salem_jax.models.base import get_path, set_path  # noqa: E402
 from salem_jax.models.loading import load_model  # noqa: E402
 
@@ -155,9 +161,11 @@ def main(argv=None) -> int:
     res["generate_first_pass_s"] = compile_s
     print("first pass over the edits' generations (compiles every bucket): "
           + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()), flush=True)
+    kept, after_each = [], []
     for i in range(args.edits):
         scores: dict[str, dict] = {}
         p = edited_params(model, args.layer, i, args.scale)
+        kept.append(p)
         jax.block_until_ready(p)
         for name, key, text in (("score_all_blocks", (False, True), False), ("score_from_block", (True, True), False),
                                 ("score_from_block_kpos", (True, False), False), ("score_text_all_blocks", (False, True), True),
@@ -181,14 +189,36 @@ def main(argv=None) -> int:
         targets = [r["target"] for g in ("fail", "adapt") for r in edits[i][g]]
         dt, fast = timed(lambda: generate_answers(model, p, prompts, targets))
         times["generate_after"].append(dt)
+        after_each.append(fast)
         dt, slow = timed(lambda: generate_answers(model, p, prompts, targets, kv_cache=False))
         times["generate_after_uncached"].append(dt)
         if fast != slow:
             raise SystemExit(f"edit {i}: cached and uncached generations differ: {fast} vs {slow}")
         times["generate_before_per_edit"].append(timed(lambda: generate_answers(model, model.params, prompts, targets))[0])
         print(f"edit {i}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
+    if scoring:  # every edit scored in one vmapped call per 8 edits (EditEvaluator.evaluate_many, the pipeline's
+        # path since session 12); the first call compiles, the second is timed; both must equal the per-edit scores
+        evb = ev[(True, True)]
+        for text in (False, True) if txt else (False,):
+            key = "score_text_from_block" if text else "score_from_block"
+            want = [evb.evaluate(i, p, with_text=text) for i, p in enumerate(kept)]
+            first = timed(lambda: evb.evaluate_many(list(enumerate(kept)), with_text=text))
+            again = timed(lambda: evb.evaluate_many(list(enumerate(kept)), with_text=text))
+            for i, (w, g) in enumerate(zip(want, again[1])):
+                bad = {k: (v, g[k]) for k, v in w.items() if not np.isclose(v, g[k], rtol=2e-4, atol=1e-3, equal_nan=True)}
+                if bad:
+                    raise SystemExit(f"edit {i}: batched and per-edit scores differ: {bad}")
+            res[f"{key}_batched_first_call_s"], res[f"{key}_batched_total_s"] = first[0], again[0]
     dt = timed(lambda: generations_per_edit(model, model.params, [(e["fail"][0], e["adapt"]) for e in edits]))[0] if gen else 0.0
     res["generate_before_batched_total_s"] = dt
+    if gen:  # every edit's generations after it in one batched call (the pipeline's path since session 12);
+        # the first call compiles, the second is timed; both must equal the per-edit generations
+        pairs = [(e["fail"][0], e["adapt"]) for e in edits]
+        first = timed(lambda: generations_after_edits(model, model.params, kept, pairs))
+        again = timed(lambda: generations_after_edits(model, model.params, kept, pairs))
+        if first[1] != after_each or again[1] != after_each:
+            raise SystemExit(f"batched generations after the edits differ from the per-edit ones: {again[1]} vs {after_each}")
+        res["generate_after_batched_first_call_s"], res["generate_after_batched_total_s"] = first[0], again[0]
     res["times_s"] = times
     med = {k: statistics.median(v[1:]) for k, v in times.items()}  # the first edit compiles
     res["median_s"] = med
@@ -197,7 +227,7 @@ def main(argv=None) -> int:
         res["generate_kv_cache_speedup"] = med["generate_after_uncached"] / med["generate_after"]
     if scoring:
         res["flat_speedup"] = {k: med[k + "_kpos"] / med[k] for k in ("score_from_block", "score_text_from_block") if k in med}
-    if not args.generate_only and gen:
+    if not args.generate_only and gen and "score_all_blocks" in med:  # (--skip-all-blocks: no old figure)
         before_now = med["score_from_block"] + med["generate_after"] + dt / args.edits
         before_old = med["score_all_blocks"] + med["generate_after_uncached"] + med["generate_before_per_edit"]
         res["per_edit_old_s"], res["per_edit_new_s"] = before_old, before_now
@@ -210,9 +240,22 @@ def main(argv=None) -> int:
     if gen:
         print(f"| generate_before, batched across edits (per edit) | {dt / args.edits:.3f} |")
         print(f"| generation after the edit: uncached / KV-cached, same run | {res['generate_kv_cache_speedup']:.2f}x |")
+        per = res["generate_after_batched_total_s"] / args.edits
+        res["generate_after_batched_speedup"] = med["generate_after"] / per
+        print(f"| generate_after, every edit in one batched call (per edit; first call "
+              f"{res['generate_after_batched_first_call_s']:.1f} s) | {per:.3f} |")
+        print(f"| generation after the edit: one call per edit / batched across edits, same run | "
+              f"{res['generate_after_batched_speedup']:.2f}x |")
+    for key in ("score_from_block", "score_text_from_block"):
+        if f"{key}_batched_total_s" in res:
+            per = res[f"{key}_batched_total_s"] / args.edits
+            res[f"{key}_batched_speedup"] = med[key] / per
+            print(f"| {key}, every edit in vmapped calls of 8 (per edit; first call "
+                  f"{res[key + '_batched_first_call_s']:.1f} s) | {per:.3f} |")
+            print(f"| {key}: one call per edit / batched, same run | {res[key + '_batched_speedup']:.2f}x |")
     for k, v in res.get("flat_speedup", {}).items():
         print(f"| {k}: head at K positions / on the target tokens, same run | {v:.2f}x |")
-    if not args.generate_only and gen:
+    if "per_edit_old_s" in res:
         print("| one edit's evaluation without text: all blocks, uncached generation before/after per edit "
               f"| {before_old:.3f} |")
         print(f"| the same from the edited block, KV-cached generation, base generations batched | {before_now:.3f} |")

@@ -268,6 +268,116 @@ def _greedy_causal(model, params, rows, B, pad, steps, eos, use_cache=False):
     return [ids_out[b, lens[b] : pos[b]].tolist() for b in range(len(rows))]
 
 
+def _with_leaves(params, paths: tuple[str, ...], leaves) -> dict:
+    """`params` with the leaves at `paths` replaced by `leaves` (a sequence in the same order)."""
+    from salem_jax.models.base import set_path
+
+    for p, v in zip(paths, leaves):
+        params = set_path(params, p, v)
+    return params
+
+
+@functools.partial(jax.jit, static_argnames=("fn", "paths", "cached"))
+def _many_loop(fn, paths, cached, params, leaves, ids, mask, pos, done, steps, eos):
+    """`_cached_causal_loop` (cached) or `_causal_loop` for E models at once: model e is `params`
+    with the leaves at `paths` replaced by leaves[k][e] ([E, ...] each); ids/mask [E, B, L], pos /
+    done [E, B], steps [E] (each model its own number of new tokens). vmap over the models: the
+    weights every model shares (all but `paths`) are read once per step for E x B rows, which is
+    the point (a one-token step of a 135M model is bound by reading its weights, README "Speed").
+    A model's loop stops contributing once its rows are done (vmap of `lax.while_loop` keeps
+    finished members' state)."""
+    loop = _cached_causal_loop if cached else _causal_loop
+
+    def one(lv, ids, mask, pos, done, steps):
+        return loop(fn, _with_leaves(params, paths, lv), ids, mask, pos, done, steps, eos)
+
+    return jax.vmap(one)(leaves, ids, mask, pos, done, steps)
+
+
+def greedy_ids_many(model, params, paths: Sequence[str], leaves: Sequence, prompts: Sequence[Sequence[str]],
+                    max_new_tokens: Sequence[int], stop_at_eos: bool = True, *, batch_size: int = 32,
+                    models_per_call: int = 32, eos_token_id: int | Sequence[int] | None = None,
+                    kv_cache: bool | None = None) -> list[list[list[int]]]:
+    """`greedy_ids` of E models that differ from `params` only in the leaves at `paths` (model e:
+    leaves[k][e] at paths[k], each [E, ...]), model e on its own prompts[e] with its own
+    max_new_tokens[e], in few calls: per call up to `models_per_call` models x one row bucket B
+    (the most prompts of a model, up to batch_size) x one buffer length L (the longest prompt +
+    new tokens of any model), so the call compiles once per (models_per_call, B, L); a model with
+    more than batch_size prompts takes several slots. Returns per model a list per prompt, the ids
+    `greedy_ids(model, params_e, prompts[e], max_new_tokens[e])` gives (the same tokens: rows are
+    independent, padding rows and slots count nowhere; tests/test_generate_many.py).
+
+    Causal LMs only (the pipeline's per-edit generations after each edit: one call instead of
+    one per edit)."""
+    if model.kind != "causal":
+        raise ValueError(f"greedy_ids_many: causal models only; {model.name!r} is a {model.kind}")
+    if model.tokenizer is None:
+        raise ValueError(f"model {model.name!r} has no tokenizer")
+    paths = tuple(paths)
+    if len(leaves) != len(paths):
+        raise ValueError(f"greedy_ids_many: {len(leaves)} leaf stacks for {len(paths)} paths")
+    n_models = len(prompts)
+    if len(max_new_tokens) != n_models or any(int(np.shape(v)[0]) != n_models for v in leaves):
+        raise ValueError(f"greedy_ids_many: {n_models} prompt lists, {len(max_new_tokens)} max_new_tokens and "
+                         f"leaf stacks of {[int(np.shape(v)[0]) for v in leaves]} models: give one per model")
+    if any(n < 1 for n in max_new_tokens):
+        raise ValueError(f"max_new_tokens must be >= 1, got {list(max_new_tokens)}")
+    if kv_cache and not model.supports_kv_cache:
+        raise ValueError(f"kv_cache=True: model {model.name!r} ({model.arch}) has no KV-cached decoding")
+    use_cache = model.supports_kv_cache and kv_cache is not False
+    tok = model.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    eos = _eos_array(_eos_ids(model, eos_token_id) if stop_at_eos else ())
+    # slots: (model, first prompt, encoded prompts) with at most batch_size prompts each
+    slots = []
+    for e, ps in enumerate(prompts):
+        enc = _encode_prompts(tok, ps) if len(ps) else []
+        for s in range(0, len(enc), batch_size):
+            slots.append((e, s, enc[s : s + batch_size]))
+    out: list[list[list[int]]] = [[[] for _ in ps] for ps in prompts]
+    if not slots:
+        return out
+    B = _row_bucket(max(len(c) for _, _, c in slots), batch_size)
+    need = max(max(map(len, c)) + int(max_new_tokens[e]) for e, _, c in slots)
+    if need > model.max_length:
+        raise ValueError(f"a prompt + its new tokens ({need} tokens) exceed the model's context ({model.max_length})")
+    L = bucket_length(need, model.max_length)
+    M = min(models_per_call, len(slots))
+    fn = model.kv_decode if use_cache else model.apply
+    for start in range(0, len(slots), M):
+        call = slots[start : start + M]
+        call = call + [call[-1]] * (M - len(call))  # one shape per call: repeat the last slot (its results are dropped)
+        ids = np.full((M, B, L), pad, np.int32)
+        mask = np.zeros((M, B, L), np.int32)
+        lens = np.ones((M, B), np.int32)  # padding rows: one dummy token, already done
+        done = np.ones((M, B), bool)
+        for m, (_, _, rows) in enumerate(call):
+            for b, r in enumerate(rows):
+                ids[m, b, : len(r)] = r
+                mask[m, b, : len(r)] = 1
+                lens[m, b] = len(r)
+                done[m, b] = False
+            mask[m, len(rows) :, 0] = 1
+        which = np.asarray([e for e, _, _ in call])
+        lv = tuple(jnp.asarray(v)[which] for v in leaves)
+        steps = np.asarray([max_new_tokens[e] for e, _, _ in call], np.int32)
+        ids_out, pos = _many_loop(fn, paths, use_cache, params, lv, ids, mask, lens, done, steps, eos)
+        ids_out, pos = np.asarray(ids_out), np.asarray(pos)
+        for m, (e, s, rows) in enumerate(slots[start : start + M]):
+            for b in range(len(rows)):
+                out[e][s + b] = ids_out[m, b, lens[m, b] : pos[m, b]].tolist()
+    return out
+
+
+def greedy_many(model, params, paths: Sequence[str], leaves: Sequence, prompts: Sequence[Sequence[str]],
+                max_new_tokens: Sequence[int], **kw) -> list[list[str]]:
+    """`greedy_ids_many` as text: per model, per prompt, what `greedy(model, params_e, ...)` gives."""
+    new = greedy_ids_many(model, params, paths, leaves, prompts, max_new_tokens, **kw)
+    tok = model.tokenizer
+    return [[decode_continuation(tok, p, n) for p, n in zip(_encode_prompts(tok, ps), ns)] if ps else []
+            for ps, ns in zip(prompts, new)]
+
+
 def _greedy_seq2seq(model, params, rows, B, pad, steps, eos):
     longest = max(map(len, rows))
     if longest > model.max_length or steps + 1 > model.max_length:

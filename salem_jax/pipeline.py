@@ -52,7 +52,8 @@ from salem_jax.data.spec import DataSpec
 from salem_jax.data.spec import read_records as read_spec
 from salem_jax.data.spec import resolve as resolve_spec
 from salem_jax.eval.counterfact import evaluate_counterfact, harmonic_mean
-from salem_jax.eval.generated import edit_generation_metrics, generation_fluency_metrics, generations_per_edit
+from salem_jax.eval.generated import (edit_generation_metrics, generation_fluency_metrics, generations_after_edits,
+                                       generations_per_edit, kept_edit)
 from salem_jax.eval.keep import keep_rows
 from salem_jax.eval import sequential as many
 from salem_jax.eval.edits import EditEvaluator
@@ -266,6 +267,7 @@ def evaluate_method(model, edit: Callable, val_rows: list[dict], texts: list[str
     With config.eval.generate, greedy generations of the edit prompt and its rephrasings before and after
     (salem_jax.eval.generated: `gen/*`), and ROME's fluency on CounterFact generation_prompts for the first
     config.eval.fluency_edits edits."""
+    t_setup = time.perf_counter()
     fails = [r for r in val_rows if r["group"] == "fail"][: cfg.eval.max_edits]
     adapts: dict[str, list[dict]] = {}
     for r in val_rows:
@@ -281,29 +283,63 @@ def evaluate_method(model, edit: Callable, val_rows: list[dict], texts: list[str
             "portability": (portability or {}).get(row["record_id"], [])} for row in fails]
     evaluator = EditEvaluator(model, model.params, own, passes, texts=texts if with_text else None,
                               text_window=cfg.eval.text_window, batch_size=cfg.eval.batch_size)
-    # the base model's generations of every edit's prompts, once and batched across edits
+    # causal LMs: every edit is applied first (its changed leaves kept, `kept_edit`), then all are
+    # scored in a few vmapped calls (`EditEvaluator.evaluate_many`) and the base and edited models'
+    # greedy generations come from one batched call (`generations_after_edits`); other models: the
+    # base generations batched across edits up front, the edited ones per edit in the loop
+    batched = model.kind == "causal"
+    gen = bool(cfg.eval.generate) and model.kind != "classifier"
     base_gens = None
-    if cfg.eval.generate and model.kind != "classifier":
+    if gen and not batched:
         base_gens = generations_per_edit(model, model.params, [(r, adapts.get(r["record_id"], [])) for r in fails],
                                          extra_tokens=cfg.eval.gen_extra_tokens)
-    per_edit = []
-    t_edit = 0.0
+    text_flags = [with_text and i < cfg.eval.ppl_edits for i in range(len(fails))]
+    per_edit, kept = [], []
+    t_edit = t_score = t_gen = 0.0
+    t_start = time.perf_counter()
     for i, row in enumerate(tqdm(fails, desc=f"eval {name}", disable=not cfg.progress)):
         t0 = time.perf_counter()
         edited = edit([row])
         _block(edited)
         t_edit += time.perf_counter() - t0
-        m = evaluator.evaluate(i, edited, with_text=with_text and i < cfg.eval.ppl_edits)
-        if keep:
-            m["dd_keep_acc"] = m["keep/acc_before"] - m["keep/acc_after"]
+        m = {}
+        if batched:
+            kept.append(kept_edit(model.params, edited))
+        else:
+            t0 = time.perf_counter()
+            m = evaluator.evaluate(i, edited, with_text=text_flags[i])
+            t_score += time.perf_counter() - t0
         if cf_records is not None:
             cf = evaluate_counterfact(model, edited, [cf_records[row["record_id"]]], batch_size=cfg.eval.batch_size,
                                       progress=False)
             m.update({f"cf/{k}": cf[k] for k in CF_KEYS})
-        m.update(generation_metrics(model, edited, row, adapts.get(row["record_id"], []), cfg, i, cf_records,
-                                    None if base_gens is None else base_gens[i]))
+        if gen and not batched:
+            m.update(generation_metrics(model, edited, row, adapts.get(row["record_id"], []), cfg, i, cf_records,
+                                        base_gens[i]))
         per_edit.append(m)
+    if batched and fails:
+        t0 = time.perf_counter()
+        for m, s in zip(per_edit, evaluator.evaluate_many(list(enumerate(kept)), with_text=text_flags)):
+            m.update(s)
+        t_score = time.perf_counter() - t0
+        if gen:
+            t0 = time.perf_counter()
+            pairs = [(r, adapts.get(r["record_id"], [])) for r in fails]
+            both = generations_after_edits(model, model.params, [model.params] * len(kept) + kept, pairs + pairs,
+                                           extra_tokens=cfg.eval.gen_extra_tokens, models_per_call=min(2 * len(kept), 64))
+            for i, (row, m, p) in enumerate(zip(fails, per_edit, kept)):
+                m.update(generation_metrics(model, p, row, pairs[i][1], cfg, i, cf_records, both[i],
+                                            edited_generations=both[len(kept) + i]))
+            t_gen = time.perf_counter() - t0
+    if keep:
+        for m in per_edit:
+            m["dd_keep_acc"] = m["keep/acc_before"] - m["keep/acc_after"]
     out: dict[str, Any] = {"edits": len(per_edit), "edit_seconds": t_edit / max(len(per_edit), 1)}
+    # where the evaluation's time went: building the evaluator (the base side), applying the edits,
+    # scoring them, generating (batched: before and after every edit), the rest (CounterFact, ...)
+    total = time.perf_counter() - t_start
+    out["eval_seconds"] = {"setup": t_start - t_setup, "edit": t_edit, "score": t_score, "generate": t_gen,
+                           "other": total - t_edit - t_score - t_gen}
     keys = sorted({k for m in per_edit for k in m})
     for k in keys:
         vals = [m[k] for m in per_edit if k in m and m[k] is not None and np.isfinite(m[k])]
@@ -317,14 +353,15 @@ def evaluate_method(model, edit: Callable, val_rows: list[dict], texts: list[str
 
 
 def generation_metrics(model, edited, row: dict, adapt_rows: list[dict], cfg, i: int, cf_records,
-                       base_generations: list[str] | None = None) -> dict:
+                       base_generations: list[str] | None = None, edited_generations: list[str] | None = None) -> dict:
     """Generated answers (config.eval.generate) and, for the first config.eval.fluency_edits CounterFact
     edits, ROME's fluency on the record's generation_prompts (salem_jax.eval.generated).
-    base_generations: the base model's generations of the row and its rephrasings, if computed already."""
+    base_generations / edited_generations: the base / edited model's generations of the row and its
+    rephrasings, if computed already."""
     if model.kind == "classifier" or not cfg.eval.generate:
         return {}
     m = edit_generation_metrics(model, model.params, edited, row, adapt_rows, extra_tokens=cfg.eval.gen_extra_tokens,
-                                base_generations=base_generations)
+                                base_generations=base_generations, edited_generations=edited_generations)
     if cf_records is not None and i < cfg.eval.fluency_edits and cfg.eval.fluency_prompts > 0:
         prompts = list(cf_records[row["record_id"]].extra.get("generation_prompts") or [])[: cfg.eval.fluency_prompts]
         if prompts:

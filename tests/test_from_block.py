@@ -109,3 +109,30 @@ def test_evaluator_from_the_changed_block_equals_running_every_block():
             assert sorted(got) == sorted(want)
             for k, v in want.items():
                 assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-6, nan_ok=True), k
+
+
+def test_evaluate_many_equals_one_edit_at_a_time():
+    # evaluate_many scores several edits in one vmapped program (edits_per_call=2 with 3 edits of
+    # the same block: the second call is padded); an edit of another block falls back to evaluate
+    model = tiny_llama(seed=3, num_hidden_layers=3)
+    edits = [{"fail": [_row(p, t, "fail", i)], "adapt": [_row(p + " then", t, "adapt", i)] * (i % 2 + 1)}
+             for i, (p, t) in enumerate(zip(PROMPTS + PROMPTS[:1], TARGETS + TARGETS[1:2]))]
+    shared = {"pass": [_row("the capital of peru is", "lima", "pass", 0)],
+              "keep": [_row("brazil", "brasilia", "keep", 0), _row("japan speaks", "yen", "keep", 1)]}
+    texts = ["the capital of france is paris and the capital of peru is lima " * 3, "red blue green yellow one two"]
+    ev = EditEvaluator(model, model.params, edits, shared, texts=texts, text_window=8, batch_size=2)
+    one = EditEvaluator(model, model.params, edits, shared, texts=texts, text_window=8, batch_size=2)
+    n = len(model.layers.blocks)
+    edited = [_edit(model, n - 1, scale=1.5 + 0.5 * i) for i in range(3)] + [_edit(model, 1, scale=2.5)]
+    flags = [True, False, False, True]
+    got = ev.evaluate_many(list(enumerate(edited)), with_text=flags, edits_per_call=2)
+    for i, (p, t) in enumerate(zip(edited, flags)):
+        want = one.evaluate(i, p, with_text=t)
+        assert sorted(got[i]) == sorted(want)
+        for k, v in want.items():
+            # (rel 2e-4: a vmapped matmul sums in another order; on this model one edit's pass-row
+            # perplexity moves by 7e-5 relative, every accuracy is exact)
+            assert got[i][k] == pytest.approx(v, rel=2e-4 if "ppl" in k else 1e-6, abs=1e-6, nan_ok=True), (i, k)
+    # the edits differ in what they do, so a mix-up of edits or rows would show
+    assert len({round(g["pass/ppl_after"], 6) for g in got[:3]}) == 3
+    assert len({round(g["fail/ppl_after"], 6) for g in got[:3]}) == 3

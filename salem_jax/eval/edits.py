@@ -112,6 +112,24 @@ def _edited_scores_flat(apply: Callable, params: Any, own: dict, own_flat: dict,
     return out
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _edited_scores_flat_many(apply: Callable, paths: tuple[str, ...], params: Any, leaves: tuple, own: dict,
+                             own_flat: dict, shared: dict | None, shared_flat: dict | None, windows: dict | None,
+                             windows_flat: dict | None) -> dict:
+    """`_edited_scores_flat` for E edits in one program: edit e's model is `params` with the leaves
+    at `paths` replaced by leaves[k][e] ([E, ...] each), scored on its own rows own[e] ([E, R,
+    L_own] leaves, own_flat [E, T_own]) and on the shared rows and text windows every edit shares.
+    vmap over the edits: per edit the same arithmetic (outputs [E, ...]); the weights and rows the
+    edits share are read once per call."""
+    from salem_jax.generate import _with_leaves
+
+    def one(lv, own, own_flat):
+        return _edited_scores_flat(apply, _with_leaves(params, paths, lv), own, own_flat, shared, shared_flat,
+                                   windows, windows_flat)
+
+    return jax.vmap(one)(leaves, own, own_flat)
+
+
 def _with_base_argmax(flat: dict[str, np.ndarray], enc: dict[str, np.ndarray], argmax: np.ndarray) -> dict[str, np.ndarray]:
     """`flat` (`flat_positions` of enc's label_mask) plus "base_argmax" [T]: `argmax` ([B, K] at
     enc's `score_pos` - a row's scored positions first, in order, the order of `flat_positions` -
@@ -137,15 +155,16 @@ def _take(batch: dict[str, np.ndarray], idx: Sequence[int]) -> dict[str, np.ndar
     return {k: v[ix] for k, v in batch.items()}
 
 
-def _base_side(model, params, enc: dict[str, np.ndarray], batch_size: int) -> tuple[dict, np.ndarray]:
+def _base_side(apply: Callable, params, enc: dict[str, np.ndarray], batch_size: int) -> tuple[dict, np.ndarray]:
     """Base-model `batch_scores` ([N] each) and argmaxes ([N, K]) of every row of `enc`, in
-    chunks of `batch_size` rows (one shape)."""
+    chunks of `batch_size` rows (one shape). `apply`: the model's, or a `FromBlock` of it with
+    the base model's block outputs in enc[BLOCK_INPUT] (the same numbers, fewer blocks run)."""
     n = next(iter(enc.values())).shape[0]
     parts, ams = [], []
     for start in range(0, n, batch_size):
         part = slice_rows(enc, start, start + batch_size)
         m = next(iter(part.values())).shape[0]
-        sc, am = jax.device_get(_score_with_argmax(model.apply, params, pad_rows(part, batch_size)))
+        sc, am = jax.device_get(_score_with_argmax(apply, params, pad_rows(part, batch_size)))
         parts.append({k: np.asarray(v)[:m] for k, v in sc.items()})
         ams.append(np.asarray(am)[:m])
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, np.concatenate(ams)
@@ -195,8 +214,11 @@ class EditEvaluator:
             self._own_spans.append(spans)
         self.rows_per_edit = max([1] + [sum(b - a for a, b in s.values()) for s in self._own_spans])
         self._own = encode_rows(model, own_rows, where="edit rows") if own_rows else None
+        # The base side (scores and argmaxes of every row, the text's NLL) is computed at the first
+        # evaluation (`_ensure_base`): from the edited block on the kept block outputs when the
+        # edits skip blocks (one pass over blocks 0..l-1 serves both), else with every block.
+        self._base_ready = self._text_ready = False
         if self._own is not None:
-            self._own_before, self._own_argmax = _base_side(model, base_params, self._own, batch_size)
             counts = (self._own["label_mask"] != 0).sum(-1)
             self._own_tokens = max(1, max(int(sum(counts[a:b].sum() for a, b in sp.values())) for sp in self._own_spans))
         # -- shared rows: one encoding, base side once, kept on the device
@@ -205,12 +227,10 @@ class EditEvaluator:
             rows = list(rows)
             self._shared_spans[name] = (len(shared_rows), len(shared_rows) + len(rows))
             shared_rows.extend(rows)
-        self._shared = self._shared_argmax = self._shared_flat = None
+        self._shared = self._shared_host = self._shared_argmax = self._shared_flat = None
         if shared_rows:
-            enc = encode_rows(model, shared_rows, where="shared rows")
-            self._shared_before, am = _base_side(model, base_params, enc, batch_size)
-            self._shared, self._shared_argmax = jax.device_put(enc), jax.device_put(am)
-            self._shared_flat = jax.device_put(_with_base_argmax(flat_positions(enc["label_mask"]), enc, am))
+            self._shared_host = encode_rows(model, shared_rows, where="shared rows")
+            self._shared = jax.device_put(self._shared_host)
         # -- text windows, in chunks of text_chunk (padded windows count nowhere)
         self._windows = None
         if texts:
@@ -226,8 +246,31 @@ class EditEvaluator:
             t = max(1, int((masks != 0).sum((1, 2)).max()))
             flats = [flat_positions(m, t) for m in masks]
             self._windows_flat = jax.device_put({k: np.stack([f[k] for f in flats]) for k in flats[0]})
-            self.text_nll_before = float(np.asarray(jax.device_get(_text_nll(model.apply, base_params, self._windows)),
-                                                    np.float64).sum())
+        if not self.skip_unchanged_blocks:  # no block outputs to start from: the base side now, every block run
+            self._ensure_base(model.apply, None, bool(texts))
+
+    def _ensure_base(self, apply: Callable, cache: dict | None, with_text: bool) -> None:
+        """The base model's side of every own and shared row ([N] scores, [N, K] argmaxes, the shared
+        rows' flat targets with their base argmaxes) and, with_text, of the text (`text_nll_before`),
+        each computed once. apply / cache: `_start_at`'s - the blocks before the edited one are not
+        run again (their base outputs are in `cache`); (model.apply, None) runs every block."""
+        def rows(enc, key):
+            return enc if cache is None else {**enc, BLOCK_INPUT: np.asarray(cache[key])}
+
+        if not self._base_ready:
+            if self._own is not None:
+                self._own_before, self._own_argmax = _base_side(apply, self.base_params, rows(self._own, "own"),
+                                                                self.batch_size)
+            if self._shared is not None:
+                enc = self._shared_host
+                self._shared_before, am = _base_side(apply, self.base_params, rows(enc, "shared"), self.batch_size)
+                self._shared_argmax = jax.device_put(am)
+                self._shared_flat = jax.device_put(_with_base_argmax(flat_positions(enc["label_mask"]), enc, am))
+            self._base_ready = True
+        if with_text and not self._text_ready and self._windows is not None:
+            w = self._windows if cache is None else {**self._windows, BLOCK_INPUT: cache["text"]}
+            self.text_nll_before = float(np.asarray(jax.device_get(_text_nll(apply, self.base_params, w)), np.float64).sum())
+            self._text_ready = True
 
     @property
     def n_edits(self) -> int:
@@ -254,6 +297,7 @@ class EditEvaluator:
         if self._own is None:
             raise ValueError("the evaluator was built without rows for any edit")
         apply, cache = self._start_at(params, with_text)
+        self._ensure_base(apply, cache, with_text)
         own, am, spans = self._own_batch(i, cache)
         shared, windows = self._shared, self._windows if with_text else None
         if cache is not None:
@@ -264,6 +308,10 @@ class EditEvaluator:
                                                      None if windows is None else self._windows_flat))
         else:
             out = jax.device_get(_edited_scores(apply, params, own, am, shared, self._shared_argmax, windows))
+        return self._metrics(spans, out, with_text)
+
+    def _metrics(self, spans: dict, out: dict, with_text: bool) -> dict[str, float]:
+        """The metrics of one edit (own-row spans `spans`) from its scores `out` (host arrays)."""
         per, res = {}, {}
         groups = [(name, out["own"], self._own_before, a, b, a - next(iter(spans.values()))[0])
                   for name, (a, b) in spans.items()]
@@ -284,6 +332,65 @@ class EditEvaluator:
             dd = perplexity_drawdown(before, after)
             res["dd_ppl_text_rel"], res["dd_ppl_text_abs"] = dd["rel"], dd["abs"]
         return res
+
+    def evaluate_many(self, items: Sequence[tuple[int, Any]], *, with_text: Sequence[bool] | bool = False,
+                      edits_per_call: int = 8) -> list[dict[str, float]]:
+        """`[evaluate(i, params, with_text=t) for (i, params), t in zip(items, with_text)]` in few
+        calls: the edits are scored `edits_per_call` at a time in one program
+        (`_edited_scores_flat_many`, vmap over the edits: each edit's model is the base with the
+        leaves the edits changed replaced - `eval.generated.stack_edits` - from their common first
+        changed block), those with text apart from those without. The same numbers as one call per
+        edit up to float summation order (tests/test_edit_eval.py). Falls back to `evaluate` per
+        edit where batching does not apply: the [R, K] path (flat_scores=False), every block run
+        (skip_unchanged_blocks=False) or edits starting at different blocks."""
+        from salem_jax.eval.generated import stack_edits
+
+        items = list(items)
+        flags = [bool(with_text)] * len(items) if isinstance(with_text, bool) else [bool(t) for t in with_text]
+        if len(flags) != len(items):
+            raise ValueError(f"evaluate_many: {len(flags)} with_text flags for {len(items)} edits")
+        if any(flags) and self._windows is None:
+            raise ValueError("with_text=True but the evaluator was built without texts")
+        if self._own is None:
+            raise ValueError("the evaluator was built without rows for any edit")
+        if edits_per_call < 1:
+            raise ValueError(f"edits_per_call must be >= 1, got {edits_per_call}")
+        out: list[dict | None] = [None] * len(items)
+        starts = [None] * len(items)
+        if self.flat_scores and self.skip_unchanged_blocks and items:
+            self._start_at(items[0][1], False)  # builds the block chain (or turns skipping off)
+        if self.flat_scores and self.skip_unchanged_blocks and self._chain is not None:
+            starts = [first_changed_block(self.model, self.base_params, p, self._chain) for _, p in items]
+        batchable = [k for k, st in enumerate(starts) if st and st == starts[0]] if starts[0] else []
+        for k in set(range(len(items))) - set(batchable):
+            out[k] = self.evaluate(items[k][0], items[k][1], with_text=flags[k])
+        for text in (False, True):
+            ks = [k for k in batchable if flags[k] == text]
+            if not ks:
+                continue
+            start = starts[ks[0]]
+            apply, cache = self._start_at(items[ks[0]][1], text)
+            self._ensure_base(apply, cache, text)
+            paths, leaves = stack_edits(self.base_params, [items[k][1] for k in ks])
+            shared, windows = self._shared, self._windows if text else None
+            shared = None if shared is None else {**shared, BLOCK_INPUT: cache["shared"]}
+            windows = None if windows is None else {**windows, BLOCK_INPUT: cache["text"]}
+            n = min(edits_per_call, len(ks))
+            for c in range(0, len(ks), n):
+                part = list(range(c, min(c + n, len(ks))))
+                part += [part[-1]] * (n - len(part))  # one shape per call: repeat the last edit (dropped)
+                batches = [self._own_batch(items[ks[j]][0], cache) for j in part]
+                own = jax.tree.map(lambda *x: np.stack(x), *[b[0] for b in batches])
+                am = jax.tree.map(lambda *x: np.stack(x), *[b[1] for b in batches])
+                lv = tuple(v[np.asarray(part)] for v in leaves)
+                res = jax.device_get(_edited_scores_flat_many(apply, paths, self.base_params, lv, own, am, shared,
+                                                              self._shared_flat if shared is not None else None,
+                                                              windows, None if windows is None else self._windows_flat))
+                for e, j in enumerate(part[: min(n, len(ks) - c)]):
+                    one = jax.tree.map(lambda x: x[e], res)
+                    out[ks[j]] = self._metrics(batches[e][2], one, text)
+            self.last_start = start
+        return out
 
     # -- running edited models from the first changed block (see the module docstring)
 
@@ -323,7 +430,7 @@ class EditEvaluator:
         if "own" not in cache:
             cache["own"] = rows(self._own)
             if self._shared is not None:
-                cache["shared"] = jax.device_put(rows(jax.device_get(self._shared)))
+                cache["shared"] = jax.device_put(rows(self._shared_host))
         if with_text and "text" not in cache:
             cache["text"] = jax.lax.map(lambda b: block_output(fn, last, base, b), self._windows)
         self._cache = (start, cache)

@@ -88,17 +88,75 @@ def generations_per_edit(model, params: Any, edits: Sequence[tuple[dict, Sequenc
     return out
 
 
+def stack_edits(base_params: Any, edited: Sequence[Any]) -> tuple[tuple[str, ...], list]:
+    """(paths, leaves): the parameter paths any of `edited` changed against `base_params`
+    (`salem_jax.models.from_block.changed_paths`: same objects are unchanged, others compared by
+    value) and per path the stacked leaves [E, ...] (an edit that left a path alone contributes
+    the base leaf). What `salem_jax.generate.greedy_ids_many` takes: E edited models as one base
+    plus the few leaves they changed (a MEND edit of one MLP: 3 of ~270 leaves)."""
+    import jax.numpy as jnp
+
+    from salem_jax.models.base import get_path
+    from salem_jax.models.from_block import changed_paths
+
+    changed = [set(changed_paths(base_params, p)) for p in edited]
+    paths = tuple(sorted(set().union(*changed))) if changed else ()
+    leaves = [jnp.stack([get_path(p, k) if k in c else get_path(base_params, k) for p, c in zip(edited, changed)])
+              for k in paths]
+    return paths, leaves
+
+
+def kept_edit(base_params: Any, edited: Any) -> dict:
+    """`edited` as the base tree with only its changed leaves replaced (`set_path` copies the dicts
+    along each path, every other leaf is the base's own object): what an evaluation keeps of each
+    of many edits until `generations_after_edits` - a few MB per MEND edit of one MLP instead of a
+    whole parameter tree when an editor returns new objects for unchanged leaves."""
+    from salem_jax.models.base import get_path, set_path
+    from salem_jax.models.from_block import changed_paths
+
+    out = base_params
+    for k in changed_paths(base_params, edited):
+        out = set_path(out, k, get_path(edited, k))
+    return out
+
+
+def generations_after_edits(model, base_params: Any, edited: Sequence[Any], edits: Sequence[tuple[dict, Sequence[dict]]],
+                            *, extra_tokens: int = 2, batch_size: int = 32, models_per_call: int = 32,
+                            kv_cache: bool | None = None) -> list[list[str]]:
+    """Greedy generations of edit e's prompts (its fail row, then its rephrasings) by its own edited
+    model `edited[e]`, for every edit in few batched calls (`salem_jax.generate.greedy_many`: the
+    weights the edits share are read once per decoding step for all of them). Per edit, the list
+    `edit_generation_metrics` would generate after that edit (same prompts, same max_new_tokens =
+    the edit's longest target + extra_tokens; tests/test_generate_many.py). Causal LMs."""
+    from salem_jax.generate import greedy_many
+
+    if len(edited) != len(edits):
+        raise ValueError(f"{len(edited)} edited parameter trees for {len(edits)} edits")
+    if not edits:
+        return []
+    paths, leaves = stack_edits(base_params, edited)
+    prompts = [[r["prompt"] for r in (f, *a)] for f, a in edits]
+    need = [max(1, max(target_tokens(model, r["target"]) for r in (f, *a)) + extra_tokens) for f, a in edits]
+    return greedy_many(model, base_params, paths, leaves, prompts, need, batch_size=batch_size,
+                       models_per_call=models_per_call, kv_cache=kv_cache)
+
+
 def edit_generation_metrics(model, base_params: Any, edited_params: Any, fail_row: dict, adapt_rows: Sequence[dict],
-                            *, extra_tokens: int = 2, base_generations: list[str] | None = None) -> dict[str, float]:
+                            *, extra_tokens: int = 2, base_generations: list[str] | None = None,
+                            edited_generations: list[str] | None = None) -> dict[str, float]:
     """Generated-answer shares of one edit: `gen/fail_starts_before`, `gen/fail_starts_after`,
     `gen/fail_contains_before`, `gen/fail_contains_after` on the edit prompt and the same
-    `gen/adapt_*` on its rephrasings (absent when it has none). Rows: edit-set rows (prompt, target)."""
+    `gen/adapt_*` on its rephrasings (absent when it has none). Rows: edit-set rows (prompt, target).
+    base_generations / edited_generations: the two models' generations of the rows, if computed
+    already (`generations_per_edit`, `generations_after_edits`); edited_params is then unused."""
     rows = [fail_row, *adapt_rows]
     prompts, targets = [r["prompt"] for r in rows], [r["target"] for r in rows]
     before = base_generations
     if before is None:
         before = generate_answers(model, base_params, prompts, targets, extra_tokens=extra_tokens)
-    after = generate_answers(model, edited_params, prompts, targets, extra_tokens=extra_tokens)
+    after = edited_generations
+    if after is None:
+        after = generate_answers(model, edited_params, prompts, targets, extra_tokens=extra_tokens)
     out = {}
     for when, gens in (("before", before), ("after", after)):
         for group, sl in (("fail", slice(0, 1)), ("adapt", slice(1, None))):
