@@ -287,7 +287,7 @@ def evaluate_method(model, edit: Callable, val_rows: list[dict], texts: list[str
     # scored in a few vmapped calls (`EditEvaluator.evaluate_many`) and the base and edited models'
     # greedy generations come from one batched call (`generations_after_edits`); other models: the
     # base generations batched across edits up front, the edited ones per edit in the loop
-    batched = model.kind == "causal"
+    batched = model.kind == "causal" and bool(cfg.eval.get("batch_edits", True))
     gen = bool(cfg.eval.generate) and model.kind != "classifier"
     base_gens = None
     if gen and not batched:

@@ -80,6 +80,40 @@ def test_evaluate_method_matches_hand_computation():
     assert same["ea"] == pytest.approx(np.mean([_hand_correct(model, model.params, r["prompt"], r["target"]) for r in fails]))
 
 
+def test_evaluate_method_batched_equals_per_edit():
+    """config.eval.batch_edits: every edit scored in vmapped calls and generated in one batched
+    call gives what scoring and generating each edit in its own call gives, for edits that differ
+    per row (each fail row scales one MLP kernel by its own factor)."""
+    import jax
+
+    model = hf.tiny("gpt2", seed=3)
+    rows = _rows()
+    path = model.layers.weights(["h.1"])[0].path.split("/")
+    scale = {r["prompt"]: 1.5 + i for i, r in enumerate(r for r in rows if r["group"] == "fail")}
+
+    def edit(reqs):
+        edited = jax.tree.map(lambda x: x, model.params)
+        node = edited
+        for k in path[:-1]:
+            node = node[k]
+        node[path[-1]] = node[path[-1]] * scale[reqs[0]["prompt"]] + 0.5
+        return edited
+
+    outs = {}
+    for batched in (True, False):
+        cfg = default_config()
+        cfg.progress = False
+        cfg.eval.batch_size = 4
+        cfg.eval.batch_edits = batched
+        outs[batched] = evaluate_method(model, edit, rows, [], cfg, "perturb")
+    assert outs[True]["edits"] == outs[False]["edits"] == 3
+    num = {k for k, v in outs[False].items() if isinstance(v, float) and "seconds" not in k}
+    assert num == {k for k, v in outs[True].items() if isinstance(v, float) and "seconds" not in k} and "ea" in num
+    assert any(k.startswith("gen/") for k in num)
+    for k in num:
+        assert outs[True][k] == pytest.approx(outs[False][k], rel=2e-4, abs=1e-6), k
+
+
 def test_results_table_lists_every_method():
     out = dict(
         model="m", chosen_layers=["h.1"], profile={"scorer": "salem"},
