@@ -9,7 +9,10 @@ untouched base model (salem_jax.eval.sequential; the pipeline's `--config.eval.s
 --experiment names an experiments/ config (zsre_smollm2, counterfact_smollm2, capitals_smollm2, ...)
 whose data, model, mode and keep set are used; --methods replaces its methods; --modes picks among
 sequential (apply the editor again to the edited weights), independent (each edit on the original
-weights, the changes summed) and batch (all T edits in one update). Any --config.KEY=VALUE override
+weights, the changes summed), batch (all T edits in one update) and sequential:N (sequential batches
+of N edits, each call on the weights the previous produced: AlphaEdit's protocol; every T a multiple
+of N; locate-then-edit methods need --config.locate_edit.batch_size >= N for one closed-form update
+per call, the default 100 is). Any --config.KEY=VALUE override
 applies last (e.g. --config.limit=1037 --config.eval.max_edits=5). The method's one-edit-at-a-time
 evaluation runs too (config.eval.max_edits edits), as in every pipeline run.
 
@@ -52,8 +55,7 @@ def main(argv=None) -> int:
     if args.quick:
         cfg.limit, cfg.val_fraction, cfg.eval.max_edits = 60, 0.2, 2
     cfg = apply_overrides(cfg, rest)
-    S.parse_steps(cfg.eval.sequential)
-    S.parse_modes(cfg.eval.sequential_modes)
+    S.parse_modes(cfg.eval.sequential_modes, steps=S.parse_steps(cfg.eval.sequential))
     t = time.perf_counter()
     out = run_pipeline(cfg, args.workdir)
     seconds = time.perf_counter() - t

@@ -96,6 +96,50 @@ def test_batch_of_one_equals_one_sequential_edit(setup):
     assert b3["ea"] == pytest.approx(_hand_acc(model, edit(model.params, fails[:3]), fails[:3]))
 
 
+def test_sequential_batches_equal_a_hand_loop_of_batch_edits(setup):
+    """sequential:N (AlphaEdit's protocol): the editor called on N rows at a time, each call on the
+    weights the previous returned; scored after T = 2 and 4 like a hand loop of such calls."""
+    model, _, edit = setup
+    fails, adapts, passes = S.split_val(_rows(), 10)
+    res = S.many_edits(model, edit, fails, adapts, {"pass": passes, "keep": KEEP}, steps=(2, 4), mode="sequential:2",
+                       batch_size=4)
+    p1 = edit(model.params, fails[0:2])
+    p2 = edit(p1, fails[2:4])
+    for r, p in zip(res, (p1, p2)):
+        T = r["T"]
+        assert r["mode"] == "sequential:2"
+        assert r["ea"] == pytest.approx(_hand_acc(model, p, fails[:T]))
+        ad = [a for x in fails[:T] for a in adapts[x["record_id"]]]
+        assert r["adapt_acc"] == pytest.approx(_hand_acc(model, p, ad))
+        assert r["keep_acc"] == pytest.approx(_hand_acc(model, p, KEEP))
+    # it is neither one batch of 4 nor 4 single edits (so the comparison above can fail)
+    one = edit(model.params, fails[:4])
+    single = model.params
+    for row in fails[:4]:
+        single = edit(single, [row])
+    k = lambda p: np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree.leaves(p)])  # noqa: E731
+    assert np.abs(k(p2) - k(one)).max() > 1e-4 and np.abs(k(p2) - k(single)).max() > 1e-4
+    # sequential:1 is sequential
+    s1 = S.many_edits(model, edit, fails, adapts, {}, steps=(2,), mode="sequential:1", batch_size=4)[0]
+    s = S.many_edits(model, edit, fails, adapts, {}, steps=(2,), mode="sequential", batch_size=4)[0]
+    assert s1["ea"] == s["ea"] and s1["adapt_acc"] == s["adapt_acc"]
+
+
+def test_sequential_batches_refuse_a_cut_batch_and_bad_modes(setup):
+    model, cfg, edit = setup
+    fails, adapts, _ = S.split_val(_rows(), 10)
+    calls = []
+    with pytest.raises(UserError, match=r"'sequential:2' edits 2 rows per call.*3 is not"):
+        S.many_edits(model, lambda p, r: calls.append(r) or p, fails, adapts, {}, steps=(2, 3), mode="sequential:2")
+    assert not calls
+    assert S.parse_modes("sequential:10,batch", steps=(10, 50, 100)) == ("sequential:10", "batch")
+    for bad in ("batch:2", "sequential:0", "sequential:x", "sequential:-1", "independent:3"):
+        with pytest.raises(UserError, match="sequential_modes"):
+            S.parse_modes(bad)
+    with pytest.raises(UserError, match="multiple of 10; 5 is not"):
+        S.parse_modes("sequential:10", steps=(5, 10))
+
+
 def test_nan_edit_stops_named_with_earlier_results_written(setup, tmp_path):
     model, cfg, edit = setup
     calls = []

@@ -259,3 +259,56 @@ def test_values_are_reused_for_the_first_batch_only(tmp_path):
     for x, y, z in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), jax.tree.leaves(c.params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(z))
         np.testing.assert_array_equal(np.asarray(y), np.asarray(z))
+
+
+def test_alphaedit_sequential_batches_carry_projection_and_keys(tmp_path, monkeypatch):
+    """The many-edits study's sequential:2 mode with the pipeline's alphaedit: two closed-form
+    updates of two rows each, the second on the weights the first produced, with the first batch's
+    keys (read on the edited weights) in its memory. Checked against numpy solves of AlphaEdit's
+    formula, batch by batch with v* on the current weights; equal to one alphaedit call with
+    batch_size 2 (the session-11 route); the memory changes the second update."""
+    from salem_jax.baselines.locate_edit import EditorConfig, apply_delta, out_in
+    from salem_jax.baselines.mass_edit import alphaedit_edit, keys_of
+    from salem_jax.baselines.rome import compute_value, rome_weight
+    from salem_jax.eval import sequential as S
+    from salem_jax.methods.locate_edit import editor_config
+
+    import dataclasses
+
+    model, cfg, prepared, stats, rows, reqs = _batch_setup(tmp_path, monkeypatch, ("alphaedit",), alpha_energy=0.5,
+                                                           alpha_l2=0.1)
+    seen = []
+
+    def edit(p, rs):
+        seen.append(prepared["alphaedit"].edit(p, rs))
+        return seen[-1]
+
+    res = S.many_edits(model, edit, rows, {}, {}, steps=(2, 4), mode="sequential:2", batch_size=4)
+    assert [r["T"] for r in res] == [2, 4] and len(seen) == 2
+
+    p0, w = model.params, rome_weight(model, "h.1")
+    vcfg = editor_config(cfg).value
+    P = stats.solver(w).null_projection(cfg.locate_edit.alpha_energy)
+    l2 = cfg.locate_edit.alpha_l2
+
+    def update(p, rs, prior):
+        K = keys_of(model, p, w, rs, ("",))
+        vo = [compute_value(model, p, w, r.prompt, r.subject, r.target_new, vcfg, progress=False) for r in rs]
+        R = np.stack([np.asarray(v, np.float64) - np.asarray(o, np.float64) for v, o, _ in vo], 1)
+        KK = K @ K.T + prior
+        return R @ K.T @ P @ np.linalg.inv(KK @ P + l2 * np.eye(len(P)))
+
+    d1 = update(p0, reqs[:2], 0.0)
+    p1 = apply_delta(p0, w, d1)
+    K1 = keys_of(model, p1, w, reqs[:2], ("",))  # the memory: batch 1's keys on the edited weights
+    d2 = update(p1, reqs[2:], K1 @ K1.T)
+    d2_fresh = update(p1, reqs[2:], 0.0)
+    tol = lambda d: dict(rtol=1e-3, atol=1e-3 * np.abs(d).max())  # noqa: E731
+    np.testing.assert_allclose(out_in(seen[0], w) - out_in(p0, w), d1, **tol(d1))
+    np.testing.assert_allclose(out_in(seen[1], w) - out_in(seen[0], w), d2, **tol(d2))
+    assert np.abs(d2 - d2_fresh).max() > 1e-2 * np.abs(d2).max()  # the memory matters here
+
+    ec = dataclasses.replace(editor_config(cfg), batch_size=2)
+    one_call = alphaedit_edit(model, p0, reqs, layers=("h.1",), stats=stats, config=ec, progress=False)
+    np.testing.assert_allclose(out_in(one_call.params, w), out_in(seen[1], w), rtol=1e-5, atol=1e-7)
+    assert isinstance(ec, EditorConfig) and one_call.state.n_edits == 4

@@ -1,7 +1,7 @@
 """Many edits: what happens to edit 1 after edit 100? Sequential and batch editing, scored on retention.
 
 A method's edit function `edit(params, rows) -> params` (salem_jax.methods: `Prepared.edit`) is
-applied to the val fail rows r_1, r_2, ... in one of three ways (`MODES`):
+applied to the val fail rows r_1, r_2, ... in one of these ways (`MODES`, and `sequential:N`):
 
 * **sequential** - "apply the editor again to the edited weights": p_t = edit(p_{t-1}, [r_t]),
   p_0 = the base weights. Each edit sees the weights the earlier edits produced (a MEND editor
@@ -13,6 +13,13 @@ applied to the val fail rows r_1, r_2, ... in one of three ways (`MODES`):
 * **batch** - all T edits in one update: p_T = edit(p_0, [r_1, ..., r_T]) (MEND: one combined
   edit; fine-tuning: one run on all rows; ROME: its rows one after another, as ROME's own multi-row
   edit is defined).
+* **sequential:N** - sequential batches of N edits (AlphaEdit's own protocol): the editor applied
+  again to the edited weights, N rows a call, p_b = edit(p_{b-1}, [r_{N(b-1)+1} .. r_{Nb}]);
+  `sequential:1` is `sequential`. Every T of `steps` must be a multiple of N (a batch is never cut).
+  A locate-then-edit method makes one closed-form update per call when its
+  `config.locate_edit.batch_size` >= N, and continues its state (AlphaEdit: the null-space
+  projection and sum k k^T of every earlier batch's keys) because each call gets the parameters the
+  previous call returned (`salem_jax.methods.locate_edit`).
 
 After T = steps[0], steps[1], ... edits the weights p_T are scored (`score_after`):
 
@@ -72,11 +79,35 @@ def parse_steps(spec: str, where: str = "config.eval.sequential") -> tuple[int, 
     return steps
 
 
-def parse_modes(spec: str, where: str = "config.eval.sequential_modes") -> tuple[str, ...]:
+def split_mode(mode: str) -> tuple[str, int]:
+    """"sequential:10" -> ("sequential", 10); "sequential" -> ("sequential", 1); "batch" -> ("batch", 0)
+    (0: the mode has no edits-per-call count). ValueError for anything else."""
+    kind, sep, n = str(mode).partition(":")
+    if kind not in MODES or (sep and kind != "sequential"):
+        raise ValueError(f"mode {mode!r}: choose one of {', '.join(MODES)} or sequential:N (N edits per call)")
+    if not sep:
+        return kind, 1 if kind == "sequential" else 0
+    if not n.isdigit() or int(n) < 1:
+        raise ValueError(f"mode {mode!r}: N of sequential:N must be a positive integer (edits per call)")
+    return kind, int(n)
+
+
+def parse_modes(spec: str, where: str = "config.eval.sequential_modes",
+                steps: Sequence[int] | None = None) -> tuple[str, ...]:
+    """"sequential,batch,sequential:10" -> the modes, checked (with `steps`: every T a multiple of
+    the N of each sequential:N)."""
     modes = tuple(m.strip() for m in str(spec).split(",") if m.strip())
-    bad = [m for m in modes if m not in MODES]
-    if not modes or bad:
-        raise UserError(f"{where}={spec!r}: choose among {', '.join(MODES)} (comma separated)")
+    if not modes:
+        raise UserError(f"{where}={spec!r}: choose among {', '.join(MODES)}, sequential:N (comma separated)")
+    for m in modes:
+        try:
+            kind, n = split_mode(m)
+        except ValueError as e:
+            raise UserError(f"{where}={spec!r}: {e}") from None
+        bad = [t for t in steps or () if kind == "sequential" and t % n]
+        if bad:
+            raise UserError(f"{where}={spec!r}: mode {m!r} edits {n} rows per call, so every edit count must be a "
+                            f"multiple of {n}; {', '.join(map(str, bad))} is not")
     return modes
 
 
@@ -173,9 +204,9 @@ def many_edits(model, edit: Callable[[Any, list[dict]], Any], fails: Sequence[di
     `NonFiniteEdit` when an edit produces NaN/inf weights."""
     from tqdm.auto import tqdm
 
-    if mode not in MODES:
-        raise ValueError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
+    kind, per_call = split_mode(mode)
     steps = tuple(steps)
+    parse_modes(mode, "mode", steps)
     check_enough_edits(steps, len(fails), "the edit list")
     fails = list(fails)[: max(steps)]
     p0 = model.params
@@ -192,7 +223,7 @@ def many_edits(model, edit: Callable[[Any, list[dict]], Any], fails: Sequence[di
     params, done, seconds = p0, 0, 0.0
     bar = tqdm(total=max(steps), desc=f"{mode} edits", disable=not progress)
     for T in steps:
-        if mode == "batch":
+        if kind == "batch":
             t0 = time.perf_counter()
             new = edit(p0, fails[:T])
             jax.block_until_ready(new)
@@ -207,23 +238,26 @@ def many_edits(model, edit: Callable[[Any, list[dict]], Any], fails: Sequence[di
             bar.update(T - bar.n)
         else:
             while done < T:
-                row = fails[done]
+                n = per_call if kind == "sequential" else 1
+                rows = fails[done : done + n]
                 t0 = time.perf_counter()
-                if mode == "sequential":
-                    new = edit(params, [row])
+                if kind == "sequential":
+                    new = edit(params, rows)
                 else:
-                    new = add_change(params, edit(p0, [row]), p0)
+                    new = add_change(params, edit(p0, rows), p0)
                 jax.block_until_ready(new)
                 seconds += time.perf_counter() - t0
                 bad = non_finite(new, params)
                 if bad:
+                    what = (f"edit {done + 1} (val fail row {rows[0]['id']!r})" if n == 1 else
+                            f"update of edits {done + 1}-{done + n} (val fail rows {rows[0]['id']!r} .. "
+                            f"{rows[-1]['id']!r})")
                     raise NonFiniteEdit(
-                        f"{mode} edit {done + 1} (val fail row {row['id']!r}) produced non-finite weights in "
-                        f"{', '.join(bad)}; stopped there, keeping the weights after edit {done} and the results "
-                        "so far",
-                        edit=done + 1, row_id=row["id"], leaves=bad, results=results, params=params)
-                params, done = new, done + 1
-                bar.update(1)
+                        f"{mode} {what} produced non-finite weights in {', '.join(bad)}; stopped there, keeping "
+                        f"the weights after edit {done} and the results so far",
+                        edit=done + n, row_id=rows[-1]["id"], leaves=bad, results=results, params=params)
+                params, done = new, done + n
+                bar.update(n)
         r = dict(T=T, mode=mode, **score_after(model, params, fails[:T], adapts, fixed, base, **kw),
                  edit_seconds=seconds)
         results.append(r)
@@ -260,7 +294,8 @@ def pipeline_study(model, edit, val_rows: Sequence[dict], keep: Sequence[dict], 
     """config.eval.sequential for one method: every mode of config.eval.sequential_modes, written to
     work/many_edits_<name>.json after every T. A `NonFiniteEdit` is written there (with the results so
     far) and re-raised. Returns {mode: [result per T]}."""
-    steps, modes = parse_steps(cfg.eval.sequential), parse_modes(cfg.eval.sequential_modes)
+    steps = parse_steps(cfg.eval.sequential)
+    modes = parse_modes(cfg.eval.sequential_modes, steps=steps)
     fails, adapts, passes = split_val(val_rows, cfg.eval.max_pass)
     check_enough_edits(steps, len(fails), f"method {name!r}")
     fixed = {"pass": passes, **({"keep": list(keep)} if keep else {})}
@@ -300,12 +335,12 @@ def plot_many_edits(studies: Mapping[str, Mapping[str, list[dict]]], path: str |
     panels = [("ea", "retention EA (all edits so far)"), ("ea_first", f"EA of the first {FIRST} edits"),
               ("keep_acc", "keep-set accuracy") if has_keep else ("dd_acc", "DD (val pass accuracy)")]
     fig, ax = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
-    styles = {"sequential": "-", "independent": "--", "batch": ":"}  # equal values stay visible
+    styles = {"sequential": "-", "independent": "--", "batch": ":"}  # equal values stay visible; sequential:N "-."
     for method, by_mode in studies.items():
         for mode, rs in by_mode.items():
             xs = [r["T"] for r in rs]
             for a, (key, _) in zip(ax, panels):
-                a.plot(xs, [r.get(key, np.nan) for r in rs], marker="o", linestyle=styles.get(mode, "-"),
+                a.plot(xs, [r.get(key, np.nan) for r in rs], marker="o", linestyle=styles.get(mode, "-."),
                        label=f"{method} {mode}")
     for a, (_, title) in zip(ax, panels):
         a.set(xscale="log", xlabel="edits made (T)", title=title)
