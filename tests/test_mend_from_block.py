@@ -265,3 +265,57 @@ def test_validation_with_the_base_side_kept_equals_a_fresh_one(which):
         for i in range(2):
             state, _ = train_step(state, base, sharding.shard_batch(train_batch(data["train"], cfg, i), mesh), **kw)
     assert fresh["kl"] != 0.0 and fresh["edit_acc_before"] == kept["edit_acc_before"]
+
+
+def test_block_inputs_are_kept_only_when_the_steps_would_compute_as_many_rows():
+    """The rule (`from_block_data(uses=...)`, issue 14): a split's hidden states are kept only
+    when the run's steps (validations) would compute them for at least as many rows, repeats
+    counted, as the split has; counts by hand for the sizes that motivated it."""
+    from salem_jax.mend.train import from_block_data, split_rows, train_block_rows, val_block_rows
+
+    # CounterFact at the main job's settings: 1 group of 1 fail + 2 rephrasings + 4 pass rows a step
+    cf = TrainConfig(batch_size=1, edits_per_group=1, adapt_per_edit=2, pass_per_group=4, max_steps=300, val_every=50,
+                     val_groups=30)
+    assert train_block_rows(cf, 300) == 300 * (1 + 2 + 4) == 2100  # < 270 + 540 + 2700 rows: computed in the steps
+    assert train_block_rows(dataclasses.replace(cf, batch_size=3, extra_pass_per_group=2), 10) == 10 * 3 * (3 + 4 + 2)
+    model, data = _model("llama"), _data("llama")
+    train, val = data["train"], data["val"]
+    n = train.n_fail + len(train.adapt["input_ids"]) + train.n_pass
+    assert split_rows(train) == n == 30
+    cfg = _cfg(2)  # 2 groups of 1 + 2 + 2 rows: 10 rows a step
+    assert train_block_rows(cfg, 3) == 30 and train_block_rows(cfg, 2) == 20
+    # validations: every val_every (20) steps and at the end, over min(val_groups, 2 fail rows) groups of 5 rows
+    assert val_block_rows(val, cfg, 20) == 1 * 2 * 5 and val_block_rows(val, cfg, 21) == 2 * 2 * 5
+    assert val_block_rows(val, dataclasses.replace(cfg, val_groups=1), 60) == 3 * 1 * 5
+    spec = EditorSpec.from_params(_weights("llama", "late"), model.params, cfg.editor)
+    for uses, kept in [(None, True), (n, True), (n + 1, True), (n - 1, False), (0, False)]:
+        plan, d = from_block_data(model, spec, train, model.params, uses=uses)
+        assert plan is not None and (d.block_input_of == plan.last) == kept, (uses, kept)
+        assert (BLOCK_INPUT in d.passes) == kept and (BLOCK_INPUT in d.fail) == kept
+    # the decision does not depend on what `data` holds: kept inputs are dropped when they do not pay
+    plan = from_block_plan(model, spec, train)[0]
+    assert from_block_data(model, spec, with_block_inputs(plan, model.params, train), model.params,
+                           uses=n - 1)[1].block_input_of is None
+
+
+def test_train_editor_equals_with_and_without_the_kept_block_inputs(tmp_path, monkeypatch, capsys):
+    """The whole loop with the split's hidden states kept (3 steps of 10 rows: 30 uses, the
+    train split's 30 rows) equals the loop that computes them in every step (the rule forced to
+    'does not pay'): params, validation and the path each took (its log line)."""
+    import salem_jax.mend.train as train_mod
+
+    model, data = _model("llama"), _data("llama")
+    cfg = dataclasses.replace(_cfg(2), max_steps=3, val_every=3, checkpoint_every=3, log_every=1)
+    spec = EditorSpec.from_params(_weights("llama", "late"), model.params, cfg.editor)
+    mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+    kept = train_editor(model, data, spec, cfg, tmp_path / "kept", mesh=mesh, progress=False)
+    assert "(their output kept for every row)" in capsys.readouterr().err
+    monkeypatch.setattr(train_mod, "train_block_rows", lambda cfg, steps: 0)
+    monkeypatch.setattr(train_mod, "val_block_rows", lambda data, cfg, steps: 0)
+    fly = train_editor(model, data, spec, cfg, tmp_path / "fly", mesh=mesh, progress=False)
+    assert "(their output computed once per step)" in capsys.readouterr().err
+    assert kept.step == fly.step == 3 and kept.last_val["nll"] > 0
+    for a, b in zip(jax.tree.leaves(kept.params), jax.tree.leaves(fly.params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-4, atol=5e-2 * cfg.lr)
+    for k, v in kept.last_val.items():
+        np.testing.assert_allclose(fly.last_val[k], v, rtol=2e-4, atol=1e-6, err_msg=k)

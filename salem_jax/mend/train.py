@@ -550,14 +550,46 @@ def with_block_inputs(plan: FromBlockPlan, base_params, data: EditData, chunk: i
                                block_input_of=plan.last)
 
 
+def split_rows(data: EditData) -> int:
+    """Rows of the split: N_fail + N_adapt + N_pass (what `with_block_inputs` runs blocks over)."""
+    return sum(int(next(iter(d.values())).shape[0]) for d in (data.fail, data.adapt, data.passes) if d)
+
+
+def train_block_rows(cfg: TrainConfig, steps: int) -> int:
+    """Rows whose block inputs `steps` training steps compute when none are kept: each step runs
+    the base blocks over every edit row (fail + adapt slots, padding included) and pass row of
+    its `batch_size` groups (`_with_block_inputs`). cfg: resolved (`TrainConfig.resolved`)."""
+    k = cfg.edits_per_group
+    return steps * cfg.batch_size * (k * (1 + cfg.adapt_per_edit) + cfg.pass_per_group + cfg.extra_pass_per_group)
+
+
+def val_block_rows(data: EditData, cfg: TrainConfig, steps: int) -> int:
+    """Rows whose block inputs the validations of a `steps`-step run compute when none are kept:
+    one validation every `val_every` steps and one at the end, each over the edit and pass rows
+    of its groups (`val_batches`: min(val_groups, ceil(N_fail / k)) groups)."""
+    k = cfg.edits_per_group
+    groups = min(cfg.val_groups, math.ceil(data.n_fail / k))
+    return math.ceil(steps / cfg.val_every) * groups * (k * (1 + cfg.adapt_per_edit) + cfg.pass_per_group)
+
+
 def from_block_data(model, spec: EditorSpec, data: EditData, base_params, skip: bool = True,
-                    cache_bytes: int = BLOCK_CACHE_BYTES) -> tuple[FromBlockPlan | None, EditData]:
+                    cache_bytes: int = BLOCK_CACHE_BYTES, uses: int | None = None) -> tuple[FromBlockPlan | None, EditData]:
     """(plan, data) for the steps: `from_block_plan` when `skip` (else None) and, with a plan,
-    `data` holding the hidden states when they fit in `cache_bytes` (else the step computes
-    them); hidden states of another block are dropped."""
+    `data` holding the hidden states when they fit in `cache_bytes` and pay (else the step
+    computes them); hidden states of another block are dropped.
+
+    uses: how many rows' block inputs the caller's steps would compute without kept ones
+    (`train_block_rows`, `val_block_rows`; repeats counted); None: keep whenever they fit. Keeping
+    costs one base pass up to the block per row of the split (and a program of its own to
+    compile), so they are kept only when uses >= `split_rows(data)`: CounterFact's train split
+    (3,510 rows) against 300 steps of 7 rows (2,100) is computed in the steps. The decision
+    depends on the sizes and `uses` only - not on whether `data` holds them already - so a
+    resumed run decides as the first did."""
     plan = from_block_plan(model, spec, data)[0] if skip else None
     if plan is None:
         return None, without_block_inputs(data)
+    if uses is not None and uses < split_rows(data):
+        return plan, without_block_inputs(data)
     if data.block_input_of != plan.last and block_cache_bytes(plan, base_params, data) > cache_bytes:
         return plan, without_block_inputs(data)
     return plan, with_block_inputs(plan, base_params, data)
@@ -1358,8 +1390,10 @@ def train_editor(
     stop_after: stop (without a final checkpoint) once this step is reached - for tests of
       interruption; a normal run leaves it None.
     skip_unchanged_blocks: on decoder-only models, compute the base model's hidden state entering
-      the first edited block once per row of the edit set (`with_block_inputs`, up to
-      `BLOCK_CACHE_BYTES`, else once per step) and run the steps and the validation from that
+      the first edited block once per row of a split (`with_block_inputs`, up to
+      `BLOCK_CACHE_BYTES`, and only when the run's steps - validations for the val split - would
+      compute them for at least as many rows: `train_block_rows`, `val_block_rows`; else in
+      every step) and run the steps and the validation from that
       block (`from_block_plan`; the same numbers, fewer blocks). Off: every block runs.
     flat_head: on decoder-only models the steps and the validations run the LM head on the rows'
       target tokens only (`with_flat_train`, `flat_targets`; the same numbers, float summation
@@ -1418,8 +1452,13 @@ def train_editor(
     times: dict = {"validation": []}
     state = place_state(state, mesh)
     base = place_base_params(model, base_params, mesh)
-    plan, train_data = from_block_data(model, spec, data["train"], base, skip_unchanged_blocks)
-    val_data = from_block_data(model, spec, data["val"], base, skip_unchanged_blocks)[1]
+    # block inputs per split only when they pay: the run's steps (validations) would compute at
+    # least as many rows' as the split has (`from_block_data`; cfg.max_steps, so a resumed run
+    # decides the same)
+    plan, train_data = from_block_data(model, spec, data["train"], base, skip_unchanged_blocks,
+                                       uses=train_block_rows(cfg, cfg.max_steps))
+    val_data = from_block_data(model, spec, data["val"], base, skip_unchanged_blocks,
+                               uses=val_block_rows(data["val"], cfg, cfg.max_steps))[1]
     if plan is not None:
         kept = "kept for every row" if train_data.block_input_of else "computed once per step"
         print(f"train-editor: blocks 0..{plan.start - 1} of {plan.n_blocks} run on the base model only "
