@@ -553,7 +553,7 @@ def print_table(rep: dict) -> None:
     for op, m in rep["model_wide"].items():
         row(op, m)
     for name, status in rep["targets"].items():
-        print(f"target: {name}: {'met' if status else 'NOT met'}")
+        print(f"target: {name}: {'not measured in this run' if status is None else 'met' if status else 'NOT met'}")
 
 
 def main(argv=None) -> int:
@@ -611,7 +611,9 @@ def main(argv=None) -> int:
     for name, check in TARGETS.items():
         try:
             rep["targets"][name] = bool(check(rep))
-        except (KeyError, ZeroDivisionError):
+        except KeyError:  # its rows were not run (--steps-only, --val-only, ...)
+            rep["targets"][name] = None
+        except ZeroDivisionError:
             rep["targets"][name] = False
     print_table(rep)
     out = Path(args.out)
