@@ -158,3 +158,26 @@ def test_train_editor_cut_equals_uncut(setup, tmp_path):
     ev = {fit: evaluate(model, spec, res.config, mesh, res.params, res.norm, base, data["val"], fit_lengths=fit) for fit in (False, True)}
     for k, v in ev[False].items():
         np.testing.assert_allclose(ev[True][k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_block_inputs_in_length_sorted_cut_chunks_equal_the_full_forward(setup):
+    """`with_block_inputs` runs its rows sorted by length, each chunk cut after its longest row:
+    at every attended position the kept hidden state equals the block's output of one call over
+    all rows at the full length; past its chunk's cut it is 0."""
+    from salem_jax.mend.train import from_block_plan, with_block_inputs
+    from salem_jax.models.from_block import block_output
+
+    model, data, cfg, _, base = setup
+    spec = EditorSpec.from_params(model.layers.weights(["layers.2"]), model.params, cfg.editor)
+    plan = from_block_plan(model, spec, data["train"])[0]
+    d = with_block_inputs(plan, base, data["train"], chunk=4)
+    for name in ("fail", "adapt", "passes"):
+        enc = getattr(data["train"], name)
+        full = np.asarray(block_output(plan.apply.apply, plan.last, base, {k: v for k, v in enc.items() if k != SCORE_POS}))
+        got = getattr(d, name)[BLOCK_INPUT]
+        mask = enc["attention_mask"] != 0
+        assert got.shape == full.shape
+        np.testing.assert_allclose(got[mask], full[mask], rtol=1e-5, atol=1e-5, err_msg=name)
+        # some padded positions lie past their chunk's cut (0); the others hold the block's output
+        assert (got[~mask] == 0).all(-1).any()
+    assert data["train"].fail["input_ids"].shape[-1] == 24

@@ -529,8 +529,10 @@ def without_block_inputs(data: EditData) -> EditData:
 
 def with_block_inputs(plan: FromBlockPlan, base_params, data: EditData, chunk: int = 32) -> EditData:
     """`data` with BLOCK_INPUT [N, S, H] (float32 numpy) in fail, adapt and passes: the base
-    model's output of block `plan.last` on every row, computed once, `chunk` rows per call (one
-    compilation). The steps then run no block below `plan.start` at all (`_with_block_inputs`).
+    model's output of block `plan.last` on every row, computed once, `chunk` rows per call, the
+    rows sorted by length and each call cut after its longest row (one compilation per length;
+    padded positions past a call's cut are 0). The steps then run no block below `plan.start` at
+    all (`_with_block_inputs`).
     base_params: as placed for the steps (any placement)."""
     if data.block_input_of == plan.last:
         return data
@@ -542,9 +544,23 @@ def with_block_inputs(plan: FromBlockPlan, base_params, data: EditData, chunk: i
         n = int(next(iter(enc.values())).shape[0]) if enc else 0
         if n == 0:
             return {**enc, BLOCK_INPUT: np.zeros((0,) + shape, np.float32)} if enc else enc
-        parts = [np.asarray(block_output(fn, plan.last, base_params, pad_rows(slice_rows(enc, a, a + chunk), chunk)),
-                            np.float32)[: min(chunk, n - a)] for a in range(0, n, chunk)]
-        return {**enc, BLOCK_INPUT: np.concatenate(parts)}
+        # rows in chunks of similar length, each chunk cut after its longest row (an EDIT_BUCKETS
+        # length, as `fit_length` cuts the steps' batches: one program per length): positions past
+        # a row's last token change nothing before it; past the chunk's cut they are left 0 here
+        # (nothing reads them: they carry no target and their gradient factors are inactive)
+        mask = np.asarray(enc["attention_mask"]) != 0
+        s = mask.shape[-1]
+        ends = np.where(mask.any(-1), s - np.argmax(mask[:, ::-1], axis=-1), 1)
+        order = np.argsort(ends, kind="stable")
+        out = np.zeros((n,) + tuple(shape), np.float32)
+        for a in range(0, n, chunk):
+            idx = order[a: a + chunk]
+            cut = min(s, next((b for b in EDIT_BUCKETS if b >= int(ends[idx].max())), s))
+            part = {k: (v[idx][:, :cut] if np.ndim(v) >= 2 and v.shape[1] == s and k != SCORE_POS else v[idx])
+                    for k, v in enc.items()}
+            h = np.asarray(block_output(fn, plan.last, base_params, pad_rows(part, chunk)), np.float32)
+            out[idx, :cut] = h[: len(idx)]
+        return {**enc, BLOCK_INPUT: out}
 
     return dataclasses.replace(data, fail=rows(data.fail), adapt=rows(data.adapt), passes=rows(data.passes),
                                block_input_of=plan.last)
