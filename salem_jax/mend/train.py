@@ -372,6 +372,17 @@ def _train_indices(data: EditData, cfg: TrainConfig, step: int) -> tuple[np.ndar
 ROW_SETS = ("fail", "edit", "pass")  # the row dicts of a group batch: leaves [G, rows, S, ...]
 
 
+def row_ends(mask: np.ndarray) -> np.ndarray:
+    """[...] each row's last attended position + 1 (1 for a row with none) of a mask [..., S]."""
+    mask = np.asarray(mask) != 0
+    return np.where(mask.any(-1), mask.shape[-1] - np.argmax(mask[..., ::-1], axis=-1), 1)
+
+
+def bucket_length(need: int, s: int) -> int:
+    """The smallest EDIT_BUCKETS length >= need, at most s (a padded length to cut rows of `s` to)."""
+    return min(s, next((b for b in EDIT_BUCKETS if b >= need), s))
+
+
 def batch_length(batch: dict) -> int:
     """The padded length a group batch (`train_batch`, `val_batches`) can be cut to: the smallest
     EDIT_BUCKETS length >= every row's last attended position + 1 and >= its score positions' K,
@@ -381,13 +392,12 @@ def batch_length(batch: dict) -> int:
         rows = batch.get(name)
         if not rows:
             continue
-        mask = np.asarray(rows["attention_mask"]) != 0
+        mask = np.asarray(rows["attention_mask"])
         s = max(s, mask.shape[-1])
-        if mask.any():
-            need = max(need, int(mask.shape[-1] - np.argmax(mask[..., ::-1], axis=-1)[mask.any(-1)].min()))
+        need = max(need, int(row_ends(mask).max(initial=1)))
         if SCORE_POS in rows:
             need = max(need, int(rows[SCORE_POS].shape[-1]))
-    return min(s, next((b for b in EDIT_BUCKETS if b >= need), need))
+    return bucket_length(need, s)
 
 
 def fit_length(batch: dict, length: int | None = None) -> dict:
@@ -548,14 +558,13 @@ def with_block_inputs(plan: FromBlockPlan, base_params, data: EditData, chunk: i
         # length, as `fit_length` cuts the steps' batches: one program per length): positions past
         # a row's last token change nothing before it; past the chunk's cut they are left 0 here
         # (nothing reads them: they carry no target and their gradient factors are inactive)
-        mask = np.asarray(enc["attention_mask"]) != 0
-        s = mask.shape[-1]
-        ends = np.where(mask.any(-1), s - np.argmax(mask[:, ::-1], axis=-1), 1)
+        s = enc["attention_mask"].shape[-1]
+        ends = row_ends(enc["attention_mask"])
         order = np.argsort(ends, kind="stable")
         out = np.zeros((n,) + tuple(shape), np.float32)
         for a in range(0, n, chunk):
             idx = order[a: a + chunk]
-            cut = min(s, next((b for b in EDIT_BUCKETS if b >= int(ends[idx].max())), s))
+            cut = bucket_length(int(ends[idx].max()), s)
             part = {k: (v[idx][:, :cut] if np.ndim(v) >= 2 and v.shape[1] == s and k != SCORE_POS else v[idx])
                     for k, v in enc.items()}
             h = np.asarray(block_output(fn, plan.last, base_params, pad_rows(part, chunk)), np.float32)
