@@ -340,7 +340,8 @@ class EditEvaluator:
         (`_edited_scores_flat_many`, vmap over the edits: each edit's model is the base with the
         leaves the edits changed replaced - `eval.generated.stack_edits` - from their common first
         changed block), those with text apart from those without. The same numbers as one call per
-        edit up to float summation order (tests/test_edit_eval.py). Falls back to `evaluate` per
+        edit up to float summation order
+        (tests/test_from_block.py::test_evaluate_many_equals_one_edit_at_a_time). Falls back to `evaluate` per
         edit where batching does not apply: the [R, K] path (flat_scores=False), every block run
         (skip_unchanged_blocks=False) or edits starting at different blocks."""
         from salem_jax.eval.generated import stack_edits
