@@ -26,12 +26,13 @@ PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
 
 # The tiny programs of the suite compile with XLA's backend optimisation off (tests/conftest.py):
 # they run for milliseconds, so compiling them costs far more than running them. The slow suite
-# (real models) keeps the optimised compile.
+# does the same for its tiny-model tests; its tests marked `real_model` (SmolLM2, MiniLM) keep the
+# optimised compile.
 test: $(STAMP)
 	SALEM_JAX_TEST_FAST_COMPILE=1 $(PYTEST) -m "not slow" --durations=25
 
 test-slow: $(STAMP)
-	$(PYTEST) -m slow
+	SALEM_JAX_TEST_FAST_COMPILE=1 $(PYTEST) -m slow --durations=15
 
 # Every benchmark in benchmarks/, one after the other (each prints a table and writes runs/bench-*.json).
 # vs_pytorch times salem-jax against an eager PyTorch reference in the same run; the others

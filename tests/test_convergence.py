@@ -17,6 +17,7 @@ from tests.test_mend_train import COUNTRIES, synthetic_rows
 KEYS = ("edit_acc", "fail_acc", "adapt_acc", "drawdown", "kl", "loss")
 
 
+@pytest.mark.slow  # a benchmark's bookkeeping, ~8 s of training runs: the slow suite (make test <= 5 min)
 def test_curve_equals_one_uninterrupted_run_by_hand():
     model = hf.tiny("gpt2")
     data = prepare_splits(model, {"train": synthetic_rows(model, COUNTRIES[:6], 0, "tr"),

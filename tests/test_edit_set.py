@@ -402,6 +402,7 @@ def _smollm2():
 
 
 @pytest.mark.slow
+@pytest.mark.real_model
 def test_smollm2_capitals_fail_records_are_wrong_under_greedy_decoding():
     from salem_jax.data.countries import country_records
 

@@ -77,6 +77,8 @@ def test_toy_set_reaches_full_accuracy_and_reloads_identically(trained):
     assert not np.allclose(np.asarray(model.params["classifier"]["kernel"]), np.asarray(res.params["classifier"]["kernel"]))
 
 
+# the slow suite (make test <= 5 min); the editor's resume is in make test (test_checkpoint.py)
+@pytest.mark.slow
 def test_kill_mid_epoch_resumes_to_the_same_parameters(tmp_path):
     recs = toy_records(24, seed=1)
     train, held = recs[:18], recs[18:]

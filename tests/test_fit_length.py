@@ -98,7 +98,9 @@ def test_batch_length_and_cut(setup):
         fit_length(train_batch(d, cfg, lengths.index(s)), min(lengths))
 
 
-@pytest.mark.parametrize("layer", ["layers.2", "layers.0"])
+# layers.0 (every block runs, the path test_mend_fast_step also keeps for the slow suite) compiles
+# whole-model steps twice: the slow suite
+@pytest.mark.parametrize("layer", ["layers.2", pytest.param("layers.0", marks=pytest.mark.slow)])
 def test_steps_on_cut_batches_equal_the_full_length_steps(setup, layer):
     """Three steps from the same state on the same batches, full length and cut: metrics and the
     new state (editor params, Adam's moments, norm statistics) equal. layers.2: from the edited

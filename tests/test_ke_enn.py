@@ -192,6 +192,9 @@ def test_enn_edit_equals_plain_gradient_steps(model):
     assert nll(model, got, batch) < nll(model, model.params, batch)
 
 
+# ~10 s of second-order gradients and finite differences: the slow suite (make test <= 5 min);
+# the ENN step itself is checked in make test against a hand-written Adam step
+@pytest.mark.slow
 def test_enn_second_order_gradient_matches_finite_differences(model):
     weights = model.layers.weights(["layer.1"])
     paths = tuple(w.path for w in weights)

