@@ -214,6 +214,7 @@ class LocateEdit:
     kl_factor: float = _EDIT.value.kl_factor
     weight_decay: float = _EDIT.value.weight_decay
     clamp_norm_factor: float = _EDIT.value.clamp_norm_factor
+    clamp_norm: str = _EDIT.value.clamp_norm  # "output" (ROME: |o|) | "residual" (MEMIT / AlphaEdit: |h0|)
     memit_lambda: float = _EDIT.memit_lambda
     emmet_lambda: float = _EDIT.emmet_lambda
     alpha_energy: float = _EDIT.alpha_energy

@@ -82,6 +82,9 @@ def test_bad_config_is_refused_early(tmp_path):
     cfg.locate_edit.layer, cfg.locate_edit.layer_from = "", "gradients"
     with pytest.raises(ValueError, match="layer_from 'gradients'"):
         P.run_pipeline(cfg, tmp_path / "work2")
+    cfg.locate_edit.layer_from, cfg.locate_edit.clamp_norm = "saliency", "residue"
+    with pytest.raises(ValueError, match="config.locate_edit.clamp_norm 'residue'"):
+        P.run_pipeline(cfg, tmp_path / "work3")
 
 
 def test_alphaedit_continues_its_state_only_on_its_own_output(tmp_path):

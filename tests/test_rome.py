@@ -314,3 +314,98 @@ def test_long_kl_prompt_and_bad_subject():
     assert v.shape == o.shape and len(hist) >= 2 and np.all(np.isfinite(hist))
     with pytest.raises(ValueError, match="does not occur"):
         R.rome_edit(model, model.params, "h.1", "the capital of france is", "peru", "tokyo", progress=False)
+
+
+def _block_out_at(model, params, block_path, text, pos, length=32):
+    """The block's output hidden state at token `pos` of one text (own interceptor, one right-padded
+    row): [H] float64."""
+    ids = model.tokenizer(text)["input_ids"]
+    row = np.zeros((1, length), np.int32)
+    row[0, : len(ids)] = ids
+    mask = (np.arange(length) < len(ids)).astype(np.int32)[None]
+    seen = {}
+
+    def icpt(f, args, kwargs, ctx):
+        y = f(*args, **kwargs)
+        if ctx.method_name == "__call__" and "/".join(ctx.module.path) == block_path and "h" not in seen:
+            seen["h"] = y[0] if isinstance(y, (tuple, list)) else y
+        return y
+
+    with nn.intercept_methods(icpt):
+        model.apply(params, {"input_ids": row, "attention_mask": mask})
+    return np.asarray(seen["h"], np.float64)[0, pos]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_residual_clamp_holds_after_every_step_and_equals_a_hand_loop(arch):
+    """clamp_norm="residual" (MEMIT's / AlphaEdit's z*): after every Adam step |delta| <= f |h0|, with
+    h0 the edited block's output at the subject's last token of the bare prompt read by our own
+    interceptor; the bound is reached (the clamp acts) and differs from ROME's f |o|. The deltas after
+    k = 1..K steps equal a hand loop (optax Adam on a hand-written loss over full logits, weight decay
+    |delta| / |h0|^2, projection onto the f |h0| ball after each step)."""
+    import jax.numpy as jnp
+    import optax
+
+    model = _model(arch)
+    layer = model.layers.names()[-1]
+    w = R.rome_weight(model, layer)
+    f, K, target = 0.5, 6, "tokyo cairo"
+    cfg = R.ROMEConfig(v_steps=K, v_lr=0.1, clamp_norm_factor=f, clamp_norm="residual", weight_decay=0.3,
+                       stop_loss=0.0)
+    pos = len(model.tokenizer(PROMPT)["input_ids"]) - 1  # the subject ends the prompt
+    h0 = _block_out_at(model, model.params, model.layers[layer].module_path, PROMPT, pos)
+    cap = f * np.linalg.norm(h0)
+
+    # hand loop
+    batch, idx, n_rw = R._value_batch(model, PROMPT, SUBJECT, target, cfg)
+    assert idx[0] == pos
+    B = batch["input_ids"].shape[0]
+    labels, mask = np.asarray(batch["labels"]), np.asarray(batch["label_mask"], np.float32)
+
+    def logp_at(delta):
+        logits, _, o = R._forward_at(model.apply, w.module_path, model.params, batch, idx,
+                                     jnp.broadcast_to(delta, (B, delta.shape[0])))
+        return jax.nn.log_softmax(logits.astype(jnp.float32), -1), o
+
+    logp0, o_all = logp_at(jnp.zeros(h0.shape, jnp.float32))
+    o_norm = float(np.linalg.norm(np.asarray(o_all[0], np.float64)))
+    assert cap > 1.5 * f * o_norm  # the residual bound is not ROME's
+    kl_init = logp0[n_rw, idx[n_rw]]
+
+    def loss(delta):
+        logp, _ = logp_at(delta)
+        tok = jnp.take_along_axis(logp, labels[..., None], -1)[..., 0]
+        nll = -(tok * mask).sum() / mask.sum()
+        new = logp[n_rw, idx[n_rw]]
+        kl = jnp.sum(jnp.exp(new) * (new - kl_init))
+        norm = jnp.sqrt(jnp.maximum(jnp.sum(delta * delta), 1e-30))
+        return nll + cfg.kl_factor * kl + cfg.weight_decay * norm / float(np.linalg.norm(h0)) ** 2
+
+    opt, grad = optax.adam(cfg.v_lr), jax.jit(jax.grad(loss))
+    delta = jnp.zeros(h0.shape, jnp.float32)
+    state = opt.init(delta)
+    hand = []
+    for _ in range(K):
+        upd, state = opt.update(grad(delta), state, delta)
+        delta = optax.apply_updates(delta, upd)
+        n = float(jnp.linalg.norm(delta))
+        if n > cap:
+            delta = delta * (cap / n)
+        hand.append(np.asarray(delta, np.float64))
+
+    for k in range(1, K + 1):
+        v, o, hist = R.compute_value(model, model.params, w, PROMPT, SUBJECT, target,
+                                     dataclasses.replace(cfg, v_steps=k), progress=False)
+        d = np.asarray(v, np.float64) - np.asarray(o, np.float64)
+        assert len(hist) == k + 1
+        assert np.linalg.norm(d) <= cap * (1 + 1e-5), (k, np.linalg.norm(d), cap)
+        np.testing.assert_allclose(d, hand[k - 1], rtol=1e-3, atol=1e-4 * cap)
+    assert np.linalg.norm(d) >= cap * (1 - 1e-5)  # the clamp acted by step K
+
+    # ROME's mode on the same edit stays within f |o|, below the residual bound
+    v, o, _ = R.compute_value(model, model.params, w, PROMPT, SUBJECT, target,
+                              dataclasses.replace(cfg, clamp_norm="output"), progress=False)
+    assert np.linalg.norm(np.asarray(v, np.float64) - np.asarray(o, np.float64)) <= f * o_norm * (1 + 1e-5)
+    with pytest.raises(ValueError, match="clamp_norm 'bogus'"):
+        R.compute_value(model, model.params, w, PROMPT, SUBJECT, target,
+                        dataclasses.replace(cfg, clamp_norm="bogus"), progress=False)

@@ -27,8 +27,9 @@ Shared machinery (MEMIT's algorithm, kmeng01/memit `memit_main.py`; REFERENCE.md
    parameters (of the very model) its entries were computed on.
 
 Differences from the papers' code: keys average the prompt and the prefixes with equal weight
-(MEMIT: 0.5 prompt + 0.5 mean of prefixes); the clamp on delta is ROME's (relative to the MLP
-output, MEMIT: 0.75 of the residual norm); AlphaEdit's null space is chosen by an energy share of
+(MEMIT: 0.5 prompt + 0.5 mean of prefixes); the clamp on delta and its weight decay are ROME's
+(relative to the MLP output) unless `value.clamp_norm="residual"` (MEMIT / AlphaEdit: relative to the
+block output h0, with `clamp_norm_factor` 0.75); AlphaEdit's null space is chosen by an energy share of
 trace(C) (suggested in AlphaEdit#38) instead of the absolute eigenvalue threshold 2e-2, which
 depends on the model's activation scale.
 """

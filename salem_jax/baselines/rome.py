@@ -18,7 +18,11 @@ say `target_new` after `prompt`:
    / |o|^2``, with Adam (`v_lr`, at most `v_steps` steps, stopping below loss 0.05) and
    |delta| projected to at most `clamp_norm_factor * |o|` after every step. These follow
    ROME's code (its KL term is torch `kl_div(init, new)` = KL(new || init)); the NLL is taken at
-   the model's output (ROME's `v_loss_layer` = last layer).
+   the model's output (ROME's `v_loss_layer` = last layer). `clamp_norm="residual"` makes the
+   weight decay and the clamp relative to |h0| instead, h0 = the output of the block that owns
+   the projection (the residual stream) at that position: MEMIT's and AlphaEdit's z\\*
+   (`compute_z`: decay 0.5 |delta| / |h0|^2, clamp 0.75 |h0|). Adding delta to the MLP output
+   at a token is adding it to the block's output there, so only the reference norm changes.
 3. **Key statistics C** (`key_covariance`): the uncentered second moment E[k k^T] of the
    projection's input over the tokens of plain text (ROME: 100k Wikipedia samples; here any
    texts, e.g. a few hundred WikiText paragraphs). Inverted with a small ridge
@@ -62,6 +66,9 @@ class ROMEConfig:
     kl_factor: float = 0.0625
     weight_decay: float = 0.5
     clamp_norm_factor: float = 4.0
+    # the norm the weight decay and the clamp are relative to: "output" = |o|, the edited module's output
+    # (ROME); "residual" = |h0|, the owning block's output (MEMIT / AlphaEdit; see the module docstring)
+    clamp_norm: str = "output"
     stop_loss: float = 5e-2
     kl_prompt: str = "{} is a"
     prefixes: tuple[str, ...] = ("",)  # texts put before the prompt; "" = the prompt alone
@@ -309,6 +316,49 @@ def _make_v_step(apply, module_path: str, lr: float, kl_factor: float, weight_de
     return opt, step, loss_only
 
 
+CLAMP_NORMS = ("output", "residual")
+
+
+def owning_block(model, module_path: str) -> str:
+    """Module path of the block (`model.layers.blocks`) that contains the module at `module_path`."""
+    for b in model.layers.blocks:
+        if module_path.startswith(b.module_path + "/"):
+            return b.module_path
+    raise ValueError(f"module {module_path!r} lies in no block of {model.name!r}; clamp_norm='residual' needs one")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _block_at(apply, block_path, params, batch, idx):
+    """The output of block `block_path` at (b, idx[b]) of every row: [B, H] float32 (its first
+    element when the block returns a tuple)."""
+    seen = {}
+
+    def icpt(next_fun, args, kwargs, ctx):
+        out = next_fun(*args, **kwargs)
+        if ctx.method_name == "__call__" and "/".join(ctx.module.path) == block_path and "h" not in seen:
+            seen["h"] = out[0] if isinstance(out, (tuple, list)) else out
+        return out
+
+    with nn.intercept_methods(icpt):
+        apply(params, batch)
+    if "h" not in seen:
+        raise KeyError(f"block module {block_path!r} was never called; check the layer table")
+    h = seen["h"]
+    return h[jnp.arange(h.shape[0]), idx].astype(jnp.float32)
+
+
+def reference_norm(model, params: Any, weight: Weight, batch: dict, idx, o: jax.Array, config: ROMEConfig) -> jax.Array:
+    """The norm v*'s weight decay and clamp are relative to (`config.clamp_norm`): |o| ("output"), or
+    |h0| ("residual"), h0 = the owning block's output at idx[0] of batch row 0 (the first prefixed prompt,
+    the row o comes from; with the bare prompt first, MEMIT's / AlphaEdit's `target_init`). Scalar."""
+    if config.clamp_norm == "output":
+        return jnp.linalg.norm(o)
+    if config.clamp_norm == "residual":
+        h = _block_at(model.apply, owning_block(model, weight.module_path), params, batch, np.asarray(idx, np.int32))
+        return jnp.linalg.norm(h[0])
+    raise ValueError(f"ROMEConfig.clamp_norm {config.clamp_norm!r}: choose from {', '.join(CLAMP_NORMS)}")
+
+
 MIN_SCORED = 8  # the fewest scored positions per row in the v* batch (a static shape)
 
 
@@ -381,14 +431,17 @@ def compute_value(
     progress: bool = True,
 ) -> tuple[jax.Array, jax.Array, tuple[float, ...]]:
     """v* (see the module docstring): ([out] v*, [out] o = the output it replaces on the first
-    prefixed prompt, losses per step)."""
+    prefixed prompt, losses per step). The weight decay and the clamp are relative to
+    `reference_norm` (|o|, or the residual's |h0| with `config.clamp_norm="residual"`)."""
     if not target_new:
         raise ValueError(f"ROME needs a non-empty target_new (prompt {prompt!r})")
+    if config.clamp_norm not in CLAMP_NORMS:
+        raise ValueError(f"ROMEConfig.clamp_norm {config.clamp_norm!r}: choose from {', '.join(CLAMP_NORMS)}")
     batch, idx, n_rw = _value_batch(model, prompt, subject, target_new, config)
     kl_init_all, o_all = _kl_init(model.apply, weight.module_path, params, batch, idx)
-    batch = _with_value_positions(batch, idx[n_rw], n_rw)
     kl_init, o = kl_init_all[n_rw], o_all[0]
-    o_norm = jnp.linalg.norm(o)
+    o_norm = reference_norm(model, params, weight, batch, idx, o, config)  # the name of ROME's case
+    batch = _with_value_positions(batch, idx[n_rw], n_rw)
     apply = model.apply
     if config.from_block:
         apply, batch, _ = _start_at_edited_block(model, params, weight.module_path, batch)

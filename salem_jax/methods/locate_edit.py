@@ -26,7 +26,7 @@ from salem_jax.baselines.editors import get_editor, layers_for
 from salem_jax.baselines.keystats import KeyStats, wikitext_texts
 from salem_jax.baselines.locate_edit import EditorConfig
 from salem_jax.baselines.requests import EditRequest
-from salem_jax.baselines.rome import ROMEConfig
+from salem_jax.baselines.rome import CLAMP_NORMS, ROMEConfig
 from salem_jax.locate.trace_rows import subject_in_prompt
 from salem_jax.methods.registry import Context, Method, Prepared
 from salem_jax.methods.rome import has_subject, rome_val_rows
@@ -39,7 +39,7 @@ def editor_config(cfg) -> EditorConfig:
     """EditorConfig from the pipeline config's `locate_edit` section."""
     e = cfg.locate_edit
     value = ROMEConfig(v_steps=e.v_steps, v_lr=e.v_lr, kl_factor=e.kl_factor, weight_decay=e.weight_decay,
-                       clamp_norm_factor=e.clamp_norm_factor)
+                       clamp_norm_factor=e.clamp_norm_factor, clamp_norm=e.clamp_norm)
     return EditorConfig(value=value, use_prefixes=e.n_prefixes > 0, batch_size=e.batch_size,
                         memit_lambda=e.memit_lambda, emmet_lambda=e.emmet_lambda, alpha_energy=e.alpha_energy,
                         alpha_threshold=e.alpha_threshold,
@@ -75,6 +75,8 @@ def check(ctx: Context) -> None:
         raise ValueError(f"config.locate_edit.layer_from {e.layer_from!r}: choose from {', '.join(LAYER_FROM)}")
     if e.texts not in TEXTS:
         raise ValueError(f"config.locate_edit.texts {e.texts!r}: choose from {', '.join(TEXTS)}")
+    if e.clamp_norm not in CLAMP_NORMS:
+        raise ValueError(f"config.locate_edit.clamp_norm {e.clamp_norm!r}: choose from {', '.join(CLAMP_NORMS)}")
     if e.texts == "held_out" and not ctx.texts:
         raise ValueError(f"config.locate_edit.texts='held_out' needs held-out text (config.eval.text), but: {ctx.text_note}")
     for field in ("band", "batch_size", "cov_tokens"):
