@@ -56,12 +56,18 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experiment", default="capitals_smollm2")
     ap.add_argument("--edit-set", default=None)
+    ap.add_argument("--save-edit-set", default=None, help="build the experiment's edit set and save it here (reuse with --edit-set)")
     ap.add_argument("--layer-sets", default=None)
     ap.add_argument("--stride", type=int, default=3)
     ap.add_argument("--steps", type=int, default=None, help="editor steps per set (default: the experiment's)")
     ap.add_argument("--budget-minutes", type=float, default=60.0)
     ap.add_argument("--seconds-per-step", type=float, default=None)
     ap.add_argument("--dd-budget", type=float, default=0.05)
+    ap.add_argument("--stop-after-minutes", type=float, default=None,
+                    help="start a set only if it should end by then (mean time per set so far); rank the finished ones")
+    ap.add_argument("--no-ft", action="store_true", help="skip the FT sweep (the second oracle)")
+    ap.add_argument("--locality-floor", type=float, default=None,
+                    help="rank a set within budget only if its val locality is >= this (zsRE: drawdown is 0 by construction)")
     ap.add_argument("--profiles", nargs="*", default=[], help="LayerProfile JSON files whose choice is ranked")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override as the experiments' --config.KEY=VALUE (e.g. finetuned=runs/minilm-fever)")
@@ -92,7 +98,9 @@ def main(argv=None) -> int:
     else:
         records = read_records(cfg)
         model = load(cfg, records)
-        es = benchmark_edit_set(model, records, cfg, args.edit_set)
+        if args.edit_set and args.save_edit_set:
+            raise SystemExit("--edit-set and --save-edit-set: give one (load a saved edit set, or build and save it)")
+        es = benchmark_edit_set(model, records, cfg, args.edit_set, args.save_edit_set)
     names = model.layers.names()
     sets = ([tuple(s.split(",")) for s in args.layer_sets.split(";")] if args.layer_sets
             else [] if args.contiguous else MS.default_layer_sets(names, args.stride))
@@ -105,7 +113,8 @@ def main(argv=None) -> int:
     sets = MS.check_layer_sets(model, sets)
     tc = train_config(cfg)
     sc = MS.MendSweepConfig(drawdown_budget=args.dd_budget, budget_seconds=60 * args.budget_minutes, seed=cfg.seed,
-                            part=cfg.saliency.part,
+                            part=cfg.saliency.part, locality_floor=args.locality_floor,
+                            stop_after_seconds=None if args.stop_after_minutes is None else 60 * args.stop_after_minutes,
                             **({} if args.seconds_per_step is None else {"seconds_per_step": args.seconds_per_step}))
     train, val = es.rows("train"), es.rows("val")
     data = prepare_splits(model, {"train": train, "val": val})
@@ -126,23 +135,30 @@ def main(argv=None) -> int:
         print(f"scorers profiled in {time.perf_counter() - t:.0f} s: " + "; ".join(
             f"{n} -> {v['top1'][0]} / {'+'.join(v[f'top{k}'])}" for n, v in scorer_top.items()))
     res = MS.mend_sweep(model, data, sets, tc, work, config=sc, progress=False)
+    if res.skipped:
+        print(f"skipped (stop after {args.stop_after_minutes} min): {['+'.join(s) for s in res.skipped]}")
+    sets = list(res.layer_sets)  # the sets trained
 
     print(f"{model.name}, {args.experiment}: MEND on each layer set ({tc.max_steps} steps), val groups "
-          f"{res.rows[0]['groups']}, drawdown budget {sc.drawdown_budget}")
-    print("| rank | layers | val EA [95% CI] | fail | adapt | DD [95% CI] | KL | rank CI | P(first) | curve EA | s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          f"{res.rows[0]['groups']}, drawdown budget {sc.drawdown_budget}, locality floor {sc.locality_floor}")
+    print("| rank | layers | val EA [95% CI] | fail | adapt | DD [95% CI] | locality [95% CI] | KL | rank CI | P(first) "
+          "| curve EA | s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for i in res.ranking:
         r = res.rows[i]
         curve = " / ".join(f"{c['edit_acc']:.2f}" for c in r["curve"])
         print(f"| {r['rank']} | {'+'.join(r['layers'])} | {r['edit_acc']:.3f} [{r['edit_acc_ci'][0]:.2f}, "
               f"{r['edit_acc_ci'][1]:.2f}] | {r['fail_acc']:.3f} | {r['adapt_acc']:.3f} | {r['drawdown']:.3f} "
-              f"[{r['drawdown_ci'][0]:.2f}, {r['drawdown_ci'][1]:.2f}] | {r['kl']:.3f} | "
+              f"[{r['drawdown_ci'][0]:.2f}, {r['drawdown_ci'][1]:.2f}] | {r['locality']:.3f} "
+              f"[{r['locality_ci'][0]:.3f}, {r['locality_ci'][1]:.3f}] | {r['kl']:.3f} | "
               f"{r['rank_ci'][0]:.0f}-{r['rank_ci'][1]:.0f} | {r['p_first']:.2f} | {curve} | {r['seconds']:.0f} |")
 
     # the second oracle: fine-tuning each single layer on the train fail rows
     singles = [s[0] for s in sets if len(s) == 1]
     ft, rho = None, None
-    if len(singles) < 2:  # one layer has no ranking to correlate (it used to stop the run here)
+    if args.no_ft:
+        print("FT sweep skipped (--no-ft)")
+    elif len(singles) < 2:  # one layer has no ranking to correlate (it used to stop the run here)
         print(f"FT sweep skipped: {len(singles)} single-layer set(s), a Spearman correlation needs two or more")
     else:
         ft = sweep_layers(model, model.params, group_batch(model, train, "fail"), rephrases=group_batch(model, train, "adapt"),
@@ -185,7 +201,7 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(jsonable({
-            "experiment": args.experiment, "overrides": args.set, "layer_sets": sets, "random_seed": args.random_seed,
+            "experiment": args.experiment, "overrides": args.set, "layer_sets": sets, "skipped": res.skipped, "random_seed": args.random_seed,
             "mend": res.to_dict(), "ft": ft.to_profile(model=model.name).to_dict() if ft else None,
             "spearman_mend_ft_singles": rho, "choices": choices, "scorers": scorer_top, "table3": table3}), indent=2))
     return 0

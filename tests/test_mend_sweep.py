@@ -1,5 +1,6 @@
 """The MEND layer-set oracle (salem_jax.locate.mend_sweep) against training each set by hand."""
 
+import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -9,7 +10,9 @@ import pytest
 
 from salem_jax import parallel
 from salem_jax.locate import mend_sweep as MS
-from salem_jax.mend.train import TrainConfig, prepare_splits, train_editor
+from salem_jax.mend.capture import capture
+from salem_jax.mend.editor import edited_params
+from salem_jax.mend.train import TrainConfig, prepare_splits, train_editor, val_batches
 from salem_jax.models import hf
 from tests.test_mend_train import COUNTRIES, synthetic_rows
 
@@ -24,6 +27,26 @@ def setup():
     cfg = TrainConfig.tiny(batch_size=2, max_steps=4, val_every=2, checkpoint_every=2, log_every=2, seed=3)
     mesh = parallel.data_mesh(jax.devices()[:1])
     return model, data, cfg, mesh
+
+
+def hand_locality(model, hand, data):
+    """Per val group (unchanged pass target tokens, pass target tokens), by hand: the hand-trained
+    editor's edit from each group's fail rows alone (capture on the base model, then
+    edited_params), the whole model run on the group's pass rows before and after, argmaxes
+    compared in numpy at the label_mask positions."""
+    edit = jax.jit(lambda b: edited_params(hand.spec, hand.params, hand.norm, model.params,
+                                           capture(model.apply, model.params, b, hand.spec.weights)[1]))
+    keys = ("input_ids", "attention_mask", "labels", "label_mask")
+    out = []
+    for b in val_batches(data["val"], hand.config.resolved(1)):
+        for g in np.flatnonzero(np.asarray(b["weight"]) > 0):
+            fail = {k: np.asarray(b["fail"][k][g]) for k in keys if k in b["fail"]}
+            rows = {k: np.asarray(b["pass"][k][g]) for k in keys if k in b["pass"]}
+            before = np.argmax(np.asarray(model.apply(model.params, rows)), -1)
+            after = np.argmax(np.asarray(model.apply(edit(fail), rows)), -1)
+            m = np.asarray(rows["label_mask"]) == 1
+            out.append(((before == after)[m].sum(), m.sum()))
+    return np.asarray(out, float)
 
 
 @pytest.mark.slow  # trains six tiny editors: minutes under load
@@ -49,6 +72,11 @@ def test_sweep_equals_training_each_set_by_hand(setup):
             assert row["curve"][-1]["edit_acc"] == pytest.approx(hand.last_val["edit_acc"])
             lo, hi = row["edit_acc_ci"]
             assert lo <= row["edit_acc"] + 1e-9 and row["edit_acc"] <= hi + 1e-9
+            # locality: the same edits' pass-row argmaxes, compared by hand over whole-model runs
+            loc = hand_locality(model, hand, data)
+            np.testing.assert_array_equal(np.c_[row["per_group"]["pass_unchanged"], row["per_group"]["pass_tokens"]], loc)
+            assert row["locality"] == pytest.approx(loc[:, 0].sum() / loc[:, 1].sum(), abs=1e-12)
+            assert row["locality_ci"][0] <= row["locality"] + 1e-9 <= row["locality_ci"][1] + 2e-9
         # the ranking, by hand: within the budget first, then accuracy, then less drawdown
         keys = [(r["drawdown"] <= 0.5, r["edit_acc"], -r["drawdown"]) for r in res.rows]
         assert list(res.ranking) == sorted(range(3), key=lambda i: keys[i], reverse=True)
@@ -57,6 +85,16 @@ def test_sweep_equals_training_each_set_by_hand(setup):
         assert res.position(("h.1", "h.0")) == res.position(("h.0", "h.1")) == two
         assert res.position(("h.1", "h.2")) is None
         assert sorted(r["rank"] for r in res.rows) == [1, 2, 3]
+        # a locality floor above every set's locality puts all out of budget: the order is by accuracy alone
+        floor = MS.mend_sweep(model, data, SETS, cfg, Path(d) / "sweep", mesh=mesh, say=lambda s: None,
+                              config=dataclasses.replace(sc, locality_floor=1.01))  # resumes: no training
+        keys = [(False, r["edit_acc"], -r["drawdown"]) for r in res.rows]
+        assert list(floor.ranking) == sorted(range(3), key=lambda i: keys[i], reverse=True)
+        # stop_after_seconds: the first set always runs, later ones only if the mean time per set fits
+        cut = MS.mend_sweep(model, data, SETS, cfg, Path(d) / "sweep", mesh=mesh, say=lambda s: None,
+                            config=dataclasses.replace(sc, stop_after_seconds=1e-9))
+        assert cut.layer_sets == (SETS[0],) and cut.skipped == tuple(SETS[1:])
+        assert cut.rows[0]["edit_acc"] == res.rows[0]["edit_acc"] and cut.to_dict()["skipped"] == [list(s) for s in SETS[1:]]
 
 
 def test_bad_input_is_refused_before_training(setup):

@@ -10,12 +10,17 @@ single layers at a stride, the last layer, and three contiguous triples):
                  drawdown, kl at every val_every steps
     final_S    = the last editor applied to every val group alone (mend.train.eval_step):
                  per group, its edit rows (fail + rephrasings) correct, its pass rows' accuracy
-                 before minus after (drawdown) and KL
+                 before minus after (drawdown), KL, and locality (salem_jax.eval.metrics.locality:
+                 the share of the pass rows' target tokens, teacher forced, whose argmax is the
+                 same before and after the edit; token weighted over all groups)
 
 Drawdown-aware ranking (as the FT sweep's): the key (mean drawdown <= budget, edit accuracy,
--drawdown), bigger first. Bootstrap over val groups (resampled with replacement, the same
-groups for every set) gives per-set intervals of edit accuracy and drawdown, each set's rank
-interval and how often it ranks first.
+-drawdown), bigger first. With `locality_floor` set, "within budget" also needs locality >=
+the floor - on data where the base model answers no pass row exactly (zsRE's loc questions on
+SmolLM2) the drawdown is 0 by construction and only locality says what an edit spilled.
+Bootstrap over val groups (resampled with replacement, the same groups for every set) gives
+per-set intervals of edit accuracy, drawdown and locality, each set's rank interval and how
+often it ranks first.
 
 Bad input is refused before anything trains: unknown layer names (KeyError listing the valid
 ones), empty or repeated sets, and a sweep whose estimate (sets x steps x seconds_per_step)
@@ -47,7 +52,9 @@ SMOLLM2_CPU_SECONDS_PER_STEP = 2.4
 class MendSweepConfig:
     """drawdown_budget: max mean val drawdown (pass accuracy lost) of a set ranked by accuracy;
     budget_seconds / seconds_per_step: the estimate that refuses a sweep too long to run;
-    n_boot, seed: the bootstrap; part: which weights of each layer the editor edits."""
+    n_boot, seed: the bootstrap; part: which weights of each layer the editor edits;
+    locality_floor: None, or the min locality of a set counted within budget (module docstring);
+    stop_after_seconds: see the field."""
 
     drawdown_budget: float = 0.05
     budget_seconds: float = 3600.0
@@ -55,6 +62,11 @@ class MendSweepConfig:
     n_boot: int = 1000
     seed: int = 0
     part: str = "mlp"
+    locality_floor: float | None = None
+    # None, or a wall-clock deadline (seconds from the sweep's start): a set is started only if
+    # the mean time of the sets done so far says it ends by then; the rest are listed as skipped
+    # and the finished ones ranked (list the sets in order of priority)
+    stop_after_seconds: float | None = None
 
 
 def default_layer_sets(names: Sequence[str], stride: int = 3) -> list[tuple[str, ...]]:
@@ -128,7 +140,8 @@ def estimate_seconds(n_sets: int, cfg: TrainConfig, seconds_per_step: float) -> 
 
 def group_outcomes(model, spec, cfg: TrainConfig, editor_params, norm, data: EditData, mesh=None) -> dict[str, np.ndarray]:
     """The editor applied to every val group alone: per group [G] edit / fail / adapt accuracy,
-    pass accuracy before and after, KL (groups with weight 0 dropped)."""
+    pass accuracy before and after, KL, and locality's parts (pass target tokens whose argmax is
+    unchanged, pass target tokens; groups with weight 0 dropped)."""
     mesh = mesh if mesh is not None else parallel.data_mesh()
     cfg = cfg.resolved(parallel.n_data(mesh))
     k = cfg.edits_per_group
@@ -139,7 +152,8 @@ def group_outcomes(model, spec, cfg: TrainConfig, editor_params, norm, data: Edi
     plan, data = from_block_data(model, spec, data, base)
     kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg.step_config(), mesh=mesh, from_block=plan)
     per_call = eval_groups_per_call(cfg, data, sharding.axis_size(mesh, sharding.DATA))
-    cols = {key: [] for key in ("edit_acc", "fail_acc", "adapt_acc", "pass_before", "pass_after", "kl")}
+    cols = {key: [] for key in ("edit_acc", "fail_acc", "adapt_acc", "pass_before", "pass_after", "kl",
+                                "pass_unchanged", "pass_tokens")}
     for b in val_batches(data, dataclasses.replace(cfg, batch_size=per_call)):
         r = parallel.fetch(eval_step(params, nrm, base, parallel.shard_batch(b, mesh), **kw))
         w = np.asarray(b["weight"]) > 0
@@ -155,39 +169,58 @@ def group_outcomes(model, spec, cfg: TrainConfig, editor_params, norm, data: Edi
         cols["pass_before"].append(share(np.asarray(r["base_pass_correct"])[w], pv))
         cols["pass_after"].append(share(np.asarray(r["pass_correct"])[w], pv))
         cols["kl"].append(np.asarray(r["kl"])[w])
+        tok = np.asarray(r["pass_tokens"])[w] * pv  # rows without targets count no tokens
+        cols["pass_unchanged"].append((np.asarray(r["pass_unchanged"])[w] * pv).sum(-1))
+        cols["pass_tokens"].append(tok.sum(-1))
     return {key: np.concatenate(v) for key, v in cols.items()}
 
 
-def ranking_key(edit_acc: float, drawdown: float, budget: float) -> tuple:
-    """Bigger is better: within the drawdown budget first, then edit accuracy, then less drawdown."""
-    return (drawdown <= budget + 1e-12, edit_acc, -drawdown)
+def ranking_key(edit_acc: float, drawdown: float, budget: float, locality: float | None = None,
+                floor: float | None = None) -> tuple:
+    """Bigger is better: within the drawdown budget (and, with a floor, locality >= floor) first,
+    then edit accuracy, then less drawdown."""
+    ok = drawdown <= budget + 1e-12 and (floor is None or (locality is not None and locality >= floor - 1e-12))
+    return (ok, edit_acc, -drawdown)
 
 
-def rank_sets(edit_acc: Sequence[float], drawdown: Sequence[float], budget: float) -> list[int]:
+def rank_sets(edit_acc: Sequence[float], drawdown: Sequence[float], budget: float,
+              locality: Sequence[float] | None = None, floor: float | None = None) -> list[int]:
     """Indices of the sets, best first (ties keep the listed order)."""
-    keys = [ranking_key(a, d, budget) for a, d in zip(edit_acc, drawdown)]
+    loc = list(locality) if locality is not None else [None] * len(edit_acc)
+    keys = [ranking_key(a, d, budget, lo, floor) for a, d, lo in zip(edit_acc, drawdown, loc)]
     return sorted(range(len(keys)), key=lambda i: keys[i], reverse=True)
 
 
-def bootstrap(outcomes: Sequence[Mapping[str, np.ndarray]], budget: float, n_boot: int, seed: int) -> dict:
-    """Per set: 95% intervals of edit accuracy and drawdown, rank interval (1 = best) and the share
-    of resamples where it ranks first; val groups resampled with replacement, the same for every set."""
+def locality_of(o: Mapping[str, np.ndarray], idx=None) -> float:
+    """Token-weighted locality of the groups `idx` (all when None): sum unchanged / sum tokens."""
+    u, t = (o["pass_unchanged"], o["pass_tokens"]) if idx is None else (o["pass_unchanged"][idx], o["pass_tokens"][idx])
+    return float(u.sum() / t.sum()) if t.sum() > 0 else float("nan")
+
+
+def bootstrap(outcomes: Sequence[Mapping[str, np.ndarray]], budget: float, n_boot: int, seed: int,
+              floor: float | None = None) -> dict:
+    """Per set: 95% intervals of edit accuracy, drawdown and locality, rank interval (1 = best)
+    and the share of resamples where it ranks first; val groups resampled with replacement, the
+    same for every set."""
     g = len(outcomes[0]["edit_acc"])
     rng = np.random.default_rng([seed, 6])
-    ea, dd, ranks = [], [], []
+    ea, dd, lo, ranks = [], [], [], []
     for _ in range(n_boot):
         idx = rng.integers(0, g, g)
         a = [float(np.nanmean(o["edit_acc"][idx])) for o in outcomes]
         d = [float(np.nanmean(o["pass_before"][idx] - o["pass_after"][idx])) for o in outcomes]
-        order = rank_sets(a, d, budget)
+        loc = [locality_of(o, idx) for o in outcomes]
+        order = rank_sets(a, d, budget, loc, floor)
         pos = np.empty(len(order), int)
         pos[order] = np.arange(1, len(order) + 1)
         ea.append(a)
         dd.append(d)
+        lo.append(loc)
         ranks.append(pos)
-    ea, dd, ranks = np.asarray(ea), np.asarray(dd), np.asarray(ranks)
+    ea, dd, lo, ranks = np.asarray(ea), np.asarray(dd), np.asarray(lo), np.asarray(ranks)
     q = lambda x: np.nanquantile(x, [0.025, 0.975], axis=0).T  # noqa: E731
-    return {"edit_acc_ci": q(ea), "drawdown_ci": q(dd), "rank_ci": q(ranks), "p_first": (ranks == 1).mean(0)}
+    return {"edit_acc_ci": q(ea), "drawdown_ci": q(dd), "locality_ci": q(lo), "rank_ci": q(ranks),
+            "p_first": (ranks == 1).mean(0)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +232,7 @@ class MendSweepResult:
     train_config: dict
     estimate_seconds: float
     wall_time: float
+    skipped: tuple[tuple[str, ...], ...] = ()  # sets not started before stop_after_seconds
 
     def best(self) -> tuple[str, ...]:
         return self.layer_sets[self.ranking[0]]
@@ -214,7 +248,7 @@ class MendSweepResult:
         return jsonable({"layer_sets": self.layer_sets, "rows": self.rows, "ranking": self.ranking,
                          "ranked_sets": [self.layer_sets[i] for i in self.ranking], "config": dataclasses.asdict(self.config),
                          "train_config": self.train_config, "estimate_seconds": self.estimate_seconds,
-                         "wall_time": self.wall_time})
+                         "wall_time": self.wall_time, "skipped": self.skipped})
 
 
 def read_curve(workdir: Path) -> list[dict]:
@@ -247,9 +281,16 @@ def mend_sweep(model, data: Mapping[str, EditData], layer_sets: Sequence[Sequenc
         f"({train_cfg.max_steps} steps x {config.seconds_per_step:g} s/step each)")
     t0 = time.perf_counter()
     workdir = Path(workdir)
-    rows, outs = [], []
+    rows, outs, done = [], [], []
     for s in sets:
         t = time.perf_counter()
+        if rows and config.stop_after_seconds is not None:
+            mean = sum(r["seconds"] for r in rows) / len(rows)
+            if t - t0 + mean > config.stop_after_seconds:
+                say(f"mend-sweep: stopping before {'+'.join(s)}: {(t - t0) / 60:.1f} min spent + {mean / 60:.1f} min per "
+                    f"set > stop after {config.stop_after_seconds / 60:.1f} min; {len(sets) - len(rows)} set(s) skipped")
+                break
+        done.append(s)
         wd = workdir / set_name(s)
         res = train_editor(model, data, model.layers.weights(list(s), part=config.part), train_cfg, wd, mesh=mesh,
                            progress=progress)
@@ -260,15 +301,17 @@ def mend_sweep(model, data: Mapping[str, EditData], layer_sets: Sequence[Sequenc
             "edit_acc": float(np.nanmean(o["edit_acc"])), "fail_acc": float(np.nanmean(o["fail_acc"])),
             "adapt_acc": float(np.nanmean(o["adapt_acc"])),
             "drawdown": float(np.nanmean(o["pass_before"] - o["pass_after"])), "kl": float(np.mean(o["kl"])),
-            "groups": len(o["edit_acc"]), "best_step": res.best_step, "last_val": res.last_val,
+            "locality": locality_of(o), "groups": len(o["edit_acc"]), "best_step": res.best_step, "last_val": res.last_val,
             "curve": read_curve(wd),
         })
         say(f"  {'+'.join(s)}: val EA {rows[-1]['edit_acc']:.3f} adapt {rows[-1]['adapt_acc']:.3f} "
-            f"DD {rows[-1]['drawdown']:.3f} ({rows[-1]['seconds']:.0f} s)")
-    order = rank_sets([r["edit_acc"] for r in rows], [r["drawdown"] for r in rows], config.drawdown_budget)
-    boot = bootstrap(outs, config.drawdown_budget, config.n_boot, config.seed)
-    for i, r in enumerate(rows):
+            f"DD {rows[-1]['drawdown']:.3f} locality {rows[-1]['locality']:.3f} ({rows[-1]['seconds']:.0f} s)")
+    order = rank_sets([r["edit_acc"] for r in rows], [r["drawdown"] for r in rows], config.drawdown_budget,
+                      [r["locality"] for r in rows], config.locality_floor)
+    boot = bootstrap(outs, config.drawdown_budget, config.n_boot, config.seed, config.locality_floor)
+    for i, (r, o) in enumerate(zip(rows, outs)):
         r["rank"] = order.index(i) + 1
         r.update({k: v[i] for k, v in boot.items()})
-    return MendSweepResult(tuple(sets), tuple(rows), tuple(order), config, train_cfg.to_dict(), est,
-                           time.perf_counter() - t0)
+        r["per_group"] = {k: v.tolist() for k, v in o.items()}  # to re-rank later without training
+    return MendSweepResult(tuple(done), tuple(rows), tuple(order), config, train_cfg.to_dict(), est,
+                           time.perf_counter() - t0, tuple(sets[len(done):]))

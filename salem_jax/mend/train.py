@@ -833,8 +833,16 @@ def _group_outputs(apply_fn, spec, cfg, editor_params, norm, base_params, factor
         "edit_correct": example_correct(logits, labels, mask),
         "pass_correct": example_correct(pass_logits, pass_labels, pass_mask),
         "base_pass_correct": example_correct(base_pass_logits, pass_labels, pass_mask),
+        **_pass_unchanged(jnp.argmax(pass_logits, -1) == jnp.argmax(base_pass_logits, -1), pass_mask),
     }
     return loss, out
+
+
+def _pass_unchanged(same, mask):
+    """Locality's parts per pass row [P] (salem_jax.eval.metrics.locality): target tokens whose argmax
+    is the same before and after the edit, and target tokens. same, mask: [P, S]."""
+    m = mask.astype(jnp.float32)
+    return {"pass_unchanged": (same.astype(jnp.float32) * m).sum(-1), "pass_tokens": m.sum(-1)}
 
 
 def _apply_rows(apply_fn, params, *batches):
@@ -1067,9 +1075,12 @@ def _flat_group_outputs(apply_fn, spec, cfg, editor_params, norm, base_params, f
     kl = ((jnp.exp(p_log) * (p_log - q_log)).sum(-1) * on_pass).sum() / jnp.maximum(on_pass.sum(), 1.0)
     _, base_ok, _ = _flat_row_scores(base_logits, labels, flat, n_rows)
     correct, base_correct = (ok == n) & (n > 0), (base_ok == n) & (n > 0)
+    same = (jnp.argmax(logits, -1) == jnp.argmax(base_logits, -1)).astype(jnp.float32)
+    unchanged = jax.ops.segment_sum(same * valid, rows, num_segments=n_rows)
     loss = cfg.c_fail * nll + cfg.c_loc * kl
     return loss, {"loss": loss, "nll": nll, "kl": kl, "edit_correct": correct[:n_edit], "pass_correct": correct[n_edit:],
-                  "base_pass_correct": base_correct[n_edit:]}
+                  "base_pass_correct": base_correct[n_edit:], "pass_unchanged": unchanged[n_edit:],
+                  "pass_tokens": n[n_edit:]}
 
 
 def _eval_base(base_params, batch, *, apply_fn, spec, plan=None):
@@ -1112,6 +1123,9 @@ def _eval_edited(editor_params, norm, base_params, batch, base_side, *, apply_fn
         "pass_correct": out["pass_correct"],
         "base_pass_correct": out["base_pass_correct"],
         "pass_valid": batch["pass"]["label_mask"].sum(-1) > 0,
+        # locality's parts per pass row [G, P]: target tokens with the base model's argmax, target tokens
+        "pass_unchanged": out["pass_unchanged"],
+        "pass_tokens": out["pass_tokens"],
     }
 
 
