@@ -85,9 +85,12 @@ def token_acc(out) -> float:
 
 
 def scorer_layers(model, proxy, cand, args, log):
-    """{scorer: (chosen candidate layer, per-candidate scores, wall seconds)} from the proxy edits."""
-
-
+    """{scorer: (chosen candidate layer, per-candidate scores, wall seconds)} from the proxy edits,
+    for the scorers named in --scorers only (none: {})."""
+    want = set(args.scorers)
+    out = {}
+    if not want:
+        return out
     names = model.layers.names()
     ci = [names.index(c) for c in cand]
     fail = [(r.prompt, r.target_new) for r in proxy]
@@ -100,26 +103,30 @@ def scorer_layers(model, proxy, cand, args, log):
         ch = rows[s : s + mb]
         b = encode(model, [p for p, _, _ in ch], [t for _, t, _ in ch], length=L)
         data.append((pad_rows(b, mb), [g for _, _, g in ch]))
-    out = {}
-    t = time.perf_counter()
-    st = S.saliency_stats(model, model.params, data, micro_batch=mb, track_mean=False)
-    dt = time.perf_counter() - t
-    for sc in ("salem", "contrast"):
-        v = st.layer_scores(sc, "fail")[ci]
-        out[sc] = (cand[int(np.argmax(v))], v.tolist(), dt)
-    log(f"saliency {dt:.0f}s")
-    t = time.perf_counter()
-    lg = S.lga_scores(model, model.params, data, micro_batch=mb)
-    v = lg.layer_scores("fail")[ci]
-    out["lga"] = (cand[int(np.argmax(v))], v.tolist(), time.perf_counter() - t)
-    log(f"lga {out['lga'][2]:.0f}s")
-    t = time.perf_counter()
-    v = lga_inner_product_scores(model, model.params, [r.prompt for r in proxy], [r.target_true for r in proxy],
-                                 [r.target_new for r in proxy], layers=cand)
-    j, dropped = tukey_choice(v, 1.0)
-    out["lga_ip"] = (cand[j], v.tolist(), time.perf_counter() - t)
-    out["lga_ip_dropped"] = [cand[i] for i in dropped]
-    log(f"lga_ip {out['lga_ip'][2]:.0f}s")
+    if want & {"salem", "contrast"}:
+        t = time.perf_counter()
+        st = S.saliency_stats(model, model.params, data, micro_batch=mb, track_mean=False)
+        dt = time.perf_counter() - t
+        for sc in sorted(want & {"salem", "contrast"}):
+            v = st.layer_scores(sc, "fail")[ci]
+            out[sc] = (cand[int(np.argmax(v))], v.tolist(), dt)
+        log(f"saliency {dt:.0f}s")
+    if "lga" in want:
+        t = time.perf_counter()
+        lg = S.lga_scores(model, model.params, data, micro_batch=mb)
+        v = lg.layer_scores("fail")[ci]
+        out["lga"] = (cand[int(np.argmax(v))], v.tolist(), time.perf_counter() - t)
+        log(f"lga {out['lga'][2]:.0f}s")
+    if "lga_ip" in want:
+        t = time.perf_counter()
+        v = lga_inner_product_scores(model, model.params, [r.prompt for r in proxy], [r.target_true for r in proxy],
+                                     [r.target_new for r in proxy], layers=cand)
+        j, dropped = tukey_choice(v, 1.0)
+        out["lga_ip"] = (cand[j], v.tolist(), time.perf_counter() - t)
+        out["lga_ip_dropped"] = [cand[i] for i in dropped]
+        log(f"lga_ip {out['lga_ip'][2]:.0f}s")
+    if "causal_trace" not in want:
+        return out
     t = time.perf_counter()
     facts = proxy[: args.trace_facts]
     prompts = [r.prompt for r in facts]
@@ -149,6 +156,9 @@ def main(argv=None) -> int:
     ap.add_argument("--trace-facts", type=int, default=3)
     ap.add_argument("--n-noise", type=int, default=5)
     ap.add_argument("--boot", type=int, default=2000)
+    ap.add_argument("--scorers", default=",".join(SCORERS),
+                    help=f"scorers to run on the proxy set, comma separated ({', '.join(SCORERS)}); 'none' runs "
+                         "none (only the oracle and the brute-force fixed layer are reported)")
     ap.add_argument("--no-spill", dest="spill", action="store_false", help="skip the France -> Rome check")
     ap.add_argument("--spill-only", metavar="LAYER", help="only the France -> Rome check at LAYER (e.g. the best "
                     "fixed layer of a stopped run), written to --out")
@@ -156,6 +166,10 @@ def main(argv=None) -> int:
     ap.add_argument("--markdown", metavar="JSON", help="print the tables of an earlier run's JSON as markdown, run nothing")
     add_flag(ap)
     args = ap.parse_args(argv)
+    args.scorers = [] if args.scorers in ("", "none") else args.scorers.split(",")
+    unknown = [s for s in args.scorers if s not in SCORERS]
+    if unknown:
+        raise SystemExit(f"--scorers: unknown {unknown}; choose from {', '.join(SCORERS)} or 'none'")
     if args.markdown:
         print_markdown(json.loads(Path(args.markdown).read_text()))
         return 0
@@ -265,12 +279,12 @@ def summarize(table, extra, cand, scorers, sweep_time, t_edit, t_score, n_proxy,
                                   "cost_s": per_pair * n_proxy * len(cand),
                                   "cost_note": "r-ROME + scoring at every candidate on the proxy set, "
                                                "from this run's time per (edit, layer)"}}
-    for sc in SCORERS:
+    for sc in (s for s in SCORERS if s in scorers):
         layer, scores, secs = scorers[sc]
         ways[sc] = {"layer": layer, "per_edit": table[:, cand.index(layer)], "cost_s": secs, "scores": scores}
     res = {"n": n, "oracle_layers": [cand[b] for b in best], "sweep_seconds": sweep_time,
            "edit_seconds": t_edit, "scoring_seconds": t_score, "seconds_per_edit_layer": per_pair,
-           "lga_ip_dropped": scorers["lga_ip_dropped"], "table": table.tolist(), "extra": extra, "ways": {}}
+           "lga_ip_dropped": scorers.get("lga_ip_dropped"), "table": table.tolist(), "extra": extra, "ways": {}}
     for w, d in ways.items():
         pe = np.asarray(d["per_edit"])
         row = {"layer": d["layer"], "cost_s": d["cost_s"], **{k: float(pe[:, q].mean()) for q, k in enumerate(METRICS)}}
