@@ -37,12 +37,8 @@ depends on the model's activation scale.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Sequence
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -50,7 +46,7 @@ from salem_jax.baselines.closed_form import alphaedit_delta, emmet_delta, memit_
 from salem_jax.baselines.keystats import KeyStats
 from salem_jax.baselines.locate_edit import EditOutcome, EditorConfig, apply_delta, to_weights
 from salem_jax.baselines.requests import EditRequest, as_requests, check_requests
-from salem_jax.baselines.rome import compute_key, compute_value, subject_last_index
+from salem_jax.baselines.rome import block_output_at, compute_key, compute_value, subject_last_index
 from salem_jax.data.tokenize import bucket_length
 
 
@@ -68,24 +64,6 @@ class AlphaEditState:
 # --------------------------------------------------------------------------- residual stream
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _block_out(apply, block_path, params, batch, idx):
-    seen = {}
-
-    def icpt(next_fun, args, kwargs, ctx):
-        out = next_fun(*args, **kwargs)
-        if ctx.method_name == "__call__" and "/".join(ctx.module.path) == block_path and "h" not in seen:
-            seen["h"] = out[0] if isinstance(out, (tuple, list)) else out
-        return out
-
-    with nn.intercept_methods(icpt):
-        apply(params, batch)
-    if "h" not in seen:
-        raise KeyError(f"block module {block_path!r} was never called; check the layer table")
-    h = seen["h"]
-    return h[jnp.arange(h.shape[0]), idx].astype(jnp.float32)
-
-
 def residual_at_subject(model, params: Any, layer: str, requests: Sequence[EditRequest]) -> np.ndarray:
     """The output hidden state of block `layer` at each request's subject's last token of its
     bare prompt: [n, d] float64."""
@@ -100,7 +78,7 @@ def residual_at_subject(model, params: Any, layer: str, requests: Sequence[EditR
     idx = np.asarray([subject_last_index(tok, r.prompt, r.subject) for r in requests], np.int32)
     z = np.zeros_like(x)
     batch = dict(input_ids=x, attention_mask=m, labels=z, label_mask=z)
-    return np.asarray(_block_out(model.apply, model.layers[layer].module_path, params, batch, idx), np.float64)
+    return np.asarray(block_output_at(model.apply, model.layers[layer].module_path, params, batch, idx), np.float64)
 
 
 def keys_of(model, params: Any, weight, requests: Sequence[EditRequest], prefixes: tuple[str, ...]) -> np.ndarray:

@@ -328,7 +328,7 @@ def owning_block(model, module_path: str) -> str:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _block_at(apply, block_path, params, batch, idx):
+def block_output_at(apply, block_path, params, batch, idx):
     """The output of block `block_path` at (b, idx[b]) of every row: [B, H] float32 (its first
     element when the block returns a tuple)."""
     seen = {}
@@ -354,7 +354,7 @@ def reference_norm(model, params: Any, weight: Weight, batch: dict, idx, o: jax.
     if config.clamp_norm == "output":
         return jnp.linalg.norm(o)
     if config.clamp_norm == "residual":
-        h = _block_at(model.apply, owning_block(model, weight.module_path), params, batch, np.asarray(idx, np.int32))
+        h = block_output_at(model.apply, owning_block(model, weight.module_path), params, batch, np.asarray(idx, np.int32))
         return jnp.linalg.norm(h[0])
     raise ValueError(f"ROMEConfig.clamp_norm {config.clamp_norm!r}: choose from {', '.join(CLAMP_NORMS)}")
 
