@@ -16,6 +16,26 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("SALEM_JAX_COMPILE_CACHE", "0")
 
 
+# Single cases of fixture-parametrised tests that run in the slow suite (issue 14: `make test` <= 5
+# min). A fixture's params cannot carry a mark per test, so they are marked here, before `-m`
+# selects; the other architecture's case of each test stays in `make test`.
+_SLOW_CASES = frozenset({
+    # Llama stays: the same vmapped cached decoding loop over edited models
+    "tests/test_generate_many.py::test_many_equals_one_model_at_a_time[gpt2-True]",
+    # Llama stays; GPT-2's Conv1D ("out_in") kernels stay covered by the file's EMMET / MEMIT cases
+    "tests/test_mass_edit.py::test_alphaedit_spares_preserved_keys_and_remembers[gpt2]",
+    "tests/test_mass_edit.py::test_alphaedit_with_v_from_the_edited_block_equals_every_block[gpt2]",
+})
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Marks `_SLOW_CASES` slow before the mark plugin's `-m` selection runs (tryfirst)."""
+    for item in items:
+        if item.nodeid in _SLOW_CASES:
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_configure(config):
     """SALEM_JAX_TEST_FAST_COMPILE=1 (`make test` sets it; `make test-slow` does not): the tiny programs of
     the suite compile with XLA's backend optimisation off (jax_disable_most_optimizations: no

@@ -139,6 +139,9 @@ def test_steps_on_cut_batches_equal_the_full_length_steps(setup, layer):
     assert n_cut >= 1
 
 
+# the slow suite (issue 14, make test <= 5 min): the whole loop twice; the cut steps' equality stays in make
+# test (test_steps_on_cut_batches_equal_the_full_length_steps[layers.2])
+@pytest.mark.slow
 def test_train_editor_cut_equals_uncut(setup, tmp_path):
     """train_editor with and without fit_lengths: the same validation curve and final editor;
     the cut run compiles one step per length it met and counts no recompilation."""

@@ -111,6 +111,9 @@ def test_evaluator_from_the_changed_block_equals_running_every_block():
                 assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-6, nan_ok=True), k
 
 
+# the slow suite (issue 14, make test <= 5 min): the batched-against-per-edit evaluation stays in make test
+# through the pipeline (test_pipeline.py::test_evaluate_method_batched_equals_per_edit)
+@pytest.mark.slow
 def test_evaluate_many_equals_one_edit_at_a_time():
     # evaluate_many scores several edits in one vmapped program (edits_per_call=2 with 3 edits of
     # the same block: the second call is padded); an edit of another block falls back to evaluate

@@ -212,6 +212,9 @@ def test_training_makes_the_edits_and_keeps_the_rest():
     assert result.best_step in val_steps and result.last_val["groups"] == 4
 
 
+# the slow suite (issue 14, make test <= 5 min): compile-once over a whole train_editor run (recompiles == 0,
+# one step program) stays in make test (test_mend_train.py's shared run, test_fit_length, test_mend_from_block)
+@pytest.mark.slow
 def test_train_and_eval_steps_trace_once_across_steps():
     """`chex.assert_max_traces`: three steps and two validations on the placed state trace the
     step and the evaluation once each (the donated state keeps its placement)."""

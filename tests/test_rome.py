@@ -336,7 +336,8 @@ def _block_out_at(model, params, block_path, text, pos, length=32):
     return np.asarray(seen["h"], np.float64)[0, pos]
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+# GPT-2 in the slow suite (issue 14, make test <= 5 min): the clamp is architecture-independent code; Llama stays
+@pytest.mark.parametrize("arch", [pytest.param("gpt2", marks=pytest.mark.slow), "llama"])
 def test_residual_clamp_holds_after_every_step_and_equals_a_hand_loop(arch):
     """clamp_norm="residual" (MEMIT's / AlphaEdit's z*): after every Adam step |delta| <= f |h0|, with
     h0 the edited block's output at the subject's last token of the bare prompt read by our own
