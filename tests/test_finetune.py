@@ -3,8 +3,6 @@
 import dataclasses
 import functools
 import json
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -109,13 +107,13 @@ def test_kill_mid_epoch_resumes_to_the_same_parameters(tmp_path):
     assert [h["heldout_acc"] for h in ref.history] == [h["heldout_acc"] for h in resumed.history]
 
 
-def test_checkpoint_of_another_configuration_is_refused(tmp_path):
-    recs = toy_records(24, seed=2)
-    model = _bert()
-    F.finetune_classifier(model, recs[:18], recs[18:], tmp_path / "m", SHORT, progress=False, torch_weights=False)
+def test_checkpoint_of_another_configuration_is_refused(trained):
+    # the shared run's checkpoints (CFG) met by a run with another lr: refused, naming the field
+    model, _, recs, sp, out = trained
+    by = {r.id: r for r in recs}
     with pytest.raises(F.CheckpointMismatch, match="lr"):
-        F.finetune_classifier(model, recs[:18], recs[18:], tmp_path / "m", dataclasses.replace(SHORT, lr=2e-3),
-                              progress=False, torch_weights=False)
+        F.finetune_classifier(model, [by[i] for i in sp["finetune"]], [by[i] for i in sp["heldout"]], out,
+                              dataclasses.replace(CFG, lr=CFG.lr / 2), progress=False, torch_weights=False)
 
 
 def test_batches_depend_on_seed_and_step_only():
@@ -159,19 +157,17 @@ def test_a_model_without_a_classification_head_is_refused():
         F.check_classifier(hf.tiny("bert", num_labels=3), LABELS)
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "salem_jax.cli", "finetune", *args], capture_output=True, text=True,
-                          timeout=300)
+def test_cli_names_the_record_with_a_label_outside_the_set(tmp_path, capsys):
+    # in-process (`salem` as a subprocess: tests/test_cli.py): the same main(), exit code and stderr line
+    from salem_jax import cli
 
-
-def test_cli_names_the_record_with_a_label_outside_the_set(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "red blue", "label": "yes"}\n{"text": "paris rome", "label": "maybe"}\n')
-    out = _cli("--model", "tiny-bert", "--data", str(path), "--format", "classification", "--labels", "yes,no",
-               "--out", str(tmp_path / "m"))
-    assert out.returncode == 2
-    assert "bad.jsonl" in out.stderr and "record 1" in out.stderr and "'label'" in out.stderr and "maybe" in out.stderr
-    assert "Traceback" not in out.stderr
+    code = cli.main(["finetune", "--model", "tiny-bert", "--data", str(path), "--format", "classification",
+                     "--labels", "yes,no", "--out", str(tmp_path / "m")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("salem finetune: error:") and len(err.strip().splitlines()) == 1
+    assert "bad.jsonl" in err and "record 1" in err and "'label'" in err and "maybe" in err
 
 
 @pytest.mark.slow
