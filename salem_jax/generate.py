@@ -4,9 +4,10 @@ Two loops, the same tokens (tests/test_kv_cache.py):
 
 * **KV-cached** (`_cached_causal_loop`), chosen automatically for the decoder-only models that
   declare it (`LoadedModel.supports_kv_cache`: our Llama - SmolLM2 -, GPT-2 and GPT-Neo): one
-  prefill over the right-padded buffer fills every attention layer's cache of keys and values
-  (`[B, L, kv heads, head_dim]` per layer, L = the buffer's bucket length; a flax "cache"
-  collection, `salem_jax.models.blocks.cached_kv`) and gives each row's first token; each later
+  prefill over the prompts' columns of the right-padded buffer (the longest prompt rounded up
+  to 8, not the whole buffer) fills every attention layer's cache of keys and values
+  (`[B, L, kv heads, head_dim]` per layer, zero-padded to L = the buffer's bucket length; a flax
+  "cache" collection, `salem_jax.models.blocks.cached_kv`) and gives each row's first token; each later
   step runs the model on one token per row - the token the row wrote last, at its own slot and
   position (RoPE for Llama, learned positions for GPT-2 / GPT-Neo) - attending to that row's
   filled slots only. A step costs one token's forward pass instead of the whole buffer's.
