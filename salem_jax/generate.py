@@ -4,9 +4,10 @@ Two loops, the same tokens (tests/test_kv_cache.py):
 
 * **KV-cached** (`_cached_causal_loop`), chosen automatically for the decoder-only models that
   declare it (`LoadedModel.supports_kv_cache`: our Llama - SmolLM2 -, GPT-2 and GPT-Neo): one
-  prefill over the right-padded buffer fills every attention layer's cache of keys and values
-  (`[B, L, kv heads, head_dim]` per layer, L = the buffer's bucket length; a flax "cache"
-  collection, `salem_jax.models.blocks.cached_kv`) and gives each row's first token; each later
+  prefill over the prompts' columns of the right-padded buffer (the longest prompt rounded up
+  to 8, not the whole buffer) fills every attention layer's cache of keys and values
+  (`[B, L, kv heads, head_dim]` per layer, zero-padded to L = the buffer's bucket length; a flax
+  "cache" collection, `salem_jax.models.blocks.cached_kv`) and gives each row's first token; each later
   step runs the model on one token per row - the token the row wrote last, at its own slot and
   position (RoPE for Llama, learned positions for GPT-2 / GPT-Neo) - attending to that row's
   filled slots only. A step costs one token's forward pass instead of the whole buffer's.
@@ -56,6 +57,15 @@ def _row_bucket(n: int, batch_size: int) -> int:
     while b < n:
         b *= 2
     return min(b, batch_size)
+
+
+PREFILL_MULTIPLE = 8
+
+
+def _prefill_length(longest_prompt: int, L: int) -> int:
+    """The cached loop's prefill length: the longest prompt rounded up to a multiple of
+    PREFILL_MULTIPLE (few distinct compiles), at most the buffer length L."""
+    return min(L, -(-longest_prompt // PREFILL_MULTIPLE) * PREFILL_MULTIPLE)
 
 
 def _eos_ids(model, eos_token_id) -> tuple[int, ...]:
@@ -116,13 +126,17 @@ def _append(ids, mask, pos, done, nxt, eos):
     return ids, mask, pos, done
 
 
-@functools.partial(jax.jit, static_argnames=("decode",))
-def _cached_causal_loop(decode, params, ids, mask, pos, done, steps, eos):
+@functools.partial(jax.jit, static_argnames=("decode", "prefill"))
+def _cached_causal_loop(decode, params, ids, mask, pos, done, steps, eos, prefill=None):
     """`_causal_loop` with a KV cache (`LoadedModel.kv_decode`); same arguments and results.
 
-    One prefill over the whole right-padded buffer [B, L] fills every layer's cache (keys and
-    values [B, L, kv heads, D]; slots past a row's prompt hold padding until that row writes
-    there) and gives each row's first token from the logits at pos[b] - 1. Then each step runs
+    One prefill over the first `prefill` = P columns of the right-padded buffer (P >= every row's
+    prompt length, static; None: the whole buffer, P = L) fills every layer's cache (keys and
+    values [B, P, kv heads, D], then zero-padded to [B, L, ...]; slots past a row's prompt hold
+    padding until that row writes there, masked until then) and gives each row's first token from
+    the logits at pos[b] - 1. The prefill is the loop's dominant cost (B x P tokens through the
+    whole model against B tokens per step), so P is the longest prompt rounded up
+    (`_prefill_length`), not the buffer's bucket of prompt + new tokens. Then each step runs
     the model on one token per row: the token a row wrote last, at slot (and RoPE / learned
     position) pos[b] - 1, attending to its filled slots; done rows recompute their last slot
     with the same values and write nothing. Static shapes throughout: the loop carries the
@@ -131,7 +145,12 @@ def _cached_causal_loop(decode, params, ids, mask, pos, done, steps, eos):
     rows = jnp.arange(B)
     positions = jnp.broadcast_to(jnp.arange(L, dtype=pos.dtype)[None], (B, L))
     zeros = jnp.zeros((B,), pos.dtype)
-    logits, cache = decode(params, None, ids, mask, positions, zeros, (pos - 1)[:, None])
+    P = L if prefill is None else prefill
+    if not 0 < P <= L:
+        raise ValueError(f"prefill length {P} outside 1..{L} (the buffer length)")
+    logits, cache = decode(params, None, ids[:, :P], mask[:, :P], positions[:, :P], zeros, (pos - 1)[:, None])
+    if P < L:  # every cache leaf is [B, P, heads, D] (salem_jax.models.blocks.cached_kv): slots P.. empty
+        cache = jax.tree_util.tree_map(lambda c: jnp.pad(c, [(0, 0), (0, L - P)] + [(0, 0)] * (c.ndim - 2)), cache)
     ids, mask, pos, done = _append(ids, mask, pos, done, jnp.argmax(logits[:, 0], axis=-1), eos)
 
     def cond(state):
@@ -260,10 +279,10 @@ def _greedy_causal(model, params, rows, B, pad, steps, eos, use_cache=False):
     mask[len(rows) :, 0] = 1
     done = np.arange(B) >= len(rows)
     if use_cache:
-        loop = functools.partial(_cached_causal_loop, model.kv_decode)
+        ids_out, pos = _cached_causal_loop(model.kv_decode, params, ids, mask, lens, done, np.int32(steps),
+                                           _eos_array(eos), prefill=_prefill_length(longest, L))
     else:
-        loop = functools.partial(_causal_loop, model.apply)
-    ids_out, pos = loop(params, ids, mask, lens, done, np.int32(steps), _eos_array(eos))
+        ids_out, pos = _causal_loop(model.apply, params, ids, mask, lens, done, np.int32(steps), _eos_array(eos))
     ids_out, pos = np.asarray(ids_out), np.asarray(pos)
     return [ids_out[b, lens[b] : pos[b]].tolist() for b in range(len(rows))]
 
@@ -277,8 +296,8 @@ def _with_leaves(params, paths: tuple[str, ...], leaves) -> dict:
     return params
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "paths", "cached"))
-def _many_loop(fn, paths, cached, params, leaves, ids, mask, pos, done, steps, eos):
+@functools.partial(jax.jit, static_argnames=("fn", "paths", "cached", "prefill"))
+def _many_loop(fn, paths, cached, params, leaves, ids, mask, pos, done, steps, eos, prefill=None):
     """`_cached_causal_loop` (cached) or `_causal_loop` for E models at once: model e is `params`
     with the leaves at `paths` replaced by leaves[k][e] ([E, ...] each); ids/mask [E, B, L], pos /
     done [E, B], steps [E] (each model its own number of new tokens). vmap over the models: the
@@ -286,10 +305,11 @@ def _many_loop(fn, paths, cached, params, leaves, ids, mask, pos, done, steps, e
     the point (a one-token step of a 135M model is bound by reading its weights, README "Speed").
     A model's loop stops contributing once its rows are done (vmap of `lax.while_loop` keeps
     finished members' state)."""
-    loop = _cached_causal_loop if cached else _causal_loop
-
     def one(lv, ids, mask, pos, done, steps):
-        return loop(fn, _with_leaves(params, paths, lv), ids, mask, pos, done, steps, eos)
+        p = _with_leaves(params, paths, lv)
+        if cached:
+            return _cached_causal_loop(fn, p, ids, mask, pos, done, steps, eos, prefill=prefill)
+        return _causal_loop(fn, p, ids, mask, pos, done, steps, eos)
 
     return jax.vmap(one)(leaves, ids, mask, pos, done, steps)
 
@@ -300,7 +320,7 @@ def greedy_ids_many(model, params, paths: Sequence[str], leaves: Sequence, promp
                     kv_cache: bool | None = None) -> list[list[list[int]]]:
     """`greedy_ids` of E models that differ from `params` only in the leaves at `paths` (model e:
     leaves[k][e] at paths[k], each [E, ...]), model e on its own prompts[e] with its own
-    max_new_tokens[e], in few calls: per call up to `models_per_call` models x one row bucket B
+    max_new_tokens[e], in few calls: per call up to `models_per_call` models x B rows
     (the most prompts of a model, up to batch_size) x one buffer length L (the longest prompt +
     new tokens of any model), so the call compiles once per (models_per_call, B, L); a model with
     more than batch_size prompts takes several slots. Returns per model a list per prompt, the ids
@@ -337,7 +357,9 @@ def greedy_ids_many(model, params, paths: Sequence[str], leaves: Sequence, promp
     out: list[list[list[int]]] = [[[] for _ in ps] for ps in prompts]
     if not slots:
         return out
-    B = _row_bucket(max(len(c) for _, _, c in slots), batch_size)
+    # rows per slot: the most prompts of any model, not rounded up to a power of two as `greedy_ids`
+    # does (there, to share compiles across calls): padding rows cost a whole prefill and every step
+    B = min(max(len(c) for _, _, c in slots), batch_size)
     need = max(max(map(len, c)) + int(max_new_tokens[e]) for e, _, c in slots)
     if need > model.max_length:
         raise ValueError(f"a prompt + its new tokens ({need} tokens) exceed the model's context ({model.max_length})")
@@ -361,7 +383,8 @@ def greedy_ids_many(model, params, paths: Sequence[str], leaves: Sequence, promp
         which = np.asarray([e for e, _, _ in call])
         lv = tuple(jnp.asarray(v)[which] for v in leaves)
         steps = np.asarray([max_new_tokens[e] for e, _, _ in call], np.int32)
-        ids_out, pos = _many_loop(fn, paths, use_cache, params, lv, ids, mask, lens, done, steps, eos)
+        prefill = _prefill_length(max(max(map(len, rows)) for _, _, rows in call), L) if use_cache else None
+        ids_out, pos = _many_loop(fn, paths, use_cache, params, lv, ids, mask, lens, done, steps, eos, prefill=prefill)
         ids_out, pos = np.asarray(ids_out), np.asarray(pos)
         for m, (e, s, rows) in enumerate(slots[start : start + M]):
             for b in range(len(rows)):

@@ -165,3 +165,29 @@ def test_kv_cache_true_needs_support():
         generate.greedy_ids(m, m.params, ["paris"], 2, kv_cache=True)
     # the default falls back to the uncached loop
     assert len(generate.greedy_ids(m, m.params, ["paris"], 2, stop_at_eos=False)[0]) == 2
+
+
+def test_prefill_of_the_prompts_only_equals_uncached(model):
+    """The cached loop prefills only the first P columns of the buffer (`_prefill_length`: the
+    longest prompt rounded up, not the buffer's bucket of prompt + new tokens) and pads the cache
+    to L: every P from the longest prompt to L gives the uncached loop's tokens."""
+    rows = [model.tokenizer(p)["input_ids"] for p in _prompts(model)]
+    B, L = 8, 32
+    ids = np.zeros((B, L), np.int32)
+    mask = np.zeros((B, L), np.int32)
+    lens = np.ones(B, np.int32)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)], mask[b, : len(r)], lens[b] = r, 1, len(r)
+    mask[len(rows):, 0] = 1
+    done = np.arange(B) >= len(rows)
+    eos = generate._eos_array(())
+    steps = np.int32(STEPS)
+    want_ids, want_pos = generate._causal_loop(model.apply, model.params, ids, mask, lens, done, steps, eos)
+    longest = max(map(len, rows))
+    assert generate._prefill_length(longest, L) < L  # the default really shortens the prefill here
+    for P in sorted({longest, generate._prefill_length(longest, L), L - 1, L}):
+        got_ids, got_pos = generate._cached_causal_loop(model.kv_decode, model.params, ids, mask, lens, done, steps,
+                                                        eos, prefill=P)
+        np.testing.assert_array_equal(np.asarray(got_pos), np.asarray(want_pos))
+        np.testing.assert_array_equal(np.asarray(got_ids), np.asarray(want_ids))
+    assert np.all(np.asarray(want_pos)[: len(rows)] == lens[: len(rows)] + STEPS)
