@@ -23,10 +23,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import jax
-from jax.experimental.compilation_cache import compilation_cache
-
 from salem_jax import env
+
+# JAX is imported inside the functions that use it: the `salem` CLI imports this module to add
+# its flag, and `salem --help` (or a user error found before any model work) should not pay
+# JAX's ~2 s import.
 
 ENV_COMPILE_CACHE = env.COMPILE_CACHE
 _OFF = ("0", "off", "false", "no", "none")
@@ -53,6 +54,9 @@ def enable_compile_cache(path: str | os.PathLike | None = None, *, enabled: bool
     folder = compile_cache_dir(path) if enabled else None
     if folder is None:
         return None
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
     folder.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_s))
@@ -65,6 +69,9 @@ def enable_compile_cache(path: str | os.PathLike | None = None, *, enabled: bool
 
 def disable_compile_cache() -> None:
     """Undo `enable_compile_cache` (tests): no persistent cache for later compilations."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
     jax.config.update("jax_compilation_cache_dir", None)
     compilation_cache.reset_cache()
 
