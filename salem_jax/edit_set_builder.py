@@ -24,7 +24,8 @@ counterfactual (ROME/MEND's setting): every record is an edit: a "fail" row towa
 Scoring is batched and jitted: every row is tokenized once to find its length bucket
 (`tokenize.bucket_length`), rows of one bucket are encoded to that fixed length in batches of
 exactly `batch_size` (the last one padded with `pad_rows`), so the scorer compiles once per
-bucket. The split into train / val is by record (all rows of a record stay together),
+bucket. The LM head runs at the target positions only (`salem_jax.scored_logits`, one K per
+bucket): correctness needs the argmax there and nowhere else. The split into train / val is by record (all rows of a record stay together),
 deterministic for a seed and the same for every model and mode given the same records.
 """
 
@@ -37,7 +38,6 @@ from typing import Any, Sequence
 
 import datasets
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -53,6 +53,7 @@ from salem_jax.data.edit_set import (
     encode_rows,
     split_records,
 )
+from salem_jax.scored_logits import scored_logits, with_score_positions
 from salem_jax.data.records import EditRecord, RecordError, Skipped
 from salem_jax.data.tokenize import (
     DEFAULT_BUCKETS,
@@ -60,6 +61,7 @@ from salem_jax.data.tokenize import (
     bucket_length,
     pad_rows,
     rows_per_batch,
+    slice_rows,
     target_text,
     token_ids,
     token_limit,
@@ -84,7 +86,6 @@ class _Row:
     shape: tuple = ()  # (length,) or (source length, target length): the bucket key
     correct: bool = False
     token_acc: float = 0.0
-    pred: int = -1
 
 
 def _shape(model, row: _Row, buckets, max_tokens: int | None = None) -> tuple:
@@ -145,13 +146,10 @@ def _scorer(model):
 
 def _make_scorer(model):
     def score(params, batch):
-        logits = model.apply(params, batch)
-        labels, mask = batch["labels"], batch["label_mask"]
-        return (
-            losses.example_correct(logits, labels, mask),
-            losses.example_token_accuracy(logits, labels, mask),
-            jnp.argmax(logits[:, 0], axis=-1),
-        )
+        # logits at the `score_pos` positions only (every target token is one of them): the
+        # same argmaxes as the full [B, S, V] logits, a K-position head instead of an S-position one
+        logits, labels, mask = scored_logits(model.apply, params, batch)
+        return losses.example_correct(logits, labels, mask), losses.example_token_accuracy(logits, labels, mask)
 
     return jax.jit(score)
 
@@ -160,12 +158,14 @@ def _score_rows(
     model, params, rows: list[_Row], batch_size: int, progress: bool, desc: str, buckets, scorer,
     token_budget: int | None = DEFAULT_TOKEN_BUDGET,
 ) -> None:
-    """Fill correct / token_acc / pred of every row, batching rows of one bucket together.
+    """Fill correct / token_acc of every row, batching rows of one bucket together.
 
     A bucket of L padded tokens per row (seq2seq: source + target) is scored in batches of
     `tokenize.rows_per_batch(batch_size, L, token_budget)` rows, so a batch's logits hold at most
     about `token_budget` x vocabulary numbers whatever the rows' lengths (one shape per bucket:
-    it still compiles once per bucket)."""
+    it still compiles once per bucket). A bucket's rows are encoded together, with one K of
+    scored positions (`with_score_positions`: the most target tokens of any of its rows, rounded
+    up to a power of two), so the head runs at K positions per row, not L."""
     if not rows:
         return
     by_shape: dict[tuple, list[_Row]] = defaultdict(list)
@@ -176,15 +176,13 @@ def _score_rows(
     with tqdm(total=n_batches, desc=desc, unit="batch", disable=not progress) as bar:
         for shape in sorted(by_shape):
             group, n = by_shape[shape], size[shape]
+            full = with_score_positions(encode_rows(
+                model, group, length=shape[0], target_length=shape[1] if len(shape) > 1 else None, buckets=buckets))
             for start in range(0, len(group), n):
                 chunk = group[start : start + n]
-                batch = encode_rows(
-                    model, chunk, length=shape[0], target_length=shape[1] if len(shape) > 1 else None, buckets=buckets
-                )
-                correct, acc, pred = scorer(params, pad_rows(batch, n))
-                correct, acc, pred = np.asarray(correct), np.asarray(acc), np.asarray(pred)
+                correct, acc = jax.device_get(scorer(params, pad_rows(slice_rows(full, start, start + n), n)))
                 for i, r in enumerate(chunk):
-                    r.correct, r.token_acc, r.pred = bool(correct[i]), float(acc[i]), int(pred[i])
+                    r.correct, r.token_acc = bool(correct[i]), float(acc[i])
                 bar.update(1)
 
 

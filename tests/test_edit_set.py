@@ -439,3 +439,27 @@ def test_sample_by_group():
     assert out == sample_by_group(rows, 4, seed=3, groups={"fail", "pass"})  # deterministic
     assert sample_by_group(rows, 4, seed=4, groups={"fail", "pass"}) != out
     assert len(sample_by_group(rows, 0)) == 30 and len(sample_by_group(rows, 50)) == 30
+
+
+def test_scorer_runs_the_head_at_target_positions_only(monkeypatch):
+    """The edit-set scorer gathers K < S positions before the head (salem_jax.scored_logits), one
+    K per bucket, and still gives the full-logits answer (`hand_causal`: each row alone, every
+    position's logits)."""
+    from salem_jax import edit_set_builder
+
+    model = hf.tiny("gpt2")  # its own apply: a fresh jitted scorer, traced here
+    seen = []
+    real = edit_set_builder.scored_logits
+
+    def spy(apply, params, batch):
+        seen.append((batch["label_mask"].shape[-1], batch["score_pos"].shape[-1] if "score_pos" in batch else None))
+        return real(apply, params, batch)
+
+    monkeypatch.setattr(edit_set_builder, "scored_logits", spy)
+    recs = fixture_records(model, n=6)
+    es = build_edit_set(model, recs, "correction", batch_size=4, progress=False)
+    assert seen and all(k is not None and k < s for s, k in seen), seen
+    for rid, r in all_rows(es).items():
+        ok, acc = hand_causal(model, r["prompt"], r["target"])
+        assert r["base_correct"] == ok and r["base_token_acc"] == pytest.approx(acc, abs=1e-6), rid
+    assert {r["base_correct"] for r in all_rows(es).values()} == {True, False}

@@ -130,3 +130,33 @@ def test_locate_dispatches_and_bad_input(model):
     with pytest.raises(ValueError, match="pass"):
         ED.editability_profile(model, [r for r in rows() if r["group"] != "pass"],
                                config=ED.EditabilityConfig(normalize=False))
+
+
+def test_scored_rows_cut_to_their_longest_length_give_the_full_length_scores(model, monkeypatch):
+    """The base and probe passes run on the scored rows cut to their longest length (`_trimmed`),
+    shorter than the bucket the rows (and the probes' factors) are padded to; every share equals
+    the same profile computed at the full padded length (the old path: `_trimmed` a no-op)."""
+    long_warm = dict(id="fw", record_id="rw", group="fail", target="madrid",
+                     prompt="the capital of the country that lies in the south of europe and speaks spanish is")
+    rs = rows() + [long_warm]
+    cfg = ED.EditabilityConfig(lrs=(1.0, 30.0), warm=3, probes=3, adapt_per_edit=1, pass_per_edit=2, seed=1)
+    lengths = []
+    real_probe = ED._probe
+
+    def spy(*args):
+        lengths.append(args[11]["input_ids"].shape[1])  # the probe's batch
+        return real_probe(*args)
+
+    monkeypatch.setattr(ED, "_probe", spy)
+    new = ED.editability_profile(model, rs, config=cfg)
+    cut = set(lengths)
+    monkeypatch.setattr(ED, "_trimmed", lambda model, enc, rows: enc)
+    lengths.clear()
+    old = ED.editability_profile(model, rs, config=cfg)
+    full = set(lengths)
+    assert len(cut) == 1 and len(full) == 1 and max(cut) < min(full), (cut, full)
+    for k in ("fixed", "spill"):
+        np.testing.assert_array_equal(np.asarray(new.extra["per_probe"][k]), np.asarray(old.extra["per_probe"][k]))
+    assert new.scores == old.scores and new.chosen == old.chosen
+    grid = np.asarray(new.extra["per_probe"]["fixed"])
+    assert grid.max() > 0 and np.asarray(new.extra["per_probe"]["spill"]).max() > 0

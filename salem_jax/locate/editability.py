@@ -30,7 +30,9 @@ val split stays held out). `scores["fail"]` is the editability, `scores["fixed"]
 Cost (how it is made cheap; the score is the same as rebuilding W' and running the model):
 - one capture (forward + backward, every candidate layer at once) per `micro_batch` of warm rows
   and one per `micro_batch` of probes (the probes' factors are kept on the device, [P, S, .]);
-- one base forward of the rows the probes score, keeping every block's output;
+- one base forward of the rows the probes score, keeping every block's output; these rows and
+  the probe passes below are cut to the scored rows' longest length (`_trimmed`, causal models),
+  not the bucket every row (warm rows too) was padded to;
 - per layer, one forward of all (probe, lr, row) combinations (`probe_batch` rows per call), where
   each row's edit is the low-rank correction  x W' = x W - lr (x u~^T) delta~  added to the
   edited modules' outputs (no weight matrix is rebuilt), the blocks the forward pass calls before
@@ -149,6 +151,18 @@ def _take(enc: dict, idx: Sequence[int]) -> dict[str, np.ndarray]:
         rows = v[np.maximum(idx, 0)]
         out[k] = np.where((idx >= 0).reshape((-1,) + (1,) * (v.ndim - 1)), rows, 0).astype(v.dtype)
     return out
+
+
+def _trimmed(model, enc: dict[str, np.ndarray], rows: Sequence[int]) -> dict[str, np.ndarray]:
+    """A causal model's `enc` ([N, S] leaves, right-padded) cut to the longest of `rows`: the
+    columns past it are padding for those rows, which the causal mask keeps from every real
+    position, so their scores are the same and the probe forward passes (most of the cost) run
+    on that length instead of the bucket's (SmolLM2's capitals: 10 tokens, not 16). Rows not
+    in `rows` may be cut short: score only `rows` of the result. Other kinds: `enc` unchanged."""
+    if model.kind != "causal" or not len(rows):
+        return enc
+    n = int(np.asarray(enc["attention_mask"])[np.asarray(rows)].sum(-1).max())
+    return {k: v[:, :n] for k, v in enc.items()}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -277,7 +291,10 @@ def editability_profile(model, rows: Sequence[dict], *, layers: Sequence[str] | 
     edit_idx = [[index(p)] + [index(a) for a in ad] + [-1] * (cfg.adapt_per_edit - len(ad)) for p, ad in zip(pr.probes, pr.adapts)]
     pass_idx = [[index(q) for q in qs] for qs in pr.passes]
     enc = _encode_all(model, flat)
-    scored = with_score_positions(enc)
+    # the rows the forward passes of steps 4-6 score, at their own longest length (the warm
+    # rows, often longer, are only captured at the full length)
+    used = sorted({r for rr in edit_idx + pass_idx for r in rr if r >= 0})
+    scored = with_score_positions(_trimmed(model, enc, used))
 
     # -- 2. an identity editor, its running statistics warmed on the warm rows
     spec = EditorSpec.from_params(weights, params, EditorConfig(rank=8, n_hidden=1, normalize=cfg.normalize,
@@ -303,7 +320,6 @@ def editability_profile(model, rows: Sequence[dict], *, layers: Sequence[str] | 
     # (the edited forward passes start at the edited block from these)
     all_blocks = model.layers.blocks
     block_paths = tuple(b.module_path for b in all_blocks)
-    used = sorted({r for rr in edit_idx + pass_idx for r in rr if r >= 0})
     at = {r: n for n, r in enumerate(used)}
     order = block_call_order(model.apply, params, {k: v[:1] for k, v in scored.items()}, block_paths)
     base_am, outs_all = [], []
