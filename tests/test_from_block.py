@@ -151,12 +151,15 @@ def test_evaluator_block_cache_in_length_sorted_cut_calls():
     position they equal one call over all rows at the full length; past a call's cut they are 0
     (padding nothing reads), and the rows here are cut (one long prompt sets the full length)."""
     model = tiny_llama(seed=3, num_hidden_layers=3)
+    # a long, a medium and a short prompt: with 4 rows per call the first call holds the short and
+    # the medium rows (cut after the medium ones), the second the long rows
     long = "long ago and far away in a land that we all know from many old stories the capital of france is"
+    medium = "the capital city of the old republic of france is"
     edits = [{"fail": [_row(p, t, "fail", i)], "adapt": [_row(p + " then", t, "adapt", i)]}
-             for i, (p, t) in enumerate(zip([long] + PROMPTS[1:], TARGETS))]
+             for i, (p, t) in enumerate(zip([long, medium, "red blue"], TARGETS))]
     shared = {"pass": [_row("the capital of peru is", "lima", "pass", 0)],
               "keep": [_row("brazil", "brasilia", "keep", 0), _row("japan speaks", "yen", "keep", 1)]}
-    ev = EditEvaluator(model, model.params, edits, shared, batch_size=2)
+    ev = EditEvaluator(model, model.params, edits, shared, batch_size=4)
     ev.evaluate(0, _edit(model, 2, scale=2.5))
     start, cache = ev._cache
     last = ev._chain.last_skipped(start)
