@@ -35,6 +35,16 @@ and reports, per edit (median over edits after a warm-up edit):
     python benchmarks/eval_edit.py --layer layers.26 --out runs/bench-eval-edit.json
     python benchmarks/eval_edit.py --generate-only --edits 8   # the generation rows alone
 
+`--compare-with OTHER/salem_jax/eval/edits.py` (session 15) instead times two versions of the
+evaluator against each other in one process, alternated (old, new, new, old, ...): per
+repetition, building an `EditEvaluator` (the base side and kept block outputs included) and
+scoring every edit with `evaluate_many`, the first `--ppl-edits` with the text, as the pipeline
+does; the first repetition compiles. Checks the two give the same numbers (rtol 1e-4) and
+prints each repetition's seconds and the warm ratio:
+
+    python benchmarks/eval_edit.py --edits 19 --compare-with /work/main/salem_jax/eval/edits.py \
+        --out runs/bench-eval-ab.json
+
 Prints a table and writes JSON (hardware, load average, every time). Nothing is timed in tests.
 """
 
@@ -126,6 +136,10 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-all-blocks", action="store_true", help="no all-blocks scoring rows")
     ap.add_argument("--text-window", type=int, default=128,
                     help="text window (the pipeline's eval.text_window, 128; sessions 7-8 ran this benchmark at 512)")
+    ap.add_argument("--compare-with", default=None,
+                    help="another version's salem_jax/eval/edits.py: time its EditEvaluator against this one's, alternated")
+    ap.add_argument("--ppl-edits", type=int, default=5, help="--compare-with: edits scored with the text (eval.ppl_edits)")
+    ap.add_argument("--ab-reps", type=int, default=3, help="--compare-with: repetitions of each version")
     args = ap.parse_args(argv)
     if not args.no_compile_cache:
         enable_compile_cache()
@@ -133,6 +147,8 @@ def main(argv=None) -> int:
     model = load_model(args.model)
     edits, shared = rows(args)
     txt = texts(args.texts)
+    if args.compare_with:
+        return compare_evaluators(args, model, edits, shared, txt, load0)
     res: dict = {"args": vars(args), "hardware": {"platform": platform.platform(), "devices": [str(d) for d in jax.devices()],
                                                   "cpu_count": os.cpu_count()}, "load_start": load0}
     print(f"{len(edits)} edits, {sum(map(len, shared.values()))} shared rows, {len(txt)} texts "
@@ -259,6 +275,46 @@ def main(argv=None) -> int:
         print("| one edit's evaluation without text: all blocks, uncached generation before/after per edit "
               f"| {before_old:.3f} |")
         print(f"| the same from the edited block, KV-cached generation, base generations batched | {before_now:.3f} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def compare_evaluators(args, model, edits, shared, txt, load0) -> int:
+    """`--compare-with`: this version's EditEvaluator against another's, alternated (module docstring)."""
+    import importlib.util
+
+    from salem_jax.eval import edits as this
+
+    spec = importlib.util.spec_from_file_location("other_edits", args.compare_with)
+    other = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(other)
+    kept = [edited_params(model, args.layer, i, args.scale) for i in range(args.edits)]
+    flags = [i < args.ppl_edits for i in range(args.edits)]
+    times: dict[str, list[float]] = {"other": [], "this": []}
+    got: dict[str, list] = {}
+    for rep in range(args.ab_reps):
+        for name in (("other", "this") if rep % 2 == 0 else ("this", "other")):
+            mod = other if name == "other" else this
+            t = time.perf_counter()
+            ev = mod.EditEvaluator(model, model.params, edits, shared, texts=txt or None, text_window=args.text_window,
+                                   batch_size=8)
+            got[name] = ev.evaluate_many(list(enumerate(kept)), with_text=flags if txt else False)
+            times[name].append(time.perf_counter() - t)
+            print(f"rep {rep} {name}: {times[name][-1]:.2f} s (load {os.getloadavg()[0]:.1f})", flush=True)
+        for i, (a, b) in enumerate(zip(got["other"], got["this"])):
+            bad = {k: (v, b[k]) for k, v in a.items() if not np.isclose(v, b[k], rtol=1e-4, atol=1e-4, equal_nan=True)}
+            if bad or sorted(a) != sorted(b):
+                raise SystemExit(f"edit {i}: the two evaluators differ: {bad}")
+    warm = {k: statistics.median(v[1:]) if len(v) > 1 else v[0] for k, v in times.items()}
+    res = {"args": vars(args), "load_start": load0, "load_end": os.getloadavg(), "times_s": times, "warm_median_s": warm,
+           "warm_ratio": warm["other"] / warm["this"], "hardware": {"platform": platform.platform(), "cpu_count": os.cpu_count()}}
+    print(f"\n{args.edits} edits ({args.ppl_edits} with text), load {load0[0]:.1f} -> {res['load_end'][0]:.1f}")
+    print("| evaluator | first (compiles) | warm median |\n|---|---|---|")
+    for k in ("other", "this"):
+        print(f"| {k} | {times[k][0]:.2f} s | {warm[k]:.2f} s |")
+    print(f"| other / this, warm | | {res['warm_ratio']:.2f}x |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(f"wrote {args.out}")

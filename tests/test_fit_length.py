@@ -186,3 +186,41 @@ def test_block_inputs_in_length_sorted_cut_chunks_equal_the_full_forward(setup):
         # some padded positions lie past their chunk's cut (0); the others hold the block's output
         assert (got[~mask] == 0).all(-1).any()
     assert data["train"].fail["input_ids"].shape[-1] == 24
+
+
+def test_block_inputs_of_the_used_rows_only_equal_every_row(setup):
+    """`with_block_inputs(..., used=...)` (the editor's setup since session 15): the marked rows'
+    hidden states are those of the call over every row, bit for bit (each at its own chunk's cut,
+    in calls of the same shape), the others 0; `train_rows_used` / `val_rows_used` mark exactly
+    the rows `train_batch` / `val_batches` gather (an id column gathered like the tokens)."""
+    import dataclasses
+
+    from salem_jax.mend.train import from_block_plan, train_rows_used, val_rows_used, with_block_inputs
+
+    model, data, cfg, _, base = setup
+    spec = EditorSpec.from_params(model.layers.weights(["layers.2"]), model.params, cfg.editor)
+    train = data["train"]
+    plan = from_block_plan(model, spec, train)[0]
+    for split, used_fn, batches in (
+            ("train", lambda d: train_rows_used(d, cfg, 3), lambda d: [train_batch(d, cfg, s) for s in range(3)]),
+            ("val", lambda d: val_rows_used(d, cfg), lambda d: val_batches(d, cfg))):
+        d = data[split]
+        used = used_fn(d)
+        # the rows the batches gather, read off an id column (row index + 1; 0 = no row)
+        tagged = dataclasses.replace(d, **{n: {**getattr(d, n), "rid": np.arange(1, len(used[n]) + 1)}
+                                           for n in ("fail", "adapt", "passes")})
+        seen = {n: set() for n in used}
+        for b in batches(tagged):
+            seen["fail"] |= set(b["fail"]["rid"].ravel().tolist())
+            seen["adapt"] |= set(b["edit"]["rid"][:, cfg.edits_per_group:].ravel().tolist())
+            seen["passes"] |= set(b["pass"]["rid"].ravel().tolist())
+        for n, mark in used.items():
+            assert set((np.flatnonzero(mark) + 1).tolist()) == seen[n] - {0}, (split, n)
+        if split == "train":
+            assert not all(m.all() for m in used.values())  # some rows are never drawn in 3 steps
+        full = with_block_inputs(plan, base, d, chunk=4)
+        part = with_block_inputs(plan, base, d, chunk=4, used=used)
+        for n, mark in used.items():
+            got, want = getattr(part, n)[BLOCK_INPUT], getattr(full, n)[BLOCK_INPUT]
+            np.testing.assert_array_equal(got[mark], want[mark], err_msg=f"{split} {n}")
+            assert (got[~mark] == 0).all(), (split, n)

@@ -107,8 +107,12 @@ def test_evaluator_from_the_changed_block_equals_running_every_block():
             want = slow.evaluate(i, edited, with_text=with_text)
             assert fast.last_start == block and slow.last_start == 0
             assert sorted(got) == sorted(want)
+            # a difference of two perplexities (dd_ppl_*_abs) at the perplexities' own tolerance: the
+            # kept hidden states are computed at other lengths (float rounding; ppl ~150 here)
+            scale = max(abs(x) for key, x in want.items() if "ppl" in key and not key.startswith("dd_"))
             for k, v in want.items():
-                assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-6, nan_ok=True), k
+                tol = 1e-5 * scale if k.startswith("dd_ppl") and k.endswith("_abs") else 1e-6
+                assert got[k] == pytest.approx(v, rel=1e-5, abs=tol, nan_ok=True), k
 
 
 # the slow suite (issue 14, make test <= 5 min): the batched-against-per-edit evaluation stays in make test
@@ -139,3 +143,31 @@ def test_evaluate_many_equals_one_edit_at_a_time():
     # the edits differ in what they do, so a mix-up of edits or rows would show
     assert len({round(g["pass/ppl_after"], 6) for g in got[:3]}) == 3
     assert len({round(g["fail/ppl_after"], 6) for g in got[:3]}) == 3
+
+
+def test_evaluator_block_cache_in_length_sorted_cut_calls():
+    """The evaluator keeps the base model's block outputs computed on its rows sorted by length,
+    `batch_size` per call, each call cut after its longest row (session 15): at every attended
+    position they equal one call over all rows at the full length; past a call's cut they are 0
+    (padding nothing reads), and the rows here are cut (one long prompt sets the full length)."""
+    model = tiny_llama(seed=3, num_hidden_layers=3)
+    # a long, a medium and a short prompt: with 4 rows per call the first call holds the short and
+    # the medium rows (cut after the medium ones), the second the long rows
+    long = "long ago and far away in a land that we all know from many old stories the capital of france is"
+    medium = "the capital city of the old republic of france is"
+    edits = [{"fail": [_row(p, t, "fail", i)], "adapt": [_row(p + " then", t, "adapt", i)]}
+             for i, (p, t) in enumerate(zip([long, medium, "red blue"], TARGETS))]
+    shared = {"pass": [_row("the capital of peru is", "lima", "pass", 0)],
+              "keep": [_row("brazil", "brasilia", "keep", 0), _row("japan speaks", "yen", "keep", 1)]}
+    ev = EditEvaluator(model, model.params, edits, shared, batch_size=4)
+    ev.evaluate(0, _edit(model, 2, scale=2.5))
+    start, cache = ev._cache
+    last = ev._chain.last_skipped(start)
+    cut_somewhere = False
+    for key, enc in (("own", ev._own), ("shared", ev._shared_host)):
+        full = np.asarray(block_output(model.apply, last, model.params, enc))
+        got, mask = np.asarray(cache[key]), np.asarray(enc["attention_mask"]) != 0
+        assert got.shape == full.shape
+        np.testing.assert_allclose(got[mask], full[mask], rtol=1e-5, atol=1e-6, err_msg=key)
+        cut_somewhere |= bool((got[~mask] == 0).all(-1).any() and (full[~mask] != 0).any())
+    assert cut_somewhere

@@ -150,6 +150,12 @@ def _text_nll(apply: Callable, params: Any, windows: dict) -> Any:
     return jax.lax.map(lambda b: row_nll(apply, params, b), windows)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _text_nll_flat(apply: Callable, params: Any, windows: dict, windows_flat: dict) -> Any:
+    """`_text_nll` with the head on the counted tokens only (`_flat_row_nll`): [C, c]."""
+    return jax.lax.map(lambda bf: _flat_row_nll(apply, params, *bf), (windows, windows_flat))
+
+
 def _take(batch: dict[str, np.ndarray], idx: Sequence[int]) -> dict[str, np.ndarray]:
     ix = np.asarray(idx, np.int64)
     return {k: v[ix] for k, v in batch.items()}
@@ -239,10 +245,13 @@ class EditEvaluator:
             if self.text_tokens == 0:
                 raise ValueError("no text has 2 or more tokens: nothing to score")
             n = next(iter(w.values())).shape[0]
+            # c chunks of at most text_chunk windows, as even as they go (13 windows: 7 + 6 and one
+            # padding window, not 8 + 5 and three); padding windows count nowhere but cost a pass
             c = -(-n // text_chunk)
-            w = pad_rows(w, c * text_chunk)
-            self._windows = jax.device_put({k: v.reshape(c, text_chunk, *v.shape[1:]) for k, v in w.items()})
-            masks = w["label_mask"].reshape(c, text_chunk, -1)
+            per = -(-n // c)
+            w = pad_rows(w, c * per)
+            self._windows = jax.device_put({k: v.reshape(c, per, *v.shape[1:]) for k, v in w.items()})
+            masks = w["label_mask"].reshape(c, per, -1)
             t = max(1, int((masks != 0).sum((1, 2)).max()))
             flats = [flat_positions(m, t) for m in masks]
             self._windows_flat = jax.device_put({k: np.stack([f[k] for f in flats]) for k in flats[0]})
@@ -269,7 +278,9 @@ class EditEvaluator:
             self._base_ready = True
         if with_text and not self._text_ready and self._windows is not None:
             w = self._windows if cache is None else {**self._windows, BLOCK_INPUT: cache["text"]}
-            self.text_nll_before = float(np.asarray(jax.device_get(_text_nll(apply, self.base_params, w)), np.float64).sum())
+            nll = (_text_nll_flat(apply, self.base_params, w, self._windows_flat) if self.flat_scores
+                   else _text_nll(apply, self.base_params, w))
+            self.text_nll_before = float(np.asarray(jax.device_get(nll), np.float64).sum())
             self._text_ready = True
 
     @property
@@ -376,7 +387,9 @@ class EditEvaluator:
             shared, windows = self._shared, self._windows if text else None
             shared = None if shared is None else {**shared, BLOCK_INPUT: cache["shared"]}
             windows = None if windows is None else {**windows, BLOCK_INPUT: cache["text"]}
-            n = min(edits_per_call, len(ks))
+            # as few calls as edits_per_call allows, as even as they go (14 edits: 7 + 7, not 8 + 8
+            # with two repeated); the last call repeats its last edit to keep the shape
+            n = -(-len(ks) // -(-len(ks) // edits_per_call))
             for c in range(0, len(ks), n):
                 part = list(range(c, min(c + n, len(ks))))
                 part += [part[-1]] * (n - len(part))  # one shape per call: repeat the last edit (dropped)
@@ -423,10 +436,28 @@ class EditEvaluator:
         fn, base, bs = self.model.apply, self.base_params, self.batch_size
 
         def rows(enc):
-            n = next(iter(enc.values())).shape[0]
-            parts = [np.asarray(block_output(fn, last, base, pad_rows(slice_rows(enc, a, a + bs), bs)))[: min(bs, n - a)]
-                     for a in range(0, n, bs)]
-            return np.concatenate(parts)
+            # rows sorted by length, `bs` per call, each call cut after its longest row (an
+            # EDIT_BUCKETS length: few programs): the own rows are padded to the longest of any edit
+            # (32 tokens on the main job for rows of ~10), and a position past a row's last token
+            # changes nothing before it (causal models). Past its call's cut a row's output is 0:
+            # padding, never attended to by the row's tokens nor scored.
+            from salem_jax.mend.train import bucket_length, row_ends
+            from salem_jax.scored_logits import SCORE_POS
+
+            n, s = next(iter(enc.values())).shape[0], enc["attention_mask"].shape[-1]
+            ends = row_ends(np.asarray(enc["attention_mask"]))
+            order = np.argsort(ends, kind="stable")
+            out = None
+            for a in range(0, n, bs):
+                idx = order[a: a + bs]
+                cut = bucket_length(int(ends[idx].max()), s)
+                part = {k: (v[idx][:, :cut] if np.ndim(v) >= 2 and v.shape[1] == s and k != SCORE_POS else v[idx])
+                        for k, v in enc.items()}
+                h = np.asarray(block_output(fn, last, base, pad_rows(part, bs)))[: len(idx)]
+                if out is None:
+                    out = np.zeros((n, s) + h.shape[2:], h.dtype)
+                out[idx, :cut] = h
+            return out
 
         if "own" not in cache:
             cache["own"] = rows(self._own)

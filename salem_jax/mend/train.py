@@ -426,10 +426,16 @@ def val_batches(data: EditData, cfg: TrainConfig) -> list[dict]:
     """Fixed validation batches: the first `val_groups` groups of fail rows in order, each with
     its first rephrasings and pass rows in order (cycled); the last batch is padded with
     weight-0 groups."""
+    return [_group_batch(data, *idx) for idx in _val_indices(data, cfg)]
+
+
+def _val_indices(data: EditData, cfg: TrainConfig) -> list[tuple[np.ndarray, ...]]:
+    """Per validation batch (edits [G, k], adapts [G, k, A], passes [G, P], weight [G]): the row
+    indices `val_batches` gathers (-1: no row)."""
     k, p, g = cfg.edits_per_group, cfg.pass_per_group, cfg.batch_size
     n_groups = min(cfg.val_groups, math.ceil(data.n_fail / k))
     n_batches = math.ceil(n_groups / g)
-    batches = []
+    out = []
     for b in range(n_batches):
         gi = np.arange(b * g, (b + 1) * g)
         valid = gi < n_groups
@@ -438,8 +444,34 @@ def val_batches(data: EditData, cfg: TrainConfig) -> list[dict]:
         passes = (gi[:, None] * p + np.arange(p)[None]) % data.n_pass
         passes = np.where(valid[:, None], passes, -1)
         adapts = _adapt_choice(data, edits, cfg.adapt_per_edit, None)
-        batches.append(_group_batch(data, edits, adapts, passes, valid.astype(np.float32)))
-    return batches
+        out.append((edits, adapts, passes, valid.astype(np.float32)))
+    return out
+
+
+def _rows_marked(data: EditData, indices: Sequence[tuple[np.ndarray, ...]]) -> dict[str, np.ndarray]:
+    """{"fail", "adapt", "passes": bool [N]}: the rows any of `indices` ((edits, adapts, passes, ...)
+    index arrays, -1 for none) names."""
+    out = {}
+    for name, j in (("fail", 0), ("adapt", 1), ("passes", 2)):
+        enc = getattr(data, name)
+        mark = np.zeros(int(next(iter(enc.values())).shape[0]) if enc else 0, bool)
+        for idx in indices:
+            i = np.asarray(idx[j]).reshape(-1)
+            mark[i[i >= 0]] = True
+        out[name] = mark
+    return out
+
+
+def train_rows_used(data: EditData, cfg: TrainConfig, steps: int) -> dict[str, np.ndarray]:
+    """The rows of the train split that steps 0..steps-1 gather (`_train_indices`, rebuilt from
+    (seed, step) as index arrays only): {"fail", "adapt", "passes": bool [N]}. With 300 steps of one
+    group of 1 fail + 2 of its rephrasings, many of the main job's ~790 rephrasings are never drawn."""
+    return _rows_marked(data, [_train_indices(data, cfg, step) for step in range(steps)])
+
+
+def val_rows_used(data: EditData, cfg: TrainConfig) -> dict[str, np.ndarray]:
+    """The rows of the val split the validation batches gather (`val_batches`): as `train_rows_used`."""
+    return _rows_marked(data, _val_indices(data, cfg))
 
 
 # ---------------------------------------------------------------------------- from the edited block
@@ -537,20 +569,26 @@ def without_block_inputs(data: EditData) -> EditData:
                                block_input_of=None)
 
 
-def with_block_inputs(plan: FromBlockPlan, base_params, data: EditData, chunk: int = 32) -> EditData:
+def with_block_inputs(plan: FromBlockPlan, base_params, data: EditData, chunk: int = 32,
+                      used: Mapping[str, np.ndarray] | None = None) -> EditData:
     """`data` with BLOCK_INPUT [N, S, H] (float32 numpy) in fail, adapt and passes: the base
     model's output of block `plan.last` on every row, computed once, `chunk` rows per call, the
     rows sorted by length and each call cut after its longest row (one compilation per length;
     padded positions past a call's cut are 0). The steps then run no block below `plan.start` at
     all (`_with_block_inputs`).
-    base_params: as placed for the steps (any placement)."""
+    base_params: as placed for the steps (any placement).
+    used: {"fail" | "adapt" | "passes": bool [N]} - compute only the rows marked (those the run's
+    steps or validations gather: `train_rows_used`, `val_rows_used`); the others stay 0 and must
+    not be read. Each marked row is computed at the length it gets without `used` (its chunk's
+    cut among all rows), in calls of `chunk` rows of that length: the same programs, the same
+    numbers (tests/test_fit_length.py)."""
     if data.block_input_of == plan.last:
         return data
     data = without_block_inputs(data)
     fn = plan.apply.apply
     shape = _block_shape(plan, base_params, data)
 
-    def rows(enc):
+    def rows(enc, name):
         n = int(next(iter(enc.values())).shape[0]) if enc else 0
         if n == 0:
             return {**enc, BLOCK_INPUT: np.zeros((0,) + shape, np.float32)} if enc else enc
@@ -561,18 +599,25 @@ def with_block_inputs(plan: FromBlockPlan, base_params, data: EditData, chunk: i
         s = enc["attention_mask"].shape[-1]
         ends = row_ends(enc["attention_mask"])
         order = np.argsort(ends, kind="stable")
-        out = np.zeros((n,) + tuple(shape), np.float32)
+        cuts = np.zeros(n, np.int64)
         for a in range(0, n, chunk):
-            idx = order[a: a + chunk]
-            cut = bucket_length(int(ends[idx].max()), s)
-            part = {k: (v[idx][:, :cut] if np.ndim(v) >= 2 and v.shape[1] == s and k != SCORE_POS else v[idx])
-                    for k, v in enc.items()}
-            h = np.asarray(block_output(fn, plan.last, base_params, pad_rows(part, chunk)), np.float32)
-            out[idx, :cut] = h[: len(idx)]
+            cuts[order[a: a + chunk]] = bucket_length(int(ends[order[a: a + chunk]].max()), s)
+        # the rows to compute, by cut: without `used`, the chunks above (the cuts rise along `order`
+        # and every chunk but the last is full); with it, the marked rows of each cut, re-chunked
+        todo = order if used is None or name not in used else order[np.asarray(used[name], bool)[order]]
+        out = np.zeros((n,) + tuple(shape), np.float32)
+        for cut in sorted(set(cuts[todo].tolist())):
+            same = todo[cuts[todo] == cut]
+            for a in range(0, len(same), chunk):
+                idx = same[a: a + chunk]
+                part = {k: (v[idx][:, :cut] if np.ndim(v) >= 2 and v.shape[1] == s and k != SCORE_POS else v[idx])
+                        for k, v in enc.items()}
+                h = np.asarray(block_output(fn, plan.last, base_params, pad_rows(part, chunk)), np.float32)
+                out[idx, :cut] = h[: len(idx)]
         return {**enc, BLOCK_INPUT: out}
 
-    return dataclasses.replace(data, fail=rows(data.fail), adapt=rows(data.adapt), passes=rows(data.passes),
-                               block_input_of=plan.last)
+    return dataclasses.replace(data, fail=rows(data.fail, "fail"), adapt=rows(data.adapt, "adapt"),
+                               passes=rows(data.passes, "passes"), block_input_of=plan.last)
 
 
 def split_rows(data: EditData) -> int:
@@ -598,7 +643,8 @@ def val_block_rows(data: EditData, cfg: TrainConfig, steps: int) -> int:
 
 
 def from_block_data(model, spec: EditorSpec, data: EditData, base_params, skip: bool = True,
-                    cache_bytes: int = BLOCK_CACHE_BYTES, uses: int | None = None) -> tuple[FromBlockPlan | None, EditData]:
+                    cache_bytes: int = BLOCK_CACHE_BYTES, uses: int | None = None,
+                    used: Mapping[str, np.ndarray] | None = None) -> tuple[FromBlockPlan | None, EditData]:
     """(plan, data) for the steps: `from_block_plan` when `skip` (else None) and, with a plan,
     `data` holding the hidden states when they fit in `cache_bytes` and pay (else the step
     computes them); hidden states of another block are dropped.
@@ -609,7 +655,10 @@ def from_block_data(model, spec: EditorSpec, data: EditData, base_params, skip: 
     compile), so they are kept only when uses >= `split_rows(data)`: CounterFact's train split
     (3,510 rows) against 300 steps of 7 rows (2,100) is computed in the steps. The decision
     depends on the sizes and `uses` only - not on whether `data` holds them already - so a
-    resumed run decides as the first did."""
+    resumed run decides as the first did.
+
+    used: compute the kept hidden states of these rows only (`with_block_inputs`; the rows the
+    caller's steps gather, `train_rows_used` / `val_rows_used`); None: every row."""
     plan = from_block_plan(model, spec, data)[0] if skip else None
     if plan is None:
         return None, without_block_inputs(data)
@@ -617,7 +666,7 @@ def from_block_data(model, spec: EditorSpec, data: EditData, base_params, skip: 
         return plan, without_block_inputs(data)
     if data.block_input_of != plan.last and block_cache_bytes(plan, base_params, data) > cache_bytes:
         return plan, without_block_inputs(data)
-    return plan, with_block_inputs(plan, base_params, data)
+    return plan, with_block_inputs(plan, base_params, data, used=used)
 
 
 # ---------------------------------------------------------------------------- the fail rows' factors, once
@@ -1493,13 +1542,17 @@ def train_editor(
     base = place_base_params(model, base_params, mesh)
     # block inputs per split only when they pay: the run's steps (validations) would compute at
     # least as many rows' as the split has (`from_block_data`; cfg.max_steps, so a resumed run
-    # decides the same)
+    # decides the same); only for the rows the steps and validations gather (`train_rows_used`)
+    used = train_rows_used(data["train"], cfg, cfg.max_steps)
     plan, train_data = from_block_data(model, spec, data["train"], base, skip_unchanged_blocks,
-                                       uses=train_block_rows(cfg, cfg.max_steps))
+                                       uses=train_block_rows(cfg, cfg.max_steps), used=used)
     val_data = from_block_data(model, spec, data["val"], base, skip_unchanged_blocks,
-                               uses=val_block_rows(data["val"], cfg, cfg.max_steps))[1]
+                               uses=val_block_rows(data["val"], cfg, cfg.max_steps),
+                               used=val_rows_used(data["val"], cfg))[1]
     if plan is not None:
         kept = "kept for every row" if train_data.block_input_of else "computed once per step"
+        if train_data.block_input_of:
+            kept = f"kept for the {sum(int(v.sum()) for v in used.values())} of {split_rows(train_data)} train rows the steps gather"
         print(f"train-editor: blocks 0..{plan.start - 1} of {plan.n_blocks} run on the base model only "
               f"(their output {kept}); the steps start at block {plan.start}", file=sys.stderr)
     # the factors pay when the run captures each fail row at least twice on average (computing them
@@ -1514,10 +1567,11 @@ def train_editor(
         print(f"train-editor: the LM head runs on the target tokens only (<= {flat[0]} of the edit rows and "
               f"{flat[1]} of the pass rows per group)", file=sys.stderr)
         base_rows = cfg.max_steps * cfg.batch_size * (cfg.pass_per_group + cfg.extra_pass_per_group)
-        if keep_base_side and base_rows >= 2 * train_data.n_pass and pass_logits_bytes(model, train_data) <= PASS_LOGITS_CACHE_BYTES:
+        pl_bytes = pass_logits_bytes(model, train_data) if keep_base_side and base_rows >= 2 * train_data.n_pass else None
+        if pl_bytes is not None and pl_bytes <= PASS_LOGITS_CACHE_BYTES:  # (pass_logits_bytes traces the model: once)
             train_data = with_pass_logits(model.apply, base, train_data, plan)
             print(f"train-editor: the base logits at the {train_data.n_pass} train pass rows' targets are computed once "
-                  f"({pass_logits_bytes(model, train_data) / 2**20:.0f} MiB), not in every step", file=sys.stderr)
+                  f"({pl_bytes / 2**20:.0f} MiB), not in every step", file=sys.stderr)
     kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg.step_config(), mesh=mesh, from_block=plan)
     step_fn = train_step
 
