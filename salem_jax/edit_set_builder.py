@@ -53,7 +53,6 @@ from salem_jax.data.edit_set import (
     encode_rows,
     split_records,
 )
-from salem_jax.scored_logits import scored_logits, with_score_positions
 from salem_jax.data.records import EditRecord, RecordError, Skipped
 from salem_jax.data.tokenize import (
     DEFAULT_BUCKETS,
@@ -67,6 +66,7 @@ from salem_jax.data.tokenize import (
     token_limit,
 )
 from salem_jax.generate import greedy
+from salem_jax.scored_logits import scored_logits, with_score_positions
 
 
 # ---------------------------------------------------------------------------------------------
