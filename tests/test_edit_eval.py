@@ -85,7 +85,10 @@ def test_fixed_shape_evaluation_equals_evaluate_edit_per_edit(model):
         got = ev.evaluate(i, edited, with_text=True)
         assert sorted(got) == sorted(want)
         for k, v in want.items():
-            assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-6, nan_ok=True), k
+            # perplexities (and their differences, `dd_ppl_*_abs`) are exp of a sum of float32 NLLs
+            # taken in other chunk shapes: rel 1e-4 (seen: 2.3e-5 on dd_ppl_text_abs); the rest tighter
+            tol = dict(rel=1e-4, abs=1e-5) if "ppl" in k else dict(rel=1e-5, abs=1e-6)
+            assert got[k] == pytest.approx(v, nan_ok=True, **tol), k
         # the edits change something, so the comparison is not between two unchanged models
         assert want["locality"] < 1.0 or want["fail/acc_after"] != want["fail/acc_before"] or i == 0
         no_text = ev.evaluate(i, edited)

@@ -108,9 +108,10 @@ def test_fast_train_step_equals_the_capturing_k_position_step(setup, layer):
     # flat: every metric and state leaf equal to float summation order. flat+kept: the kept
     # factors' and logits' rounding differs from the step's own by ~1e-7 relative, and MEND's
     # running normalisation (dividing u and delta by each feature's std, tiny for some features
-    # after two steps) and the enlarged edits amplify it: seen up to 1e-4 in the gradient norm and
+    # after two steps) and the enlarged edits amplify it: seen up to 1e-4 in the gradient norm (1.3e-3 on
+    # an AVX-512 machine, session 15: rtol 3e-3) and
     # 0.3-2.5% of the largest entry of Adam's moments (more in the suite's fast-compile mode), so
-    # only the metrics (loss, NLL, KL, accuracies, gradient norm) are compared, at 1e-3; the kept
+    # only the metrics (loss, NLL, KL, accuracies, gradient norm) are compared, at 3e-3; the kept
     # values themselves are checked against each row alone below (a step reading the wrong slot of
     # the kept logits was tried: its gradient norm is off by 83%).
     variants = {"flat": lambda s: train_batch(d, cfg, s, flat), "flat+kept": lambda s: train_batch(kept, cfg, s, flat)}
@@ -127,7 +128,7 @@ def test_fast_train_step_equals_the_capturing_k_position_step(setup, layer):
             m, got = jax.device_get((m, states[name]))
             assert sorted(m) == sorted(m_ref)
             for k, v in m_ref.items():
-                np.testing.assert_allclose(m[k], v, rtol=2e-5 if name == "flat" else 1e-3, atol=1e-6, err_msg=f"{name} step {step} {k}")
+                np.testing.assert_allclose(m[k], v, rtol=2e-5 if name == "flat" else 3e-3, atol=1e-6, err_msg=f"{name} step {step} {k}")
             if name == "flat":
                 for a, g in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
                     np.testing.assert_allclose(g, a, rtol=2e-4, atol=1e-6, err_msg=name)

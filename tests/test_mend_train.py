@@ -273,12 +273,13 @@ def test_step_and_evaluation_at_scored_positions_equal_the_full_logits():
     # norm statistics at the tight tolerance. The editor's parameters get a tolerance of 0.2% of
     # one Adam step (lr): m / (sqrt(v) + eps) turns a rounding-level difference in a gradient
     # near eps into a difference of a fraction of lr (seen: 1.09e-6 with XLA's optimisations off,
-    # SALEM_JAX_TEST_FAST_COMPILE=1, while mu and nu agreed to 1e-6).
+    # SALEM_JAX_TEST_FAST_COMPILE=1, while mu and nu agreed to 1e-6; 2.4e-6, 0.24% of lr, on 1 of
+    # 5120 elements on an AVX-512 machine in session 15: the tolerance is 1% of lr).
     for part in ("opt_state", "norm", "step"):
         for a, b in zip(jax.tree.leaves(st_a[part]), jax.tree.leaves(st_b[part])):
             np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6, err_msg=part)
     for a, b in zip(jax.tree.leaves(st_a["params"]), jax.tree.leaves(st_b["params"])):
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-3 * cfg.lr, err_msg="params")
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-2 * cfg.lr, err_msg="params")
     for k in ev_a:
         np.testing.assert_allclose(ev_a[k], ev_b[k], rtol=2e-4, atol=1e-6, err_msg=k)
     assert ev_a["edit_correct"].any() or ev_a["edit_before"].any() or ev_a["pass_correct"].any()  # not all trivially False
