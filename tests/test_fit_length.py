@@ -132,10 +132,13 @@ def test_steps_on_cut_batches_equal_the_full_length_steps(setup, layer):
         # the state to 1e-2 of each leaf's largest entry: Adam's first updates are lr * m / sqrt(v),
         # about +-lr for ANY non-zero gradient, so float rounding of near-zero gradient entries
         # (other summation lengths in attention and the editor's sums) moves them by up to 1e-3
-        # of the leaf's scale here (measured: up to 2.5e-3 of a leaf after 3 steps through every block)
+        # of the leaf's scale here (measured: up to 2.5e-3 of a leaf after 3 steps through every block).
+        # A scalar leaf (a learned edit lr's moments: one sum of many cancelling terms) gets 5e-2 of
+        # itself (seen: 1.95e-2 at layers.0 on an AVX-512 machine, session 15)
         for (path, a), g in zip(jax.tree_util.tree_leaves_with_path(jax.device_get(full)), jax.tree.leaves(jax.device_get(cut))):
             a, g = np.asarray(a, np.float64), np.asarray(g, np.float64)
-            np.testing.assert_allclose(g, a, rtol=0, atol=1e-2 * max(np.abs(a).max(), 1e-12), err_msg=jax.tree_util.keystr(path))
+            share = 5e-2 if a.size == 1 else 1e-2
+            np.testing.assert_allclose(g, a, rtol=0, atol=share * max(np.abs(a).max(), 1e-12), err_msg=jax.tree_util.keystr(path))
     assert n_cut >= 1
 
 
