@@ -53,7 +53,8 @@ from salem_jax.eval.metrics import (
 )
 from salem_jax.eval.perplexity import row_nll, text_windows
 from salem_jax import losses
-from salem_jax.models.from_block import BLOCK_INPUT, BlockChain, block_chain, block_output, first_changed_block
+from salem_jax.models.from_block import (BLOCK_INPUT, BlockChain, block_chain, block_output, block_outputs_by_length,
+                                        first_changed_block)
 from salem_jax.scored_logits import flat_positions, flat_scored_logits
 
 
@@ -436,28 +437,10 @@ class EditEvaluator:
         fn, base, bs = self.model.apply, self.base_params, self.batch_size
 
         def rows(enc):
-            # rows sorted by length, `bs` per call, each call cut after its longest row (an
-            # EDIT_BUCKETS length: few programs): the own rows are padded to the longest of any edit
-            # (32 tokens on the main job for rows of ~10), and a position past a row's last token
-            # changes nothing before it (causal models). Past its call's cut a row's output is 0:
-            # padding, never attended to by the row's tokens nor scored.
-            from salem_jax.mend.train import bucket_length, row_ends
-            from salem_jax.scored_logits import SCORE_POS
-
-            n, s = next(iter(enc.values())).shape[0], enc["attention_mask"].shape[-1]
-            ends = row_ends(np.asarray(enc["attention_mask"]))
-            order = np.argsort(ends, kind="stable")
-            out = None
-            for a in range(0, n, bs):
-                idx = order[a: a + bs]
-                cut = bucket_length(int(ends[idx].max()), s)
-                part = {k: (v[idx][:, :cut] if np.ndim(v) >= 2 and v.shape[1] == s and k != SCORE_POS else v[idx])
-                        for k, v in enc.items()}
-                h = np.asarray(block_output(fn, last, base, pad_rows(part, bs)))[: len(idx)]
-                if out is None:
-                    out = np.zeros((n, s) + h.shape[2:], h.dtype)
-                out[idx, :cut] = h
-            return out
+            # length-sorted calls of `bs` rows, each cut after its longest row (an EDIT_BUCKETS
+            # length: few programs; the own rows are padded to the longest of any edit, 32 tokens
+            # on the main job for rows of ~10); past its call's cut a row's output is 0
+            return block_outputs_by_length(fn, last, base, enc, bs)
 
         if "own" not in cache:
             cache["own"] = rows(self._own)
