@@ -313,22 +313,25 @@ def compare_evaluators(args, model, edits, shared, txt, load0) -> int:
 
     times: dict[str, list[float]] = {"other": [], "this": []}
     gen_times: dict[str, list[float]] = {"other": [], "this": []}
+    cpu: dict[str, list[float]] = {"score_other": [], "score_this": [], "gen_other": [], "gen_this": []}
     got: dict[str, list] = {}
     gens: dict[str, tuple] = {}
     for rep in range(args.ab_reps):
         for name in (("other", "this") if rep % 2 == 0 else ("this", "other")):
             mod = other if name == "other" else this
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             ev = mod.EditEvaluator(model, model.params, edits, shared, texts=txt or None, text_window=args.text_window,
                                    batch_size=8)
             got[name] = ev.evaluate_many(list(enumerate(kept)), with_text=flags if txt else False)
             times[name].append(time.perf_counter() - t)
-            msg = f"rep {rep} {name}: scoring {times[name][-1]:.2f} s"
+            cpu[f"score_{name}"].append(time.process_time() - c)
+            msg = f"rep {rep} {name}: scoring {times[name][-1]:.2f} s (CPU {cpu['score_' + name][-1]:.1f} s)"
             if not args.no_generation:
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 gens[name] = gen_other() if name == "other" else gen_this()
                 gen_times[name].append(time.perf_counter() - t)
-                msg += f", generation before + after {gen_times[name][-1]:.2f} s"
+                cpu[f"gen_{name}"].append(time.process_time() - c)
+                msg += f", generation before + after {gen_times[name][-1]:.2f} s (CPU {cpu['gen_' + name][-1]:.1f} s)"
             print(msg + f" (load {os.getloadavg()[0]:.1f})", flush=True)
         for i, (a, b) in enumerate(zip(got["other"], got["this"])):
             bad = {k: (v, b[k]) for k, v in a.items() if not np.isclose(v, b[k], rtol=1e-4, atol=1e-4, equal_nan=True)}
@@ -341,19 +344,24 @@ def compare_evaluators(args, model, edits, shared, txt, load0) -> int:
         return statistics.median(v[1:]) if len(v) > 1 else v[0]
 
     warm = {k: med(v) for k, v in times.items()}
-    res = {"args": vars(args), "load_start": load0, "load_end": os.getloadavg(), "times_s": times, "warm_median_s": warm,
+    cwarm = {k: med(v) for k, v in cpu.items() if v}
+    res = {"cpu_s": cpu, "cpu_warm_median_s": cwarm, "args": vars(args), "load_start": load0, "load_end": os.getloadavg(), "times_s": times, "warm_median_s": warm,
            "warm_ratio": warm["other"] / warm["this"], "hardware": {"platform": platform.platform(), "cpu_count": os.cpu_count()}}
     print(f"\n{args.edits} edits ({args.ppl_edits} with text), load {load0[0]:.1f} -> {res['load_end'][0]:.1f}")
-    print("| piece | version | first (compiles) | warm median |\n|---|---|---|---|")
+    print("| piece | version | first (compiles) | warm median | warm CPU |\n|---|---|---|---|---|")
     for k in ("other", "this"):
-        print(f"| scoring (evaluator built + evaluate_many) | {k} | {times[k][0]:.2f} s | {warm[k]:.2f} s |")
-    print(f"| scoring, other / this, warm | | | {res['warm_ratio']:.2f}x |")
+        print(f"| scoring (evaluator built + evaluate_many) | {k} | {times[k][0]:.2f} s | {warm[k]:.2f} s | "
+              f"{cwarm['score_' + k]:.2f} s |")
+    print(f"| scoring, other / this, warm | | | {res['warm_ratio']:.2f}x | "
+          f"{cwarm['score_other'] / cwarm['score_this']:.2f}x |")
     if not args.no_generation:
         gwarm = {k: med(v) for k, v in gen_times.items()}
         res.update(gen_times_s=gen_times, gen_warm_median_s=gwarm, gen_warm_ratio=gwarm["other"] / gwarm["this"])
         for k in ("other", "this"):
-            print(f"| generation before + after every edit | {k} | {gen_times[k][0]:.2f} s | {gwarm[k]:.2f} s |")
-        print(f"| generation, other / this, warm | | | {res['gen_warm_ratio']:.2f}x |")
+            print(f"| generation before + after every edit | {k} | {gen_times[k][0]:.2f} s | {gwarm[k]:.2f} s | "
+                  f"{cwarm['gen_' + k]:.2f} s |")
+        print(f"| generation, other / this, warm | | | {res['gen_warm_ratio']:.2f}x | "
+              f"{cwarm['gen_other'] / cwarm['gen_this']:.2f}x |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(f"wrote {args.out}")
