@@ -540,7 +540,9 @@ def greedy_ids_before_after(model, params, paths: Sequence[str], leaves: Sequenc
                                                 "labels": zeros, "label_mask": zeros})[0]
         if chain is not None:
             at = [chain.start(p) for p in paths]
-            start = 0 if any(a is None for a in at) else min(at, default=len(chain.order))
+            # no edit changed a block (identity edits): the last block still runs (its keys and
+            # values are the cache's only source in a prefill), with unchanged weights
+            start = 0 if any(a is None for a in at) else min(at, default=len(chain.order) - 1)
     if start == 0:
         base = tuple(jnp.broadcast_to(jnp.asarray(get_leaf(params, p))[None], (E,) + np.shape(get_leaf(params, p)))
                      for p in paths)

@@ -117,3 +117,6 @@ def test_before_after_edits_as_text(model):
     edited = [_edited(model, i, block=1) for i in range(len(edits))]
     want = generations_after_edits(model, model.params, [model.params] * 3 + edited, edits + edits)
     assert generations_before_after_edits(model, model.params, edited, edits, edits_per_call=2) == (want[:3], want[3:])
+    # identity edits (no leaf changed): the edited side equals the base side
+    want = generations_after_edits(model, model.params, [model.params] * 2, edits[:2])
+    assert generations_before_after_edits(model, model.params, [model.params] * 2, edits[:2]) == (want, want)
