@@ -40,7 +40,11 @@ evaluator against each other in one process, alternated (old, new, new, old, ...
 repetition, building an `EditEvaluator` (the base side and kept block outputs included) and
 scoring every edit with `evaluate_many`, the first `--ppl-edits` with the text, as the pipeline
 does; the first repetition compiles. Checks the two give the same numbers (rtol 1e-4) and
-prints each repetition's seconds and the warm ratio:
+prints each repetition's seconds and the warm ratio. Since session 16 each repetition also times
+the generations before and after every edit (unless `--no-generation`): "other" as the pipeline
+made them before (`generations_after_edits` of the 2E models, every block of every prefill run),
+"this" as it does now (`generations_before_after_edits`: the edited prefill from the edited
+block on the base prefill's states); the two must give the same texts:
 
     python benchmarks/eval_edit.py --edits 19 --compare-with /work/main/salem_jax/eval/edits.py \
         --out runs/bench-eval-ab.json
@@ -140,6 +144,8 @@ def main(argv=None) -> int:
                     help="another version's salem_jax/eval/edits.py: time its EditEvaluator against this one's, alternated")
     ap.add_argument("--ppl-edits", type=int, default=5, help="--compare-with: edits scored with the text (eval.ppl_edits)")
     ap.add_argument("--ab-reps", type=int, default=3, help="--compare-with: repetitions of each version")
+    ap.add_argument("--no-generation", action="store_true",
+                    help="--compare-with: time the scoring only (not the generations before and after every edit)")
     args = ap.parse_args(argv)
     if not args.no_compile_cache:
         enable_compile_cache()
@@ -290,31 +296,72 @@ def compare_evaluators(args, model, edits, shared, txt, load0) -> int:
     spec = importlib.util.spec_from_file_location("other_edits", args.compare_with)
     other = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(other)
+    from salem_jax.eval.generated import generations_before_after_edits
+
     kept = [edited_params(model, args.layer, i, args.scale) for i in range(args.edits)]
     flags = [i < args.ppl_edits for i in range(args.edits)]
+    pairs = [(e["fail"][0], e["adapt"]) for e in edits]
+    n = len(kept)
+
+    def gen_other():  # the pipeline's generations before session 16: one call of the 2E models, every block
+        both = generations_after_edits(model, model.params, [model.params] * n + kept, pairs * 2,
+                                       models_per_call=min(2 * n, 64))
+        return both[:n], both[n:]
+
+    def gen_this():  # since session 16: the edited prefill from the edited block
+        return generations_before_after_edits(model, model.params, kept, pairs, edits_per_call=min(n, 32))
+
     times: dict[str, list[float]] = {"other": [], "this": []}
+    gen_times: dict[str, list[float]] = {"other": [], "this": []}
+    cpu: dict[str, list[float]] = {"score_other": [], "score_this": [], "gen_other": [], "gen_this": []}
     got: dict[str, list] = {}
+    gens: dict[str, tuple] = {}
     for rep in range(args.ab_reps):
         for name in (("other", "this") if rep % 2 == 0 else ("this", "other")):
             mod = other if name == "other" else this
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             ev = mod.EditEvaluator(model, model.params, edits, shared, texts=txt or None, text_window=args.text_window,
                                    batch_size=8)
             got[name] = ev.evaluate_many(list(enumerate(kept)), with_text=flags if txt else False)
             times[name].append(time.perf_counter() - t)
-            print(f"rep {rep} {name}: {times[name][-1]:.2f} s (load {os.getloadavg()[0]:.1f})", flush=True)
+            cpu[f"score_{name}"].append(time.process_time() - c)
+            msg = f"rep {rep} {name}: scoring {times[name][-1]:.2f} s (CPU {cpu['score_' + name][-1]:.1f} s)"
+            if not args.no_generation:
+                t, c = time.perf_counter(), time.process_time()
+                gens[name] = gen_other() if name == "other" else gen_this()
+                gen_times[name].append(time.perf_counter() - t)
+                cpu[f"gen_{name}"].append(time.process_time() - c)
+                msg += f", generation before + after {gen_times[name][-1]:.2f} s (CPU {cpu['gen_' + name][-1]:.1f} s)"
+            print(msg + f" (load {os.getloadavg()[0]:.1f})", flush=True)
         for i, (a, b) in enumerate(zip(got["other"], got["this"])):
             bad = {k: (v, b[k]) for k, v in a.items() if not np.isclose(v, b[k], rtol=1e-4, atol=1e-4, equal_nan=True)}
             if bad or sorted(a) != sorted(b):
                 raise SystemExit(f"edit {i}: the two evaluators differ: {bad}")
-    warm = {k: statistics.median(v[1:]) if len(v) > 1 else v[0] for k, v in times.items()}
-    res = {"args": vars(args), "load_start": load0, "load_end": os.getloadavg(), "times_s": times, "warm_median_s": warm,
+        if gens and gens["other"] != gens["this"]:
+            raise SystemExit(f"the two generation paths differ: {gens['other']} vs {gens['this']}")
+
+    def med(v):
+        return statistics.median(v[1:]) if len(v) > 1 else v[0]
+
+    warm = {k: med(v) for k, v in times.items()}
+    cwarm = {k: med(v) for k, v in cpu.items() if v}
+    res = {"cpu_s": cpu, "cpu_warm_median_s": cwarm, "args": vars(args), "load_start": load0, "load_end": os.getloadavg(), "times_s": times, "warm_median_s": warm,
            "warm_ratio": warm["other"] / warm["this"], "hardware": {"platform": platform.platform(), "cpu_count": os.cpu_count()}}
     print(f"\n{args.edits} edits ({args.ppl_edits} with text), load {load0[0]:.1f} -> {res['load_end'][0]:.1f}")
-    print("| evaluator | first (compiles) | warm median |\n|---|---|---|")
+    print("| piece | version | first (compiles) | warm median | warm CPU |\n|---|---|---|---|---|")
     for k in ("other", "this"):
-        print(f"| {k} | {times[k][0]:.2f} s | {warm[k]:.2f} s |")
-    print(f"| other / this, warm | | {res['warm_ratio']:.2f}x |")
+        print(f"| scoring (evaluator built + evaluate_many) | {k} | {times[k][0]:.2f} s | {warm[k]:.2f} s | "
+              f"{cwarm['score_' + k]:.2f} s |")
+    print(f"| scoring, other / this, warm | | | {res['warm_ratio']:.2f}x | "
+          f"{cwarm['score_other'] / cwarm['score_this']:.2f}x |")
+    if not args.no_generation:
+        gwarm = {k: med(v) for k, v in gen_times.items()}
+        res.update(gen_times_s=gen_times, gen_warm_median_s=gwarm, gen_warm_ratio=gwarm["other"] / gwarm["this"])
+        for k in ("other", "this"):
+            print(f"| generation before + after every edit | {k} | {gen_times[k][0]:.2f} s | {gwarm[k]:.2f} s | "
+                  f"{cwarm['gen_' + k]:.2f} s |")
+        print(f"| generation, other / this, warm | | | {res['gen_warm_ratio']:.2f}x | "
+              f"{cwarm['gen_other'] / cwarm['gen_this']:.2f}x |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(f"wrote {args.out}")

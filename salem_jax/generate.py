@@ -141,17 +141,31 @@ def _cached_causal_loop(decode, params, ids, mask, pos, done, steps, eos, prefil
     position) pos[b] - 1, attending to its filled slots; done rows recompute their last slot
     with the same values and write nothing. Static shapes throughout: the loop carries the
     cache, so it compiles once per (model, rows, length)."""
+    logits, cache = _prefill(decode, params, ids, mask, pos, prefill)
+    return _cached_steps(decode, params, ids, mask, pos, done, steps, eos, logits, cache)
+
+
+def _prefill(decode, params, ids, mask, pos, prefill=None):
+    """`_cached_causal_loop`'s prefill: (logits at each row's last prompt position [B, V], the
+    cache of every layer zero-padded to the buffer length L). Traced inside the jitted loops."""
     B, L = ids.shape
-    rows = jnp.arange(B)
-    positions = jnp.broadcast_to(jnp.arange(L, dtype=pos.dtype)[None], (B, L))
-    zeros = jnp.zeros((B,), pos.dtype)
     P = L if prefill is None else prefill
     if not 0 < P <= L:
         raise ValueError(f"prefill length {P} outside 1..{L} (the buffer length)")
-    logits, cache = decode(params, None, ids[:, :P], mask[:, :P], positions[:, :P], zeros, (pos - 1)[:, None])
+    positions = jnp.broadcast_to(jnp.arange(P, dtype=pos.dtype)[None], (B, P))
+    logits, cache = decode(params, None, ids[:, :P], mask[:, :P], positions, jnp.zeros((B,), pos.dtype),
+                           (pos - 1)[:, None])
     if P < L:  # every cache leaf is [B, P, heads, D] (salem_jax.models.blocks.cached_kv): slots P.. empty
         cache = jax.tree_util.tree_map(lambda c: jnp.pad(c, [(0, 0), (0, L - P)] + [(0, 0)] * (c.ndim - 2)), cache)
-    ids, mask, pos, done = _append(ids, mask, pos, done, jnp.argmax(logits[:, 0], axis=-1), eos)
+    return logits[:, 0], cache
+
+
+def _cached_steps(decode, params, ids, mask, pos, done, steps, eos, first, cache):
+    """`_cached_causal_loop` after its prefill: each row appends `first` ([B, V] logits: their argmax)
+    and then one token per step, on the KV cache `cache` (every layer, [B, L, ...] leaves)."""
+    rows = jnp.arange(ids.shape[0])
+    zeros = jnp.zeros((ids.shape[0],), pos.dtype)
+    ids, mask, pos, done = _append(ids, mask, pos, done, jnp.argmax(first, axis=-1), eos)
 
     def cond(state):
         i, _, _, _, done, _ = state
@@ -348,48 +362,220 @@ def greedy_ids_many(model, params, paths: Sequence[str], leaves: Sequence, promp
     tok = model.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     eos = _eos_array(_eos_ids(model, eos_token_id) if stop_at_eos else ())
-    # slots: (model, first prompt, encoded prompts) with at most batch_size prompts each
-    slots = []
-    for e, ps in enumerate(prompts):
-        enc = _encode_prompts(tok, ps) if len(ps) else []
-        for s in range(0, len(enc), batch_size):
-            slots.append((e, s, enc[s : s + batch_size]))
+    slots, B, L = _slots(model, prompts, max_new_tokens, batch_size)
     out: list[list[list[int]]] = [[[] for _ in ps] for ps in prompts]
     if not slots:
         return out
-    # rows per slot: the most prompts of any model, not rounded up to a power of two as `greedy_ids`
-    # does (there, to share compiles across calls): padding rows cost a whole prefill and every step
-    B = min(max(len(c) for _, _, c in slots), batch_size)
-    need = max(max(map(len, c)) + int(max_new_tokens[e]) for e, _, c in slots)
-    if need > model.max_length:
-        raise ValueError(f"a prompt + its new tokens ({need} tokens) exceed the model's context ({model.max_length})")
-    L = bucket_length(need, model.max_length)
     M = min(models_per_call, len(slots))
     fn = model.kv_decode if use_cache else model.apply
     for start in range(0, len(slots), M):
         call = slots[start : start + M]
         call = call + [call[-1]] * (M - len(call))  # one shape per call: repeat the last slot (its results are dropped)
-        ids = np.full((M, B, L), pad, np.int32)
-        mask = np.zeros((M, B, L), np.int32)
-        lens = np.ones((M, B), np.int32)  # padding rows: one dummy token, already done
-        done = np.ones((M, B), bool)
-        for m, (_, _, rows) in enumerate(call):
-            for b, r in enumerate(rows):
-                ids[m, b, : len(r)] = r
-                mask[m, b, : len(r)] = 1
-                lens[m, b] = len(r)
-                done[m, b] = False
-            mask[m, len(rows) :, 0] = 1
+        ids, mask, lens, done = _pack(call, B, L, pad)
         which = np.asarray([e for e, _, _ in call])
         lv = tuple(jnp.asarray(v)[which] for v in leaves)
         steps = np.asarray([max_new_tokens[e] for e, _, _ in call], np.int32)
         prefill = _prefill_length(max(max(map(len, rows)) for _, _, rows in call), L) if use_cache else None
         ids_out, pos = _many_loop(fn, paths, use_cache, params, lv, ids, mask, lens, done, steps, eos, prefill=prefill)
-        ids_out, pos = np.asarray(ids_out), np.asarray(pos)
-        for m, (e, s, rows) in enumerate(slots[start : start + M]):
-            for b in range(len(rows)):
-                out[e][s + b] = ids_out[m, b, lens[m, b] : pos[m, b]].tolist()
+        _unpack(out, slots[start : start + M], np.asarray(ids_out), np.asarray(pos), lens)
     return out
+
+
+def _slots(model, prompts: Sequence[Sequence[str]], max_new_tokens: Sequence[int], batch_size: int):
+    """(slots, B, L) of `greedy_ids_many`: slots (model, first prompt, encoded prompts) with at most
+    batch_size prompts each; B rows per slot - the most prompts of any model, not rounded up to a
+    power of two as `greedy_ids` does (there, to share compiles across calls): padding rows cost a
+    whole prefill and every step -; L the buffer length (a bucket of the longest prompt + new tokens)."""
+    tok = model.tokenizer
+    slots = []
+    for e, ps in enumerate(prompts):
+        enc = _encode_prompts(tok, ps) if len(ps) else []
+        for s in range(0, len(enc), batch_size):
+            slots.append((e, s, enc[s : s + batch_size]))
+    if not slots:
+        return slots, 0, 0
+    B = min(max(len(c) for _, _, c in slots), batch_size)
+    need = max(max(map(len, c)) + int(max_new_tokens[e]) for e, _, c in slots)
+    if need > model.max_length:
+        raise ValueError(f"a prompt + its new tokens ({need} tokens) exceed the model's context ({model.max_length})")
+    return slots, B, bucket_length(need, model.max_length)
+
+
+def _pack(call, B: int, L: int, pad: int):
+    """(ids, mask [M, B, L] right padded, lens, done [M, B]) of the M slots `call`."""
+    M = len(call)
+    ids = np.full((M, B, L), pad, np.int32)
+    mask = np.zeros((M, B, L), np.int32)
+    lens = np.ones((M, B), np.int32)  # padding rows: one dummy token, already done
+    done = np.ones((M, B), bool)
+    for m, (_, _, rows) in enumerate(call):
+        for b, r in enumerate(rows):
+            ids[m, b, : len(r)] = r
+            mask[m, b, : len(r)] = 1
+            lens[m, b] = len(r)
+            done[m, b] = False
+        mask[m, len(rows) :, 0] = 1
+    return ids, mask, lens, done
+
+
+def _unpack(out, slots, ids_out, pos, lens) -> None:
+    """Each slot's new tokens (ids_out[m, b, lens[m, b] : pos[m, b]]) into out[model][prompt]."""
+    for m, (e, s, rows) in enumerate(slots):
+        for b in range(len(rows)):
+            out[e][s + b] = ids_out[m, b, lens[m, b] : pos[m, b]].tolist()
+
+
+def _merge_cache(full, part):
+    """`full` (a KV cache tree of every layer) with the leaves `part` has (a cache of some layers,
+    the same paths; none when no attention layer ran) replaced by part's."""
+    named = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(part)[0]}
+    have = {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(full)[0]}
+    if set(named) - have:
+        raise ValueError(f"KV cache of the edited blocks {sorted(named)[:4]}... is not part of the whole model's "
+                         f"({sorted(have)[:4]}...)")
+    return jax.tree_util.tree_map_with_path(lambda k, v: named.get(jax.tree_util.keystr(k), v), full)
+
+
+@functools.partial(jax.jit, static_argnames=("decode", "paths", "skipped", "prefill"))
+def _before_after_loop(decode, paths, skipped, params, leaves, ids, mask, pos, done, steps, eos, prefill):
+    """Greedy generation of E prompt sets [E, B, L] by the base model `params` and by E edited
+    models (model e: `params` with leaves[k][e] at paths[k]) that change no block in `skipped`
+    (module paths, every block before the first one an edit changed, in call order): the
+    `_many_loop` (cached) of the 2E models [base x E, edited x E], with the edited models'
+    prefill started at the first block they changed.
+
+    The base prefill keeps the output of the last skipped block; each edited model's prefill
+    runs from there (`from_block.FromBlock`'s interception: the skipped blocks return it) and its
+    KV cache of the skipped blocks is the base prefill's (same weights, same tokens, so the same
+    keys and values). Then the 2E models' decoding steps, vmapped as in `_many_loop`. Returns
+    (ids [2E, B, L], pos [2E, B]): the base model's E rows first."""
+    import flax.linen as nn
+
+    from salem_jax.models.from_block import _name
+
+    last, skip_set = skipped[-1], frozenset(skipped)
+    E = ids.shape[0]
+    base_leaves = tuple(jnp.broadcast_to(v[None], (E,) + v.shape) for v in (get_leaf(params, p) for p in paths))
+
+    def base_prefill(lv, ids, mask, pos):
+        kept = []
+
+        def keep(next_fun, args, kwargs, context):
+            o = next_fun(*args, **kwargs)
+            if context.method_name == "__call__" and _name(context) == last:
+                kept.append(o)
+            return o
+
+        with nn.intercept_methods(keep):
+            first, cache = _prefill(decode, _with_leaves(params, paths, lv), ids, mask, pos, prefill)
+        if len(kept) != 1:
+            raise ValueError(f"block {last!r}: expected one call in the prefill, got {len(kept)}")
+        return first, cache, kept[0]
+
+    def edited_prefill(lv, ids, mask, pos, h, base_cache):
+        def skip(next_fun, args, kwargs, context):
+            if context.method_name == "__call__" and _name(context) in skip_set:
+                return h
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(skip):
+            first, cache = _prefill(decode, _with_leaves(params, paths, lv), ids, mask, pos, prefill)
+        return first, _merge_cache(base_cache, cache)
+
+    first_b, cache_b, h = jax.vmap(base_prefill)(base_leaves, ids, mask, pos)
+    first_e, cache_e = jax.vmap(edited_prefill)(leaves, ids, mask, pos, h, cache_b)
+
+    def cat(a, b):
+        return jnp.concatenate([a, b])
+
+    def one(lv, ids, mask, pos, done, steps, first, cache):
+        return _cached_steps(decode, _with_leaves(params, paths, lv), ids, mask, pos, done, steps, eos, first, cache)
+
+    return jax.vmap(one)(tuple(cat(b, e) for b, e in zip(base_leaves, leaves)), cat(ids, ids), cat(mask, mask),
+                         cat(pos, pos), cat(done, done), cat(steps, steps), cat(first_b, first_e),
+                         jax.tree_util.tree_map(cat, cache_b, cache_e))
+
+
+def get_leaf(params, path: str):
+    from salem_jax.models.base import get_path
+
+    return get_path(params, path)
+
+
+def greedy_ids_before_after(model, params, paths: Sequence[str], leaves: Sequence, prompts: Sequence[Sequence[str]],
+                            max_new_tokens: Sequence[int], stop_at_eos: bool = True, *, batch_size: int = 32,
+                            edits_per_call: int = 32, eos_token_id: int | Sequence[int] | None = None,
+                            shared_prefill: bool = True) -> tuple[list[list[list[int]]], list[list[list[int]]]]:
+    """(before, after): `greedy_ids_many` of the base model `params` and of E edited models
+    (model e: leaves[k][e] at paths[k]) on the same prompts, prompts[e] with max_new_tokens[e]
+    new tokens for both the base model and edited model e - what the pipeline's evaluation
+    generates before and after each edit - `edits_per_call` edits (2x as many models) per call.
+
+    shared_prefill (KV-cached decoder-only models whose blocks form a chain,
+    `from_block.block_chain`): the edited models' prefill starts at the first block any edit
+    changed, on the base prefill's output of the block before it, and takes the base prefill's
+    keys and values below it (`_before_after_loop`; on SmolLM2 with MEND edits of layers.26, 4 of
+    30 blocks of the edited half of the prefill). The same tokens as `greedy_ids_many` of the 2E
+    models (tests/test_generate_many.py). Otherwise (False, or a model where no block may be
+    skipped, or an edit outside the blocks): that call, [base x E, edited x E]."""
+    from salem_jax.models.from_block import block_chain
+
+    paths = tuple(paths)
+    E = len(prompts)
+    if len(leaves) != len(paths) or any(int(np.shape(v)[0]) != E for v in leaves) or len(max_new_tokens) != E:
+        raise ValueError(f"greedy_ids_before_after: {E} prompt lists, {len(max_new_tokens)} max_new_tokens and "
+                         f"{len(leaves)} leaf stacks of {[int(np.shape(v)[0]) for v in leaves]} models for "
+                         f"{len(paths)} paths: give one per edit and path")
+    if any(n < 1 for n in max_new_tokens):
+        raise ValueError(f"max_new_tokens must be >= 1, got {list(max_new_tokens)}")
+    start = 0
+    if shared_prefill and model.kind == "causal" and model.supports_kv_cache and E:
+        tok = model.tokenizer
+        one = np.asarray([_encode_prompts(tok, [next(p for ps in prompts for p in ps)])[0]], np.int32) \
+            if any(len(ps) for ps in prompts) else None
+        chain = None
+        if one is not None:
+            zeros = np.zeros_like(one)
+            chain = block_chain(model, params, {"input_ids": one, "attention_mask": np.ones_like(one),
+                                                "labels": zeros, "label_mask": zeros})[0]
+        if chain is not None:
+            at = [chain.start(p) for p in paths]
+            # no edit changed a block (identity edits): the last block still runs (its keys and
+            # values are the cache's only source in a prefill), with unchanged weights
+            start = 0 if any(a is None for a in at) else min(at, default=len(chain.order) - 1)
+    if start == 0:
+        base = tuple(jnp.broadcast_to(jnp.asarray(get_leaf(params, p))[None], (E,) + np.shape(get_leaf(params, p)))
+                     for p in paths)
+        both = greedy_ids_many(model, params, paths, tuple(jnp.concatenate([b, jnp.asarray(v)]) for b, v in zip(base, leaves)),
+                               list(prompts) * 2, list(max_new_tokens) * 2, stop_at_eos, batch_size=batch_size,
+                               models_per_call=2 * edits_per_call, eos_token_id=eos_token_id)
+        return both[:E], both[E:]
+    skipped = chain.order[:start]
+    tok = model.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    eos = _eos_array(_eos_ids(model, eos_token_id) if stop_at_eos else ())
+    slots, B, L = _slots(model, prompts, max_new_tokens, batch_size)
+    before: list[list[list[int]]] = [[[] for _ in ps] for ps in prompts]
+    after: list[list[list[int]]] = [[[] for _ in ps] for ps in prompts]
+    if not slots:
+        return before, after
+    M = min(edits_per_call, len(slots))
+    for s0 in range(0, len(slots), M):
+        call = slots[s0 : s0 + M]
+        call = call + [call[-1]] * (M - len(call))  # one shape per call: repeat the last slot (its results are dropped)
+        ids, mask, lens, done = _pack(call, B, L, pad)
+        which = np.asarray([e for e, _, _ in call])
+        lv = tuple(jnp.asarray(v)[which] for v in leaves)
+        steps = np.asarray([max_new_tokens[e] for e, _, _ in call], np.int32)
+        prefill = _prefill_length(max(max(map(len, rows)) for _, _, rows in call), L)
+        ids_out, pos = _before_after_loop(model.kv_decode, paths, skipped, params, lv, ids, mask, lens, done, steps,
+                                          eos, prefill=prefill)
+        ids_out, pos = np.asarray(ids_out), np.asarray(pos)
+        _unpack(before, slots[s0 : s0 + M], ids_out[:M], pos[:M], lens)
+        _unpack(after, slots[s0 : s0 + M], ids_out[M:], pos[M:], lens)
+    return before, after
+
+
 
 
 def greedy_many(model, params, paths: Sequence[str], leaves: Sequence, prompts: Sequence[Sequence[str]],

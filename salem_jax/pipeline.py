@@ -52,8 +52,8 @@ from salem_jax.data.spec import DataSpec
 from salem_jax.data.spec import read_records as read_spec
 from salem_jax.data.spec import resolve as resolve_spec
 from salem_jax.eval.counterfact import evaluate_counterfact, harmonic_mean
-from salem_jax.eval.generated import (edit_generation_metrics, generation_fluency_metrics, generations_after_edits,
-                                       generations_per_edit, kept_edit)
+from salem_jax.eval.generated import (edit_generation_metrics, generation_fluency_metrics,
+                                       generations_before_after_edits, generations_per_edit, kept_edit)
 from salem_jax.eval.keep import keep_rows
 from salem_jax.eval import sequential as many
 from salem_jax.eval.edits import EditEvaluator
@@ -285,7 +285,8 @@ def evaluate_method(model, edit: Callable, val_rows: list[dict], texts: list[str
                               text_window=cfg.eval.text_window, batch_size=cfg.eval.batch_size)
     # causal LMs: every edit is applied first (its changed leaves kept, `kept_edit`), then all are
     # scored in a few vmapped calls (`EditEvaluator.evaluate_many`) and the base and edited models'
-    # greedy generations come from one batched call (`generations_after_edits`); other models: the
+    # greedy generations come from one batched call (`generations_before_after_edits`: the edited
+    # models' prefill from the edited block on the base prefill's states); other models: the
     # base generations batched across edits up front, the edited ones per edit in the loop
     batched = model.kind == "causal" and bool(cfg.eval.get("batch_edits", True))
     gen = bool(cfg.eval.generate) and model.kind != "classifier"
@@ -325,11 +326,12 @@ def evaluate_method(model, edit: Callable, val_rows: list[dict], texts: list[str
         if gen:
             t0 = time.perf_counter()
             pairs = [(r, adapts.get(r["record_id"], [])) for r in fails]
-            both = generations_after_edits(model, model.params, [model.params] * len(kept) + kept, pairs + pairs,
-                                           extra_tokens=cfg.eval.gen_extra_tokens, models_per_call=min(2 * len(kept), 64))
+            before, after = generations_before_after_edits(model, model.params, kept, pairs,
+                                                           extra_tokens=cfg.eval.gen_extra_tokens,
+                                                           edits_per_call=min(len(kept), 32))
             for i, (row, m, p) in enumerate(zip(fails, per_edit, kept)):
-                m.update(generation_metrics(model, p, row, pairs[i][1], cfg, i, cf_records, both[i],
-                                            edited_generations=both[len(kept) + i]))
+                m.update(generation_metrics(model, p, row, pairs[i][1], cfg, i, cf_records, before[i],
+                                            edited_generations=after[i]))
             t_gen = time.perf_counter() - t0
     if keep:
         for m in per_edit:

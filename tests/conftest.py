@@ -23,6 +23,10 @@ _SLOW_CASES = frozenset({
     # Llama stays: the same vmapped cached decoding loop over edited models
     "tests/test_generate_many.py::test_many_equals_one_model_at_a_time[gpt2-True]",
     "tests/test_generate_many.py::test_generations_after_edits_equal_generate_answers[gpt2]",
+    # session 16's shared prefill: Llama stays (GPT-2's blocks are intercepted the same way)
+    "tests/test_generate_many.py::test_before_after_with_a_shared_prefill_equals_the_2e_models[gpt2-1]",
+    "tests/test_generate_many.py::test_before_after_with_a_shared_prefill_equals_the_2e_models[gpt2-0]",
+    "tests/test_generate_many.py::test_before_after_edits_as_text[gpt2]",
     # Llama stays; GPT-2's Conv1D ("out_in") kernels stay covered by the file's EMMET / MEMIT cases
     "tests/test_mass_edit.py::test_alphaedit_spares_preserved_keys_and_remembers[gpt2]",
     "tests/test_mass_edit.py::test_alphaedit_with_v_from_the_edited_block_equals_every_block[gpt2]",

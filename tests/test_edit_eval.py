@@ -94,6 +94,26 @@ def test_fixed_shape_evaluation_equals_evaluate_edit_per_edit(model):
         no_text = ev.evaluate(i, edited)
         assert "text_ppl_after" not in no_text and no_text["ea"] == got["ea"]
     assert ev.rows_per_edit == 4
+    # the edited pass runs the shared rows in two parts of one length each (session 16), the 4th
+    # row (the longest) in the second: the parts' outputs are put back in row order
+    assert [(list(idx), cut) for idx, cut in ev._shared_parts] == [([0, 1, 2, 4], 8), ([3], 16)]
+
+
+def test_own_rows_cut_after_the_longest_equal_evaluate_edit(model):
+    """Own rows encoded at 32 tokens whose longest has 17 run at 24 (`_cut_to_longest`, session
+    16): the numbers of `evaluate_edit` at the rows' own shapes."""
+    long = "the capital of france is a city that we all know from old stories and"
+    edits = [{"fail": [_row(long, "paris", "fail", 0)], "adapt": [_row("capital of france is", "paris", "adapt", 0)]},
+             {"fail": [_row("chile", "santiago is a city", "fail", 1)]}]
+    ev = EditEvaluator(model, model.params, edits, _shared(), batch_size=4)
+    assert ev._own["attention_mask"].shape[-1] == 24
+    for i, own in enumerate(edits):
+        edited = _perturbed(model, i + 1)
+        want = evaluate_edit(model, model.params, edited, {**own, **_shared()}, batch_size=4, progress=False)
+        got = ev.evaluate(i, edited)
+        assert sorted(got) == sorted(want)
+        for k, v in want.items():
+            assert got[k] == pytest.approx(v, nan_ok=True, **(dict(rel=1e-4, abs=1e-5) if "ppl" in k else dict(rel=1e-5, abs=1e-6))), k
 
 
 def test_fixed_shape_evaluation_compiles_once_for_all_edits(model):

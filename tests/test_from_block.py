@@ -171,3 +171,40 @@ def test_evaluator_block_cache_in_length_sorted_cut_calls():
         np.testing.assert_allclose(got[mask], full[mask], rtol=1e-5, atol=1e-6, err_msg=key)
         cut_somewhere |= bool((got[~mask] == 0).all(-1).any() and (full[~mask] != 0).any())
     assert cut_somewhere
+
+
+def test_block_outputs_by_length_against_one_full_call():
+    """`block_outputs_by_length` (the routine `with_block_inputs` and the evaluator share): rows
+    sorted by length, `chunk` per call, each call cut after its longest row. At every attended
+    position a row's output equals one call over all rows at the full length (the hand reference);
+    past its chunk's cut it is 0; with `rows` (bool or indices) only those rows are computed, bit for
+    bit as without it, the others 0."""
+    from salem_jax.mend.train import bucket_length, row_ends
+    from salem_jax.models.from_block import block_outputs_by_length
+
+    model = tiny_llama(seed=3, num_hidden_layers=3)
+    long = "long ago and far away in a land that we all know from many old stories the capital of france is"
+    prompts = [long, "red", "the capital city of the old republic of france is", "blue", long + " then", "green"]
+    enc = {k: np.asarray(v) for k, v in encode(model, prompts, ["paris"] * len(prompts)).items()}
+    last = model.layers.blocks[1].module_path
+    full = np.asarray(block_output(model.apply, last, model.params, enc))
+    got = block_outputs_by_length(model.apply, last, model.params, enc, 2)
+    mask = enc["attention_mask"] != 0
+    assert got.shape == full.shape and got.dtype == full.dtype
+    np.testing.assert_allclose(got[mask], full[mask], rtol=1e-5, atol=1e-6)
+    # the cut, by hand: sorted by length, pairs; each pair cut at the bucket of its longest row
+    ends = row_ends(enc["attention_mask"])
+    order = np.argsort(ends, kind="stable")
+    s = mask.shape[1]
+    for a in range(0, len(order), 2):
+        cut = bucket_length(int(ends[order[a: a + 2]].max()), s)
+        assert (got[order[a: a + 2], cut:] == 0).all()
+        assert (got[order[a: a + 2], :cut] != 0).any(-1).all()  # every position up to the cut computed
+    assert any(bucket_length(int(ends[order[a: a + 2]].max()), s) < s for a in range(0, len(order), 2))
+    for rows in (np.asarray([True, False, False, True, True, False]), [0, 3, 4]):
+        part = block_outputs_by_length(model.apply, last, model.params, enc, 2, rows=rows, shape=full.shape[1:],
+                                       dtype=np.float32)
+        np.testing.assert_array_equal(part[[0, 3, 4]], got[[0, 3, 4]])
+        assert (part[[1, 2, 5]] == 0).all()
+    with pytest.raises(ValueError, match="no row to compute"):
+        block_outputs_by_length(model.apply, last, model.params, enc, 2, rows=np.zeros(6, bool))

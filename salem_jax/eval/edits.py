@@ -53,8 +53,9 @@ from salem_jax.eval.metrics import (
 )
 from salem_jax.eval.perplexity import row_nll, text_windows
 from salem_jax import losses
-from salem_jax.models.from_block import BLOCK_INPUT, BlockChain, block_chain, block_output, first_changed_block
-from salem_jax.scored_logits import flat_positions, flat_scored_logits
+from salem_jax.models.from_block import (BLOCK_INPUT, BlockChain, block_chain, block_output, block_outputs_by_length,
+                                        first_changed_block)
+from salem_jax.scored_logits import SCORE_POS, flat_positions, flat_scored_logits
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -103,9 +104,14 @@ def _flat_row_nll(apply: Callable, params: Any, batch: dict, flat: dict) -> jax.
 def _edited_scores_flat(apply: Callable, params: Any, own: dict, own_flat: dict, shared: dict | None,
                         shared_flat: dict | None, windows: dict | None, windows_flat: dict | None) -> dict:
     """`_edited_scores` with the head on the target tokens only (`_flat_after_vs_argmax`):
-    own_flat / shared_flat [T] leaves, windows_flat [C, T_c] (one entry per chunk)."""
+    own_flat / shared_flat [T] leaves, windows_flat [C, T_c] (one entry per chunk). shared /
+    shared_flat may be tuples of parts (rows of one length each, `_length_parts`): out["shared"]
+    holds the parts' rows one after the other."""
     out = {"own": _flat_after_vs_argmax(apply, params, own, own_flat)}
-    if shared is not None:
+    if isinstance(shared, tuple):
+        parts = [_flat_after_vs_argmax(apply, params, b, f) for b, f in zip(shared, shared_flat)]
+        out["shared"] = {k: jnp.concatenate([p[k] for p in parts]) for k in parts[0]}
+    elif shared is not None:
         out["shared"] = _flat_after_vs_argmax(apply, params, shared, shared_flat)
     if windows is not None:
         out["text"] = jax.lax.map(lambda bf: _flat_row_nll(apply, params, *bf), (windows, windows_flat))
@@ -159,6 +165,34 @@ def _text_nll_flat(apply: Callable, params: Any, windows: dict, windows_flat: di
 def _take(batch: dict[str, np.ndarray], idx: Sequence[int]) -> dict[str, np.ndarray]:
     ix = np.asarray(idx, np.int64)
     return {k: v[ix] for k, v in batch.items()}
+
+
+def _cut(enc: dict, cut: int) -> dict:
+    """enc's [N, S, ...] arrays cut to their first `cut` positions (score positions kept)."""
+    s = enc["attention_mask"].shape[-1]
+    return {k: (v[:, :cut] if np.ndim(v) >= 2 and v.shape[1] == s and k != SCORE_POS else v) for k, v in enc.items()}
+
+
+def _cut_to_longest(enc: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """enc cut after its longest row (an EDIT_BUCKETS length): a position past a row's last token
+    changes nothing before it (causal models; positions past the cut are padding that nothing
+    attends to or scores), so every edited pass over these rows runs fewer positions - the main
+    job's own rows are encoded at 32 tokens for rows of at most 17."""
+    from salem_jax.mend.train import bucket_length, row_ends
+
+    s = enc["attention_mask"].shape[-1]
+    return _cut(enc, bucket_length(int(row_ends(enc["attention_mask"]).max()), s))
+
+
+def _length_parts(enc: dict[str, np.ndarray]) -> list[tuple[np.ndarray, int]]:
+    """[(row indices, cut)]: enc's rows grouped by the EDIT_BUCKETS length of their last token,
+    shortest first (the main job's 54 pass + keep rows, encoded at 16 tokens: 43 rows of at most 8
+    tokens and 11 longer ones). Each part runs at its own cut: the same numbers per row."""
+    from salem_jax.mend.train import bucket_length, row_ends
+
+    s = enc["attention_mask"].shape[-1]
+    cuts = np.asarray([bucket_length(int(e), s) for e in row_ends(enc["attention_mask"])])
+    return [(np.flatnonzero(cuts == c), int(c)) for c in sorted(set(cuts.tolist()))]
 
 
 def _base_side(apply: Callable, params, enc: dict[str, np.ndarray], batch_size: int) -> tuple[dict, np.ndarray]:
@@ -219,7 +253,7 @@ class EditEvaluator:
                     own_rows.extend(rows)
             self._own_spans.append(spans)
         self.rows_per_edit = max([1] + [sum(b - a for a, b in s.values()) for s in self._own_spans])
-        self._own = encode_rows(model, own_rows, where="edit rows") if own_rows else None
+        self._own = _cut_to_longest(encode_rows(model, own_rows, where="edit rows")) if own_rows else None
         # The base side (scores and argmaxes of every row, the text's NLL) is computed at the first
         # evaluation (`_ensure_base`): from the edited block on the kept block outputs when the
         # edits skip blocks (one pass over blocks 0..l-1 serves both), else with every block.
@@ -234,9 +268,14 @@ class EditEvaluator:
             self._shared_spans[name] = (len(shared_rows), len(shared_rows) + len(rows))
             shared_rows.extend(rows)
         self._shared = self._shared_host = self._shared_argmax = self._shared_flat = None
+        self._shared_parts = None
         if shared_rows:
             self._shared_host = encode_rows(model, shared_rows, where="shared rows")
             self._shared = jax.device_put(self._shared_host)
+            if self.flat_scores:  # the edited side runs them in parts of one length each (`_length_parts`)
+                self._shared_parts = _length_parts(self._shared_host)
+                order = np.concatenate([idx for idx, _ in self._shared_parts])
+                self._shared_inv = np.argsort(order)
         # -- text windows, in chunks of text_chunk (padded windows count nowhere)
         self._windows = None
         if texts:
@@ -274,7 +313,13 @@ class EditEvaluator:
                 enc = self._shared_host
                 self._shared_before, am = _base_side(apply, self.base_params, rows(enc, "shared"), self.batch_size)
                 self._shared_argmax = jax.device_put(am)
-                self._shared_flat = jax.device_put(_with_base_argmax(flat_positions(enc["label_mask"]), enc, am))
+                if self._shared_parts is None:
+                    self._shared_flat = jax.device_put(_with_base_argmax(flat_positions(enc["label_mask"]), enc, am))
+                else:
+                    parts = [_cut(_take(enc, idx), cut) for idx, cut in self._shared_parts]
+                    self._shared_flat = jax.device_put(tuple(
+                        _with_base_argmax(flat_positions(part["label_mask"]), part, am[idx])
+                        for part, (idx, _) in zip(parts, self._shared_parts)))
             self._base_ready = True
         if with_text and not self._text_ready and self._windows is not None:
             w = self._windows if cache is None else {**self._windows, BLOCK_INPUT: cache["text"]}
@@ -315,6 +360,7 @@ class EditEvaluator:
             shared = None if shared is None else {**shared, BLOCK_INPUT: cache["shared"]}
             windows = None if windows is None else {**windows, BLOCK_INPUT: cache["text"]}
         if self.flat_scores:
+            shared = self._shared_batches(cache)
             out = jax.device_get(_edited_scores_flat(apply, params, own, am, shared, self._shared_flat, windows,
                                                      None if windows is None else self._windows_flat))
         else:
@@ -324,6 +370,8 @@ class EditEvaluator:
     def _metrics(self, spans: dict, out: dict, with_text: bool) -> dict[str, float]:
         """The metrics of one edit (own-row spans `spans`) from its scores `out` (host arrays)."""
         per, res = {}, {}
+        if out.get("shared") is not None and self._shared_parts is not None:  # parts' rows back in row order
+            out = {**out, "shared": {k: np.asarray(v)[self._shared_inv] for k, v in out["shared"].items()}}
         groups = [(name, out["own"], self._own_before, a, b, a - next(iter(spans.values()))[0])
                   for name, (a, b) in spans.items()]
         groups += [(name, out.get("shared"), self._shared_before, a, b, a) for name, (a, b) in self._shared_spans.items()]
@@ -384,8 +432,7 @@ class EditEvaluator:
             apply, cache = self._start_at(items[ks[0]][1], text)
             self._ensure_base(apply, cache, text)
             paths, leaves = stack_edits(self.base_params, [items[k][1] for k in ks])
-            shared, windows = self._shared, self._windows if text else None
-            shared = None if shared is None else {**shared, BLOCK_INPUT: cache["shared"]}
+            shared, windows = self._shared_batches(cache), self._windows if text else None
             windows = None if windows is None else {**windows, BLOCK_INPUT: cache["text"]}
             # as few calls as edits_per_call allows, as even as they go (14 edits: 7 + 7, not 8 + 8
             # with two repeated); the last call repeats its last edit to keep the shape
@@ -405,6 +452,23 @@ class EditEvaluator:
                     out[ks[j]] = self._metrics(batches[e][2], one, text)
             self.last_start = start
         return out
+
+    def _shared_batches(self, cache: dict | None):
+        """The shared rows as the flat edited pass takes them: a tuple of parts (`_length_parts`),
+        each with its rows' kept block outputs (cache["shared"], when the pass starts at a block)
+        cut like its tokens; None without shared rows."""
+        if self._shared is None:
+            return None
+        if self._shared_parts is None:
+            return self._shared if cache is None else {**self._shared, BLOCK_INPUT: cache["shared"]}
+        src = None if cache is None else cache["shared"]
+        if getattr(self, "_parts_of", False) is not src or not hasattr(self, "_parts"):
+            h = None if src is None else np.asarray(src)
+            self._parts = tuple(jax.device_put({**_cut(_take(self._shared_host, idx), cut),
+                                                **({} if h is None else {BLOCK_INPUT: h[idx][:, :cut]})})
+                                for idx, cut in self._shared_parts)
+            self._parts_of = src
+        return self._parts
 
     # -- running edited models from the first changed block (see the module docstring)
 
@@ -436,28 +500,10 @@ class EditEvaluator:
         fn, base, bs = self.model.apply, self.base_params, self.batch_size
 
         def rows(enc):
-            # rows sorted by length, `bs` per call, each call cut after its longest row (an
-            # EDIT_BUCKETS length: few programs): the own rows are padded to the longest of any edit
-            # (32 tokens on the main job for rows of ~10), and a position past a row's last token
-            # changes nothing before it (causal models). Past its call's cut a row's output is 0:
-            # padding, never attended to by the row's tokens nor scored.
-            from salem_jax.mend.train import bucket_length, row_ends
-            from salem_jax.scored_logits import SCORE_POS
-
-            n, s = next(iter(enc.values())).shape[0], enc["attention_mask"].shape[-1]
-            ends = row_ends(np.asarray(enc["attention_mask"]))
-            order = np.argsort(ends, kind="stable")
-            out = None
-            for a in range(0, n, bs):
-                idx = order[a: a + bs]
-                cut = bucket_length(int(ends[idx].max()), s)
-                part = {k: (v[idx][:, :cut] if np.ndim(v) >= 2 and v.shape[1] == s and k != SCORE_POS else v[idx])
-                        for k, v in enc.items()}
-                h = np.asarray(block_output(fn, last, base, pad_rows(part, bs)))[: len(idx)]
-                if out is None:
-                    out = np.zeros((n, s) + h.shape[2:], h.dtype)
-                out[idx, :cut] = h
-            return out
+            # length-sorted calls of `bs` rows, each cut after its longest row (an EDIT_BUCKETS
+            # length: few programs; the own rows are padded to the longest of any edit, 32 tokens
+            # on the main job for rows of ~10); past its call's cut a row's output is 0
+            return block_outputs_by_length(fn, last, base, enc, bs)
 
         if "own" not in cache:
             cache["own"] = rows(self._own)

@@ -141,6 +141,37 @@ def generations_after_edits(model, base_params: Any, edited: Sequence[Any], edit
                        models_per_call=models_per_call, kv_cache=kv_cache)
 
 
+def generations_before_after_edits(model, base_params: Any, edited: Sequence[Any],
+                                   edits: Sequence[tuple[dict, Sequence[dict]]], *, extra_tokens: int = 2,
+                                   batch_size: int = 32, edits_per_call: int = 32,
+                                   shared_prefill: bool = True) -> tuple[list[list[str]], list[list[str]]]:
+    """(before, after): per edit, the base model's and the edited model `edited[e]`'s greedy
+    generations of edit e's prompts (its fail row, then its rephrasings) - what
+    `generations_after_edits(model, base_params, [base_params] * E + edited, edits + edits)` gives
+    split in two halves (the pipeline's call before session 16), the same tokens - in few batched
+    calls (`salem_jax.generate.greedy_ids_before_after`: the edited models' prefill starts at the
+    first block the edits changed, on the base prefill's hidden state and keys and values below it;
+    shared_prefill=False: every block of both prefills runs). Causal LMs with a KV cache."""
+    from salem_jax.generate import _encode_prompts, decode_continuation, greedy_ids_before_after
+
+    if len(edited) != len(edits):
+        raise ValueError(f"{len(edited)} edited parameter trees for {len(edits)} edits")
+    if not edits:
+        return [], []
+    paths, leaves = stack_edits(base_params, edited)
+    prompts = [[r["prompt"] for r in (f, *a)] for f, a in edits]
+    need = [max(1, max(target_tokens(model, r["target"]) for r in (f, *a)) + extra_tokens) for f, a in edits]
+    before, after = greedy_ids_before_after(model, base_params, paths, leaves, prompts, need, batch_size=batch_size,
+                                            edits_per_call=edits_per_call, shared_prefill=shared_prefill)
+    tok = model.tokenizer
+    encoded = [_encode_prompts(tok, ps) if ps else [] for ps in prompts]
+
+    def texts(new):
+        return [[decode_continuation(tok, p, n) for p, n in zip(enc, ns)] for enc, ns in zip(encoded, new)]
+
+    return texts(before), texts(after)
+
+
 def edit_generation_metrics(model, base_params: Any, edited_params: Any, fail_row: dict, adapt_rows: Sequence[dict],
                             *, extra_tokens: int = 2, base_generations: list[str] | None = None,
                             edited_generations: list[str] | None = None) -> dict[str, float]:

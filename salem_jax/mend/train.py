@@ -54,7 +54,7 @@ from salem_jax.mend.capture import Factors, capture
 from salem_jax.mend.checkpoint import CheckpointError, EditorCheckpointer
 from salem_jax.mend.editor import EditorConfig, EditorSpec, edited_params, init_editor, param_labels, update_norm_state
 from salem_jax.models.base import get_path
-from salem_jax.models.from_block import BLOCK_INPUT, FromBlock, block_chain, block_output
+from salem_jax.models.from_block import BLOCK_INPUT, FromBlock, block_chain, block_output, block_outputs_by_length
 from salem_jax.scored_logits import SCORE_POS, flat_positions, flat_scored_logits, scored_labels, scored_logits, with_score_positions
 
 # ---------------------------------------------------------------------------- configuration
@@ -593,27 +593,11 @@ def with_block_inputs(plan: FromBlockPlan, base_params, data: EditData, chunk: i
         if n == 0:
             return {**enc, BLOCK_INPUT: np.zeros((0,) + shape, np.float32)} if enc else enc
         # rows in chunks of similar length, each chunk cut after its longest row (an EDIT_BUCKETS
-        # length, as `fit_length` cuts the steps' batches: one program per length): positions past
-        # a row's last token change nothing before it; past the chunk's cut they are left 0 here
-        # (nothing reads them: they carry no target and their gradient factors are inactive)
-        s = enc["attention_mask"].shape[-1]
-        ends = row_ends(enc["attention_mask"])
-        order = np.argsort(ends, kind="stable")
-        cuts = np.zeros(n, np.int64)
-        for a in range(0, n, chunk):
-            cuts[order[a: a + chunk]] = bucket_length(int(ends[order[a: a + chunk]].max()), s)
-        # the rows to compute, by cut: without `used`, the chunks above (the cuts rise along `order`
-        # and every chunk but the last is full); with it, the marked rows of each cut, re-chunked
-        todo = order if used is None or name not in used else order[np.asarray(used[name], bool)[order]]
-        out = np.zeros((n,) + tuple(shape), np.float32)
-        for cut in sorted(set(cuts[todo].tolist())):
-            same = todo[cuts[todo] == cut]
-            for a in range(0, len(same), chunk):
-                idx = same[a: a + chunk]
-                part = {k: (v[idx][:, :cut] if np.ndim(v) >= 2 and v.shape[1] == s and k != SCORE_POS else v[idx])
-                        for k, v in enc.items()}
-                h = np.asarray(block_output(fn, plan.last, base_params, pad_rows(part, chunk)), np.float32)
-                out[idx, :cut] = h[: len(idx)]
+        # length, as `fit_length` cuts the steps' batches: one program per length); past the chunk's
+        # cut they are left 0 (nothing reads them: they carry no target and their gradient factors
+        # are inactive); with `used`, the marked rows only, each at its cut among all rows
+        out = block_outputs_by_length(fn, plan.last, base_params, enc, chunk, shape=tuple(shape), dtype=np.float32,
+                                      rows=None if used is None or name not in used else np.asarray(used[name], bool))
         return {**enc, BLOCK_INPUT: out}
 
     return dataclasses.replace(data, fail=rows(data.fail, "fail"), adapt=rows(data.adapt, "adapt"),

@@ -16,6 +16,8 @@ blocks' calls):
                                                    not a plain chain of blocks
   block_output(apply, path, params, batch)      -> that block's output [B, S, H] (jitted;
                                                    XLA drops every later block)
+  block_outputs_by_length(apply, path, params,  -> that block's output on many rows, in
+      enc, chunk, rows=)                           length-sorted calls cut short
   FromBlock(apply, skipped)                     -> `apply` whose blocks in `skipped` do not run:
                                                    each returns batch[BLOCK_INPUT], the cached
                                                    output of the last skipped block
@@ -119,6 +121,63 @@ def block_output(apply: Callable, path: str, params: Any, batch: dict) -> jax.Ar
     if len(out) != 1 or not isinstance(out[0], jax.Array):
         raise ValueError(f"block {path!r}: expected one call returning one array, got {len(out)} calls")
     return out[0]
+
+
+def block_outputs_by_length(apply: Callable, path: str, params: Any, enc: dict, chunk: int, *, rows=None,
+                            shape: tuple[int, ...] | None = None, dtype=None):
+    """The output of the block at module `path` on every row of `enc` ({key: [N, S, ...]} numpy), as
+    one numpy array [N, S, *shape], computed in length-sorted calls cut short - the one routine the
+    MEND editor's kept block inputs (`mend.train.with_block_inputs`) and the edit evaluator's kept
+    base hidden states (`eval.edits.EditEvaluator`) share.
+
+    The rows are sorted by length (`mend.train.row_ends`, stable) and taken `chunk` at a time in
+    that order; each row's cut is the EDIT_BUCKETS length (`mend.train.bucket_length`) of its
+    chunk's longest row. Each call runs `chunk` rows (padded with `pad_rows`) of one cut: few
+    programs, and a position past a row's last token changes nothing before it (causal models).
+    Past its cut a row's output is 0 (padding: never attended to by the row's tokens nor scored).
+
+    rows: compute only these rows (bool [N] or indices; None: every row); each at the cut it gets
+    among all rows, re-chunked `chunk` at a time per cut, so a row's numbers do not depend on which
+    others are computed. Rows not computed stay 0 and must not be read.
+    shape / dtype: of one row's output, [S, ...] (default: the block output's own; `shape` is
+    needed when no row is computed)."""
+    import numpy as np
+
+    from salem_jax.data.tokenize import pad_rows
+    from salem_jax.mend.train import bucket_length, row_ends
+    from salem_jax.scored_logits import SCORE_POS
+
+    n = int(next(iter(enc.values())).shape[0])
+    s = enc["attention_mask"].shape[-1]
+    ends = row_ends(np.asarray(enc["attention_mask"]))
+    order = np.argsort(ends, kind="stable")
+    cuts = np.zeros(n, np.int64)
+    for a in range(0, n, chunk):
+        cuts[order[a: a + chunk]] = bucket_length(int(ends[order[a: a + chunk]].max()), s)
+    if rows is None:
+        todo = order
+    else:
+        rows = np.asarray(rows)
+        mark = rows if rows.dtype == bool else np.isin(np.arange(n), rows)
+        if mark.shape != (n,):
+            raise ValueError(f"block_outputs_by_length: rows marks {mark.shape[0]} rows of {n}")
+        todo = order[mark[order]]
+    out = None if shape is None else np.zeros((n,) + tuple(shape), dtype or np.float32)
+    # the cuts rise along `order` and every chunk but the last is full, so without `rows` the calls
+    # below are the chunks above
+    for cut in sorted(set(cuts[todo].tolist())):
+        same = todo[cuts[todo] == cut]
+        for a in range(0, len(same), chunk):
+            idx = same[a: a + chunk]
+            part = {k: (v[idx][:, :cut] if np.ndim(v) >= 2 and v.shape[1] == s and k != SCORE_POS else v[idx])
+                    for k, v in enc.items()}
+            h = np.asarray(block_output(apply, path, params, pad_rows(part, chunk)))[: len(idx)]
+            if out is None:
+                out = np.zeros((n, s) + h.shape[2:], dtype or h.dtype)
+            out[idx, :cut] = h
+    if out is None:
+        raise ValueError("block_outputs_by_length: no row to compute and no shape given")
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
