@@ -49,7 +49,7 @@ EDITOR_KEYS = {
     "norm_eps": "editor.norm_eps", "c_fail": "c_fail", "c_loc": "c_loc", "grad_clip": "grad_clip",
     "effective_batch": "effective_batch", "batch_size": "batch_size", "accum_steps": "accum_steps",
     "edits_per_group": "edits_per_group", "adapt_per_edit": "adapt_per_edit", "pass_per_group": "pass_per_group",
-    "extra_pass_per_group": "extra_pass_per_group",
+    "extra_pass_per_group": "extra_pass_per_group", "own_pass_per_group": "own_pass_per_group",
     "val_every": "val_every", "val_groups": "val_groups", "patience": "patience",
     "checkpoint_every": "checkpoint_every", "keep_checkpoints": "keep_checkpoints", "log_every": "log_every",
 }
@@ -67,6 +67,9 @@ EDITOR_HELP = {
     "adapt_per_edit": "rephrasings of each edit in its loss",
     "extra_pass_per_group": ("pass rows per group from the second pass pool (pipeline: config.train_pass's "
                              "rows) on top of pass_per_group rows of the first (0: one pooled set)"),
+    "own_pass_per_group": ("of the pass_per_group rows, this many from the edit's own record (pass rows with its "
+                           "record_id, e.g. CounterFact's neighbourhood prompts), the rest from the pool (0: all "
+                           "from the pool)"),
     "patience": "early stop after this many steps without a better val loss",
     "normalize": "standardise u and delta with running statistics",
 }

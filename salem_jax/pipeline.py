@@ -414,6 +414,8 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
     es = timed(times, "edit_set", edit_set, model, records, cfg, work)
     say(es.summary())
     train_rows, val_rows = split_rows(es)
+    if cfg.editor.get("own_pass_per_group", 0):
+        say(own_pass_note(train_rows, cfg.editor.own_pass_per_group))
     many.check_enough_edits(steps, sum(r["group"] == "fail" for r in val_rows), "the val split")
 
     # -- 3. locate: the salient layer(s); the causal-traced layer when a method uses it
@@ -540,6 +542,24 @@ def edit_set(model, records, cfg, work: Path):
     if _main_process():  # every host builds the same edit set; one writes it
         save_edit_set(es, es_dir, overwrite=True)
     return es
+
+
+def own_pass_note(train_rows: list[dict], own: int) -> str:
+    """How many train fail rows have pass rows of their own record (config.editor.own_pass_per_group);
+    an error before any costly step when none has."""
+    per_record: dict[str, int] = {}
+    for r in train_rows:
+        if r["group"] == "pass":
+            per_record[str(r["record_id"])] = per_record.get(str(r["record_id"]), 0) + 1
+    counts = [per_record.get(str(r["record_id"]), 0) for r in train_rows if r["group"] == "fail"]
+    if not any(counts):
+        raise ValueError(
+            f"config.editor.own_pass_per_group={own}: none of the train split's {len(counts)} fail rows has a pass "
+            "row of its own record (same record_id; e.g. CounterFact's neighbourhood prompts): set it to 0"
+        )
+    full = sum(c >= own for c in counts)
+    return (f"own pass rows (config.editor.own_pass_per_group={own}): {sum(c > 0 for c in counts)} of {len(counts)} "
+            f"train fail rows have some, {full} have {own} or more (median {int(np.median(counts))} per record)")
 
 
 def split_rows(es) -> tuple[list[dict], list[dict]]:

@@ -46,6 +46,7 @@ _TRAJECTORY_FIELDS = (
     "adapt_per_edit",
     "pass_per_group",
     "extra_pass_per_group",
+    "own_pass_per_group",
     "batch_size",
     "accum_steps",
     "c_fail",
@@ -57,7 +58,7 @@ _TRAJECTORY_FIELDS = (
 )
 # Trajectory fields added after checkpoints were first written: a checkpoint without one was
 # written with this value (so older checkpoints still resume).
-_ADDED_FIELDS = {"extra_pass_per_group": 0}
+_ADDED_FIELDS = {"extra_pass_per_group": 0, "own_pass_per_group": 0}
 
 
 class CheckpointError(UserError, RuntimeError):

@@ -4,7 +4,9 @@ One training step takes `batch_size` *edit groups*. A group is what the editor l
 once: `edits_per_group` fail rows (edited together: their factors are summed into one edit),
 `adapt_per_edit` rephrasings of each (rows of the same `record_id`), and `pass_per_group` pass
 rows (plus `extra_pass_per_group` rows of a second pass pool, when the split has one: a per-group
-mix of two kinds of locality rows, `EditData.n_extra_pass`). For every group, inside the loss and
+mix of two kinds of locality rows, `EditData.n_extra_pass`); `own_pass_per_group` of the
+`pass_per_group` rows can come from the group's own records (pass rows with the fail row's
+`record_id`: on CounterFact the edit's own neighbourhood prompts). For every group, inside the loss and
 without touching the base parameters:
 
     (u, delta) = capture(base, fail rows)                   # rank-1 factors of the edited weights
@@ -77,6 +79,12 @@ class TrainConfig:
     # e.g. other relations' facts: config.train_pass) on top of `pass_per_group` rows of the first;
     # 0: one pool, every pass row alike (the pass_per_group rows are drawn from all of them)
     extra_pass_per_group: int = 0
+    # of the pass_per_group rows, this many from the group's own records (first-pool pass rows with
+    # the record_id of one of the group's fail rows: on CounterFact the edit's own neighbourhood
+    # prompts with their true answers), the rest from the pool as with 0; a group whose records have
+    # fewer own rows takes all of them and the rest from the pool. 0: every row from the pool
+    # (validation batches are the same either way)
+    own_pass_per_group: int = 0
     # how many groups per step / per optimiser update
     batch_size: int | None = None  # groups per step (global); None: one per data-parallel device
     effective_batch: int = 10  # groups per optimiser update; accum_steps = ceil(effective / batch)
@@ -134,6 +142,11 @@ class TrainConfig:
             raise ValueError("TrainConfig.adapt_per_edit must be >= 0")
         if self.extra_pass_per_group < 0:
             raise ValueError("TrainConfig.extra_pass_per_group must be >= 0")
+        if not 0 <= self.own_pass_per_group <= self.pass_per_group:
+            raise ValueError(
+                f"TrainConfig.own_pass_per_group={self.own_pass_per_group} must be >= 0 and at most "
+                f"pass_per_group={self.pass_per_group} (the own-record rows are part of the pass_per_group rows)"
+            )
         return dataclasses.replace(self, batch_size=bs, accum_steps=accum)
 
     def step_config(self) -> "TrainConfig":
@@ -175,7 +188,9 @@ class EditData:
     n_extra_pass: the LAST n_extra_pass rows of `passes` are a second pool (rows marked
     `pass_pool: "extra"` in `prepare_splits`), drawn `extra_pass_per_group` per group apart from
     the first pool's `pass_per_group` when that is > 0; with extra_pass_per_group 0 all pass rows
-    form one pool."""
+    form one pool.
+    pass_of[i]: indices into `passes` of the first-pool pass rows of fail row i's record (same
+    record_id), in split order (`own_pass_per_group`)."""
 
     fail: dict[str, np.ndarray]
     adapt: dict[str, np.ndarray]
@@ -189,6 +204,7 @@ class EditData:
     # paths of the weights whose capture factors `fail` holds per row (`with_fail_factors`:
     # FACTOR keys [N, S, fan_in] / [N, S, fan_out]), None when it holds none
     factors_of: tuple[str, ...] | None = None
+    pass_of: tuple[np.ndarray, ...] = ()
 
     @property
     def n_fail(self) -> int:
@@ -260,6 +276,9 @@ def prepare_splits(model, splits: Mapping[str, Sequence[Mapping]], where: str = 
         adapt_pos: dict[str, list[int]] = {}
         for j, gi in enumerate(idx["adapt"]):
             adapt_pos.setdefault(str(all_rows[gi]["record_id"]), []).append(j)
+        pass_pos: dict[str, list[int]] = {}
+        for j, gi in enumerate(idx["pass"][: len(idx["pass"]) - len(extra)]):
+            pass_pos.setdefault(str(all_rows[gi]["record_id"]), []).append(j)
         take = lambda ids: {k: v[np.asarray(ids, dtype=np.int64)] for k, v in enc.items()}  # noqa: E731
         out[name] = EditData(
             fail=take(idx["fail"]),
@@ -268,6 +287,7 @@ def prepare_splits(model, splits: Mapping[str, Sequence[Mapping]], where: str = 
             adapt_of=tuple(np.asarray(adapt_pos.get(str(all_rows[i]["record_id"]), []), np.int64) for i in idx["fail"]),
             fail_ids=tuple(str(all_rows[i]["id"]) for i in idx["fail"]),
             n_extra_pass=len(extra),
+            pass_of=tuple(np.asarray(pass_pos.get(str(all_rows[i]["record_id"]), []), np.int64) for i in idx["fail"]),
         )
     return out
 
@@ -328,7 +348,8 @@ def train_batch(data: EditData, cfg: TrainConfig, step: int, flat: tuple[int, in
     Pass rows [G, pass_per_group + extra_pass_per_group]: the first pass_per_group of each group
     from the first pool (all pass rows when extra_pass_per_group is 0; else the first
     n_pass - n_extra_pass rows, the same stream a split without the second pool gives), the
-    rest from the second pool (its own shuffled-epoch stream).
+    rest from the second pool (its own shuffled-epoch stream). With own_pass_per_group O > 0 the
+    first O of a group's first-pool rows are its own records' pass rows (`_own_pass_choice`).
 
     flat: (T_edit, T_pass) from `flat_train_sizes`: the batch also holds each group's target
     (row, position) pairs (FLAT, FLAT_PASS: `with_flat_train`), and the step runs the LM head on
@@ -350,11 +371,45 @@ def _train_indices(data: EditData, cfg: TrainConfig, step: int) -> tuple[np.ndar
             "in the pipeline set config.train_pass, or set extra_pass_per_group=0"
         )
     passes = _stream(n_main, cfg.seed, 1, step * g * p, g * p).reshape(g, p)
+    if cfg.own_pass_per_group:
+        passes = _own_pass_choice(data, edits, passes, cfg.own_pass_per_group, (cfg.seed, 4, step))
     if q:
         extra = n_main + _stream(data.n_extra_pass, cfg.seed, 3, step * g * q, g * q).reshape(g, q)
         passes = np.concatenate([passes, extra], axis=1)
     adapts = _adapt_choice(data, edits, cfg.adapt_per_edit, (cfg.seed, 2, step))
     return edits, adapts, passes, np.ones(g)
+
+
+def _own_pass_choice(data: EditData, edits: np.ndarray, pool: np.ndarray, o: int, rng_key: Sequence[int]) -> np.ndarray:
+    """pool [G, P] first-pool pass rows with the first m <= o of each group replaced by its own
+    records' pass rows (`EditData.pass_of` of the group's fail rows, joined in the group's order):
+    all of them when there are at most o, else o of them drawn by `default_rng(rng_key + [group])`.
+    The pool rows a group keeps are its first P - m, so a group with no own rows keeps today's P."""
+    if len(data.pass_of) != data.n_fail:
+        raise ValueError(
+            f"own_pass_per_group={o}: this split's EditData has no pass_of (own-record pass rows of its "
+            f"{data.n_fail} fail rows); build it with prepare_splits, or set own_pass_per_group=0"
+        )
+    if not any(len(x) for x in data.pass_of):
+        raise ValueError(
+            f"own_pass_per_group={o}: none of the split's {data.n_fail} fail rows has a pass row of its own "
+            "record (pass rows with the fail row's record_id, e.g. CounterFact's neighbourhood prompts); "
+            "this edit set's pass rows all belong to other records: set own_pass_per_group=0"
+        )
+    out = pool.copy()
+    for j in range(edits.shape[0]):
+        own = [data.pass_of[int(e)] for e in edits[j] if e >= 0]
+        cands = np.concatenate(own) if own else np.zeros(0, np.int64)
+        if len(cands) > o:
+            cands = np.random.default_rng(list(rng_key) + [j]).permutation(cands)[:o]
+        m = len(cands)
+        out[j] = np.concatenate([cands, pool[j, : pool.shape[1] - m]])
+    return out
+
+
+def own_pass_counts(data: EditData) -> np.ndarray:
+    """[n_fail] how many first-pool pass rows each fail row's record has (`own_pass_per_group`)."""
+    return np.asarray([len(x) for x in data.pass_of], np.int64)
 
 
 # ---------------------------------------------------------------------------- a batch's padded length

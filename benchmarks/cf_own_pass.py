@@ -1,0 +1,63 @@
+"""Benchmark (issue 13, session 16): own-record locality rows on CounterFact, one pipeline run.
+
+    PYTHONPATH=. python benchmarks/cf_own_pass.py --layer layers.27 --workdir runs/cf16 \\
+        --config.methods=salem_edit_own,salem_edit_base --config.editor.own_pass_per_group=4 [other --config.* flags]
+    PYTHONPATH=. python benchmarks/cf_own_pass.py --layer layers.1 --tiny --config.methods=salem_edit_own,salem_edit_base \\
+        --config.editor.pass_per_group=3 --config.editor.own_pass_per_group=2     # tiny random model, a smoke run
+
+`experiments.counterfact_smollm2` with two extra methods, both the MEND editor of `prepare_mend` on
+the one layer `--layer` (on SmolLM2 layers.27: `salem_edit`'s layer, editability's choice on this
+CounterFact edit set in sessions 10-12; given here so the 12-minute editability probe is not rerun):
+
+- salem_edit_own:  config.editor.own_pass_per_group as given (pass rows from the edit's own record);
+- salem_edit_base: the same run config with own_pass_per_group = 0 (every pass row from the pool).
+
+Each method records its own_pass_per_group in results.json (methods.NAME.own_pass_per_group); the
+run's config.editor.own_pass_per_group is the _own method's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments import counterfact_smollm2  # noqa: E402
+from salem_jax.methods import Method, register  # noqa: E402
+from salem_jax.methods.mend import ALL_KINDS, prepare_mend  # noqa: E402
+
+
+def _prepare(name: str, own: int | None, layer: str):
+    def prepare(ctx, layers):
+        cfg = ctx.cfg
+        if own is not None:
+            cfg = copy.deepcopy(ctx.cfg)
+            cfg.editor.own_pass_per_group = own
+            ctx = dataclasses.replace(ctx, cfg=cfg)
+        p = prepare_mend(ctx, layers, name)
+        p.info["own_pass_per_group"] = int(cfg.editor.own_pass_per_group)
+        p.info["layer_score"] = f"given: {layer} (--layer)"
+        return p
+
+    return prepare
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--layer", required=True, help="the one layer both editors edit (e.g. layers.27)")
+    args, rest = ap.parse_known_args(argv)
+    layers = (args.layer,)
+    register(Method(name="salem_edit_own", summary=f"MEND on {args.layer}, own-record pass rows", supports=ALL_KINDS,
+                    layers=lambda ctx: layers, prepare=_prepare("salem_edit_own", None, args.layer)), replace=True)
+    register(Method(name="salem_edit_base", summary=f"MEND on {args.layer}, pass rows from the pool",
+                    supports=ALL_KINDS, layers=lambda ctx: layers, prepare=_prepare("salem_edit_base", 0, args.layer)),
+             replace=True)
+    return counterfact_smollm2.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
