@@ -1094,20 +1094,53 @@ def _row_targets(enc: dict) -> np.ndarray:
     return (np.asarray(enc["label_mask"]) != 0).sum(-1) if enc else np.zeros(0, np.int64)
 
 
-def flat_train_sizes(data: EditData, cfg: TrainConfig, steps: int) -> tuple[int, int]:
-    """(T_edit, T_pass): the most target tokens of any group's edit rows (fail + rephrasings) and
-    of any group's pass rows over training steps 0..steps-1 (`train_batch`'s groups, rebuilt
-    from (seed, step) as index arrays only: no rows are gathered), each at least 1. The step's
-    FLAT shapes, static for the run: a resumed run computes the same sizes."""
+def flat_step_counts(data: EditData, cfg: TrainConfig, steps: int) -> np.ndarray:
+    """[steps, 2]: per training step 0..steps-1, the most target tokens of any of its groups' edit
+    rows (fail + rephrasings) and of any of its groups' pass rows, each at least 1 (`train_batch`'s
+    groups, rebuilt from (seed, step) as index arrays only: no rows are gathered)."""
     nf, na, npass = _row_targets(data.fail), _row_targets(data.adapt), _row_targets(data.passes)
     take = lambda counts, idx: np.where(idx >= 0, counts[np.maximum(idx, 0)] if len(counts) else 0, 0)  # noqa: E731
-    t_edit = t_pass = 1
+    out = np.ones((steps, 2), np.int64)
     for step in range(steps):
         edits, adapts, passes, _ = _train_indices(data, cfg, step)
         g = edits.shape[0]
-        t_edit = max(t_edit, int((take(nf, edits).sum(-1) + take(na, adapts).reshape(g, -1).sum(-1)).max()))
-        t_pass = max(t_pass, int(take(npass, passes).sum(-1).max()))
-    return t_edit, t_pass
+        out[step, 0] = max(1, int((take(nf, edits).sum(-1) + take(na, adapts).reshape(g, -1).sum(-1)).max()))
+        out[step, 1] = max(1, int(take(npass, passes).sum(-1).max()))
+    return out
+
+
+def flat_train_sizes(data: EditData, cfg: TrainConfig, steps: int) -> tuple[int, int]:
+    """(T_edit, T_pass): the most target tokens of any group's edit rows (fail + rephrasings) and
+    of any group's pass rows over training steps 0..steps-1 (`flat_step_counts`' maxima), each at
+    least 1. The step's FLAT shapes when they are static for the run: a resumed run computes the
+    same sizes."""
+    counts = flat_step_counts(data, cfg, steps)
+    return (int(counts[:, 0].max(initial=1)), int(counts[:, 1].max(initial=1)))
+
+
+# The run-wide bound pads every step's FLAT to the most targets of any step: on the capitals train
+# split (answers of 1-13 tokens) that is 39 edit-row and 16 pass-row targets, where most groups
+# have far fewer, and the LM head (57 MFLOP per position on SmolLM2, forward and backward) and the
+# KL's log-softmax over 49,152 words ran at every padded pair. `flat_step_sizes` gives each step
+# its own sizes, rounded up to one of two levels per side - the run's maximum, or the smallest
+# EDIT_BUCKETS length that holds `share` of the steps - so the run compiles at most 4 programs
+# per padded length instead of 1 (padded pairs carry weight 0: the same numbers, float summation
+# order aside).
+
+def flat_step_sizes(data: EditData, cfg: TrainConfig, steps: int, share: float = 0.9) -> np.ndarray:
+    """[steps, 2] per step (T_edit, T_pass) for `train_batch(..., flat=...)`: each side the small
+    level (the smallest EDIT_BUCKETS length >= the `share` quantile of the steps' counts, at most
+    the maximum) when the step's count fits it, else the run's maximum (`flat_train_sizes`).
+    A pure function of the split, cfg and `steps`: a resumed run computes the same sizes."""
+    counts = flat_step_counts(data, cfg, steps)
+    out = counts.copy()
+    for side in (0, 1):
+        c = counts[:, side]
+        top = int(c.max(initial=1))
+        q = int(np.ceil(np.quantile(c, share))) if len(c) else top
+        small = min(top, next((b for b in EDIT_BUCKETS if b >= q), top))
+        out[:, side] = np.where(c <= small, small, top)
+    return out
 
 
 def with_flat_train(batch: dict, t_edit: int, t_pass: int) -> dict:
@@ -1494,7 +1527,7 @@ class TrainResult:
     best_val_loss: float
     stopped_early: bool
     last_val: dict | None
-    recompiles: int  # compilations of the step beyond one per padded length met (`fit_length`); 0 when shapes are static
+    recompiles: int  # compilations of the step beyond one per batch shape met (`fit_length`, `flat_step_sizes`); 0 when shapes are static
     # wall seconds of this call: "setup" (placing, block inputs, the kept base side), "first_step"
     # (the first step of this call: trace + compile, or a compile-cache load), "steps" (every other
     # step, with logging and checkpoints), "validation" (one entry per validation); for reports only
@@ -1532,6 +1565,7 @@ def train_editor(
     flat_head: bool = True,
     keep_base_side: bool = True,
     fit_lengths: bool = True,
+    flat_levels: bool = True,
 ) -> TrainResult:
     """Train an editor for the given weights; checkpoints and metrics.jsonl go to `workdir`.
 
@@ -1563,6 +1597,9 @@ def train_editor(
     fit_lengths: on decoder-only models, cut each step's batch (and the validation's) after its
       longest row (`fit_length`, EDIT_BUCKETS lengths: one compiled step per length met; the
       same numbers, up to float rounding). Off: every step runs the edit set's padded length.
+    flat_levels: with flat_head, each step's target pairs padded to one of two sizes per side
+      (`flat_step_sizes`: at most 4 programs per padded length) instead of the run's most
+      (the same numbers, float summation order aside). Off: one size for the whole run.
     """
     # --- setup: mesh, resolved config, editor spec, workdir, checkpointer
     base_params = model.params if base_params is None else base_params
@@ -1630,9 +1667,13 @@ def train_editor(
         print(f"train-editor: the capture factors of the {train_data.n_fail} train fail rows are computed once "
               f"({fail_factor_bytes(spec, base, train_data) / 2**20:.0f} MiB), not in every step", file=sys.stderr)
     flat = flat_train_sizes(train_data, cfg, cfg.max_steps) if flat_head and model.kind == "causal" else None
+    # each step's FLAT at one of two sizes per side (`flat_step_sizes`) instead of the run's maximum
+    step_flat = flat_step_sizes(train_data, cfg, cfg.max_steps) if flat is not None and flat_levels else None
     if flat is not None:
+        levels = "" if step_flat is None else (
+            f"; each step at {sorted(set(step_flat[:, 0].tolist()))} / {sorted(set(step_flat[:, 1].tolist()))}")
         print(f"train-editor: the LM head runs on the target tokens only (<= {flat[0]} of the edit rows and "
-              f"{flat[1]} of the pass rows per group)", file=sys.stderr)
+              f"{flat[1]} of the pass rows per group{levels})", file=sys.stderr)
         base_rows = cfg.max_steps * cfg.batch_size * (cfg.pass_per_group + cfg.extra_pass_per_group)
         pl_bytes = pass_logits_bytes(model, train_data) if keep_base_side and base_rows >= 2 * train_data.n_pass else None
         if pl_bytes is not None and pl_bytes <= PASS_LOGITS_CACHE_BYTES:  # (pass_logits_bytes traces the model: once)
@@ -1662,7 +1703,7 @@ def train_editor(
     pending: list = []
     unchecked: list = []  # (step, metrics) whose `finite` flag is not yet read
     compiled = None
-    lengths: set[int] = set()  # the padded lengths the steps met (`fit_length`): one program each
+    lengths: set[tuple] = set()  # the batch shapes the steps met (`fit_length`, `flat_step_sizes`): one program each
     fit = fit_lengths and model.kind == "causal"
     running: dict[str, float] = {}
     bar = tqdm(total=cfg.max_steps, initial=start, desc="train-editor", disable=not progress, dynamic_ncols=True)
@@ -1671,10 +1712,10 @@ def train_editor(
     t_loop = time.perf_counter()
     try:
         while step < cfg.max_steps and not stopped_early:
-            batch = train_batch(train_data, cfg, step, flat)
+            batch = train_batch(train_data, cfg, step, flat if step_flat is None else tuple(int(x) for x in step_flat[step]))
             if fit:
                 batch = fit_length(batch)
-            lengths.add(int(batch["edit"]["attention_mask"].shape[-1]))
+            lengths.add((int(batch["edit"]["attention_mask"].shape[-1]),) + (() if FLAT not in batch else tuple(batch[FLAT]["rows"].shape)))
             batch = sharding.shard_batch(batch, mesh)
             state, m = step_fn(state, base, batch, **kw)
             step += 1
