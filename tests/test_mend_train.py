@@ -285,12 +285,14 @@ def test_step_and_evaluation_at_scored_positions_equal_the_full_logits():
     assert ev_a["edit_correct"].any() or ev_a["edit_before"].any() or ev_a["pass_correct"].any()  # not all trivially False
 
 
-@pytest.mark.parametrize("k,fused", [(1, False), (3, False), (1, True), (3, True)])
-def test_optimizer_update_equals_optax_multisteps(k, fused):
+@pytest.mark.parametrize("k,fused,clip_factor", [(1, False, False), (3, False, False), (1, True, False), (3, True, False),
+                                                (1, True, True), (3, True, True)])
+def test_optimizer_update_equals_optax_multisteps(k, fused, clip_factor):
     """`optimizer_update` = MultiSteps' update + apply_updates, step by step, with and without
     accumulation (params and every part of the optimizer state); `fused` (the step's path: the
-    inner update leaf by leaf, `_fused_inner_update`) too, on steps whose gradient is clipped and
-    steps whose gradient is not, and the new params' norm it returns equals optax's."""
+    inner update leaf by leaf, `_fused_inner_update`; with the clip as a scalar factor too) on steps
+    whose gradient is clipped and steps whose gradient is not, and the new params' norm it returns
+    equals optax's."""
     import optax
 
     from salem_jax.mend.train import make_optimizer, optimizer_update
@@ -302,7 +304,7 @@ def test_optimizer_update_equals_optax_multisteps(k, fused):
     tx = make_optimizer(cfg, state["params"])
     ref_p, ref_o = state["params"], state["opt_state"]
     new_p, new_o = state["params"], state["opt_state"]
-    fast = jax.jit(lambda p, g, o: optimizer_update(cfg, p, g, o, with_norm=True, fused=fused))
+    fast = jax.jit(lambda p, g, o: optimizer_update(cfg, p, g, o, with_norm=True, fused=fused, clip_factor=clip_factor))
 
     @jax.jit
     def ref(p, g, o):
@@ -320,6 +322,8 @@ def test_optimizer_update_equals_optax_multisteps(k, fused):
         new_p, new_o, norm = fast(new_p, grads, new_o)
         for a, b in zip(jax.tree.leaves((ref_p, ref_o)), jax.tree.leaves((new_p, new_o))):
             np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
+            if fused and not clip_factor:  # optax's arithmetic, operation by operation
+                np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
         if int(ref_o.mini_step) == 0:  # an update was made (else the norm is not needed and 0)
             np.testing.assert_allclose(float(norm), float(optax.tree.norm(ref_p)), rtol=1e-6)
     assert any(clipped) and not all(clipped)

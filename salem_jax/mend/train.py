@@ -815,24 +815,29 @@ def make_optimizer(cfg: TrainConfig, editor_params: dict) -> optax.GradientTrans
     return optax.MultiSteps(_inner_optimizer(cfg, editor_params), every_k_schedule=cfg.accum_steps)
 
 
-def _fused_inner_update(cfg: TrainConfig, params: dict, grads: dict, inner_state) -> tuple[dict, Any, jax.Array]:
+def _fused_inner_update(cfg: TrainConfig, params: dict, grads: dict, inner_state,
+                        clip_factor: bool = False) -> tuple[dict, Any, jax.Array]:
     """`(new params, new inner state, sum of squares of the new params)`: `_inner_optimizer(cfg,
     params).update(grads, inner_state, params)` + `optax.apply_updates`, written out leaf by leaf
     with optax's arithmetic (scale_by_adam's moments and bias correction, scale_by_learning_rate,
     apply_updates: the same operations in the same order), and the new params' squared norm from
     the leaves it writes (the step's finiteness check).
 
-    One difference, in the clipping: optax's clip_by_global_norm computes `select(norm < clip, g,
-    (g / norm) * clip)` for every gradient entry, and XLA on CPU writes the divided gradient out
-    once per leaf (a division is too costly to repeat in both moments' loops): a pass more over the
-    32M editor parameters. Here the clipped gradient is `g * factor` with one scalar `factor = 1`
-    below the clip, `clip / norm` above it: bit-equal below the clip, within a float rounding of
-    one entry (an ulp of g) above it. Session 16 measured the update 2.1x faster on SmolLM2's editor
-    (1.56 instead of 2.08 GB of XLA's bytes accessed; README "Session 16: the editor's step and setup")."""
+    clip_factor: the clipped gradient as `g * factor` with one scalar (`1` below the clip, `clip /
+    norm` above it) instead of optax's `select(norm < clip, g, (g / norm) * clip)`. XLA on CPU
+    writes optax's divided gradient out once per leaf (it does not repeat a division in both
+    moments' loops): a pass more over the 32M editor parameters; with the factor the update took
+    0.113 s instead of 0.240 s (1.56 instead of 2.08 GB of XLA's bytes accessed) in session 16,
+    the step 1.09x less. Bit-equal below the clip, an ulp of an entry above it - and the main job
+    clips in its first steps, so over 300 steps its validation loss moved by 0.5% and the keep
+    set's drawdown from 0.050 to 0.054: off by default (README "Session 16: the editor's step and
+    setup"). Without it the update is bit-equal to optax's (and as fast: the same XLA program
+    shape)."""
     clip_state, part = inner_state
     g_norm = optax.tree.norm(grads)
     max_norm = cfg.grad_clip
-    factor = jnp.where(jnp.squeeze(g_norm < max_norm), 1.0, max_norm / g_norm)
+    trigger = jnp.squeeze(g_norm < max_norm)
+    factor = jnp.where(trigger, 1.0, max_norm / g_norm)
     p_leaves, treedef = jax.tree.flatten(params)
     g_leaves = treedef.flatten_up_to(grads)
     labels = treedef.flatten_up_to(param_labels(params))
@@ -850,7 +855,10 @@ def _fused_inner_update(cfg: TrainConfig, params: dict, grads: dict, inner_state
             if lab != label:
                 continue
             p, g, m, v = p_leaves[i], g_leaves[i], mu[i], nu[i]
-            t = g * factor.astype(g.dtype)  # the clipped gradient (optax: select(trigger, g, (g / norm) * clip))
+            if clip_factor:
+                t = g * factor.astype(g.dtype)
+            else:  # optax.clip_by_global_norm's arithmetic
+                t = jax.lax.select(trigger, g, (g / g_norm.astype(g.dtype)) * max_norm)
             m2 = (1 - ADAM_B1) * (t ** 1) + ADAM_B1 * m
             v2 = (1 - ADAM_B2) * (t ** 2) + ADAM_B2 * v
             u = (m2 / bc1.astype(m2.dtype)) / (jnp.sqrt(v2 / bc2.astype(v2.dtype) + ADAM_EPS_ROOT) + ADAM_EPS)
@@ -863,7 +871,7 @@ def _fused_inner_update(cfg: TrainConfig, params: dict, grads: dict, inner_state
 
 
 def optimizer_update(cfg: TrainConfig, params: dict, grads: dict, opt_state: optax.MultiStepsState,
-                     with_norm: bool = False, fused: bool = False):
+                     with_norm: bool = False, fused: bool = False, clip_factor: bool = False):
     """`(new params, new opt_state)`: the same as `make_optimizer(cfg, params).update(grads,
     opt_state, params)` followed by `optax.apply_updates`, in fewer passes over the editor.
 
@@ -875,9 +883,9 @@ def optimizer_update(cfg: TrainConfig, params: dict, grads: dict, opt_state: opt
     `MultiStepsState`'s structure and values (checkpoints are unchanged; accumulator kept at
     zero between updates, as MultiSteps does for finite gradients).
 
-    fused: the inner update by `_fused_inner_update` (optax's arithmetic leaf by leaf, the clip as
-    one scalar factor: bit-equal below the clip, within float rounding above it) instead of
-    optax's transformations (the step's path). with_norm: also return the new params' global norm
+    fused: the inner update by `_fused_inner_update` (optax's arithmetic leaf by leaf; with
+    `clip_factor` the clip as one scalar factor, bit-equal below the clip, within float rounding
+    above it) instead of optax's transformations (the step's path). with_norm: also return the new params' global norm
     (`optax.tree.norm`'s value up to float summation order; with `fused`, from the leaves the
     update writes; on a step that only accumulates, the unchanged params' norm is not needed by
     the step's finiteness check - the previous step checked them - and 0 is returned)."""
@@ -886,7 +894,7 @@ def optimizer_update(cfg: TrainConfig, params: dict, grads: dict, opt_state: opt
 
     def update(acc):
         if fused:
-            new_params, inner_state, sq = _fused_inner_update(cfg, params, acc, opt_state.inner_opt_state)
+            new_params, inner_state, sq = _fused_inner_update(cfg, params, acc, opt_state.inner_opt_state, clip_factor)
             return new_params, inner_state, jnp.sqrt(sq)
         upd, inner_state = inner.update(acc, opt_state.inner_opt_state, params)
         new_params = optax.apply_updates(params, upd)
@@ -997,7 +1005,7 @@ def group_factors(apply_fn, spec, base_params, fail):
     return jax.vmap(lambda b: capture_factors(apply_fn, base_params, b, spec.weights))(fail)
 
 
-def _step(state, base_params, batch, *, apply_fn, spec, cfg, plan=None):
+def _step(state, base_params, batch, *, apply_fn, spec, cfg, plan=None, clip_factor=False):
     """The whole training step on the global batch (leaves [G, ...]); `train_step` jits it over
     a mesh and XLA's partitioner splits the work (groups over "data", weights as placed).
 
@@ -1033,7 +1041,8 @@ def _step(state, base_params, batch, *, apply_fn, spec, cfg, plan=None):
     (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     # the fused update (one pass fewer over the editor's 32M parameters) also gives the new params'
     # norm for the finiteness check below, from the leaves it writes
-    params, opt_state, params_norm = optimizer_update(cfg, state["params"], grads, state["opt_state"], with_norm=True, fused=True)
+    params, opt_state, params_norm = optimizer_update(cfg, state["params"], grads, state["opt_state"], with_norm=True, fused=True,
+                                                     clip_factor=clip_factor)
     new_state = {"params": params, "opt_state": opt_state, "norm": norm, "step": state["step"] + 1, "rng": state["rng"]}
     n_rows = jnp.maximum((batch["edit"]["label_mask"].sum(-1) > 0).sum(-1), 1)
     per_group = {
@@ -1323,9 +1332,9 @@ def _batch_specs(batch):
     return jax.tree.map(lambda x: P(sharding.DATA), batch)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "spec", "cfg", "mesh", "from_block"), donate_argnums=(0,))
+@functools.partial(jax.jit, static_argnames=("apply_fn", "spec", "cfg", "mesh", "from_block", "clip_factor"), donate_argnums=(0,))
 def train_step(state, base_params, batch, *, apply_fn, spec: EditorSpec, cfg: TrainConfig, mesh,
-               from_block: "FromBlockPlan | None" = None):
+               from_block: "FromBlockPlan | None" = None, clip_factor: bool = False):
     """The editor's training step: `(state, base_params, batch) -> (state, metrics)`.
 
     One jitted function for every device layout: a 1-CPU run, data parallel (an `(n, 1)` mesh,
@@ -1344,9 +1353,13 @@ def train_step(state, base_params, batch, *, apply_fn, spec: EditorSpec, cfg: Tr
 
     from_block: `from_block_plan(model, spec, data)` on decoder-only models (the same numbers,
     fewer blocks run: see `FromBlockPlan`); None runs every block (`train_editor` and `evaluate`
-    choose for themselves)."""
+    choose for themselves).
+
+    clip_factor: the gradient clip as one scalar factor (`_fused_inner_update`; faster, the same
+    numbers up to float rounding when the gradient is clipped); off: optax's arithmetic, bit-equal."""
     batch = _constrain(batch, mesh, _batch_specs(batch))
-    new_state, metrics = _step(state, base_params, batch, apply_fn=apply_fn, spec=spec, cfg=cfg, plan=from_block)
+    new_state, metrics = _step(state, base_params, batch, apply_fn=apply_fn, spec=spec, cfg=cfg, plan=from_block,
+                               clip_factor=clip_factor)
     return _constrain(new_state, mesh, _state_specs(new_state, mesh)), _constrain(metrics, mesh, jax.tree.map(lambda _: P(), metrics))
 
 
@@ -1566,6 +1579,7 @@ def train_editor(
     keep_base_side: bool = True,
     fit_lengths: bool = True,
     flat_levels: bool = True,
+    clip_factor: bool = False,
 ) -> TrainResult:
     """Train an editor for the given weights; checkpoints and metrics.jsonl go to `workdir`.
 
@@ -1600,6 +1614,9 @@ def train_editor(
     flat_levels: with flat_head, each step's target pairs padded to one of two sizes per side
       (`flat_step_sizes`: at most 4 programs per padded length) instead of the run's most
       (the same numbers, float summation order aside). Off: one size for the whole run.
+    clip_factor: the gradient clip as one scalar factor in the step's Adam update (`train_step`,
+      `_fused_inner_update`): 1.09x faster steps on the main job, numbers within float rounding of
+      a clipped step, which 300 steps amplify (README "Session 16"); off (default): bit-equal to optax.
     """
     # --- setup: mesh, resolved config, editor spec, workdir, checkpointer
     base_params = model.params if base_params is None else base_params
@@ -1680,7 +1697,7 @@ def train_editor(
             train_data = with_pass_logits(model.apply, base, train_data, plan)
             print(f"train-editor: the base logits at the {train_data.n_pass} train pass rows' targets are computed once "
                   f"({pl_bytes / 2**20:.0f} MiB), not in every step", file=sys.stderr)
-    kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg.step_config(), mesh=mesh, from_block=plan)
+    kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg.step_config(), mesh=mesh, from_block=plan, clip_factor=clip_factor)
     step_fn = train_step
 
     val_base: dict = {}  # the base model's side of every validation batch, computed once
