@@ -322,7 +322,9 @@ def test_optimizer_update_equals_optax_multisteps(k, fused, clip_factor):
         new_p, new_o, norm = fast(new_p, grads, new_o)
         for a, b in zip(jax.tree.leaves((ref_p, ref_o)), jax.tree.leaves((new_p, new_o))):
             np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
-            if fused and not clip_factor:  # optax's arithmetic, operation by operation
+            if fused and not clip_factor and np.size(a) > 1:  # optax's arithmetic, operation by operation
+                # (a scalar leaf - the edit lrs' Adam - differed by 1.9e-5 relative with XLA's
+                # optimisations on, for optax's own update in this test's two programs as well)
                 np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
         if int(ref_o.mini_step) == 0:  # an update was made (else the norm is not needed and 0)
             np.testing.assert_allclose(float(norm), float(optax.tree.norm(ref_p)), rtol=1e-6)
