@@ -828,7 +828,7 @@ def _fused_inner_update(cfg: TrainConfig, params: dict, grads: dict, inner_state
     writes optax's divided gradient out once per leaf (it does not repeat a division in both
     moments' loops): a pass more over the 32M editor parameters; with the factor the update took
     0.113 s instead of 0.240 s (1.56 instead of 2.08 GB of XLA's bytes accessed) in session 16,
-    the step 1.09x less. Bit-equal below the clip, an ulp of an entry above it - and the main job
+    the step 1.09x faster. Bit-equal below the clip, an ulp of an entry above it - and the main job
     clips in its first steps, so over 300 steps its validation loss moved by 0.5% and the keep
     set's drawdown from 0.050 to 0.054: off by default (README "Session 16: the editor's step and
     setup"). Without it the update is bit-equal to optax's (and as fast: the same XLA program
