@@ -23,6 +23,8 @@ from salem_jax.mend.train import (
     FLAT_PASS,
     PASS_LOGITS,
     TrainConfig,
+    flat_step_counts,
+    flat_step_sizes,
     flat_train_sizes,
     from_block_data,
     init_train_state,
@@ -83,6 +85,62 @@ def test_flat_train_sizes_are_the_most_targets_of_any_group(setup):
             == {pr for pr in pairs if pr[0] >= n_edit}
     with pytest.raises(ValueError, match="scored positions"):
         with_flat_train(train_batch(data["train"], cfg, 0), 1, 1)
+
+
+def test_flat_step_sizes_hold_every_steps_targets_at_two_levels(setup):
+    """`flat_step_counts` = a count over each full batch; `flat_step_sizes` gives every step sizes
+    that hold its targets, at most two per side, the larger the run's maximum (`flat_train_sizes`),
+    the smaller an EDIT_BUCKETS length; `share=1` gives the run-wide sizes at every step."""
+    from salem_jax.mend.train import EDIT_BUCKETS
+
+    model, data, cfg, _, _ = setup
+    cfg = dataclasses.replace(cfg, adapt_per_edit=2, pass_per_group=3)
+    steps = 40
+    counts = flat_step_counts(data["train"], cfg, steps)
+    for s in range(steps):
+        b = train_batch(data["train"], cfg, s)
+        assert counts[s, 0] == int((b["edit"]["label_mask"] != 0).sum((1, 2)).max())
+        assert counts[s, 1] == int((b["pass"]["label_mask"] != 0).sum((1, 2)).max())
+    top = flat_train_sizes(data["train"], cfg, steps)
+    for share in (0.5, 0.9):
+        sizes = flat_step_sizes(data["train"], cfg, steps, share)
+        assert (sizes >= counts).all()
+        for side in (0, 1):
+            levels = sorted(set(sizes[:, side].tolist()))
+            assert levels[-1] == top[side] and len(levels) <= 2
+            assert len(levels) == 1 or levels[0] in EDIT_BUCKETS
+            # the small level wherever the step fits it
+            assert ((sizes[:, side] == levels[0]) == (counts[:, side] <= levels[0])).all()
+    assert (flat_step_sizes(data["train"], cfg, steps, 0.5)[:, 0] < top[0]).any()  # the small level is used
+    assert (flat_step_sizes(data["train"], cfg, steps, 1.0) == np.array(top)).all()
+
+
+def test_steps_at_the_step_sizes_equal_the_run_wide_sizes(setup):
+    """Three steps from the same state on the same batches, FLAT at the run's maximum and at each
+    step's own count (`flat_step_counts`: the least padding `flat_step_sizes` can give): metrics
+    and the new state equal to float summation order (padded pairs carry weight 0)."""
+    model, data, cfg, mesh, base = setup
+    spec = EditorSpec.from_params(model.layers.weights(["layers.2"]), model.params, cfg.editor)
+    plan, d = from_block_data(model, spec, data["train"], base)
+    d = with_pass_logits(model.apply, base, d, plan)
+    steps = 3
+    top = flat_train_sizes(d, cfg, steps)
+    sizes = flat_step_counts(d, cfg, steps)
+    assert (sizes < np.array(top)).any()
+    state = init_train_state(spec, cfg)
+    state["params"]["lr"] = jax.tree.map(lambda x: x * 3e3, state["params"]["lr"])  # edits that move the pass rows
+    kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg.step_config(), mesh=mesh, from_block=plan)
+    a = place_state(jax.tree.map(np.array, state), mesh)
+    b = place_state(jax.tree.map(np.array, state), mesh)
+    for step in range(steps):
+        a, m_a = train_step(a, base, sharding.shard_batch(train_batch(d, cfg, step, top), mesh), **kw)
+        b, m_b = train_step(b, base, sharding.shard_batch(train_batch(d, cfg, step, tuple(int(x) for x in sizes[step])), mesh), **kw)
+        m_a, m_b = jax.device_get((m_a, m_b))
+        assert m_a["kl"] > 1e-4
+        for k, v in m_a.items():
+            np.testing.assert_allclose(m_b[k], v, rtol=2e-5, atol=1e-6, err_msg=f"step {step} {k}")
+        for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))):
+            np.testing.assert_allclose(y, x, rtol=2e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("layer", ["layers.2", pytest.param("layers.0", marks=pytest.mark.slow)])

@@ -833,11 +833,16 @@ def _kept_factors(spec: EditorSpec, fail: dict) -> dict | None:
 # ---------------------------------------------------------------------------- the step
 
 
+# optax.adam's defaults (`_inner_optimizer` passes them on); `_fused_inner_update` repeats its arithmetic
+ADAM_B1, ADAM_B2, ADAM_EPS, ADAM_EPS_ROOT = 0.9, 0.999, 1e-8, 0.0
+
+
 def _inner_optimizer(cfg: TrainConfig, editor_params: dict) -> optax.GradientTransformation:
     """Clip, then Adam(lr) on the editor network and Adam(lr_lr) on the edit learning rates."""
+    adam = dict(b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS, eps_root=ADAM_EPS_ROOT)
     return optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
-        optax.partition({"net": optax.adam(cfg.lr), "lr": optax.adam(cfg.lr_lr)}, param_labels(editor_params)),
+        optax.partition({"net": optax.adam(cfg.lr, **adam), "lr": optax.adam(cfg.lr_lr, **adam)}, param_labels(editor_params)),
     )
 
 
@@ -849,7 +854,63 @@ def make_optimizer(cfg: TrainConfig, editor_params: dict) -> optax.GradientTrans
     return optax.MultiSteps(_inner_optimizer(cfg, editor_params), every_k_schedule=cfg.accum_steps)
 
 
-def optimizer_update(cfg: TrainConfig, params: dict, grads: dict, opt_state: optax.MultiStepsState):
+def _fused_inner_update(cfg: TrainConfig, params: dict, grads: dict, inner_state,
+                        clip_factor: bool = False) -> tuple[dict, Any, jax.Array]:
+    """`(new params, new inner state, sum of squares of the new params)`: `_inner_optimizer(cfg,
+    params).update(grads, inner_state, params)` + `optax.apply_updates`, written out leaf by leaf
+    with optax's arithmetic (scale_by_adam's moments and bias correction, scale_by_learning_rate,
+    apply_updates: the same operations in the same order), and the new params' squared norm from
+    the leaves it writes (the step's finiteness check).
+
+    clip_factor: the clipped gradient as `g * factor` with one scalar (`1` below the clip, `clip /
+    norm` above it) instead of optax's `select(norm < clip, g, (g / norm) * clip)`. XLA on CPU
+    writes optax's divided gradient out once per leaf (it does not repeat a division in both
+    moments' loops): a pass more over the 32M editor parameters; with the factor the update took
+    0.113 s instead of 0.240 s (1.56 instead of 2.08 GB of XLA's bytes accessed) in session 16,
+    the step 1.09x faster. Bit-equal below the clip, an ulp of an entry above it - and the main job
+    clips in its first steps, so over 300 steps its validation loss moved by 0.5% and the keep
+    set's drawdown from 0.050 to 0.054: off by default (README "Session 16: the editor's step and
+    setup"). Without it the update is bit-equal to optax's (and as fast: the same XLA program
+    shape)."""
+    clip_state, part = inner_state
+    g_norm = optax.tree.norm(grads)
+    max_norm = cfg.grad_clip
+    trigger = jnp.squeeze(g_norm < max_norm)
+    factor = jnp.where(trigger, 1.0, max_norm / g_norm)
+    p_leaves, treedef = jax.tree.flatten(params)
+    g_leaves = treedef.flatten_up_to(grads)
+    labels = treedef.flatten_up_to(param_labels(params))
+    out = list(p_leaves)
+    squares = []
+    states = {}
+    for label, lr in (("net", cfg.lr), ("lr", cfg.lr_lr)):
+        masked = part.inner_states[label]
+        adam, rest = masked.inner_state
+        count_inc = optax.safe_increment(adam.count)
+        bc1, bc2 = 1 - ADAM_B1 ** count_inc, 1 - ADAM_B2 ** count_inc
+        step_size = -1 * lr
+        mu, nu = treedef.flatten_up_to(adam.mu), treedef.flatten_up_to(adam.nu)
+        for i, lab in enumerate(labels):
+            if lab != label:
+                continue
+            p, g, m, v = p_leaves[i], g_leaves[i], mu[i], nu[i]
+            if clip_factor:
+                t = g * factor.astype(g.dtype)
+            else:  # optax.clip_by_global_norm's arithmetic
+                t = jax.lax.select(trigger, g, (g / g_norm.astype(g.dtype)) * max_norm)
+            m2 = (1 - ADAM_B1) * (t ** 1) + ADAM_B1 * m
+            v2 = (1 - ADAM_B2) * (t ** 2) + ADAM_B2 * v
+            u = (m2 / bc1.astype(m2.dtype)) / (jnp.sqrt(v2 / bc2.astype(v2.dtype) + ADAM_EPS_ROOT) + ADAM_EPS)
+            out[i] = jnp.asarray(p + step_size * u).astype(p.dtype)
+            mu[i], nu[i] = m2.astype(m.dtype), v2.astype(v.dtype)
+            squares.append(jnp.sum(jnp.square(out[i])))
+        states[label] = masked._replace(inner_state=(adam._replace(count=count_inc, mu=treedef.unflatten(mu),
+                                                                   nu=treedef.unflatten(nu)), rest))
+    return treedef.unflatten(out), (clip_state, part._replace(inner_states=states)), sum(squares)
+
+
+def optimizer_update(cfg: TrainConfig, params: dict, grads: dict, opt_state: optax.MultiStepsState,
+                     with_norm: bool = False, fused: bool = False, clip_factor: bool = False):
     """`(new params, new opt_state)`: the same as `make_optimizer(cfg, params).update(grads,
     opt_state, params)` followed by `optax.apply_updates`, in fewer passes over the editor.
 
@@ -859,36 +920,48 @@ def optimizer_update(cfg: TrainConfig, params: dict, grads: dict, opt_state: opt
     of the editor step. Here the inner update runs inside a `lax.cond` only when one is due,
     and with `accum_steps == 1` there is no accumulator arithmetic at all. The state keeps
     `MultiStepsState`'s structure and values (checkpoints are unchanged; accumulator kept at
-    zero between updates, as MultiSteps does for finite gradients)."""
+    zero between updates, as MultiSteps does for finite gradients).
+
+    fused: the inner update by `_fused_inner_update` (optax's arithmetic leaf by leaf; with
+    `clip_factor` the clip as one scalar factor, bit-equal below the clip, within float rounding
+    above it) instead of optax's transformations (the step's path). with_norm: also return the new params' global norm
+    (`optax.tree.norm`'s value up to float summation order; with `fused`, from the leaves the
+    update writes; on a step that only accumulates, the unchanged params' norm is not needed by
+    the step's finiteness check - the previous step checked them - and 0 is returned)."""
     inner = _inner_optimizer(cfg, params)
     k = int(cfg.accum_steps)
 
     def update(acc):
+        if fused:
+            new_params, inner_state, sq = _fused_inner_update(cfg, params, acc, opt_state.inner_opt_state, clip_factor)
+            return new_params, inner_state, jnp.sqrt(sq)
         upd, inner_state = inner.update(acc, opt_state.inner_opt_state, params)
-        return optax.apply_updates(params, upd), inner_state
+        new_params = optax.apply_updates(params, upd)
+        return new_params, inner_state, optax.tree.norm(new_params) if with_norm else jnp.zeros((), jnp.float32)
 
     if k == 1:  # MultiSteps: acc = 0 + (g - 0) / 1 = g, always emitted, accumulator back to 0
-        new_params, inner_state = update(grads)
-        return new_params, opt_state._replace(
-            gradient_step=optax.safe_increment(opt_state.gradient_step), inner_opt_state=inner_state)
+        new_params, inner_state, norm = update(grads)
+        new_state = opt_state._replace(gradient_step=optax.safe_increment(opt_state.gradient_step), inner_opt_state=inner_state)
+        return (new_params, new_state, norm) if with_norm else (new_params, new_state)
     n = opt_state.mini_step
     acc = jax.tree.map(lambda g, a: a + (g - a) / (n + 1), grads, opt_state.acc_grads)  # MultiSteps' running mean
     emit = n == k - 1
 
     def do(acc):
-        new_params, inner_state = update(acc)
-        return new_params, inner_state, jax.tree.map(jnp.zeros_like, acc)
+        new_params, inner_state, norm = update(acc)
+        return new_params, inner_state, jax.tree.map(jnp.zeros_like, acc), norm
 
     def skip(acc):
-        return params, opt_state.inner_opt_state, acc
+        return params, opt_state.inner_opt_state, acc, jnp.zeros((), jnp.float32)
 
-    new_params, inner_state, acc = jax.lax.cond(emit, do, skip, acc)
-    return new_params, opt_state._replace(
+    new_params, inner_state, acc, norm = jax.lax.cond(emit, do, skip, acc)
+    new_state = opt_state._replace(
         mini_step=optax.safe_increment(n) % k,
         gradient_step=jnp.where(emit, optax.safe_increment(opt_state.gradient_step), opt_state.gradient_step),
         inner_opt_state=inner_state,
         acc_grads=acc,
     )
+    return (new_params, new_state, norm) if with_norm else (new_params, new_state)
 
 
 def init_train_state(spec: EditorSpec, cfg: TrainConfig) -> dict:
@@ -971,7 +1044,7 @@ def group_factors(apply_fn, spec, base_params, fail):
     return jax.vmap(lambda b: capture_factors(apply_fn, base_params, b, spec.weights))(fail)
 
 
-def _step(state, base_params, batch, *, apply_fn, spec, cfg, plan=None):
+def _step(state, base_params, batch, *, apply_fn, spec, cfg, plan=None, clip_factor=False):
     """The whole training step on the global batch (leaves [G, ...]); `train_step` jits it over
     a mesh and XLA's partitioner splits the work (groups over "data", weights as placed).
 
@@ -1005,7 +1078,10 @@ def _step(state, base_params, batch, *, apply_fn, spec, cfg, plan=None):
         return (losses * w).sum() / jnp.maximum(w.sum(), 1.0), out
 
     (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    params, opt_state = optimizer_update(cfg, state["params"], grads, state["opt_state"])
+    # the fused update (one pass fewer over the editor's 32M parameters) also gives the new params'
+    # norm for the finiteness check below, from the leaves it writes
+    params, opt_state, params_norm = optimizer_update(cfg, state["params"], grads, state["opt_state"], with_norm=True, fused=True,
+                                                     clip_factor=clip_factor)
     new_state = {"params": params, "opt_state": opt_state, "norm": norm, "step": state["step"] + 1, "rng": state["rng"]}
     n_rows = jnp.maximum((batch["edit"]["label_mask"].sum(-1) > 0).sum(-1), 1)
     per_group = {
@@ -1019,7 +1095,7 @@ def _step(state, base_params, batch, *, apply_fn, spec, cfg, plan=None):
     metrics["grad_norm"] = optax.tree.norm(grads)
     # one flag for the loop to check when it reads the metrics anyway (no extra host round trip);
     # a non-finite edited weight shows up as a non-finite loss
-    metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & jnp.isfinite(optax.tree.norm(params))
+    metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & jnp.isfinite(params_norm)
     return new_state, metrics
 
 
@@ -1066,20 +1142,53 @@ def _row_targets(enc: dict) -> np.ndarray:
     return (np.asarray(enc["label_mask"]) != 0).sum(-1) if enc else np.zeros(0, np.int64)
 
 
-def flat_train_sizes(data: EditData, cfg: TrainConfig, steps: int) -> tuple[int, int]:
-    """(T_edit, T_pass): the most target tokens of any group's edit rows (fail + rephrasings) and
-    of any group's pass rows over training steps 0..steps-1 (`train_batch`'s groups, rebuilt
-    from (seed, step) as index arrays only: no rows are gathered), each at least 1. The step's
-    FLAT shapes, static for the run: a resumed run computes the same sizes."""
+def flat_step_counts(data: EditData, cfg: TrainConfig, steps: int) -> np.ndarray:
+    """[steps, 2]: per training step 0..steps-1, the most target tokens of any of its groups' edit
+    rows (fail + rephrasings) and of any of its groups' pass rows, each at least 1 (`train_batch`'s
+    groups, rebuilt from (seed, step) as index arrays only: no rows are gathered)."""
     nf, na, npass = _row_targets(data.fail), _row_targets(data.adapt), _row_targets(data.passes)
     take = lambda counts, idx: np.where(idx >= 0, counts[np.maximum(idx, 0)] if len(counts) else 0, 0)  # noqa: E731
-    t_edit = t_pass = 1
+    out = np.ones((steps, 2), np.int64)
     for step in range(steps):
         edits, adapts, passes, _ = _train_indices(data, cfg, step)
         g = edits.shape[0]
-        t_edit = max(t_edit, int((take(nf, edits).sum(-1) + take(na, adapts).reshape(g, -1).sum(-1)).max()))
-        t_pass = max(t_pass, int(take(npass, passes).sum(-1).max()))
-    return t_edit, t_pass
+        out[step, 0] = max(1, int((take(nf, edits).sum(-1) + take(na, adapts).reshape(g, -1).sum(-1)).max()))
+        out[step, 1] = max(1, int(take(npass, passes).sum(-1).max()))
+    return out
+
+
+def flat_train_sizes(data: EditData, cfg: TrainConfig, steps: int) -> tuple[int, int]:
+    """(T_edit, T_pass): the most target tokens of any group's edit rows (fail + rephrasings) and
+    of any group's pass rows over training steps 0..steps-1 (`flat_step_counts`' maxima), each at
+    least 1. The step's FLAT shapes when they are static for the run: a resumed run computes the
+    same sizes."""
+    counts = flat_step_counts(data, cfg, steps)
+    return (int(counts[:, 0].max(initial=1)), int(counts[:, 1].max(initial=1)))
+
+
+# The run-wide bound pads every step's FLAT to the most targets of any step: on the capitals train
+# split (answers of 1-13 tokens) that is 39 edit-row and 16 pass-row targets, where most groups
+# have far fewer, and the LM head (57 MFLOP per position on SmolLM2, forward and backward) and the
+# KL's log-softmax over 49,152 words ran at every padded pair. `flat_step_sizes` gives each step
+# its own sizes, rounded up to one of two levels per side - the run's maximum, or the smallest
+# EDIT_BUCKETS length that holds `share` of the steps - so the run compiles at most 4 programs
+# per padded length instead of 1 (padded pairs carry weight 0: the same numbers, float summation
+# order aside).
+
+def flat_step_sizes(data: EditData, cfg: TrainConfig, steps: int, share: float = 0.9) -> np.ndarray:
+    """[steps, 2] per step (T_edit, T_pass) for `train_batch(..., flat=...)`: each side the small
+    level (the smallest EDIT_BUCKETS length >= the `share` quantile of the steps' counts, at most
+    the maximum) when the step's count fits it, else the run's maximum (`flat_train_sizes`).
+    A pure function of the split, cfg and `steps`: a resumed run computes the same sizes."""
+    counts = flat_step_counts(data, cfg, steps)
+    out = counts.copy()
+    for side in (0, 1):
+        c = counts[:, side]
+        top = int(c.max(initial=1))
+        q = int(np.ceil(np.quantile(c, share))) if len(c) else top
+        small = min(top, next((b for b in EDIT_BUCKETS if b >= q), top))
+        out[:, side] = np.where(c <= small, small, top)
+    return out
 
 
 def with_flat_train(batch: dict, t_edit: int, t_pass: int) -> dict:
@@ -1262,9 +1371,9 @@ def _batch_specs(batch):
     return jax.tree.map(lambda x: P(sharding.DATA), batch)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "spec", "cfg", "mesh", "from_block"), donate_argnums=(0,))
+@functools.partial(jax.jit, static_argnames=("apply_fn", "spec", "cfg", "mesh", "from_block", "clip_factor"), donate_argnums=(0,))
 def train_step(state, base_params, batch, *, apply_fn, spec: EditorSpec, cfg: TrainConfig, mesh,
-               from_block: "FromBlockPlan | None" = None):
+               from_block: "FromBlockPlan | None" = None, clip_factor: bool = False):
     """The editor's training step: `(state, base_params, batch) -> (state, metrics)`.
 
     One jitted function for every device layout: a 1-CPU run, data parallel (an `(n, 1)` mesh,
@@ -1283,9 +1392,13 @@ def train_step(state, base_params, batch, *, apply_fn, spec: EditorSpec, cfg: Tr
 
     from_block: `from_block_plan(model, spec, data)` on decoder-only models (the same numbers,
     fewer blocks run: see `FromBlockPlan`); None runs every block (`train_editor` and `evaluate`
-    choose for themselves)."""
+    choose for themselves).
+
+    clip_factor: the gradient clip as one scalar factor (`_fused_inner_update`; faster, the same
+    numbers up to float rounding when the gradient is clipped); off: optax's arithmetic, bit-equal."""
     batch = _constrain(batch, mesh, _batch_specs(batch))
-    new_state, metrics = _step(state, base_params, batch, apply_fn=apply_fn, spec=spec, cfg=cfg, plan=from_block)
+    new_state, metrics = _step(state, base_params, batch, apply_fn=apply_fn, spec=spec, cfg=cfg, plan=from_block,
+                               clip_factor=clip_factor)
     return _constrain(new_state, mesh, _state_specs(new_state, mesh)), _constrain(metrics, mesh, jax.tree.map(lambda _: P(), metrics))
 
 
@@ -1466,7 +1579,7 @@ class TrainResult:
     best_val_loss: float
     stopped_early: bool
     last_val: dict | None
-    recompiles: int  # compilations of the step beyond one per padded length met (`fit_length`); 0 when shapes are static
+    recompiles: int  # compilations of the step beyond one per batch shape met (`fit_length`, `flat_step_sizes`); 0 when shapes are static
     # wall seconds of this call: "setup" (placing, block inputs, the kept base side), "first_step"
     # (the first step of this call: trace + compile, or a compile-cache load), "steps" (every other
     # step, with logging and checkpoints), "validation" (one entry per validation); for reports only
@@ -1504,6 +1617,8 @@ def train_editor(
     flat_head: bool = True,
     keep_base_side: bool = True,
     fit_lengths: bool = True,
+    flat_levels: bool = True,
+    clip_factor: bool = False,
 ) -> TrainResult:
     """Train an editor for the given weights; checkpoints and metrics.jsonl go to `workdir`.
 
@@ -1535,6 +1650,12 @@ def train_editor(
     fit_lengths: on decoder-only models, cut each step's batch (and the validation's) after its
       longest row (`fit_length`, EDIT_BUCKETS lengths: one compiled step per length met; the
       same numbers, up to float rounding). Off: every step runs the edit set's padded length.
+    flat_levels: with flat_head, each step's target pairs padded to one of two sizes per side
+      (`flat_step_sizes`: at most 4 programs per padded length) instead of the run's most
+      (the same numbers, float summation order aside). Off: one size for the whole run.
+    clip_factor: the gradient clip as one scalar factor in the step's Adam update (`train_step`,
+      `_fused_inner_update`): 1.09x faster steps on the main job, numbers within float rounding of
+      a clipped step, which 300 steps amplify (README "Session 16"); off (default): bit-equal to optax.
     """
     # --- setup: mesh, resolved config, editor spec, workdir, checkpointer
     base_params = model.params if base_params is None else base_params
@@ -1602,16 +1723,20 @@ def train_editor(
         print(f"train-editor: the capture factors of the {train_data.n_fail} train fail rows are computed once "
               f"({fail_factor_bytes(spec, base, train_data) / 2**20:.0f} MiB), not in every step", file=sys.stderr)
     flat = flat_train_sizes(train_data, cfg, cfg.max_steps) if flat_head and model.kind == "causal" else None
+    # each step's FLAT at one of two sizes per side (`flat_step_sizes`) instead of the run's maximum
+    step_flat = flat_step_sizes(train_data, cfg, cfg.max_steps) if flat is not None and flat_levels else None
     if flat is not None:
+        levels = "" if step_flat is None else (
+            f"; each step at {sorted(set(step_flat[:, 0].tolist()))} / {sorted(set(step_flat[:, 1].tolist()))}")
         print(f"train-editor: the LM head runs on the target tokens only (<= {flat[0]} of the edit rows and "
-              f"{flat[1]} of the pass rows per group)", file=sys.stderr)
+              f"{flat[1]} of the pass rows per group{levels})", file=sys.stderr)
         base_rows = cfg.max_steps * cfg.batch_size * (cfg.pass_per_group + cfg.extra_pass_per_group)
         pl_bytes = pass_logits_bytes(model, train_data) if keep_base_side and base_rows >= 2 * train_data.n_pass else None
         if pl_bytes is not None and pl_bytes <= PASS_LOGITS_CACHE_BYTES:  # (pass_logits_bytes traces the model: once)
             train_data = with_pass_logits(model.apply, base, train_data, plan)
             print(f"train-editor: the base logits at the {train_data.n_pass} train pass rows' targets are computed once "
                   f"({pl_bytes / 2**20:.0f} MiB), not in every step", file=sys.stderr)
-    kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg.step_config(), mesh=mesh, from_block=plan)
+    kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg.step_config(), mesh=mesh, from_block=plan, clip_factor=clip_factor)
     step_fn = train_step
 
     val_base: dict = {}  # the base model's side of every validation batch, computed once
@@ -1634,7 +1759,7 @@ def train_editor(
     pending: list = []
     unchecked: list = []  # (step, metrics) whose `finite` flag is not yet read
     compiled = None
-    lengths: set[int] = set()  # the padded lengths the steps met (`fit_length`): one program each
+    lengths: set[tuple] = set()  # the batch shapes the steps met (`fit_length`, `flat_step_sizes`): one program each
     fit = fit_lengths and model.kind == "causal"
     running: dict[str, float] = {}
     bar = tqdm(total=cfg.max_steps, initial=start, desc="train-editor", disable=not progress, dynamic_ncols=True)
@@ -1643,10 +1768,10 @@ def train_editor(
     t_loop = time.perf_counter()
     try:
         while step < cfg.max_steps and not stopped_early:
-            batch = train_batch(train_data, cfg, step, flat)
+            batch = train_batch(train_data, cfg, step, flat if step_flat is None else tuple(int(x) for x in step_flat[step]))
             if fit:
                 batch = fit_length(batch)
-            lengths.add(int(batch["edit"]["attention_mask"].shape[-1]))
+            lengths.add((int(batch["edit"]["attention_mask"].shape[-1]),) + (() if FLAT not in batch else tuple(batch[FLAT]["rows"].shape)))
             batch = sharding.shard_batch(batch, mesh)
             state, m = step_fn(state, base, batch, **kw)
             step += 1
