@@ -369,13 +369,9 @@ def greedy_ids_many(model, params, paths: Sequence[str], leaves: Sequence, promp
     M = min(models_per_call, len(slots))
     fn = model.kv_decode if use_cache else model.apply
     for start in range(0, len(slots), M):
-        call = slots[start : start + M]
-        call = call + [call[-1]] * (M - len(call))  # one shape per call: repeat the last slot (its results are dropped)
-        ids, mask, lens, done = _pack(call, B, L, pad)
-        which = np.asarray([e for e, _, _ in call])
-        lv = tuple(jnp.asarray(v)[which] for v in leaves)
-        steps = np.asarray([max_new_tokens[e] for e, _, _ in call], np.int32)
-        prefill = _prefill_length(max(max(map(len, rows)) for _, _, rows in call), L) if use_cache else None
+        ids, mask, lens, done, lv, steps, prefill = _call_arrays(slots[start : start + M], M, B, L, pad, leaves,
+                                                                 max_new_tokens)
+        prefill = prefill if use_cache else None
         ids_out, pos = _many_loop(fn, paths, use_cache, params, lv, ids, mask, lens, done, steps, eos, prefill=prefill)
         _unpack(out, slots[start : start + M], np.asarray(ids_out), np.asarray(pos), lens)
     return out
@@ -418,6 +414,19 @@ def _pack(call, B: int, L: int, pad: int):
     return ids, mask, lens, done
 
 
+def _call_arrays(call, M: int, B: int, L: int, pad: int, leaves, max_new_tokens):
+    """One call's inputs for the M-model loops: `_pack` of the slots `call` (repeated up to M: one
+    shape per call, the repeats' results are dropped), each slot's model leaves and new-token
+    count, and the cached loop's prefill length."""
+    call = call + [call[-1]] * (M - len(call))
+    ids, mask, lens, done = _pack(call, B, L, pad)
+    which = np.asarray([e for e, _, _ in call])
+    lv = tuple(jnp.asarray(v)[which] for v in leaves)
+    steps = np.asarray([max_new_tokens[e] for e, _, _ in call], np.int32)
+    prefill = _prefill_length(max(max(map(len, rows)) for _, _, rows in call), L)
+    return ids, mask, lens, done, lv, steps, prefill
+
+
 def _unpack(out, slots, ids_out, pos, lens) -> None:
     """Each slot's new tokens (ids_out[m, b, lens[m, b] : pos[m, b]]) into out[model][prompt]."""
     for m, (e, s, rows) in enumerate(slots):
@@ -451,22 +460,14 @@ def _before_after_loop(decode, paths, skipped, params, leaves, ids, mask, pos, d
     (ids [2E, B, L], pos [2E, B]): the base model's E rows first."""
     import flax.linen as nn
 
-    from salem_jax.models.from_block import _name
+    from salem_jax.models.from_block import _name, keeping_block_output
 
     last, skip_set = skipped[-1], frozenset(skipped)
     E = ids.shape[0]
     base_leaves = tuple(jnp.broadcast_to(v[None], (E,) + v.shape) for v in (get_leaf(params, p) for p in paths))
 
     def base_prefill(lv, ids, mask, pos):
-        kept = []
-
-        def keep(next_fun, args, kwargs, context):
-            o = next_fun(*args, **kwargs)
-            if context.method_name == "__call__" and _name(context) == last:
-                kept.append(o)
-            return o
-
-        with nn.intercept_methods(keep):
+        with keeping_block_output(last) as kept:
             first, cache = _prefill(decode, _with_leaves(params, paths, lv), ids, mask, pos, prefill)
         if len(kept) != 1:
             raise ValueError(f"block {last!r}: expected one call in the prefill, got {len(kept)}")
@@ -561,21 +562,14 @@ def greedy_ids_before_after(model, params, paths: Sequence[str], leaves: Sequenc
         return before, after
     M = min(edits_per_call, len(slots))
     for s0 in range(0, len(slots), M):
-        call = slots[s0 : s0 + M]
-        call = call + [call[-1]] * (M - len(call))  # one shape per call: repeat the last slot (its results are dropped)
-        ids, mask, lens, done = _pack(call, B, L, pad)
-        which = np.asarray([e for e, _, _ in call])
-        lv = tuple(jnp.asarray(v)[which] for v in leaves)
-        steps = np.asarray([max_new_tokens[e] for e, _, _ in call], np.int32)
-        prefill = _prefill_length(max(max(map(len, rows)) for _, _, rows in call), L)
+        ids, mask, lens, done, lv, steps, prefill = _call_arrays(slots[s0 : s0 + M], M, B, L, pad, leaves,
+                                                                 max_new_tokens)
         ids_out, pos = _before_after_loop(model.kv_decode, paths, skipped, params, lv, ids, mask, lens, done, steps,
                                           eos, prefill=prefill)
         ids_out, pos = np.asarray(ids_out), np.asarray(pos)
         _unpack(before, slots[s0 : s0 + M], ids_out[:M], pos[:M], lens)
         _unpack(after, slots[s0 : s0 + M], ids_out[M:], pos[M:], lens)
     return before, after
-
-
 
 
 def greedy_many(model, params, paths: Sequence[str], leaves: Sequence, prompts: Sequence[Sequence[str]],

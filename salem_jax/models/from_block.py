@@ -33,6 +33,7 @@ The numbers equal the full forward pass (tests/test_from_block.py: Llama, GPT-2,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Callable
@@ -105,10 +106,12 @@ def first_changed_block(model, base: Any, edited: Any, chain: "BlockChain | None
     return start
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def block_output(apply: Callable, path: str, params: Any, batch: dict) -> jax.Array:
-    """The output of the block at module `path` on `batch` ([B, S, H]); an error if it is not one array."""
-    out = []
+@contextlib.contextmanager
+def keeping_block_output(path: str):
+    """Within it, every call of the block at module `path` appends its output to the yielded list
+    (the model runs as usual): how `block_output` and generation's shared prefill read a block's
+    output from inside one forward pass."""
+    out: list = []
 
     def keep(next_fun, args, kwargs, context):
         o = next_fun(*args, **kwargs)
@@ -117,6 +120,13 @@ def block_output(apply: Callable, path: str, params: Any, batch: dict) -> jax.Ar
         return o
 
     with nn.intercept_methods(keep):
+        yield out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def block_output(apply: Callable, path: str, params: Any, batch: dict) -> jax.Array:
+    """The output of the block at module `path` on `batch` ([B, S, H]); an error if it is not one array."""
+    with keeping_block_output(path) as out:
         apply(params, batch)
     if len(out) != 1 or not isinstance(out[0], jax.Array):
         raise ValueError(f"block {path!r}: expected one call returning one array, got {len(out)} calls")
