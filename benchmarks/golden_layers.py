@@ -44,7 +44,7 @@ from salem_jax.compile_cache import add_flag, enable_compile_cache
 from salem_jax.baselines.keystats import KeyStats, wikitext_texts
 from salem_jax.baselines.locate_edit import EditorConfig
 from salem_jax.baselines.requests import EditRequest
-from salem_jax.baselines.rome import ROMEConfig, rome_weight
+from salem_jax.baselines.rome import ROMEConfig, rome_weight, value_path
 from salem_jax.baselines.rrome import rrome_one
 from salem_jax.data.paths import find_data_file
 from salem_jax.data.readers import read_records
@@ -153,6 +153,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cov-tokens", type=int, default=20000)
     ap.add_argument("--prefixes", default="5x5,5x10", help="r-ROME prefixes: count x tokens, comma separated")
     ap.add_argument("--v-steps", type=int, default=20)
+    ap.add_argument("--whole-rows", action="store_true", help="v*'s steps on the whole padded rows (the path before "
+                    "session 17) instead of the live windows over a KV cache (ROMEConfig.window); same numbers, slower")
     ap.add_argument("--trace-facts", type=int, default=3)
     ap.add_argument("--n-noise", type=int, default=5)
     ap.add_argument("--boot", type=int, default=2000)
@@ -202,7 +204,7 @@ def main(argv=None) -> int:
             lengths += [int(n)] * int(c)
     stats = KeyStats(model, base, wikitext_texts(2000), max_tokens=args.cov_tokens, prefix_lengths=lengths,
                      progress=False)
-    cfg = EditorConfig(value=ROMEConfig(v_steps=args.v_steps))
+    cfg = EditorConfig(value=ROMEConfig(v_steps=args.v_steps, window=not args.whole_rows))
     prefixes = stats.prefixes()
     t = time.perf_counter()
     solvers = {c: stats.solver(c) for c in cand}
@@ -210,7 +212,8 @@ def main(argv=None) -> int:
     log(f"key statistics for {len(cand)} layers: {cov_time:.0f}s")
     report = {"command": "python benchmarks/golden_layers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "model": args.model, "candidates": cand, "args": vars(args), "load_start": load0,
-              "cov_seconds": cov_time, "covariance": stats.report(), "datasets": {}}
+              "cov_seconds": cov_time, "covariance": stats.report(), "v_path": value_path(model, cfg.value),
+              "datasets": {}}
     if args.spill_only:
         report["spill"] = spill_check(model, base, cand[0], solvers[cand[0]], cfg, prefixes)
         report["wall_seconds"], report["load_end"] = time.perf_counter() - t_start, os.getloadavg()

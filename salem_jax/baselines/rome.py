@@ -23,6 +23,9 @@ say `target_new` after `prompt`:
    the projection (the residual stream) at that position: MEMIT's and AlphaEdit's z\\*
    (`compute_z`: decay 0.5 |delta| / |h0|^2, clamp 0.75 |h0|). Adding delta to the MLP output
    at a token is adding it to the block's output there, so only the reference norm changes.
+   The steps run only each row's live window - from the subject's last token, where delta
+   enters, to the last scored position - over a KV cache of the base model's keys and values
+   (`ROMEConfig.window`, `WINDOW_BUCKETS`): nothing before that token depends on delta.
 3. **Key statistics C** (`key_covariance`): the uncentered second moment E[k k^T] of the
    projection's input over the tokens of plain text (ROME: 100k Wikipedia samples; here any
    texts, e.g. a few hundred WikiText paragraphs). Inverted with a small ridge
