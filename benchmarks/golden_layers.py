@@ -166,6 +166,9 @@ def main(argv=None) -> int:
                     "fixed layer of a stopped run), written to --out")
     ap.add_argument("--out", default="runs/golden.json")
     ap.add_argument("--markdown", metavar="JSON", help="print the tables of an earlier run's JSON as markdown, run nothing")
+    ap.add_argument("--cf-layers", metavar="JSON[,JSON]", help="print CounterFact's ES / PS / NS and rewrite / rephrase / "
+                    "locality per candidate layer of a run's JSON with 95%% bootstrap intervals over edits; with two "
+                    "runs also the paired difference (first minus second) on the edits both hold; run nothing")
     add_flag(ap)
     args = ap.parse_args(argv)
     args.scorers = [] if args.scorers in ("", "none") else args.scorers.split(",")
@@ -174,6 +177,9 @@ def main(argv=None) -> int:
         raise SystemExit(f"--scorers: unknown {unknown}; choose from {', '.join(SCORERS)} or 'none'")
     if args.markdown:
         print_markdown(json.loads(Path(args.markdown).read_text()))
+        return 0
+    if args.cf_layers:
+        print_cf_layers([json.loads(Path(f).read_text()) for f in args.cf_layers.split(",")], args.boot)
         return 0
     enable_compile_cache(enabled=not args.no_compile_cache)
 
@@ -383,6 +389,42 @@ def print_markdown(rep):
         for k in ("before", "after"):
             print(f"spill {s['layer']} {k}: P(Rome|France) {s[k]['p_rome_france']:.4f}, P(Rome|Germany) "
                   f"{s[k]['p_rome_germany']:.4f}, P(Berlin|Germany) {s[k]['p_berlin_germany']:.4f}, greedy {s[k]['greedy']}")
+
+
+CF_KEYS = ("ES", "PS", "NS", "rewrite", "rephrase", "locality")
+
+
+def print_cf_layers(reps: list[dict], n_boot: int = 2000) -> None:
+    """Per candidate layer of the CounterFact half of one or two runs: the means over edits of
+    CF_KEYS with 95% percentile-bootstrap intervals (`bootstrap_gap` against zeros), and with two
+    runs the paired difference (first minus second) on the first min(N1, N2) edits (both runs take
+    the data set's records in the same order)."""
+    res = []
+    for r in reps:
+        if "counterfact" not in r.get("datasets", {}):
+            raise SystemExit(f"--cf-layers: run {r.get('command', '?')!r} has no counterfact results")
+        res.append(r["datasets"]["counterfact"])
+    n = min(x["n"] for x in res)
+    print(f"N = {n} edits" + (f" (the first {n} of each run)" if len({x['n'] for x in res}) > 1 else ""))
+    print("| layer | run | " + " | ".join(CF_KEYS) + " |")
+    print("|---|---|" + "---|" * len(CF_KEYS))
+
+    def cell(g):
+        return f"{g['mean']:.2f} [{g['lo']:.2f}, {g['hi']:.2f}]"
+
+    layers = [c for c in reps[0]["candidates"] if all(c in r["candidates"] for r in reps)]
+    for c in layers:
+        vals = []
+        for r, x in zip(reps, res):
+            j = r["candidates"].index(c)
+            v = {k: np.asarray([x["extra"][i][j][k] for i in range(n)], np.float64) for k in CF_KEYS}
+            vals.append(v)
+            print(f"| {c} | prefixes {r['args']['prefixes'] or 'none'}, {r['args']['v_steps']} v* steps | "
+                  + " | ".join(cell(bootstrap_gap(v[k], np.zeros(n), n_boot=n_boot)) for k in CF_KEYS) + " |")
+        if len(vals) == 2:
+            print(f"| {c} | paired difference | " + " | ".join(
+                (lambda g: f"{g['mean']:+.2f} [{g['lo']:+.2f}, {g['hi']:+.2f}]")(
+                    bootstrap_gap(vals[0][k], vals[1][k], n_boot=n_boot)) for k in CF_KEYS) + " |")
 
 
 if __name__ == "__main__":
