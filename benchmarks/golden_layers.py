@@ -153,8 +153,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cov-tokens", type=int, default=20000)
     ap.add_argument("--prefixes", default="5x5,5x10", help="r-ROME prefixes: count x tokens, comma separated")
     ap.add_argument("--v-steps", type=int, default=20)
-    ap.add_argument("--whole-rows", action="store_true", help="v*'s steps on the whole padded rows (the path before "
-                    "session 17) instead of the live windows over a KV cache (ROMEConfig.window); same numbers, slower")
+    ap.add_argument("--whole-rows", action="store_true",
+                    help="v*'s steps on the whole padded rows (the path before session 17) instead of the live "
+                         "windows over a KV cache (ROMEConfig.window); same numbers, slower")
     ap.add_argument("--trace-facts", type=int, default=3)
     ap.add_argument("--n-noise", type=int, default=5)
     ap.add_argument("--boot", type=int, default=2000)
@@ -166,9 +167,10 @@ def main(argv=None) -> int:
                     "fixed layer of a stopped run), written to --out")
     ap.add_argument("--out", default="runs/golden.json")
     ap.add_argument("--markdown", metavar="JSON", help="print the tables of an earlier run's JSON as markdown, run nothing")
-    ap.add_argument("--cf-layers", metavar="JSON[,JSON]", help="print CounterFact's ES / PS / NS and rewrite / rephrase / "
-                    "locality per candidate layer of a run's JSON with 95%% bootstrap intervals over edits; with two "
-                    "runs also the paired difference (first minus second) on the edits both hold; run nothing")
+    ap.add_argument("--cf-layers", metavar="JSON[,JSON]",
+                    help="print CounterFact's ES / PS / NS and rewrite / rephrase / locality per candidate layer of "
+                         "a run's JSON with 95%% bootstrap intervals over edits; with two runs also the paired "
+                         "difference (first minus second) on the edits both hold; run nothing")
     add_flag(ap)
     args = ap.parse_args(argv)
     args.scorers = [] if args.scorers in ("", "none") else args.scorers.split(",")

@@ -62,8 +62,10 @@ def main(argv=None) -> int:
     layers = args.layers.split(",")
     solvers = {c: stats.solver(c) for c in layers}
     _, reqs, _ = load_edits("counterfact", args.n, 0)
-    cfgs = {p: EditorConfig(value=ROMEConfig(v_steps=args.v_steps, window=(p == "window"))) for p in ("window", "whole")}
-    assert value_path(model, cfgs["window"].value) == "window" and value_path(model, cfgs["whole"].value) == "from_block"
+    cfgs = {p: EditorConfig(value=ROMEConfig(v_steps=args.v_steps, window=(p == "window")))
+            for p in ("window", "whole")}
+    if value_path(model, cfgs["window"].value) != "window" or value_path(model, cfgs["whole"].value) != "from_block":
+        raise SystemExit(f"{args.model}: no KV cache (kv_decode), so there is no window path to compare")
     rows = []
     for i, rq in enumerate(reqs):
         for c in layers:
@@ -72,7 +74,8 @@ def main(argv=None) -> int:
             info = {}
             for p in order:
                 t = time.perf_counter()
-                params, info[p] = rrome_one(model, model.params, rome_weight(model, c), rq, solvers[c], cfgs[p], prefixes)
+                params, info[p] = rrome_one(model, model.params, rome_weight(model, c), rq, solvers[c], cfgs[p],
+                                            prefixes)
                 jax.block_until_ready(params)
                 rec[f"{p}_s"] = time.perf_counter() - t
             va, vb = info["window"]["value"], info["whole"]["value"]
@@ -83,7 +86,8 @@ def main(argv=None) -> int:
             rec["load"] = os.getloadavg()[0]
             rows.append(rec)
             print(f"edit {i} {c}: window {rec['window_s']:.1f}s, whole {rec['whole_s']:.1f}s, v* rel diff "
-                  f"{rec['v_rel_diff']:.1e}, |dW| {rec['dw_norm'][0]:.3f} / {rec['dw_norm'][1]:.3f}, steps {rec['steps']}, "
+                  f"{rec['v_rel_diff']:.1e}, |dW| {rec['dw_norm'][0]:.3f} / {rec['dw_norm'][1]:.3f}, "
+                  f"steps {rec['steps']}, "
                   f"load {rec['load']:.1f}", flush=True)
     steady = [r for r in rows if r["edit"] > 0] or rows
     w, h = (float(np.mean([r[k] for r in steady])) for k in ("window_s", "whole_s"))
