@@ -44,7 +44,7 @@ from salem_jax.compile_cache import add_flag, enable_compile_cache
 from salem_jax.baselines.keystats import KeyStats, wikitext_texts
 from salem_jax.baselines.locate_edit import EditorConfig
 from salem_jax.baselines.requests import EditRequest
-from salem_jax.baselines.rome import ROMEConfig, rome_weight
+from salem_jax.baselines.rome import ROMEConfig, rome_weight, value_path
 from salem_jax.baselines.rrome import rrome_one
 from salem_jax.data.paths import find_data_file
 from salem_jax.data.readers import read_records
@@ -153,6 +153,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cov-tokens", type=int, default=20000)
     ap.add_argument("--prefixes", default="5x5,5x10", help="r-ROME prefixes: count x tokens, comma separated")
     ap.add_argument("--v-steps", type=int, default=20)
+    ap.add_argument("--whole-rows", action="store_true",
+                    help="v*'s steps on the whole padded rows (the path before session 17) instead of the live "
+                         "windows over a KV cache (ROMEConfig.window); same numbers, slower")
     ap.add_argument("--trace-facts", type=int, default=3)
     ap.add_argument("--n-noise", type=int, default=5)
     ap.add_argument("--boot", type=int, default=2000)
@@ -164,6 +167,10 @@ def main(argv=None) -> int:
                     "fixed layer of a stopped run), written to --out")
     ap.add_argument("--out", default="runs/golden.json")
     ap.add_argument("--markdown", metavar="JSON", help="print the tables of an earlier run's JSON as markdown, run nothing")
+    ap.add_argument("--cf-layers", metavar="JSON[,JSON]",
+                    help="print CounterFact's ES / PS / NS and rewrite / rephrase / locality per candidate layer of "
+                         "a run's JSON with 95%% bootstrap intervals over edits; with two runs also the paired "
+                         "difference (first minus second) on the edits both hold; run nothing")
     add_flag(ap)
     args = ap.parse_args(argv)
     args.scorers = [] if args.scorers in ("", "none") else args.scorers.split(",")
@@ -172,6 +179,9 @@ def main(argv=None) -> int:
         raise SystemExit(f"--scorers: unknown {unknown}; choose from {', '.join(SCORERS)} or 'none'")
     if args.markdown:
         print_markdown(json.loads(Path(args.markdown).read_text()))
+        return 0
+    if args.cf_layers:
+        print_cf_layers([json.loads(Path(f).read_text()) for f in args.cf_layers.split(",")], args.boot)
         return 0
     enable_compile_cache(enabled=not args.no_compile_cache)
 
@@ -202,7 +212,7 @@ def main(argv=None) -> int:
             lengths += [int(n)] * int(c)
     stats = KeyStats(model, base, wikitext_texts(2000), max_tokens=args.cov_tokens, prefix_lengths=lengths,
                      progress=False)
-    cfg = EditorConfig(value=ROMEConfig(v_steps=args.v_steps))
+    cfg = EditorConfig(value=ROMEConfig(v_steps=args.v_steps, window=not args.whole_rows))
     prefixes = stats.prefixes()
     t = time.perf_counter()
     solvers = {c: stats.solver(c) for c in cand}
@@ -210,7 +220,8 @@ def main(argv=None) -> int:
     log(f"key statistics for {len(cand)} layers: {cov_time:.0f}s")
     report = {"command": "python benchmarks/golden_layers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "model": args.model, "candidates": cand, "args": vars(args), "load_start": load0,
-              "cov_seconds": cov_time, "covariance": stats.report(), "datasets": {}}
+              "cov_seconds": cov_time, "covariance": stats.report(), "v_path": value_path(model, cfg.value),
+              "datasets": {}}
     if args.spill_only:
         report["spill"] = spill_check(model, base, cand[0], solvers[cand[0]], cfg, prefixes)
         report["wall_seconds"], report["load_end"] = time.perf_counter() - t_start, os.getloadavg()
@@ -380,6 +391,42 @@ def print_markdown(rep):
         for k in ("before", "after"):
             print(f"spill {s['layer']} {k}: P(Rome|France) {s[k]['p_rome_france']:.4f}, P(Rome|Germany) "
                   f"{s[k]['p_rome_germany']:.4f}, P(Berlin|Germany) {s[k]['p_berlin_germany']:.4f}, greedy {s[k]['greedy']}")
+
+
+CF_KEYS = ("ES", "PS", "NS", "rewrite", "rephrase", "locality")
+
+
+def print_cf_layers(reps: list[dict], n_boot: int = 2000) -> None:
+    """Per candidate layer of the CounterFact half of one or two runs: the means over edits of
+    CF_KEYS with 95% percentile-bootstrap intervals (`bootstrap_gap` against zeros), and with two
+    runs the paired difference (first minus second) on the first min(N1, N2) edits (both runs take
+    the data set's records in the same order)."""
+    res = []
+    for r in reps:
+        if "counterfact" not in r.get("datasets", {}):
+            raise SystemExit(f"--cf-layers: run {r.get('command', '?')!r} has no counterfact results")
+        res.append(r["datasets"]["counterfact"])
+    n = min(x["n"] for x in res)
+    print(f"N = {n} edits" + (f" (the first {n} of each run)" if len({x['n'] for x in res}) > 1 else ""))
+    print("| layer | run | " + " | ".join(CF_KEYS) + " |")
+    print("|---|---|" + "---|" * len(CF_KEYS))
+
+    def cell(g):
+        return f"{g['mean']:.2f} [{g['lo']:.2f}, {g['hi']:.2f}]"
+
+    layers = [c for c in reps[0]["candidates"] if all(c in r["candidates"] for r in reps)]
+    for c in layers:
+        vals = []
+        for r, x in zip(reps, res):
+            j = r["candidates"].index(c)
+            v = {k: np.asarray([x["extra"][i][j][k] for i in range(n)], np.float64) for k in CF_KEYS}
+            vals.append(v)
+            print(f"| {c} | prefixes {r['args']['prefixes'] or 'none'}, {r['args']['v_steps']} v* steps | "
+                  + " | ".join(cell(bootstrap_gap(v[k], np.zeros(n), n_boot=n_boot)) for k in CF_KEYS) + " |")
+        if len(vals) == 2:
+            print(f"| {c} | paired difference | " + " | ".join(
+                (lambda g: f"{g['mean']:+.2f} [{g['lo']:+.2f}, {g['hi']:+.2f}]")(
+                    bootstrap_gap(vals[0][k], vals[1][k], n_boot=n_boot)) for k in CF_KEYS) + " |")
 
 
 if __name__ == "__main__":

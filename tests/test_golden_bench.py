@@ -37,3 +37,31 @@ def test_summarize_reports_only_the_scorers_run():
     r = res2["ways"]["lga"]
     assert np.isclose(r["rewrite"], t[:, 2, 0].mean()) and np.isclose(r["NS"], np.mean([e[2]["NS"] for e in extra]))
     assert np.isclose(r["gap_rewrite_vs_oracle"]["mean"], o["rewrite"] - t[:, 2, 0].mean())
+
+
+def test_cf_layers_prints_means_and_the_paired_difference_on_the_common_edits(capsys):
+    """--cf-layers: per layer the mean of each CF metric over the edits, and with two runs the paired
+    difference on the first min(N1, N2) edits (hand computation; the bootstrap interval brackets it)."""
+    rng = np.random.default_rng(3)
+    cand = ["layers.0", "layers.7"]
+
+    def rep(n, prefixes):
+        extra = [[{k: float(rng.random()) for k in GL.CF_KEYS} for _ in cand] for _ in range(n)]
+        return {"candidates": cand, "args": {"prefixes": prefixes, "v_steps": 20},
+                "datasets": {"counterfact": {"n": n, "extra": extra}}}
+
+    a, b = rep(5, "5x5,5x10"), rep(7, "")
+    GL.print_cf_layers([a, b], n_boot=500)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("N = 5 edits")
+    rows = [ln for ln in lines if ln.startswith("| layers.7")]
+    assert len(rows) == 3 and "prefixes none" in rows[1]
+
+    def first(row, col):  # the point estimate of column `col` (0 = ES)
+        return float(row.split("|")[3 + col].split("[")[0])
+
+    for q, k in enumerate(GL.CF_KEYS):
+        va = np.array([a["datasets"]["counterfact"]["extra"][i][1][k] for i in range(5)])
+        vb = np.array([b["datasets"]["counterfact"]["extra"][i][1][k] for i in range(5)])
+        assert abs(first(rows[0], q) - va.mean()) <= 0.005 and abs(first(rows[1], q) - vb.mean()) <= 0.005
+        assert abs(first(rows[2], q) - (va - vb).mean()) <= 0.005

@@ -270,6 +270,40 @@ def test_value_from_the_edited_block_equals_every_block_and_skips_the_ones_below
     assert step._cache_size() == compiled  # same length bucket, same target bucket: no new program
 
 
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_value_on_live_windows_equals_whole_rows(arch, where):
+    """v*'s steps on live windows over a KV cache of the base model (config.window, the default)
+    give the v*, o and loss history of the whole-row paths (from the edited block, and every block
+    at every step), with prefixes of different lengths (so the windows start at different positions)
+    and: at the first block, the subject inside the prompt (positions before and after it); at the
+    last block (the one below skipped), the subject ending the prompt (at the last block delta only
+    reaches its own position, which must then predict the target - else the gradient at delta = 0 is
+    float noise that Adam's first step turns into a full step, on either path)."""
+    model = _model(arch)
+    names = model.layers.names()
+    w = R.rome_weight(model, names[0] if where == "first" else names[-1])
+    cfg = dataclasses.replace(TINY_CFG, v_steps=6, stop_loss=0.0,
+                              prefixes=("", "red blue green one two", "one two three"))
+    prompt, subject, target = ("what is the capital of france", "capital" if where == "first" else "france",
+                               "tokyo cairo")
+    assert R.value_path(model, cfg) == "window"
+    fast = R.compute_value(model, model.params, w, prompt, subject, target, cfg, progress=False)
+    for ref_cfg in (dataclasses.replace(cfg, window=False), dataclasses.replace(cfg, window=False, from_block=False)):
+        assert R.value_path(model, ref_cfg) in ("from_block", "every_block")
+        ref = R.compute_value(model, model.params, w, prompt, subject, target, ref_cfg, progress=False)
+        v0, o0 = np.asarray(ref[0]), np.asarray(ref[1])
+        assert len(ref[2]) == 7 and np.linalg.norm(v0 - o0) > 0.1 * np.linalg.norm(o0)  # v* moved away from o
+        np.testing.assert_allclose(np.asarray(fast[1]), o0, rtol=1e-5, atol=1e-6 * float(np.abs(o0).max()))
+        np.testing.assert_allclose(np.asarray(fast[0]), v0, rtol=1e-4, atol=1e-4 * float(np.abs(v0).max()))
+        np.testing.assert_allclose(fast[2], ref[2], rtol=1e-4)
+    # the windows are shorter than the rows (the point of the path), and start past position 0
+    batch, idx, n_rw = R._value_batch(model, prompt, subject, target, cfg)
+    win = R._window_plan(R._with_value_positions(batch, idx[n_rw], n_rw), idx, n_rw)
+    assert win["input_ids"].shape[1] < batch["input_ids"].shape[1] and win["start"].min() > 0
+
+
 # --------------------------------------------------------------------------- real model
 
 

@@ -23,6 +23,9 @@ say `target_new` after `prompt`:
    the projection (the residual stream) at that position: MEMIT's and AlphaEdit's z\\*
    (`compute_z`: decay 0.5 |delta| / |h0|^2, clamp 0.75 |h0|). Adding delta to the MLP output
    at a token is adding it to the block's output there, so only the reference norm changes.
+   The steps run only each row's live window - from the subject's last token, where delta
+   enters, to the last scored position - over a KV cache of the base model's keys and values
+   (`ROMEConfig.window`, `WINDOW_BUCKETS`): nothing before that token depends on delta.
 3. **Key statistics C** (`key_covariance`): the uncentered second moment E[k k^T] of the
    projection's input over the tokens of plain text (ROME: 100k Wikipedia samples; here any
    texts, e.g. a few hundred WikiText paragraphs). Inverted with a small ridge
@@ -77,6 +80,11 @@ class ROMEConfig:
     # v*; the blocks below do not depend on delta): the same loss and gradient, fewer blocks per step.
     # False runs every block at every step (the reference path; tests compare the two).
     from_block: bool = True
+    # v*'s steps run only each row's live window - the subject's last token (where delta enters) to
+    # its last scored position - on a KV cache of the base model's keys and values for the rest (no
+    # position before the subject's last token depends on delta). Needs `model.kv_decode` (Llama,
+    # GPT-2, GPT-Neo); other models, or False, run the whole padded rows (`from_block` above).
+    window: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -438,6 +446,8 @@ def compute_value(
     if config.clamp_norm not in CLAMP_NORMS:
         raise ValueError(f"ROMEConfig.clamp_norm {config.clamp_norm!r}: choose from {', '.join(CLAMP_NORMS)}")
     batch, idx, n_rw = _value_batch(model, prompt, subject, target_new, config)
+    if value_path(model, config) == "window":
+        return _compute_value_window(model, params, weight, batch, idx, n_rw, config, progress)
     kl_init_all, o_all = _kl_init(model.apply, weight.module_path, params, batch, idx)
     kl_init, o = kl_init_all[n_rw], o_all[0]
     o_norm = reference_norm(model, params, weight, batch, idx, o, config)  # the name of ROME's case
@@ -449,18 +459,195 @@ def compute_value(
         apply, weight.module_path, float(config.v_lr), float(config.kl_factor), float(config.weight_decay),
         float(config.clamp_norm_factor),
     )
+    delta, hist = _adam_loop(opt, lambda d, st: step(d, st, params, batch, idx, n_rw, kl_init, o_norm),
+                             lambda d: loss_only(d, params, batch, idx, n_rw, kl_init, o_norm), o, config, progress)
+    return o + delta, o, hist
+
+
+def _adam_loop(opt, step: Callable, loss_only: Callable, o: jax.Array, config: ROMEConfig, progress: bool):
+    """ROME's v* loop from delta = 0: at most `config.v_steps` steps `step(delta, opt_state) -> (delta',
+    opt_state', loss of delta)`, stopping (and keeping delta) once the loss is below `config.stop_loss`;
+    after the last step the final delta's loss (`loss_only(delta)`) is appended: (delta [out], losses)."""
     delta = jnp.zeros_like(o)
     opt_state = opt.init(delta)
     hist: list[float] = []
     for _ in tqdm(range(config.v_steps), desc="ROME v*", disable=not progress):
-        new_delta, new_state, loss = step(delta, opt_state, params, batch, idx, n_rw, kl_init, o_norm)
+        new_delta, new_state, loss = step(delta, opt_state)
         hist.append(float(loss))
         if hist[-1] < config.stop_loss:
             break  # loss of the current delta is low enough: keep it, as ROME does
         delta, opt_state = new_delta, new_state
     else:
-        hist.append(float(loss_only(delta, params, batch, idx, n_rw, kl_init, o_norm)))
-    return o + delta, o, tuple(hist)
+        hist.append(float(loss_only(delta)))
+    return delta, tuple(hist)
+
+
+# --------------------------------------------------------------------------- v* on live windows
+#
+# delta enters the edited module's output at each row's subject-last-token position idx[b]; in a
+# causal model nothing at an earlier position depends on it, at any layer. So the keys and values
+# of the base model (one KV-cached prefill of the whole padded rows) serve every step, and a step
+# runs only each row's window [start_b, start_b + W): from idx[b] to the row's last scored position
+# (the KL row: idx alone), W one of WINDOW_BUCKETS. On SmolLM2 with 10 prefixes the rows are 32
+# tokens and the windows 8: a quarter of the tokens per step. The loss and its gradient are those of
+# the whole rows (tests/test_rome.py::test_value_on_live_windows_equals_whole_rows).
+
+WINDOW_BUCKETS = (4, 8, 16, 32, 64, 128)
+
+
+def value_path(model, config: ROMEConfig) -> str:
+    """Which v* path `compute_value` runs: "window" (live windows on a KV cache: `config.window` and
+    the model has `kv_decode`), "from_block" (whole rows from the edited block) or "every_block"."""
+    if config.window and model.kind == "causal" and getattr(model, "kv_decode", None) is not None:
+        return "window"
+    return "from_block" if config.from_block else "every_block"
+
+
+def _window_plan(batch: dict, idx: np.ndarray, n_rw: int) -> dict[str, np.ndarray]:
+    """Host side of the window path, from the v* batch with `score_pos` (`_with_value_positions`)
+    [B, S] and idx [B]: {input_ids, positions [B, W], start [B] (the window's first position = its
+    cache slot), at [B] (idx - start: where delta enters), head_pos [B, K] (the scored positions in
+    the window), labels, label_mask [B, K] (at the scored positions), key_mask [B, S]}."""
+    mask = np.asarray(batch["label_mask"])
+    ids = np.asarray(batch["input_ids"])
+    pos = np.asarray(batch[SCORE_POS])
+    B, S = ids.shape
+    lo = np.asarray(idx, np.int64)
+    hi = lo.copy()
+    for b in range(n_rw):
+        scored = np.nonzero(mask[b])[0]
+        if len(scored) == 0 or scored[0] < lo[b]:
+            raise ValueError(f"v* row {b}: scored positions {scored.tolist()} must exist and follow the subject's "
+                             f"last token {int(lo[b])}")
+        hi[b] = scored[-1]
+    need = int((hi - lo).max()) + 1
+    W = min(next((w for w in WINDOW_BUCKETS if w >= need), S), S)
+    start = np.minimum(lo, S - W).astype(np.int32)  # the window fits in the S cache slots
+    take = start[:, None] + np.arange(W)[None]
+    lab, lmask = np.take_along_axis(np.asarray(batch["labels"]), pos, 1), np.take_along_axis(mask, pos, 1)
+    head = pos - start[:, None]
+    live = (lmask != 0)
+    live[n_rw, 0] = True  # the KL row's subject token
+    if ((head < 0) | (head >= W))[live].any():
+        raise AssertionError("v* window misses a scored position")  # by construction it cannot
+    return {"input_ids": np.take_along_axis(ids, take, 1).astype(np.int32), "positions": take.astype(np.int32),
+            "start": start, "at": (lo - start).astype(np.int32), "head_pos": np.clip(head, 0, W - 1).astype(np.int32),
+            "labels": lab.astype(np.int32), "label_mask": lmask.astype(np.int32),
+            "key_mask": np.asarray(batch["attention_mask"]).astype(np.int32)}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _window_prefill(decode, module_path: str, block_in: str, W: int, params, input_ids, attention_mask, idx, start):
+    """One KV-cached forward of the base model over the whole v* rows [B, S]: (cache, log-probs at
+    idx [B, V], the module's input k and output o at idx [B, in] / [B, out], and - when `block_in`
+    names the block below the edited one - that block's output on each row's window [B, W, H])."""
+    seen = {}
+
+    def icpt(next_fun, args, kwargs, ctx):
+        y = next_fun(*args, **kwargs)
+        if ctx.method_name == "__call__":
+            name = "/".join(ctx.module.path)
+            if name == module_path and "k" not in seen:
+                rows = jnp.arange(args[0].shape[0])
+                seen["k"], seen["o"] = args[0][rows, idx], y[rows, idx]
+            elif block_in and name == block_in and "h" not in seen:
+                seen["h"] = y
+        return y
+
+    B, S = input_ids.shape
+    positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None], (B, S))
+    with nn.intercept_methods(icpt):
+        logits, cache = decode(params, None, input_ids, attention_mask, positions, jnp.zeros((B,), jnp.int32),
+                               idx[:, None])
+    if "k" not in seen:
+        raise KeyError(f"module {module_path!r} was never called by the model; check the weight path")
+    h = None
+    if block_in:
+        if not isinstance(seen.get("h"), jax.Array):
+            raise ValueError(f"block {block_in!r}: expected one call returning one array")
+        take = start[:, None] + jnp.arange(W)[None]
+        h = jnp.take_along_axis(seen["h"], take[..., None], axis=1)
+    logp = jax.nn.log_softmax(logits[:, 0].astype(jnp.float32), -1)
+    return cache, logp, seen["k"].astype(jnp.float32), seen["o"].astype(jnp.float32), h
+
+
+@functools.lru_cache(maxsize=32)
+def _make_window_step(decode, skipped: tuple[str, ...], module_path: str, lr: float, kl_factor: float,
+                      weight_decay: float, clamp: float):
+    """(opt, step, loss_only) of the window path: the loss of `_make_v_step` on the windows (blocks in
+    `skipped` return win[BLOCK_INPUT], the base output of the last of them on the windows)."""
+    opt = optax.adam(lr)
+    skip = frozenset(skipped)
+
+    def loss_fn(delta, params, cache, win, n_rw, kl_init, o_norm):
+        h = win.get(BLOCK_INPUT)
+
+        def icpt(next_fun, args, kwargs, ctx):
+            if ctx.method_name == "__call__":
+                name = "/".join(ctx.module.path)
+                if name in skip:
+                    return h
+                if name == module_path:
+                    y = next_fun(*args, **kwargs)
+                    hot = jax.nn.one_hot(win["at"], y.shape[1], dtype=y.dtype)  # [B, W]
+                    return y + hot[:, :, None] * delta[None, None, :].astype(y.dtype)
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(icpt):
+            logits, _ = decode(params, cache, win["input_ids"], win["key_mask"], win["positions"], win["start"],
+                               win["head_pos"])
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)  # [B, K, V]
+        tok_lp = jnp.take_along_axis(logp, win["labels"][..., None], -1)[..., 0]
+        mask = win["label_mask"].astype(jnp.float32)
+        nll = -(tok_lp * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+        kl_new = logp[n_rw, 0]
+        kl = jnp.sum(jnp.exp(kl_new) * (kl_new - kl_init))  # KL(new || init), as ROME's kl_div(init, new)
+        wd = weight_decay * jnp.sqrt(jnp.maximum(jnp.sum(delta * delta), 1e-30)) / o_norm**2
+        return nll + kl_factor * kl + wd
+
+    @functools.partial(jax.jit, static_argnums=(5,))
+    def step(delta, opt_state, params, cache, win, n_rw, kl_init, o_norm):
+        loss, g = jax.value_and_grad(loss_fn)(delta, params, cache, win, n_rw, kl_init, o_norm)
+        upd, opt_state = opt.update(g, opt_state, delta)
+        new = optax.apply_updates(delta, upd)
+        norm, cap = jnp.linalg.norm(new), clamp * o_norm
+        new = jnp.where(norm > cap, new * cap / jnp.maximum(norm, 1e-12), new)
+        return new, opt_state, loss
+
+    @functools.partial(jax.jit, static_argnums=(4,))
+    def loss_only(delta, params, cache, win, n_rw, kl_init, o_norm):
+        return loss_fn(delta, params, cache, win, n_rw, kl_init, o_norm)
+
+    return opt, step, loss_only
+
+
+def _compute_value_window(model, params, weight: Weight, batch: dict, idx: np.ndarray, n_rw: int,
+                          config: ROMEConfig, progress: bool):
+    """`compute_value` on live windows (see WINDOW_BUCKETS): the same (v*, o, losses)."""
+    o_batch = batch
+    batch = _with_value_positions(batch, idx[n_rw], n_rw)
+    win = _window_plan(batch, idx, n_rw)
+    W = win["input_ids"].shape[1]
+    skipped, block_in = (), ""
+    if config.from_block:
+        chain, _ = block_chain(model, params, batch)
+        start = chain.start(weight.module_path) if chain is not None else None
+        if start:
+            skipped, block_in = tuple(chain.order[:start]), chain.last_skipped(start)
+    cache, logp, _, o_all, h = _window_prefill(model.kv_decode, weight.module_path, block_in, W, params,
+                                               batch["input_ids"], batch["attention_mask"], jnp.asarray(idx),
+                                               jnp.asarray(win["start"]))
+    kl_init, o = logp[n_rw], o_all[0]
+    o_norm = reference_norm(model, params, weight, o_batch, idx, o, config)
+    if block_in:
+        win = {**win, BLOCK_INPUT: h}
+    opt, step, loss_only = _make_window_step(
+        model.kv_decode, skipped, weight.module_path, float(config.v_lr), float(config.kl_factor),
+        float(config.weight_decay), float(config.clamp_norm_factor),
+    )
+    delta, hist = _adam_loop(opt, lambda d, st: step(d, st, params, cache, win, n_rw, kl_init, o_norm),
+                             lambda d: loss_only(d, params, cache, win, n_rw, kl_init, o_norm), o, config, progress)
+    return o + delta, o, hist
 
 
 # --------------------------------------------------------------------------- the update

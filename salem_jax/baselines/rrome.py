@@ -33,7 +33,7 @@ from salem_jax.baselines.closed_form import emmet_delta
 from salem_jax.baselines.keystats import KeyStats
 from salem_jax.baselines.locate_edit import EditOutcome, EditorConfig, apply_delta, module_output, to_weights
 from salem_jax.baselines.requests import EditRequest, as_requests, check_requests
-from salem_jax.baselines.rome import compute_key, compute_value
+from salem_jax.baselines.rome import compute_key, compute_value, value_path
 
 
 def rrome_one(model, params: Any, weight, request: EditRequest, solver, config: EditorConfig,
@@ -49,7 +49,7 @@ def rrome_one(model, params: Any, weight, request: EditRequest, solver, config: 
     r = np.asarray(value, np.float64)[:, None] - old
     dw = emmet_delta(k, r, solver, 0.0)
     info = {"key": k[:, 0], "value": np.asarray(value, np.float64), "old_value": old[:, 0], "lookup_index": bare,
-            "losses": list(hist), "dw_norm": float(np.linalg.norm(dw))}
+            "losses": list(hist), "dw_norm": float(np.linalg.norm(dw)), "v_path": value_path(model, vcfg)}
     return apply_delta(params, weight, dw), info
 
 
