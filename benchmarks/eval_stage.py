@@ -13,6 +13,13 @@ recomputed). Then `--reps` repetitions of each version, alternated (old, new, ne
         the 2E models [base x E, edited x E] (every block of both prefills run)
   new   this version's pipeline (`EditEvaluator`, `generations_before_after_edits`)
 
+`--ab apply` (session 17) compares instead how the edits are applied, everything else this
+version's: "old" calls the method's `edit` once per record, "new" its `edit_each` (all records'
+edits in one vmapped call, `mend.apply.apply_each`):
+
+    SALEM_JAX_CACHE=/work/cache17 PYTHONPATH=. python benchmarks/eval_stage.py --workdir runs/cap \\
+        --ab apply --reps 3 --out runs/bench-eval-stage-apply.json
+
 Every repetition's metrics must equal the first old one's (rtol 1e-4; generated shares exactly).
 Prints and writes (`--out`, JSON) each repetition's wall and CPU seconds and its `eval_seconds`
 split (setup, edit, score, generate), the load average before and after, and the warm ratios.
@@ -44,7 +51,10 @@ class _Done(Exception):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", required=True, help="a finished run of experiments.capitals_smollm2")
-    ap.add_argument("--old-edits", required=True, help="the old version's salem_jax/eval/edits.py")
+    ap.add_argument("--ab", choices=("evaluator", "apply"), default="evaluator",
+                    help="evaluator: --old-edits' evaluator and the 2E-model generation against this version's; "
+                         "apply: one edit call per record against all records' edits in one call")
+    ap.add_argument("--old-edits", default=None, help="the old version's salem_jax/eval/edits.py (--ab evaluator)")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of each version (the first of each compiles)")
     ap.add_argument("--only", choices=("old", "new"), default=None, help="time one version only")
     ap.add_argument("--out", default="runs/bench-eval-stage.json")
@@ -61,17 +71,23 @@ def main(argv=None) -> int:
     enable_compile_cache()
     cfg = get_config()
     cfg.progress = False
-    spec = importlib.util.spec_from_file_location("old_edits", args.old_edits)
-    old_edits = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(old_edits)
     new_evaluator, new_gen = pipeline.EditEvaluator, pipeline.generations_before_after_edits
+    if args.ab == "evaluator":
+        if not args.old_edits:
+            ap.error("--ab evaluator needs --old-edits")
+        spec = importlib.util.spec_from_file_location("old_edits", args.old_edits)
+        old_edits = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(old_edits)
 
     def old_gen(model, base, kept, pairs, *, extra_tokens, edits_per_call, **kw):
         both = generated.generations_after_edits(model, base, [base] * len(kept) + list(kept), list(pairs) * 2,
                                                  extra_tokens=extra_tokens, models_per_call=min(2 * len(kept), 64))
         return both[: len(kept)], both[len(kept):]
 
-    versions = {"old": (old_edits.EditEvaluator, old_gen), "new": (new_evaluator, new_gen)}
+    if args.ab == "evaluator":
+        versions = {"old": (old_edits.EditEvaluator, old_gen), "new": (new_evaluator, new_gen)}
+    else:
+        versions = {"old": (new_evaluator, new_gen), "new": (new_evaluator, new_gen)}
     res: dict = {"args": vars(args), "layers": list(layers), "load_start": os.getloadavg(), "reps": []}
     real_run_method = pipeline.run_method
 
@@ -82,6 +98,32 @@ def main(argv=None) -> int:
         res["prepare_s"] = time.perf_counter() - t
         print(f"editor ready in {res['prepare_s']:.1f} s (load {os.getloadavg()[0]:.1f})", flush=True)
         edit = lambda rows: prepared.edit(ctx.model.params, rows)  # noqa: E731
+        each = None if prepared.edit_each is None else (lambda rows: prepared.edit_each(ctx.model.params, rows))
+        # --ab evaluator: both versions apply the edits as the pipeline does (edit_each when the method has it)
+        edit_each = {"old": None if args.ab == "apply" else each, "new": each}
+        if args.ab == "apply" and each is None:
+            raise SystemExit(f"{method.name} has no edit_each: nothing to compare")
+        if args.ab == "apply":  # the edited weights themselves, per record: one call each vs together
+            from salem_jax.models.base import get_path
+            from salem_jax.models.from_block import changed_paths
+
+            fails = [r for r in (ctx.val_rows if prepared.eval_rows is None else prepared.eval_rows)
+                     if r["group"] == "fail"][: cfg.eval.max_edits]
+            alone, together = [edit([r]) for r in fails], each(fails)
+            worst_abs = worst_rel = 0.0
+            for a, b in zip(alone, together):
+                paths = changed_paths(ctx.model.params, a)
+                if paths != changed_paths(ctx.model.params, b):
+                    raise SystemExit("edit_each changed other weights than edit")
+                for p in paths:
+                    x, y = np.asarray(get_path(a, p)), np.asarray(get_path(b, p))
+                    base = np.asarray(get_path(ctx.model.params, p))
+                    worst_abs = max(worst_abs, float(np.abs(x - y).max()))
+                    worst_rel = max(worst_rel, float(np.abs(x - y).max() / np.abs(x - base).max()))
+            res["kernels_vs_one_call_each"] = {"edits": len(fails), "max_abs": worst_abs,
+                                               "max_abs_over_edit_size": worst_rel}
+            print(f"edited kernels, together vs one call each ({len(fails)} edits): max abs diff {worst_abs:.3g}, "
+                  f"{worst_rel:.3g} of the edit's size", flush=True)
         eval_rows = ctx.val_rows if prepared.eval_rows is None else prepared.eval_rows
         first = None
         names = [args.only] if args.only else ["old", "new"]
@@ -90,7 +132,8 @@ def main(argv=None) -> int:
                 pipeline.EditEvaluator, pipeline.generations_before_after_edits = versions[name]
                 load0, t, c = os.getloadavg()[0], time.perf_counter(), time.process_time()
                 out = pipeline.evaluate_method(ctx.model, edit, eval_rows, list(ctx.texts), ctx.cfg, method.name,
-                                               keep=keep, cf_records=cf_records, portability=portability)
+                                               keep=keep, cf_records=cf_records, portability=portability,
+                                               edit_each=edit_each[name])
                 wall, cpu = time.perf_counter() - t, time.process_time() - c
                 row = {"rep": rep, "version": name, "wall_s": wall, "cpu_s": cpu, "load": [load0, os.getloadavg()[0]],
                        "eval_seconds": out["eval_seconds"]}

@@ -253,8 +253,11 @@ CF_KEYS = ("ES", "EM", "PS", "PM", "NS", "NM")  # ROME's CounterFact metrics, pe
 
 
 def evaluate_method(model, edit: Callable, val_rows: list[dict], texts: list[str], cfg, name: str,
-                    keep: list[dict] = (), cf_records: dict | None = None, portability: dict | None = None) -> dict:
+                    keep: list[dict] = (), cf_records: dict | None = None, portability: dict | None = None,
+                    edit_each: Callable | None = None) -> dict:
     """Edit each val fail record on its own (base weights each time); average the per-edit metrics.
+    edit(rows) -> params; edit_each(rows) -> [edit([row]) for each row], computed together (a
+    method's `Prepared.edit_each`; None: one `edit` call per record).
 
     The base model's scores on the pass rows, the keep rows (`keep_set`) and held-out text are
     computed once and reused; the fail row and its rephrasings are scored before and after each
@@ -298,11 +301,22 @@ def evaluate_method(model, edit: Callable, val_rows: list[dict], texts: list[str
     per_edit, kept = [], []
     t_edit = t_score = t_gen = 0.0
     t_start = time.perf_counter()
-    for i, row in enumerate(tqdm(fails, desc=f"eval {name}", disable=not cfg.progress)):
+    edited_all = None
+    if edit_each is not None and fails:  # every record's edit alone, computed in one go
         t0 = time.perf_counter()
-        edited = edit([row])
-        _block(edited)
+        edited_all = edit_each(fails)
+        if len(edited_all) != len(fails):
+            raise ValueError(f"{name}: edit_each returned {len(edited_all)} edited models for {len(fails)} records")
+        _block(edited_all)
         t_edit += time.perf_counter() - t0
+    for i, row in enumerate(tqdm(fails, desc=f"eval {name}", disable=not cfg.progress)):
+        if edited_all is None:
+            t0 = time.perf_counter()
+            edited = edit([row])
+            _block(edited)
+            t_edit += time.perf_counter() - t0
+        else:
+            edited = edited_all[i]
         m = {}
         if batched:
             kept.append(kept_edit(model.params, edited))
@@ -584,8 +598,9 @@ def run_method(method: Method, ctx: Context, keep: list[dict], cf_records, times
     eval_rows = ctx.val_rows if prepared.eval_rows is None else prepared.eval_rows
     edit = functools.partial(prepared.edit, ctx.model.params)  # every edit starts from the base weights
     t = time.perf_counter()
+    edit_each = None if prepared.edit_each is None else functools.partial(prepared.edit_each, ctx.model.params)
     res = evaluate_method(ctx.model, edit, eval_rows, list(ctx.texts), ctx.cfg, method.name, keep=keep,
-                          cf_records=cf_records, portability=portability)
+                          cf_records=cf_records, portability=portability, edit_each=edit_each)
     res["layers"] = list(layers)
     if ctx.cfg.eval.sequential:  # many edits on the same weights (salem_jax.eval.sequential)
         t_many = time.perf_counter()

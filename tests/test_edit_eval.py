@@ -10,7 +10,7 @@ import pytest
 
 from salem_jax.eval.edits import EditEvaluator
 from salem_jax.eval.metrics import base_scores, evaluate_edit
-from salem_jax.mend.apply import TrainedEditor, apply_edits, encode_requests, fit_to
+from salem_jax.mend.apply import TrainedEditor, apply_each, apply_edits, encode_requests, fit_to
 from salem_jax.mend.editor import EditorSpec, init_editor
 from salem_jax.models import hf
 from salem_jax.models.base import get_path, set_path
@@ -161,3 +161,30 @@ def test_edits_padded_to_one_shape_equal_their_own_shape_and_compile_once(model)
     k_fit = np.asarray(get_path(apply_edits(model, editor, [long], like=short, progress=False), path))
     k_own = np.asarray(get_path(apply_edits(model, editor, [long], progress=False), path))
     np.testing.assert_array_equal(k_fit, k_own)
+
+
+def test_edits_applied_together_equal_one_call_each(model):
+    """`apply_each` (the pipeline's val edits in one vmapped call) against `apply_edits` of each
+    request alone: the same edited kernels per request, every other leaf the base's own object;
+    with `like` too short for one request, that request keeps its own shape (a second group) and
+    still gets its own edit; a group larger than `per_call` runs in padded calls."""
+    editor = _editor(model)
+    reqs = [(p, t) for p, t, _ in FACTS]
+    paths = [w.path for w in editor.spec.weights]
+    like = fit_to(encode_requests(model, reqs), None)
+    short = fit_to(encode_requests(model, [FACTS[2][:2]]), None)  # FACTS[1] does not fit it
+    base_leaves = {id(x) for x in jax.tree.leaves(model.params)}
+    for lk, per_call in ((like, 32), (short, 32), (like, 3)):
+        got = apply_each(model, editor, reqs, like=lk, per_call=per_call)
+        assert len(got) == len(reqs)
+        for r, new in zip(reqs, got):
+            want = apply_edits(model, editor, [r], like=lk, progress=False)
+            for path in paths:
+                k, w = np.asarray(get_path(new, path)), np.asarray(get_path(want, path))
+                assert np.abs(w - np.asarray(get_path(model.params, path))).max() > 1e-7  # the edit does something
+                np.testing.assert_allclose(k, w, rtol=1e-5, atol=1e-7)
+            kept = [x for x in jax.tree.leaves(new) if id(x) in base_leaves]
+            assert len(kept) == len(jax.tree.leaves(model.params)) - len(paths)
+    # edits differ from each other (not one edit repeated)
+    a, b = (np.asarray(get_path(g, paths[0])) for g in got[:2])
+    assert np.abs(a - b).max() > 1e-7

@@ -173,6 +173,46 @@ def test_evaluator_block_cache_in_length_sorted_cut_calls():
     assert cut_somewhere
 
 
+class _CountingApply:
+    """`apply` that counts its calls: under jit it runs once per trace (static argument: hashable)."""
+
+    def __init__(self, apply):
+        self.apply, self.calls = apply, 0
+
+    def __call__(self, params, batch):
+        self.calls += 1
+        return self.apply(params, batch)
+
+
+def test_block_outputs_by_length_traces_once_per_shape_whatever_the_targets():
+    """Row sets that differ only in their targets (labels, label_mask, the width of score_pos - the
+    evaluator's own and shared rows) share `block_output`'s trace: the main job traced it twice per
+    cut before (JAX_LOG_COMPILES, session 17). The outputs are those of the model on the same rows
+    (the reference: `block_output` on the full-length rows without the target keys)."""
+    from salem_jax.models.from_block import NOT_MODEL_INPUTS, block_outputs_by_length
+    from salem_jax.scored_logits import SCORE_POS, with_score_positions
+
+    assert SCORE_POS in NOT_MODEL_INPUTS
+    model = tiny_llama(seed=4, num_hidden_layers=3)
+    prompts = ["the capital of france is", "red", "the capital city of the old republic of france is", "blue"]
+    enc = {k: np.asarray(v) for k, v in encode(model, prompts, ["paris"] * 4).items()}
+    wide = with_score_positions(dict(enc), k=enc["attention_mask"].shape[1] - 1)
+    narrow = with_score_positions(dict(enc))
+    other = {**narrow, "labels": np.zeros_like(enc["labels"]), "label_mask": np.ones_like(enc["label_mask"])}
+    assert wide[SCORE_POS].shape != narrow[SCORE_POS].shape
+    apply = _CountingApply(model.apply)
+    last = model.layers.blocks[1].module_path
+    outs = [block_outputs_by_length(apply, last, model.params, e, 2) for e in (enc, wide, narrow, other)]
+    chunk_cuts = 2  # 4 rows in chunks of 2: two cut lengths here
+    assert apply.calls == chunk_cuts, apply.calls
+    inputs = {k: v for k, v in enc.items() if k not in NOT_MODEL_INPUTS}
+    full = np.asarray(block_output(model.apply, last, model.params, inputs))
+    mask = enc["attention_mask"] != 0
+    for o in outs:
+        np.testing.assert_array_equal(o, outs[0])
+        np.testing.assert_allclose(o[mask], full[mask], rtol=1e-5, atol=1e-6)
+
+
 def test_block_outputs_by_length_against_one_full_call():
     """`block_outputs_by_length` (the routine `with_block_inputs` and the evaluator share): rows
     sorted by length, `chunk` per call, each call cut after its longest row. At every attended

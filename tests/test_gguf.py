@@ -175,6 +175,102 @@ def test_cache_is_written_once_and_read_alone(tmp_path, monkeypatch):
     assert G.cache_entry(path).parent == tmp_path / "env"
 
 
+TEXTS = ["the the pit", "The capital of Peru is Lima", "  leading spaces and <s> specials </s>", "é ü 北京 🙂",
+         "the\nnew line\tand tab", ""]
+
+
+def _same_as_transformers(entry, config, tok):
+    """A cache entry's torch-free config and tokenizer (`_read_cache`) against transformers'
+    LlamaConfig.from_pretrained and AutoTokenizer.from_pretrained of the same folder: every field
+    our Llama reads, the helpers' results, the tokenizer's class, special tokens and token ids."""
+    from transformers import AutoTokenizer, LlamaConfig
+
+    real = LlamaConfig.from_pretrained(entry)
+    assert isinstance(config, llama.JsonLlamaConfig)
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "hidden_act", "initializer_range",
+                 "tie_word_embeddings", "eos_token_id", "bos_token_id", "pad_token_id", "num_labels", "architectures"):
+        assert getattr(config, name) == getattr(real, name), name
+    for name in llama.JsonLlamaConfig.OPTIONAL:  # absent here, or the same value
+        assert getattr(config, name, "absent") in ("absent", getattr(real, name, "absent")), name
+    assert llama.head_dim(config) == llama.head_dim(real)
+    assert llama.rope_theta(config) == llama.rope_theta(real)
+    assert llama.rope_type(config) == llama.rope_type(real)
+    np.testing.assert_array_equal(llama.rope_inv_freq(config), llama.rope_inv_freq(real))
+    assert llama.param_shapes(config) == llama.param_shapes(real)
+    assert config.to_dict() == real.to_dict()
+    auto = AutoTokenizer.from_pretrained(entry)
+    assert type(tok) is type(auto)
+    assert (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token) == (auto.bos_token, auto.eos_token,
+                                                                             auto.pad_token, auto.unk_token)
+    for t in TEXTS:
+        assert tok(t)["input_ids"] == auto(t)["input_ids"], t
+        assert tok.decode(auto(t)["input_ids"]) == auto.decode(auto(t)["input_ids"]), t
+    batch = [t for t in TEXTS if t]
+    assert tok(batch, padding=True)["input_ids"] == auto(batch, padding=True)["input_ids"]
+
+
+def test_cached_load_reads_config_and_tokenizer_without_torch_equal_to_transformers(tmp_path):
+    config = llama.tiny_config(vocab_size=VOCAB_WITH_TOKENIZER, rope_theta=5e4)
+    state = _random_state(config, seed=4)
+    path = write_llama_gguf(tmp_path / "t.gguf", config, state, tokenizer=True)
+    root = tmp_path / "cache"
+    first = G.load_gguf(path, cache_dir=root)  # converts (transformers' LlamaConfig)
+    second = G.load_gguf(path, cache_dir=root)  # the cached entry: JsonLlamaConfig
+    assert second.extra["cache_hit"] is True
+    _same_as_transformers(G.cache_entry(path, root), second.config, second.tokenizer)
+    ids, mask = _ids()
+    batch = {"input_ids": ids, "attention_mask": mask}
+    np.testing.assert_array_equal(np.asarray(second.apply(second.params, batch)),
+                                  np.asarray(first.apply(first.params, batch)))
+    # the config is read-only; a copy for saving is transformers' own
+    with pytest.raises(AttributeError):
+        second.config.vocab_size = 3
+    assert llama.hf_config(second.config).to_dict() == first.config.to_dict()
+    saved = llama.load_llama_folder(llama.save_llama_folder(second, second.params, tmp_path / "saved"))
+    np.testing.assert_array_equal(np.asarray(saved.apply(saved.params, batch)),
+                                  np.asarray(first.apply(first.params, batch)))
+
+
+def test_cached_load_imports_no_torch(tmp_path):
+    """In a fresh interpreter, a cached load imports neither torch nor transformers' Llama."""
+    import subprocess
+    import sys
+
+    config = llama.tiny_config(vocab_size=VOCAB_WITH_TOKENIZER)
+    path = write_llama_gguf(tmp_path / "t.gguf", config, _random_state(config, seed=5), tokenizer=True)
+    G.load_gguf(path, cache_dir=tmp_path / "cache")
+    code = ("import sys; from salem_jax.models import gguf as G; "
+            f"m = G.load_gguf({str(path)!r}, cache_dir={str(tmp_path / 'cache')!r}); "
+            "assert m.extra['cache_hit']; m.tokenizer('the pit'); llama_cfg = m.config.hidden_size; "
+            "print('torch' in sys.modules, 'transformers.models.llama' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.stdout.split()[-2:] == ["False", "False"], out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_packaged_smollm2_cached_tokenizer_and_config_equal_transformers():
+    """The main job's model (the packaged SmolLM2 GGUF, cached): the torch-free config and tokenizer
+    against transformers', on the capitals rows' prompts too."""
+    from salem_jax.models.loading import load_model
+
+    m = load_model("smollm2-135m")
+    m = load_model("smollm2-135m")  # the first load may have converted; this one reads the cache
+    assert m.extra["cache_hit"] is True
+    entry = m.extra["cache_dir"]
+    _same_as_transformers(entry, m.config, m.tokenizer)
+    from transformers import AutoTokenizer
+
+    from salem_jax.data.countries import country_records
+
+    auto = AutoTokenizer.from_pretrained(entry)
+    texts = [t for r in country_records("all") for t in (r.prompt, r.prompt + " " + r.target_true, *r.rephrases)]
+    assert len(texts) > 1000
+    for t in texts:
+        assert m.tokenizer(t)["input_ids"] == auto(t)["input_ids"], t
+
+
 def test_bad_files_raise_clearly(tmp_path):
     config = llama.tiny_config()
     state = _random_state(config)

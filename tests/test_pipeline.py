@@ -168,3 +168,35 @@ def test_train_mend_returns_the_best_validation_checkpoint(monkeypatch):
     assert editor.step == 100
     for a, b in zip(jax.tree.leaves(editor.params), jax.tree.leaves(result.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_evaluate_method_with_edit_each_equals_one_edit_call_per_row():
+    """`evaluate_method(..., edit_each=)` (a method's edits of every val row in one call, MEND's
+    `mend_edit_each_fn`) gives the metrics of calling `edit` once per row (`mend_edit_fn`), with an
+    identity-initialised MEND editor of h.1 on a tiny GPT-2, the rows padded to the fail rows' shape
+    as the pipeline pads them (`like`)."""
+    from salem_jax.mend.apply import TrainedEditor, encode_requests, fit_to, scaled_editor
+    from salem_jax.mend.editor import EditorSpec, init_editor
+    from salem_jax.methods.mend import mend_edit_each_fn, mend_edit_fn
+    from salem_jax.methods.rows import target
+
+    model = hf.tiny("gpt2", seed=3)
+    rows = _rows()
+    spec = EditorSpec.from_params(model.layers.weights(["h.1"]), model.params)
+    params, state = init_editor(spec, jax.random.PRNGKey(0))
+    editor = scaled_editor(TrainedEditor(spec=spec, params=params, state=state, model_name=model.name, step=0), 100.0)
+    fails = [r for r in rows if r["group"] == "fail"]
+    like = fit_to(encode_requests(model, [(r["prompt"], target(model, r)) for r in fails]), None)
+    edit, each = mend_edit_fn(model, editor, like=like), mend_edit_each_fn(model, editor, like=like)
+    cfg = default_config()
+    cfg.progress = False
+    cfg.eval.batch_size = 4
+    alone = evaluate_method(model, lambda reqs: edit(model.params, reqs), rows, [], cfg, "mend")
+    together = evaluate_method(model, lambda reqs: edit(model.params, reqs), rows, [], cfg, "mend",
+                               edit_each=lambda rs: each(model.params, rs))
+    num = {k for k, v in alone.items() if isinstance(v, float) and "seconds" not in k}
+    assert num == {k for k, v in together.items() if isinstance(v, float) and "seconds" not in k} and "ea" in num
+    # the edits move the numbers (a scaled identity editor: one large gradient step per row)
+    assert abs(alone["fail/ppl_after"] / alone["fail/ppl_before"] - 1) > 0.05
+    for k in num:
+        assert together[k] == pytest.approx(alone[k], rel=1e-5, abs=1e-6), k

@@ -31,7 +31,7 @@ from salem_jax.data.tokenize import encode
 from salem_jax.errors import UserError
 from salem_jax.mend.checkpoint import CheckpointError, CheckpointMismatch, restore_editor, steps_in
 from salem_jax.mend.editor import EditorSpec, edited_params
-from salem_jax.mend.train import EDIT_BUCKETS, capture_factors
+from salem_jax.mend.train import EDIT_BUCKETS, bucket_length, capture_factors, row_ends
 from salem_jax.models.base import get_path, set_path
 from salem_jax.scored_logits import SCORE_POS, with_score_positions
 
@@ -144,6 +144,57 @@ def _edit(editor_params, editor_state, params, batch, *, apply_fn, spec: EditorS
     return params
 
 
+@functools.partial(jax.jit, static_argnames=("apply_fn", "spec"))
+def edited_kernels_each(editor_params, editor_state, params, batches, *, apply_fn, spec: EditorSpec):
+    """`edited_kernels` of E separate edits in one program: batches' leaves [E, B, ...] (edit e's
+    rows at [e]) -> {weight path: [E, *kernel shape]}, kernel [e] edit e's alone (its own capture
+    and editor pass on the base `params`; vmap, so the same arithmetic per edit up to float
+    summation order). One call instead of E: the pipeline's 19 val edits share one dispatch and
+    their passes run as one batch."""
+    return jax.vmap(lambda b: edited_kernels(editor_params, editor_state, params, b, apply_fn=apply_fn, spec=spec))(
+        batches)
+
+
+def _cut_stacked(batch: dict) -> dict:
+    """A stacked batch ([E, B, S] leaves; score_pos [E, B, K]) cut after its longest row, at an
+    EDIT_BUCKETS length: causal models only - a position past a row's last token changes nothing
+    before it, and it has no target (label_mask 0), so the captured factors there are inactive."""
+    s = batch["attention_mask"].shape[-1]
+    cut = bucket_length(int(row_ends(batch["attention_mask"]).max()), s)
+    return {k: (v[..., :cut] if k != SCORE_POS and np.shape(v)[-1] == s else v) for k, v in batch.items()}
+
+
+def _edit_each(editor_params, editor_state, params, batches: Sequence[dict], *, apply_fn, spec: EditorSpec, like=None,
+               pad_id=0, per_call: int = 32, causal: bool = False) -> list:
+    """[edited params of batches[e] alone, for each e] (each as `_edit` returns it, sharing every
+    leaf but the edited kernels with `params`): the batches fitted to `like` (`fit_to`), grouped
+    by shape (one group when all fit `like`), each group in calls of at most `per_call` edits of
+    `edited_kernels_each` (a group's last call padded by repeating its last edit, dropped: one
+    program per group size). causal: each call's rows cut after the longest (`_cut_stacked`; the
+    main job's val fail rows are padded to 32 tokens for at most 17)."""
+    fitted = [fit_to(b, like, pad_id) for b in batches]
+    groups: dict = {}
+    for e, b in enumerate(fitted):
+        key = tuple(sorted((k, np.shape(v), np.asarray(v).dtype.str) for k, v in b.items()))
+        groups.setdefault(key, []).append(e)
+    out: list = [None] * len(fitted)
+    for members in groups.values():
+        n = min(per_call, len(members))
+        for c in range(0, len(members), n):
+            part = members[c: c + n]
+            ids = part + [part[-1]] * (n - len(part))
+            stacked = {k: np.stack([np.asarray(fitted[e][k]) for e in ids]) for k in fitted[part[0]]}
+            if causal:
+                stacked = _cut_stacked(stacked)
+            kernels = edited_kernels_each(editor_params, editor_state, params, stacked, apply_fn=apply_fn, spec=spec)
+            for i, e in enumerate(part):
+                p = params
+                for path, k in kernels.items():
+                    p = set_path(p, path, k[i])
+                out[e] = p
+    return out
+
+
 Request = Mapping[str, Any] | Sequence[str]
 
 
@@ -215,6 +266,20 @@ def apply_edits(
             params = _edit(editor.params, editor.state, params, encode_requests(model, [r], where=f"request {i}"), **kw)
         return params
     raise ValueError(f"unknown mode {mode!r}; choose 'batch' or 'sequential'")
+
+
+def apply_each(model, editor: TrainedEditor, requests: Sequence[Request], *, params: Any = None,
+               like: Mapping[str, Any] | None = None, per_call: int = 32) -> list:
+    """[the edited parameters of requests[i] alone, for each i]: what `apply_edits(model, editor,
+    [r], params=params, like=like)` returns for each request r, from a few calls of
+    `edited_kernels_each` (one when every request fits `like`) instead of one call per request.
+    Every tree shares all but the edited kernels with `params` (never modified)."""
+    params = model.params if params is None else params
+    check_model(editor.spec, params, where="editor")
+    pad_id = model.tokenizer.pad_token_id if model.tokenizer is not None and model.tokenizer.pad_token_id is not None else 0
+    batches = [encode_requests(model, [r], where=f"request {i}") for i, r in enumerate(requests)]
+    return _edit_each(editor.params, editor.state, params, batches, apply_fn=model.apply, spec=editor.spec, like=like,
+                      pad_id=pad_id, per_call=per_call, causal=model.kind == "causal")
 
 
 class RequestList(list):

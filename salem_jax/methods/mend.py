@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from salem_jax import config
-from salem_jax.mend.apply import TrainedEditor, apply_edits, load_editor, scaled_editor
+from salem_jax.mend.apply import TrainedEditor, apply_each, apply_edits, load_editor, scaled_editor
 from salem_jax.mend.train import TrainConfig, train_editor
 from salem_jax.methods.registry import Context, Method, Prepared
 from salem_jax.methods.rows import target
@@ -61,6 +61,18 @@ def mend_edit_fn(model, editor: TrainedEditor, like=None):
     return edit
 
 
+def mend_edit_each_fn(model, editor: TrainedEditor, like=None):
+    """edit_each(params, rows) -> [params edited by rows[i] alone, for each i]: `mend_edit_fn`'s
+    edit of each row on its own, the rows' edits computed together (`apply.apply_each`: one
+    vmapped call when every row fits `like`)."""
+
+    def edit_each(params, rows):
+        reqs = [dict(prompt=r["prompt"], target=target(model, r), text_pair=r.get("text_pair", "")) for r in rows]
+        return apply_each(model, editor, reqs, params=params, like=like)
+
+    return edit_each
+
+
 def prepare_mend(ctx: Context, layers: tuple[str, ...], name: str) -> Prepared:
     t = time.perf_counter()
     ctx.say(f"{name}: training a MEND editor on {', '.join(layers)}")
@@ -75,7 +87,8 @@ def prepare_mend(ctx: Context, layers: tuple[str, ...], name: str) -> Prepared:
         editor = scaled_editor(editor, scale)
         info["edit_scale"] = scale
     like = ctx.data["val"].fail if ctx.data and "val" in ctx.data else None
-    return Prepared(edit=mend_edit_fn(ctx.model, editor, like=like), info=info)
+    return Prepared(edit=mend_edit_fn(ctx.model, editor, like=like), info=info,
+                    edit_each=mend_edit_each_fn(ctx.model, editor, like=like))
 
 
 def top_salient(ctx: Context, n: int) -> tuple[str, ...]:

@@ -65,13 +65,16 @@ class Prepared:
     skipped_edits: ids of the val fail rows left out (reported as skipped_edits / skipped_edit_rows).
     can_edit(row) -> bool: which val fail rows the method can edit at all (None = every one). The
     one-at-a-time evaluation uses eval_rows (cut at config.eval.max_edits); the many-edits study
-    (config.eval.sequential) edits up to 100s of rows, so it takes every val fail row can_edit accepts."""
+    (config.eval.sequential) edits up to 100s of rows, so it takes every val fail row can_edit accepts.
+    edit_each(params, rows) -> [edit(params, [row]) for each row]: the same edits computed together
+    (e.g. MEND's in one vmapped call); None: the evaluation calls `edit` once per row."""
 
     edit: EditFn
     info: dict
     eval_rows: list[dict] | None = None
     skipped_edits: tuple[str, ...] | None = None
     can_edit: Callable[[dict], bool] | None = None
+    edit_each: Callable[[Params, list[dict]], list[Params]] | None = None
 
 
 def _never(cfg) -> bool:

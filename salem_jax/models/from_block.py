@@ -45,6 +45,11 @@ import jax.numpy as jnp
 from salem_jax.models.base import path_str
 
 BLOCK_INPUT = "block_input"  # batch key: the cached output of the last skipped block [B, S, H]
+# batch keys no model's `apply` reads (targets and where they are scored): `block_outputs_by_length`
+# leaves them out of `block_output`'s calls, so that row sets differing only in them (the
+# evaluator's own rows and shared rows, whose score positions have different widths) share one
+# trace - jit drops unused arguments, so they compiled to the same program but traced twice
+NOT_MODEL_INPUTS = ("labels", "label_mask", "score_pos")
 
 
 def _name(context) -> str:
@@ -145,6 +150,8 @@ def block_outputs_by_length(apply: Callable, path: str, params: Any, enc: dict, 
     chunk's longest row. Each call runs `chunk` rows (padded with `pad_rows`) of one cut: few
     programs, and a position past a row's last token changes nothing before it (causal models).
     Past its cut a row's output is 0 (padding: never attended to by the row's tokens nor scored).
+    Keys in NOT_MODEL_INPUTS (labels, label_mask, score_pos) are not passed to the model: one
+    trace per (chunk, cut) whatever the rows' targets.
 
     rows: compute only these rows (bool [N] or indices; None: every row); each at the cut it gets
     among all rows, re-chunked `chunk` at a time per cut, so a row's numbers do not depend on which
@@ -155,7 +162,6 @@ def block_outputs_by_length(apply: Callable, path: str, params: Any, enc: dict, 
 
     from salem_jax.data.tokenize import pad_rows
     from salem_jax.mend.train import bucket_length, row_ends
-    from salem_jax.scored_logits import SCORE_POS
 
     n = int(next(iter(enc.values())).shape[0])
     s = enc["attention_mask"].shape[-1]
@@ -179,8 +185,8 @@ def block_outputs_by_length(apply: Callable, path: str, params: Any, enc: dict, 
         same = todo[cuts[todo] == cut]
         for a in range(0, len(same), chunk):
             idx = same[a: a + chunk]
-            part = {k: (v[idx][:, :cut] if np.ndim(v) >= 2 and v.shape[1] == s and k != SCORE_POS else v[idx])
-                    for k, v in enc.items()}
+            part = {k: (v[idx][:, :cut] if np.ndim(v) >= 2 and v.shape[1] == s else v[idx])
+                    for k, v in enc.items() if k not in NOT_MODEL_INPUTS}
             h = np.asarray(block_output(apply, path, params, pad_rows(part, chunk)))[: len(idx)]
             if out is None:
                 out = np.zeros((n, s) + h.shape[2:], dtype or h.dtype)

@@ -330,15 +330,34 @@ def _write_cache(entry: Path, config, params, tok, source: Path) -> None:
     llama.write_atomically(entry, fill, replace=False)
 
 
-def _read_cache(entry: Path):
-    from transformers import AutoTokenizer, LlamaConfig
+# tokenizer classes that `AutoTokenizer` builds as `PreTrainedTokenizerFast` itself (transformers 5
+# names it TokenizersBackend): from tokenizer.json alone, no model-specific class
+_PLAIN_FAST_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
+
+def cached_tokenizer(entry: Path):
+    """The tokenizer of a cache entry, as `AutoTokenizer.from_pretrained(entry)` builds it. When the
+    entry's tokenizer_config.json names the plain fast tokenizer class (`_PLAIN_FAST_TOKENIZERS`,
+    what transformers 5 writes for a GGUF tokenizer) it is built by that class directly: the same
+    class and files, without `AutoTokenizer`'s import of torch (~3 s here; tests/test_gguf.py
+    checks the two give the same object type, special tokens and token ids)."""
+    import transformers
+
+    tc = entry / "tokenizer_config.json"
+    cls = json.loads(tc.read_text()).get("tokenizer_class") if tc.exists() else None
+    if cls in _PLAIN_FAST_TOKENIZERS and (entry / "tokenizer.json").exists():
+        return transformers.PreTrainedTokenizerFast.from_pretrained(str(entry))
+    return transformers.AutoTokenizer.from_pretrained(str(entry))
+
+
+def _read_cache(entry: Path):
     info_file = entry / "gguf_source.json"
     if not info_file.exists():
         raise FileNotFoundError(f"{entry}: not a salem_jax GGUF cache entry (no gguf_source.json); delete it")
     info = json.loads(info_file.read_text())
-    config = LlamaConfig.from_pretrained(entry)
+    # our own save_pretrained output: read without transformers' LlamaConfig (which imports torch)
+    config = llama.JsonLlamaConfig.from_folder(entry)
     params = llama.read_params_safetensors(entry / "params.safetensors")
     llama.check_params(params, config, where=str(entry))
-    tok = AutoTokenizer.from_pretrained(entry) if info.get("has_tokenizer") else None
+    tok = cached_tokenizer(entry) if info.get("has_tokenizer") else None
     return config, params, tok

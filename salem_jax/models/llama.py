@@ -62,6 +62,69 @@ _ACTIVATIONS = {
 # ----------------------------------------------------------------------------- config helpers
 
 
+class JsonLlamaConfig:
+    """A Llama config.json written by transformers' `save_pretrained`, read as attributes without
+    importing transformers.
+
+    Why: transformers' `LlamaConfig` imports torch when it is installed (configuration_utils ->
+    modeling_rope_utils), 4-5 s of every load of the cached SmolLM2 (`gguf._read_cache`) on this
+    2-core CPU, while the model reads only plain fields. Every field of the JSON is an attribute.
+    The fields this module probes with a default (`getattr(config, name, default)`: OPTIONAL) are
+    absent when the JSON lacks them, so those helpers (`head_dim`, `rope_theta`, `rope_scaling`,
+    `rope_inv_freq`, `param_shapes`) take the values LlamaConfig's defaults give
+    (tests/test_gguf.py compares them and the logits with LlamaConfig's). Any other attribute, and
+    `to_dict` / `save_pretrained` / `hf()`, comes from the real LlamaConfig built from the same
+    JSON on first use (transformers imported then), so nothing reads a field this class lacks."""
+
+    OPTIONAL = ("head_dim", "rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor",
+                "attention_bias", "mlp_bias")
+
+    def __init__(self, fields: dict, where: str = "config.json"):
+        if fields.get("model_type") != "llama":
+            raise ValueError(f"{where}: field 'model_type' is {fields.get('model_type')!r}, expected 'llama'")
+        self.__dict__["_fields"] = dict(fields)
+        self.__dict__["_where"] = where
+        self.__dict__["_hf"] = None
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike) -> "JsonLlamaConfig":
+        path = Path(folder) / "config.json"
+        try:
+            fields = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls(fields, where=str(path))
+
+    def hf(self):
+        """The transformers LlamaConfig of the same JSON (built once)."""
+        if self.__dict__["_hf"] is None:
+            from transformers import LlamaConfig
+
+            self.__dict__["_hf"] = LlamaConfig.from_dict(dict(self._fields))
+        return self.__dict__["_hf"]
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        fields = self.__dict__["_fields"]
+        if name in fields:
+            return fields[name]
+        if name in JsonLlamaConfig.OPTIONAL:
+            raise AttributeError(f"{self._where} has no field {name!r}")
+        return getattr(self.hf(), name)
+
+    def __setattr__(self, name: str, value) -> None:
+        raise AttributeError(f"JsonLlamaConfig is read-only; use .hf() for a LlamaConfig to change ({name!r})")
+
+    def __repr__(self) -> str:
+        return f"JsonLlamaConfig({self._where})"
+
+
+def hf_config(config):
+    """`config` as a transformers config object (JsonLlamaConfig -> its LlamaConfig; others unchanged)."""
+    return config.hf() if isinstance(config, JsonLlamaConfig) else config
+
+
 def head_dim(config) -> int:
     return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
@@ -711,7 +774,7 @@ def save_llama_folder(model: LoadedModel, params, out_dir: str | os.PathLike) ->
 
     if model.arch != "llama":
         raise ValueError(f"save_llama_folder: model {model.name!r} is a {model.arch!r} model, not llama")
-    config = copy.deepcopy(model.config)
+    config = copy.deepcopy(hf_config(model.config))
     config.architectures = ["LlamaForCausalLM"]
     state = params_to_hf(params, config)
 
