@@ -13,14 +13,14 @@ CounterFact edit set in sessions 10-12; given here so the 12-minute editability 
 - salem_edit_own:  config.editor.own_pass_per_group as given (pass rows from the edit's own record);
 - salem_edit_base: the same run config with own_pass_per_group = 0 (every pass row from the pool).
 
-Each method records its own_pass_per_group in results.json (methods.NAME.own_pass_per_group); the
+Each method records its own_pass_per_group in results.json (training.NAME.own_pass_per_group); the
 run's config.editor.own_pass_per_group is the _own method's.
 
 --editor-seed N (session 17): both editors train with TrainConfig seed N (the editor's initialisation
 and its training groups' sampling) while the edit set, its train/val split and the evaluation keep
 config.seed. `--config.seed=N` would instead rebuild the edit set with a new split (the seed is one of
 the pipeline's EDIT_SET_KEYS): a different set of val edits, and 10 minutes more on this CPU. The
-seed used is recorded as methods.NAME.editor_seed.
+seed used is recorded as training.NAME.editor_seed.
 """
 
 from __future__ import annotations
