@@ -209,3 +209,40 @@ def test_tiny_counterfact_job_trains_on_own_rows(tmp_path, monkeypatch):
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["config"]["editor"]["own_pass_per_group"] == 2
     assert res["methods"]["mend_fixed"]["edits"] >= 1
+
+
+@pytest.mark.parametrize("editor_seed", [None, 1])
+def test_cf_own_pass_editor_seed_reaches_only_the_editors_train_config(monkeypatch, editor_seed):
+    """benchmarks/cf_own_pass.py --editor-seed: the editor's TrainConfig (what `train_mend` trains
+    with) gets that seed and the method's own_pass_per_group; the pipeline's config (edit set, split,
+    evaluation) keeps its seed. Without the flag, both seeds are config.seed."""
+    from benchmarks import cf_own_pass as B
+    from salem_jax.methods.mend import train_config
+    from salem_jax.methods.registry import Context, Prepared
+    from salem_jax.pipeline import default_config
+
+    cfg = default_config()
+    cfg.seed, cfg.editor.own_pass_per_group = 7, 2
+    seen = []
+
+    def spy(ctx, layers, name):
+        tc = train_config(ctx.cfg)
+        seen.append((name, layers, tc.seed, tc.own_pass_per_group))
+        return Prepared(edit=None, info={})
+
+    monkeypatch.setattr(B, "prepare_mend", spy)
+    ctx = Context(model=None, cfg=cfg, work=None)
+    own = B._prepare("salem_edit_own", None, "layers.27", editor_seed)(ctx, ("layers.27",))
+    base = B._prepare("salem_edit_base", 0, "layers.27", editor_seed)(ctx, ("layers.27",))
+    want = 7 if editor_seed is None else editor_seed
+    assert seen == [("salem_edit_own", ("layers.27",), want, 2), ("salem_edit_base", ("layers.27",), want, 0)]
+    assert (own.info["editor_seed"], own.info["own_pass_per_group"]) == (want, 2)
+    assert (base.info["editor_seed"], base.info["own_pass_per_group"]) == (want, 0)
+    assert (cfg.seed, cfg.editor.own_pass_per_group) == (7, 2)  # the pipeline's config is not changed
+
+
+def test_cf_own_pass_refuses_a_negative_editor_seed():
+    from benchmarks import cf_own_pass as B
+
+    with pytest.raises(SystemExit, match="--editor-seed must be >= 0, got -1"):
+        B.main(["--layer", "layers.27", "--editor-seed", "-1"])
