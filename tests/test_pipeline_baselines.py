@@ -84,6 +84,16 @@ def run(tmp_path_factory):
             calls.setdefault(name, []).append((rows, out))
             return out
 
+        each = kw.get("edit_each")
+        if each is not None:  # MEND-based methods compute every val edit in one call: record each alone
+
+            def recorded_each(rows):
+                outs = each(rows)
+                for row, out in zip(rows, outs):
+                    calls.setdefault(name, []).append(([row], out))
+                return outs
+
+            kw = {**kw, "edit_each": recorded_each}
         return orig(model, recorded, val_rows, texts, cfg, name, **kw)
 
     mp = pytest.MonkeyPatch()
