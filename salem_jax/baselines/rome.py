@@ -298,19 +298,34 @@ def _make_v_step(apply, module_path: str, lr: float, kl_factor: float, weight_de
         # the head only at `score_pos` (`_value_batch`): the rewriting rows' target tokens, and the
         # KL row's subject token at slot 0 - the same numbers as full logits, ~20% less work
         logits, labels, mask = scored_logits(lambda p, b: _forward_at(apply, module_path, p, b, idx, d)[0], params, batch)
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
-        tok_lp = jnp.take_along_axis(logp, labels[..., None], -1)[..., 0]
-        mask = mask.astype(jnp.float32)
-        nll = -(tok_lp * mask).sum() / jnp.maximum(mask.sum(), 1.0)
-        kl_new = logp[n_rw, 0]
-        kl = jnp.sum(jnp.exp(kl_new) * (kl_new - kl_init))  # KL(new || init), as ROME's kl_div(init, new)
-        # |delta| with a zero gradient at delta = 0 (jnp.linalg.norm's is NaN there, where Adam starts)
-        wd = weight_decay * jnp.sqrt(jnp.maximum(jnp.sum(delta * delta), 1e-30)) / o_norm**2
-        return nll + kl_factor * kl + wd
+        return _v_objective(logits, labels, mask, n_rw, kl_init, delta, o_norm, kl_factor, weight_decay)
+
+    return (opt, *_jitted_v_fns(opt, loss_fn, clamp))
+
+
+def _v_objective(logits, labels, mask, n_rw: int, kl_init, delta, o_norm, kl_factor: float, weight_decay: float):
+    """ROME's v* loss from the scored logits [B, K, V], labels / mask [B, K] (row n_rw: the KL row,
+    its subject token at slot 0): the rewriting rows' mean NLL + kl_factor * KL(new || init) + the
+    weight decay on |delta| / |o|^2."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+    tok_lp = jnp.take_along_axis(logp, labels[..., None], -1)[..., 0]
+    mask = mask.astype(jnp.float32)
+    nll = -(tok_lp * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    kl_new = logp[n_rw, 0]
+    kl = jnp.sum(jnp.exp(kl_new) * (kl_new - kl_init))  # KL(new || init), as ROME's kl_div(init, new)
+    # |delta| with a zero gradient at delta = 0 (jnp.linalg.norm's is NaN there, where Adam starts)
+    wd = weight_decay * jnp.sqrt(jnp.maximum(jnp.sum(delta * delta), 1e-30)) / o_norm**2
+    return nll + kl_factor * kl + wd
+
+
+def _jitted_v_fns(opt, loss_fn: Callable, clamp: float):
+    """(step, loss_only) of a v* loss `loss_fn(delta, params, a, b, n_rw, kl_init, o_norm)` (a, b: the
+    path's batch and positions, or cache and windows): one Adam step with the norm clamp at clamp *
+    o_norm, and the loss alone; n_rw static."""
 
     @functools.partial(jax.jit, static_argnums=(5,))
-    def step(delta, opt_state, params, batch, idx, n_rw, kl_init, o_norm):
-        loss, g = jax.value_and_grad(loss_fn)(delta, params, batch, idx, n_rw, kl_init, o_norm)
+    def step(delta, opt_state, params, a, b, n_rw, kl_init, o_norm):
+        loss, g = jax.value_and_grad(loss_fn)(delta, params, a, b, n_rw, kl_init, o_norm)
         upd, opt_state = opt.update(g, opt_state, delta)
         new = optax.apply_updates(delta, upd)
         norm, cap = jnp.linalg.norm(new), clamp * o_norm
@@ -318,10 +333,10 @@ def _make_v_step(apply, module_path: str, lr: float, kl_factor: float, weight_de
         return new, opt_state, loss
 
     @functools.partial(jax.jit, static_argnums=(4,))
-    def loss_only(delta, params, batch, idx, n_rw, kl_init, o_norm):
-        return loss_fn(delta, params, batch, idx, n_rw, kl_init, o_norm)
+    def loss_only(delta, params, a, b, n_rw, kl_init, o_norm):
+        return loss_fn(delta, params, a, b, n_rw, kl_init, o_norm)
 
-    return opt, step, loss_only
+    return step, loss_only
 
 
 CLAMP_NORMS = ("output", "residual")
@@ -596,29 +611,10 @@ def _make_window_step(decode, skipped: tuple[str, ...], module_path: str, lr: fl
         with nn.intercept_methods(icpt):
             logits, _ = decode(params, cache, win["input_ids"], win["key_mask"], win["positions"], win["start"],
                                win["head_pos"])
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)  # [B, K, V]
-        tok_lp = jnp.take_along_axis(logp, win["labels"][..., None], -1)[..., 0]
-        mask = win["label_mask"].astype(jnp.float32)
-        nll = -(tok_lp * mask).sum() / jnp.maximum(mask.sum(), 1.0)
-        kl_new = logp[n_rw, 0]
-        kl = jnp.sum(jnp.exp(kl_new) * (kl_new - kl_init))  # KL(new || init), as ROME's kl_div(init, new)
-        wd = weight_decay * jnp.sqrt(jnp.maximum(jnp.sum(delta * delta), 1e-30)) / o_norm**2
-        return nll + kl_factor * kl + wd
+        return _v_objective(logits, win["labels"], win["label_mask"], n_rw, kl_init, delta, o_norm, kl_factor,
+                            weight_decay)
 
-    @functools.partial(jax.jit, static_argnums=(5,))
-    def step(delta, opt_state, params, cache, win, n_rw, kl_init, o_norm):
-        loss, g = jax.value_and_grad(loss_fn)(delta, params, cache, win, n_rw, kl_init, o_norm)
-        upd, opt_state = opt.update(g, opt_state, delta)
-        new = optax.apply_updates(delta, upd)
-        norm, cap = jnp.linalg.norm(new), clamp * o_norm
-        new = jnp.where(norm > cap, new * cap / jnp.maximum(norm, 1e-12), new)
-        return new, opt_state, loss
-
-    @functools.partial(jax.jit, static_argnums=(4,))
-    def loss_only(delta, params, cache, win, n_rw, kl_init, o_norm):
-        return loss_fn(delta, params, cache, win, n_rw, kl_init, o_norm)
-
-    return opt, step, loss_only
+    return (opt, *_jitted_v_fns(opt, loss_fn, clamp))
 
 
 def _compute_value_window(model, params, weight: Weight, batch: dict, idx: np.ndarray, n_rw: int,
