@@ -252,6 +252,11 @@ def causal_trace_layer(model, train_rows: list[dict], subjects: dict[str, str], 
 CF_KEYS = ("ES", "EM", "PS", "PM", "NS", "NM")  # ROME's CounterFact metrics, per edit
 
 
+# evaluate_method computes a method's `edit_each` edits this many records at a time: the edited kernels
+# of a chunk are held together (the main job's 19 val edits: one chunk, one call)
+EDIT_EACH_CHUNK = 32
+
+
 def evaluate_method(model, edit: Callable, val_rows: list[dict], texts: list[str], cfg, name: str,
                     keep: list[dict] = (), cf_records: dict | None = None, portability: dict | None = None,
                     edit_each: Callable | None = None) -> dict:
@@ -301,22 +306,21 @@ def evaluate_method(model, edit: Callable, val_rows: list[dict], texts: list[str
     per_edit, kept = [], []
     t_edit = t_score = t_gen = 0.0
     t_start = time.perf_counter()
-    edited_all = None
-    if edit_each is not None and fails:  # every record's edit alone, computed in one go
-        t0 = time.perf_counter()
-        edited_all = edit_each(fails)
-        if len(edited_all) != len(fails):
-            raise ValueError(f"{name}: edit_each returned {len(edited_all)} edited models for {len(fails)} records")
-        _block(edited_all)
-        t_edit += time.perf_counter() - t0
+    chunk_edits: list = []  # edit_each's edited models of the current chunk of EDIT_EACH_CHUNK records
     for i, row in enumerate(tqdm(fails, desc=f"eval {name}", disable=not cfg.progress)):
-        if edited_all is None:
-            t0 = time.perf_counter()
+        t0 = time.perf_counter()
+        if edit_each is None:
             edited = edit([row])
             _block(edited)
-            t_edit += time.perf_counter() - t0
-        else:
-            edited = edited_all[i]
+        else:  # every record's edit alone, computed a chunk at a time (memory: a chunk of edited kernels)
+            if i % EDIT_EACH_CHUNK == 0:
+                part = fails[i: i + EDIT_EACH_CHUNK]
+                chunk_edits = list(edit_each(part))
+                if len(chunk_edits) != len(part):
+                    raise ValueError(f"{name}: edit_each returned {len(chunk_edits)} edited models for {len(part)} records")
+                _block(chunk_edits)
+            edited = chunk_edits[i % EDIT_EACH_CHUNK]
+        t_edit += time.perf_counter() - t0
         m = {}
         if batched:
             kept.append(kept_edit(model.params, edited))

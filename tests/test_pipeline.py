@@ -170,7 +170,7 @@ def test_train_mend_returns_the_best_validation_checkpoint(monkeypatch):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_evaluate_method_with_edit_each_equals_one_edit_call_per_row():
+def test_evaluate_method_with_edit_each_equals_one_edit_call_per_row(monkeypatch):
     """`evaluate_method(..., edit_each=)` (a method's edits of every val row in one call, MEND's
     `mend_edit_each_fn`) gives the metrics of calling `edit` once per row (`mend_edit_fn`), with an
     identity-initialised MEND editor of h.1 on a tiny GPT-2, the rows padded to the fail rows' shape
@@ -200,3 +200,14 @@ def test_evaluate_method_with_edit_each_equals_one_edit_call_per_row():
     assert abs(alone["fail/ppl_after"] / alone["fail/ppl_before"] - 1) > 0.05
     for k in num:
         assert together[k] == pytest.approx(alone[k], rel=1e-5, abs=1e-6), k
+    # in chunks of 2 records (the last one short): the same metrics
+    import salem_jax.pipeline as pipeline_module
+
+    assert len(fails) % 2 == 1
+    monkeypatch.setattr(pipeline_module, "EDIT_EACH_CHUNK", 2)
+    calls = []
+    chunked = evaluate_method(model, lambda reqs: edit(model.params, reqs), rows, [], cfg, "mend",
+                              edit_each=lambda rs: calls.append(len(rs)) or each(model.params, rs))
+    assert calls == [2] * (len(fails) // 2) + [1]
+    for k in num:
+        assert chunked[k] == pytest.approx(alone[k], rel=1e-5, abs=1e-6), k
