@@ -586,7 +586,8 @@ def main(argv=None) -> int:
     model = llama.tiny_llama(hidden_size=64, intermediate_size=256) if args.quick else load_model(args.model)
     import transformers
 
-    cfg = model.config.__class__.from_dict(model.config.to_dict())
+    hf_cfg = llama.hf_config(model.config)  # a cached GGUF model's config is llama.JsonLlamaConfig
+    cfg = hf_cfg.__class__.from_dict(hf_cfg.to_dict())
     cfg._attn_implementation = "eager"
     pt = transformers.LlamaForCausalLM(cfg).eval()
     sd = {k: torch.tensor(v) for k, v in llama.params_to_hf(model.params, model.config).items()}
