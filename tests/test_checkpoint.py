@@ -166,3 +166,24 @@ def test_early_stopping_is_kept_across_a_resume(tmp_path):
     again = train_editor(model, data, weights, cfg, tmp_path, mesh=mesh, progress=False)
     assert again.stopped_early and again.step == 10
     assert (tmp_path / "metrics.jsonl").read_text() == lines
+
+
+@pytest.mark.parametrize("field", ["extra_pass_per_group", "own_pass_per_group"])
+def test_checkpoints_without_a_later_field_still_resume(field):
+    """A checkpoint written before `field` existed was written with its default, 0: it resumes a run
+    with 0 and is refused for a run with 2 (the field changes the trajectory)."""
+    from salem_jax.mend.checkpoint import check_compatible
+    from salem_jax.mend.editor import EditorSpec
+    from salem_jax.mend.train import TrainConfig
+    from salem_jax.models import hf
+
+    model = hf.tiny("gpt2", n_layer=1)
+    spec = EditorSpec.from_params(model.layers.weights(["h.0"]), model.params)
+    cfg = TrainConfig.tiny(pass_per_group=4)
+    old = cfg.to_dict()
+    del old[field]
+    meta = {"model": "m", "spec": spec.to_dict(), "config": old}
+    check_compatible(meta, "m", spec, cfg, where="ckpt")  # no error
+    with pytest.raises(CheckpointMismatch, match=f"{field}: saved 0, now 2"):
+        check_compatible(meta, "m", spec, dataclasses.replace(cfg, **{field: 2}), where="ckpt")
+

@@ -162,23 +162,6 @@ def test_pipeline_note_and_refusal():
         own_pass_note([dict(record_id="a", group="fail"), dict(record_id="b", group="pass")], 2)
 
 
-def test_checkpoints_without_the_new_field_still_resume():
-    from salem_jax.mend.checkpoint import CheckpointMismatch, check_compatible
-    from salem_jax.mend.editor import EditorSpec
-    from salem_jax.mend.train import TrainConfig
-    from salem_jax.models import hf
-
-    model = hf.tiny("gpt2", n_layer=1)
-    spec = EditorSpec.from_params(model.layers.weights(["h.0"]), model.params)
-    cfg = TrainConfig.tiny(pass_per_group=4)
-    old = cfg.to_dict()
-    del old["own_pass_per_group"]
-    meta = {"model": "m", "spec": spec.to_dict(), "config": old}
-    check_compatible(meta, "m", spec, cfg, where="ckpt")  # no error
-    with pytest.raises(CheckpointMismatch, match="own_pass_per_group: saved 0, now 2"):
-        check_compatible(meta, "m", spec, dataclasses.replace(cfg, own_pass_per_group=2), where="ckpt")
-
-
 @pytest.mark.slow
 def test_tiny_counterfact_job_trains_on_own_rows(tmp_path, monkeypatch):
     """--config.editor.own_pass_per_group=2 in the tiny CounterFact experiment: the editor trains,

@@ -235,27 +235,6 @@ def test_pipeline_refuses_a_mix_without_train_pass(tmp_path, capsys):
     assert not (tmp_path / "results.json").exists() and not (tmp_path / "edit_set").exists()
 
 
-def test_checkpoints_without_the_new_field_still_resume():
-    """A checkpoint written before extra_pass_per_group existed was written with 0: it resumes a
-    run with 0 and is refused for a run with a mix (the field changes the trajectory)."""
-    from salem_jax.mend.checkpoint import CheckpointMismatch, check_compatible
-    from salem_jax.mend.editor import EditorSpec
-    from salem_jax.mend.train import TrainConfig
-    from salem_jax.models import hf
-
-    model = hf.tiny("gpt2", n_layer=1)
-    spec = EditorSpec.from_params(model.layers.weights(["h.0"]), model.params)
-    cfg = TrainConfig.tiny()
-    old = cfg.to_dict()
-    del old["extra_pass_per_group"]
-    meta = {"model": "m", "spec": spec.to_dict(), "config": old}
-    check_compatible(meta, "m", spec, cfg, where="ckpt")  # no error
-    import dataclasses
-
-    with pytest.raises(CheckpointMismatch, match="extra_pass_per_group: saved 0, now 2"):
-        check_compatible(meta, "m", spec, dataclasses.replace(cfg, extra_pass_per_group=2), where="ckpt")
-
-
 @pytest.mark.slow
 def test_tiny_main_job_trains_on_a_per_group_mix(tmp_path, monkeypatch):
     """--config.editor.extra_pass_per_group=2 with train_pass: the extra rows form the train split's
