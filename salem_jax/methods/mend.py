@@ -47,6 +47,11 @@ def train_mend(model, data, layers: tuple[str, ...], cfg, workdir: Path, mesh=No
     return editor, result
 
 
+def _requests(model, rows) -> list[dict]:
+    """Edit-set rows as `apply` requests (prompt, the row's target, text_pair)."""
+    return [dict(prompt=r["prompt"], target=target(model, r), text_pair=r.get("text_pair", "")) for r in rows]
+
+
 def mend_edit_fn(model, editor: TrainedEditor, like=None):
     """edit(params, rows) -> params: one combined MEND edit of `rows` on `params`.
 
@@ -55,8 +60,7 @@ def mend_edit_fn(model, editor: TrainedEditor, like=None):
     length and number of target tokens."""
 
     def edit(params, rows):
-        reqs = [dict(prompt=r["prompt"], target=target(model, r), text_pair=r.get("text_pair", "")) for r in rows]
-        return apply_edits(model, editor, reqs, params=params, progress=False, like=like)
+        return apply_edits(model, editor, _requests(model, rows), params=params, progress=False, like=like)
 
     return edit
 
@@ -67,8 +71,7 @@ def mend_edit_each_fn(model, editor: TrainedEditor, like=None):
     vmapped call when every row fits `like`)."""
 
     def edit_each(params, rows):
-        reqs = [dict(prompt=r["prompt"], target=target(model, r), text_pair=r.get("text_pair", "")) for r in rows]
-        return apply_each(model, editor, reqs, params=params, like=like)
+        return apply_each(model, editor, _requests(model, rows), params=params, like=like)
 
     return edit_each
 
