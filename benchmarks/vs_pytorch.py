@@ -34,6 +34,7 @@ shared machine are only comparable within one run: both sides run here one after
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -62,6 +63,7 @@ from salem_jax.mend.train import (
     place_state,
     prepare_splits,
     train_batch,
+    train_editor,
     train_step,
     val_batches,
     with_block_inputs,
@@ -75,6 +77,8 @@ from scale import FACTS, fact_rows  # noqa: E402  (a sibling script, not a packa
 # ----------------------------------------------------------------------------- timing
 
 TORCH_THREADS = os.cpu_count() or 1  # XLA:CPU uses every core of the machine
+# the default path's clip: whatever train_editor does unless told otherwise
+TRAIN_EDITOR_CLIP_FACTOR = inspect.signature(train_editor).parameters["clip_factor"].default
 
 
 def _median_after_warmup(fn, repeats: int) -> tuple[float, float]:
@@ -352,17 +356,19 @@ def bench_layers(model, pt, torch, layers: list[str], args) -> dict:
     out["from_block"] = {"start": plan.start, "n_blocks": plan.n_blocks} if plan else {"why_not": why}
     print(f"  from block: {f'blocks {plan.start}..{plan.n_blocks - 1} run' if plan else 'every block runs: ' + why}", flush=True)
     d_train = with_block_inputs(plan, base, data["train"]) if plan else data["train"]
-    # (name, plan, data, flat sizes, cut to the longest row): "editor_step" is the step doing the
-    # reference's work (every row's logits at K positions, capture and base pass in the step);
-    # "editor_step_main_path" the step `train_editor` runs by default: LM head on the target tokens
-    # only, the pass rows' base logits kept once per edit set, each batch cut after its longest
-    # row - the same numbers with less work, against the same reference
-    variants = [("editor_step", plan, d_train, None, False)]
+    # (name, plan, data, flat sizes, cut to the longest row, clip_factor): "editor_step" is the step
+    # doing the reference's work (every row's logits at K positions, capture and base pass in the
+    # step, optax's clip-then-Adam); "editor_step_main_path" the step `train_editor` runs by
+    # default: LM head on the target tokens only, the pass rows' base logits kept once per edit set,
+    # each batch cut after its longest row, the clip as one factor in Adam's update (whatever
+    # train_editor's default is) - the same numbers up to float rounding with less work, against
+    # the same reference
+    variants = [("editor_step", plan, d_train, None, False, False)]
     if not args.no_main_path:
         variants.append(("editor_step_main_path", plan, with_pass_logits(model.apply, base, d_train, plan),
-                         flat_train_sizes(d_train, cfg, 300), True))
+                         flat_train_sizes(d_train, cfg, 300), True, TRAIN_EDITOR_CLIP_FACTOR))
     if args.every_block and plan is not None:
-        variants.append(("editor_step_every_block", None, data["train"], None, False))
+        variants.append(("editor_step_every_block", None, data["train"], None, False, False))
     tb = _group(torch, batch, 0)
     if args.val_only:
         variants = []
@@ -370,8 +376,8 @@ def bench_layers(model, pt, torch, layers: list[str], args) -> dict:
         loss_pt0 = ref.train_step(tb)  # warm-up; also the first step's loss, to compare with JAX's
         pt_t = _torch_median(torch, lambda: ref.train_step(tb), args.repeats)
         run_pt = pt_t["best"]
-    for name, p, d, flat, cut in variants:
-        vkw = dict(kw, from_block=p)
+    for name, p, d, flat, cut, clip_factor in variants:
+        vkw = dict(kw, from_block=p, clip_factor=clip_factor)
         holder = {"state": place_state(fresh, mesh)}
         gb = train_batch(d, cfg, 0, flat)
         gb = sharding.shard_batch(fit_length(gb) if cut else gb, mesh)

@@ -333,6 +333,31 @@ def test_optimizer_update_equals_optax_multisteps(k, fused, clip_factor):
     assert jax.tree.structure(new_o) == jax.tree.structure(state["opt_state"])
 
 
+def test_train_editor_clips_by_factor_by_default_within_float_rounding_of_optax():
+    """train_editor's default update (the clip as one factor in Adam, `clip_factor=True`) against
+    optax's clip-then-Adam (`clip_factor=False`) on runs whose every step is clipped: the same
+    editor and validation within float rounding after 6 steps, and the default is the factor."""
+    model, data, weights, cfg, mesh = tiny_setup()
+    cfg = dataclasses.replace(cfg, max_steps=6, val_every=6, checkpoint_every=6, log_every=1, grad_clip=1e-3)
+    dirs = {cf: _tmpdir("salem-clip-") for cf in (None, True, False)}
+    runs = {cf: train_editor(model, data, weights, cfg, dirs[cf], mesh=mesh, progress=False,
+                             **({} if cf is None else {"clip_factor": cf})) for cf in dirs}
+    # the default is the factor: bit-equal to asking for it
+    for a, b in zip(jax.tree.leaves(runs[None].params), jax.tree.leaves(runs[True].params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    logs = [json.loads(x) for x in (dirs[None] / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["grad_norm"] > cfg.grad_clip for r in logs if r["split"] == "train")  # every step clipped
+    moved = 0
+    for a, b, p0 in zip(jax.tree.leaves(runs[True].params), jax.tree.leaves(runs[False].params),
+                        jax.tree.leaves(init_train_state(runs[True].spec, runs[True].config)["params"])):
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        moved += int(not np.allclose(a, np.asarray(p0)))
+    assert moved > 0  # the editor trained
+    for k in ("loss", "edit_acc", "kl"):
+        np.testing.assert_allclose(runs[True].last_val[k], runs[False].last_val[k], rtol=1e-5, atol=1e-7)
+
+
 def test_validation_groups_are_spread_evenly_over_the_calls():
     """19 groups at 8 per call: 3 calls of 7 (21, not 24 scored groups); a multiple of the
     data-parallel devices; all groups in one call when they fit."""

@@ -1618,7 +1618,7 @@ def train_editor(
     keep_base_side: bool = True,
     fit_lengths: bool = True,
     flat_levels: bool = True,
-    clip_factor: bool = False,
+    clip_factor: bool = True,
 ) -> TrainResult:
     """Train an editor for the given weights; checkpoints and metrics.jsonl go to `workdir`.
 
@@ -1654,8 +1654,13 @@ def train_editor(
       (`flat_step_sizes`: at most 4 programs per padded length) instead of the run's most
       (the same numbers, float summation order aside). Off: one size for the whole run.
     clip_factor: the gradient clip as one scalar factor in the step's Adam update (`train_step`,
-      `_fused_inner_update`): 1.09x faster steps on the main job, numbers within float rounding of
-      a clipped step, which 300 steps amplify (README "Session 16"); off (default): bit-equal to optax.
+      `_fused_inner_update`; on by default since session 18): the update reads the 32M editor
+      parameters' moments once instead of twice (1.09x faster steps on the main job, the update
+      alone 2.1x; docs/speed.md, "Session 16: the editor's step and setup"). Bit-equal to optax
+      below the clip, within float rounding (an ulp of a clipped entry) above it - which a run
+      that clips in its first steps amplifies over hundreds of steps into other, equally good
+      numbers (the main job's keep DD 0.050 -> 0.054 when session 16 measured it). Off: the
+      update is optax's clip-then-Adam, operation by operation.
     """
     # --- setup: mesh, resolved config, editor spec, workdir, checkpointer
     base_params = model.params if base_params is None else base_params
