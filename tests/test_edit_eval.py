@@ -188,3 +188,28 @@ def test_edits_applied_together_equal_one_call_each(model):
     # edits differ from each other (not one edit repeated)
     a, b = (np.asarray(get_path(g, paths[0])) for g in got[:2])
     assert np.abs(a - b).max() > 1e-7
+
+
+def test_shared_rows_without_score_positions_in_parts_equal_evaluate_edit(model):
+    """A shared row whose target has as many tokens as the encoding is long gets no `score_pos`
+    (`with_score_positions` returns the batch unchanged), so the base argmax is [N, S]; the edited
+    pass still runs the shared rows in parts cut to their own lengths (zsRE locality answers on
+    SmolLM2, session 18: an IndexError at the first evaluation). The numbers of `evaluate_edit`."""
+    long_target = " ".join(["paris lima santiago berlin"] * 3)
+    shared = {"pass": [_row("the capital of france is", "paris", "pass", 0),
+                       _row("x", long_target, "pass", 1)],
+              "keep": [_row("brazil", "brasilia", "keep", 0)]}
+    edits = _edits()[:2]
+    ev = EditEvaluator(model, model.params, edits, shared, batch_size=4)
+    assert "score_pos" not in ev._shared_host
+    assert len(ev._shared_parts) == 2 and ev._shared_parts[0][1] < ev._shared_host["attention_mask"].shape[-1]
+    for i, own in enumerate(edits):
+        edited = _perturbed(model, i + 1)
+        own = {k: v for k, v in own.items() if v}
+        want = evaluate_edit(model, model.params, edited, {**own, **shared}, batch_size=4, progress=False)
+        got = ev.evaluate(i, edited)
+        assert sorted(got) == sorted(want)
+        for k, v in want.items():
+            tol = dict(rel=1e-4, abs=1e-5) if "ppl" in k else dict(rel=1e-5, abs=1e-6)  # as above
+            assert got[k] == pytest.approx(v, nan_ok=True, **tol), k
+        assert want["locality"] < 1.0, "the perturbed model changes some shared answer"

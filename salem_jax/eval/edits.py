@@ -139,12 +139,13 @@ def _edited_scores_flat_many(apply: Callable, paths: tuple[str, ...], params: An
 def _with_base_argmax(flat: dict[str, np.ndarray], enc: dict[str, np.ndarray], argmax: np.ndarray) -> dict[str, np.ndarray]:
     """`flat` (`flat_positions` of enc's label_mask) plus "base_argmax" [T]: `argmax` ([B, K] at
     enc's `score_pos` - a row's scored positions first, in order, the order of `flat_positions` -
-    or [B, S] when enc has none) at each entry."""
+    or [B, S'] with S' >= enc's length S when enc has none, e.g. the argmax of the uncut rows for a
+    `_cut` part: its first S positions are enc's) at each entry."""
     mask = np.asarray(enc["label_mask"]) != 0
     if "score_pos" in enc:
         parts = [argmax[r, :c] for r, c in enumerate(mask.sum(-1))]
-    else:
-        parts = [argmax[r][m] for r, m in enumerate(mask)]
+    else:  # enc may be cut (`_cut`, first positions kept) while argmax has the uncut length
+        parts = [argmax[r, : mask.shape[-1]][m] for r, m in enumerate(mask)]
     am = np.concatenate(parts + [np.zeros(0, argmax.dtype)])
     out = np.zeros(flat["rows"].shape, argmax.dtype)
     out[: len(am)] = am
