@@ -262,6 +262,10 @@ def main(argv=None) -> int:
             report["datasets"][ds] = summarize(np.asarray(rows), extra, cand, scorers, sweep_time, t_edit, t_score,
                                                len(proxy), cf, args.boot)
             report["datasets"][ds]["n_planned"] = len(reqs)
+            # what a --resume needs to check and to go on without redoing the scorers
+            report["datasets"][ds]["record_ids"] = [r.id for r in recs]
+            report["datasets"][ds]["proxy_ids"] = [r.id for r in proxy]
+            report["datasets"][ds]["scorer_choices"] = scorers
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(report, indent=1))  # a stopped run keeps its edits
         if args.spill and "spill" not in report:  # the France -> Rome edit at the first data set's best fixed layer
