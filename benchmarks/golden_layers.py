@@ -240,8 +240,7 @@ def main(argv=None) -> int:
     if args.spill_only:
         report["spill"] = spill_check(model, base, cand[0], solvers[cand[0]], cfg, prefixes)
         report["wall_seconds"], report["load_end"] = time.perf_counter() - t_start, os.getloadavg()
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
+        write_json(Path(args.out), report)
         print_markdown(report)
         return 0
     # --- per data set: scorers on the proxy edits, then the sweep; the JSON is rewritten after every edit
@@ -296,24 +295,31 @@ def main(argv=None) -> int:
             report["datasets"][ds]["record_ids"] = [r.id for r in recs]
             report["datasets"][ds]["proxy_ids"] = [r.id for r in proxy]
             report["datasets"][ds]["scorer_choices"] = scorers
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(report, indent=1))  # a stopped run keeps its edits
+            write_json(Path(args.out), report)  # a stopped or killed run keeps its edits (--resume)
         if args.spill and "spill" not in report:  # the France -> Rome edit at the first data set's best fixed layer
             if stop_now(args, n_done_here, t_start):
                 return stopped(report, args, log)
             layer = report["datasets"][ds]["ways"]["brute_force_fixed"]["layer"]
             report["spill"] = spill_check(model, base, layer, solvers[layer], cfg, prefixes)
-            Path(args.out).write_text(json.dumps(report, indent=1))
+            write_json(Path(args.out), report)
         log(f"{ds} done")
     # --- report
     report["load_end"] = os.getloadavg()
     report["wall_seconds"] = time.perf_counter() - t_start  # this process's (a resumed run: see "resumed")
     if report.get("resumed"):
         report["resumed"][-1]["wall_seconds"] = report["wall_seconds"]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
+    write_json(Path(args.out), report)
     print_table(report)
     return 0
+
+
+def write_json(path: Path, report: dict) -> None:
+    """The report to `path`, atomically (a temporary file renamed over it), so that a run killed while
+    writing leaves the previous edit's JSON for --resume, not a truncated one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, path)
 
 
 # the settings a resumed run must share with the file it resumes (--n and --proxy through the records)
