@@ -483,7 +483,7 @@ def print_markdown(rep):
               f"per (edit, layer) (r-ROME {res['edit_seconds']:.0f} s + scoring {res['scoring_seconds']:.0f} s in all); "
               f"oracle layers {dict(sorted(Counter(res['oracle_layers']).items()))}\n")
         head = "| way of choosing | layer | rewrite | rephrase | locality |" + (" ES | PS | NS |" if cf else "")
-        head += " rewrite gap to oracle [95% CI] | rewrite gap to best fixed [95% CI] | cost |"
+        head += " rewrite gap to oracle [95% CI] | rewrite gap to best fixed [95% CI] | cost | brute-force cost / cost |"
         print(head)
         print("|" + "---|" * (head.count("|") - 1))
         for w, r in res["ways"].items():
@@ -494,7 +494,9 @@ def print_markdown(rep):
                 line += f" {r['ES']:.2f} | {r['PS']:.2f} | {r['NS']:.2f} |"
             gap = "-" if w == "oracle" else f"{g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]"
             gfx = "-" if w in ("oracle", "brute_force_fixed") else f"{f['mean']:+.3f} [{f['lo']:+.3f}, {f['hi']:+.3f}]"
-            print(line + f" {gap} | {gfx} | {r['cost_s']:.0f} s |")
+            ratio = "-" if w in ("oracle", "brute_force_fixed") else \
+                f"{res['ways']['brute_force_fixed']['cost_s'] / r['cost_s']:.1f}x"
+            print(line + f" {gap} | {gfx} | {r['cost_s']:.0f} s | {ratio} |")
         print("\nscores per candidate: " + "; ".join(f"{w} {np.round(r['scores'], 4).tolist()}"
                                                    for w, r in res["ways"].items() if "scores" in r))
     if "spill" in rep:
