@@ -166,6 +166,13 @@ def main(argv=None) -> int:
     ap.add_argument("--spill-only", metavar="LAYER", help="only the France -> Rome check at LAYER (e.g. the best "
                     "fixed layer of a stopped run), written to --out")
     ap.add_argument("--out", default="runs/golden.json")
+    ap.add_argument("--resume", action="store_true",
+                    help="go on from the edits already in --out (a stopped or killed run: the JSON is rewritten after "
+                         "every edit) instead of redoing them; refused when the file's settings or records differ")
+    ap.add_argument("--stop-after-minutes", type=float, default=0.0,
+                    help="stop (JSON written, resumable) after the edit during which this process passed M minutes")
+    ap.add_argument("--stop-after-edits", type=int, default=0,
+                    help="stop (JSON written, resumable) after this many edits made by this process")
     ap.add_argument("--markdown", metavar="JSON", help="print the tables of an earlier run's JSON as markdown, run nothing")
     ap.add_argument("--cf-layers", metavar="JSON[,JSON]",
                     help="print CounterFact's ES / PS / NS and rewrite / rephrase / locality per candidate layer of "
@@ -205,6 +212,7 @@ def main(argv=None) -> int:
         bad = [c for c in cand if c not in names]
         if bad:
             raise SystemExit(f"--layers: {bad} are not layers of {args.model} ({names[0]} .. {names[-1]})")
+    resumed = load_resume(Path(args.out), args, cand) if args.resume and not args.spill_only else None
     lengths = []
     for part in args.prefixes.split(","):
         if part:
@@ -218,26 +226,46 @@ def main(argv=None) -> int:
     solvers = {c: stats.solver(c) for c in cand}
     cov_time = time.perf_counter() - t
     log(f"key statistics for {len(cand)} layers: {cov_time:.0f}s")
-    report = {"command": "python benchmarks/golden_layers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "model": args.model, "candidates": cand, "args": vars(args), "load_start": load0,
-              "cov_seconds": cov_time, "covariance": stats.report(), "v_path": value_path(model, cfg.value),
-              "datasets": {}}
+    command = "python benchmarks/golden_layers.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if resumed is not None:
+        report = resumed
+        report.setdefault("resumed", []).append(
+            {"command": command, "load_start": load0, "cov_seconds": cov_time,
+             "edits_before": {d: r["n"] for d, r in report["datasets"].items()}})
+        log(f"resuming {args.out}: " + ", ".join(f"{d} {r['n']}/{r['n_planned']}" for d, r in report["datasets"].items()))
+    else:
+        report = {"command": command, "model": args.model, "candidates": cand, "args": vars(args),
+                  "load_start": load0, "cov_seconds": cov_time, "covariance": stats.report(),
+                  "v_path": value_path(model, cfg.value), "datasets": {}}
     if args.spill_only:
         report["spill"] = spill_check(model, base, cand[0], solvers[cand[0]], cfg, prefixes)
         report["wall_seconds"], report["load_end"] = time.perf_counter() - t_start, os.getloadavg()
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1))
+        write_json(Path(args.out), report)
         print_markdown(report)
         return 0
     # --- per data set: scorers on the proxy edits, then the sweep; the JSON is rewritten after every edit
+    n_done_here = 0  # edits made by this process (--stop-after-edits / --stop-after-minutes)
     for ds in args.datasets.split(","):
         recs, reqs, proxy = load_edits(ds, args.n, args.proxy)
         cf = ds == "counterfact"
-        scorers = scorer_layers(model, proxy, cand, args, log)
-        rows, extra = [], []
+        prev = report["datasets"].get(ds)
+        if prev is not None:  # --resume: this data set's edits so far, its scorers' choices and times
+            check_records(Path(args.out), ds, prev, recs, proxy)
+            scorers = prev["scorer_choices"]
+            rows, extra = [list(r) for r in prev["table"]], list(prev["extra"])
+            t_edit, t_score, t_before = prev["edit_seconds"], prev["scoring_seconds"], prev["sweep_seconds"]
+        else:
+            if stop_now(args, n_done_here, t_start):  # before the scorers, which a stop would lose
+                return stopped(report, args, log)
+            scorers = scorer_layers(model, proxy, cand, args, log)
+            rows, extra = [], []
+            t_edit = t_score = t_before = 0.0
         t = time.perf_counter()
-        t_edit = t_score = 0.0
         for i, (rec, rq) in enumerate(zip(recs, reqs)):
+            if i < len(rows):
+                continue  # made by the run this one resumes
+            if stop_now(args, n_done_here, t_start):
+                return stopped(report, args, log)
             t0 = time.perf_counter()
             score = EditScorer(model, base, rec, rq.target_new, counterfact=cf)  # base argmax once per edit
             t_score += time.perf_counter() - t0
@@ -256,25 +284,108 @@ def main(argv=None) -> int:
                 ex.append(m)
             rows.append(row)
             extra.append(ex)
+            n_done_here += 1
             log(f"{ds} edit {i + 1}/{len(reqs)}: rewrite per layer {np.round(np.asarray(row)[:, 0], 2).tolist()} "
                 f"(edit {t_edit:.0f}s, scoring {t_score:.0f}s so far; load {os.getloadavg()[0]:.1f})")
-            sweep_time = time.perf_counter() - t
+            sweep_time = t_before + time.perf_counter() - t
             report["datasets"][ds] = summarize(np.asarray(rows), extra, cand, scorers, sweep_time, t_edit, t_score,
                                                len(proxy), cf, args.boot)
             report["datasets"][ds]["n_planned"] = len(reqs)
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(report, indent=1))  # a stopped run keeps its edits
+            # what a --resume needs to check and to go on without redoing the scorers
+            report["datasets"][ds]["record_ids"] = [r.id for r in recs]
+            report["datasets"][ds]["proxy_ids"] = [r.id for r in proxy]
+            report["datasets"][ds]["scorer_choices"] = scorers
+            write_json(Path(args.out), report)  # a stopped or killed run keeps its edits (--resume)
         if args.spill and "spill" not in report:  # the France -> Rome edit at the first data set's best fixed layer
+            if stop_now(args, n_done_here, t_start):
+                return stopped(report, args, log)
             layer = report["datasets"][ds]["ways"]["brute_force_fixed"]["layer"]
             report["spill"] = spill_check(model, base, layer, solvers[layer], cfg, prefixes)
-            Path(args.out).write_text(json.dumps(report, indent=1))
+            write_json(Path(args.out), report)
         log(f"{ds} done")
     # --- report
     report["load_end"] = os.getloadavg()
-    report["wall_seconds"] = time.perf_counter() - t_start
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
+    report["wall_seconds"] = time.perf_counter() - t_start  # this process's (a resumed run: see "resumed")
+    if report.get("resumed"):
+        report["resumed"][-1]["wall_seconds"] = report["wall_seconds"]
+    write_json(Path(args.out), report)
     print_table(report)
+    return 0
+
+
+def write_json(path: Path, report: dict) -> None:
+    """The report to `path`, atomically (a temporary file renamed over it), so that a run killed while
+    writing leaves the previous edit's JSON for --resume, not a truncated one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, path)
+
+
+# the settings a resumed run must share with the file it resumes (--n and --proxy through the records)
+RESUME_ARGS = ("model", "prefixes", "v_steps", "cov_tokens", "whole_rows", "scorers", "trace_facts", "n_noise")
+
+
+def load_resume(path: Path, args, cand: list[str]) -> dict:
+    """The report of the run to resume, after checking that it was made with this run's settings:
+    SystemExit naming the file and the first field that differs (or what is missing)."""
+    if not path.is_file():
+        raise SystemExit(f"--resume: {path} does not exist (nothing to resume; run without --resume)")
+    try:
+        rep = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--resume: {path} is not valid JSON ({e})") from None
+    old = rep.get("args", {})
+    if rep.get("candidates") != cand:
+        raise SystemExit(f"--resume: {path}: field 'candidates' is {rep.get('candidates')} in the file, {cand} in this "
+                         "run; give the file's --layers or run without --resume")
+    for k in RESUME_ARGS:
+        if k not in old:
+            raise SystemExit(f"--resume: {path}: field 'args.{k}' is missing (a run of an older golden_layers.py?)")
+        if old[k] != getattr(args, k):
+            raise SystemExit(f"--resume: {path}: field 'args.{k}' is {old[k]!r} in the file, {getattr(args, k)!r} in "
+                             f"this run; give the file's --{k.replace('_', '-')} or run without --resume")
+    done, want = list(rep.get("datasets", {})), args.datasets.split(",")
+    if done != want[: len(done)]:
+        raise SystemExit(f"--resume: {path}: field 'datasets' holds {done}, not the start of this run's --datasets {want}")
+    for ds in done[:-1]:
+        r = rep["datasets"][ds]
+        if r["n"] != r["n_planned"]:
+            raise SystemExit(f"--resume: {path}: datasets.{ds} has {r['n']} of {r['n_planned']} edits but a later data "
+                             "set was started")
+    for ds, r in rep["datasets"].items():
+        missing = [k for k in ("record_ids", "proxy_ids", "scorer_choices", "table", "extra") if k not in r]
+        if missing:
+            raise SystemExit(f"--resume: {path}: datasets.{ds} has no {missing} (written before --resume existed)")
+    return rep
+
+
+def check_records(path: Path, ds: str, prev: dict, recs, proxy) -> None:
+    """SystemExit naming the file, data set and field when this run's evaluated or proxy records
+    differ from the ones the resumed run used (e.g. another --n, --proxy or data file)."""
+    for field, mine in (("record_ids", [r.id for r in recs]), ("proxy_ids", [r.id for r in proxy])):
+        theirs = prev[field]
+        if theirs != mine:
+            j = next((i for i, (a, b) in enumerate(zip(theirs, mine)) if a != b), min(len(theirs), len(mine)))
+            raise SystemExit(f"--resume: {path}: field 'datasets.{ds}.{field}' differs from this run's records "
+                             f"({len(theirs)} ids in the file, {len(mine)} here; first difference at position {j}); "
+                             "give the file's --n / --proxy or run without --resume")
+    if len(prev["table"]) > len(recs):
+        raise SystemExit(f"--resume: {path}: datasets.{ds} holds {len(prev['table'])} edits, more than --n {len(recs)}")
+
+
+def stop_now(args, n_done_here: int, t_start: float) -> bool:
+    """--stop-after-edits / --stop-after-minutes: whether this process should stop before its next edit."""
+    if args.stop_after_edits and n_done_here >= args.stop_after_edits:
+        return True
+    return bool(args.stop_after_minutes) and time.perf_counter() - t_start >= 60 * args.stop_after_minutes
+
+
+def stopped(report: dict, args, log) -> int:
+    """Ends a run stopped by --stop-after-*: the JSON (already written after the last edit) stays resumable."""
+    log(f"stopped by --stop-after-*; " + ", ".join(f"{d} {r['n']}/{r['n_planned']}" for d, r in
+                                                   report["datasets"].items())
+        + f"; go on with the same command and --resume (--out {args.out})")
     return 0
 
 
@@ -372,7 +483,7 @@ def print_markdown(rep):
               f"per (edit, layer) (r-ROME {res['edit_seconds']:.0f} s + scoring {res['scoring_seconds']:.0f} s in all); "
               f"oracle layers {dict(sorted(Counter(res['oracle_layers']).items()))}\n")
         head = "| way of choosing | layer | rewrite | rephrase | locality |" + (" ES | PS | NS |" if cf else "")
-        head += " rewrite gap to oracle [95% CI] | rewrite gap to best fixed [95% CI] | cost |"
+        head += " rewrite gap to oracle [95% CI] | rewrite gap to best fixed [95% CI] | cost | brute-force cost / cost |"
         print(head)
         print("|" + "---|" * (head.count("|") - 1))
         for w, r in res["ways"].items():
@@ -383,7 +494,9 @@ def print_markdown(rep):
                 line += f" {r['ES']:.2f} | {r['PS']:.2f} | {r['NS']:.2f} |"
             gap = "-" if w == "oracle" else f"{g['mean']:+.3f} [{g['lo']:+.3f}, {g['hi']:+.3f}]"
             gfx = "-" if w in ("oracle", "brute_force_fixed") else f"{f['mean']:+.3f} [{f['lo']:+.3f}, {f['hi']:+.3f}]"
-            print(line + f" {gap} | {gfx} | {r['cost_s']:.0f} s |")
+            ratio = "-" if w in ("oracle", "brute_force_fixed") else \
+                f"{res['ways']['brute_force_fixed']['cost_s'] / r['cost_s']:.1f}x"
+            print(line + f" {gap} | {gfx} | {r['cost_s']:.0f} s | {ratio} |")
         print("\nscores per candidate: " + "; ".join(f"{w} {np.round(r['scores'], 4).tolist()}"
                                                    for w, r in res["ways"].items() if "scores" in r))
     if "spill" in rep:

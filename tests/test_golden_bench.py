@@ -4,6 +4,7 @@ brute-force fixed layer and each scorer's row against a hand computation on a ra
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from benchmarks import golden_layers as GL
 
@@ -65,3 +66,105 @@ def test_cf_layers_prints_means_and_the_paired_difference_on_the_common_edits(ca
         vb = np.array([b["datasets"]["counterfact"]["extra"][i][1][k] for i in range(5)])
         assert abs(first(rows[0], q) - va.mean()) <= 0.005 and abs(first(rows[1], q) - vb.mean()) <= 0.005
         assert abs(first(rows[2], q) - (va - vb).mean()) <= 0.005
+
+
+# --------------------------------------------------------------------------- --resume on a tiny model
+
+
+def _fake_records(ds, k):
+    """k records of data set `ds` in the tiny tokenizer's words (the fields load_edits reads)."""
+    from types import SimpleNamespace
+
+    pairs = [("france", "paris", "tokyo"), ("japan", "tokyo", "lima"), ("peru", "lima", "cairo"),
+             ("egypt", "cairo", "delhi"), ("india", "delhi", "rome"), ("china", "beijing", "ottawa")]
+    return [SimpleNamespace(id=f"{ds}{i}", prompt=f"the capital of {c} is", subject=c, target_new=new,
+                            target_true=old, extra={}, rephrases=[f"what city is the capital of {c}"],
+                            loc_prompts=["the capital of germany is", "which river lies in egypt"],
+                            loc_targets=["berlin", ""])
+            for i, (c, old, new) in enumerate(pairs[:k])]
+
+
+def _tiny_run(monkeypatch, tmp_path):
+    """GL.main on a tiny GPT-2 with fake CounterFact / zsRE records and random key-statistics texts;
+    returns run(out, *extra_flags) -> the JSON written."""
+    import json
+
+    from salem_jax.baselines.requests import EditRequest
+    from salem_jax.models import hf
+    from salem_jax.testing import random_texts
+
+    model = hf.tiny("gpt2", seed=5)
+    monkeypatch.setenv("SALEM_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(GL, "load_model", lambda name: model)
+    monkeypatch.setattr(GL, "wikitext_texts", lambda n: random_texts(16))
+
+    def load_edits(name, n, proxy):
+        recs = _fake_records(name, n + proxy)
+        reqs = [EditRequest(r.prompt, r.subject, r.target_new, target_true=r.target_true, record_id=r.id)
+                for r in recs[:n]]
+        return recs[:n], reqs, recs[n : n + proxy]
+
+    monkeypatch.setattr(GL, "load_edits", load_edits)
+
+    def run(out, *flags, n=2, scorers="salem"):
+        argv = ["--datasets", "counterfact,zsre", "--n", str(n), "--proxy", "2", "--cov-tokens", "400",
+                "--prefixes", "1x3,1x4", "--v-steps", "3", "--scorers", scorers, "--boot", "50", "--layers", "h.0,h.1",
+                "--no-compile-cache", "--out", str(out), *flags]
+        assert GL.main(argv) == 0
+        return json.loads(out.read_text())
+
+    return run
+
+
+def _without_times(rep):
+    """The run's results, less its wall times (which differ between any two runs)."""
+    out = {"spill": rep.get("spill")}
+    for ds, r in rep["datasets"].items():
+        out[ds] = {"table": r["table"], "extra": r["extra"], "oracle_layers": r["oracle_layers"], "n": r["n"],
+                   "scorers": {k: (v if k == "lga_ip_dropped" else v[:2]) for k, v in r["scorer_choices"].items()},
+                   "ways": {w: {k: x for k, x in row.items() if k != "cost_s"} for w, row in r["ways"].items()}}
+    return out
+
+
+def test_resume_equals_an_uninterrupted_run_edit_for_edit(monkeypatch, tmp_path):
+    """A run stopped after 2 edits (before the France -> Rome check), resumed and stopped again after
+    1 edit (in the second data set), then resumed to the end, writes the same per-edit table,
+    CounterFact metrics, oracle, ways and spill check as one uninterrupted run; the resumed runs keep
+    the first run's scorer choices (not recomputed) and add to its sweep time."""
+    run = _tiny_run(monkeypatch, tmp_path)
+    whole = run(tmp_path / "whole.json")
+    assert whole["datasets"]["zsre"]["n"] == 2 and "spill" in whole
+    out = tmp_path / "parts.json"
+    first = run(out, "--stop-after-edits", "2")
+    assert list(first["datasets"]) == ["counterfact"] and first["datasets"]["counterfact"]["n"] == 2
+    assert "spill" not in first
+    second = run(out, "--resume", "--stop-after-edits", "1")
+    assert second["datasets"]["zsre"]["n"] == 1 and "spill" in second
+    last = run(out, "--resume")
+    assert _without_times(last) == _without_times(whole)
+    cf1, cf3 = first["datasets"]["counterfact"], last["datasets"]["counterfact"]
+    assert cf3["scorer_choices"] == cf1["scorer_choices"]  # seconds included: kept from the file
+    assert second["datasets"]["zsre"]["scorer_choices"] == last["datasets"]["zsre"]["scorer_choices"]
+    z2, z3 = second["datasets"]["zsre"], last["datasets"]["zsre"]
+    assert z3["sweep_seconds"] > z2["sweep_seconds"] and z3["edit_seconds"] > z2["edit_seconds"]
+    assert [r["edits_before"] for r in last["resumed"]] == [{"counterfact": 2}, {"counterfact": 2, "zsre": 1}]
+
+
+def test_resume_refuses_other_settings_or_records(monkeypatch, tmp_path):
+    """--resume names the file and the field that differs (settings, candidates, records) and
+    refuses a file that does not exist."""
+    run = _tiny_run(monkeypatch, tmp_path)
+    out = tmp_path / "r.json"
+    with pytest.raises(SystemExit, match="r.json does not exist"):
+        run(out, "--resume", scorers="none")
+    run(out, "--stop-after-edits", "1", scorers="none")
+    before = out.read_text()
+    for flags, field in ((["--v-steps", "4"], "'args.v_steps'"), (["--prefixes", "1x3"], "'args.prefixes'"),
+                         (["--layers", "h.1"], "'candidates'"), (["--cov-tokens", "300"], "'args.cov_tokens'")):
+        with pytest.raises(SystemExit, match=f"r.json: field {field}"):
+            run(out, "--resume", *flags, scorers="none")
+    with pytest.raises(SystemExit, match=f"r.json: field 'args.scorers'"):
+        run(out, "--resume")
+    with pytest.raises(SystemExit, match=r"r.json: field 'datasets.counterfact.record_ids'"):
+        run(out, "--resume", n=3, scorers="none")
+    assert out.read_text() == before  # nothing lost
