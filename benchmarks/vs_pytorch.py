@@ -20,7 +20,8 @@ Measured, each as the median of --repeats calls after a warm-up call:
   edit_1, edit_10  applying the editor to 1 / 10 requests (gradient pass + editor), batch mode
   val_<n>          the editor's validation over n groups (`mend.train.evaluate` vs a loop)
   saliency_row     the saliency pass, per row (`saliency.saliency_stats` over a micro-batch of
-                   8 rows vs a loop of one fwd+bwd per row over all MLP weights)
+                   8 rows vs a loop of one fwd+bwd per row over all MLP weights); also
+                   `saliency_row_by_gradients`, the per-example-gradient step (`by_gradients=True`)
   fwd_bwd          a plain forward+backward of the mean NLL w.r.t. all parameters, 8 rows
 and for salem-jax also the first call (trace + compile + run) and the "cached first call":
 the first call again after `jax.clear_caches()`, served by the persistent compilation cache
@@ -491,6 +492,13 @@ def bench_model_wide(model, pt, torch, args) -> dict:
     run_pt = pt_t["best"]
     out["saliency_row"] = {"jax_s": run / n, "torch_s": run_pt / n, "torch_by_threads": pt_t["threads"], "first_s": first, "cached_first_s": cached, "rows": n}
     print(f"  saliency per row: jax {run / n:.3f}s torch {run_pt / n:.3f}s", flush=True)
+
+    def jax_sal_grads():  # the per-example-gradient step (sharded parameters' path; the one-device path before session 19)
+        return jax.block_until_ready(saliency.saliency_stats(model, model.params, rows, micro_batch=n, progress=False, by_gradients=True).per_example)
+
+    first_g, run_g = _median_after_warmup(jax_sal_grads, args.repeats)
+    out["saliency_row_by_gradients"] = {"jax_s": run_g / n, "torch_s": run_pt / n, "first_s": first_g, "rows": n}
+    print(f"  saliency per row, per-example-gradient step: jax {run_g / n:.3f}s", flush=True)
 
     apply = model.apply
 

@@ -33,17 +33,22 @@ gradient of the mean target-token NLL of example x and W the weight:
 
 where colmean_layer(.) is eq. 3 then eq. 4 applied to a parameter-shaped array.
 
-Memory. `saliency_stats` never holds per-example gradients for more than one micro-batch: a jitted
-step takes `micro_batch` rows, computes their per-example gradients (`jax.vmap` of `jax.grad`
-over the whole parameter pytree), reduces each at once to per-column statistics and adds them to
-a fixed-size state. Peak memory is therefore about
+Memory. `saliency_stats` never holds per-example gradients for more than one micro-batch. On one
+device its jitted step (`_factor_step`) takes `micro_batch` rows, captures every tracked
+kernel's gradient factors (u, delta) in one forward and backward pass, and computes each row's
+column statistics from them tile by tile (see `_factor_column_stats`): no per-example gradient
+is ever whole in memory. With sharded parameters (and with `by_gradients=True`) the step
+(`_saliency_step`) computes the per-example gradients (`jax.vmap` of `jax.grad` over the whole
+parameter pytree), reduces each at once to per-column statistics and adds them to a fixed-size
+state. Peak memory of that step is about
 
     params  +  micro_batch x (one gradient of the tracked weights + activations of one example)
             +  3 x (columns of the tracked weights) x groups          (column statistics)
             +  groups x (tracked weights)                             (only with track_mean=True)
 
 whatever the number of examples (XLA drops the gradients of untracked leaves such as the
-embedding, which nothing reads). The step compiles once per (micro_batch, sequence length);
+embedding, which nothing reads); the factor step needs the activations and factors of the
+micro-batch instead of its gradients. Each step compiles once per (micro_batch, sequence length);
 `SaliencyStats.traces` counts the compilations. With parameters sharded over N devices every
 term is split N ways (per-example gradients and gradient sums like their weights, see
 `_grad_shardings`), plus the gathered weights (`salem_jax.sharding`); `lower_step` gives XLA's
@@ -69,8 +74,10 @@ from salem_jax.compile_cache import compilations
 from salem_jax.data.tokenize import pad_rows, slice_rows
 from salem_jax.locate.profile import LayerProfile, jsonable, top_k_layers
 from salem_jax.losses import example_nll, token_logprobs
+from salem_jax.mend.capture import capture
 from salem_jax.models.base import LoadedModel, Part, Weight, get_path
 from salem_jax.parallel import fetch
+from salem_jax.scored_logits import scored_labels, scored_logits, with_score_positions
 from salem_jax.sharding import mesh_of, put, rows_sharding, shardings, spec_like
 
 GROUPS = ("fail", "adapt", "pass")
@@ -386,6 +393,81 @@ def _saliency_step(apply, weights, layer_paths, track_mean, state_shardings, gra
     return new, per_ex
 
 
+# The factor path (one device; `saliency_stats` on unsharded parameters). A row's gradient of an
+# "in_out" kernel is G = u^T delta ([fan_in, fan_out], u [T, fan_in], delta [T, fan_out]: the
+# layer's input and the gradient w.r.t. its output, `salem_jax.mend.capture`), and every
+# statistic the pass keeps is a column statistic of G. So instead of materialising the
+# per-example gradients of all tracked weights (micro_batch x every tracked weight: 2.5 GB for 8
+# rows of SmolLM2's MLPs, written once and read per statistic), the step computes G one
+# [chunk, fan_out] tile of one row at a time inside a `lax.scan`, reduces the tile at once and
+# keeps only [fan_out] sums: the same flops, the tile stays in cache. The backward pass itself
+# computes no weight gradients (the factors are gradients w.r.t. zero perturbations), and the
+# LM head runs at the scored positions only (`scored_logits`). Same numbers as the
+# per-example-gradient step up to float32 summation order (tests/test_saliency.py).
+_TILE = 192  # input rows of G per tile (a divisor of fan_in is used; see `_tile_of`)
+
+
+def _tile_of(fan_in: int, target: int = _TILE) -> int:
+    """The largest divisor of fan_in that is <= target (static)."""
+    return max(c for c in range(1, min(fan_in, target) + 1) if fan_in % c == 0)
+
+
+def _factor_column_stats(u: jax.Array, delta: jax.Array, w_io: jax.Array) -> jax.Array:
+    """Column statistics of each row's kernel gradient G_r = u_r^T delta_r, never holding G_r whole.
+
+    u [m, T, fan_in], delta [m, T, fan_out], w_io [fan_in, fan_out] (the kernel in "in_out"
+    layout). Returns [m, 3, fan_out]: per output column j, the means over i of |G_r[i, j]|,
+    |G_r[i, j] * W[i, j]| and G_r[i, j]^2 (eq. 3 of the "salem", "grad_x_weight" and "mean_sq"
+    transforms)."""
+    m, t, fan_in = u.shape
+    c = _tile_of(fan_in)
+    n = fan_in // c
+    tiles = u.reshape(m, t, n, c).transpose(0, 2, 1, 3).reshape(m * n, t, c)  # tile k = (row k // n, cols k % n)
+    aw = jnp.abs(w_io)
+
+    def body(acc, xs):
+        ut, k = xs
+        r = k // n
+        g = ut.T @ jax.lax.dynamic_index_in_dim(delta, r, 0, keepdims=False)  # [c, fan_out]
+        a = jnp.abs(g)
+        wt = jax.lax.dynamic_slice_in_dim(aw, (k % n) * c, c, 0)
+        upd = jnp.stack([a.sum(0), (a * wt).sum(0), (g * g).sum(0)])
+        row = jax.lax.dynamic_index_in_dim(acc, r, 0, keepdims=False)
+        return jax.lax.dynamic_update_index_in_dim(acc, row + upd, r, 0), None
+
+    acc0 = jnp.zeros((m, 3, delta.shape[-1]), jnp.float32)
+    acc, _ = jax.lax.scan(body, acc0, (tiles, jnp.arange(m * n)))
+    return acc / fan_in
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(4,))
+def _factor_step(apply, weights, layer_paths, track_mean, state, params, batch, onehot):
+    """`_saliency_step`'s result (state + per-example layer scores) from the gradient factors:
+    see the comment above `_TILE`. One device only (the sharded path keeps `_saliency_step`)."""
+
+    def loss(logits, b):
+        labels, mask = scored_labels(b)
+        return example_nll(logits, labels, mask).sum()  # summed: each row's factors are its own
+
+    _, f = capture(lambda p, b: scored_logits(apply, p, b)[0], params, batch, weights, loss)
+    cols = {name: {} for name in _ELEMENTWISE}
+    new = {"cols": {}, "grad": {}}
+    for w in weights:
+        u = f[w.path].u.astype(jnp.float32)  # [m, T, fan_in]
+        d = f[w.path].delta.astype(jnp.float32)  # [m, T, fan_out]
+        W = get_path(params, w.path).astype(jnp.float32)
+        st = _factor_column_stats(u, d, W if w.layout == "in_out" else W.T)
+        for i, name in enumerate(_ELEMENTWISE):
+            cols[name][w.path] = st[:, i]
+        if track_mean:
+            spec = "rg,rti,rto->gio" if w.layout == "in_out" else "rg,rti,rto->goi"
+            new["grad"][w.path] = state["grad"][w.path] + jnp.einsum(spec, onehot, u, d)
+    for name in _ELEMENTWISE:
+        new["cols"][name] = {q: state["cols"][name][q] + onehot.T @ cols[name][q] for q in cols[name]}
+    per_ex = {name: _layer_stack(layer_paths, cols[name]) for name in _ELEMENTWISE}
+    return new, per_ex
+
+
 def _grad_shardings(params: Any, weights: Sequence[Weight], mesh) -> tuple | None:
     """Placement of each tracked weight's per-example gradients [m, a, b] on `mesh`: like the
     weight itself (every row's gradient split over all devices), None without a mesh.
@@ -424,8 +506,14 @@ def saliency_stats(
     micro_batch: int = 8,
     track_mean: bool = True,
     progress: bool = False,
+    by_gradients: bool = False,
 ) -> SaliencyStats:
     """Stream per-example saliency statistics over `data` (see the module docstring for memory).
+
+    On one device the step works from each row's gradient factors (`_factor_step`: the kernel
+    gradients are never materialised); `by_gradients=True` forces the per-example-gradient step
+    (`_saliency_step`, vmap of grad), which sharded parameters always use. Both give the same
+    numbers up to float32 summation order.
 
     data: a batch dict (every row a "fail" row), a `(batch, groups)` pair with one group name per
     row (rows past len(groups) must be padding with an all-zero label_mask), or an iterable of
@@ -444,8 +532,13 @@ def saliency_stats(
     if micro_batch < 1:
         raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
 
-    traces0 = compilations(_saliency_step)
+    step = _saliency_step if by_gradients or mesh_of(params) is not None else _factor_step
+    traces0 = compilations(step)
     static, state, put_rows = _step_setup(model, params, weights, layer_paths, G, micro_batch, track_mean)
+    if step is _factor_step:
+        static = static[:4]
+        # one K for every micro-batch (the most scored positions of any row): one compilation per length
+        k_pos = 1 << (max(1, max(int((np.asarray(b["label_mask"]) != 0).sum(-1).max(initial=0)) for b, _, _ in checked)) - 1).bit_length()
 
     total = sum(-(-n // micro_batch) for _, _, n in checked)
     bar = _progress(total, "saliency", progress)
@@ -456,7 +549,9 @@ def saliency_stats(
         for s, rows, mb in _micro_batches(b, n, micro_batch):
             onehot = np.zeros((micro_batch, G), np.float32)
             onehot[np.arange(rows), gidx[s : s + rows]] = 1.0
-            state, pe = _saliency_step(*static, state, params, {k: put_rows(v) for k, v in mb.items()}, put_rows(onehot))
+            if step is _factor_step:
+                mb = with_score_positions(mb, k_pos)
+            state, pe = step(*static, state, params, {k: put_rows(v) for k, v in mb.items()}, put_rows(onehot))
             pe = fetch(pe)
             for name in _ELEMENTWISE:
                 per_ex[name].append(np.asarray(pe[name])[:rows])
@@ -475,7 +570,7 @@ def saliency_stats(
         per_example={k: np.concatenate(v).astype(np.float64) for k, v in per_ex.items()},
         column_sums={k: {p: np.asarray(v, np.float64) for p, v in d.items()} for k, d in state["cols"].items()},
         grad_sums={p: np.asarray(v) for p, v in state["grad"].items()} if track_mean else None,  # float32: as big as the weights
-        traces=compilations(_saliency_step) - traces0,
+        traces=compilations(step) - traces0,
         wall_time=time.perf_counter() - t0,
     )
     return stats
