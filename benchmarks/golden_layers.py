@@ -61,8 +61,18 @@ METRICS = ("rewrite", "rephrase", "locality")
 SCORERS = ("salem", "contrast", "lga", "lga_ip", "causal_trace")
 
 
-def load_edits(name: str, n: int, proxy: int):
+def load_edits(name: str, n: int, proxy: int, proxy_at: int | None = None):
+    """(n evaluated records, their EditRequests, `proxy` proxy records) of data set `name`.
 
+    The usable records (subject in the prompt, a target, rephrases and locality prompts) are taken
+    in file order; the proxy set is the `proxy` of them from position `proxy_at` on (default n,
+    i.e. right after the evaluated ones) and the evaluated records are the first n of the others.
+    So a run with --n N --proxy-at N0 has the proxy set and, as its first N0 edits, the records of
+    a run with --n N0 (the file is read from its start, so a larger --n reads the same prefix):
+    it extends that run (--resume) without overlapping its proxy set."""
+    proxy_at = n if proxy_at is None else proxy_at
+    if not 0 <= proxy_at <= n:
+        raise SystemExit(f"--proxy-at {proxy_at}: must be between 0 and --n {n}")
     fname = "counterfact-preknown" if name == "counterfact" else "zsre"
     fmt = "counterfact" if name == "counterfact" else "zsre"
     recs = [r for r in read_records(find_data_file(fname), fmt, limit=20 * (n + proxy))
@@ -72,7 +82,8 @@ def load_edits(name: str, n: int, proxy: int):
     def req(r):
         return EditRequest(r.prompt, r.subject, r.target_new, relation=r.extra.get("relation_id"),
                            target_true=r.target_true, record_id=r.id)
-    ev, px = recs[:n], recs[n : n + proxy]
+    px = recs[proxy_at : proxy_at + proxy]
+    ev = recs[:proxy_at] + recs[proxy_at + proxy : n + proxy]
     return ev, [req(r) for r in ev], px
 
 
@@ -147,6 +158,9 @@ def main(argv=None) -> int:
     ap.add_argument("--datasets", default="counterfact,zsre")
     ap.add_argument("--n", type=int, default=20, help="edits per data set")
     ap.add_argument("--proxy", type=int, default=10, help="proxy edits per data set for the scorers")
+    ap.add_argument("--proxy-at", type=int, default=None,
+                    help="position of the proxy edits among the usable records (default --n: after the evaluated "
+                         "ones); to extend a finished --n N0 run to a larger --n with --resume, give --proxy-at N0")
     ap.add_argument("--layer-stride", type=int, default=3)
     ap.add_argument("--layer-offset", type=int, default=0)
     ap.add_argument("--layers", default="", help="candidate layers, comma separated (instead of stride / offset)")
@@ -246,7 +260,7 @@ def main(argv=None) -> int:
     # --- per data set: scorers on the proxy edits, then the sweep; the JSON is rewritten after every edit
     n_done_here = 0  # edits made by this process (--stop-after-edits / --stop-after-minutes)
     for ds in args.datasets.split(","):
-        recs, reqs, proxy = load_edits(ds, args.n, args.proxy)
+        recs, reqs, proxy = load_edits(ds, args.n, args.proxy, args.proxy_at)
         cf = ds == "counterfact"
         prev = report["datasets"].get(ds)
         if prev is not None:  # --resume: this data set's edits so far, its scorers' choices and times
@@ -348,11 +362,8 @@ def load_resume(path: Path, args, cand: list[str]) -> dict:
     done, want = list(rep.get("datasets", {})), args.datasets.split(",")
     if done != want[: len(done)]:
         raise SystemExit(f"--resume: {path}: field 'datasets' holds {done}, not the start of this run's --datasets {want}")
-    for ds in done[:-1]:
-        r = rep["datasets"][ds]
-        if r["n"] != r["n_planned"]:
-            raise SystemExit(f"--resume: {path}: datasets.{ds} has {r['n']} of {r['n_planned']} edits but a later data "
-                             "set was started")
+    # (an earlier data set may hold fewer edits than planned while a later one has started: a finished
+    # run extended to a larger --n with --proxy-at goes on with the first data set, then the next)
     for ds, r in rep["datasets"].items():
         missing = [k for k in ("record_ids", "proxy_ids", "scorer_choices", "table", "extra") if k not in r]
         if missing:
@@ -362,14 +373,19 @@ def load_resume(path: Path, args, cand: list[str]) -> dict:
 
 def check_records(path: Path, ds: str, prev: dict, recs, proxy) -> None:
     """SystemExit naming the file, data set and field when this run's evaluated or proxy records
-    differ from the ones the resumed run used (e.g. another --n, --proxy or data file)."""
+    differ from the ones the resumed run used (e.g. another --n, --proxy or data file). The file's
+    evaluated records may be a prefix of this run's (a run extended to a larger --n, --proxy-at);
+    its proxy records must be this run's."""
     for field, mine in (("record_ids", [r.id for r in recs]), ("proxy_ids", [r.id for r in proxy])):
         theirs = prev[field]
-        if theirs != mine:
+        ok = theirs == mine[: len(theirs)] if field == "record_ids" else theirs == mine
+        if not ok:
             j = next((i for i, (a, b) in enumerate(zip(theirs, mine)) if a != b), min(len(theirs), len(mine)))
+            hint = (f"; to extend the file's --n {len(prev['record_ids'])} run to --n {len(recs)}, give --proxy-at "
+                    f"{len(prev['record_ids'])}" if len(recs) > len(prev["record_ids"]) else "")
             raise SystemExit(f"--resume: {path}: field 'datasets.{ds}.{field}' differs from this run's records "
                              f"({len(theirs)} ids in the file, {len(mine)} here; first difference at position {j}); "
-                             "give the file's --n / --proxy or run without --resume")
+                             f"give the file's --n / --proxy / --proxy-at or run without --resume{hint}")
     if len(prev["table"]) > len(recs):
         raise SystemExit(f"--resume: {path}: datasets.{ds} holds {len(prev['table'])} edits, more than --n {len(recs)}")
 

@@ -89,7 +89,6 @@ def _tiny_run(monkeypatch, tmp_path):
     returns run(out, *extra_flags) -> the JSON written."""
     import json
 
-    from salem_jax.baselines.requests import EditRequest
     from salem_jax.models import hf
     from salem_jax.testing import random_texts
 
@@ -98,13 +97,9 @@ def _tiny_run(monkeypatch, tmp_path):
     monkeypatch.setattr(GL, "load_model", lambda name: model)
     monkeypatch.setattr(GL, "wikitext_texts", lambda n: random_texts(16))
 
-    def load_edits(name, n, proxy):
-        recs = _fake_records(name, n + proxy)
-        reqs = [EditRequest(r.prompt, r.subject, r.target_new, target_true=r.target_true, record_id=r.id)
-                for r in recs[:n]]
-        return recs[:n], reqs, recs[n : n + proxy]
-
-    monkeypatch.setattr(GL, "load_edits", load_edits)
+    # the benchmark's own load_edits (its choice of evaluated and proxy records) on 6 fake records per data set
+    monkeypatch.setattr(GL, "find_data_file", lambda fname: fname)
+    monkeypatch.setattr(GL, "read_records", lambda path, fmt, limit: _fake_records(fmt, 6)[:limit])
 
     def run(out, *flags, n=2, scorers="salem"):
         argv = ["--datasets", "counterfact,zsre", "--n", str(n), "--proxy", "2", "--cov-tokens", "400",
@@ -165,6 +160,39 @@ def test_resume_refuses_other_settings_or_records(monkeypatch, tmp_path):
             run(out, "--resume", *flags, scorers="none")
     with pytest.raises(SystemExit, match=f"r.json: field 'args.scorers'"):
         run(out, "--resume")
-    with pytest.raises(SystemExit, match=r"r.json: field 'datasets.counterfact.record_ids'"):
+    # a larger --n without --proxy-at moves the proxy set (records 3, 4 instead of 2, 3): refused, with the hint
+    with pytest.raises(SystemExit, match=r"r.json: field 'datasets.counterfact.proxy_ids'.*give --proxy-at 2"):
         run(out, "--resume", n=3, scorers="none")
+    # a smaller --n than the file's records, or another proxy position: the evaluated records differ
+    with pytest.raises(SystemExit, match=r"r.json: field 'datasets.counterfact.record_ids'"):
+        run(out, "--resume", "--proxy-at", "0", n=2, scorers="none")
     assert out.read_text() == before  # nothing lost
+
+
+def test_resume_extends_a_finished_run_to_a_larger_n(monkeypatch, tmp_path):
+    """A finished --n 2 run, resumed with --n 4 --proxy-at 2, writes the same per-edit tables, metrics,
+    oracle, ways and scorer choices as one uninterrupted --n 4 --proxy-at 2 run; its first 2 edits are
+    the --n 2 run's; the records (by hand: usable records 0-5, proxy 2 and 3) keep the proxy set out of
+    the evaluated edits. Then an extension stopped after its first new edit and resumed again."""
+    run = _tiny_run(monkeypatch, tmp_path)
+    whole = run(tmp_path / "whole.json", "--proxy-at", "2", n=4)
+    for ds in ("counterfact", "zsre"):
+        r = whole["datasets"][ds]
+        assert r["record_ids"] == [f"{ds}{i}" for i in (0, 1, 4, 5)] and r["proxy_ids"] == [f"{ds}2", f"{ds}3"]
+        assert r["n"] == 4
+    out = tmp_path / "ext.json"
+    small = run(out, n=2)
+    assert small["datasets"]["zsre"]["proxy_ids"] == ["zsre2", "zsre3"] and small["datasets"]["zsre"]["n"] == 2
+    part = run(out, "--resume", "--proxy-at", "2", "--stop-after-edits", "1", n=4)
+    assert part["datasets"]["counterfact"]["n"] == 3 and part["datasets"]["zsre"]["n"] == 2
+    ext = run(out, "--resume", "--proxy-at", "2", n=4)
+    w, e = _without_times(whole), _without_times(ext)
+    assert e.pop("spill") == small["spill"]  # France -> Rome: checked once, by the first run (its best layer)
+    w.pop("spill")
+    assert e == w
+    for ds in ("counterfact", "zsre"):
+        a, b = small["datasets"][ds], ext["datasets"][ds]
+        assert b["table"][:2] == a["table"] and b["extra"][:2] == a["extra"]
+        assert b["scorer_choices"] == a["scorer_choices"]  # seconds included: kept from the first run
+        assert b["sweep_seconds"] > a["sweep_seconds"] and b["n_planned"] == 4
+    assert [r["edits_before"] for r in ext["resumed"]] == [{"counterfact": 2, "zsre": 2}, {"counterfact": 3, "zsre": 2}]
