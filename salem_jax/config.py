@@ -238,6 +238,10 @@ class Eval:
     (salem_jax.eval.sequential) in each of sequential_modes (sequential | independent | batch); '' = off.
     mend_edit_scale: the MEND-based methods' edits times this (W - s * lr_W * pseudo_grad;
     `mend.apply.scaled_editor`): 1 = the trained editor's own edit; the editor trains at 1 either way.
+    mend_null_energy: > 0 = project each MEND edit's delta on every edited kernel onto the null space of
+    that kernel's input covariance over WikiText (AlphaEdit's P; the null space = C's smallest
+    eigen-directions holding at most this share of trace(C); `mend.nullspace`), mend_null_tokens tokens
+    of it (cached with the key statistics); 0 = off (the edit unchanged); evaluation only.
     batch_edits: causal LMs: apply every edit first, then score them in vmapped calls of up to 8 edits
     and generate before/after all edits in one batched call (the same numbers); False: score and
     generate each edit in its own call (session 12 measured the batched warm calls 0.61-0.74x of
@@ -261,6 +265,8 @@ class Eval:
     sequential: str = ""
     sequential_modes: str = "sequential,independent,batch"
     mend_edit_scale: float = 1.0
+    mend_null_energy: float = 0.0
+    mend_null_tokens: int = 100_000
     batch_edits: bool = True
 
 

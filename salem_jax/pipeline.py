@@ -62,6 +62,7 @@ from salem_jax.locate.plot import plot_profile
 from salem_jax.locate.choose import LocateConfig, locate
 from salem_jax.locate.trace_rows import rows_with_subject
 from salem_jax.mend.train import place_base_params, prepare_splits
+from salem_jax.mend.nullspace import check_energy
 from salem_jax.methods import Context, Method
 from salem_jax.models import hf, llama, load_model
 
@@ -421,6 +422,9 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
     scale = cfg.eval.get("mend_edit_scale", 1.0)
     if not (isinstance(scale, (int, float)) and np.isfinite(scale) and scale > 0):
         raise ValueError(f"config.eval.mend_edit_scale={scale!r}: give a finite number > 0 (1 = the trained editor's own edit)")
+    check_energy(cfg.eval.get("mend_null_energy", 0.0), "config.eval.mend_null_energy")
+    if cfg.eval.get("mend_null_energy", 0.0) and int(cfg.eval.get("mend_null_tokens", 100_000)) < 1:
+        raise ValueError(f"config.eval.mend_null_tokens={cfg.eval.mend_null_tokens!r}: give a number of tokens >= 1")
     records = timed(times, "read_records", read_records, cfg)
     model = timed(times, "load_model", load, cfg, records)
     say(f"model {model.name} ({model.arch}, {len(model.layers)} blocks) loaded in {times['load_model']:.1f}s")
@@ -606,6 +610,8 @@ def run_method(method: Method, ctx: Context, keep: list[dict], cf_records, times
     res = evaluate_method(ctx.model, edit, eval_rows, list(ctx.texts), ctx.cfg, method.name, keep=keep,
                           cf_records=cf_records, portability=portability, edit_each=edit_each)
     res["layers"] = list(layers)
+    if hasattr(prepared.info.get("null_projection"), "summary"):  # MEND edits projected (config.eval.mend_null_energy)
+        prepared.info["null_projection"] = res["null_projection"] = prepared.info["null_projection"].summary()
     if ctx.cfg.eval.sequential:  # many edits on the same weights (salem_jax.eval.sequential)
         t_many = time.perf_counter()
         res["many_edits"] = many.pipeline_study(ctx.model, prepared.edit, many_edit_rows(ctx.val_rows, prepared), keep,

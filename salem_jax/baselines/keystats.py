@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from salem_jax.baselines.rome import key_covariance, rome_weight
+from salem_jax.baselines.rome import key_covariance, key_covariances, rome_weight
 from salem_jax.data.paths import cache_dir, find_data_file
 from salem_jax.data.readers import read_text
 from salem_jax.data.tokenize import tokenize_texts
@@ -100,11 +100,7 @@ def cached_key_covariance(
     """`key_covariance` of `weight` over `texts` (at most `max_tokens` tokens), from the disk
     cache when an entry with the same model fingerprint, layer, window, token count and texts exists."""
     weight = rome_weight(model, weight)
-    th = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:12]
-    fp = model_fingerprint(model, params)
-    key = hashlib.sha256(f"{fp}|{weight.path}|{window}|{max_tokens}|{th}".encode()).hexdigest()[:16]
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model.name}-{weight.module_path}")
-    path = cache_dir(cache) / "key_stats" / f"{safe}-{max_tokens}tok-{key}.npz"
+    path, fp = _cache_path(model, params, weight, texts, window, max_tokens, cache)
     if path.exists():
         with np.load(path) as z:
             return CachedCovariance(np.asarray(z["cov"]), path, True, max_tokens)
@@ -112,6 +108,48 @@ def cached_key_covariance(
                                     max_tokens=max_tokens, progress=progress), np.float32)
     _atomic_save_npz(path, cov=cov, fingerprint=np.asarray(fp), layer=np.asarray(weight.path))
     return CachedCovariance(cov, path, False, max_tokens)
+
+
+def _cache_path(model, params, weight: Weight, texts: Sequence[str], window: int, max_tokens: int,
+                cache) -> tuple[Path, str]:
+    th = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:12]
+    fp = model_fingerprint(model, params)
+    key = hashlib.sha256(f"{fp}|{weight.path}|{window}|{max_tokens}|{th}".encode()).hexdigest()[:16]
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model.name}-{weight.module_path}")
+    return cache_dir(cache) / "key_stats" / f"{safe}-{max_tokens}tok-{key}.npz", fp
+
+
+def cached_key_covariances(
+    model,
+    params: Any,
+    weights: Sequence[Weight],
+    texts: Sequence[str],
+    *,
+    max_tokens: int = 100_000,
+    window: int = 128,
+    batch_size: int = 8,
+    cache: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict[str, CachedCovariance]:
+    """`cached_key_covariance` of several weights (the same cache entries): the ones not in the
+    cache computed together in one pass over the texts (`rome.key_covariances`)."""
+    out: dict[str, CachedCovariance] = {}
+    todo = []
+    for w in weights:
+        path, fp = _cache_path(model, params, w, texts, window, max_tokens, cache)
+        if path.exists():
+            with np.load(path) as z:
+                out[w.path] = CachedCovariance(np.asarray(z["cov"]), path, True, max_tokens)
+        else:
+            todo.append((w, path, fp))
+    if todo:
+        covs = key_covariances(model, params, [w for w, _, _ in todo], texts, window=window, batch_size=batch_size,
+                               max_tokens=max_tokens, progress=progress)
+        for w, path, fp in todo:
+            cov = np.asarray(covs[w.path], np.float32)
+            _atomic_save_npz(path, cov=cov, fingerprint=np.asarray(fp), layer=np.asarray(w.path))
+            out[w.path] = CachedCovariance(cov, path, False, max_tokens)
+    return {w.path: out[w.path] for w in weights}
 
 
 # --------------------------------------------------------------------------- the solver

@@ -18,8 +18,10 @@ from typing import Any
 import numpy as np
 
 from salem_jax import config
+from salem_jax.baselines.keystats import wikitext_texts
 from salem_jax.mend.apply import TrainedEditor, apply_each, apply_edits, load_editor, scaled_editor
 from salem_jax.mend.train import TrainConfig, train_editor
+from salem_jax.mend.nullspace import check_energy, null_projection, projected_edit_each_fn, projected_edit_fn
 from salem_jax.methods.registry import Context, Method, Prepared
 from salem_jax.methods.rows import target
 
@@ -90,8 +92,32 @@ def prepare_mend(ctx: Context, layers: tuple[str, ...], name: str) -> Prepared:
         editor = scaled_editor(editor, scale)
         info["edit_scale"] = scale
     like = ctx.data["val"].fail if ctx.data and "val" in ctx.data else None
-    return Prepared(edit=mend_edit_fn(ctx.model, editor, like=like), info=info,
-                    edit_each=mend_edit_each_fn(ctx.model, editor, like=like))
+    edit, edit_each = mend_edit_fn(ctx.model, editor, like=like), mend_edit_each_fn(ctx.model, editor, like=like)
+    edit, edit_each = with_null_projection(ctx.model, ctx.cfg, editor.spec.weights, edit, edit_each, info,
+                                           say=lambda m: ctx.say(f"{name}: {m}"))
+    return Prepared(edit=edit, info=info, edit_each=edit_each)
+
+
+def with_null_projection(model, cfg, weights, edit, edit_each, info: dict, say=print):
+    """(edit, edit_each) with every edit's delta on each kernel of `weights` projected on the null
+    space of that kernel's input covariance (`mend.nullspace`; config.eval.mend_null_energy > 0,
+    covariance over config.eval.mend_null_tokens tokens of WikiText, from the key-statistics
+    cache when there); with energy 0 (the default) the very same two functions, untouched.
+    info["null_projection"] holds the `NullProjection` (per-kernel null dimension, and the norm
+    share of each edit that survives, filled as edits are made); the pipeline replaces it by its
+    summary after the evaluation."""
+    energy = check_energy(cfg.eval.get("mend_null_energy", 0.0), "config.eval.mend_null_energy")
+    if energy == 0:
+        return edit, edit_each
+    t = time.perf_counter()
+    proj = null_projection(model, model.params, weights, energy, wikitext_texts(data_dir=cfg.data_dir or None),
+                           max_tokens=int(cfg.eval.get("mend_null_tokens", 100_000)), progress=cfg.progress)
+    info["null_projection"] = proj
+    say(f"edits projected on the null space of each kernel's input covariance (energy {energy:g}; "
+        + ", ".join(f"{p}: null dim {v['null_dim']} of {v['fan_in']}" for p, v in proj.info.items())
+        + f"; {time.perf_counter() - t:.1f}s)")
+    return (projected_edit_fn(edit, proj),
+            None if edit_each is None else projected_edit_each_fn(edit_each, proj))
 
 
 def top_salient(ctx: Context, n: int) -> tuple[str, ...]:

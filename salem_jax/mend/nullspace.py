@@ -1,0 +1,153 @@
+"""AlphaEdit's null-space projection applied to a MEND edit (`config.eval.mend_null_energy`).
+
+MEND edits a kernel W [in, out] (flax layout, `y = x @ W`) by dW = -lr_W * sum_t u~_t^T delta~_t:
+its rows live in the span of the (transformed) inputs u of the edit prompt, and nothing keeps
+them away from the inputs k the model sees on other text, so the edit also moves k W for other
+facts (the keep set's drawdown). AlphaEdit (Fang et al. 2025) removes that by construction:
+with C = E[k k^T] [in, in] the uncentred covariance of the kernel's inputs over plain text and
+P = U0 U0^T [in, in] the projector on C's low-energy eigenvectors U0 (the "null space": the
+smallest eigen-directions whose eigenvalues sum to at most `energy` x trace(C),
+`keystats.CovSolver.null_projection`), the projected edit dW' = P dW gives k dW' = (P k)^T dW = 0
+for every k in the span of the kept (high-energy) eigenvectors, and E|k dW'|^2 <= energy x
+|dW|^2 E|k|^2 over text keys. Here the projection is applied to the edit a trained MEND editor
+produces (no retraining): what survives is the part of MEND's edit that already lay in the null
+space, so it tests whether the editor's edits can be made specific after the fact.
+
+Per edited kernel, with its own input's covariance (a block's gate/up kernels read the same
+[in = width] input, its down kernel reads the [in = MLP width] activation): computed once with
+`baselines.keystats.cached_key_covariances` (the AlphaEdit / ROME key-statistics cache, keyed by
+the model fingerprint and kernel path; the kernels missing from it in one pass over the text).
+
+Kernels stored "out_in" (GPT-2's Conv1D: W [out, in], `y = x @ W.T`) are projected on their input
+side too: dW' = dW P.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from salem_jax.baselines.keystats import cached_key_covariances, covariance_solver
+from salem_jax.models.base import Weight, get_path, set_path
+
+
+def check_energy(energy: Any, where: str = "config.eval.mend_null_energy") -> float:
+    """`energy` as a float in (0, 1] (the share of trace(C) the null space may hold; 1 = every
+    direction, i.e. no projection) or 0 (off). Anything else raises ValueError naming `where`."""
+    if isinstance(energy, bool) or not isinstance(energy, (int, float, np.floating, np.integer)):
+        raise ValueError(f"{where}={energy!r}: give a number in (0, 1] (the null space's share of trace(C)) or 0 = off")
+    e = float(energy)
+    if not np.isfinite(e) or e < 0 or e > 1:
+        raise ValueError(f"{where}={energy!r}: give a number in (0, 1] (the null space's share of trace(C); "
+                         "small = a strong projection) or 0 = off")
+    return e
+
+
+def project_delta(base: Any, edited: Any, projection: Any, layout: str = "in_out") -> jnp.ndarray:
+    """base + P (edited - base) for a kernel stored [in, out] ("in_out"), base + (edited - base) P
+    for one stored [out, in] ("out_in"); P [in, in]. Computed in float32, returned in base's dtype.
+
+    Pure: the edit's delta projected on the input side, so that for any input k with P k = 0 the
+    edited kernel gives the base kernel's output (k W' = k W)."""
+    b = jnp.asarray(base)
+    delta = jnp.asarray(edited, jnp.float32) - b.astype(jnp.float32)
+    p = jnp.asarray(projection, jnp.float32)
+    if layout == "in_out":
+        if p.shape != (b.shape[0], b.shape[0]):
+            raise ValueError(f"projection of shape {p.shape} does not match an [in, out] kernel of shape {b.shape}")
+        out = p @ delta
+    elif layout == "out_in":
+        if p.shape != (b.shape[1], b.shape[1]):
+            raise ValueError(f"projection of shape {p.shape} does not match an [out, in] kernel of shape {b.shape}")
+        out = delta @ p
+    else:
+        raise ValueError(f"unknown kernel layout {layout!r}; expected 'in_out' or 'out_in'")
+    return (b.astype(jnp.float32) + out).astype(b.dtype)
+
+
+@dataclasses.dataclass
+class NullProjection:
+    """P per edited kernel, and what it cost the edits (filled as edits are projected).
+
+    projections: {kernel path: P [in, in] float32}; info: per path the input width, the null
+    space's dimension, the eigenvalue share it holds, the covariance cache file; `retained`: per
+    path the Frobenius norm ratio |P dW| / |dW| of every edit projected so far."""
+
+    energy: float
+    weights: tuple[Weight, ...]
+    projections: dict
+    info: dict
+    retained: dict = dataclasses.field(default_factory=dict)
+
+    def project(self, before: Any, after: Any) -> Any:
+        """`after` (an edit of `before`) with each edited kernel's delta projected (`project_delta`);
+        every other leaf is `after`'s own. Records |P dW| / |dW| per kernel."""
+        out = after
+        for w in self.weights:
+            b, a = get_path(before, w.path), get_path(after, w.path)
+            new = project_delta(b, a, self.projections[w.path], w.layout)
+            d0 = float(jnp.linalg.norm(jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32)))
+            d1 = float(jnp.linalg.norm(new.astype(jnp.float32) - jnp.asarray(b, jnp.float32)))
+            self.retained.setdefault(w.path, []).append(d1 / d0 if d0 > 0 else float("nan"))
+            out = set_path(out, w.path, new)
+        return out
+
+    def summary(self) -> dict:
+        """JSON-ready: energy, per-kernel info and the mean / min / max retained norm ratio."""
+        per = {}
+        for w in self.weights:
+            r = np.asarray(self.retained.get(w.path, []), float)
+            per[w.path] = {**self.info[w.path], "edits": int(r.size),
+                           **({"retained_mean": float(np.nanmean(r)), "retained_min": float(np.nanmin(r)),
+                               "retained_max": float(np.nanmax(r))} if r.size else {})}
+        return {"energy": self.energy, "kernels": per}
+
+
+def null_projection(model, params: Any, weights: Sequence[Weight], energy: float, texts: Sequence[str], *,
+                    max_tokens: int = 100_000, window: int = 128, batch_size: int = 8,
+                    cache: str | os.PathLike | None = None, progress: bool = True) -> NullProjection:
+    """The AlphaEdit projector of each kernel in `weights` for `energy` in (0, 1]: C of that
+    kernel's input over `texts` (at most `max_tokens` tokens, from the key-statistics cache when
+    there) and P = U0 U0^T [in, in] with U0 C's smallest eigenvectors holding <= energy x trace(C)."""
+    energy = check_energy(energy, "energy")
+    if energy == 0:
+        raise ValueError("energy 0 means no projection; do not build one")
+    projections, info = {}, {}
+    covs = cached_key_covariances(model, params, weights, texts, max_tokens=max_tokens, window=window,
+                                  batch_size=batch_size, cache=cache, progress=progress)
+    for w in weights:
+        cc = covs[w.path]
+        fan_in = w.in_out_shape(tuple(get_path(params, w.path).shape))[0]
+        if cc.cov.shape != (fan_in, fan_in):
+            raise ValueError(f"{w.path}: the input covariance has shape {cc.cov.shape}, expected ({fan_in}, {fan_in})")
+        solver = covariance_solver(cc.cov)
+        p = solver.null_projection(energy)
+        n0 = int(round(np.trace(p)))
+        info[w.path] = {"fan_in": fan_in, "null_dim": n0,
+                        "null_energy_share": float(solver.evals[:n0].sum() / solver.evals.sum()),
+                        "cache_file": str(cc.path), "from_cache": cc.from_cache}
+        projections[w.path] = np.asarray(p, np.float32)
+    return NullProjection(energy, tuple(weights), projections, info)
+
+
+def projected_edit_fn(edit: Callable, proj: NullProjection) -> Callable:
+    """edit(params, rows) -> params with the edit's delta on each kernel projected (relative to
+    the `params` it was applied to, so a sequence of edits projects each one's own step)."""
+
+    def projected(params, rows):
+        return proj.project(params, edit(params, rows))
+
+    return projected
+
+
+def projected_edit_each_fn(edit_each: Callable, proj: NullProjection) -> Callable:
+    """edit_each(params, rows) -> [each row's edit of params, projected]."""
+
+    def projected(params, rows):
+        return [proj.project(params, p) for p in edit_each(params, rows)]
+
+    return projected
