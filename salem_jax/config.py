@@ -202,8 +202,9 @@ class LocateEdit:
     """Methods rrome / memit / emmet / alphaedit (salem_jax.methods.locate_edit): layer '' = the top layer
     of layer_from ("saliency": the profile's scorer, or "trace"); the band editors edit `band` blocks
     ending there; key statistics from cov_tokens tokens of `texts` (wikitext | held_out), cached on
-    disk; n_prefixes prefixes (half of 5, half of 10 tokens) for the keys; the rest are
-    baselines.locate_edit.EditorConfig's fields (v* as ROME's GPT-2 XL values)."""
+    disk; n_prefixes prefixes (half of 5, half of 10 tokens) for the keys; alpha_preserve > 0: AlphaEdit's
+    memory starts with the keys of that many train fail rows (methods.locate_edit.preserved_state); the
+    rest are baselines.locate_edit.EditorConfig's fields (v* as ROME's GPT-2 XL values)."""
 
     layer: str = ""
     layer_from: str = "saliency"
@@ -223,6 +224,7 @@ class LocateEdit:
     alpha_energy: float = _EDIT.alpha_energy
     alpha_threshold: float = _EDIT.alpha_threshold
     alpha_l2: float = _EDIT.alpha_l2
+    alpha_preserve: int = 0  # AlphaEdit: its memory starts with the keys of this many train fail rows (0: empty)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -315,3 +315,66 @@ def test_alphaedit_sequential_batches_carry_projection_and_keys(tmp_path, monkey
     one_call = alphaedit_edit(model, p0, reqs, layers=("h.1",), stats=stats, config=ec, progress=False)
     np.testing.assert_allclose(out_in(one_call.params, w), out_in(seen[1], w), rtol=1e-5, atol=1e-7)
     assert isinstance(ec, EditorConfig) and one_call.state.n_edits == 4
+
+
+def test_alphaedit_memory_starts_with_the_preserved_train_keys(tmp_path, monkeypatch):
+    """config.locate_edit.alpha_preserve = 2: AlphaEdit's memory starts with the keys of the first two
+    train fail rows whose subject occurs in the prompt (on the base weights), in every fresh state
+    (the one-at-a-time evaluation's too) and under the edits' keys in a sequence. Checked against
+    numpy solves of dW = R K^T P ((K K^T + K_f K_f^T + K_1 K_1^T) P + l2 I)^-1 with keys computed
+    one prompt at a time."""
+    from salem_jax.baselines.locate_edit import apply_delta, out_in
+    from salem_jax.baselines.mass_edit import keys_of
+    from salem_jax.baselines.rome import compute_key, compute_value, rome_weight
+    from salem_jax.methods.locate_edit import editor_config
+
+    model, cfg, _, stats, rows, reqs = _batch_setup(tmp_path, monkeypatch, (), alpha_energy=0.5, alpha_l2=0.1,
+                                                    alpha_preserve=2)
+    from salem_jax.methods.registry import Context
+    from test_pipeline_baselines import TEXTS
+
+    train = [("the river of spain is", "portugal", "x"),  # subject not in the prompt: skipped
+             ("the capital of italy is", "italy", "x"), ("the pass row of egypt", "egypt", "x"),
+             ("the currency of brazil is", "brazil", "x"), ("the capital of kenya is", "kenya", "x")]
+    train_rows = [dict(id=f"t{i}", record_id=f"tr{i}", prompt=p, target=t, group="pass" if i == 2 else "fail")
+                  for i, (p, _, t) in enumerate(train)]
+    subjects = {f"r{i}": s for i, (_, s, _) in enumerate(BATCH_FACTS)}
+    subjects.update({f"tr{i}": s for i, (_, s, _) in enumerate(train)})
+    ctx = Context(model=model, cfg=cfg, work=tmp_path, texts=tuple(TEXTS), subjects=subjects, val_rows=rows,
+                  train_rows=train_rows)
+    prepared = methods.get("alphaedit").prepare(ctx, ("h.1",))
+    assert prepared.info["preserved_keys"] == 2
+    p0 = model.params
+    p1 = prepared.edit(p0, rows[:2])
+    p2 = prepared.edit(p1, rows[2:])
+    single = prepared.edit(p0, rows[:1])  # a fresh state again: the seed only, no keys of the sequence
+
+    w = rome_weight(model, "h.1")
+    vcfg = editor_config(cfg).value
+    P = stats.solver(w).null_projection(cfg.locate_edit.alpha_energy)
+    l2 = cfg.locate_edit.alpha_l2
+    Kf = np.stack([np.asarray(compute_key(model, p0, w, p, s)[0], np.float64) for p, s, _ in (train[1], train[3])], 1)
+
+    def update(p, rs, prior):
+        K = np.stack([np.asarray(compute_key(model, p, w, r.prompt, r.subject)[0], np.float64) for r in rs], 1)
+        vo = [compute_value(model, p, w, r.prompt, r.subject, r.target_new, vcfg, progress=False) for r in rs]
+        R = np.stack([np.asarray(v, np.float64) - np.asarray(o, np.float64) for v, o, _ in vo], 1)
+        return R @ K.T @ P @ np.linalg.inv((K @ K.T + prior) @ P + l2 * np.eye(len(P)))
+
+    d1 = update(p0, reqs[:2], Kf @ Kf.T)
+    K1 = keys_of(model, apply_delta(p0, w, d1), w, reqs[:2], ("",))
+    d2 = update(apply_delta(p0, w, d1), reqs[2:], Kf @ Kf.T + K1 @ K1.T)
+    ds = update(p0, reqs[:1], Kf @ Kf.T)
+    tol = lambda d: dict(rtol=1e-3, atol=1e-3 * np.abs(d).max())  # noqa: E731
+    np.testing.assert_allclose(out_in(p1, w) - out_in(p0, w), d1, **tol(d1))
+    np.testing.assert_allclose(out_in(p2, w) - out_in(p1, w), d2, **tol(d2))
+    np.testing.assert_allclose(out_in(single, w) - out_in(p0, w), ds, **tol(ds))
+    d1_empty = update(p0, reqs[:2], 0.0)
+    assert np.abs(d1 - d1_empty).max() > 1e-2 * np.abs(d1).max()  # the preserved keys change the update
+
+    cfg.locate_edit.alpha_preserve = 5  # only 3 train fail rows have their subject in the prompt
+    with pytest.raises(ValueError, match="alpha_preserve=5: the train split has only 3 fail rows"):
+        methods.get("alphaedit").prepare(ctx, ("h.1",))
+    cfg.locate_edit.alpha_preserve = 2
+    with pytest.raises(ValueError, match="alpha_preserve=2 seeds AlphaEdit's memory; emmet"):
+        methods.get("emmet").prepare(ctx, ("h.1",))

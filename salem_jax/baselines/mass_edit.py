@@ -59,6 +59,34 @@ class AlphaEditState:
     prior: dict = dataclasses.field(default_factory=dict)
     projection: dict = dataclasses.field(default_factory=dict)
     n_edits: int = 0
+    n_preserved: int = 0  # keys of facts not edited that the memory started with (`preserving`)
+
+    @classmethod
+    def preserving(cls, keys: dict) -> "AlphaEditState":
+        """A fresh memory that starts with the keys of m facts to preserve, per kernel path K_f [in, m]:
+        prior = K_f K_f^T. AlphaEdit's update then spares them exactly as it spares the keys of its own
+        earlier edits (its `cache_c`, the ||dW P K_p||^2 term of its objective): with only the
+        edits' keys in the memory, the subject keys of facts never edited are protected by the null
+        space P alone, and P (from plain text's keys) need not cover subject-position keys."""
+        if not keys:
+            raise ValueError("AlphaEditState.preserving: no keys given (a dict kernel path -> K_f [in, m])")
+        ms = set()
+        prior = {}
+        for path, K in keys.items():
+            K = np.asarray(K, np.float64)
+            if K.ndim != 2 or K.shape[1] < 1 or not np.all(np.isfinite(K)):
+                raise ValueError(f"AlphaEditState.preserving: keys of {path!r} must be a finite [in, m >= 1] array, "
+                                 f"got shape {K.shape}")
+            prior[path], _ = K @ K.T, ms.add(K.shape[1])
+        if len(ms) != 1:
+            raise ValueError(f"AlphaEditState.preserving: every layer needs the keys of the same facts; got counts {sorted(ms)}")
+        return cls(prior=prior, n_preserved=ms.pop())
+
+    def copy(self) -> "AlphaEditState":
+        """An independent copy (the prior arrays are replaced, never changed in place, so a shallow
+        copy of the dicts suffices)."""
+        return AlphaEditState(prior=dict(self.prior), projection=dict(self.projection), n_edits=self.n_edits,
+                              n_preserved=self.n_preserved)
 
 
 # --------------------------------------------------------------------------- residual stream

@@ -24,7 +24,8 @@ from typing import Any
 
 from salem_jax.baselines.editors import get_editor, layers_for
 from salem_jax.baselines.keystats import KeyStats, wikitext_texts
-from salem_jax.baselines.locate_edit import EditorConfig
+from salem_jax.baselines.locate_edit import EditorConfig, to_weights
+from salem_jax.baselines.mass_edit import AlphaEditState, keys_of
 from salem_jax.baselines.requests import EditRequest
 from salem_jax.baselines.rome import CLAMP_NORMS, ROMEConfig
 from salem_jax.locate.trace_rows import subject_in_prompt
@@ -82,6 +83,34 @@ def check(ctx: Context) -> None:
     for field in ("band", "batch_size", "cov_tokens"):
         if int(e[field]) < 1:
             raise ValueError(f"config.locate_edit.{field} must be >= 1, got {e[field]}")
+    if int(e.alpha_preserve) < 0:
+        raise ValueError(f"config.locate_edit.alpha_preserve must be >= 0, got {e.alpha_preserve}")
+
+
+def preserved_state(ctx: Context, name: str, layers: tuple[str, ...], stats: KeyStats, ec: EditorConfig):
+    """AlphaEdit's starting memory with the keys of config.locate_edit.alpha_preserve facts it must not
+    change (`AlphaEditState.preserving`): the first that many train fail rows whose subject occurs in
+    the prompt (never an edited val row, never the keep set), keys per band layer on the base weights
+    (averaged over the prefixes when the editor uses them) [in, m]."""
+    n = int(ctx.cfg.locate_edit.alpha_preserve)
+    if name != "alphaedit":
+        raise ValueError(f"config.locate_edit.alpha_preserve={n} seeds AlphaEdit's memory; {name} has none "
+                         "(set it to 0, or run alphaedit alone)")
+    rows = [r for r in ctx.train_rows if r["group"] == "fail"]
+    reqs = []
+    for r in rows:
+        s = subject_in_prompt(r["prompt"], ctx.subjects.get(r["record_id"], ""))
+        if s is not None:
+            reqs.append(EditRequest(r["prompt"], s, r["target"], record_id=r["id"]))
+        if len(reqs) == n:
+            break
+    if len(reqs) < n:
+        raise ValueError(f"config.locate_edit.alpha_preserve={n}: the train split has only {len(reqs)} fail rows "
+                         f"(of {len(rows)}) whose subject occurs in the prompt")
+    model = ctx.model
+    prefixes = stats.prefixes() if ec.use_prefixes else ("",)
+    _, weights = to_weights(model, layers)
+    return AlphaEditState.preserving({w.path: keys_of(model, model.params, w, reqs, prefixes) for w in weights})
 
 
 def _prepare(name: str):
@@ -98,6 +127,7 @@ def _prepare(name: str):
         for w in layers:
             stats.solver(w)  # fit (or read) the statistics now, so their cost is the method's preparation
         ec, fn, subjects = editor_config(cfg), get_editor(name), ctx.subjects
+        fresh = preserved_state(ctx, name, layers, stats, ec) if e.alpha_preserve else None
 
         # A sequence of edits continues the editor's state (AlphaEdit: the keys of the earlier edits,
         # its `cache_c`) exactly when edit() is called on the parameters its previous call returned
@@ -113,7 +143,7 @@ def _prepare(name: str):
                     raise ValueError(f"{name}: row {r['id']!r}: the subject of record {r['record_id']!r} "
                                      f"({subjects.get(r['record_id'], '')!r}) does not occur in the prompt {r['prompt']!r}")
                 reqs.append(EditRequest(r["prompt"], s, r["target"], record_id=r["id"]))
-            state = last["state"] if params is last["params"] else None
+            state = last["state"] if params is last["params"] else (fresh.copy() if fresh is not None else None)
             cache = {"values": base_values(params)} if name != "rrome" and params is model.params else {}
             out = fn(model, params, reqs, layers=layers, stats=stats, config=ec, state=state, progress=False, **cache)
             last.update(params=out.params, state=out.state)
@@ -121,6 +151,7 @@ def _prepare(name: str):
 
         eval_rows, skipped = rome_val_rows(ctx.val_rows, ctx.subjects, cfg.eval.max_edits)
         info = dict(layers=list(layers), covariance=stats.report(), steps=e.v_steps, seconds=time.perf_counter() - t,
+                    preserved_keys=fresh.n_preserved if fresh is not None else 0,
                     layer_from="config.locate_edit.layer" if e.layer else e.layer_from, skipped_edits=len(skipped))
         if skipped:
             ctx.say(f"{name}: {len(skipped)} val fail rows without their subject in the prompt are skipped")
