@@ -319,6 +319,31 @@ def test_factor_column_stats_equal_numpy_on_a_kernel_whose_fan_in_needs_several_
         np.testing.assert_allclose(got, want, rtol=2e-5)
 
 
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+def test_group_grad_sums_equal_numpy_for_mixed_single_group_and_padded_micro_batches(layout):
+    """`_add_group_grad_sums` (one masked contraction per group present, added in place under
+    lax.cond) against a numpy loop over rows, on a non-zero accumulator: a micro-batch with every
+    group, one with a single group and padding, one of padding only (the sums unchanged)."""
+    rng = np.random.default_rng(1)
+    m, t, fan_in, fan_out, G = 4, 3, 7, 5, 3
+    u = rng.normal(size=(m, t, fan_in)).astype(np.float32)
+    d = rng.normal(size=(m, t, fan_out)).astype(np.float32)
+    for groups in ([0, 1, 2, 1], [2, 2, None, None], [None] * 4):
+        onehot = np.zeros((m, G), np.float32)
+        for r, g in enumerate(groups):
+            if g is not None:
+                onehot[r, g] = 1.0
+        acc = rng.normal(size=(G, fan_in, fan_out)).astype(np.float32)
+        want = acc.astype(np.float64).copy()
+        for r, g in enumerate(groups):
+            if g is not None:
+                want[g] += u[r].astype(np.float64).T @ d[r]
+        if layout == "out_in":
+            acc, want = acc.transpose(0, 2, 1).copy(), want.transpose(0, 2, 1)
+        got = np.asarray(jax.jit(S._add_group_grad_sums, static_argnums=4)(acc, onehot, u, d, layout))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=str(groups))
+
+
 def _out_in_model():
     """A tiny causal model whose first layer's kernel is stored [out, in] (GPT-2 Conv1D's
     layout, y = x @ W.T) and whose second is [in, out]: both layouts through the factor step."""
