@@ -198,25 +198,9 @@ def _keys_values(apply, module_path, params, batch, idx):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _moment(apply, module_path, params, batch):
-    seen = {}
-
-    def on_call(x, y):
-        seen["x"] = x
-        return y
-
-    with nn.intercept_methods(_interceptor(module_path, on_call)):
-        apply(params, batch)
-    if "x" not in seen:
-        raise KeyError(f"module {module_path!r} was never called by the model; check the weight path")
-    x = seen["x"].astype(jnp.float32) * batch["attention_mask"][..., None].astype(jnp.float32)
-    x = x.reshape(-1, x.shape[-1])
-    return x.T @ x, batch["attention_mask"].sum()
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
 def _moments(apply, module_paths, params, batch):
-    """`_moment` of several modules from one forward pass: ({module path: x^T x}, token count)."""
+    """x^T x of the inputs x [tokens, in] of each module in `module_paths` (padding masked out), from
+    one forward pass: ({module path: [in, in] float32}, token count)."""
     seen = {}
 
     def interceptor(next_fun, args, kwargs, context):
@@ -257,29 +241,8 @@ def key_covariance(
     token of `texts`, cut into disjoint windows of `window` tokens: [in, in] float32.
     `weight` may be a layer name. `max_tokens` caps the number of tokens used."""
     weight = rome_weight(model, weight)
-    _check_no_remat(model)
-    window = min(window, model.max_length)
-    toks = tokenize_texts(model, texts, where="key_covariance texts")
-    if max_tokens is not None:
-        kept, n = [], 0
-        for t in toks:
-            if n >= max_tokens:
-                break
-            kept.append(t[: max_tokens - n])
-            n += len(kept[-1])
-        toks = kept
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-    wins = token_windows(toks, window, window, pad)
-    n_win = wins["input_ids"].shape[0]
-    if n_win == 0:
-        raise ValueError("key_covariance: no text has 2 or more tokens")
-    total, count = None, 0
-    for start in tqdm(range(0, n_win, batch_size), desc="key statistics", disable=not progress):
-        batch = pad_rows(slice_rows(wins, start, start + batch_size), batch_size)
-        s, c = _moment(model.apply, weight.module_path, params, batch)
-        total = s if total is None else total + s
-        count += int(c)
-    return total / count
+    return key_covariances(model, params, [weight], texts, window=window, batch_size=batch_size, max_tokens=max_tokens,
+                           progress=progress)[weight.path]
 
 
 def key_covariances(
