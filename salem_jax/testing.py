@@ -81,3 +81,43 @@ def capital_edit_rows(countries: Iterable[str], cities: Iterable[str], tag: str)
             rows.append(dict(id=f"{tag}:{c}:p{j}", record_id=f"{tag}:{c}:p{j}", group="pass", prompt=p.format(c), target=t,
                              label=-1, text_pair=""))
     return rows
+
+
+def noisy_editor(model, layers: Iterable[str], *, noise: float = 0.05, lr_scale: float = 30.0, seed: int = 0):
+    """A MEND editor (`TrainedEditor`, step 0) on `layers`' weights whose nets are not the identity:
+    seeded normal noise of std `noise` on every net weight and every edit rate times `lr_scale`, so
+    that an edit moves every edited kernel visibly and differently from one plain gradient step."""
+    import jax
+
+    from salem_jax.mend.apply import TrainedEditor
+    from salem_jax.mend.editor import EditorSpec, init_editor
+
+    spec = EditorSpec.from_params(model.layers.weights(list(layers)), model.params)
+    params, state = init_editor(spec, jax.random.PRNGKey(seed))
+    leaves, tree = jax.tree.flatten(params["nets"])
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+    nets = jax.tree.unflatten(tree, [x + noise * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+    params = {"nets": nets, "lr": jax.tree.map(lambda x: x * lr_scale, params["lr"])}
+    return TrainedEditor(spec=spec, params=params, state=state, model_name=model.name, step=0)
+
+
+def module_inputs(model, module_path: str, text: str) -> np.ndarray:
+    """The inputs [T, in] (float64) of the module at `module_path` at every token of `text`, read by
+    hand with flax's method interception on one unpadded forward pass (the last call of the module
+    wins): an independent reading of the keys the key statistics and editors collect."""
+    import flax.linen as nn
+
+    ids = np.asarray([model.tokenizer(text)["input_ids"]], np.int32)
+    seen = {}
+
+    def icpt(f, args, kwargs, ctx):
+        y = f(*args, **kwargs)
+        if ctx.method_name == "__call__" and "/".join(ctx.module.path) == module_path:
+            seen["x"] = np.asarray(args[0], np.float64)[0]
+        return y
+
+    with nn.intercept_methods(icpt):
+        model.apply(model.params, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    if "x" not in seen:
+        raise KeyError(f"module {module_path!r} was never called by the model")
+    return seen["x"]

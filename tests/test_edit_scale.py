@@ -6,24 +6,18 @@ import numpy as np
 import pytest
 
 from experiments import capitals_smollm2
-from salem_jax.mend.apply import TrainedEditor, apply_edits, scaled_editor
-from salem_jax.mend.editor import EditorSpec, init_editor
+from salem_jax.mend.apply import apply_edits, scaled_editor
 from salem_jax.models import hf
 from salem_jax.models.base import get_path
 from salem_jax.pipeline import run_pipeline
+from salem_jax.testing import noisy_editor
 
 REQS = [dict(prompt="the capital of france is", target="paris")]
 
 
 def _editor(model):
     """An editor on h.1 whose nets are not the identity (seeded noise on every net weight)."""
-    spec = EditorSpec.from_params(model.layers.weights(["h.1"]), model.params)
-    params, state = init_editor(spec, jax.random.PRNGKey(0))
-    leaves, tree = jax.tree.flatten(params["nets"])
-    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    nets = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
-    params = {"nets": nets, "lr": jax.tree.map(lambda x: x * 30.0, params["lr"])}
-    return TrainedEditor(spec=spec, params=params, state=state, model_name=model.name, step=0)
+    return noisy_editor(model, ["h.1"])
 
 
 def test_scaled_edit_is_the_scaled_difference_and_nothing_else_moves():

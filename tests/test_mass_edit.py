@@ -21,7 +21,7 @@ from salem_jax.baselines.mass_edit import (
 )
 from salem_jax.baselines.requests import EditRequest
 from salem_jax.baselines.rrome import rrome_edit
-from salem_jax.testing import random_texts, tiny_edit_model
+from salem_jax.testing import module_inputs, random_texts, tiny_edit_model
 
 VALUE = R.ROMEConfig(v_steps=15, v_lr=0.1, clamp_norm_factor=100.0, weight_decay=1e-3)
 EXACT = EditorConfig(value=VALUE, use_prefixes=False, emmet_lambda=0.0)
@@ -121,7 +121,7 @@ def test_alphaedit_spares_preserved_keys_and_remembers(arch, tmp_path):
     assert spent <= 0.02 * (1 + 1e-6)
     # the same through the model: the projection's inputs at every token of the statistics texts
     # (each text is one window, so C is exactly their mean x x^T) hardly move
-    x = np.concatenate([_capture_keys(model, w, t) for t in stats.texts])  # [T, in]
+    x = np.concatenate([module_inputs(model, w.module_path, t) for t in stats.texts])  # [T, in]
     moved = np.sum((x @ dw.T) ** 2) / (np.linalg.norm(dw, 2) ** 2 * np.sum(x * x))
     assert moved <= 0.02 * (1 + 1e-4)
     np.testing.assert_allclose(moved, spent, rtol=1e-3)
@@ -162,22 +162,6 @@ def test_alphaedit_with_v_from_the_edited_block_equals_every_block(arch, tmp_pat
             np.testing.assert_allclose(f.state.prior[w.path], s.state.prior[w.path], rtol=1e-3,
                                        atol=1e-6 * np.abs(s.state.prior[w.path]).max())
 
-
-def _capture_keys(model, w, text):
-    import flax.linen as nn
-
-    ids = np.asarray([model.tokenizer(text)["input_ids"]], np.int32)
-    seen = {}
-
-    def icpt(f, args, kwargs, ctx):
-        y = f(*args, **kwargs)
-        if ctx.method_name == "__call__" and "/".join(ctx.module.path) == w.module_path:
-            seen["x"] = np.asarray(args[0], np.float64)[0]
-        return y
-
-    with nn.intercept_methods(icpt):
-        model.apply(model.params, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
-    return seen["x"]
 
 
 def test_batches_skips_and_contradictions(tmp_path):
