@@ -23,7 +23,7 @@ from salem_jax.mend.capture import capture
 from salem_jax.mend.checkpoint import CheckpointMismatch
 from salem_jax.mend.editor import EditorConfig, EditorSpec, edited_params, init_editor, pseudo_grads, update_norm_state
 from salem_jax.mend.nullspace import NULL_FILE, NullProjection, load_projections, null_projection
-from salem_jax.mend.train import (TrainConfig, evaluate, group_factors, init_train_state, optimizer_update, place_base_params,
+from salem_jax.mend.train import (TrainConfig, evaluate, flat_train_sizes, group_factors, init_train_state, optimizer_update, place_base_params,
                                   place_state, prepare_splits, train_batch, train_editor, train_step)
 from salem_jax.methods.mend import mend_edit_each_fn, mend_edit_fn, with_null_projection
 from salem_jax.models.base import get_path, set_path
@@ -113,6 +113,36 @@ def test_projected_edit_is_P_times_the_unprojected_pseudo_gradient(arch, tmp_pat
         np.testing.assert_array_equal(np.asarray(get_path(plain, w.path)), np.asarray(want))
 
 
+def test_projected_edit_on_both_kernel_layouts_against_numpy():
+    """Our models store every kernel [in, out]; transformers' Conv1D layout [out, in] ("out_in") is
+    checked on plain arrays: the edit's input side is projected in either layout."""
+    from salem_jax.mend.capture import Factors
+    from salem_jax.models.base import Weight
+
+    weights = (Weight("a/kernel", "in_out"), Weight("c/kernel", "out_in"))
+    spec = EditorSpec(weights, ((8, 6), (6, 8)), EditorConfig(rank=4, n_hidden=1))
+    eparams, state = _noisy_editor(spec)
+    rng = np.random.default_rng(3)
+    factors = {w.path: Factors(jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32),
+                               jnp.asarray(rng.normal(size=(2, 5, 6)), jnp.float32)) for w in weights}
+    q = np.linalg.qr(rng.normal(size=(8, 8)))[0][:, :3]
+    P = q @ q.T  # a rank-3 projector on the 8 inputs
+    base = {"a": {"kernel": jnp.asarray(rng.normal(size=(8, 6)), jnp.float32)},
+            "c": {"kernel": jnp.asarray(rng.normal(size=(6, 8)), jnp.float32)}}
+    grads = pseudo_grads(spec, eparams, state, factors)
+    got = edited_params(spec, eparams, state, base, factors, {w.path: jnp.asarray(P, jnp.float32) for w in weights})
+    for w in weights:
+        lr = float(eparams["lr"][w.path.replace("/", ".")])
+        g = _as_in_out(grads[w.path], w)
+        want = _as_in_out(get_path(base, w.path), w) - lr * (P @ g)
+        np.testing.assert_allclose(_as_in_out(get_path(got, w.path), w), want, atol=1e-5)
+        kept = np.linalg.svd(np.eye(8) - P)[0][:, :5]  # the 5 input directions P removes
+        np.testing.assert_allclose(kept.T @ (_as_in_out(get_path(got, w.path), w) - _as_in_out(get_path(base, w.path), w)),
+                                   0, atol=1e-5)
+    with pytest.raises(ValueError, match="missing"):
+        edited_params(spec, eparams, state, base, factors, {"a/kernel": jnp.asarray(P)})
+
+
 # ---------------------------------------------------------------------------- one training step by hand
 
 
@@ -171,6 +201,15 @@ def test_projected_training_step_equals_the_hand_step(arch, tmp_path):
     # Adam's first update is about lr x sign(gradient): entries whose gradient is near Adam's eps
     # differ by float rounding of the two summation orders, so the tolerance is a share of lr
     for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(want_params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-3 * cfg.lr, rtol=1e-4)
+    # the step's flat-head path (train_editor's on decoder-only models: the head at the target tokens
+    # only) gives the same step
+    flat = train_batch(data["train"], cfg, 1, flat_train_sizes(data["train"], cfg, 2))
+    state_f, m_f = train_step(place_state(jax.tree.map(np.array, state0), mesh), base, sharding.shard_batch(flat, mesh),
+                              jax.tree.map(jnp.asarray, proj.projections), **kw)
+    np.testing.assert_allclose(float(m_f["loss"]), want_loss, rtol=1e-4)
+    np.testing.assert_allclose(float(m_f["grad_norm"]), want_gnorm, rtol=1e-3)
+    for a, b in zip(jax.tree.leaves(state_f["params"]), jax.tree.leaves(want_params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-3 * cfg.lr, rtol=1e-4)
     # the projection changes the step: the unprojected step's loss is another number
     _, m0 = train_step(place_state(jax.tree.map(np.array, state0), mesh), base, sharding.shard_batch(batch, mesh), **kw)
