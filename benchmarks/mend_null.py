@@ -80,7 +80,8 @@ def main(argv=None) -> int:
         info: dict = {}
         edit, edit_each = with_null_projection(
             model, cfg, editor.spec.weights, mend_edit_fn(model, editor, like=like),
-            mend_edit_each_fn(model, editor, like=like), info, say=lambda m: print(f"energy {e:g}: {m}", flush=True))
+            mend_edit_each_fn(model, editor, like=like), info, say=lambda m: print(f"energy {e:g}: {m}", flush=True),
+            trained=editor)
         t_eval = time.perf_counter()
         res = P.evaluate_method(model, lambda rows_: edit(model.params, rows_), val_rows, list(texts), cfg, args.method,
                                 keep=keep, edit_each=lambda rows_: edit_each(model.params, rows_))

@@ -52,6 +52,7 @@ EDITOR_KEYS = {
     "extra_pass_per_group": "extra_pass_per_group", "own_pass_per_group": "own_pass_per_group",
     "val_every": "val_every", "val_groups": "val_groups", "patience": "patience",
     "checkpoint_every": "checkpoint_every", "keep_checkpoints": "keep_checkpoints", "log_every": "log_every",
+    "null_energy": "null_energy", "null_tokens": "null_tokens",
 }
 # TrainConfig fields whose None ("derive it") is written 0 in a ConfigDict, which needs one type per key
 ZERO_IS_NONE = ("batch_size", "accum_steps")
@@ -72,6 +73,10 @@ EDITOR_HELP = {
                            "from the pool)"),
     "patience": "early stop after this many steps without a better val loss",
     "normalize": "standardise u and delta with running statistics",
+    "null_energy": ("> 0: every edit, in training and after, goes through AlphaEdit's null-space projection of each "
+                    "edited kernel's input covariance over WikiText (its eigen-directions holding at most this share "
+                    "of the trace; mend.nullspace), so the editor learns to edit there; 0 = off"),
+    "null_tokens": "WikiText tokens of the key statistics behind null_energy's projection",
 }
 
 # The CPU budget of the SmolLM2 experiments, not the paper's schedule (TrainConfig()): an optimiser
@@ -243,7 +248,8 @@ class Eval:
     mend_null_energy: > 0 = project each MEND edit's delta on every edited kernel onto the null space of
     that kernel's input covariance over WikiText (AlphaEdit's P; the null space = C's smallest
     eigen-directions holding at most this share of trace(C); `mend.nullspace`), mend_null_tokens tokens
-    of it (cached with the key statistics); 0 = off (the edit unchanged); evaluation only.
+    of it (cached with the key statistics); 0 = off (the edit unchanged); evaluation only (the same P inside
+    the editor's training: config.editor.null_energy, `TrainConfig.null_energy`; the two are exclusive).
     batch_edits: causal LMs: apply every edit first, then score them in vmapped calls of up to 8 edits
     and generate before/after all edits in one batched call (the same numbers); False: score and
     generate each edit in its own call (session 12 measured the batched warm calls 0.61-0.74x of

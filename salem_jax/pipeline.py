@@ -423,6 +423,14 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
     if not (isinstance(scale, (int, float)) and np.isfinite(scale) and scale > 0):
         raise ValueError(f"config.eval.mend_edit_scale={scale!r}: give a finite number > 0 (1 = the trained editor's own edit)")
     check_energy(cfg.eval.get("mend_null_energy", 0.0), "config.eval.mend_null_energy")
+    check_energy(cfg.editor.get("null_energy", 0.0), "config.editor.null_energy")
+    if cfg.editor.get("null_energy", 0.0) and (isinstance(cfg.editor.get("null_tokens"), bool)
+                                               or int(cfg.editor.get("null_tokens", 100_000)) < 1):
+        raise ValueError(f"config.editor.null_tokens={cfg.editor.null_tokens!r}: give a number of tokens >= 1")
+    if cfg.editor.get("null_energy", 0.0) and cfg.eval.get("mend_null_energy", 0.0):
+        raise ValueError(f"config.editor.null_energy={cfg.editor.null_energy:g} and config.eval.mend_null_energy="
+                         f"{cfg.eval.mend_null_energy:g}: an editor trained through a null-space projection already edits "
+                         "through it; set one of them to 0")
     if cfg.eval.get("mend_null_energy", 0.0) and int(cfg.eval.get("mend_null_tokens", 100_000)) < 1:
         raise ValueError(f"config.eval.mend_null_tokens={cfg.eval.mend_null_tokens!r}: give a number of tokens >= 1")
     records = timed(times, "read_records", read_records, cfg)
@@ -612,6 +620,8 @@ def run_method(method: Method, ctx: Context, keep: list[dict], cf_records, times
     res["layers"] = list(layers)
     if hasattr(prepared.info.get("null_projection"), "summary"):  # MEND edits projected (config.eval.mend_null_energy)
         prepared.info["null_projection"] = res["null_projection"] = prepared.info["null_projection"].summary()
+    elif isinstance(prepared.info.get("null_projection"), dict):  # an editor trained through one (config.editor.null_energy)
+        res["null_projection"] = prepared.info["null_projection"]
     if ctx.cfg.eval.sequential:  # many edits on the same weights (salem_jax.eval.sequential)
         t_many = time.perf_counter()
         res["many_edits"] = many.pipeline_study(ctx.model, prepared.edit, many_edit_rows(ctx.val_rows, prepared), keep,

@@ -138,10 +138,12 @@ def estimate_seconds(n_sets: int, cfg: TrainConfig, seconds_per_step: float) -> 
     return float(n_sets * cfg.max_steps * seconds_per_step)
 
 
-def group_outcomes(model, spec, cfg: TrainConfig, editor_params, norm, data: EditData, mesh=None) -> dict[str, np.ndarray]:
+def group_outcomes(model, spec, cfg: TrainConfig, editor_params, norm, data: EditData, mesh=None,
+                   projections=None) -> dict[str, np.ndarray]:
     """The editor applied to every val group alone: per group [G] edit / fail / adapt accuracy,
     pass accuracy before and after, KL, and locality's parts (pass target tokens whose argmax is
-    unchanged, pass target tokens; groups with weight 0 dropped)."""
+    unchanged, pass target tokens; groups with weight 0 dropped). projections: the null-space
+    projectors the editor was trained through (`TrainResult.projections`; TrainConfig.null_energy)."""
     mesh = mesh if mesh is not None else parallel.data_mesh()
     cfg = cfg.resolved(parallel.n_data(mesh))
     k = cfg.edits_per_group
@@ -155,7 +157,7 @@ def group_outcomes(model, spec, cfg: TrainConfig, editor_params, norm, data: Edi
     cols = {key: [] for key in ("edit_acc", "fail_acc", "adapt_acc", "pass_before", "pass_after", "kl",
                                 "pass_unchanged", "pass_tokens")}
     for b in val_batches(data, dataclasses.replace(cfg, batch_size=per_call)):
-        r = parallel.fetch(eval_step(params, nrm, base, parallel.shard_batch(b, mesh), **kw))
+        r = parallel.fetch(eval_step(params, nrm, base, parallel.shard_batch(b, mesh), projections, **kw))
         w = np.asarray(b["weight"]) > 0
         ev, ec = np.asarray(r["edit_valid"])[w], np.asarray(r["edit_correct"])[w]
         pv = np.asarray(r["pass_valid"])[w]
@@ -294,7 +296,8 @@ def mend_sweep(model, data: Mapping[str, EditData], layer_sets: Sequence[Sequenc
         wd = workdir / set_name(s)
         res = train_editor(model, data, model.layers.weights(list(s), part=config.part), train_cfg, wd, mesh=mesh,
                            progress=progress)
-        o = group_outcomes(model, res.spec, res.config, res.params, res.norm, data["val"], mesh=mesh)
+        o = group_outcomes(model, res.spec, res.config, res.params, res.norm, data["val"], mesh=mesh,
+                           projections=res.projections)
         outs.append(o)
         rows.append({
             "layers": list(s), "steps": res.step, "seconds": time.perf_counter() - t,

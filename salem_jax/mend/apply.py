@@ -46,6 +46,11 @@ class TrainedEditor:
     model_name: str
     step: int
     meta: dict = dataclasses.field(default_factory=dict)
+    # {weight path: P [in, in]}: the null-space projectors the editor was trained through
+    # (TrainConfig.null_energy > 0; `load_editor` reads them from the workdir): every edit is then
+    # W - lr_W * P G~, as in training. None: an editor trained without projection.
+    projections: dict | None = None
+    null_energy: float = 0.0  # the TrainConfig.null_energy those projectors were built for (0: none)
 
 
 def scaled_editor(editor: TrainedEditor, scale: float) -> TrainedEditor:
@@ -80,7 +85,36 @@ def load_editor(path: str | Path, model=None, step: int | str = "best", *, check
         if check_name and meta["model"] != model.name:
             raise CheckpointMismatch(f"editor in {directory} was trained for model {meta['model']!r}, not {model.name!r}")
         check_model(spec, model.params, where=str(directory))
-    return TrainedEditor(spec=spec, params=params, state=state, model_name=meta["model"], step=int(meta["step"]), meta=meta)
+    projections = _trained_projections(directory, spec, meta)
+    return TrainedEditor(spec=spec, params=params, state=state, model_name=meta["model"], step=int(meta["step"]), meta=meta,
+                         projections=projections,
+                         null_energy=0.0 if projections is None else float(meta["config"]["null_energy"]))
+
+
+def _trained_projections(directory: Path, spec: EditorSpec, meta: dict) -> dict | None:
+    """The projectors an editor trained with TrainConfig.null_energy > 0 went through (the
+    workdir's `nullspace.NULL_FILE`, next to `checkpoints/`), checked against its spec; None for
+    an editor trained without. A CheckpointError when the file is missing or does not match."""
+    from salem_jax.mend.nullspace import NULL_FILE, load_projections
+
+    energy = float(meta.get("config", {}).get("null_energy", 0.0))
+    if energy == 0:
+        return None
+    path = directory.parent / NULL_FILE
+    if not path.is_file():
+        raise CheckpointError(f"the editor in {directory} was trained through a null-space projection (null_energy "
+                              f"{energy:g}) but {path} is missing: it cannot edit as it was trained")
+    arrays, saved_energy, _, _ = load_projections(path)
+    if saved_energy != energy or list(arrays) != [w.path for w in spec.weights]:
+        raise CheckpointError(f"{path} (energy {saved_energy:g}, weights {list(arrays)}) is not the projection the "
+                              f"editor in {directory} was trained with (energy {energy:g}, weights "
+                              f"{[w.path for w in spec.weights]})")
+    for w, shape in zip(spec.weights, spec.shapes):
+        fan_in = w.in_out_shape(tuple(shape))[0]
+        if arrays[w.path].shape != (fan_in, fan_in):
+            raise CheckpointError(f"{path}: the projector of {w.path!r} has shape {arrays[w.path].shape}, expected "
+                                  f"({fan_in}, {fan_in})")
+    return arrays
 
 
 def check_model(spec: EditorSpec, params: Any, where: str = "editor") -> None:
@@ -95,12 +129,13 @@ def check_model(spec: EditorSpec, params: Any, where: str = "editor") -> None:
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "spec"))
-def edited_kernels(editor_params, editor_state, params, batch, *, apply_fn, spec: EditorSpec):
+def edited_kernels(editor_params, editor_state, params, batch, projections=None, *, apply_fn, spec: EditorSpec):
     """{weight path: its edited kernel} after one editor pass over `batch` (the rest of params
     unchanged). With `score_pos` in the batch (`with_score_positions`) the gradient pass applies
-    the LM head at the target positions only (the same factors, less work)."""
+    the LM head at the target positions only (the same factors, less work). projections: the
+    editor's null-space projectors (`TrainedEditor.projections`; the edit W - lr_W * P G~)."""
     factors = capture_factors(apply_fn, params, batch, spec.weights)
-    new = edited_params(spec, editor_params, editor_state, params, factors)
+    new = edited_params(spec, editor_params, editor_state, params, factors, projections)
     return {w.path: get_path(new, w.path) for w in spec.weights}
 
 
@@ -134,25 +169,25 @@ def fit_to(batch: Mapping[str, np.ndarray], like: Mapping[str, Any] | None, pad_
     return with_score_positions(out, k=k)
 
 
-def _edit(editor_params, editor_state, params, batch, *, apply_fn, spec: EditorSpec, like=None, pad_id=0):
+def _edit(editor_params, editor_state, params, batch, *, apply_fn, spec: EditorSpec, like=None, pad_id=0, projections=None):
     # Only the edited kernels leave the jitted function; every other leaf of the result is the
     # input's own array (no copy of the whole model per edit).
     batch = fit_to(batch, like, pad_id)
-    kernels = edited_kernels(editor_params, editor_state, params, batch, apply_fn=apply_fn, spec=spec)
+    kernels = edited_kernels(editor_params, editor_state, params, batch, projections, apply_fn=apply_fn, spec=spec)
     for path, k in kernels.items():
         params = set_path(params, path, k)
     return params
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "spec"))
-def edited_kernels_each(editor_params, editor_state, params, batches, *, apply_fn, spec: EditorSpec):
+def edited_kernels_each(editor_params, editor_state, params, batches, projections=None, *, apply_fn, spec: EditorSpec):
     """`edited_kernels` of E separate edits in one program: batches' leaves [E, B, ...] (edit e's
     rows at [e]) -> {weight path: [E, *kernel shape]}, kernel [e] edit e's alone (its own capture
     and editor pass on the base `params`; vmap, so the same arithmetic per edit up to float
     summation order). One call instead of E: the pipeline's 19 val edits share one dispatch and
     their passes run as one batch."""
-    return jax.vmap(lambda b: edited_kernels(editor_params, editor_state, params, b, apply_fn=apply_fn, spec=spec))(
-        batches)
+    return jax.vmap(lambda b: edited_kernels(editor_params, editor_state, params, b, projections, apply_fn=apply_fn,
+                                             spec=spec))(batches)
 
 
 def _cut_stacked(batch: dict) -> dict:
@@ -165,7 +200,7 @@ def _cut_stacked(batch: dict) -> dict:
 
 
 def _edit_each(editor_params, editor_state, params, batches: Sequence[dict], *, apply_fn, spec: EditorSpec, like=None,
-               pad_id=0, per_call: int = 32, causal: bool = False) -> list:
+               pad_id=0, per_call: int = 32, causal: bool = False, projections=None) -> list:
     """[edited params of batches[e] alone, for each e] (each as `_edit` returns it, sharing every
     leaf but the edited kernels with `params`): the batches fitted to `like` (`fit_to`), grouped
     by shape (one group when all fit `like`), each group in calls of at most `per_call` edits of
@@ -186,7 +221,8 @@ def _edit_each(editor_params, editor_state, params, batches: Sequence[dict], *, 
             stacked = {k: np.stack([np.asarray(fitted[e][k]) for e in ids]) for k in fitted[part[0]]}
             if causal:
                 stacked = _cut_stacked(stacked)
-            kernels = edited_kernels_each(editor_params, editor_state, params, stacked, apply_fn=apply_fn, spec=spec)
+            kernels = edited_kernels_each(editor_params, editor_state, params, stacked, projections, apply_fn=apply_fn,
+                                          spec=spec)
             for i, e in enumerate(part):
                 p = params
                 for path, k in kernels.items():
@@ -258,7 +294,7 @@ def apply_edits(
     params = model.params if params is None else params
     check_model(editor.spec, params, where="editor")
     pad_id = model.tokenizer.pad_token_id if model.tokenizer is not None and model.tokenizer.pad_token_id is not None else 0
-    kw = dict(apply_fn=model.apply, spec=editor.spec, like=like, pad_id=pad_id)
+    kw = dict(apply_fn=model.apply, spec=editor.spec, like=like, pad_id=pad_id, projections=editor.projections)
     if mode == "batch":
         return _edit(editor.params, editor.state, params, encode_requests(model, requests), **kw)
     if mode == "sequential":
@@ -279,7 +315,7 @@ def apply_each(model, editor: TrainedEditor, requests: Sequence[Request], *, par
     pad_id = model.tokenizer.pad_token_id if model.tokenizer is not None and model.tokenizer.pad_token_id is not None else 0
     batches = [encode_requests(model, [r], where=f"request {i}") for i, r in enumerate(requests)]
     return _edit_each(editor.params, editor.state, params, batches, apply_fn=model.apply, spec=editor.spec, like=like,
-                      pad_id=pad_id, per_call=per_call, causal=model.kind == "causal")
+                      pad_id=pad_id, per_call=per_call, causal=model.kind == "causal", projections=editor.projections)
 
 
 class RequestList(list):

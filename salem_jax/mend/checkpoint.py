@@ -55,10 +55,12 @@ _TRAJECTORY_FIELDS = (
     "lr_lr",
     "grad_clip",
     "seed",
+    "null_energy",
+    "null_tokens",
 )
 # Trajectory fields added after checkpoints were first written: a checkpoint without one was
 # written with this value (so older checkpoints still resume).
-_ADDED_FIELDS = {"extra_pass_per_group": 0, "own_pass_per_group": 0}
+_ADDED_FIELDS = {"extra_pass_per_group": 0, "own_pass_per_group": 0, "null_energy": 0.0, "null_tokens": 100_000}
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -251,10 +253,14 @@ def check_compatible(meta: dict, model_name: str, spec: EditorSpec, config, wher
     if config is not None:
         have = config.to_dict()
         saved_cfg = {k: meta["config"].get(k, _ADDED_FIELDS.get(k)) for k in _TRAJECTORY_FIELDS}
+        # the token count only decides the null-space projector when there is one
+        skip = {"null_tokens"} if saved_cfg["null_energy"] == 0 and have.get("null_energy", 0.0) == 0 else set()
         diffs = [f"{k}: saved {saved_cfg[k]!r}, now {have.get(k)!r}" for k in _TRAJECTORY_FIELDS
-                 if saved_cfg[k] != have.get(k)]
+                 if k not in skip and saved_cfg[k] != have.get(k)]
         if diffs:
-            raise CheckpointMismatch(f"{where} was written with another training configuration ({'; '.join(diffs)})")
+            hint = (" - an editor trained through one null-space projection (TrainConfig.null_energy) cannot resume "
+                    "with another" if any(d.startswith("null_") for d in diffs) else "")
+            raise CheckpointMismatch(f"{where} was written with another training configuration ({'; '.join(diffs)}){hint}")
 
 
 def steps_in(directory: str | Path) -> list[int]:

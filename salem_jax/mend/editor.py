@@ -8,7 +8,8 @@ and `delta` [T, out] (capture.py). The editor
 2. passes them through a small MLP shared by all edited weights of the same (fan_in, fan_out)
    shape, conditioned on the weight by a learned per-weight scale and shift,
 3. forms the pseudo-gradient `G~ = sum_t u~_t^T delta~_t` (in the kernel's stored layout), and
-4. returns `W - lr_W * G~` with a learned scalar `lr_W` per weight.
+4. returns `W - lr_W * G~` with a learned scalar `lr_W` per weight (with a null-space projector
+   P per weight, `W - lr_W * P G~`: `pseudo_grads`' `projections`, TrainConfig.null_energy).
 
 Sign convention: with `lr_W > 0` the edit moves *against* the pseudo-gradient, like a step
 of gradient descent. At initialisation the MLP is the identity, so without normalisation the
@@ -301,19 +302,51 @@ def transform_factors(spec: EditorSpec, params: dict, state: dict, factors: Mapp
     return out
 
 
-def pseudo_grads(spec: EditorSpec, params: dict, state: dict, factors: Mapping[str, Factors]) -> dict[str, jax.Array]:
-    """{weight.path: sum_t u~_t^T delta~_t} in each kernel's stored layout and shape."""
+def project_input_factor(u: jax.Array, projection: jax.Array, layout: str) -> jax.Array:
+    """u~ [..., in] with the input-side projection P [in, in] applied so that the pseudo-gradient
+    built from it is the projected one: `kernel_grad(u P^T, delta, "in_out") = P G~` for a kernel
+    stored [in, out], `kernel_grad(u P, delta, "out_in") = G~ P` for one stored [out, in] - the
+    same sides as `nullspace.project_delta` (P is symmetric; the transposes only make the two
+    agree to the last bit of the product's definition). Costs T x in^2 per kernel, where
+    projecting G~ itself would cost in^2 x out."""
+    p = jnp.asarray(projection, jnp.float32)
+    if p.shape != (u.shape[-1], u.shape[-1]):
+        raise ValueError(f"null-space projection of shape {p.shape} does not match input factors of width {u.shape[-1]}")
+    if layout == "in_out":
+        return u @ p.T
+    if layout == "out_in":
+        return u @ p
+    raise ValueError(f"unknown kernel layout {layout!r}; expected 'in_out' or 'out_in'")
+
+
+def pseudo_grads(spec: EditorSpec, params: dict, state: dict, factors: Mapping[str, Factors],
+                 projections: Mapping[str, jax.Array] | None = None) -> dict[str, jax.Array]:
+    """{weight.path: sum_t u~_t^T delta~_t} in each kernel's stored layout and shape.
+
+    projections: {weight.path: P [in, in]} (AlphaEdit's null-space projector of that kernel's
+    input covariance, `mend.nullspace`; TrainConfig.null_energy): the pseudo-gradient becomes
+    P G~ on the input side (`project_input_factor`: u~ projected before the outer product), so
+    that for any input k with P k = 0 the edit leaves k W unchanged. None (the default): no
+    projection, the very same arithmetic as without the argument."""
     new = transform_factors(spec, params, state, factors)
+    if projections is not None:
+        missing = [w.path for w in spec.weights if w.path not in projections]
+        if missing:
+            raise ValueError(f"null-space projections are missing for edited weights {missing}")
+        new = {w.path: Factors(project_input_factor(new[w.path].u, projections[w.path], w.layout), new[w.path].delta)
+               for w in spec.weights}
     return {w.path: kernel_grad(new[w.path].u, new[w.path].delta, w.layout) for w in spec.weights}
 
 
-def edited_params(spec: EditorSpec, params: dict, state: dict, base_params: Any, factors: Mapping[str, Factors]) -> Any:
-    """A new parameter tree: each edited kernel W becomes `W - lr_W * pseudo_grad`.
+def edited_params(spec: EditorSpec, params: dict, state: dict, base_params: Any, factors: Mapping[str, Factors],
+                  projections: Mapping[str, jax.Array] | None = None) -> Any:
+    """A new parameter tree: each edited kernel W becomes `W - lr_W * pseudo_grad` (with
+    `projections`, `W - lr_W * P pseudo_grad`: `pseudo_grads`).
 
     `base_params` is not modified (the result shares every untouched leaf with it). Factors
     come from `capture.capture` on the edit examples (leading dims are summed over, so a batch
     of edits gives one combined edit)."""
-    grads = pseudo_grads(spec, params, state, factors)
+    grads = pseudo_grads(spec, params, state, factors, projections)
     new = base_params
     for w in spec.weights:
         kernel = get_path(base_params, w.path)

@@ -20,18 +20,27 @@ the model fingerprint and kernel path; the kernels missing from it in one pass o
 
 Kernels stored "out_in" (GPT-2's Conv1D: W [out, in], `y = x @ W.T`) are projected on their input
 side too: dW' = dW P.
+
+The same P inside training (`TrainConfig.null_energy`, `config.editor.null_energy`): the editor's
+edit is W - lr_W * P G~ in every training step, validation and later edit (`editor.pseudo_grads`'
+`projections`: u~ projected before the outer product), so the editor learns to reach its edits
+through the null space instead of having them cut after the fact. `train_editor` saves the P it
+trained with next to its checkpoints (`NULL_FILE`, `save_projections`); `load_editor` reads it
+back (`load_projections`), so an editor trained with a projection edits with exactly that P.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
-from salem_jax.baselines.keystats import cached_key_covariances, covariance_solver
+from salem_jax.baselines.keystats import _atomic_save_npz, cached_key_covariances, covariance_solver, wikitext_texts
 from salem_jax.models.base import Weight, get_path, set_path
 
 
@@ -151,3 +160,55 @@ def projected_edit_each_fn(edit_each: Callable, proj: NullProjection) -> Callabl
         return [proj.project(params, p) for p in edit_each(params, rows)]
 
     return projected
+
+
+# ---------------------------------------------------------------------------- inside training
+
+NULL_FILE = "null_projection.npz"  # in a `train_editor` workdir: the P the editor was trained with
+
+
+def wikitext_null_projection(model, params: Any, weights: Sequence[Weight], energy: float, tokens: int, *,
+                             data_dir: str | os.PathLike | None = None, progress: bool = True) -> NullProjection:
+    """`null_projection` over the first `tokens` tokens of the data directory's WikiText (the
+    texts and window the evaluation-time projection, `methods.mend.with_null_projection`, uses:
+    the same key-statistics cache entries)."""
+    return null_projection(model, params, weights, energy, wikitext_texts(data_dir=data_dir), max_tokens=int(tokens),
+                           progress=progress)
+
+
+def projection_arrays(proj: NullProjection, weights: Sequence[Weight], energy: float, where: str = "null_projection"
+                      ) -> dict[str, np.ndarray]:
+    """{weight path: P float32} of `proj` for exactly `weights`, checked: the energy it was built
+    for equals `energy`, every weight has a square P. A ValueError naming `where` otherwise."""
+    if not isinstance(proj, NullProjection):
+        raise ValueError(f"{where}: expected a mend.nullspace.NullProjection, got {type(proj).__name__}")
+    if float(proj.energy) != float(energy):
+        raise ValueError(f"{where} was built for energy {proj.energy:g}, but the training config has null_energy "
+                         f"{energy:g}")
+    out = {}
+    for w in weights:
+        if w.path not in proj.projections:
+            raise ValueError(f"{where} has no projector for edited weight {w.path!r} (it has {sorted(proj.projections)})")
+        p = np.asarray(proj.projections[w.path], np.float32)
+        if p.ndim != 2 or p.shape[0] != p.shape[1]:
+            raise ValueError(f"{where}: the projector of {w.path!r} has shape {p.shape}, expected [in, in]")
+        out[w.path] = p
+    return out
+
+
+def save_projections(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], energy: float, tokens: int,
+                     info: Mapping | None = None) -> None:
+    """Write the projectors an editor trains with (atomically): p0, p1, ... in `arrays`' order,
+    with their paths, the energy, the token count and the per-kernel info as JSON."""
+    paths = list(arrays)
+    _atomic_save_npz(Path(path), paths=np.asarray(paths), energy=np.asarray(float(energy)),
+                     tokens=np.asarray(int(tokens)), info=np.asarray(json.dumps(dict(info or {}))),
+                     **{f"p{i}": np.asarray(arrays[k], np.float32) for i, k in enumerate(paths)})
+
+
+def load_projections(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], float, int, dict]:
+    """(arrays {weight path: P}, energy, tokens, info) from `save_projections`' file."""
+    with np.load(Path(path)) as z:
+        paths = [str(x) for x in z["paths"]]
+        arrays = {k: np.asarray(z[f"p{i}"], np.float32) for i, k in enumerate(paths)}
+        return arrays, float(z["energy"]), int(z["tokens"]), json.loads(str(z["info"]))

@@ -53,8 +53,10 @@ from salem_jax.data.tokenize import encode, pad_rows, slice_rows
 from salem_jax.errors import UserError
 from salem_jax.losses import batch_nll, example_correct, example_nll, kl_divergence, token_logprobs
 from salem_jax.mend.capture import Factors, capture
-from salem_jax.mend.checkpoint import CheckpointError, EditorCheckpointer
+from salem_jax.mend.checkpoint import CheckpointError, CheckpointMismatch, EditorCheckpointer
 from salem_jax.mend.editor import EditorConfig, EditorSpec, edited_params, init_editor, param_labels, update_norm_state
+from salem_jax.mend.nullspace import (NULL_FILE, check_energy, load_projections, projection_arrays, save_projections,
+                                     wikitext_null_projection)
 from salem_jax.models.base import get_path
 from salem_jax.models.from_block import BLOCK_INPUT, FromBlock, block_chain, block_output, block_outputs_by_length
 from salem_jax.scored_logits import SCORE_POS, flat_positions, flat_scored_logits, scored_labels, scored_logits, with_score_positions
@@ -105,6 +107,14 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 100
     seed: int = 0
+    # AlphaEdit's null-space projection inside training (`mend.nullspace`): > 0 = every edit the
+    # editor makes, in training, validation and later use, is W - lr_W * P G~ with P [in, in] the
+    # projector on the eigenvectors of the edited kernel's input covariance over WikiText
+    # (null_tokens tokens, the key-statistics cache) whose eigenvalues sum to at most this share of
+    # its trace, so the editor learns to reach its edits through that null space; 0 = off (the
+    # step's arithmetic unchanged)
+    null_energy: float = 0.0
+    null_tokens: int = 100_000
 
     @classmethod
     def tiny(cls, **overrides) -> "TrainConfig":
@@ -142,6 +152,10 @@ class TrainConfig:
             raise ValueError("TrainConfig.adapt_per_edit must be >= 0")
         if self.extra_pass_per_group < 0:
             raise ValueError("TrainConfig.extra_pass_per_group must be >= 0")
+        check_energy(self.null_energy, "TrainConfig.null_energy")
+        if isinstance(self.null_tokens, bool) or not isinstance(self.null_tokens, (int, np.integer)) or self.null_tokens < 1:
+            raise ValueError(f"TrainConfig.null_tokens={self.null_tokens!r}: give a whole number of WikiText tokens >= 1 "
+                             "(the key statistics of the null-space projection)")
         if not 0 <= self.own_pass_per_group <= self.pass_per_group:
             raise ValueError(
                 f"TrainConfig.own_pass_per_group={self.own_pass_per_group} must be >= 0 and at most "
@@ -977,10 +991,12 @@ def init_train_state(spec: EditorSpec, cfg: TrainConfig) -> dict:
     return {"params": params, "opt_state": opt_state, "norm": norm, "step": jnp.zeros((), jnp.int32), "rng": rng}
 
 
-def _group_outputs(apply_fn, spec, cfg, editor_params, norm, base_params, factors, edit_b, pass_b, base_pass_logits):
+def _group_outputs(apply_fn, spec, cfg, editor_params, norm, base_params, factors, edit_b, pass_b, base_pass_logits,
+                   projections=None):
     """Loss and per-row results of one group (vmapped over groups). Logits are taken at the
-    scored positions only when the batch has `score_pos` (base_pass_logits likewise)."""
-    new = edited_params(spec, editor_params, norm, base_params, factors)
+    scored positions only when the batch has `score_pos` (base_pass_logits likewise).
+    projections: the edited kernels' null-space projectors (`editor.pseudo_grads`) or None."""
+    new = edited_params(spec, editor_params, norm, base_params, factors, projections)
     # one forward pass over the edit and the pass rows: the edited model's weights are read once
     # (a step is memory-bound at these few tokens), not once per set of rows
     (logits, pass_logits), (labels, pass_labels), (mask, pass_mask) = _apply_rows(apply_fn, new, edit_b, pass_b)
@@ -1044,9 +1060,12 @@ def group_factors(apply_fn, spec, base_params, fail):
     return jax.vmap(lambda b: capture_factors(apply_fn, base_params, b, spec.weights))(fail)
 
 
-def _step(state, base_params, batch, *, apply_fn, spec, cfg, plan=None, clip_factor=False):
+def _step(state, base_params, batch, projections=None, *, apply_fn, spec, cfg, plan=None, clip_factor=False):
     """The whole training step on the global batch (leaves [G, ...]); `train_step` jits it over
     a mesh and XLA's partitioner splits the work (groups over "data", weights as placed).
+
+    projections: {weight path: P [in, in]} null-space projectors every edit goes through
+    (TrainConfig.null_energy; `editor.pseudo_grads`), or None: no projection.
 
     plan: a `FromBlockPlan` (decoder-only models): every pass below starts at the first edited
     block, on the base model's hidden state there (`_with_block_inputs`); None: all blocks."""
@@ -1060,14 +1079,15 @@ def _step(state, base_params, batch, *, apply_fn, spec, cfg, plan=None, clip_fac
     if FLAT in batch:  # the head on the target tokens only (`with_flat_train`)
         base_pass = _flat_base_pass(apply_fn, base_params, batch)
         group = jax.vmap(
-            lambda p, f, e, q, bl, fl: _flat_group_outputs(apply_fn, spec, cfg, p, norm, base_params, f, e, q, bl, fl),
+            lambda p, f, e, q, bl, fl: _flat_group_outputs(apply_fn, spec, cfg, p, norm, base_params, f, e, q, bl, fl,
+                                                           projections),
             in_axes=(None, 0, 0, 0, 0, 0),
         )
         extra = (batch[FLAT],)
     else:
         base_pass = _base_logits(apply_fn, base_params, batch["pass"])
         group = jax.vmap(
-            lambda p, f, e, q, bl: _group_outputs(apply_fn, spec, cfg, p, norm, base_params, f, e, q, bl),
+            lambda p, f, e, q, bl: _group_outputs(apply_fn, spec, cfg, p, norm, base_params, f, e, q, bl, projections),
             in_axes=(None, 0, 0, 0, 0),
         )
         extra = ()
@@ -1253,11 +1273,12 @@ def _flat_base(apply_fn, base_params, edit_b, pass_b, flat):
     return logits, ((ok == n) & (n > 0))[:n_edit]
 
 
-def _flat_group_outputs(apply_fn, spec, cfg, editor_params, norm, base_params, factors, edit_b, pass_b, base_logits, flat):
+def _flat_group_outputs(apply_fn, spec, cfg, editor_params, norm, base_params, factors, edit_b, pass_b, base_logits, flat,
+                        projections=None):
     """`_group_outputs` (validation's per-group loss and results) with the head at FLAT's pairs:
     base_logits [T, V] from `_flat_base`. The same numbers: nll = mean over edit rows with targets
     of their mean target NLL, kl = MEND's KL averaged over the pass rows' target tokens."""
-    new = edited_params(spec, editor_params, norm, base_params, factors)
+    new = edited_params(spec, editor_params, norm, base_params, factors, projections)
     joint = _joint_rows(edit_b, pass_b)
     rows, valid = flat["rows"], flat["valid"]
     n_edit, n_rows = edit_b["label_mask"].shape[0], joint["label_mask"].shape[0]
@@ -1298,16 +1319,19 @@ def _eval_base(base_params, batch, *, apply_fn, spec, plan=None):
     return {"factors": factors, "base_pass": base_pass, "edit_before": example_correct(base_edit, edit_labels, edit_mask)}
 
 
-def _eval_edited(editor_params, norm, base_params, batch, base_side, *, apply_fn, spec, cfg, plan=None):
-    """Edit every group with the editor and score it, given `_eval_base`'s outputs."""
+def _eval_edited(editor_params, norm, base_params, batch, base_side, projections=None, *, apply_fn, spec, cfg, plan=None):
+    """Edit every group with the editor (through `projections` when given) and score it, given
+    `_eval_base`'s outputs."""
     batch, apply_fn = _with_block_inputs(plan, apply_fn, base_params, batch)
     if FLAT in batch:
         _, out = jax.vmap(
-            lambda f, e, q, bl, fl: _flat_group_outputs(apply_fn, spec, cfg, editor_params, norm, base_params, f, e, q, bl, fl)
+            lambda f, e, q, bl, fl: _flat_group_outputs(apply_fn, spec, cfg, editor_params, norm, base_params, f, e, q, bl, fl,
+                                                        projections)
         )(base_side["factors"], batch["edit"], batch["pass"], base_side["base_pass"], batch[FLAT])
     else:
         _, out = jax.vmap(
-            lambda f, e, q, bl: _group_outputs(apply_fn, spec, cfg, editor_params, norm, base_params, f, e, q, bl)
+            lambda f, e, q, bl: _group_outputs(apply_fn, spec, cfg, editor_params, norm, base_params, f, e, q, bl,
+                                               projections)
         )(base_side["factors"], batch["edit"], batch["pass"], base_side["base_pass"])
     em = batch["edit"]["label_mask"]
     return {
@@ -1326,9 +1350,10 @@ def _eval_edited(editor_params, norm, base_params, batch, base_side, *, apply_fn
     }
 
 
-def _eval(editor_params, norm, base_params, batch, *, apply_fn, spec, cfg, plan=None):
+def _eval(editor_params, norm, base_params, batch, projections=None, *, apply_fn, spec, cfg, plan=None):
     base_side = _eval_base(base_params, batch, apply_fn=apply_fn, spec=spec, plan=plan)
-    return _eval_edited(editor_params, norm, base_params, batch, base_side, apply_fn=apply_fn, spec=spec, cfg=cfg, plan=plan)
+    return _eval_edited(editor_params, norm, base_params, batch, base_side, projections, apply_fn=apply_fn, spec=spec,
+                        cfg=cfg, plan=plan)
 
 
 def _state_specs(state, mesh):
@@ -1372,7 +1397,7 @@ def _batch_specs(batch):
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "spec", "cfg", "mesh", "from_block", "clip_factor"), donate_argnums=(0,))
-def train_step(state, base_params, batch, *, apply_fn, spec: EditorSpec, cfg: TrainConfig, mesh,
+def train_step(state, base_params, batch, projections=None, *, apply_fn, spec: EditorSpec, cfg: TrainConfig, mesh,
                from_block: "FromBlockPlan | None" = None, clip_factor: bool = False):
     """The editor's training step: `(state, base_params, batch) -> (state, metrics)`.
 
@@ -1395,22 +1420,28 @@ def train_step(state, base_params, batch, *, apply_fn, spec: EditorSpec, cfg: Tr
     choose for themselves).
 
     clip_factor: the gradient clip as one scalar factor (`_fused_inner_update`; faster, the same
-    numbers up to float rounding when the gradient is clipped); off: optax's arithmetic, bit-equal."""
+    numbers up to float rounding when the gradient is clipped); off: optax's arithmetic, bit-equal.
+
+    projections: None (no projection: the step as it always was), or {weight path: P [in, in]}
+    (`train_editor` places them replicated): every edit of the step is W - lr_W * P G~
+    (TrainConfig.null_energy). An input array, not a constant: one compiled step for any P of
+    those shapes."""
     batch = _constrain(batch, mesh, _batch_specs(batch))
-    new_state, metrics = _step(state, base_params, batch, apply_fn=apply_fn, spec=spec, cfg=cfg, plan=from_block,
-                               clip_factor=clip_factor)
+    new_state, metrics = _step(state, base_params, batch, projections, apply_fn=apply_fn, spec=spec, cfg=cfg,
+                               plan=from_block, clip_factor=clip_factor)
     return _constrain(new_state, mesh, _state_specs(new_state, mesh)), _constrain(metrics, mesh, jax.tree.map(lambda _: P(), metrics))
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "spec", "cfg", "mesh", "from_block"))
-def eval_step(editor_params, norm, base_params, batch, *, apply_fn, spec: EditorSpec, cfg: TrainConfig, mesh,
-              from_block: "FromBlockPlan | None" = None):
-    """Edit every group of `batch` with the editor (statistics frozen) and score it: per-group
-    loss, nll, kl [G]; fail/adapt/pass correctness before and after the edit [G, rows] and their
-    validity masks - all replicated. Placements as for `train_step`."""
+def eval_step(editor_params, norm, base_params, batch, projections=None, *, apply_fn, spec: EditorSpec, cfg: TrainConfig,
+              mesh, from_block: "FromBlockPlan | None" = None):
+    """Edit every group of `batch` with the editor (statistics frozen; through `projections` as
+    `train_step`) and score it: per-group loss, nll, kl [G]; fail/adapt/pass correctness before
+    and after the edit [G, rows] and their validity masks - all replicated. Placements as for
+    `train_step`."""
     batch = _constrain(batch, mesh, _batch_specs(batch))
-    out = _eval(_split_editor(editor_params, mesh), norm, base_params, batch, apply_fn=apply_fn, spec=spec, cfg=cfg,
-                plan=from_block)
+    out = _eval(_split_editor(editor_params, mesh), norm, base_params, batch, projections, apply_fn=apply_fn, spec=spec,
+                cfg=cfg, plan=from_block)
     return _constrain(out, mesh, jax.tree.map(lambda _: P(), out))
 
 
@@ -1424,14 +1455,14 @@ def eval_base_step(base_params, batch, *, apply_fn, spec: EditorSpec, mesh, from
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "spec", "cfg", "mesh", "from_block"))
-def eval_edited_step(editor_params, norm, base_params, batch, base_side, *, apply_fn, spec: EditorSpec, cfg: TrainConfig, mesh,
-                     from_block: "FromBlockPlan | None" = None):
+def eval_edited_step(editor_params, norm, base_params, batch, base_side, projections=None, *, apply_fn, spec: EditorSpec,
+                     cfg: TrainConfig, mesh, from_block: "FromBlockPlan | None" = None):
     """`eval_step` given `eval_base_step`'s outputs for the batch: the same outputs, without
     the base model's passes."""
     batch = _constrain(batch, mesh, _batch_specs(batch))
     base_side = _constrain(base_side, mesh, _batch_specs(base_side))
-    out = _eval_edited(_split_editor(editor_params, mesh), norm, base_params, batch, base_side, apply_fn=apply_fn, spec=spec,
-                       cfg=cfg, plan=from_block)
+    out = _eval_edited(_split_editor(editor_params, mesh), norm, base_params, batch, base_side, projections,
+                       apply_fn=apply_fn, spec=spec, cfg=cfg, plan=from_block)
     return _constrain(out, mesh, jax.tree.map(lambda _: P(), out))
 
 
@@ -1498,7 +1529,7 @@ def eval_groups_per_call(cfg: TrainConfig, data: EditData, n_data: int, limit: i
 
 def evaluate(model, spec, cfg, mesh, editor_params, norm, base_params, data: EditData, *,
              skip_unchanged_blocks: bool = True, plan: FromBlockPlan | None = None, base_cache: dict | None = None,
-             flat_head: bool = True, fit_lengths: bool = True) -> dict:
+             flat_head: bool = True, fit_lengths: bool = True, projections: Mapping[str, Any] | None = None) -> dict:
     """Edit every validation group with the editor and summarise (see `summarize_eval`).
 
     All arguments placed as for `train_step` (`place_state`, `place_base_params`). The groups
@@ -1514,7 +1545,8 @@ def evaluate(model, spec, cfg, mesh, editor_params, norm, base_params, data: Edi
     an evaluation's arithmetic). flat_head: on decoder-only models, run the LM head on the rows'
     target tokens only (`flat_targets`; the same numbers); False: at K positions of every row.
     fit_lengths: on decoder-only models, cut every batch to the longest row of all of them
-    (`fit_length`: one length, one compilation; the same numbers)."""
+    (`fit_length`: one length, one compilation; the same numbers). projections: the null-space
+    projectors the editor was trained with (`train_step`), None for an editor trained without."""
     if plan is None:
         plan, data = from_block_data(model, spec, data, base_params, skip_unchanged_blocks)
     elif data.block_input_of not in (None, plan.last):
@@ -1528,14 +1560,15 @@ def evaluate(model, spec, cfg, mesh, editor_params, norm, base_params, data: Edi
         batches = [fit_length(b, length) for b in batches]
     kw = dict(apply_fn=model.apply, spec=spec, cfg=cfg.step_config(), mesh=mesh, from_block=plan)
     if base_cache is None:
-        results = [eval_step(editor_params, norm, base_params, sharding.shard_batch(b, mesh), **kw) for b in batches]
+        results = [eval_step(editor_params, norm, base_params, sharding.shard_batch(b, mesh), projections, **kw)
+                   for b in batches]
     else:
         results = []
         for i, b in enumerate(batches):
             sb = sharding.shard_batch(b, mesh)
             if i not in base_cache:
                 base_cache[i] = eval_base_step(base_params, sb, apply_fn=model.apply, spec=spec, mesh=mesh, from_block=plan)
-            results.append(eval_edited_step(editor_params, norm, base_params, sb, base_cache[i], **kw))
+            results.append(eval_edited_step(editor_params, norm, base_params, sb, base_cache[i], projections, **kw))
     return summarize_eval(parallel.fetch(results), [b["weight"] for b in batches], cfg.edits_per_group)
 
 
@@ -1584,6 +1617,8 @@ class TrainResult:
     # (the first step of this call: trace + compile, or a compile-cache load), "steps" (every other
     # step, with logging and checkpoints), "validation" (one entry per validation); for reports only
     times: dict = dataclasses.field(default_factory=dict)
+    # {weight path: P} the editor was trained (and must edit) with (TrainConfig.null_energy > 0), else None
+    projections: dict | None = None
 
 
 def _log(path: Path, record: dict) -> None:
@@ -1619,6 +1654,7 @@ def train_editor(
     fit_lengths: bool = True,
     flat_levels: bool = True,
     clip_factor: bool = True,
+    null_projection=None,
 ) -> TrainResult:
     """Train an editor for the given weights; checkpoints and metrics.jsonl go to `workdir`.
 
@@ -1661,6 +1697,14 @@ def train_editor(
       that clips in its first steps amplifies over hundreds of steps into other, equally good
       numbers (the main job's keep DD 0.050 -> 0.054 when session 16 measured it). Off: the
       update is optax's clip-then-Adam, operation by operation.
+    null_projection: with cfg.null_energy > 0, the `nullspace.NullProjection` (built for that
+      energy, over the spec's weights) every edit of training and validation goes through (W -
+      lr_W * P G~); None then builds it from cfg.null_tokens tokens of WikiText
+      (`nullspace.wikitext_null_projection`, the key-statistics cache). The P used is saved in
+      workdir/`nullspace.NULL_FILE` (`load_editor` edits with it); a resumed run must have the
+      same energy and token count (its checkpoints' config) and the same P (bit for bit), else
+      `CheckpointMismatch`. With cfg.null_energy 0 (the default) it must be None: the steps are
+      the ones without a projection, unchanged.
     """
     # --- setup: mesh, resolved config, editor spec, workdir, checkpointer
     base_params = model.params if base_params is None else base_params
@@ -1700,9 +1744,16 @@ def train_editor(
         if metrics_path.exists():
             metrics_path.unlink()
 
-    # --- place on the mesh; validation
+    # --- the null-space projection every edit goes through (TrainConfig.null_energy)
     t_setup = time.perf_counter()
     times: dict = {"validation": []}
+    arrays = _null_projection_for(model, base_params, spec, cfg, workdir, null_projection, resumed=restored is not None,
+                                  progress=progress)
+    if arrays is not None:
+        times["null_projection"] = round(time.perf_counter() - t_setup, 3)
+    projections = None if arrays is None else jax.device_put(arrays, NamedSharding(mesh, P()))
+
+    # --- place on the mesh; validation
     state = place_state(state, mesh)
     base = place_base_params(model, base_params, mesh)
     # block inputs per split only when they pay: the run's steps (validations) would compute at
@@ -1749,7 +1800,7 @@ def train_editor(
     def validate(step):
         t_val = time.perf_counter()
         v = evaluate(model, spec, cfg, mesh, state["params"], state["norm"], base, val_data, plan=plan, base_cache=val_base,
-                     flat_head=flat_head, fit_lengths=fit_lengths)
+                     flat_head=flat_head, fit_lengths=fit_lengths, projections=projections)
         _log(metrics_path, {"step": step, "split": "val", **v})
         improved = v["loss"] < run["best_val_loss"]
         if improved:
@@ -1778,7 +1829,7 @@ def train_editor(
                 batch = fit_length(batch)
             lengths.add((int(batch["edit"]["attention_mask"].shape[-1]),) + (() if FLAT not in batch else tuple(batch[FLAT]["rows"].shape)))
             batch = sharding.shard_batch(batch, mesh)
-            state, m = step_fn(state, base, batch, **kw)
+            state, m = step_fn(state, base, batch, projections, **kw)
             step += 1
             if compiled is None:
                 compiled = step_fn._cache_size()
@@ -1831,4 +1882,46 @@ def train_editor(
         last_val=run["last_val"],
         recompiles=0 if compiled is None else max(0, step_fn._cache_size() - compiled - (len(lengths) - 1)),
         times=times,
+        projections=arrays,
     )
+
+
+def _null_projection_for(model, base_params, spec: EditorSpec, cfg: TrainConfig, workdir: Path, given, *, resumed: bool,
+                         progress: bool) -> dict | None:
+    """`train_editor`'s projectors {weight path: P float32} (None with cfg.null_energy 0), saved
+    in workdir/NULL_FILE on a fresh run and checked against that file on a resumed one."""
+    path = workdir / NULL_FILE
+    if cfg.null_energy == 0:
+        if given is not None:
+            raise ValueError("train_editor: a null_projection was given but TrainConfig.null_energy is 0 (off); "
+                             "set null_energy to the projection's energy, or pass none")
+        if not resumed and path.exists():
+            path.unlink()  # a fresh run without projection: no stale projector for load_editor to find
+        return None
+    if given is None:
+        given = wikitext_null_projection(model, base_params, spec.weights, cfg.null_energy, cfg.null_tokens,
+                                         progress=progress)
+    arrays = projection_arrays(given, spec.weights, cfg.null_energy, where="train_editor's null_projection")
+    for w, shape in zip(spec.weights, spec.shapes):
+        fan_in = w.in_out_shape(shape)[0]
+        if arrays[w.path].shape != (fan_in, fan_in):
+            raise ValueError(f"train_editor's null_projection: the projector of {w.path!r} has shape "
+                             f"{arrays[w.path].shape}, but the kernel's input width is {fan_in}")
+    if resumed:
+        if not path.exists():
+            raise CheckpointMismatch(f"{workdir} resumes a run trained with null_energy {cfg.null_energy:g}, but its "
+                                     f"projector file {NULL_FILE} is missing; start a new workdir")
+        saved, energy, tokens, _ = load_projections(path)
+        same = (list(saved) == list(arrays) and energy == cfg.null_energy
+                and all(np.array_equal(saved[k], arrays[k]) for k in arrays))
+        if not same:
+            raise CheckpointMismatch(
+                f"{workdir} was trained through another null-space projector (saved: energy {energy:g}, {tokens} "
+                f"tokens, weights {list(saved)}); this run's differs (energy {cfg.null_energy:g}, {cfg.null_tokens} "
+                "tokens): other key statistics would change the trajectory. Use the same ones, or a new workdir")
+    else:
+        info = getattr(given, "info", {})
+        save_projections(path, arrays, cfg.null_energy, cfg.null_tokens,
+                         {k: {kk: vv for kk, vv in v.items() if kk in ("fan_in", "null_dim", "null_energy_share")}
+                          for k, v in info.items()})
+    return arrays

@@ -21,7 +21,8 @@ from salem_jax import config
 from salem_jax.baselines.keystats import wikitext_texts
 from salem_jax.mend.apply import TrainedEditor, apply_each, apply_edits, load_editor, scaled_editor
 from salem_jax.mend.train import TrainConfig, train_editor
-from salem_jax.mend.nullspace import check_energy, null_projection, projected_edit_each_fn, projected_edit_fn
+from salem_jax.mend.nullspace import (check_energy, null_projection, projected_edit_each_fn, projected_edit_fn,
+                                     wikitext_null_projection)
 from salem_jax.methods.registry import Context, Method, Prepared
 from salem_jax.methods.rows import target
 
@@ -40,11 +41,17 @@ def train_mend(model, data, layers: tuple[str, ...], cfg, workdir: Path, mesh=No
     mesh: None = all devices on an (n, 1) mesh (`sharding.make_mesh()`); a `sharding.make_mesh` mesh when the model's
     parameters are sharded on it (`cfg.mesh_model`)."""
     weights = model.layers.weights(list(layers), part=cfg.saliency.part)
-    result = train_editor(model, data, weights, train_config(cfg), workdir, mesh=mesh, progress=cfg.progress)
+    tc = train_config(cfg)
+    proj = None
+    if tc.null_energy > 0:  # config.editor.null_energy: the editor trains (and edits) through P
+        proj = wikitext_null_projection(model, model.params, weights, tc.null_energy, tc.null_tokens,
+                                        data_dir=cfg.data_dir or None, progress=cfg.progress)
+    result = train_editor(model, data, weights, tc, workdir, mesh=mesh, progress=cfg.progress, null_projection=proj)
     if result.best_step is not None and result.best_step != result.step:
         return load_editor(workdir, model, step=int(result.best_step)), result
     editor = TrainedEditor(
-        spec=result.spec, params=result.params, state=result.norm, model_name=model.name, step=result.step
+        spec=result.spec, params=result.params, state=result.norm, model_name=model.name, step=result.step,
+        projections=result.projections, null_energy=tc.null_energy if result.projections is not None else 0.0,
     )
     return editor, result
 
@@ -94,19 +101,39 @@ def prepare_mend(ctx: Context, layers: tuple[str, ...], name: str) -> Prepared:
     like = ctx.data["val"].fail if ctx.data and "val" in ctx.data else None
     edit, edit_each = mend_edit_fn(ctx.model, editor, like=like), mend_edit_each_fn(ctx.model, editor, like=like)
     edit, edit_each = with_null_projection(ctx.model, ctx.cfg, editor.spec.weights, edit, edit_each, info,
-                                           say=lambda m: ctx.say(f"{name}: {m}"))
+                                           say=lambda m: ctx.say(f"{name}: {m}"), trained=editor)
     return Prepared(edit=edit, info=info, edit_each=edit_each)
 
 
-def with_null_projection(model, cfg, weights, edit, edit_each, info: dict, say=print):
+def with_null_projection(model, cfg, weights, edit, edit_each, info: dict, say=print, trained: TrainedEditor | None = None):
     """(edit, edit_each) with every edit's delta on each kernel of `weights` projected on the null
     space of that kernel's input covariance (`mend.nullspace`; config.eval.mend_null_energy > 0,
     covariance over config.eval.mend_null_tokens tokens of WikiText, from the key-statistics
     cache when there); with energy 0 (the default) the very same two functions, untouched.
     info["null_projection"] holds the `NullProjection` (per-kernel null dimension, and the norm
     share of each edit that survives, filled as edits are made); the pipeline replaces it by its
-    summary after the evaluation."""
+    summary after the evaluation.
+
+    trained: the editor behind `edit`. One trained through a projection (config.editor.null_energy
+    > 0: `TrainedEditor.projections`) already edits through the P it was trained with - the edit
+    functions apply it inside the editor, exactly as training did - so the functions come back
+    untouched and info["null_projection"] records that P (energy, null dimension per kernel,
+    "in_training": True); a second, evaluation-time projection on top of it is refused."""
     energy = check_energy(cfg.eval.get("mend_null_energy", 0.0), "config.eval.mend_null_energy")
+    if trained is not None and trained.projections is not None:
+        if energy != 0:
+            raise ValueError(
+                f"config.eval.mend_null_energy={energy:g} on an editor trained through a null-space projection "
+                f"(config.editor.null_energy={trained.null_energy:g}): it already edits through that projection; "
+                "set eval.mend_null_energy=0")
+        info["null_projection"] = {
+            "energy": trained.null_energy, "in_training": True,
+            "kernels": {p: {"fan_in": int(a.shape[0]), "null_dim": int(round(float(np.trace(a))))}
+                        for p, a in trained.projections.items()}}
+        say(f"edits through the null-space projection the editor was trained with (energy {trained.null_energy:g}; "
+            + ", ".join(f"{p}: null dim {v['null_dim']} of {v['fan_in']}" for p, v in info["null_projection"]["kernels"].items())
+            + ")")
+        return edit, edit_each
     if energy == 0:
         return edit, edit_each
     t = time.perf_counter()
