@@ -83,21 +83,29 @@ def capital_edit_rows(countries: Iterable[str], cities: Iterable[str], tag: str)
     return rows
 
 
-def noisy_editor(model, layers: Iterable[str], *, noise: float = 0.05, lr_scale: float = 30.0, seed: int = 0):
-    """A MEND editor (`TrainedEditor`, step 0) on `layers`' weights whose nets are not the identity:
-    seeded normal noise of std `noise` on every net weight and every edit rate times `lr_scale`, so
-    that an edit moves every edited kernel visibly and differently from one plain gradient step."""
+def noisy_editor_params(spec, *, noise: float = 0.05, lr_scale: float = 30.0, seed: int = 0):
+    """(editor params, norm state) for `spec` whose nets are not the identity: `init_editor` with
+    PRNGKey(seed), then seeded normal noise of std `noise` (PRNGKey(seed + 1)) on every net weight
+    and every edit rate times `lr_scale`, so that an edit moves every edited kernel visibly and
+    differently from one plain gradient step."""
     import jax
 
-    from salem_jax.mend.apply import TrainedEditor
-    from salem_jax.mend.editor import EditorSpec, init_editor
+    from salem_jax.mend.editor import init_editor
 
-    spec = EditorSpec.from_params(model.layers.weights(list(layers)), model.params)
     params, state = init_editor(spec, jax.random.PRNGKey(seed))
     leaves, tree = jax.tree.flatten(params["nets"])
     keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
     nets = jax.tree.unflatten(tree, [x + noise * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
-    params = {"nets": nets, "lr": jax.tree.map(lambda x: x * lr_scale, params["lr"])}
+    return {"nets": nets, "lr": jax.tree.map(lambda x: x * lr_scale, params["lr"])}, state
+
+
+def noisy_editor(model, layers: Iterable[str], **kw):
+    """A `TrainedEditor` (step 0) on `layers`' weights with `noisy_editor_params` (same keywords)."""
+    from salem_jax.mend.apply import TrainedEditor
+    from salem_jax.mend.editor import EditorSpec
+
+    spec = EditorSpec.from_params(model.layers.weights(list(layers)), model.params)
+    params, state = noisy_editor_params(spec, **kw)
     return TrainedEditor(spec=spec, params=params, state=state, model_name=model.name, step=0)
 
 

@@ -21,14 +21,14 @@ from salem_jax.losses import batch_nll, kl_divergence
 from salem_jax.mend.apply import apply_each, apply_edits, encode_requests, load_editor
 from salem_jax.mend.capture import capture
 from salem_jax.mend.checkpoint import CheckpointMismatch
-from salem_jax.mend.editor import EditorConfig, EditorSpec, edited_params, init_editor, pseudo_grads, update_norm_state
+from salem_jax.mend.editor import EditorConfig, EditorSpec, edited_params, pseudo_grads, update_norm_state
 from salem_jax.mend.nullspace import NULL_FILE, NullProjection, load_projections, null_projection
 from salem_jax.mend.train import (TrainConfig, evaluate, flat_train_sizes, group_factors, init_train_state, optimizer_update, place_base_params,
                                   place_state, prepare_splits, train_batch, train_editor, train_step)
 from salem_jax.methods.mend import mend_edit_each_fn, mend_edit_fn, with_null_projection
 from salem_jax.models.base import get_path, set_path
 from salem_jax.scored_logits import scored_logits
-from salem_jax.testing import capital_edit_rows, random_texts, tiny_edit_model
+from salem_jax.testing import capital_edit_rows, noisy_editor_params, random_texts, tiny_edit_model
 
 REQS = [dict(prompt="the capital of france is", target="paris"),
         dict(prompt="the currency of japan is", target="rupee")]
@@ -70,15 +70,6 @@ def _cfg(**kw) -> TrainConfig:
     return TrainConfig.tiny(**base)
 
 
-def _noisy_editor(spec, seed=1):
-    """Editor params whose nets are not the identity (seeded noise) and whose edit rate is large."""
-    params, state = init_editor(spec, jax.random.PRNGKey(0))
-    leaves, tree = jax.tree.flatten(params["nets"])
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    nets = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
-    return {"nets": nets, "lr": jax.tree.map(lambda x: x * 30.0, params["lr"])}, state
-
-
 # ---------------------------------------------------------------------------- the projected edit
 
 
@@ -87,7 +78,7 @@ def test_projected_edit_is_P_times_the_unprojected_pseudo_gradient(arch, tmp_pat
     model = tiny_edit_model(arch)
     weights = model.layers.weights([model.layers.names()[1]])
     spec = EditorSpec.from_params(weights, model.params)
-    eparams, state = _noisy_editor(spec)
+    eparams, state = noisy_editor_params(spec)
     factors = capture(model.apply, model.params, encode_requests(model, REQS), spec.weights)[1]
     proj = _projection(model, weights, tmp=tmp_path)
     grads = pseudo_grads(spec, eparams, state, factors)  # unprojected G~, stored layout
@@ -124,7 +115,7 @@ def test_projected_edit_on_both_kernel_layouts_against_numpy():
 
     weights = (Weight("a/kernel", "in_out"), Weight("c/kernel", "out_in"))
     spec = EditorSpec(weights, ((8, 6), (6, 8)), EditorConfig(rank=4, n_hidden=1))
-    eparams, state = _noisy_editor(spec)
+    eparams, state = noisy_editor_params(spec)
     rng = np.random.default_rng(3)
     factors = {w.path: Factors(jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32),
                                jnp.asarray(rng.normal(size=(2, 5, 6)), jnp.float32)) for w in weights}

@@ -5,50 +5,20 @@ inputs captured by hand, its projector from numpy's eigh, the projected edit by 
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
 from experiments import capitals_smollm2
-from salem_jax.mend.apply import TrainedEditor, apply_each, apply_edits
-from salem_jax.mend.editor import EditorSpec, init_editor
+from salem_jax.mend.apply import apply_each, apply_edits
 from salem_jax.mend.nullspace import check_energy, null_projection, project_delta
 from salem_jax.methods.mend import with_null_projection
 from salem_jax.models.base import get_path
 from salem_jax.pipeline import run_pipeline
-from salem_jax.testing import random_texts, tiny_edit_model
+from salem_jax.testing import module_inputs, noisy_editor, random_texts, tiny_edit_model
 
 REQS = [dict(prompt="the capital of france is", target="paris"),
         dict(prompt="the currency of japan is", target="rupee")]
-
-
-def _editor(model, layer):
-    """A MEND editor on `layer`'s MLP kernels whose nets are not the identity (seeded noise), with
-    a large edit rate so that every edit moves every kernel visibly."""
-    spec = EditorSpec.from_params(model.layers.weights([layer]), model.params)
-    params, state = init_editor(spec, jax.random.PRNGKey(0))
-    leaves, tree = jax.tree.flatten(params["nets"])
-    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    nets = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
-    params = {"nets": nets, "lr": jax.tree.map(lambda x: x * 30.0, params["lr"])}
-    return TrainedEditor(spec=spec, params=params, state=state, model_name=model.name, step=0)
-
-
-def _inputs(model, w, text) -> np.ndarray:
-    """The inputs [T, in] of `w`'s module at every token of `text`, read by hand (float64)."""
-    ids = np.asarray([model.tokenizer(text)["input_ids"]], np.int32)
-    seen = {}
-
-    def icpt(f, args, kwargs, ctx):
-        y = f(*args, **kwargs)
-        if ctx.method_name == "__call__" and "/".join(ctx.module.path) == w.module_path:
-            seen["x"] = np.asarray(args[0], np.float64)[0]
-        return y
-
-    with nn.intercept_methods(icpt):
-        model.apply(model.params, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
-    return seen["x"]
 
 
 def _hand_projector(cov: np.ndarray, energy: float) -> tuple[np.ndarray, np.ndarray]:
@@ -72,7 +42,7 @@ def _as_in_out(kernel, w) -> np.ndarray:
 def test_projected_edit_is_P_times_the_delta_and_spares_the_kept_keys(arch, tmp_path):
     model = tiny_edit_model(arch)
     layer = model.layers.names()[1]
-    editor = _editor(model, layer)
+    editor = noisy_editor(model, [layer])
     texts = random_texts()
     energy = 0.1
     proj = null_projection(model, model.params, editor.spec.weights, energy, texts, max_tokens=2000, window=32,
@@ -81,7 +51,7 @@ def test_projected_edit_is_P_times_the_delta_and_spares_the_kept_keys(arch, tmp_
     got = proj.project(model.params, edited)
     rng = np.random.default_rng(0)
     for w in editor.spec.weights:
-        x = np.concatenate([_inputs(model, w, t) for t in texts])  # every text is one window: C = mean x x^T
+        x = np.concatenate([module_inputs(model, w.module_path, t) for t in texts])  # every text is one window: C = mean x x^T
         cov = x.T @ x / len(x)
         P, U1 = _hand_projector(cov, energy)
         assert 0 < np.trace(P) < len(P) - 1  # a proper subspace: the checks below can fail
@@ -130,7 +100,7 @@ def test_energy_zero_leaves_the_edit_untouched_and_one_is_the_identity(tmp_path,
     monkeypatch.setenv("SALEM_JAX_CACHE", str(tmp_path))  # the key statistics' cache
     model = tiny_edit_model("llama")
     layer = model.layers.names()[1]
-    editor = _editor(model, layer)
+    editor = noisy_editor(model, [layer])
     cfg = capitals_smollm2.get_config(tiny=True)
 
     def edit(params, rows):
@@ -180,7 +150,7 @@ def test_one_pass_covariances_equal_the_hand_ones_and_share_the_cache(arch, tmp_
     got = cached_key_covariances(model, model.params, weights, texts, max_tokens=2000, window=32, cache=tmp_path,
                                  progress=False)
     for w in weights:
-        x = np.concatenate([_inputs(model, w, t) for t in texts])  # every text is one window
+        x = np.concatenate([module_inputs(model, w.module_path, t) for t in texts])  # every text is one window
         np.testing.assert_allclose(got[w.path].cov, x.T @ x / len(x), rtol=2e-4, atol=1e-6 * np.abs(x).max() ** 2)
         assert not got[w.path].from_cache
         one = cached_key_covariance(model, model.params, w, texts, max_tokens=2000, window=32, cache=tmp_path,
