@@ -484,7 +484,7 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
 
     # -- 5. each method: prepare (train an editor, fit statistics), then evaluate on the val split
     ctx = Context(model=model, cfg=cfg, work=work, say=say, mesh=mesh, texts=tuple(texts), text_note=text_note,
-                  subjects=subjects, train_rows=train_rows, val_rows=val_rows,
+                  subjects=subjects, train_rows=train_rows, val_rows=val_rows, keep_rows=list(keep),
                   data=prepare_splits(model, {"train": train_rows + train_pass, "val": val_rows}),
                   profile=profile, traced_layer=traced_layer, trace_info=trace_info)
     # CounterFact data: every edit is also scored with ROME's metrics on its own record

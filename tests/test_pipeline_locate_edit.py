@@ -319,7 +319,8 @@ def test_alphaedit_sequential_batches_carry_projection_and_keys(tmp_path, monkey
 
 def test_alphaedit_memory_starts_with_the_preserved_train_keys(tmp_path, monkeypatch):
     """config.locate_edit.alpha_preserve = 2: AlphaEdit's memory starts with the keys of the first two
-    train fail rows whose subject occurs in the prompt (on the base weights), in every fresh state
+    train fail rows whose subject occurs in the prompt and in no val or keep prompt (whole words, any
+    case; on the base weights), in every fresh state
     (the one-at-a-time evaluation's too) and under the edits' keys in a sequence. Checked against
     numpy solves of dW = R K^T P ((K K^T + K_f K_f^T + K_1 K_1^T) P + l2 I)^-1 with keys computed
     one prompt at a time."""
@@ -333,17 +334,23 @@ def test_alphaedit_memory_starts_with_the_preserved_train_keys(tmp_path, monkeyp
     from salem_jax.methods.registry import Context
     from test_pipeline_baselines import TEXTS
 
-    train = [("the river of spain is", "portugal", "x"),  # subject not in the prompt: skipped
+    train = [("the river of spain is", "portugal", "x"),  # subject not in the prompt: passed over
+             ("the river of peru is", "peru", "x"),  # subject in a val prompt: passed over
+             ("the anthem of Spain is", "Spain", "x"),  # subject in a keep prompt (other case): passed over
              ("the capital of italy is", "italy", "x"), ("the pass row of egypt", "egypt", "x"),
-             ("the currency of brazil is", "brazil", "x"), ("the capital of kenya is", "kenya", "x")]
-    train_rows = [dict(id=f"t{i}", record_id=f"tr{i}", prompt=p, target=t, group="pass" if i == 2 else "fail")
+             ("the currency of ital is", "ital", "x"),  # 'ital' is not a whole word of any val / keep prompt
+             ("the capital of kenya is", "kenya", "x")]
+    train_rows = [dict(id=f"t{i}", record_id=f"tr{i}", prompt=p, target=t, group="pass" if i == 4 else "fail")
                   for i, (p, _, t) in enumerate(train)]
+    keep_rows = [dict(id="k0", record_id="k0", prompt="the currency of spain is", target="euro", group="keep"),
+                 dict(id="k1", record_id="k1", prompt="the capital of italys is", target="x", group="keep")]
     subjects = {f"r{i}": s for i, (_, s, _) in enumerate(BATCH_FACTS)}
     subjects.update({f"tr{i}": s for i, (_, s, _) in enumerate(train)})
     ctx = Context(model=model, cfg=cfg, work=tmp_path, texts=tuple(TEXTS), subjects=subjects, val_rows=rows,
-                  train_rows=train_rows)
+                  train_rows=train_rows, keep_rows=keep_rows)
     prepared = methods.get("alphaedit").prepare(ctx, ("h.1",))
     assert prepared.info["preserved_keys"] == 2
+    assert prepared.info["preserve_passed_over"] == {"no_subject": 1, "val": 1, "keep": 1}
     p0 = model.params
     p1 = prepared.edit(p0, rows[:2])
     p2 = prepared.edit(p1, rows[2:])
@@ -353,7 +360,7 @@ def test_alphaedit_memory_starts_with_the_preserved_train_keys(tmp_path, monkeyp
     vcfg = editor_config(cfg).value
     P = stats.solver(w).null_projection(cfg.locate_edit.alpha_energy)
     l2 = cfg.locate_edit.alpha_l2
-    Kf = np.stack([np.asarray(compute_key(model, p0, w, p, s)[0], np.float64) for p, s, _ in (train[1], train[3])], 1)
+    Kf = np.stack([np.asarray(compute_key(model, p0, w, p, s)[0], np.float64) for p, s, _ in (train[3], train[5])], 1)
 
     def update(p, rs, prior):
         K = np.stack([np.asarray(compute_key(model, p, w, r.prompt, r.subject)[0], np.float64) for r in rs], 1)
@@ -372,8 +379,10 @@ def test_alphaedit_memory_starts_with_the_preserved_train_keys(tmp_path, monkeyp
     d1_empty = update(p0, reqs[:2], 0.0)
     assert np.abs(d1 - d1_empty).max() > 1e-2 * np.abs(d1).max()  # the preserved keys change the update
 
-    cfg.locate_edit.alpha_preserve = 5  # only 3 train fail rows have their subject in the prompt
-    with pytest.raises(ValueError, match="alpha_preserve=5: the train split has only 3 fail rows"):
+    cfg.locate_edit.alpha_preserve = 5  # 3 of the 6 train fail rows are usable
+    with pytest.raises(ValueError, match=r"alpha_preserve=5: the train split has only 3 usable fail rows \(of 6; "
+                                         r"passed over: 1 without .* 1 whose subject is in a val prompt, 1 whose "
+                                         r"subject is in a keep prompt\)"):
         methods.get("alphaedit").prepare(ctx, ("h.1",))
     cfg.locate_edit.alpha_preserve = 2
     with pytest.raises(ValueError, match="alpha_preserve=2 seeds AlphaEdit's memory; emmet"):

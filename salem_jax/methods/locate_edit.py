@@ -19,6 +19,7 @@ settings) reuse it; edits of any other weights compute theirs afresh.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from typing import Any
 
@@ -87,30 +88,56 @@ def check(ctx: Context) -> None:
         raise ValueError(f"config.locate_edit.alpha_preserve must be >= 0, got {e.alpha_preserve}")
 
 
+def _mentions(text: str, subject: str) -> bool:
+    """Whether `subject` occurs in `text` as whole words (case-insensitive)."""
+    return re.search(rf"(?<!\w){re.escape(subject.lower())}(?!\w)", text.lower()) is not None
+
+
+def preserved_requests(ctx: Context, n: int) -> tuple[list[EditRequest], dict]:
+    """The first n train fail rows (in split order) that AlphaEdit's memory may be seeded with, as
+    EditRequests, and how many rows were passed over and why. A row is passed over when its subject
+    does not occur in its prompt (no key), or when its subject occurs (as whole words,
+    case-insensitive) in the prompt of a val row (fail, adapt or locality pass row) or of a keep row:
+    such a key belongs to a fact the study edits or scores (the same subject's key, or one very close to it), and preserving it would
+    fight that edit or protect a keep fact by name, so the keep-set drawdown would no longer measure
+    facts the editor never saw."""
+    guarded = [("val", [r["prompt"] for r in ctx.val_rows]), ("keep", [r["prompt"] for r in ctx.keep_rows])]
+    rows = [r for r in ctx.train_rows if r["group"] == "fail"]
+    reqs, passed = [], {"no_subject": 0, "val": 0, "keep": 0}
+    for r in rows:
+        if len(reqs) == n:
+            break
+        s = subject_in_prompt(r["prompt"], ctx.subjects.get(r["record_id"], ""))
+        if s is None:
+            passed["no_subject"] += 1
+            continue
+        hit = next((what for what, prompts in guarded if any(_mentions(p, s) for p in prompts)), None)
+        if hit is not None:
+            passed[hit] += 1
+            continue
+        reqs.append(EditRequest(r["prompt"], s, r["target"], record_id=r["id"]))
+    if len(reqs) < n:
+        raise ValueError(f"config.locate_edit.alpha_preserve={n}: the train split has only {len(reqs)} usable fail rows "
+                         f"(of {len(rows)}; passed over: {passed['no_subject']} without their subject in the prompt, "
+                         f"{passed['val']} whose subject is in a val prompt, {passed['keep']} whose subject is in a keep prompt)")
+    return reqs, passed
+
+
 def preserved_state(ctx: Context, name: str, layers: tuple[str, ...], stats: KeyStats, ec: EditorConfig):
     """AlphaEdit's starting memory with the keys of config.locate_edit.alpha_preserve facts it must not
-    change (`AlphaEditState.preserving`): the first that many train fail rows whose subject occurs in
-    the prompt (never an edited val row, never the keep set), keys per band layer on the base weights
-    (averaged over the prefixes when the editor uses them) [in, m]."""
+    change (`AlphaEditState.preserving`) from `preserved_requests` (never an edited val row, never a
+    subject of the val split or of the keep set), keys per band layer on the base weights (averaged
+    over the prefixes when the editor uses them) [in, m]; and the counts of rows passed over."""
     n = int(ctx.cfg.locate_edit.alpha_preserve)
     if name != "alphaedit":
         raise ValueError(f"config.locate_edit.alpha_preserve={n} seeds AlphaEdit's memory; {name} has none "
                          "(set it to 0, or run alphaedit alone)")
-    rows = [r for r in ctx.train_rows if r["group"] == "fail"]
-    reqs = []
-    for r in rows:
-        s = subject_in_prompt(r["prompt"], ctx.subjects.get(r["record_id"], ""))
-        if s is not None:
-            reqs.append(EditRequest(r["prompt"], s, r["target"], record_id=r["id"]))
-        if len(reqs) == n:
-            break
-    if len(reqs) < n:
-        raise ValueError(f"config.locate_edit.alpha_preserve={n}: the train split has only {len(reqs)} fail rows "
-                         f"(of {len(rows)}) whose subject occurs in the prompt")
+    reqs, passed = preserved_requests(ctx, n)
     model = ctx.model
     prefixes = stats.prefixes() if ec.use_prefixes else ("",)
     _, weights = to_weights(model, layers)
-    return AlphaEditState.preserving({w.path: keys_of(model, model.params, w, reqs, prefixes) for w in weights})
+    keys = {w.path: keys_of(model, model.params, w, reqs, prefixes) for w in weights}
+    return AlphaEditState.preserving(keys), passed
 
 
 def _prepare(name: str):
@@ -127,7 +154,7 @@ def _prepare(name: str):
         for w in layers:
             stats.solver(w)  # fit (or read) the statistics now, so their cost is the method's preparation
         ec, fn, subjects = editor_config(cfg), get_editor(name), ctx.subjects
-        fresh = preserved_state(ctx, name, layers, stats, ec) if e.alpha_preserve else None
+        fresh, passed = preserved_state(ctx, name, layers, stats, ec) if e.alpha_preserve else (None, None)
 
         # A sequence of edits continues the editor's state (AlphaEdit: the keys of the earlier edits,
         # its `cache_c`) exactly when edit() is called on the parameters its previous call returned
@@ -152,9 +179,14 @@ def _prepare(name: str):
         eval_rows, skipped = rome_val_rows(ctx.val_rows, ctx.subjects, cfg.eval.max_edits)
         info = dict(layers=list(layers), covariance=stats.report(), steps=e.v_steps, seconds=time.perf_counter() - t,
                     preserved_keys=fresh.n_preserved if fresh is not None else 0,
+                    **({"preserve_passed_over": passed} if passed is not None else {}),
                     layer_from="config.locate_edit.layer" if e.layer else e.layer_from, skipped_edits=len(skipped))
         if skipped:
             ctx.say(f"{name}: {len(skipped)} val fail rows without their subject in the prompt are skipped")
+        if passed is not None:
+            ctx.say(f"{name}: the memory starts with the keys of {fresh.n_preserved} train fail rows (passed over: "
+                    f"{passed['no_subject']} without their subject in the prompt, {passed['val']} with a val "
+                    f"subject, {passed['keep']} with a keep subject)")
         return Prepared(edit=edit, info=info, eval_rows=eval_rows, skipped_edits=tuple(skipped),
                         can_edit=has_subject(subjects))
 

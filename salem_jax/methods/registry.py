@@ -45,6 +45,7 @@ class Context:
     subjects: dict[str, str] = dataclasses.field(default_factory=dict)  # record id -> subject
     train_rows: list[dict] = dataclasses.field(default_factory=list)
     val_rows: list[dict] = dataclasses.field(default_factory=list)
+    keep_rows: list[dict] = dataclasses.field(default_factory=list)  # the held-out keep set (config.eval.keep)
     data: Any = None
     profile: Any = None
     traced_layer: str | None = None
