@@ -169,6 +169,7 @@ def test_resume_refuses_other_settings_or_records(monkeypatch, tmp_path):
     assert out.read_text() == before  # nothing lost
 
 
+@pytest.mark.slow
 def test_resume_extends_a_finished_run_to_a_larger_n(monkeypatch, tmp_path):
     """A finished --n 2 run, resumed with --n 4 --proxy-at 2, writes the same per-edit tables, metrics,
     oracle, ways and scorer choices as one uninterrupted --n 4 --proxy-at 2 run; its first 2 edits are

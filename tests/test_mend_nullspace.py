@@ -38,7 +38,7 @@ def _as_in_out(kernel, w) -> np.ndarray:
     return k if w.layout == "in_out" else k.T
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", [pytest.param("gpt2", marks=pytest.mark.slow), "llama"])
 def test_projected_edit_is_P_times_the_delta_and_spares_the_kept_keys(arch, tmp_path):
     model = tiny_edit_model(arch)
     layer = model.layers.names()[1]
@@ -140,7 +140,7 @@ def test_bad_energies_are_refused(bad, tmp_path):
         assert check_energy(ok) == float(ok)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", [pytest.param("gpt2", marks=pytest.mark.slow), "llama"])
 def test_one_pass_covariances_equal_the_hand_ones_and_share_the_cache(arch, tmp_path):
     from salem_jax.baselines.keystats import cached_key_covariance, cached_key_covariances
 
