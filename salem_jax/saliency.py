@@ -448,8 +448,8 @@ def _add_group_grad_sums(acc: jax.Array, onehot: jax.Array, u: jax.Array, delta:
     over (r, g) would multiply every row into every group (G times a gradient's flops) and build
     a [G, ...] temporary as big as G copies of the kernel. Here each group's sum is one masked
     contraction over the rows' tokens, added in place to that group's slice, under `lax.cond`
-    only when the micro-batch has a row of that group: a micro-batch of one group (the usual case:
-    edit sets come group by group) does one gradient's flops and touches one G-th of the sums.
+    only when the micro-batch has a row of that group: a micro-batch of one group (the usual case: the
+    pipeline samples its rows group by group, `sample_by_group`) does one gradient's flops and touches one G-th of the sums.
     (On SmolLM2, 8 rows x 8 tokens of one group, the whole step timed within noise of the dense
     einsum in an interleaved ad-hoc A/B, 0.172 against 0.174 s per row: XLA fuses the dense form
     well on this CPU; the saving is memory and flops, not yet time there.)"""
