@@ -11,9 +11,41 @@ if os.environ.get("SALEM_JAX_TEST_FAST_COMPILE") == "1" and "xla_cpu_use_fusion_
     os.environ["XLA_FLAGS"] += " " + _FAST_XLA_FLAGS
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Entry points called by tests (cli.main, experiments) must not write to the user's compilation
-# cache; tests/test_compile_cache.py tests the cache in a temporary folder.
-os.environ.setdefault("SALEM_JAX_COMPILE_CACHE", "0")
+# One compilation cache per test run, shared by its workers and the subprocesses they start (the
+# CLI and benchmark tests): a program that several tests compile (the same tiny model's step, the
+# same entry point run twice) is compiled once per run. Never the user's cache (entry points called
+# by tests must not write there), and empty at the start of every run, so a run's time is a cold
+# run's. SALEM_JAX_TEST_COMPILE_CACHE=0 turns it off; tests/test_compile_cache.py tests the cache
+# in its own temporary folder and gives this one back afterwards (`restore_run_cache`).
+_RUN_CACHE_OFF = os.environ.get("SALEM_JAX_TEST_COMPILE_CACHE", "").strip().lower() in ("0", "off", "false", "no")
+
+
+def _run_cache_dir() -> str:
+    """This run's folder: keyed by pytest-xdist's run id (the same in every worker of a run), else by
+    the process (a run without workers)."""
+    import tempfile
+
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
+    return os.path.join(tempfile.gettempdir(), f"salem-jax-test-compile-{run}")
+
+
+if _RUN_CACHE_OFF:
+    os.environ.setdefault("SALEM_JAX_COMPILE_CACHE", "0")
+else:
+    os.environ["SALEM_JAX_COMPILE_CACHE"] = os.environ.get("SALEM_JAX_TEST_RUN_CACHE") or _run_cache_dir()
+    # subprocesses of this run (a CLI test's `python -m salem_jax ...`) read the same folder
+    os.environ["SALEM_JAX_TEST_RUN_CACHE"] = os.environ["SALEM_JAX_COMPILE_CACHE"]
+
+
+def restore_run_cache() -> None:
+    """Point JAX's persistent cache back at this run's folder (or nowhere when it is off): for tests
+    that point it elsewhere."""
+    from salem_jax import compile_cache
+
+    if _RUN_CACHE_OFF:
+        compile_cache.disable_compile_cache()
+    else:
+        compile_cache.enable_compile_cache(os.environ["SALEM_JAX_TEST_RUN_CACHE"], min_compile_time_s=0.0)
 
 
 # Single cases of fixture-parametrised tests that run in the slow suite (issue 14: `make test` <= 5
@@ -55,6 +87,18 @@ def pytest_configure(config):
         import jax
 
         jax.config.update("jax_disable_most_optimizations", True)
+    if not _RUN_CACHE_OFF:
+        restore_run_cache()
+
+
+def pytest_unconfigure(config):
+    """The run's compilation cache goes with the run: removed by the process that created the run
+    (xdist's controller, or the only process), after every worker has stopped."""
+    if _RUN_CACHE_OFF or hasattr(config, "workerinput"):
+        return
+    import shutil
+
+    shutil.rmtree(os.environ["SALEM_JAX_TEST_RUN_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import restore_run_cache
 from salem_jax import compile_cache
 
 
@@ -20,7 +21,7 @@ def cache(tmp_path):
     try:
         yield folder
     finally:
-        compile_cache.disable_compile_cache()
+        restore_run_cache()  # the test run's own cache (conftest), or none
 
 
 def _fresh_program():
@@ -85,5 +86,9 @@ def test_import_leaves_jax_config_alone():
 
     import salem_jax  # noqa: F401
 
-    importlib.reload(compile_cache)
-    assert jax.config.jax_compilation_cache_dir in (None, "")
+    compile_cache.disable_compile_cache()  # the test run's own cache (conftest) set it: start from none
+    try:
+        importlib.reload(compile_cache)
+        assert jax.config.jax_compilation_cache_dir in (None, "")
+    finally:
+        restore_run_cache()
