@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/editability.py --out runs/bench-editability.json
 	$(PY) benchmarks/eval_edit.py --out runs/bench-eval-edit.json
 	$(PY) benchmarks/kv_cache_step.py
+	$(PY) benchmarks/edit_roofline.py --out runs/bench-edit-roofline.json
 
 clean:
 	rm -rf $(VENV)
