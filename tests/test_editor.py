@@ -89,6 +89,49 @@ def test_modes_transform_the_right_side():
         assert not np.allclose(getattr(out, changed), getattr(f["a/kernel"], changed))
 
 
+def _np_mlp(layers, x, mode):
+    """The residual low-rank MLP in numpy (float64), one kernel's scale/shift row `mode`."""
+    x = np.asarray(x, np.float64)
+    n = len(layers)
+    for j in range(n):
+        p = {k: np.asarray(v, np.float64) for k, v in layers[f"layer{j}"].items()}
+        h = (x * p["scale"][mode] + p["shift"][mode]) @ p["V"].T @ p["U"].T + p["b"]
+        if j < n - 1:
+            h = np.maximum(h, 0.0)
+        x = x + h
+    return x
+
+
+@pytest.mark.parametrize("mode", ["combined", "one_sided", "x_only"])
+def test_kernels_sharing_an_mlp_each_get_their_own_conditioning(mode):
+    """transform_factors runs the kernels of one shape through their MLP together: every kernel's
+    output equals that MLP applied to its rows alone with its own scale/shift row (numpy), for a
+    group of two kernels and a kernel of another shape, with trained-looking (non-zero) nets."""
+    spec = _spec(mode=mode, normalize=False, shapes=((8, 6), (8, 6), (3, 5)))
+    assert spec.shape_groups() == {"8x6": [0, 1], "5x3": [2]}  # c is stored [out, in]
+    params, state = init_editor(spec, jax.random.PRNGKey(3))
+    rng = np.random.default_rng(4)
+    params = jax.tree.map(lambda x: jnp.asarray(rng.normal(scale=0.5, size=x.shape), x.dtype), params)
+    f = _factors(spec, seed=5, batch=2, tokens=4)
+    out = transform_factors(spec, params, state, f)
+    for i, w in enumerate(spec.weights):
+        net = params["nets"][spec.shape_key(i)]
+        m = spec.mode_index(i)
+        u = np.asarray(f[w.path].u).reshape(-1, f[w.path].u.shape[-1])
+        d = np.asarray(f[w.path].delta).reshape(-1, f[w.path].delta.shape[-1])
+        if "xd" in net:
+            y = _np_mlp(net["xd"], np.concatenate([u, d], -1), m)
+            u, d = y[:, : u.shape[-1]], y[:, u.shape[-1]:]
+        else:
+            u = _np_mlp(net["x"], u, m) if "x" in net else u
+            d = _np_mlp(net["delta"], d, m) if "delta" in net else d
+        keep = (np.asarray(f[w.path].u).any(-1) & np.asarray(f[w.path].delta).any(-1)).reshape(-1, 1)
+        np.testing.assert_allclose(np.asarray(out[w.path].u).reshape(u.shape), u * keep, rtol=2e-4, atol=2e-4,
+                                   err_msg=f"{mode} {w.path} u")
+        np.testing.assert_allclose(np.asarray(out[w.path].delta).reshape(d.shape), d * keep, rtol=2e-4, atol=2e-4,
+                                   err_msg=f"{mode} {w.path} delta")
+
+
 def test_running_statistics_match_numpy_over_active_tokens():
     spec = _spec()
     _, state = init_editor(spec, jax.random.PRNGKey(0))

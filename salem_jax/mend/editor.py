@@ -41,6 +41,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from salem_jax.mend.capture import Factors, active_tokens, kernel_grad
 from salem_jax.models.base import Weight, get_path, set_path
@@ -256,8 +257,9 @@ def _standardize(x, mean, m2, count, eps):
 # ---------------------------------------------------------------------------- the network
 
 
-def _mlp(layers: dict, x: jax.Array, mode: int) -> jax.Array:
-    """x [N, D] -> [N, D]; the residual low-rank MLP conditioned on row `mode`."""
+def _mlp(layers: dict, x: jax.Array, mode) -> jax.Array:
+    """x [N, D] -> [N, D]; the residual low-rank MLP conditioned on `mode`: one row of the
+    scale/shift tables for every row of x (an int), or a row per row of x (an int array [N])."""
     n = len(layers)
     for j in range(n):
         p = layers[f"layer{j}"]
@@ -272,32 +274,59 @@ def _mlp(layers: dict, x: jax.Array, mode: int) -> jax.Array:
     return x
 
 
+def _mlp_shared(layers: dict, xs: list[jax.Array], modes: list[int]) -> list[jax.Array]:
+    """`_mlp(layers, xs[k], modes[k])` for every k, as one pass over the rows of all of them.
+
+    Why: the kernels that share an MLP (one shape; e.g. gate and up of every edited block) each
+    ran it on their own tokens, reading its weights (2 x D x rank per layer: 65 MB for SmolLM2's
+    2112-wide rank-1920 net) once per kernel; an edit of a few tokens is bound by those reads
+    (benchmarks/edit_roofline.py). Stacking the rows reads them once. Every row still meets its
+    own kernel's scale and shift, so each output row is the same function of its input row."""
+    if len(xs) == 1:
+        return [_mlp(layers, xs[0], modes[0])]
+    sizes = [x.shape[0] for x in xs]
+    rows = jnp.asarray(np.repeat(np.asarray(modes, np.int32), sizes))
+    y = _mlp(layers, jnp.concatenate(xs, 0), rows)
+    return jnp.split(y, np.cumsum(sizes)[:-1], axis=0)
+
+
 def transform_factors(spec: EditorSpec, params: dict, state: dict, factors: Mapping[str, Factors]) -> dict[str, Factors]:
     """The editor's output factors (u~ [.., T, in], delta~ [.., T, out]) for every weight.
 
-    Inactive tokens (see `capture.active_tokens`) come out as zeros."""
+    Inactive tokens (see `capture.active_tokens`) come out as zeros. The weights that share an
+    MLP (`EditorSpec.shape_groups`) go through it in one pass (`_mlp_shared`)."""
     cfg = spec.config
-    out = {}
-    for i, w in enumerate(spec.weights):
+    inputs = {}
+    for w in spec.weights:
         f = factors[w.path]
-        lead = f.u.shape[:-1]
-        mask = active_tokens(f).reshape(-1, 1).astype(jnp.float32)
         u = f.u.reshape(-1, f.u.shape[-1]).astype(jnp.float32)
         d = f.delta.reshape(-1, f.delta.shape[-1]).astype(jnp.float32)
         if cfg.normalize:
             s = state["norm"][weight_key(w.path)]
             u = _standardize(u, s["u_mean"], s["u_m2"], s["count"], cfg.norm_eps)
             d = _standardize(d, s["d_mean"], s["d_m2"], s["count"], cfg.norm_eps)
-        net = params["nets"][spec.shape_key(i)]
-        mode = spec.mode_index(i)
+        inputs[w.path] = [u, d]
+    for key, idx in spec.shape_groups().items():
+        net = params["nets"][key]
+        ws = [spec.weights[i] for i in idx]
+        modes = [spec.mode_index(i) for i in idx]
         if "xd" in net:
-            y = _mlp(net["xd"], jnp.concatenate([u, d], -1), mode)
-            u, d = y[:, : u.shape[-1]], y[:, u.shape[-1] :]
-        else:
-            if "x" in net:
-                u = _mlp(net["x"], u, mode)
-            if "delta" in net:
-                d = _mlp(net["delta"], d, mode)
+            ys = _mlp_shared(net["xd"], [jnp.concatenate(inputs[w.path], -1) for w in ws], modes)
+            for w, y in zip(ws, ys):
+                width = inputs[w.path][0].shape[-1]
+                inputs[w.path] = [y[:, :width], y[:, width:]]
+            continue
+        for side, k in (("x", 0), ("delta", 1)):
+            if side in net:
+                ys = _mlp_shared(net[side], [inputs[w.path][k] for w in ws], modes)
+                for w, y in zip(ws, ys):
+                    inputs[w.path][k] = y
+    out = {}
+    for w in spec.weights:
+        f = factors[w.path]
+        lead = f.u.shape[:-1]
+        mask = active_tokens(f).reshape(-1, 1).astype(jnp.float32)
+        u, d = inputs[w.path]
         out[w.path] = Factors((u * mask).reshape(*lead, -1), (d * mask).reshape(*lead, -1))
     return out
 
