@@ -208,10 +208,13 @@ def test_the_facts_are_saved_with_P_and_a_resume_with_others_is_refused(tmp_path
     with pytest.raises(CheckpointMismatch, match="null-space projector"):
         train_editor(model, data, weights, _cfg(**longer), work,
                      null_projection=_proj(model, weights, 0.3, OTHER_FACTS, 1.0, tmp=tmp_path), **kw)
-    # a projection whose facts disagree with the config, and a config with facts but no projection
-    with pytest.raises(ValueError, match="fact keys"):
-        train_editor(model, data, weights, _cfg(**longer), work, null_projection=_proj(model, weights, 0.3, tmp=tmp_path),
-                     **kw)
+    # a projection whose facts disagree with the config (a fresh workdir: refused before any step), and a
+    # config with facts but no projection
+    for cfg, given in ((_cfg(), _proj(model, weights, 0.3, tmp=tmp_path)), (_cfg(null_facts=""), proj),
+                       (_cfg(null_facts_weight=2.0), proj)):
+        with pytest.raises(ValueError, match="was built with fact keys"):
+            train_editor(model, data, weights, cfg, tmp_path / "fresh", null_projection=given, **kw)
+        assert not (tmp_path / "fresh" / NULL_FILE).exists()
     with pytest.raises(ValueError, match="cannot gather the fact rows"):
         train_editor(model, data, weights, _cfg(**longer), work, **kw)
     res = train_editor(model, data, weights, _cfg(**longer), work, null_projection=proj, **kw)

@@ -11,6 +11,7 @@ workdir/editor_NAME and edits with the checkpoint of the lowest validation loss.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,13 @@ def train_mend(model, data, layers: tuple[str, ...], cfg, workdir: Path, mesh=No
                                         data_dir=cfg.data_dir or None, progress=cfg.progress,
                                         **(dict(facts=facts, facts_weight=tc.null_facts_weight, facts_spec=tc.null_facts)
                                            if tc.null_facts else {}))
+        print(f"null-space projection (energy {tc.null_energy:g}"
+              + (f"; fact keys {tc.null_facts!r}, {proj.n_facts} rows, weight {tc.null_facts_weight:g}" if tc.null_facts else "")
+              + "): " + "; ".join(
+                  f"{p}: null dim {v['null_dim']} of {v['fan_in']}, text key statistics "
+                  f"{'loaded from the cache' if v['from_cache'] else 'computed into'} {Path(v['cache_file']).name}"
+                  + (f", facts {v['facts_tokens']} tokens ({v['facts_trace_share']:.3f} of C's trace)" if "facts_tokens" in v else "")
+                  for p, v in proj.info.items()), file=sys.stderr)
     result = train_editor(model, data, weights, tc, workdir, mesh=mesh, progress=cfg.progress, null_projection=proj)
     if result.best_step is not None and result.best_step != result.step:
         return load_editor(workdir, model, step=int(result.best_step)), result
