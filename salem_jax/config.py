@@ -53,7 +53,11 @@ EDITOR_KEYS = {
     "val_every": "val_every", "val_groups": "val_groups", "patience": "patience",
     "checkpoint_every": "checkpoint_every", "keep_checkpoints": "keep_checkpoints", "log_every": "log_every",
     "null_energy": "null_energy", "null_tokens": "null_tokens",
+    "null_facts": "null_facts", "null_facts_weight": "null_facts_weight",
 }
+# keys only the pipeline can act on (`salem train-editor` has no flag for them): the fact rows of
+# null_facts come from the pipeline's keep set and splits (`pipeline.null_fact_rows`)
+PIPELINE_ONLY_KEYS = ("null_facts", "null_facts_weight")
 # TrainConfig fields whose None ("derive it") is written 0 in a ConfigDict, which needs one type per key
 ZERO_IS_NONE = ("batch_size", "accum_steps")
 EDITOR_HELP = {
@@ -77,6 +81,10 @@ EDITOR_HELP = {
                     "edited kernel's input covariance over WikiText (its eigen-directions holding at most this share "
                     "of the trace; mend.nullspace), so the editor learns to edit there; 0 = off"),
     "null_tokens": "WikiText tokens of the key statistics behind null_energy's projection",
+    "null_facts": ("fact keys added to null_energy's covariance, C = C_text + null_facts_weight x C_facts (per-token "
+                   "means): 'countries:REL,REL' (facts of the train countries outside the keep set and the val split) "
+                   "and/or 'edit_pass' (the edit set's train pass rows of those countries), joined by '+'; '' = none"),
+    "null_facts_weight": "the fact keys' per-token weight relative to WikiText's in null_facts' covariance (> 0)",
 }
 
 # The CPU budget of the SmolLM2 experiments, not the paper's schedule (TrainConfig()): an optimiser

@@ -62,7 +62,7 @@ from salem_jax.locate.plot import plot_profile
 from salem_jax.locate.choose import LocateConfig, locate
 from salem_jax.locate.trace_rows import rows_with_subject
 from salem_jax.mend.train import place_base_params, prepare_splits
-from salem_jax.mend.nullspace import check_energy
+from salem_jax.mend.nullspace import check_energy, check_facts_weight, parse_null_facts
 from salem_jax.methods import Context, Method
 from salem_jax.models import hf, llama, load_model
 
@@ -174,6 +174,66 @@ def train_pass_candidates(records, train_rows, val_rows, keep, relations) -> lis
         r for r in records
         if r.extra.get("relation") in relations and r.extra.get("country") in train_c and r.prompt not in banned
     ]
+
+
+def check_null_facts(cfg) -> None:
+    """config.editor.null_facts / null_facts_weight checked before any costly step: a valid spec
+    (`nullspace.parse_null_facts`), a weight > 0, a projection to add them to (null_energy > 0),
+    the countries data, and a keep set to keep them away from (`null_fact_rows`)."""
+    spec = cfg.editor.get("null_facts", "")
+    parse_null_facts(spec, "config.editor.null_facts")
+    if not spec:
+        return
+    check_facts_weight(cfg.editor.get("null_facts_weight", 1.0), "config.editor.null_facts_weight")
+    if not cfg.editor.get("null_energy", 0.0):
+        raise ValueError(f"config.editor.null_facts={spec!r} adds fact keys to the editor's null-space projection, but "
+                         "config.editor.null_energy is 0 (no projection): set null_energy > 0 or null_facts=''")
+    if cfg.format != "countries":
+        raise ValueError(f"config.editor.null_facts={spec!r} needs the countries data (format {cfg.format!r}); "
+                         "set config.editor.null_facts=''")
+
+
+def null_fact_rows(cfg, train_rows, val_rows, keep) -> tuple[list[dict], str]:
+    """The fact rows whose keys join the editor's null-space covariance (config.editor.null_facts;
+    `mend.nullspace.null_projection`'s facts), and a note on them: {"prompt", "target", "record_id"}.
+
+    'countries:REL,REL': the records `train_pass_candidates` gives (facts of those relations of
+    TRAIN-split countries that are no val row's and no keep row's country, prompts of no keep or
+    edit-set row), every one of them (the model need not know a fact for its keys to count).
+    'edit_pass': the edit set's train pass rows of those same countries (capitals the model knows).
+    Strictly disjoint from the keep set and the val split, by prompt and by country: checked here
+    again, a RuntimeError if violated. Never the train fail / adapt rows (the edits themselves)."""
+    relations, edit_pass = parse_null_facts(cfg.editor.null_facts, "config.editor.null_facts")
+    all_records = country_records("all", seed=cfg.seed)
+    by_id = {r.id: r for r in all_records}
+
+    def country(row):
+        r = by_id.get(row["record_id"])
+        return r.extra.get("country") if r is not None else None
+
+    train_c = {country(r) for r in train_rows} - {country(r) for r in list(val_rows) + list(keep)} - {None}
+    banned = {r["prompt"] for r in list(val_rows) + list(keep)}
+    rows, parts = [], []
+    if relations:
+        cands = train_pass_candidates(all_records, train_rows, val_rows, keep, relations)
+        rows += [dict(prompt=r.prompt, target=r.target_true, record_id=r.id, country=r.extra["country"]) for r in cands]
+        parts.append(f"{len(cands)} country {', '.join(relations)} facts")
+    if edit_pass:
+        own = [dict(prompt=r["prompt"], target=r["target"], record_id=r["record_id"], country=country(r))
+               for r in train_rows if r["group"] == "pass" and country(r) in train_c and r["prompt"] not in banned]
+        rows += own
+        parts.append(f"{len(own)} edit-set train pass rows")
+    bad_c = {country(r) for r in list(val_rows) + list(keep)} - {None}
+    leaked = [r for r in rows if r["prompt"] in banned or r["country"] in bad_c or r["country"] not in train_c]
+    if leaked:
+        raise RuntimeError(f"null_fact_rows: {len(leaked)} fact rows share a prompt or country with the keep set or the "
+                           f"val split (e.g. {leaked[0]['prompt']!r}); this is a bug")
+    if not rows:
+        raise ValueError(f"config.editor.null_facts={cfg.editor.null_facts!r}: no fact of a train country outside the keep "
+                         "set and the val split")
+    n_c = len({r["country"] for r in rows})
+    return rows, (f"{' + '.join(parts)} ({len(rows)} rows, {n_c} train countries outside the keep set and the val "
+                  f"split; weight {cfg.editor.null_facts_weight:g})")
 
 
 def train_pass_set(model, cfg, train_rows, val_rows, keep) -> tuple[list[dict], str]:
@@ -431,6 +491,7 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
         raise ValueError(f"config.editor.null_energy={cfg.editor.null_energy:g} and config.eval.mend_null_energy="
                          f"{cfg.eval.mend_null_energy:g}: an editor trained through a null-space projection already edits "
                          "through it; set one of them to 0")
+    check_null_facts(cfg)
     if cfg.eval.get("mend_null_energy", 0.0) and int(cfg.eval.get("mend_null_tokens", 100_000)) < 1:
         raise ValueError(f"config.eval.mend_null_tokens={cfg.eval.mend_null_tokens!r}: give a number of tokens >= 1")
     records = timed(times, "read_records", read_records, cfg)
@@ -482,9 +543,16 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
             tp_note += f" (their own pool: {cfg.editor.extra_pass_per_group} per edit group)"
         say(f"train pass: {tp_note}")
 
+    # -- 4c. fact rows whose keys join the editor's null-space covariance (config.editor.null_facts)
+    null_facts: list[dict] = []
+    if cfg.editor.get("null_facts", ""):
+        null_facts, nf_note = null_fact_rows(cfg, train_rows, val_rows, keep)
+        say(f"null-space facts: {nf_note}")
+
     # -- 5. each method: prepare (train an editor, fit statistics), then evaluate on the val split
     ctx = Context(model=model, cfg=cfg, work=work, say=say, mesh=mesh, texts=tuple(texts), text_note=text_note,
                   subjects=subjects, train_rows=train_rows, val_rows=val_rows, keep_rows=list(keep),
+                  null_fact_rows=null_facts,
                   data=prepare_splits(model, {"train": train_rows + train_pass, "val": val_rows}),
                   profile=profile, traced_layer=traced_layer, trace_info=trace_info)
     # CounterFact data: every edit is also scored with ROME's metrics on its own record
@@ -622,6 +690,8 @@ def run_method(method: Method, ctx: Context, keep: list[dict], cf_records, times
         prepared.info["null_projection"] = res["null_projection"] = prepared.info["null_projection"].summary()
     elif isinstance(prepared.info.get("null_projection"), dict):  # an editor trained through one (config.editor.null_energy)
         res["null_projection"] = prepared.info["null_projection"]
+    if "null_facts" in prepared.info:  # the fact keys in that projection's covariance (config.editor.null_facts)
+        res["null_facts"] = prepared.info["null_facts"]
     if ctx.cfg.eval.sequential:  # many edits on the same weights (salem_jax.eval.sequential)
         t_many = time.perf_counter()
         res["many_edits"] = many.pipeline_study(ctx.model, prepared.edit, many_edit_rows(ctx.val_rows, prepared), keep,

@@ -48,11 +48,14 @@ def test_pipeline_editor_defaults_are_the_cpu_budget():
 NEW = dict(steps=7, lr=0.5, lr_lr=0.25, rank=5, n_hidden=2, mode="combined", normalize=False, edit_lr_init=0.125,
            norm_eps=1e-3, c_fail=0.3, c_loc=2.0, grad_clip=5.0, effective_batch=4, batch_size=2, accum_steps=3,
            edits_per_group=2, adapt_per_edit=3, pass_per_group=4, extra_pass_per_group=2, own_pass_per_group=1, val_every=6, val_groups=9,
-           patience=11, checkpoint_every=12, keep_checkpoints=5, log_every=13, null_energy=0.25, null_tokens=5000)
+           patience=11, checkpoint_every=12, keep_checkpoints=5, log_every=13, null_energy=0.25, null_tokens=5000,
+           null_facts="countries:region", null_facts_weight=2.0)
 
 
-def _check(tc: TrainConfig):
+def _check(tc: TrainConfig, skip=()):
     for key, field in C.EDITOR_KEYS.items():
+        if key in skip:
+            continue
         obj = tc
         for part in field.split("."):
             obj = getattr(obj, part)
@@ -82,11 +85,15 @@ def test_every_editor_key_is_a_train_editor_flag():
     for k, v in NEW.items():
         if k == "normalize":
             argv.append("--no-normalize")
-        else:
+        elif k not in C.PIPELINE_ONLY_KEYS:
             argv += ["--" + k.replace("_", "-"), str(v)]
     tc = train_editor.config_from_args(ap.parse_args(argv))
-    _check(tc)
+    _check(tc, skip=C.PIPELINE_ONLY_KEYS)
     assert tc.seed == 3
+    # the fact keys of null_facts come from the pipeline's splits and keep set: no flag
+    for k in C.PIPELINE_ONLY_KEYS:
+        with pytest.raises(SystemExit):
+            ap.parse_args(argv + ["--" + k.replace("_", "-"), str(NEW[k])])
 
 
 def test_unknown_editor_key_is_an_error():

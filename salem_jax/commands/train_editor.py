@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from salem_jax.commands.locate import SCORERS as SALIENCY_SCORERS
-from salem_jax.config import EDITOR_HELP, EDITOR_KEYS, editor_values, train_config
+from salem_jax.config import EDITOR_HELP, EDITOR_KEYS, PIPELINE_ONLY_KEYS, editor_values, train_config
 from salem_jax.data.tokenize import DEFAULT_MAX_TOKENS
 from salem_jax.errors import UserError
 from salem_jax.mend.editor import MODES
@@ -63,6 +63,8 @@ def add_editor_flags(p) -> None:
     g = p.add_argument_group("training and editor network (defaults: TrainConfig, i.e. MEND / SaLEM)")
     base = editor_values(TrainConfig())
     for key, default in base.items():
+        if key in PIPELINE_ONLY_KEYS:
+            continue
         flag, help_ = "--" + key.replace("_", "-"), EDITOR_HELP.get(key)
         if key == "normalize":
             g.add_argument("--no-normalize", action="store_true", help="do not standardise u and delta")

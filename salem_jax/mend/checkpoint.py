@@ -57,10 +57,13 @@ _TRAJECTORY_FIELDS = (
     "seed",
     "null_energy",
     "null_tokens",
+    "null_facts",
+    "null_facts_weight",
 )
 # Trajectory fields added after checkpoints were first written: a checkpoint without one was
 # written with this value (so older checkpoints still resume).
-_ADDED_FIELDS = {"extra_pass_per_group": 0, "own_pass_per_group": 0, "null_energy": 0.0, "null_tokens": 100_000}
+_ADDED_FIELDS = {"extra_pass_per_group": 0, "own_pass_per_group": 0, "null_energy": 0.0, "null_tokens": 100_000,
+                 "null_facts": "", "null_facts_weight": 1.0}
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -255,6 +258,9 @@ def check_compatible(meta: dict, model_name: str, spec: EditorSpec, config, wher
         saved_cfg = {k: meta["config"].get(k, _ADDED_FIELDS.get(k)) for k in _TRAJECTORY_FIELDS}
         # the token count only decides the null-space projector when there is one
         skip = {"null_tokens"} if saved_cfg["null_energy"] == 0 and have.get("null_energy", 0.0) == 0 else set()
+        # and the facts' weight only when there are facts
+        if not saved_cfg["null_facts"] and not have.get("null_facts", ""):
+            skip.add("null_facts_weight")
         diffs = [f"{k}: saved {saved_cfg[k]!r}, now {have.get(k)!r}" for k in _TRAJECTORY_FIELDS
                  if k not in skip and saved_cfg[k] != have.get(k)]
         if diffs:

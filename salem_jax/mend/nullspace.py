@@ -24,7 +24,15 @@ side too: dW' = dW P.
 The same P inside training (`TrainConfig.null_energy`, `config.editor.null_energy`): the editor's
 edit is W - lr_W * P G~ in every training step, validation and later edit (`editor.pseudo_grads`'
 `projections`: u~ projected before the outer product), so the editor learns to reach its edits
-through the null space instead of having them cut after the fact. `train_editor` saves the P it
+through the null space instead of having them cut after the fact.
+
+Fact keys added to C (`TrainConfig.null_facts`, `config.editor.null_facts`, weight
+`null_facts_weight` = w): C = C_text + w C_facts, both per-token means (C_text over the WikiText
+tokens, C_facts = the mean of x x^T over every token of each fact's prompt + target as the model
+reads it when the fact is scored, padding excluded: `fact_covariances`), so w is the facts'
+weight relative to text's per token (w = 1: a fact token counts as much as a text token in the
+mean, whatever the two token counts). The pipeline takes the facts strictly outside the keep set
+and the val split (`pipeline.null_fact_rows`); P is then the null space of text *and* such facts. `train_editor` saves the P it
 trained with next to its checkpoints (`NULL_FILE`, `save_projections`); `load_editor` reads it
 back (`load_projections`), so an editor trained with a projection edits with exactly that P.
 """
@@ -32,6 +40,7 @@ back (`load_projections`), so an editor trained with a projection edits with exa
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -54,6 +63,77 @@ def check_energy(energy: Any, where: str = "config.eval.mend_null_energy") -> fl
         raise ValueError(f"{where}={energy!r}: give a number in (0, 1] (the null space's share of trace(C); "
                          "small = a strong projection) or 0 = off")
     return e
+
+
+def parse_null_facts(spec: Any, where: str = "config.editor.null_facts") -> tuple[tuple[str, ...], bool]:
+    """(country relations, edit_pass) of a fact spec: '' = none; else parts joined by '+', each
+    'countries:REL,REL' (facts of those country relations, `data.countries.RELATIONS`) or
+    'edit_pass' (the edit set's train pass rows), e.g. 'countries:region,currency,languages+edit_pass'.
+    A ValueError naming `where` for anything else."""
+    if not isinstance(spec, str):
+        raise ValueError(f"{where}={spec!r}: give a string such as 'countries:region,currency,languages' "
+                         "(+'edit_pass'), or '' for none")
+    if not spec:
+        return (), False
+    from salem_jax.data.countries import RELATIONS
+
+    relations: list[str] = []
+    edit_pass = False
+    for part in spec.split("+"):
+        part = part.strip()
+        if part == "edit_pass" and not edit_pass:
+            edit_pass = True
+        elif part.startswith("countries:") and not relations:
+            relations = [r.strip() for r in part[len("countries:"):].split(",") if r.strip()]
+            bad = [r for r in relations if r not in RELATIONS]
+            if not relations or bad or len(set(relations)) != len(relations):
+                raise ValueError(f"{where}={spec!r}: 'countries:' takes distinct relations from "
+                                 f"{', '.join(RELATIONS)} (got {part[len('countries:'):]!r})")
+        else:
+            raise ValueError(f"{where}={spec!r}: parts joined by '+' are 'countries:REL,REL' and 'edit_pass', each at "
+                             f"most once (got {part!r})")
+    return tuple(relations), edit_pass
+
+
+def check_facts_weight(weight: Any, where: str = "config.editor.null_facts_weight") -> float:
+    """The facts' weight w in C = C_text + w C_facts: a finite number > 0."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float, np.floating, np.integer)) \
+            or not np.isfinite(float(weight)) or float(weight) <= 0:
+        raise ValueError(f"{where}={weight!r}: give a finite number > 0 (the fact keys' per-token weight relative to "
+                         "WikiText's in the covariance)")
+    return float(weight)
+
+
+def facts_digest(facts: Sequence[Mapping]) -> str:
+    """sha256 (16 hex digits) of the facts' (prompt, target) pairs in order: which facts built a P."""
+    h = hashlib.sha256()
+    for f in facts:
+        h.update(f"{f['prompt']}\x00{f['target']}\x01".encode())
+    return h.hexdigest()[:16]
+
+
+def fact_covariances(model, params: Any, weights: Sequence[Weight], facts: Sequence[Mapping], *,
+                     batch_size: int = 16) -> tuple[dict[str, np.ndarray], int]:
+    """({weight path: C_facts [in, in] float64}, token count): the mean of x x^T of each kernel's
+    input x over every token of every fact's prompt + target (`data.tokenize.encode`, the
+    tokens the model reads when the fact is scored; padding excluded). facts: dicts with
+    "prompt" and "target". One padded length for all facts (one compiled forward)."""
+    from salem_jax.baselines.rome import _moments, rome_weight
+    from salem_jax.data.tokenize import encode, pad_rows, slice_rows
+
+    if not facts:
+        raise ValueError("fact_covariances: no facts")
+    weights = [rome_weight(model, w) for w in weights]
+    batch = encode(model, [f["prompt"] for f in facts], [f["target"] for f in facts], where="null-space facts")
+    batch = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    modules = tuple(dict.fromkeys(w.module_path for w in weights))
+    n = batch["input_ids"].shape[0]
+    total, count = {m: 0.0 for m in modules}, 0
+    for start in range(0, n, batch_size):
+        s, c = _moments(model.apply, modules, params, pad_rows(slice_rows(batch, start, start + batch_size), batch_size))
+        total = {m: total[m] + np.asarray(s[m], np.float64) for m in modules}
+        count += int(c)
+    return {w.path: total[w.module_path] / count for w in weights}, count
 
 
 def project_delta(base: Any, edited: Any, projection: Any, layout: str = "in_out") -> jnp.ndarray:
@@ -91,6 +171,11 @@ class NullProjection:
     projections: dict
     info: dict
     retained: dict = dataclasses.field(default_factory=dict)
+    # the fact keys added to C (`null_projection`'s facts): their spec, weight, digest, count
+    facts: str = ""
+    facts_weight: float = 0.0
+    facts_digest: str = ""
+    n_facts: int = 0
 
     def project(self, before: Any, after: Any) -> Any:
         """`after` (an edit of `before`) with each edited kernel's delta projected (`project_delta`);
@@ -118,29 +203,49 @@ class NullProjection:
 
 def null_projection(model, params: Any, weights: Sequence[Weight], energy: float, texts: Sequence[str], *,
                     max_tokens: int = 100_000, window: int = 128, batch_size: int = 8,
-                    cache: str | os.PathLike | None = None, progress: bool = True) -> NullProjection:
+                    cache: str | os.PathLike | None = None, progress: bool = True,
+                    facts: Sequence[Mapping] | None = None, facts_weight: float = 1.0, facts_spec: str = "",
+                    ) -> NullProjection:
     """The AlphaEdit projector of each kernel in `weights` for `energy` in (0, 1]: C of that
     kernel's input over `texts` (at most `max_tokens` tokens, from the key-statistics cache when
-    there) and P = U0 U0^T [in, in] with U0 C's smallest eigenvectors holding <= energy x trace(C)."""
+    there) and P = U0 U0^T [in, in] with U0 C's smallest eigenvectors holding <= energy x trace(C).
+
+    facts: fact rows ({"prompt", "target"}) whose keys join C: C = C_text + facts_weight x C_facts,
+    both per-token means (`fact_covariances`); facts_spec names them (`parse_null_facts`, recorded).
+    None (the default): C = C_text."""
     energy = check_energy(energy, "energy")
     if energy == 0:
         raise ValueError("energy 0 means no projection; do not build one")
+    if facts is not None:
+        facts_weight = check_facts_weight(facts_weight, "facts_weight")
+        if not facts:
+            raise ValueError(f"null_projection: facts {facts_spec!r} gave no fact rows")
     projections, info = {}, {}
     covs = cached_key_covariances(model, params, weights, texts, max_tokens=max_tokens, window=window,
                                   batch_size=batch_size, cache=cache, progress=progress)
+    fcovs, ftokens = fact_covariances(model, params, weights, facts) if facts is not None else ({}, 0)
     for w in weights:
         cc = covs[w.path]
         fan_in = w.in_out_shape(tuple(get_path(params, w.path).shape))[0]
         if cc.cov.shape != (fan_in, fan_in):
             raise ValueError(f"{w.path}: the input covariance has shape {cc.cov.shape}, expected ({fan_in}, {fan_in})")
-        solver = covariance_solver(cc.cov)
+        cov = np.asarray(cc.cov, np.float64)
+        extra = {}
+        if facts is not None:
+            cf = facts_weight * fcovs[w.path]
+            extra = {"facts_tokens": ftokens, "facts_trace_share": float(np.trace(cf) / (np.trace(cov) + np.trace(cf)))}
+            cov = cov + cf
+        solver = covariance_solver(cov)
         p = solver.null_projection(energy)
         n0 = int(round(np.trace(p)))
         info[w.path] = {"fan_in": fan_in, "null_dim": n0,
                         "null_energy_share": float(solver.evals[:n0].sum() / solver.evals.sum()),
-                        "cache_file": str(cc.path), "from_cache": cc.from_cache}
+                        "cache_file": str(cc.path), "from_cache": cc.from_cache, **extra}
         projections[w.path] = np.asarray(p, np.float32)
-    return NullProjection(energy, tuple(weights), projections, info)
+    if facts is None:
+        return NullProjection(energy, tuple(weights), projections, info)
+    return NullProjection(energy, tuple(weights), projections, info, facts=facts_spec, facts_weight=facts_weight,
+                          facts_digest=facts_digest(facts), n_facts=len(facts))
 
 
 def projected_edit_fn(edit: Callable, proj: NullProjection) -> Callable:
@@ -168,23 +273,29 @@ NULL_FILE = "null_projection.npz"  # in a `train_editor` workdir: the P the edit
 
 
 def wikitext_null_projection(model, params: Any, weights: Sequence[Weight], energy: float, tokens: int, *,
-                             data_dir: str | os.PathLike | None = None, progress: bool = True) -> NullProjection:
+                             data_dir: str | os.PathLike | None = None, progress: bool = True,
+                             facts: Sequence[Mapping] | None = None, facts_weight: float = 1.0,
+                             facts_spec: str = "") -> NullProjection:
     """`null_projection` over the first `tokens` tokens of the data directory's WikiText (the
     texts and window the evaluation-time projection, `methods.mend.with_null_projection`, uses:
-    the same key-statistics cache entries)."""
+    the same key-statistics cache entries), with the `facts`' keys added to C when given."""
     return null_projection(model, params, weights, energy, wikitext_texts(data_dir=data_dir), max_tokens=int(tokens),
-                           progress=progress)
+                           progress=progress, facts=facts, facts_weight=facts_weight, facts_spec=facts_spec)
 
 
-def projection_arrays(proj: NullProjection, weights: Sequence[Weight], energy: float, where: str = "null_projection"
-                      ) -> dict[str, np.ndarray]:
+def projection_arrays(proj: NullProjection, weights: Sequence[Weight], energy: float, where: str = "null_projection",
+                      facts: str = "", facts_weight: float = 1.0) -> dict[str, np.ndarray]:
     """{weight path: P float32} of `proj` for exactly `weights`, checked: the energy it was built
-    for equals `energy`, every weight has a square P. A ValueError naming `where` otherwise."""
+    for equals `energy`, its fact keys are `facts` with weight `facts_weight` (facts '' = none),
+    every weight has a square P. A ValueError naming `where` otherwise."""
     if not isinstance(proj, NullProjection):
         raise ValueError(f"{where}: expected a mend.nullspace.NullProjection, got {type(proj).__name__}")
     if float(proj.energy) != float(energy):
         raise ValueError(f"{where} was built for energy {proj.energy:g}, but the training config has null_energy "
                          f"{energy:g}")
+    if proj.facts != facts or (facts and float(proj.facts_weight) != float(facts_weight)):
+        raise ValueError(f"{where} was built with fact keys {proj.facts!r} (weight {proj.facts_weight:g}), but the "
+                         f"training config has null_facts {facts!r} (null_facts_weight {facts_weight:g})")
     out = {}
     for w in weights:
         if w.path not in proj.projections:
@@ -197,13 +308,25 @@ def projection_arrays(proj: NullProjection, weights: Sequence[Weight], energy: f
 
 
 def save_projections(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], energy: float, tokens: int,
-                     info: Mapping | None = None) -> None:
+                     info: Mapping | None = None, facts: tuple[str, float, str] = ("", 0.0, "")) -> None:
     """Write the projectors an editor trains with (atomically): p0, p1, ... in `arrays`' order,
-    with their paths, the energy, the token count and the per-kernel info as JSON."""
+    with their paths, the energy, the token count, the per-kernel info as JSON and the fact keys
+    in C (spec, weight, `facts_digest`; '' = none)."""
     paths = list(arrays)
     _atomic_save_npz(Path(path), paths=np.asarray(paths), energy=np.asarray(float(energy)),
                      tokens=np.asarray(int(tokens)), info=np.asarray(json.dumps(dict(info or {}))),
+                     facts=np.asarray(str(facts[0])), facts_weight=np.asarray(float(facts[1])),
+                     facts_digest=np.asarray(str(facts[2])),
                      **{f"p{i}": np.asarray(arrays[k], np.float32) for i, k in enumerate(paths)})
+
+
+def projection_facts(path: str | os.PathLike) -> tuple[str, float, str]:
+    """(spec, weight, digest) of the fact keys in the C behind `save_projections`' file (a file
+    written before facts existed: none, ('', 0.0, ''))."""
+    with np.load(Path(path)) as z:
+        if "facts" not in z.files:
+            return "", 0.0, ""
+        return str(z["facts"]), float(z["facts_weight"]), str(z["facts_digest"])
 
 
 def load_projections(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], float, int, dict]:

@@ -55,8 +55,8 @@ from salem_jax.losses import batch_nll, example_correct, example_nll, kl_diverge
 from salem_jax.mend.capture import Factors, capture
 from salem_jax.mend.checkpoint import CheckpointError, CheckpointMismatch, EditorCheckpointer
 from salem_jax.mend.editor import EditorConfig, EditorSpec, edited_params, init_editor, param_labels, update_norm_state
-from salem_jax.mend.nullspace import (NULL_FILE, check_energy, load_projections, projection_arrays, save_projections,
-                                     wikitext_null_projection)
+from salem_jax.mend.nullspace import (NULL_FILE, check_energy, check_facts_weight, load_projections, parse_null_facts,
+                                     projection_arrays, projection_facts, save_projections, wikitext_null_projection)
 from salem_jax.models.base import get_path
 from salem_jax.models.from_block import BLOCK_INPUT, FromBlock, block_chain, block_output, block_outputs_by_length
 from salem_jax.scored_logits import SCORE_POS, flat_positions, flat_scored_logits, scored_labels, scored_logits, with_score_positions
@@ -115,6 +115,12 @@ class TrainConfig:
     # step's arithmetic unchanged)
     null_energy: float = 0.0
     null_tokens: int = 100_000
+    # fact keys added to that covariance (`nullspace.parse_null_facts`: '' = none, e.g.
+    # "countries:region,currency,languages"): C = C_text + null_facts_weight x C_facts, both
+    # per-token means; the fact rows come from the pipeline (`pipeline.null_fact_rows`, disjoint
+    # from the keep set and the val split), given to `train_editor` inside its null_projection
+    null_facts: str = ""
+    null_facts_weight: float = 1.0
 
     @classmethod
     def tiny(cls, **overrides) -> "TrainConfig":
@@ -156,6 +162,12 @@ class TrainConfig:
         if isinstance(self.null_tokens, bool) or not isinstance(self.null_tokens, (int, np.integer)) or self.null_tokens < 1:
             raise ValueError(f"TrainConfig.null_tokens={self.null_tokens!r}: give a whole number of WikiText tokens >= 1 "
                              "(the key statistics of the null-space projection)")
+        parse_null_facts(self.null_facts, "TrainConfig.null_facts")
+        if self.null_facts:
+            check_facts_weight(self.null_facts_weight, "TrainConfig.null_facts_weight")
+            if self.null_energy == 0:
+                raise ValueError(f"TrainConfig.null_facts={self.null_facts!r} adds fact keys to the null-space projection's "
+                                 "covariance, but null_energy is 0 (no projection): set null_energy > 0 or null_facts=''")
         if not 0 <= self.own_pass_per_group <= self.pass_per_group:
             raise ValueError(
                 f"TrainConfig.own_pass_per_group={self.own_pass_per_group} must be >= 0 and at most "
@@ -1899,9 +1911,15 @@ def _null_projection_for(model, base_params, spec: EditorSpec, cfg: TrainConfig,
             path.unlink()  # a fresh run without projection: no stale projector for load_editor to find
         return None
     if given is None:
+        if cfg.null_facts:
+            raise ValueError(f"TrainConfig.null_facts={cfg.null_facts!r}: train_editor cannot gather the fact rows itself; "
+                             "pass a null_projection built with them (nullspace.wikitext_null_projection(..., facts=...); "
+                             "the pipeline does: config.editor.null_facts)")
         given = wikitext_null_projection(model, base_params, spec.weights, cfg.null_energy, cfg.null_tokens,
                                          progress=progress)
-    arrays = projection_arrays(given, spec.weights, cfg.null_energy, where="train_editor's null_projection")
+    arrays = projection_arrays(given, spec.weights, cfg.null_energy, where="train_editor's null_projection",
+                               facts=cfg.null_facts, facts_weight=cfg.null_facts_weight)
+    facts = ((given.facts, float(given.facts_weight), given.facts_digest) if cfg.null_facts else ("", 0.0, ""))
     for w, shape in zip(spec.weights, spec.shapes):
         fan_in = w.in_out_shape(shape)[0]
         if arrays[w.path].shape != (fan_in, fan_in):
@@ -1912,16 +1930,19 @@ def _null_projection_for(model, base_params, spec: EditorSpec, cfg: TrainConfig,
             raise CheckpointMismatch(f"{workdir} resumes a run trained with null_energy {cfg.null_energy:g}, but its "
                                      f"projector file {NULL_FILE} is missing; start a new workdir")
         saved, energy, tokens, _ = load_projections(path)
-        same = (list(saved) == list(arrays) and energy == cfg.null_energy
+        saved_facts = projection_facts(path)
+        same = (list(saved) == list(arrays) and energy == cfg.null_energy and saved_facts == facts
                 and all(np.array_equal(saved[k], arrays[k]) for k in arrays))
         if not same:
             raise CheckpointMismatch(
                 f"{workdir} was trained through another null-space projector (saved: energy {energy:g}, {tokens} "
-                f"tokens, weights {list(saved)}); this run's differs (energy {cfg.null_energy:g}, {cfg.null_tokens} "
-                "tokens): other key statistics would change the trajectory. Use the same ones, or a new workdir")
+                f"tokens, weights {list(saved)}, fact keys {saved_facts}); this run's differs (energy "
+                f"{cfg.null_energy:g}, {cfg.null_tokens} tokens, fact keys {facts}): other key statistics would change "
+                "the trajectory. Use the same ones, or a new workdir")
     else:
         info = getattr(given, "info", {})
         save_projections(path, arrays, cfg.null_energy, cfg.null_tokens,
-                         {k: {kk: vv for kk, vv in v.items() if kk in ("fan_in", "null_dim", "null_energy_share")}
-                          for k, v in info.items()})
+                         {k: {kk: vv for kk, vv in v.items()
+                              if kk in ("fan_in", "null_dim", "null_energy_share", "facts_tokens", "facts_trace_share")}
+                          for k, v in info.items()}, facts=facts)
     return arrays

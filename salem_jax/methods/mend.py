@@ -11,6 +11,7 @@ workdir/editor_NAME and edits with the checkpoint of the lowest validation loss.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from salem_jax import config
 from salem_jax.baselines.keystats import wikitext_texts
 from salem_jax.mend.apply import TrainedEditor, apply_each, apply_edits, load_editor, scaled_editor
 from salem_jax.mend.train import TrainConfig, train_editor
-from salem_jax.mend.nullspace import (check_energy, null_projection, projected_edit_each_fn, projected_edit_fn,
+from salem_jax.mend.nullspace import (check_energy, facts_digest, null_projection, projected_edit_each_fn, projected_edit_fn,
                                      wikitext_null_projection)
 from salem_jax.methods.registry import Context, Method, Prepared
 from salem_jax.methods.rows import target
@@ -32,20 +33,34 @@ def train_config(cfg) -> TrainConfig:
     return config.train_config(cfg.editor.to_dict(), seed=cfg.seed)
 
 
-def train_mend(model, data, layers: tuple[str, ...], cfg, workdir: Path, mesh=None):
+def train_mend(model, data, layers: tuple[str, ...], cfg, workdir: Path, mesh=None, facts=None):
     """Train (or resume) a MEND editor on the `cfg.saliency.part` weights of `layers`;
     returns (TrainedEditor, TrainResult).
 
     The editor returned is the checkpoint with the lowest validation loss (MEND's protocol, and
     `salem edit`'s default), not necessarily the last step: `editor.step` says which.
     mesh: None = all devices on an (n, 1) mesh (`sharding.make_mesh()`); a `sharding.make_mesh` mesh when the model's
-    parameters are sharded on it (`cfg.mesh_model`)."""
+    parameters are sharded on it (`cfg.mesh_model`).
+    facts: with config.editor.null_facts, the fact rows whose keys join the projection's covariance
+    (`pipeline.null_fact_rows`); required then, refused otherwise."""
     weights = model.layers.weights(list(layers), part=cfg.saliency.part)
     tc = train_config(cfg)
     proj = None
+    if bool(tc.null_facts) != bool(facts):
+        raise ValueError(f"train_mend: config.editor.null_facts={tc.null_facts!r} but {len(facts or [])} fact rows given "
+                         "(the pipeline's null_fact_rows gives them exactly when null_facts is set)")
     if tc.null_energy > 0:  # config.editor.null_energy: the editor trains (and edits) through P
         proj = wikitext_null_projection(model, model.params, weights, tc.null_energy, tc.null_tokens,
-                                        data_dir=cfg.data_dir or None, progress=cfg.progress)
+                                        data_dir=cfg.data_dir or None, progress=cfg.progress,
+                                        **(dict(facts=facts, facts_weight=tc.null_facts_weight, facts_spec=tc.null_facts)
+                                           if tc.null_facts else {}))
+        print(f"null-space projection (energy {tc.null_energy:g}"
+              + (f"; fact keys {tc.null_facts!r}, {proj.n_facts} rows, weight {tc.null_facts_weight:g}" if tc.null_facts else "")
+              + "): " + "; ".join(
+                  f"{p}: null dim {v['null_dim']} of {v['fan_in']}, text key statistics "
+                  f"{'loaded from the cache' if v['from_cache'] else 'computed into'} {Path(v['cache_file']).name}"
+                  + (f", facts {v['facts_tokens']} tokens ({v['facts_trace_share']:.3f} of C's trace)" if "facts_tokens" in v else "")
+                  for p, v in proj.info.items()), file=sys.stderr)
     result = train_editor(model, data, weights, tc, workdir, mesh=mesh, progress=cfg.progress, null_projection=proj)
     if result.best_step is not None and result.best_step != result.step:
         return load_editor(workdir, model, step=int(result.best_step)), result
@@ -88,12 +103,16 @@ def mend_edit_each_fn(model, editor: TrainedEditor, like=None):
 def prepare_mend(ctx: Context, layers: tuple[str, ...], name: str) -> Prepared:
     t = time.perf_counter()
     ctx.say(f"{name}: training a MEND editor on {', '.join(layers)}")
-    editor, tr = train_mend(ctx.model, ctx.data, layers, ctx.cfg, ctx.work / f"editor_{name}", mesh=ctx.mesh)
+    editor, tr = train_mend(ctx.model, ctx.data, layers, ctx.cfg, ctx.work / f"editor_{name}", mesh=ctx.mesh,
+                            facts=ctx.null_fact_rows or None)
     info: dict[str, Any] = dict(
         layers=list(layers), steps=tr.step, evaluated_step=editor.step, best_step=tr.best_step,
         best_val_loss=tr.best_val_loss, stopped_early=tr.stopped_early, last_val=tr.last_val,
         recompiles=tr.recompiles, seconds=time.perf_counter() - t, times=tr.times,
     )
+    if ctx.null_fact_rows:  # config.editor.null_facts: which facts joined the projection's covariance
+        info["null_facts"] = {"spec": ctx.cfg.editor.null_facts, "weight": float(ctx.cfg.editor.null_facts_weight),
+                              "rows": len(ctx.null_fact_rows), "digest": facts_digest(ctx.null_fact_rows)}
     scale = float(ctx.cfg.eval.get("mend_edit_scale", 1.0))
     if scale != 1.0:
         editor = scaled_editor(editor, scale)

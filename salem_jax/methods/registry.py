@@ -46,6 +46,9 @@ class Context:
     train_rows: list[dict] = dataclasses.field(default_factory=list)
     val_rows: list[dict] = dataclasses.field(default_factory=list)
     keep_rows: list[dict] = dataclasses.field(default_factory=list)  # the held-out keep set (config.eval.keep)
+    # fact rows whose keys join the MEND editors' null-space covariance (config.editor.null_facts;
+    # `pipeline.null_fact_rows`: disjoint from the keep set and the val split)
+    null_fact_rows: list[dict] = dataclasses.field(default_factory=list)
     data: Any = None
     profile: Any = None
     traced_layer: str | None = None
