@@ -216,7 +216,8 @@ class LocateEdit:
     of layer_from ("saliency": the profile's scorer, or "trace"); the band editors edit `band` blocks
     ending there; key statistics from cov_tokens tokens of `texts` (wikitext | held_out), cached on
     disk; n_prefixes prefixes (half of 5, half of 10 tokens) for the keys; alpha_preserve > 0: AlphaEdit's
-    memory starts with the keys of that many train fail rows (methods.locate_edit.preserved_state); the
+    memory starts with the keys of that many train fail rows (methods.locate_edit.preserved_state), and with
+    those of alpha_preserve_facts' country facts outside the keep set (at most alpha_preserve_facts_max); the
     rest are baselines.locate_edit.EditorConfig's fields (v* as ROME's GPT-2 XL values)."""
 
     layer: str = ""
@@ -238,6 +239,10 @@ class LocateEdit:
     alpha_threshold: float = _EDIT.alpha_threshold
     alpha_l2: float = _EDIT.alpha_l2
     alpha_preserve: int = 0  # AlphaEdit: its memory starts with the keys of this many train fail rows (0: empty)
+    # AlphaEdit: its memory also starts with the keys of country facts ("countries:REL,REL") outside the keep set
+    # (no keep prompt, no keep row's country; methods.locate_edit.preserved_fact_requests); '' = none
+    alpha_preserve_facts: str = ""
+    alpha_preserve_facts_max: int = 0  # at most this many of them (a seeded sample); 0 = every usable one
 
 
 @dataclasses.dataclass(frozen=True)

@@ -54,7 +54,7 @@ from salem_jax.data.spec import resolve as resolve_spec
 from salem_jax.eval.counterfact import evaluate_counterfact, harmonic_mean
 from salem_jax.eval.generated import (edit_generation_metrics, generation_fluency_metrics,
                                        generations_before_after_edits, generations_per_edit, kept_edit)
-from salem_jax.eval.keep import keep_rows
+from salem_jax.eval.keep import country_facts_outside_keep, keep_rows
 from salem_jax.eval import sequential as many
 from salem_jax.eval.edits import EditEvaluator
 from salem_jax.eval.portability import portability_rows
@@ -161,19 +161,12 @@ def train_pass_candidates(records, train_rows, val_rows, keep, relations) -> lis
     qualifying records in input order."""
     by_id = {r.id: r for r in records}
 
-    def country(record_id):
-        r = by_id.get(record_id)
-        return r.extra.get("country") if r is not None else None
-
     def countries(rows):
-        return {c for c in (country(r["record_id"]) for r in rows) if c is not None}
+        return {by_id[r["record_id"]].extra.get("country") for r in rows if r["record_id"] in by_id} - {None}
 
-    train_c = countries(train_rows) - countries(val_rows) - countries(keep)
-    banned = {r["prompt"] for r in list(train_rows) + list(val_rows) + list(keep)}
-    return [
-        r for r in records
-        if r.extra.get("relation") in relations and r.extra.get("country") in train_c and r.prompt not in banned
-    ]
+    train_c = countries(train_rows) - countries(val_rows)  # the keep rows' countries: country_facts_outside_keep
+    return country_facts_outside_keep(records, keep, relations, countries=train_c,
+                                      other_rows=list(train_rows) + list(val_rows))
 
 
 def check_null_facts(cfg) -> None:

@@ -387,3 +387,107 @@ def test_alphaedit_memory_starts_with_the_preserved_train_keys(tmp_path, monkeyp
     cfg.locate_edit.alpha_preserve = 2
     with pytest.raises(ValueError, match="alpha_preserve=2 seeds AlphaEdit's memory; emmet"):
         methods.get("emmet").prepare(ctx, ("h.1",))
+
+
+def test_alphaedit_memory_seeded_with_country_facts_outside_the_keep_set(tmp_path, monkeypatch):
+    """config.locate_edit.alpha_preserve_facts = "countries:region": AlphaEdit's memory starts with the
+    keys (at the country name's last token, on the base weights) of country region facts that share
+    neither a prompt nor a country with the keep set (a keep row of ANY relation bans its country),
+    and whose country is named in no val or keep prompt; with alpha_preserve_facts_max = 3 a seeded
+    sample of them, added after the alpha_preserve train rows' keys. The usable facts are listed by
+    hand from the country data; the updates of a sequence and of a fresh single edit equal numpy
+    solves of dW = R K^T P ((K K^T + K_f K_f^T [+ K_1 K_1^T]) P + l2 I)^-1 with keys computed one
+    prompt at a time; bad specs and too few usable facts are named errors with the counts."""
+    from salem_jax.baselines.locate_edit import apply_delta, out_in
+    from salem_jax.baselines.mass_edit import keys_of
+    from salem_jax.baselines.rome import compute_key, compute_value, rome_weight
+    from salem_jax.data.countries import country_records
+    from salem_jax.methods.locate_edit import editor_config, preserved_fact_requests
+    from salem_jax.methods.registry import Context
+    from test_pipeline_baselines import TEXTS
+
+    model, cfg, _, stats, rows, reqs = _batch_setup(tmp_path, monkeypatch, (), alpha_energy=0.5, alpha_l2=0.1,
+                                                    alpha_preserve=1, alpha_preserve_facts="countries:region",
+                                                    alpha_preserve_facts_max=3)
+    records = {r.id: r for r in country_records("all", seed=0)}
+    krow = lambda rid: dict(id=f"keep:{rid}", record_id=rid, group="keep", prompt=records[rid].prompt,  # noqa: E731
+                            target=records[rid].target_true)
+    # keep rows: Germany's and Kenya's region facts, Brazil's CURRENCY fact (bans Brazil's region fact
+    # too), and a non-country prompt that names Spain (its facts are passed over by name)
+    keep = [krow("countryinfo:region:Germany"), krow("countryinfo:region:Kenya"), krow("countryinfo:currency:Brazil"),
+            dict(id="k9", record_id="other:9", group="keep", prompt="the anthem of Spain is", target="x")]
+    train_rows = [dict(id="t0", record_id="tr0", prompt="the capital of italy is", target="x", group="fail")]
+    subjects = {f"r{i}": s for i, (_, s, _) in enumerate(BATCH_FACTS)}
+    subjects["tr0"] = "italy"
+    ctx = Context(model=model, cfg=cfg, work=tmp_path, texts=tuple(TEXTS), subjects=subjects, val_rows=rows,
+                  train_rows=train_rows, keep_rows=keep)
+
+    # by hand: every region fact except those of the keep countries and of the countries named in a
+    # val prompt (france, peru, japan, chile: BATCH_FACTS) or a keep prompt (Spain)
+    region = [r for r in records.values() if r.extra["relation"] == "region"]
+    banned_keep, named_val, named_keep = {"Germany", "Kenya", "Brazil"}, {"France", "Peru", "Japan", "Chile"}, {"Spain"}
+    assert {r.extra["country"] for r in region} >= banned_keep | named_val | named_keep
+    usable = [r for r in region if r.extra["country"] not in banned_keep | named_val | named_keep]
+    every, counts = preserved_fact_requests(ctx, "countries:region", 0)
+    assert [(q.prompt, q.subject, q.target_new, q.record_id) for q in every] == \
+        [(r.prompt, r.prompt[:len(r.subject)] if r.prompt.lower().startswith(r.subject.lower()) else r.subject,
+          r.target_true, r.id) for r in usable]
+    assert counts == {"keep": 3, "no_subject": 0, "val": 4, "keep_name": 1, "usable": len(region) - 8}
+    uk = next(q for q in every if q.record_id == "countryinfo:region:United Kingdom")
+    assert (uk.prompt, uk.subject) == ("The United Kingdom is located in", "The United Kingdom")  # key at "Kingdom"
+    keep_prompts = {k["prompt"] for k in keep}
+    assert not any(q.prompt in keep_prompts or records[q.record_id].extra["country"] in banned_keep for q in every)
+
+    prepared = methods.get("alphaedit").prepare(ctx, ("h.1",))
+    assert prepared.info["preserved_keys"] == 4 and prepared.info["preserve_facts"] == counts
+    pick = sorted(np.random.default_rng(cfg.seed).permutation(len(usable))[:3])  # the seeded sample
+    seeded = [("the capital of italy is", "italy")] + [(usable[i].prompt, every[i].subject) for i in pick]
+    p0 = model.params
+    p1 = prepared.edit(p0, rows[:2])
+    p2 = prepared.edit(p1, rows[2:])
+    single = prepared.edit(p0, rows[:1])
+
+    w = rome_weight(model, "h.1")
+    vcfg = editor_config(cfg).value
+    P_ = stats.solver(w).null_projection(cfg.locate_edit.alpha_energy)
+    l2 = cfg.locate_edit.alpha_l2
+    Kf = np.stack([np.asarray(compute_key(model, p0, w, p, s)[0], np.float64) for p, s in seeded], 1)
+
+    def update(p, rs, prior):
+        K = np.stack([np.asarray(compute_key(model, p, w, r.prompt, r.subject)[0], np.float64) for r in rs], 1)
+        vo = [compute_value(model, p, w, r.prompt, r.subject, r.target_new, vcfg, progress=False) for r in rs]
+        R = np.stack([np.asarray(v, np.float64) - np.asarray(o, np.float64) for v, o, _ in vo], 1)
+        return R @ K.T @ P_ @ np.linalg.inv((K @ K.T + prior) @ P_ + l2 * np.eye(len(P_)))
+
+    d1 = update(p0, reqs[:2], Kf @ Kf.T)
+    K1 = keys_of(model, apply_delta(p0, w, d1), w, reqs[:2], ("",))
+    d2 = update(apply_delta(p0, w, d1), reqs[2:], Kf @ Kf.T + K1 @ K1.T)
+    ds = update(p0, reqs[:1], Kf @ Kf.T)
+    tol = lambda d: dict(rtol=1e-3, atol=1e-3 * np.abs(d).max())  # noqa: E731
+    np.testing.assert_allclose(out_in(p1, w) - out_in(p0, w), d1, **tol(d1))
+    np.testing.assert_allclose(out_in(p2, w) - out_in(p1, w), d2, **tol(d2))
+    np.testing.assert_allclose(out_in(single, w) - out_in(p0, w), ds, **tol(ds))
+    d1_rows_only = update(p0, reqs[:2], Kf[:, :1] @ Kf[:, :1].T)
+    assert np.abs(d1 - d1_rows_only).max() > 1e-2 * np.abs(d1).max()  # the country keys change the update
+
+    for spec, msg in (("region", r"alpha_preserve_facts='region': give 'countries:REL,REL'"),
+                      ("countries:", r"alpha_preserve_facts='countries:': give"),
+                      ("countries:region,capitol", r"alpha_preserve_facts='countries:region,capitol': unknown relation\(s\) capitol")):
+        cfg.locate_edit.alpha_preserve_facts = spec
+        with pytest.raises(ValueError, match=msg):
+            methods.get("alphaedit").check(ctx)
+        with pytest.raises(ValueError, match=msg):
+            methods.get("alphaedit").prepare(ctx, ("h.1",))
+    cfg.locate_edit.alpha_preserve_facts, cfg.locate_edit.alpha_preserve_facts_max = "countries:region", len(usable) + 1
+    with pytest.raises(ValueError, match=rf"alpha_preserve_facts='countries:region' with alpha_preserve_facts_max="
+                                         rf"{len(usable) + 1}: only {len(usable)} usable facts \(of {len(region)} facts "
+                                         r"of region; left out: 3 of a keep row's country or with a keep prompt, 0 without "
+                                         r"their country in the prompt, 4 whose country is named in a val prompt, 1 whose "
+                                         r"country is named in a keep prompt\)"):
+        methods.get("alphaedit").prepare(ctx, ("h.1",))
+    cfg.locate_edit.alpha_preserve_facts_max = -1
+    with pytest.raises(ValueError, match="alpha_preserve_facts_max must be >= 0"):
+        methods.get("alphaedit").check(ctx)
+    cfg.locate_edit.alpha_preserve, cfg.locate_edit.alpha_preserve_facts_max = 0, 3
+    with pytest.raises(ValueError, match="alpha_preserve_facts='countries:region' seeds AlphaEdit's memory; emmet"):
+        methods.get("emmet").prepare(ctx, ("h.1",))

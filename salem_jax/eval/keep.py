@@ -71,3 +71,25 @@ def keep_rows(
     if not chosen:
         raise ValueError(f"the base model gets none of the {len(rows)} keep rows right; a keep set needs facts it knows")
     return chosen[:max_rows]
+
+
+def country_facts_outside_keep(records, keep, relations, *, countries=None, other_rows=()) -> list:
+    """The country-fact records strictly disjoint from the keep set, in input order.
+
+    records: EditRecords of the country data (`extra["country"]`, `extra["relation"]`; pass every
+    relation's records, so a keep row of any relation names its country); keep: the keep rows
+    (their `record_id`s name country records); relations: the relations a record may have;
+    countries: the countries it may be of (None: any); other_rows: rows whose prompts are excluded
+    too (e.g. an edit set's). A record qualifies when its relation is in `relations`, its country
+    is in `countries` and is the country of no keep row, and its prompt is no keep row's and no
+    other row's. Used by `pipeline.train_pass_candidates` (the train countries) and by AlphaEdit's
+    country-fact memory (`methods.locate_edit.preserved_fact_requests`, any country)."""
+    by_id = {r.id: r for r in records}
+    keep_c = {by_id[k["record_id"]].extra.get("country") for k in keep if k["record_id"] in by_id}
+    banned = {r["prompt"] for r in list(keep) + list(other_rows)}
+    return [
+        r for r in records
+        if r.extra.get("relation") in relations and r.extra.get("country") is not None
+        and (countries is None or r.extra["country"] in countries) and r.extra["country"] not in keep_c
+        and r.prompt not in banned
+    ]

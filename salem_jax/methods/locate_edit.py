@@ -23,12 +23,16 @@ import re
 import time
 from typing import Any
 
+import numpy as np
+
 from salem_jax.baselines.editors import get_editor, layers_for
 from salem_jax.baselines.keystats import KeyStats, wikitext_texts
 from salem_jax.baselines.locate_edit import EditorConfig, to_weights
 from salem_jax.baselines.mass_edit import AlphaEditState, keys_of
 from salem_jax.baselines.requests import EditRequest
 from salem_jax.baselines.rome import CLAMP_NORMS, ROMEConfig
+from salem_jax.data.countries import RELATIONS, country_records
+from salem_jax.eval.keep import country_facts_outside_keep
 from salem_jax.locate.trace_rows import subject_in_prompt
 from salem_jax.methods.registry import Context, Method, Prepared
 from salem_jax.methods.rome import has_subject, rome_val_rows
@@ -86,6 +90,24 @@ def check(ctx: Context) -> None:
             raise ValueError(f"config.locate_edit.{field} must be >= 1, got {e[field]}")
     if int(e.alpha_preserve) < 0:
         raise ValueError(f"config.locate_edit.alpha_preserve must be >= 0, got {e.alpha_preserve}")
+    if int(e.alpha_preserve_facts_max) < 0:
+        raise ValueError(f"config.locate_edit.alpha_preserve_facts_max must be >= 0 (0 = every usable fact), "
+                         f"got {e.alpha_preserve_facts_max}")
+    if e.alpha_preserve_facts:
+        fact_relations(e.alpha_preserve_facts)
+
+
+def fact_relations(spec: str) -> list[str]:
+    """The relations of config.locate_edit.alpha_preserve_facts ("countries:REL,REL"), checked."""
+    field = "config.locate_edit.alpha_preserve_facts"
+    rels = [r.strip() for r in spec[len("countries:"):].split(",") if r.strip()] if spec.startswith("countries:") else []
+    if not rels:
+        raise ValueError(f"{field}={spec!r}: give 'countries:REL,REL' (e.g. countries:region,currency,languages; "
+                         f"relations: {', '.join(RELATIONS)}) or '' for none")
+    bad = [r for r in rels if r not in RELATIONS]
+    if bad:
+        raise ValueError(f"{field}={spec!r}: unknown relation(s) {', '.join(bad)}; choose from {', '.join(RELATIONS)}")
+    return rels
 
 
 def _mentions(text: str, subject: str) -> bool:
@@ -123,16 +145,67 @@ def preserved_requests(ctx: Context, n: int) -> tuple[list[EditRequest], dict]:
     return reqs, passed
 
 
+def preserved_fact_requests(ctx: Context, spec: str, n_max: int) -> tuple[list[EditRequest], dict]:
+    """The country facts of `spec` ("countries:REL,REL") AlphaEdit's memory may be seeded with, as
+    EditRequests (subject: the country as it reads in the prompt, so its key is at the country
+    name's last token; target: the true answer, unused by the key), and the counts of facts left
+    out and why. Strictly disjoint from the keep set (`eval.keep.country_facts_outside_keep`: no
+    keep prompt, no fact of a keep row's country, whatever the relation), and, as for
+    `preserved_requests`, a fact whose country (as it reads in the prompt) occurs as whole words in a
+    val prompt (fail, adapt or locality rows) or in a keep prompt is passed over too: the study
+    edits or scores that name. All usable facts when n_max is 0, else the first n_max of a seeded
+    (config.seed) permutation; a named error when fewer than n_max are usable."""
+    field = "config.locate_edit.alpha_preserve_facts"
+    relations = fact_relations(spec)
+    records = list(country_records("all", seed=ctx.cfg.seed))  # every relation, so any keep row names its country
+    of_kind = [r for r in records if r.extra.get("relation") in relations]
+    outside = country_facts_outside_keep(records, ctx.keep_rows, relations)
+    guarded = [("val", [r["prompt"] for r in ctx.val_rows]), ("keep", [r["prompt"] for r in ctx.keep_rows])]
+    passed = {"keep": len(of_kind) - len(outside), "no_subject": 0, "val": 0, "keep_name": 0}
+    reqs = []
+    for r in outside:
+        s = subject_in_prompt(r.prompt, r.subject)
+        if s is None:
+            passed["no_subject"] += 1
+            continue
+        hit = next((what for what, prompts in guarded if any(_mentions(p, s) for p in prompts)), None)
+        if hit is not None:
+            passed["val" if hit == "val" else "keep_name"] += 1
+            continue
+        reqs.append(EditRequest(r.prompt, s, r.target_true, record_id=r.id))
+    detail = (f"of {len(of_kind)} facts of {', '.join(relations)}; left out: {passed['keep']} of a keep row's country "
+              f"or with a keep prompt, {passed['no_subject']} without their country in the prompt, {passed['val']} "
+              f"whose country is named in a val prompt, {passed['keep_name']} whose country is named in a keep prompt")
+    if not reqs or len(reqs) < n_max:
+        raise ValueError(f"{field}={spec!r} with alpha_preserve_facts_max={n_max}: only {len(reqs)} usable facts ({detail})")
+    passed["usable"] = len(reqs)
+    if n_max:
+        order = np.random.default_rng(ctx.cfg.seed).permutation(len(reqs))[:n_max]
+        reqs = [reqs[i] for i in sorted(order)]
+    return reqs, passed
+
+
 def preserved_state(ctx: Context, name: str, layers: tuple[str, ...], stats: KeyStats, ec: EditorConfig):
-    """AlphaEdit's starting memory with the keys of config.locate_edit.alpha_preserve facts it must not
-    change (`AlphaEditState.preserving`) from `preserved_requests` (never an edited val row, never a
-    subject of the val split or of the keep set), keys per band layer on the base weights (averaged
-    over the prefixes when the editor uses them) [in, m]; and the counts of rows passed over."""
-    n = int(ctx.cfg.locate_edit.alpha_preserve)
+    """AlphaEdit's starting memory with the keys of the facts it must not change
+    (`AlphaEditState.preserving`): config.locate_edit.alpha_preserve train fail rows
+    (`preserved_requests`: never an edited val row, never a subject of the val split or of the keep
+    set) and the country facts of config.locate_edit.alpha_preserve_facts (`preserved_fact_requests`:
+    none of the keep set's facts or countries), keys per band layer on the base weights (averaged over
+    the prefixes when the editor uses them) [in, m]; and what was left out ({"rows": counts or None,
+    "facts": counts or None})."""
+    e = ctx.cfg.locate_edit
+    n, spec = int(e.alpha_preserve), e.alpha_preserve_facts
     if name != "alphaedit":
-        raise ValueError(f"config.locate_edit.alpha_preserve={n} seeds AlphaEdit's memory; {name} has none "
-                         "(set it to 0, or run alphaedit alone)")
-    reqs, passed = preserved_requests(ctx, n)
+        what = f"alpha_preserve={n}" if n else f"alpha_preserve_facts={spec!r}"
+        raise ValueError(f"config.locate_edit.{what} seeds AlphaEdit's memory; {name} has none "
+                         "(set it to 0 / '', or run alphaedit alone)")
+    reqs, passed = [], {"rows": None, "facts": None}
+    if n:
+        rows, passed["rows"] = preserved_requests(ctx, n)
+        reqs += rows
+    if spec:
+        facts, passed["facts"] = preserved_fact_requests(ctx, spec, int(e.alpha_preserve_facts_max))
+        reqs += facts
     model = ctx.model
     prefixes = stats.prefixes() if ec.use_prefixes else ("",)
     _, weights = to_weights(model, layers)
@@ -154,7 +227,8 @@ def _prepare(name: str):
         for w in layers:
             stats.solver(w)  # fit (or read) the statistics now, so their cost is the method's preparation
         ec, fn, subjects = editor_config(cfg), get_editor(name), ctx.subjects
-        fresh, passed = preserved_state(ctx, name, layers, stats, ec) if e.alpha_preserve else (None, None)
+        seeded = bool(e.alpha_preserve or e.alpha_preserve_facts)
+        fresh, passed = preserved_state(ctx, name, layers, stats, ec) if seeded else (None, None)
 
         # A sequence of edits continues the editor's state (AlphaEdit: the keys of the earlier edits,
         # its `cache_c`) exactly when edit() is called on the parameters its previous call returned
@@ -179,14 +253,22 @@ def _prepare(name: str):
         eval_rows, skipped = rome_val_rows(ctx.val_rows, ctx.subjects, cfg.eval.max_edits)
         info = dict(layers=list(layers), covariance=stats.report(), steps=e.v_steps, seconds=time.perf_counter() - t,
                     preserved_keys=fresh.n_preserved if fresh is not None else 0,
-                    **({"preserve_passed_over": passed} if passed is not None else {}),
+                    **({"preserve_passed_over": passed["rows"]} if passed is not None and passed["rows"] is not None else {}),
+                    **({"preserve_facts": passed["facts"]} if passed is not None and passed["facts"] is not None else {}),
                     layer_from="config.locate_edit.layer" if e.layer else e.layer_from, skipped_edits=len(skipped))
         if skipped:
             ctx.say(f"{name}: {len(skipped)} val fail rows without their subject in the prompt are skipped")
-        if passed is not None:
-            ctx.say(f"{name}: the memory starts with the keys of {fresh.n_preserved} train fail rows (passed over: "
-                    f"{passed['no_subject']} without their subject in the prompt, {passed['val']} with a val "
-                    f"subject, {passed['keep']} with a keep subject)")
+        if passed is not None and passed["rows"] is not None:
+            p = passed["rows"]
+            ctx.say(f"{name}: the memory starts with the keys of {e.alpha_preserve} train fail rows (passed over: "
+                    f"{p['no_subject']} without their subject in the prompt, {p['val']} with a val "
+                    f"subject, {p['keep']} with a keep subject)")
+        if passed is not None and passed["facts"] is not None:
+            p = passed["facts"]
+            ctx.say(f"{name}: the memory starts with the keys of {fresh.n_preserved - int(e.alpha_preserve)} country "
+                    f"facts ({e.alpha_preserve_facts}; {p['usable']} usable; left out: {p['keep']} of a keep row's "
+                    f"country or prompt, {p['val']} whose country is named in a val prompt, {p['keep_name']} in a keep "
+                    f"prompt, {p['no_subject']} without their country in the prompt); {fresh.n_preserved} keys in all")
         return Prepared(edit=edit, info=info, eval_rows=eval_rows, skipped_edits=tuple(skipped),
                         can_edit=has_subject(subjects))
 
