@@ -317,6 +317,38 @@ def test_alphaedit_sequential_batches_carry_projection_and_keys(tmp_path, monkey
     assert isinstance(ec, EditorConfig) and one_call.state.n_edits == 4
 
 
+def _np_alphaedit_update(model, w, vcfg, P, l2):
+    """AlphaEdit's closed form written out in numpy: update(params, requests, prior) = R K^T P
+    ((K K^T + prior) P + l2 I)^-1 with the requests' keys K and residuals R on `params`."""
+    from salem_jax.baselines.rome import compute_key, compute_value
+
+    def update(p, rs, prior):
+        K = np.stack([np.asarray(compute_key(model, p, w, r.prompt, r.subject)[0], np.float64) for r in rs], 1)
+        vo = [compute_value(model, p, w, r.prompt, r.subject, r.target_new, vcfg, progress=False) for r in rs]
+        R = np.stack([np.asarray(v, np.float64) - np.asarray(o, np.float64) for v, o, _ in vo], 1)
+        return R @ K.T @ P @ np.linalg.inv((K @ K.T + prior) @ P + l2 * np.eye(len(P)))
+
+    return update
+
+
+def _check_seeded_sequence(model, w, update, Kf, reqs, p0, p1, p2, single):
+    """The kernels of a memory seeded with keys Kf [d, n]: p1 after reqs[:2] on p0, p2 after reqs[2:]
+    on p1 (the first batch's keys added to the memory), `single` after reqs[0] alone on p0 - each
+    update against `update` by hand. Returns the first batch's update."""
+    from salem_jax.baselines.locate_edit import apply_delta, out_in
+    from salem_jax.baselines.mass_edit import keys_of
+
+    d1 = update(p0, reqs[:2], Kf @ Kf.T)
+    K1 = keys_of(model, apply_delta(p0, w, d1), w, reqs[:2], ("",))
+    d2 = update(apply_delta(p0, w, d1), reqs[2:], Kf @ Kf.T + K1 @ K1.T)
+    ds = update(p0, reqs[:1], Kf @ Kf.T)
+    tol = lambda d: dict(rtol=1e-3, atol=1e-3 * np.abs(d).max())  # noqa: E731
+    np.testing.assert_allclose(out_in(p1, w) - out_in(p0, w), d1, **tol(d1))
+    np.testing.assert_allclose(out_in(p2, w) - out_in(p1, w), d2, **tol(d2))
+    np.testing.assert_allclose(out_in(single, w) - out_in(p0, w), ds, **tol(ds))
+    return d1
+
+
 def test_alphaedit_memory_starts_with_the_preserved_train_keys(tmp_path, monkeypatch):
     """config.locate_edit.alpha_preserve = 2: AlphaEdit's memory starts with the keys of the first two
     train fail rows whose subject occurs in the prompt and in no val or keep prompt (whole words, any
@@ -324,9 +356,7 @@ def test_alphaedit_memory_starts_with_the_preserved_train_keys(tmp_path, monkeyp
     (the one-at-a-time evaluation's too) and under the edits' keys in a sequence. Checked against
     numpy solves of dW = R K^T P ((K K^T + K_f K_f^T + K_1 K_1^T) P + l2 I)^-1 with keys computed
     one prompt at a time."""
-    from salem_jax.baselines.locate_edit import apply_delta, out_in
-    from salem_jax.baselines.mass_edit import keys_of
-    from salem_jax.baselines.rome import compute_key, compute_value, rome_weight
+    from salem_jax.baselines.rome import compute_key, rome_weight
     from salem_jax.methods.locate_edit import editor_config
 
     model, cfg, _, stats, rows, reqs = _batch_setup(tmp_path, monkeypatch, (), alpha_energy=0.5, alpha_l2=0.1,
@@ -362,20 +392,8 @@ def test_alphaedit_memory_starts_with_the_preserved_train_keys(tmp_path, monkeyp
     l2 = cfg.locate_edit.alpha_l2
     Kf = np.stack([np.asarray(compute_key(model, p0, w, p, s)[0], np.float64) for p, s, _ in (train[3], train[5])], 1)
 
-    def update(p, rs, prior):
-        K = np.stack([np.asarray(compute_key(model, p, w, r.prompt, r.subject)[0], np.float64) for r in rs], 1)
-        vo = [compute_value(model, p, w, r.prompt, r.subject, r.target_new, vcfg, progress=False) for r in rs]
-        R = np.stack([np.asarray(v, np.float64) - np.asarray(o, np.float64) for v, o, _ in vo], 1)
-        return R @ K.T @ P @ np.linalg.inv((K @ K.T + prior) @ P + l2 * np.eye(len(P)))
-
-    d1 = update(p0, reqs[:2], Kf @ Kf.T)
-    K1 = keys_of(model, apply_delta(p0, w, d1), w, reqs[:2], ("",))
-    d2 = update(apply_delta(p0, w, d1), reqs[2:], Kf @ Kf.T + K1 @ K1.T)
-    ds = update(p0, reqs[:1], Kf @ Kf.T)
-    tol = lambda d: dict(rtol=1e-3, atol=1e-3 * np.abs(d).max())  # noqa: E731
-    np.testing.assert_allclose(out_in(p1, w) - out_in(p0, w), d1, **tol(d1))
-    np.testing.assert_allclose(out_in(p2, w) - out_in(p1, w), d2, **tol(d2))
-    np.testing.assert_allclose(out_in(single, w) - out_in(p0, w), ds, **tol(ds))
+    update = _np_alphaedit_update(model, w, vcfg, P, l2)
+    d1 = _check_seeded_sequence(model, w, update, Kf, reqs, p0, p1, p2, single)
     d1_empty = update(p0, reqs[:2], 0.0)
     assert np.abs(d1 - d1_empty).max() > 1e-2 * np.abs(d1).max()  # the preserved keys change the update
 
@@ -398,9 +416,7 @@ def test_alphaedit_memory_seeded_with_country_facts_outside_the_keep_set(tmp_pat
     hand from the country data; the updates of a sequence and of a fresh single edit equal numpy
     solves of dW = R K^T P ((K K^T + K_f K_f^T [+ K_1 K_1^T]) P + l2 I)^-1 with keys computed one
     prompt at a time; bad specs and too few usable facts are named errors with the counts."""
-    from salem_jax.baselines.locate_edit import apply_delta, out_in
-    from salem_jax.baselines.mass_edit import keys_of
-    from salem_jax.baselines.rome import compute_key, compute_value, rome_weight
+    from salem_jax.baselines.rome import compute_key, rome_weight
     from salem_jax.data.countries import country_records
     from salem_jax.methods.locate_edit import editor_config, preserved_fact_requests
     from salem_jax.methods.registry import Context
@@ -453,20 +469,8 @@ def test_alphaedit_memory_seeded_with_country_facts_outside_the_keep_set(tmp_pat
     l2 = cfg.locate_edit.alpha_l2
     Kf = np.stack([np.asarray(compute_key(model, p0, w, p, s)[0], np.float64) for p, s in seeded], 1)
 
-    def update(p, rs, prior):
-        K = np.stack([np.asarray(compute_key(model, p, w, r.prompt, r.subject)[0], np.float64) for r in rs], 1)
-        vo = [compute_value(model, p, w, r.prompt, r.subject, r.target_new, vcfg, progress=False) for r in rs]
-        R = np.stack([np.asarray(v, np.float64) - np.asarray(o, np.float64) for v, o, _ in vo], 1)
-        return R @ K.T @ P_ @ np.linalg.inv((K @ K.T + prior) @ P_ + l2 * np.eye(len(P_)))
-
-    d1 = update(p0, reqs[:2], Kf @ Kf.T)
-    K1 = keys_of(model, apply_delta(p0, w, d1), w, reqs[:2], ("",))
-    d2 = update(apply_delta(p0, w, d1), reqs[2:], Kf @ Kf.T + K1 @ K1.T)
-    ds = update(p0, reqs[:1], Kf @ Kf.T)
-    tol = lambda d: dict(rtol=1e-3, atol=1e-3 * np.abs(d).max())  # noqa: E731
-    np.testing.assert_allclose(out_in(p1, w) - out_in(p0, w), d1, **tol(d1))
-    np.testing.assert_allclose(out_in(p2, w) - out_in(p1, w), d2, **tol(d2))
-    np.testing.assert_allclose(out_in(single, w) - out_in(p0, w), ds, **tol(ds))
+    update = _np_alphaedit_update(model, w, vcfg, P_, l2)
+    d1 = _check_seeded_sequence(model, w, update, Kf, reqs, p0, p1, p2, single)
     d1_rows_only = update(p0, reqs[:2], Kf[:, :1] @ Kf[:, :1].T)
     assert np.abs(d1 - d1_rows_only).max() > 1e-2 * np.abs(d1).max()  # the country keys change the update
 
