@@ -114,6 +114,12 @@ def test_kernels_sharing_an_mlp_each_get_their_own_conditioning(mode):
     params = jax.tree.map(lambda x: jnp.asarray(rng.normal(scale=0.5, size=x.shape), x.dtype), params)
     f = _factors(spec, seed=5, batch=2, tokens=4)
     out = transform_factors(spec, params, state, f)
+    # the same under jit with the editor's tables as host (numpy) arrays, as a loaded editor holds them
+    host = jax.tree.map(np.asarray, params)
+    jitted = jax.jit(lambda g: transform_factors(spec, host, state, g))(f)
+    for w in spec.weights:
+        np.testing.assert_allclose(jitted[w.path].u, out[w.path].u, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(jitted[w.path].delta, out[w.path].delta, rtol=1e-6, atol=1e-6)
     for i, w in enumerate(spec.weights):
         net = params["nets"][spec.shape_key(i)]
         m = spec.mode_index(i)

@@ -285,7 +285,8 @@ def _mlp_shared(layers: dict, xs: list[jax.Array], modes: list[int]) -> list[jax
     if len(xs) == 1:
         return [_mlp(layers, xs[0], modes[0])]
     sizes = [x.shape[0] for x in xs]
-    rows = jnp.asarray(np.repeat(np.asarray(modes, np.int32), sizes))
+    # a host array: it indexes host (numpy) tables as well as traced ones, inside jit or not
+    rows = np.repeat(np.asarray(modes, np.int32), sizes)
     y = _mlp(layers, jnp.concatenate(xs, 0), rows)
     return jnp.split(y, np.cumsum(sizes)[:-1], axis=0)
 
