@@ -21,8 +21,8 @@ _RUN_CACHE_OFF = os.environ.get("SALEM_JAX_TEST_COMPILE_CACHE", "").strip().lowe
 
 
 def _run_cache_dir() -> str:
-    """This run's folder: keyed by pytest-xdist's run id (the same in every worker of a run), else by
-    the process (a run without workers)."""
+    """This run's folder, named by the process that starts the run (pytest-xdist's workers inherit
+    it through SALEM_JAX_TEST_RUN_CACHE; xdist's run id names it for a worker started without it)."""
     import tempfile
 
     run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
