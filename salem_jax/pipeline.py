@@ -171,8 +171,9 @@ def train_pass_candidates(records, train_rows, val_rows, keep, relations) -> lis
 
 def check_null_facts(cfg) -> None:
     """config.editor.null_facts / null_facts_weight checked before any costly step: a valid spec
-    (`nullspace.parse_null_facts`), a weight > 0, a projection to add them to (null_energy > 0),
-    the countries data, and a keep set to keep them away from (`null_fact_rows`)."""
+    (`nullspace.parse_null_facts`), a weight > 0 and a projection to add them to (null_energy > 0).
+    Any data format: on the countries data the facts are of train countries (`null_fact_rows`), on
+    other data (CounterFact, zsRE) of any country outside the keep set."""
     spec = cfg.editor.get("null_facts", "")
     parse_null_facts(spec, "config.editor.null_facts")
     if not spec:
@@ -181,52 +182,78 @@ def check_null_facts(cfg) -> None:
     if not cfg.editor.get("null_energy", 0.0):
         raise ValueError(f"config.editor.null_facts={spec!r} adds fact keys to the editor's null-space projection, but "
                          "config.editor.null_energy is 0 (no projection): set null_energy > 0 or null_facts=''")
-    if cfg.format != "countries":
-        raise ValueError(f"config.editor.null_facts={spec!r} needs the countries data (format {cfg.format!r}); "
-                         "set config.editor.null_facts=''")
 
 
 def null_fact_rows(cfg, train_rows, val_rows, keep) -> tuple[list[dict], str]:
     """The fact rows whose keys join the editor's null-space covariance (config.editor.null_facts;
-    `mend.nullspace.null_projection`'s facts), and a note on them: {"prompt", "target", "record_id"}.
+    `mend.nullspace.null_projection`'s facts), and a note on them: {"prompt", "target", "record_id",
+    "country"} (country None for an edit-set row of data that is not the countries data).
 
+    On the countries data (config.format 'countries': the edits are country facts):
     'countries:REL,REL': the records `train_pass_candidates` gives (facts of those relations of
     TRAIN-split countries that are no val row's and no keep row's country, prompts of no keep or
     edit-set row), every one of them (the model need not know a fact for its keys to count).
     'edit_pass': the edit set's train pass rows of those same countries (capitals the model knows).
-    Strictly disjoint from the keep set and the val split, by prompt and by country: checked here
-    again, a RuntimeError if violated. Never the train fail / adapt rows (the edits themselves)."""
+
+    On any other data (CounterFact, zsRE: the edits are not country facts, so there are no train
+    countries): 'countries:REL,REL' = the facts of those relations of every country that is no keep
+    row's country, prompts of no keep or edit-set row (`country_facts_outside_keep` with any country,
+    as AlphaEdit's country-fact memory); 'edit_pass' = the edit set's train pass rows (on CounterFact
+    the train records' neighbourhood prompts with their true object) whose prompt is no val row's
+    and no keep or train fail / adapt row's (a neighbourhood prompt shared by a train and a val
+    record is left out).
+
+    Strictly disjoint from the keep set and the val split, by prompt and (country facts) by country:
+    checked here again, a RuntimeError if violated. Never the train fail / adapt rows themselves (on
+    the countries data a train pass row may ask a train edit's question with its true answer)."""
     relations, edit_pass = parse_null_facts(cfg.editor.null_facts, "config.editor.null_facts")
     all_records = country_records("all", seed=cfg.seed)
     by_id = {r.id: r for r in all_records}
+    country_data = cfg.format == "countries"
 
     def country(row):
         r = by_id.get(row["record_id"])
         return r.extra.get("country") if r is not None else None
 
-    train_c = {country(r) for r in train_rows} - {country(r) for r in list(val_rows) + list(keep)} - {None}
+    bad_c = {country(r) for r in list(keep) + (list(val_rows) if country_data else [])} - {None}
+    train_c = ({country(r) for r in train_rows} - bad_c - {None}) if country_data else None
     banned = {r["prompt"] for r in list(val_rows) + list(keep)}
+    edits = {r["prompt"] for r in train_rows if r["group"] != "pass"}  # the train edits (fail / adapt rows)
     rows, parts = [], []
     if relations:
-        cands = train_pass_candidates(all_records, train_rows, val_rows, keep, relations)
+        if country_data:
+            cands = train_pass_candidates(all_records, train_rows, val_rows, keep, relations)
+        else:
+            cands = country_facts_outside_keep(all_records, keep, relations, countries=None,
+                                               other_rows=list(train_rows) + list(val_rows))
         rows += [dict(prompt=r.prompt, target=r.target_true, record_id=r.id, country=r.extra["country"]) for r in cands]
         parts.append(f"{len(cands)} country {', '.join(relations)} facts")
     if edit_pass:
-        own = [dict(prompt=r["prompt"], target=r["target"], record_id=r["record_id"], country=country(r))
-               for r in train_rows if r["group"] == "pass" and country(r) in train_c and r["prompt"] not in banned]
+        if country_data:
+            own = [dict(prompt=r["prompt"], target=r["target"], record_id=r["record_id"], country=country(r))
+                   for r in train_rows if r["group"] == "pass" and country(r) in train_c and r["prompt"] not in banned]
+            parts.append(f"{len(own)} edit-set train pass rows")
+        else:
+            cand = [r for r in train_rows if r["group"] == "pass"]
+            own = [dict(prompt=r["prompt"], target=r["target"], record_id=r["record_id"], country=None)
+                   for r in cand if r["prompt"] not in banned and r["prompt"] not in edits]
+            parts.append(f"{len(own)} edit-set train pass rows (of {len(cand)}; {len(cand) - len(own)} left out: their "
+                         "prompt is a val, keep or train edit row's)")
         rows += own
-        parts.append(f"{len(own)} edit-set train pass rows")
-    bad_c = {country(r) for r in list(val_rows) + list(keep)} - {None}
-    leaked = [r for r in rows if r["prompt"] in banned or r["country"] in bad_c or r["country"] not in train_c]
+    # (on the countries data an edit_pass row may share its prompt with a train fail row - another
+    # country's capital question, asked with its true answer - as in session 21; kept as it was)
+    leaked = [r for r in rows if r["prompt"] in banned or r["country"] in bad_c
+              or (r["prompt"] in edits if not country_data else r["country"] not in train_c)]
     if leaked:
         raise RuntimeError(f"null_fact_rows: {len(leaked)} fact rows share a prompt or country with the keep set or the "
                            f"val split (e.g. {leaked[0]['prompt']!r}); this is a bug")
     if not rows:
-        raise ValueError(f"config.editor.null_facts={cfg.editor.null_facts!r}: no fact of a train country outside the keep "
-                         "set and the val split")
-    n_c = len({r["country"] for r in rows})
-    return rows, (f"{' + '.join(parts)} ({len(rows)} rows, {n_c} train countries outside the keep set and the val "
-                  f"split; weight {cfg.editor.null_facts_weight:g})")
+        where = "a train country outside the keep set and the val split" if country_data else \
+            "a country outside the keep set, nor a train pass row outside the val split and the keep set"
+        raise ValueError(f"config.editor.null_facts={cfg.editor.null_facts!r}: no fact of {where}")
+    n_c = len({r["country"] for r in rows} - {None})
+    scope = "train countries outside the keep set and the val split" if country_data else "countries outside the keep set"
+    return rows, (f"{' + '.join(parts)} ({len(rows)} rows, {n_c} {scope}; weight {cfg.editor.null_facts_weight:g})")
 
 
 def train_pass_set(model, cfg, train_rows, val_rows, keep) -> tuple[list[dict], str]:

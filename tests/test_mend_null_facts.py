@@ -254,3 +254,108 @@ def test_pipeline_builds_P_from_its_fact_rows(tmp_path):
                            facts_weight=2.0, facts_spec="countries:region+edit_pass", progress=False)
     for w in weights:
         np.testing.assert_array_equal(saved[w.path], want.projections[w.path])
+
+
+# ---------------------------------------------------------------------------- CounterFact (not the countries data)
+
+
+def _cf_rows(rid, prompt, paraphrase, neighbours, split):
+    """Edit-set rows of one CounterFact-like record: a fail row, an adapt row, a pass row per neighbour."""
+    rows = [dict(id=f"{rid}:f", record_id=rid, group="fail", prompt=prompt, target="new", split=split),
+            dict(id=f"{rid}:a", record_id=rid, group="adapt", prompt=paraphrase, target="new", split=split)]
+    rows += [dict(id=f"{rid}:p{i}", record_id=rid, group="pass", prompt=p, target="true", split=split)
+             for i, p in enumerate(neighbours)]
+    return rows
+
+
+def test_counterfact_fact_rows_equal_a_hand_filter():
+    """On CounterFact (no train countries): 'countries:REL' = those facts of every country outside the
+    keep set, prompts of no keep / edit-set row; 'edit_pass' = the train pass rows (neighbourhood
+    prompts) whose prompt is no val, keep or train edit row's. Checked against a hand filter, with
+    collisions planted: a train neighbourhood prompt shared with a val record, one equal to a keep
+    fact's prompt, one equal to another train record's edit prompt, and edit prompts that are country
+    facts' prompts."""
+    from experiments import counterfact_smollm2
+    from salem_jax.pipeline import check_null_facts
+
+    every = country_records("all", seed=0)
+    names = sorted({r.extra["country"] for r in every})
+    rels = ("region", "currency", "languages")
+    keep = candidate_rows([r for r in every if r.extra["relation"] in ("capital", "region") and r.extra["country"] in names[:5]])
+    assert keep
+    free = [r for r in every if r.extra["relation"] in rels and r.extra["country"] not in names[:5]]
+    val = _cf_rows("cf:v0", "V0 plays", "V0 is a player of", ["N shared", "N val only"], "val")
+    val += _cf_rows("cf:v1", free[0].prompt, "V1 para", ["N val two"], "val")  # a val edit with a country fact's prompt
+    train = _cf_rows("cf:t0", "T0 speaks", "T0 speaks the language", ["N a", "N b", "N shared", keep[0]["prompt"]], "train")
+    train += _cf_rows("cf:t1", free[1].prompt, "T1 para", ["N c", "T0 speaks", "N a"], "train")  # "N a" twice: kept twice
+    cfg = counterfact_smollm2.get_config(tiny=True)
+    cfg.editor.null_energy, cfg.editor.null_facts = 0.5, "countries:region,currency,languages+edit_pass"
+    check_null_facts(cfg)  # CounterFact is no longer refused
+    rows, note = null_fact_rows(cfg, train, val, keep)
+    # by hand
+    keep_c = {r.extra["country"] for r in every for k in keep if r.id == k["record_id"]}
+    assert keep_c == set(names[:5])
+    seen_p = {r["prompt"] for r in keep + train + val}
+    want = [(r.prompt, r.target_true) for r in every
+            if r.extra["relation"] in rels and r.extra["country"] not in keep_c and r.prompt not in seen_p]
+    n_country = len(want)
+    want += [("N a", "true"), ("N b", "true"), ("N c", "true"), ("N a", "true")]
+    assert [(r["prompt"], r["target"]) for r in rows] == want and n_country > 100
+    assert free[0].prompt not in {r["prompt"] for r in rows} and free[1].prompt not in {r["prompt"] for r in rows}
+    assert not {r["country"] for r in rows} & keep_c
+    assert [r["record_id"] for r in rows[n_country:]] == ["cf:t0", "cf:t0", "cf:t1", "cf:t1"]
+    assert "4 edit-set train pass rows (of 7; 3 left out" in note and f"{n_country} country region" in note
+    # only one part of the spec
+    cfg.editor.null_facts = "edit_pass"
+    assert [(r["prompt"], r["target"]) for r in null_fact_rows(cfg, train, val, keep)[0]] == want[n_country:]
+    cfg.editor.null_facts = "countries:currency"
+    got = null_fact_rows(cfg, train, val, keep)[0]
+    assert [(r["prompt"], r["target"]) for r in got] == [
+        (r.prompt, r.target_true) for r in every if r.extra["relation"] == "currency" and r.extra["country"] not in keep_c
+        and r.prompt not in seen_p]
+    # nothing left: a clear error naming the field
+    cfg.editor.null_facts = "edit_pass"
+    with pytest.raises(ValueError, match="config.editor.null_facts='edit_pass': no fact of a country outside the keep set"):
+        null_fact_rows(cfg, [r for r in train if r["group"] != "pass"], val, keep)
+
+
+@pytest.mark.slow  # a whole tiny pipeline: `make test-slow`
+def test_cf_own_pass_trains_through_the_fact_projection(tmp_path):
+    """benchmarks/cf_own_pass.py on the tiny CounterFact job with null_energy and
+    null_facts='countries:region+edit_pass': the editor's saved P was built from exactly the pipeline's
+    fact rows (their digest), which hold the edit set's train pass rows, and equals null_projection over
+    the same texts and rows."""
+    import json
+
+    from benchmarks import cf_own_pass as B
+    from experiments import counterfact_smollm2
+    from salem_jax.baselines.keystats import wikitext_texts
+    from salem_jax.data.edit_set import load_edit_set
+    from salem_jax.pipeline import load, read_records, split_rows
+
+    spec = "countries:region+edit_pass"
+    argv = ["--layer", "layers.1", "--tiny", "--workdir", str(tmp_path), "--config.progress=false",
+            "--config.methods=salem_edit_base", "--config.editor.null_energy=0.5", "--config.editor.null_tokens=2000",
+            f"--config.editor.null_facts={spec}", "--config.editor.null_facts_weight=2.0"]
+    assert B.main(argv) == 0
+    cfg = counterfact_smollm2.get_config(tiny=True)
+    cfg.editor.null_facts, cfg.editor.null_facts_weight = spec, 2.0
+    train_rows, val_rows = split_rows(load_edit_set(tmp_path / "edit_set"))
+    rows = null_fact_rows(cfg, train_rows, val_rows, [])[0]  # the tiny config has no keep set
+    n_pass = sum(r["group"] == "pass" for r in train_rows)
+    val_p = {r["prompt"] for r in val_rows} | {r["prompt"] for r in train_rows if r["group"] != "pass"}
+    assert sum(r["country"] is None for r in rows) == sum(r["group"] == "pass" and r["prompt"] not in val_p
+                                                          for r in train_rows) > 0 and n_pass > 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["methods"]["salem_edit_base"]["null_facts"] == {"spec": spec, "weight": 2.0, "rows": len(rows),
+                                                               "digest": facts_digest(rows)}
+    path = tmp_path / "editor_salem_edit_base" / NULL_FILE
+    assert projection_facts(path) == (spec, 2.0, facts_digest(rows))
+    model = load(cfg, read_records(cfg))
+    saved = load_projections(path)[0]
+    weights = model.layers.weights(["layers.1"], part=cfg.saliency.part)
+    assert [w.path for w in weights] == list(saved)
+    want = null_projection(model, model.params, weights, 0.5, wikitext_texts(), max_tokens=2000, facts=rows,
+                           facts_weight=2.0, facts_spec=spec, progress=False)
+    for w in weights:
+        np.testing.assert_array_equal(saved[w.path], want.projections[w.path])
