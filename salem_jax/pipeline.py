@@ -241,7 +241,8 @@ def null_fact_rows(cfg, train_rows, val_rows, keep) -> tuple[list[dict], str]:
                          "prompt is a val, keep or train edit row's)")
         rows += own
     # (on the countries data an edit_pass row may share its prompt with a train fail row - another
-    # country's capital question, asked with its true answer - as in session 21; kept as it was)
+    # country's capital question with its true answer: the tiny capitals job has 20 such rows, session
+    # 21's SmolLM2 capitals edit set none; the countries data's rule is kept as it was)
     leaked = [r for r in rows if r["prompt"] in banned or r["country"] in bad_c
               or (r["prompt"] in edits if not country_data else r["country"] not in train_c)]
     if leaked:
