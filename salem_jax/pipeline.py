@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from salem_jax import methods as method_registry
 from salem_jax import parallel, sharding
-from salem_jax.config import default_config  # noqa: F401  (experiments import it from here)
+from salem_jax.config import EDITOR_SEED_TOP, check_editor_seed, default_config  # noqa: F401  (experiments import default_config from here)
 from salem_jax.data import paths, readers
 from salem_jax.data.countries import country_records
 from salem_jax.edit_set_builder import build_edit_set
@@ -477,6 +477,7 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
         raise ValueError(f"config.eval.mend_edit_scale={scale!r}: give a finite number > 0 (1 = the trained editor's own edit)")
     check_energy(cfg.eval.get("mend_null_energy", 0.0), "config.eval.mend_null_energy")
     check_energy(cfg.editor.get("null_energy", 0.0), "config.editor.null_energy")
+    check_editor_seed(cfg.editor.get("seed", EDITOR_SEED_TOP), "config.editor.seed")
     if cfg.editor.get("null_energy", 0.0) and (isinstance(cfg.editor.get("null_tokens"), bool)
                                                or int(cfg.editor.get("null_tokens", 100_000)) < 1):
         raise ValueError(f"config.editor.null_tokens={cfg.editor.null_tokens!r}: give a number of tokens >= 1")
