@@ -290,7 +290,9 @@ class Eval:
     batch_edits: causal LMs: apply every edit first, then score them in vmapped calls of up to 8 edits
     and generate before/after all edits in one batched call (the same numbers); False: score and
     generate each edit in its own call (session 12 measured the batched warm calls 0.61-0.74x of
-    the per-edit ones, with fewer compilations: README "the main job's stages outside the editor")."""
+    the per-edit ones, with fewer compilations: README "the main job's stages outside the editor").
+    keep_split: a country keep set's rows of each relation also reported as a group of their own
+    (`keep_REL/*`, `dd_keep_acc_REL`; the same rows, scored once); off by default."""
 
     max_edits: int = 20
     max_pass: int = 48
@@ -313,6 +315,7 @@ class Eval:
     mend_null_energy: float = 0.0
     mend_null_tokens: int = 100_000
     batch_edits: bool = True
+    keep_split: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
