@@ -6,7 +6,8 @@ The sections of the pipeline config (`default_config()`, what `experiments/` edi
 - `editor`: a `mend.train.TrainConfig` (with its `mend.editor.EditorConfig`), flattened under the
   names of `EDITOR_KEYS` (`steps` is `max_steps`, `rank` is `editor.rank`, ...). Its defaults are
   the preset `CPU_EDITOR`: the CPU budget the SmolLM2 experiments use (an optimiser update after
-  every edit group at Adam lr 1e-4, 150 steps). `TrainConfig()` itself holds the paper's schedule
+  every edit group at Adam lr 1e-4, 150 steps). Its `seed` (-1: the top-level seed) reseeds the
+  editor alone (initialisation and data order), nothing else of the run. `TrainConfig()` itself holds the paper's schedule
   (lr 1e-6, 150k steps, batch 10 by accumulation), which `experiments.common.paper_editor` applies.
   `salem train-editor` takes the same keys as flags (`--steps`, `--rank`, `--c-loc`, ...).
 - `ft`: a `baselines.finetune.FTConfig` (preset `PIPELINE_FT`: 10 steps, KL weight 1 for `ft_kl`).
@@ -30,6 +31,7 @@ import dataclasses
 from typing import Any, Mapping
 
 import ml_collections
+import numpy as np
 
 from salem_jax.baselines.enn import ENNConfig
 from salem_jax.baselines.finetune import FTConfig
@@ -111,12 +113,34 @@ def editor_values(tc: TrainConfig) -> dict[str, Any]:
     return {k: (0 if k in ZERO_IS_NONE and v is None else v) for k, v in out.items()}
 
 
+# The pipeline's `editor` section also holds `seed` (not a key of EDITOR_KEYS: `salem train-editor` has its
+# own --seed): the editor's seed (its initialisation and its data order) when >= 0; EDITOR_SEED_TOP (-1, the
+# default) = the top-level seed, as before the key existed. The edit set, keep set, editability probes and
+# every other seeded step keep the top-level seed, so `--config.editor.seed=N` retrains only the editor.
+EDITOR_SEED_KEY = "seed"
+EDITOR_SEED_TOP = -1
+
+
+def check_editor_seed(value, name: str = "config.editor.seed") -> int:
+    """The editor seed `value` as an int (>= 0, or EDITOR_SEED_TOP); anything else is a ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name}={value!r}: give an integer editor seed >= 0, or {EDITOR_SEED_TOP} for the top-level seed")
+    if value < EDITOR_SEED_TOP:
+        raise ValueError(f"{name}={value}: give an editor seed >= 0, or {EDITOR_SEED_TOP} for the top-level seed")
+    return int(value)
+
+
 def train_config(values: Mapping[str, Any], seed: int, base: TrainConfig = TrainConfig()) -> TrainConfig:
-    """A TrainConfig from a flat `editor` section (any subset of EDITOR_KEYS; the rest from `base`)."""
+    """A TrainConfig from a flat `editor` section (any subset of EDITOR_KEYS, plus `seed`; the rest from `base`).
+
+    seed: the TrainConfig's seed (the pipeline's top-level seed), unless values["seed"] (config.editor.seed)
+    is >= 0: that one then (EDITOR_SEED_TOP, -1: `seed`)."""
+    values = dict(values)
+    editor_seed = check_editor_seed(values.pop(EDITOR_SEED_KEY, EDITOR_SEED_TOP))
     unknown = set(values) - set(EDITOR_KEYS)
     if unknown:
-        raise KeyError(f"editor: unknown keys {sorted(unknown)}; keys are {sorted(EDITOR_KEYS)}")
-    top, editor = {"seed": seed}, {}
+        raise KeyError(f"editor: unknown keys {sorted(unknown)}; keys are {sorted(EDITOR_KEYS)} and {EDITOR_SEED_KEY!r}")
+    top, editor = {"seed": seed if editor_seed == EDITOR_SEED_TOP else editor_seed}, {}
     for k, v in values.items():
         v = None if k in ZERO_IS_NONE and v == 0 else v
         f = EDITOR_KEYS[k]
@@ -266,7 +290,9 @@ class Eval:
     batch_edits: causal LMs: apply every edit first, then score them in vmapped calls of up to 8 edits
     and generate before/after all edits in one batched call (the same numbers); False: score and
     generate each edit in its own call (session 12 measured the batched warm calls 0.61-0.74x of
-    the per-edit ones, with fewer compilations: README "the main job's stages outside the editor")."""
+    the per-edit ones, with fewer compilations: README "the main job's stages outside the editor").
+    keep_split: a country keep set's rows of each relation also reported as a group of their own
+    (`keep_REL/*`, `dd_keep_acc_REL`; the same rows, scored once); off by default."""
 
     max_edits: int = 20
     max_pass: int = 48
@@ -289,6 +315,7 @@ class Eval:
     mend_null_energy: float = 0.0
     mend_null_tokens: int = 100_000
     batch_edits: bool = True
+    keep_split: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,8 +369,8 @@ class Pipeline:
 
 
 def _section(value) -> dict[str, Any]:
-    if isinstance(value, TrainConfig):
-        return editor_values(value)
+    if isinstance(value, TrainConfig):  # the pipeline's editor seed: the top-level one unless set
+        return {**editor_values(value), EDITOR_SEED_KEY: EDITOR_SEED_TOP}
     if isinstance(value, Rome):
         return dict(layer=value.layer, covariance=value.covariance, **dataclasses.asdict(value.edit))
     return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from salem_jax import methods as method_registry
 from salem_jax import parallel, sharding
-from salem_jax.config import default_config  # noqa: F401  (experiments import it from here)
+from salem_jax.config import EDITOR_SEED_TOP, check_editor_seed, default_config  # noqa: F401  (experiments import default_config from here)
 from salem_jax.data import paths, readers
 from salem_jax.data.countries import country_records
 from salem_jax.edit_set_builder import build_edit_set
@@ -54,7 +54,7 @@ from salem_jax.data.spec import resolve as resolve_spec
 from salem_jax.eval.counterfact import evaluate_counterfact, harmonic_mean
 from salem_jax.eval.generated import (edit_generation_metrics, generation_fluency_metrics,
                                        generations_before_after_edits, generations_per_edit, kept_edit)
-from salem_jax.eval.keep import country_facts_outside_keep, keep_rows
+from salem_jax.eval.keep import country_facts_outside_keep, keep_rows, split_by_relation
 from salem_jax.eval import sequential as many
 from salem_jax.eval.edits import EditEvaluator
 from salem_jax.eval.portability import portability_rows
@@ -339,6 +339,11 @@ CF_KEYS = ("ES", "EM", "PS", "PM", "NS", "NM")  # ROME's CounterFact metrics, pe
 EDIT_EACH_CHUNK = 32
 
 
+# the per-edit metrics `evaluate_method` keeps in out["per_edit"] (when measured)
+PER_EDIT_KEYS = ("ea", "ea_token", "adapt_acc", "dd_acc", "dd_keep_acc", "locality", "dd_ppl_text_rel",
+                 "gen/fail_starts_after")
+
+
 def evaluate_method(model, edit: Callable, val_rows: list[dict], texts: list[str], cfg, name: str,
                     keep: list[dict] = (), cf_records: dict | None = None, portability: dict | None = None,
                     edit_each: Callable | None = None) -> dict:
@@ -364,15 +369,21 @@ def evaluate_method(model, edit: Callable, val_rows: list[dict], texts: list[str
         if r["group"] == "adapt":
             adapts.setdefault(r["record_id"], []).append(r)
     passes = {"pass": [r for r in val_rows if r["group"] == "pass"][: cfg.eval.max_pass]}
+    subgroups, keep_rels = {}, []
     if keep:
         passes["keep"] = list(keep)
+        if cfg.eval.get("keep_split", False):  # each relation's keep rows also a group: keep_REL/...
+            passes["keep"], spans = split_by_relation(keep)
+            keep_rels = list(spans)
+            subgroups = {f"keep_{rel}": ("keep", a, b) for rel, (a, b) in spans.items()}
     # every shape fixed up front (salem_jax.eval.edits): the evaluation compiles once per split,
     # not once per edit's padded length and number of scored positions
     with_text = bool(texts) and cfg.eval.ppl_edits > 0
     own = [{"fail": [row], "adapt": adapts.get(row["record_id"], []),
             "portability": (portability or {}).get(row["record_id"], [])} for row in fails]
     evaluator = EditEvaluator(model, model.params, own, passes, texts=texts if with_text else None,
-                              text_window=cfg.eval.text_window, batch_size=cfg.eval.batch_size)
+                              text_window=cfg.eval.text_window, batch_size=cfg.eval.batch_size,
+                              shared_subgroups=subgroups)
     # causal LMs: every edit is applied first (its changed leaves kept, `kept_edit`), then all are
     # scored in a few vmapped calls (`EditEvaluator.evaluate_many`) and the base and edited models'
     # greedy generations come from one batched call (`generations_before_after_edits`: the edited
@@ -436,6 +447,8 @@ def evaluate_method(model, edit: Callable, val_rows: list[dict], texts: list[str
     if keep:
         for m in per_edit:
             m["dd_keep_acc"] = m["keep/acc_before"] - m["keep/acc_after"]
+            for rel in keep_rels:
+                m[f"dd_keep_acc_{rel}"] = m[f"keep_{rel}/acc_before"] - m[f"keep_{rel}/acc_after"]
     out: dict[str, Any] = {"edits": len(per_edit), "edit_seconds": t_edit / max(len(per_edit), 1)}
     # where the evaluation's time went: building the evaluator (the base side), applying the edits,
     # scoring them, generating (batched: before and after every edit), the rest (CounterFact, ...)
@@ -446,6 +459,10 @@ def evaluate_method(model, edit: Callable, val_rows: list[dict], texts: list[str
     for k in keys:
         vals = [m[k] for m in per_edit if k in m and m[k] is not None and np.isfinite(m[k])]
         out[k] = float(np.mean(vals)) if vals else None
+    # each edit's own outcome (which edits failed, each one's keep drawdown): the means above hide them
+    out["per_edit"] = [{"record_id": row["record_id"], "prompt": row["prompt"], "target": row.get("target"),
+                        **{k: m[k] for k in PER_EDIT_KEYS + tuple(f"dd_keep_acc_{rel}" for rel in keep_rels) if k in m}}
+                       for row, m in zip(fails, per_edit)]
     if cf_records is not None and fails:
         out["cf/Score"] = harmonic_mean([np.nan if out.get(f"cf/{k}") is None else out[f"cf/{k}"] for k in ("ES", "PS", "NS")])
         before = evaluate_counterfact(model, model.params, [cf_records[r["record_id"]] for r in fails],
@@ -505,6 +522,7 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
         raise ValueError(f"config.eval.mend_edit_scale={scale!r}: give a finite number > 0 (1 = the trained editor's own edit)")
     check_energy(cfg.eval.get("mend_null_energy", 0.0), "config.eval.mend_null_energy")
     check_energy(cfg.editor.get("null_energy", 0.0), "config.editor.null_energy")
+    check_editor_seed(cfg.editor.get("seed", EDITOR_SEED_TOP), "config.editor.seed")
     if cfg.editor.get("null_energy", 0.0) and (isinstance(cfg.editor.get("null_tokens"), bool)
                                                or int(cfg.editor.get("null_tokens", 100_000)) < 1):
         raise ValueError(f"config.editor.null_tokens={cfg.editor.null_tokens!r}: give a number of tokens >= 1")

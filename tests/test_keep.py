@@ -105,3 +105,65 @@ def test_results_table_shows_keep_column_only_when_measured():
     assert "DD (keep acc)" not in results_table(out())
     table = results_table(out(dd_keep_acc=0.25))
     assert "DD (keep acc)" in table and "0.250" in table
+
+
+SCALES = (0.003, 0.008, 0.015)
+
+
+def test_keep_split_by_relation_and_per_edit_outcomes(model, records):
+    """config.eval.keep_split: each relation's keep rows reported on their own, and out["per_edit"] each
+    edit's own outcome; both against a hand loop of argmax next words on the edited weights."""
+    import jax
+
+    from salem_jax.eval.keep import keep_relation, split_by_relation
+    from salem_jax.pipeline import default_config
+
+    recs, _ = records
+    rels = ("region", "currency", "languages")
+    keep = [dict(r, record_id=f"countryinfo:{rels[i % 3]}:C{i}")  # interleaved: the split has to regroup them
+            for i, r in enumerate(keep_rows(model, recs, max_rows=100, batch_size=4))]
+    tid = model.tokenizer.convert_tokens_to_ids
+    fails = [dict(id=f"f{i}", record_id=f"r{i}", group="fail", prompt=recs[2 * i + 1].prompt, target=recs[2 * i + 1].target_true,
+                  label=-1, text_pair="") for i in range(3)]
+    def noisy(seed, scale):  # random perturbations that break some keep rows, not all
+        leaves, tree = jax.tree.flatten(model.params)
+        keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+        return jax.tree.unflatten(tree, [x + scale * jax.random.normal(k, x.shape, x.dtype) if x.ndim == 2 else x
+                                         for x, k in zip(leaves, keys)])
+
+    edited = {f["prompt"]: noisy(i, sc) for i, (f, sc) in enumerate(zip(fails, SCALES))}
+    cfg = default_config()
+    cfg.progress, cfg.eval.batch_size, cfg.eval.generate = False, 4, False
+    cfg.eval.keep_split = True
+    # pass rows first in the shared rows: each relation's span has to be offset past them
+    passes = [dict(id=f"p{i}", record_id=f"q{i}", group="pass", prompt=recs[2 * i].prompt, target=recs[2 * i].target_true,
+                   label=-1, text_pair="") for i in range(3)]
+    out = evaluate_method(model, lambda reqs: edited[reqs[0]["prompt"]], fails + passes, [], cfg, "perturb", keep=keep)
+    hand = []
+    for f in fails:
+        p = edited[f["prompt"]]
+        ok = {r["id"]: _next_word(model, p, r["prompt"]) == tid(r["target"]) for r in keep}
+        by = {rel: 1.0 - np.mean([ok[r["id"]] for r in keep if r["record_id"].split(":")[1] == rel]) for rel in rels}
+        hand.append(dict(ea=float(_next_word(model, p, f["prompt"]) == tid(f["target"])),
+                         dd_keep_acc=1.0 - np.mean(list(ok.values())), **{f"dd_keep_acc_{k}": v for k, v in by.items()}))
+    assert len(out["per_edit"]) == 3
+    for got, want, f in zip(out["per_edit"], hand, fails):
+        assert got["record_id"] == f["record_id"] and got["prompt"] == f["prompt"]
+        for k, v in want.items():
+            assert got[k] == pytest.approx(v), k
+    for rel in rels:
+        assert out[f"dd_keep_acc_{rel}"] == pytest.approx(np.mean([h[f"dd_keep_acc_{rel}"] for h in hand]))
+        assert out[f"keep_{rel}/n"] == sum(keep_relation(r) == rel for r in keep)
+    assert out["dd_keep_acc"] == pytest.approx(np.mean([h["dd_keep_acc"] for h in hand]))
+    assert len({round(h["dd_keep_acc_region"], 6) for h in hand} | {round(h["dd_keep_acc_currency"], 6) for h in hand}) > 1
+    # off by default: no split keys, the per-edit list still there
+    cfg.eval.keep_split = False
+    plain = evaluate_method(model, lambda reqs: edited[reqs[0]["prompt"]], fails + passes, [], cfg, "perturb", keep=keep)
+    assert not any(k.startswith("keep_") or k.startswith("dd_keep_acc_") for k in plain)
+    assert plain["dd_keep_acc"] == pytest.approx(out["dd_keep_acc"])
+    # the split itself; a keep row that is not a country fact is an error naming the option
+    grouped, spans = split_by_relation(keep)
+    assert [keep_relation(r) for r in grouped] == sorted([keep_relation(r) for r in keep], key=list(spans).index)
+    assert all(keep_relation(r) == rel for rel, (a, b) in spans.items() for r in grouped[a:b])
+    with pytest.raises(ValueError, match="keep_split"):
+        split_by_relation(keep + [dict(id="keep:x", record_id="k7", prompt="a", target="b")])

@@ -223,6 +223,8 @@ class EditEvaluator:
     batch_size: rows per call of the base model's one-time pass.
     skip_unchanged_blocks: run each edited model from the first block its edit changed, on the
       base model's cached hidden states (decoder-only models; the same numbers, less work).
+    shared_subgroups: {name: (group, a, b)}: rows [a, b) of shared group `group`, reported also as a
+      group `name` of their own (e.g. a keep set's rows of one relation; scored once, with the group).
     flat_scores: run the vocabulary head on the target tokens only, T of them per edit (own
       rows), for the shared rows and per text chunk (decoder-only models; `flat_scored_logits`:
       the same numbers, float summation order aside), instead of at K positions of every row
@@ -233,7 +235,8 @@ class EditEvaluator:
     def __init__(self, model, base_params: Any, edits: Sequence[Mapping[str, Rows]],
                  shared: Mapping[str, Rows] | None = None, *, texts: Sequence[str] | None = None,
                  text_window: int | None = None, text_stride: int | None = None, text_chunk: int = 8,
-                 batch_size: int = 8, skip_unchanged_blocks: bool = True, flat_scores: bool = True):
+                 batch_size: int = 8, skip_unchanged_blocks: bool = True, flat_scores: bool = True,
+                 shared_subgroups: Mapping[str, tuple[str, int, int]] | None = None):
         self.model = model
         self.base_params = base_params
         self.batch_size = batch_size
@@ -268,6 +271,15 @@ class EditEvaluator:
             rows = list(rows)
             self._shared_spans[name] = (len(shared_rows), len(shared_rows) + len(rows))
             shared_rows.extend(rows)
+        # sub-groups: rows [a, b) of a shared group scored once, reported also as a group of their own
+        for sub, (group, a, b) in (shared_subgroups or {}).items():
+            if sub in self._shared_spans or group not in self._shared_spans:
+                raise ValueError(f"shared_subgroups: {sub!r} must be a new name and {group!r} a shared group "
+                                 f"(shared groups: {sorted(self._shared_spans)})")
+            g0, g1 = self._shared_spans[group]
+            if not 0 <= a < b <= g1 - g0:
+                raise ValueError(f"shared_subgroups: {sub!r} rows [{a}, {b}) are not inside {group!r}'s {g1 - g0} rows")
+            self._shared_spans[sub] = (g0 + a, g0 + b)
         self._shared = self._shared_host = self._shared_argmax = self._shared_flat = None
         self._shared_parts = None
         if shared_rows:

@@ -16,7 +16,7 @@ Records come from any reader (`EditRecord`s with a true target); only generation
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -31,6 +31,30 @@ def candidate_rows(records: Sequence[EditRecord], where: str = "keep records") -
             raise ValueError(f"{where}: record {i} ({r.id!r}) has an empty field 'target_true'; a keep row needs the true answer")
         rows.append({"id": f"keep:{r.id}", "record_id": r.id, "group": "keep", "prompt": r.prompt, "target": r.target_true})
     return rows
+
+
+def keep_relation(row: Mapping) -> str:
+    """The relation of a keep row of the country data (its record id "countryinfo:REL:COUNTRY")."""
+    from salem_jax.data.countries import SOURCE
+
+    parts = str(row.get("record_id", "")).split(":")
+    if len(parts) < 3 or parts[0] != SOURCE or not parts[1]:
+        raise ValueError(f"keep row {row.get('id', '?')!r}: record id {row.get('record_id')!r} is not a country fact "
+                         f"('{SOURCE}:RELATION:COUNTRY'); config.eval.keep_split needs a country keep set")
+    return parts[1]
+
+
+def split_by_relation(rows: Sequence[Mapping]) -> tuple[list, dict[str, tuple[int, int]]]:
+    """The keep rows grouped by relation (stable; relations in first-seen order) and each relation's
+    rows [a, b) in that list."""
+    rels = [keep_relation(r) for r in rows]
+    order = list(dict.fromkeys(rels))
+    out, spans = [], {}
+    for rel in order:
+        a = len(out)
+        out += [r for r, x in zip(rows, rels) if x == rel]
+        spans[rel] = (a, len(out))
+    return out, spans
 
 
 def keep_rows(
