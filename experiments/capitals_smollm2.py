@@ -53,8 +53,8 @@ def get_config(tiny: bool = False):
     # `mend.nullspace`): each edit is confined to the key directions holding at most 20% of the
     # energy of C = C_text (20k WikiText tokens, cached per model and layer) + C_facts (the keys of
     # region / currency / languages facts of train countries outside the keep set and the val
-    # split). Session 22, 3 editor seeds on the same edit set: keep-set DD 0.002-0.005 against
-    # 0.047-0.059 unprojected, EA 0.842-0.947 against 0.895-0.947 (README "Where an editor can edit").
+    # split). Session 22, editor seeds 0-3 on the same edit set: keep-set DD 0.002-0.005 against
+    # 0.047-0.109 unprojected, EA 0.842-0.947 against 0.895-0.947 (README "Where an editor can edit").
     # The paper's method has no projector: --config.editor.null_energy=0 --config.editor.null_facts=''
     c.editor.null_energy = 0.2
     c.editor.null_tokens = 20_000
