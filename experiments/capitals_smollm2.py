@@ -8,8 +8,9 @@
 Builds the edit set from the countryinfo package's capitals (fail = capitals the model gets
 wrong, adapt = other phrasings, pass = capitals it knows), chooses the layer by editability
 (`salem_edit`: one untrained MEND step per layer, salem_jax.locate.editability; the paper's
-saliency profile is computed and reported beside it), trains a MEND editor there, applies each
-held-out edit and prints the before/after table. The paper's `salem` row (a second editor, on the
+saliency profile is computed and reported beside it), trains a MEND editor there through AlphaEdit's
+null-space projector of WikiText's and other country facts' keys (`editor.null_energy`; README, the
+main job's step 5), applies each held-out edit and prints the before/after table. The paper's `salem` row (a second editor, on the
 most salient layer) does not fit the 15-minute budget beside it: add it with
 `--config.methods=salem_edit,salem`.
 """

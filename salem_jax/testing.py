@@ -6,6 +6,7 @@ Real tokenizers come from the model folders; tests must not need any file or net
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -154,3 +155,15 @@ def module_inputs(model, module_path: str, text: str) -> np.ndarray:
     if module_path not in seen:
         raise KeyError(f"module {module_path!r} was never called by the model")
     return seen[module_path]
+
+
+def refused_up_front(cfg, workdir, match: str) -> None:
+    """Assert that `pipeline.run_pipeline(cfg, workdir)` raises a ValueError matching `match` before
+    any costly step: no edit set was built in `workdir` (the tests of bad config values)."""
+    import pytest
+
+    from salem_jax.pipeline import run_pipeline
+
+    with pytest.raises(ValueError, match=match):
+        run_pipeline(cfg, workdir)
+    assert not (Path(workdir) / "edit_set").exists(), f"{workdir}: an edit set was built before the error"

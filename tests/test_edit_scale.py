@@ -9,8 +9,7 @@ from experiments import capitals_smollm2
 from salem_jax.mend.apply import apply_edits, scaled_editor
 from salem_jax.models import hf
 from salem_jax.models.base import get_path
-from salem_jax.pipeline import run_pipeline
-from salem_jax.testing import noisy_editor
+from salem_jax.testing import noisy_editor, refused_up_front
 
 REQS = [dict(prompt="the capital of france is", target="paris")]
 
@@ -47,6 +46,4 @@ def test_scaled_edit_is_the_scaled_difference_and_nothing_else_moves():
 def test_pipeline_refuses_a_bad_scale_before_reading_anything(tmp_path):
     cfg = capitals_smollm2.get_config(tiny=True)
     cfg.eval.mend_edit_scale = -0.5
-    with pytest.raises(ValueError, match="mend_edit_scale"):
-        run_pipeline(cfg, tmp_path / "work")
-    assert not (tmp_path / "work" / "edit_set").exists()
+    refused_up_front(cfg, tmp_path / "work", "mend_edit_scale")

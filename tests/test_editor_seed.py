@@ -13,6 +13,7 @@ from experiments import capitals_smollm2
 from experiments.common import apply_overrides
 from salem_jax import config as C
 from salem_jax.methods.mend import train_config
+from salem_jax.testing import refused_up_front
 
 
 def _cfg(*overrides):
@@ -53,13 +54,9 @@ def test_train_editor_command_and_presets_unchanged():
 
 
 def test_pipeline_refuses_a_bad_editor_seed_up_front(tmp_path):
-    from salem_jax.pipeline import run_pipeline
-
     cfg = capitals_smollm2.get_config(tiny=True)
     cfg.editor.seed = -5
-    with pytest.raises(ValueError, match="config.editor.seed=-5"):
-        run_pipeline(cfg, tmp_path / "work")
-    assert not (tmp_path / "work" / "edit_set").exists()
+    refused_up_front(cfg, tmp_path / "work", "config.editor.seed=-5")
 
 
 @pytest.mark.slow  # two whole tiny pipelines: `make test-slow`

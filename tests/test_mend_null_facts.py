@@ -19,7 +19,7 @@ from salem_jax.mend.nullspace import (NULL_FILE, facts_digest, load_projections,
                                      projection_facts)
 from salem_jax.mend.train import TrainConfig, prepare_splits, train_editor
 from salem_jax.pipeline import null_fact_rows
-from salem_jax.testing import capital_edit_rows, module_inputs, random_texts, tiny_edit_model
+from salem_jax.testing import capital_edit_rows, module_inputs, random_texts, refused_up_front, tiny_edit_model
 
 FACTS = [dict(prompt="the currency of japan is", target="yen"), dict(prompt="the capital of peru is", target="lima"),
          dict(prompt="kenya lies in", target="africa"), dict(prompt="which language does chile speak", target="spain")]
@@ -106,14 +106,10 @@ def test_bad_fact_specs_and_weights_are_refused():
     ("null_facts_weight", -1.0, "config.editor.null_facts_weight"),
     ("null_energy", 0.0, "null_energy is 0")])
 def test_pipeline_refuses_bad_facts_up_front(field, value, match, tmp_path):
-    from salem_jax.pipeline import run_pipeline
-
     cfg = capitals_smollm2.get_config(tiny=True)
     cfg.editor.null_energy, cfg.editor.null_tokens, cfg.editor.null_facts = 0.5, 2000, SPEC
     cfg.editor[field] = value
-    with pytest.raises(ValueError, match=match):
-        run_pipeline(cfg, tmp_path / "work")
-    assert not (tmp_path / "work" / "edit_set").exists()
+    refused_up_front(cfg, tmp_path / "work", match)
 
 
 # ---------------------------------------------------------------------------- which facts: never keep or val

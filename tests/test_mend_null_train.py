@@ -28,7 +28,7 @@ from salem_jax.mend.train import (TrainConfig, evaluate, flat_train_sizes, group
 from salem_jax.methods.mend import mend_edit_each_fn, mend_edit_fn, with_null_projection
 from salem_jax.models.base import get_path, set_path
 from salem_jax.scored_logits import scored_logits
-from salem_jax.testing import capital_edit_rows, noisy_editor_params, random_texts, tiny_edit_model
+from salem_jax.testing import capital_edit_rows, noisy_editor_params, random_texts, refused_up_front, tiny_edit_model
 
 REQS = [dict(prompt="the capital of france is", target="paris"),
         dict(prompt="the currency of japan is", target="rupee")]
@@ -364,10 +364,6 @@ def test_pipeline_trains_and_evaluates_through_the_projection(tmp_path):
     (1.5, 0.0, 2000, "config.editor.null_energy"), (0.5, 0.0, 0, "config.editor.null_tokens"),
     (0.5, 0.5, 2000, "set one of them to 0")])
 def test_pipeline_refuses_bad_training_projections_up_front(editor_e, eval_e, tokens, match, tmp_path):
-    from salem_jax.pipeline import run_pipeline
-
     cfg = capitals_smollm2.get_config(tiny=True)
     cfg.editor.null_energy, cfg.editor.null_tokens, cfg.eval.mend_null_energy = editor_e, tokens, eval_e
-    with pytest.raises(ValueError, match=match):
-        run_pipeline(cfg, tmp_path / "work")
-    assert not (tmp_path / "work" / "edit_set").exists()
+    refused_up_front(cfg, tmp_path / "work", match)

@@ -14,8 +14,7 @@ from salem_jax.mend.apply import apply_each, apply_edits
 from salem_jax.mend.nullspace import check_energy, null_projection, project_delta
 from salem_jax.methods.mend import with_null_projection
 from salem_jax.models.base import get_path
-from salem_jax.pipeline import run_pipeline
-from salem_jax.testing import module_inputs, noisy_editor, random_texts, tiny_edit_model
+from salem_jax.testing import module_inputs, noisy_editor, random_texts, refused_up_front, tiny_edit_model
 
 REQS = [dict(prompt="the capital of france is", target="paris"),
         dict(prompt="the currency of japan is", target="rupee")]
@@ -133,9 +132,7 @@ def test_bad_energies_are_refused(bad, tmp_path):
         check_energy(bad, "config.eval.mend_null_energy")
     cfg = capitals_smollm2.get_config(tiny=True)
     cfg.eval.mend_null_energy = bad if isinstance(bad, float) else 2.0  # the config field is a float
-    with pytest.raises(ValueError, match="mend_null_energy"):
-        run_pipeline(cfg, tmp_path / "work")
-    assert not (tmp_path / "work" / "edit_set").exists()
+    refused_up_front(cfg, tmp_path / "work", "mend_null_energy")
     for ok in (0, 0.0, 0.01, 1.0):
         assert check_energy(ok) == float(ok)
 
