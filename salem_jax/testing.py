@@ -130,7 +130,7 @@ def _all_module_inputs(model, text: str) -> dict[str, np.ndarray]:
 
     def icpt(f, args, kwargs, ctx):
         y = f(*args, **kwargs)
-        if ctx.method_name == "__call__" and args and hasattr(args[0], "shape"):
+        if ctx.method_name == "__call__" and args and getattr(args[0], "ndim", 0) >= 1:  # [1, ...] inputs only
             seen["/".join(ctx.module.path)] = args[0]
         return y
 
