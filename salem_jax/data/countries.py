@@ -227,6 +227,24 @@ RELATIONS: dict[str, Relation] = {
 }
 
 
+def parse_country_relations(spec: str, where: str) -> tuple[str, ...]:
+    """The relations of a 'countries:REL,REL' spec (each a key of RELATIONS, each once), checked: a
+    ValueError naming `where` otherwise. Shared by the specs that take country facts
+    (config.editor.null_facts, config.locate_edit.alpha_preserve_facts)."""
+    text = spec if isinstance(spec, str) else ""
+    rels = [r.strip() for r in text[len("countries:"):].split(",") if r.strip()] if text.startswith("countries:") else []
+    if not rels:
+        raise ValueError(f"{where}={spec!r}: give 'countries:REL,REL' (e.g. countries:region,currency,languages; "
+                         f"relations: {', '.join(RELATIONS)}) or '' for none")
+    bad = [r for r in rels if r not in RELATIONS]
+    if bad:
+        raise ValueError(f"{where}={spec!r}: unknown relation(s) {', '.join(bad)}; choose from {', '.join(RELATIONS)}")
+    twice = sorted({r for r in rels if rels.count(r) > 1})
+    if twice:
+        raise ValueError(f"{where}={spec!r}: relation(s) listed twice: {', '.join(twice)}")
+    return tuple(rels)
+
+
 def countryinfo_data_dir() -> str:
     """`countryinfo/data` of the installed package (found without importing it)."""
     spec = importlib.util.find_spec("countryinfo")

@@ -75,7 +75,7 @@ def parse_null_facts(spec: Any, where: str = "config.editor.null_facts") -> tupl
                          "(+'edit_pass'), or '' for none")
     if not spec:
         return (), False
-    from salem_jax.data.countries import RELATIONS
+    from salem_jax.data.countries import parse_country_relations
 
     relations: list[str] = []
     edit_pass = False
@@ -84,11 +84,7 @@ def parse_null_facts(spec: Any, where: str = "config.editor.null_facts") -> tupl
         if part == "edit_pass" and not edit_pass:
             edit_pass = True
         elif part.startswith("countries:") and not relations:
-            relations = [r.strip() for r in part[len("countries:"):].split(",") if r.strip()]
-            bad = [r for r in relations if r not in RELATIONS]
-            if not relations or bad or len(set(relations)) != len(relations):
-                raise ValueError(f"{where}={spec!r}: 'countries:' takes distinct relations from "
-                                 f"{', '.join(RELATIONS)} (got {part[len('countries:'):]!r})")
+            relations = list(parse_country_relations(part, where))
         else:
             raise ValueError(f"{where}={spec!r}: parts joined by '+' are 'countries:REL,REL' and 'edit_pass', each at "
                              f"most once (got {part!r})")

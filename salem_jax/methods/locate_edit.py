@@ -31,7 +31,7 @@ from salem_jax.baselines.locate_edit import EditorConfig, to_weights
 from salem_jax.baselines.mass_edit import AlphaEditState, keys_of
 from salem_jax.baselines.requests import EditRequest
 from salem_jax.baselines.rome import CLAMP_NORMS, ROMEConfig
-from salem_jax.data.countries import RELATIONS, country_records
+from salem_jax.data.countries import country_records, parse_country_relations
 from salem_jax.eval.keep import country_facts_outside_keep
 from salem_jax.locate.trace_rows import subject_in_prompt
 from salem_jax.methods.registry import Context, Method, Prepared
@@ -99,15 +99,7 @@ def check(ctx: Context) -> None:
 
 def fact_relations(spec: str) -> list[str]:
     """The relations of config.locate_edit.alpha_preserve_facts ("countries:REL,REL"), checked."""
-    field = "config.locate_edit.alpha_preserve_facts"
-    rels = [r.strip() for r in spec[len("countries:"):].split(",") if r.strip()] if spec.startswith("countries:") else []
-    if not rels:
-        raise ValueError(f"{field}={spec!r}: give 'countries:REL,REL' (e.g. countries:region,currency,languages; "
-                         f"relations: {', '.join(RELATIONS)}) or '' for none")
-    bad = [r for r in rels if r not in RELATIONS]
-    if bad:
-        raise ValueError(f"{field}={spec!r}: unknown relation(s) {', '.join(bad)}; choose from {', '.join(RELATIONS)}")
-    return rels
+    return list(parse_country_relations(spec, "config.locate_edit.alpha_preserve_facts"))
 
 
 def _mentions(text: str, subject: str) -> bool:
