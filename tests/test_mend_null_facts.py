@@ -6,6 +6,8 @@ refused; bad specs and weights are refused before any costly step."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -86,6 +88,34 @@ def test_combined_covariance_and_projector_equal_numpy(weight, tmp_path):
         # and the facts' keys lose energy in the new null space: |P x|^2 smaller than under the text-only P
         xf = np.concatenate([module_inputs(model, module, f"{f['prompt']} {f['target']}") for f in FACTS])
         assert np.sum((xf @ got) * xf) < np.sum((xf @ want_plain) * xf)
+
+
+def test_fact_covariances_cut_each_batch_and_equal_numpy(monkeypatch):
+    """`fact_covariances` reads the facts `batch_size` at a time, each batch cut after its longest
+    row (session 23): facts of very different lengths, so the batches run at different lengths
+    below the common padded one; C_facts and the token count equal the hand reading of every
+    fact's tokens, and the forward passes ran at the cut lengths (not the padded one)."""
+    from salem_jax.baselines import rome
+    from salem_jax.mend.nullspace import fact_covariances
+
+    model = tiny_edit_model("llama")
+    weights = model.layers.weights([model.layers.names()[1]])
+    long = "which language does the republic of chile speak at home and at school and in every town"
+    facts = FACTS[:3] + [dict(prompt=long, target="spanish")] + FACTS[3:] + OTHER_FACTS  # long: 2nd of its batch
+    lengths, real = [], rome._moments
+
+    def spy(apply, modules, params, batch):
+        lengths.append(batch["input_ids"].shape[1])
+        return real(apply, modules, params, batch)
+
+    monkeypatch.setattr(rome, "_moments", spy)
+    got, count = fact_covariances(model, model.params, weights, facts, batch_size=2)
+    texts = [f"{f['prompt']} {f['target']}" for f in facts]
+    assert len(lengths) == 4 and max(lengths) > min(lengths)  # the long fact's batch alone is long
+    for w in weights:
+        module = w.path.rsplit("/", 1)[0]
+        np.testing.assert_allclose(got[w.path], _hand_cov(model, module, texts), rtol=1e-5, atol=1e-7)
+        assert count == sum(len(module_inputs(model, module, t)) for t in texts)
 
 
 def test_bad_fact_specs_and_weights_are_refused():
@@ -224,7 +254,7 @@ def test_the_facts_are_saved_with_P_and_a_resume_with_others_is_refused(tmp_path
 
 
 @pytest.mark.slow  # a whole tiny pipeline: `make test-slow`
-def test_pipeline_builds_P_from_its_fact_rows(tmp_path):
+def test_pipeline_builds_P_from_its_fact_rows(tmp_path, monkeypatch):
     """The pipeline's route: null_fact_rows -> the editor's P, saved with those rows' digest; the
     P equals null_projection over the same texts and fact rows."""
     from salem_jax.baselines.keystats import wikitext_texts
@@ -235,7 +265,19 @@ def test_pipeline_builds_P_from_its_fact_rows(tmp_path):
     cfg.editor.null_energy, cfg.editor.null_tokens, cfg.editor.null_facts = 0.5, 2000, "countries:region+edit_pass"
     cfg.editor.null_facts_weight = 2.0
     cfg.progress = False
+    # the projector is built before train_editor on this route: its time is reported all the same
+    # (results.json's training.<method>.times.null_projection read 0.0 before session 23)
+    from salem_jax.methods import mend as mend_method
+
+    build = mend_method.wikitext_null_projection
+
+    def slow_build(*a, **kw):
+        time.sleep(0.5)
+        return build(*a, **kw)
+
+    monkeypatch.setattr(mend_method, "wikitext_null_projection", slow_build)
     res = run_pipeline(cfg, tmp_path / "work")
+    assert res["training"]["salem_edit"]["times"]["null_projection"] >= 0.5
     train_rows, val_rows = split_rows(load_edit_set(tmp_path / "work" / "edit_set"))
     rows = null_fact_rows(cfg, train_rows, val_rows, [])[0]  # the tiny config has no keep set
     path = tmp_path / "work" / "editor_salem_edit" / NULL_FILE

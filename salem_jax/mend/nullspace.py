@@ -113,9 +113,18 @@ def fact_covariances(model, params: Any, weights: Sequence[Weight], facts: Seque
     """({weight path: C_facts [in, in] float64}, token count): the mean of x x^T of each kernel's
     input x over every token of every fact's prompt + target (`data.tokenize.encode`, the
     tokens the model reads when the fact is scored; padding excluded). facts: dicts with
-    "prompt" and "target". One padded length for all facts (one compiled forward)."""
+    "prompt" and "target". The facts are encoded at one padded length and read `batch_size` at a
+    time, in order; each batch is cut after its longest row (`mend.train.bucket_length`: a
+    length of EDIT_BUCKETS, so few compiled forwards): a position past a row's last token changes
+    nothing before it in a causal model and is masked out of the sums, so the cut drops work, not
+    terms (the main job's 522 facts: padded to 32 tokens, batches' longest rows 8-21; that forward
+    pass was most of the projector's time). The same sums up to float rounding: XLA's attention
+    reductions run over the cut length, so a kept position's input may differ in the last bits
+    (the main job's P moved by at most 5e-7). Models that are not causal (a position past the cut
+    could be attended to) read the whole padded length."""
     from salem_jax.baselines.rome import _moments, rome_weight
     from salem_jax.data.tokenize import encode, pad_rows, slice_rows
+    from salem_jax.mend.train import bucket_length, row_ends
 
     if not facts:
         raise ValueError("fact_covariances: no facts")
@@ -125,8 +134,13 @@ def fact_covariances(model, params: Any, weights: Sequence[Weight], facts: Seque
     modules = tuple(dict.fromkeys(w.module_path for w in weights))
     n = batch["input_ids"].shape[0]
     total, count = {m: 0.0 for m in modules}, 0
+    full = batch["input_ids"].shape[1]
     for start in range(0, n, batch_size):
-        s, c = _moments(model.apply, modules, params, pad_rows(slice_rows(batch, start, start + batch_size), batch_size))
+        part = pad_rows(slice_rows(batch, start, start + batch_size), batch_size)
+        if model.kind == "causal":
+            cut = bucket_length(int(row_ends(part["attention_mask"]).max()), full)
+            part = {k: v[:, :cut] for k, v in part.items()}
+        s, c = _moments(model.apply, modules, params, part)
         total = {m: total[m] + np.asarray(s[m], np.float64) for m in modules}
         count += int(c)
     return {w.path: total[w.module_path] / count for w in weights}, count
@@ -220,6 +234,7 @@ def null_projection(model, params: Any, weights: Sequence[Weight], energy: float
     covs = cached_key_covariances(model, params, weights, texts, max_tokens=max_tokens, window=window,
                                   batch_size=batch_size, cache=cache, progress=progress)
     fcovs, ftokens = fact_covariances(model, params, weights, facts) if facts is not None else ({}, 0)
+    solved: list[tuple[np.ndarray, Any]] = []  # (C, its solver) of the kernels done so far
     for w in weights:
         cc = covs[w.path]
         fan_in = w.in_out_shape(tuple(get_path(params, w.path).shape))[0]
@@ -231,7 +246,12 @@ def null_projection(model, params: Any, weights: Sequence[Weight], energy: float
             cf = facts_weight * fcovs[w.path]
             extra = {"facts_tokens": ftokens, "facts_trace_share": float(np.trace(cf) / (np.trace(cov) + np.trace(cf)))}
             cov = cov + cf
-        solver = covariance_solver(cov)
+        # kernels that read the same input (a block's gate and up kernels) have the same C: its
+        # eigendecomposition once (equal arrays, so the same solver; on SmolLM2 ~0.4-1 s per eigh)
+        solver = next((s for c, s in solved if np.array_equal(c, cov)), None)
+        if solver is None:
+            solver = covariance_solver(cov)
+            solved.append((cov, solver))
         p = solver.null_projection(energy)
         n0 = int(round(np.trace(p)))
         info[w.path] = {"fan_in": fan_in, "null_dim": n0,

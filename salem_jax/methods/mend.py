@@ -49,6 +49,7 @@ def train_mend(model, data, layers: tuple[str, ...], cfg, workdir: Path, mesh=No
     if bool(tc.null_facts) != bool(facts):
         raise ValueError(f"train_mend: config.editor.null_facts={tc.null_facts!r} but {len(facts or [])} fact rows given "
                          "(the pipeline's null_fact_rows gives them exactly when null_facts is set)")
+    t_proj = time.perf_counter()
     if tc.null_energy > 0:  # config.editor.null_energy: the editor trains (and edits) through P
         proj = wikitext_null_projection(model, model.params, weights, tc.null_energy, tc.null_tokens,
                                         data_dir=cfg.data_dir or None, progress=cfg.progress,
@@ -61,7 +62,10 @@ def train_mend(model, data, layers: tuple[str, ...], cfg, workdir: Path, mesh=No
                   f"{'loaded from the cache' if v['from_cache'] else 'computed into'} {Path(v['cache_file']).name}"
                   + (f", facts {v['facts_tokens']} tokens ({v['facts_trace_share']:.3f} of C's trace)" if "facts_tokens" in v else "")
                   for p, v in proj.info.items()), file=sys.stderr)
+    t_proj = time.perf_counter() - t_proj
     result = train_editor(model, data, weights, tc, workdir, mesh=mesh, progress=cfg.progress, null_projection=proj)
+    if proj is not None:  # built here, so train_editor's own null_projection time is only its checks and file
+        result.times["null_projection"] = round(t_proj + result.times.get("null_projection", 0.0), 3)
     if result.best_step is not None and result.best_step != result.step:
         return load_editor(workdir, model, step=int(result.best_step)), result
     editor = TrainedEditor(
