@@ -122,11 +122,12 @@ EDITOR_SEED_TOP = -1
 
 
 def check_editor_seed(value, name: str = "config.editor.seed") -> int:
-    """The editor seed `value` as an int (>= 0, or EDITOR_SEED_TOP); anything else is a ValueError naming `name`."""
+    """A per-part seed `value` (config.editor.seed, config.eval.keep_seed) as an int (>= 0, or
+    EDITOR_SEED_TOP); anything else is a ValueError naming `name`."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name}={value!r}: give an integer editor seed >= 0, or {EDITOR_SEED_TOP} for the top-level seed")
+        raise ValueError(f"{name}={value!r}: give an integer seed >= 0, or {EDITOR_SEED_TOP} for the top-level seed")
     if value < EDITOR_SEED_TOP:
-        raise ValueError(f"{name}={value}: give an editor seed >= 0, or {EDITOR_SEED_TOP} for the top-level seed")
+        raise ValueError(f"{name}={value}: give a seed >= 0, or {EDITOR_SEED_TOP} for the top-level seed")
     return int(value)
 
 
@@ -292,7 +293,11 @@ class Eval:
     generate each edit in its own call (session 12 measured the batched warm calls 0.61-0.74x of
     the per-edit ones, with fewer compilations: README "the main job's stages outside the editor").
     keep_split: a country keep set's rows of each relation also reported as a group of their own
-    (`keep_REL/*`, `dd_keep_acc_REL`; the same rows, scored once); off by default."""
+    (`keep_REL/*`, `dd_keep_acc_REL`; the same rows, scored once); off by default.
+    keep_seed: the seed of the keep set's sample (a country keep set's seeded record draws and the
+    order in which `keep_rows` takes the rows the model gets right); -1 (the default) = the top-level
+    seed. Another value keeps the split, the edits and every other seeded step and changes only which
+    facts are kept - and so, by their exclusion of keep countries, the null-space fact rows."""
 
     max_edits: int = 20
     max_pass: int = 48
@@ -316,6 +321,7 @@ class Eval:
     mend_null_tokens: int = 100_000
     batch_edits: bool = True
     keep_split: bool = False
+    keep_seed: int = -1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -129,21 +129,28 @@ def held_out_texts(cfg) -> tuple[list[str], str]:
     return texts, f"the last {len(texts)} paragraphs of {path}"
 
 
+def keep_seed(cfg) -> int:
+    """The keep set's seed: config.eval.keep_seed when >= 0, else (-1, the default) the top-level seed."""
+    seed = check_editor_seed(cfg.eval.get("keep_seed", EDITOR_SEED_TOP), "config.eval.keep_seed")
+    return int(cfg.seed) if seed == EDITOR_SEED_TOP else seed
+
+
 def keep_set(model, cfg, exclude_prompts=()) -> tuple[list[dict], str]:
     """The held-out keep rows of `cfg.eval.keep` (see salem_jax.eval.keep) and a note on them."""
     spec = cfg.eval.keep
     if not spec:
         return [], "no keep set (config.eval.keep)"
+    seed = keep_seed(cfg)
     if spec.startswith("countries:"):
         relations = [r for r in spec[len("countries:") :].split(",") if r]
         if not relations:
             raise ValueError(f"config.eval.keep={spec!r}: name the relations after 'countries:', e.g. countries:region,currency")
-        records, source = country_records(relations, seed=cfg.seed), f"country {', '.join(relations)} facts"
+        records, source = country_records(relations, seed=seed), f"country {', '.join(relations)} facts"
     else:
         keep_spec = DataSpec(data=spec, format=cfg.eval.keep_format or cfg.format, data_dir=cfg.data_dir or None)
         fmt, path = resolve_spec(keep_spec)
         records, source = read_spec(keep_spec)[1], f"{path} ({fmt})"
-    rows = keep_rows(model, records, max_rows=cfg.eval.max_keep, seed=cfg.seed, batch_size=cfg.eval.batch_size,
+    rows = keep_rows(model, records, max_rows=cfg.eval.max_keep, seed=seed, batch_size=cfg.eval.batch_size,
                      exclude_prompts=exclude_prompts, progress=cfg.progress)
     return rows, f"{len(rows)} rows of {source} the base model gets right (of {len(records)} records)"
 
@@ -523,6 +530,7 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
     check_energy(cfg.eval.get("mend_null_energy", 0.0), "config.eval.mend_null_energy")
     check_energy(cfg.editor.get("null_energy", 0.0), "config.editor.null_energy")
     check_editor_seed(cfg.editor.get("seed", EDITOR_SEED_TOP), "config.editor.seed")
+    check_editor_seed(cfg.eval.get("keep_seed", EDITOR_SEED_TOP), "config.eval.keep_seed")
     if cfg.editor.get("null_energy", 0.0) and (isinstance(cfg.editor.get("null_tokens"), bool)
                                                or int(cfg.editor.get("null_tokens", 100_000)) < 1):
         raise ValueError(f"config.editor.null_tokens={cfg.editor.null_tokens!r}: give a number of tokens >= 1")

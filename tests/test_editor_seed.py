@@ -84,3 +84,56 @@ def test_pipeline_editor_seed_changes_the_editor_not_the_edit_set(tmp_path):
     diff = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
             for a, b in zip(*(__import__("jax").tree.leaves(p) for p in (p0, p5)))]
     assert max(diff) > 0  # another initialisation / data order: another editor
+
+
+# ---------------------------------------------------------------------------- config.eval.keep_seed
+
+
+@pytest.mark.parametrize("top, keep, want", [(0, -1, 0), (3, -1, 3), (0, 4, 4), (3, 0, 0)])  # (3, 0): 0 is a seed
+def test_keep_seed_reseeds_the_keep_sample_only(top, keep, want, monkeypatch):
+    """config.eval.keep_seed: the country records' draws and keep_rows' order take it (-1 = the
+    top-level seed); the editor, editability and edit set keep the top-level seed."""
+    from salem_jax import pipeline as P
+
+    seen = {}
+
+    def records(relations, seed):
+        seen["records"] = seed
+        return [f"{r}:{i}" for r in relations for i in range(3)]
+
+    def rows(model, recs, max_rows, seed, **kw):
+        seen["rows"] = seed
+        return [dict(id=r) for r in recs[:max_rows]]
+
+    monkeypatch.setattr(P, "country_records", records)
+    monkeypatch.setattr(P, "keep_rows", rows)
+    cfg = _cfg(f"--config.seed={top}", f"--config.eval.keep_seed={keep}", "--config.eval.keep=countries:region,currency",
+               "--config.eval.max_keep=4")
+    got, note = P.keep_set(None, cfg)
+    assert seen == {"records": want, "rows": want}
+    assert [r["id"] for r in got] == ["region:0", "region:1", "region:2", "currency:0"] and "of 6 records" in note
+    assert train_config(cfg).seed == top and C.editability_config(cfg).seed == top and cfg.seed == top
+    # a keep set read from a file: keep_rows' order takes the keep seed too
+    seen.clear()
+    monkeypatch.setattr(P, "read_spec", lambda spec: (None, ["a", "b"]))
+    monkeypatch.setattr(P, "resolve_spec", lambda spec: ("zsre", "x.json"))
+    cfg.eval.keep = "x.json"
+    P.keep_set(None, cfg)
+    assert seen == {"rows": want}
+
+
+@pytest.mark.parametrize("bad", [-2, True, 1.5, "1"])
+def test_bad_keep_seed_is_an_error_naming_the_field(bad):
+    from salem_jax import pipeline as P
+
+    import ml_collections
+
+    cfg = ml_collections.ConfigDict({"seed": 0, "eval": {"keep": "countries:region", "keep_seed": bad}})
+    with pytest.raises(ValueError, match="config.eval.keep_seed"):
+        P.keep_set(None, cfg)
+
+
+def test_pipeline_refuses_a_bad_keep_seed_up_front(tmp_path):
+    cfg = capitals_smollm2.get_config(tiny=True)
+    cfg.eval.keep_seed = -5
+    refused_up_front(cfg, tmp_path / "work", "config.eval.keep_seed=-5")
