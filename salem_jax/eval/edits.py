@@ -114,8 +114,14 @@ def _edited_scores_flat(apply: Callable, params: Any, own: dict, own_flat: dict,
     elif shared is not None:
         out["shared"] = _flat_after_vs_argmax(apply, params, shared, shared_flat)
     if windows is not None:
-        out["text"] = jax.lax.map(lambda bf: _flat_row_nll(apply, params, *bf), (windows, windows_flat))
+        out["text"] = _parts_nll(apply, params, windows, windows_flat)
     return out
+
+
+def _parts_nll(apply: Callable, params: Any, windows: tuple, windows_flat: tuple) -> tuple:
+    """Summed NLL of each window of each text part (`_text_parts`): windows[p] [C_p, c_p, cut_p]
+    leaves, windows_flat[p] [C_p, T_p]; a tuple of [C_p, c_p] (one `lax.map` over the chunks per part)."""
+    return tuple(jax.lax.map(lambda bf: _flat_row_nll(apply, params, *bf), (w, f)) for w, f in zip(windows, windows_flat))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -158,9 +164,62 @@ def _text_nll(apply: Callable, params: Any, windows: dict) -> Any:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _text_nll_flat(apply: Callable, params: Any, windows: dict, windows_flat: dict) -> Any:
-    """`_text_nll` with the head on the counted tokens only (`_flat_row_nll`): [C, c]."""
-    return jax.lax.map(lambda bf: _flat_row_nll(apply, params, *bf), (windows, windows_flat))
+def _text_nll_flat(apply: Callable, params: Any, windows: tuple, windows_flat: tuple) -> Any:
+    """`_text_nll` with the head on the counted tokens only, on the text parts (`_parts_nll`)."""
+    return _parts_nll(apply, params, windows, windows_flat)
+
+
+def _text_parts(w: dict[str, np.ndarray], text_chunk: int) -> list[dict]:
+    """The text windows w ({key: [W, window]}) in parts of one cut length each, as the flat path
+    runs them: per part {"idx": the part's windows (indices into w, in chunk order), "cut": its
+    length, "windows": {key: [C, c, cut]}, "flat": {key: [C, T]}} (C chunks of at most text_chunk
+    windows, as even as they go, padded with windows that count nowhere; T = the most counted
+    tokens of any chunk).
+
+    Why: a window holds a text's tokens from its start (`token_windows`) and is padded to the
+    window length; on the main job's WikiText (8 paragraphs, window 128) 13 windows hold 1,182
+    tokens in 1,664 positions, and the short paragraphs' windows are mostly padding. A position
+    past a window's last token changes nothing before it (causal models; nothing attends to it or
+    scores it), so each part runs at the EDIT_BUCKETS length of its longest window
+    (`mend.train.bucket_length`); adjacent lengths are merged into one part while that costs fewer
+    positions than one more part (a part costs `window` positions: one more pass to trace and
+    run). Inside a part the windows are sorted by counted tokens (most first), so that chunks
+    hold similar counts and the head, run on T tokens per chunk, pads little. The same NLL per
+    window (float summation order aside: XLA's attention reductions run over the cut)."""
+    from salem_jax.mend.train import bucket_length, row_ends
+
+    n, s = w["attention_mask"].shape
+    cut_of = np.asarray([bucket_length(int(e), s) for e in row_ends(w["attention_mask"])])
+    cuts = sorted(set(cut_of.tolist()))
+    count = [int((cut_of == c).sum()) for c in cuts]
+    # best[j] = (cost, parts) of the cuts[:j] grouped into contiguous parts; a part runs at its largest cut
+    best = [(0, [])] + [None] * len(cuts)
+    for j in range(1, len(cuts) + 1):
+        for i in range(j):
+            cost = best[i][0] + sum(count[i:j]) * cuts[j - 1] + s
+            if best[j] is None or cost < best[j][0]:
+                best[j] = (cost, best[i][1] + [cuts[j - 1]])
+    counted = (np.asarray(w["label_mask"]) != 0).sum(-1)
+    parts, lo = [], 0
+    for cut in best[-1][1]:
+        idx = np.flatnonzero((cut_of > lo) & (cut_of <= cut))
+        lo = cut
+        idx = idx[np.argsort(-counted[idx], kind="stable")]
+        c = -(-len(idx) // text_chunk)
+        per = -(-len(idx) // c)
+        part = pad_rows(_cut(_take(w, idx), cut), c * per)
+        windows = {k: v.reshape(c, per, *v.shape[1:]) for k, v in part.items()}
+        masks = windows["label_mask"]
+        t = max(1, int((masks != 0).sum((1, 2)).max()))
+        flats = [flat_positions(m, t) for m in masks]
+        parts.append({"idx": idx, "cut": int(cut), "windows": windows,
+                      "flat": {k: np.stack([f[k] for f in flats]) for k in flats[0]}})
+    return parts
+
+
+def _nll_total(nll) -> float:
+    """The sum of every entry of a text NLL result (an array, or a tuple of one per text part), in float64."""
+    return float(sum(np.asarray(x, np.float64).sum() for x in jax.tree.leaves(nll)))
 
 
 def _take(batch: dict[str, np.ndarray], idx: Sequence[int]) -> dict[str, np.ndarray]:
@@ -289,24 +348,29 @@ class EditEvaluator:
                 self._shared_parts = _length_parts(self._shared_host)
                 order = np.concatenate([idx for idx, _ in self._shared_parts])
                 self._shared_inv = np.argsort(order)
-        # -- text windows, in chunks of text_chunk (padded windows count nowhere)
-        self._windows = None
+        # -- text windows: the flat path's parts of one cut length each (`_text_parts`), else
+        # every window at full length; both in chunks of text_chunk (padded windows count nowhere)
+        self._windows = self._text = None
+        self.text_parts: list[dict] = []
         if texts:
+            if int(text_chunk) < 1:
+                raise ValueError(f"text_chunk must be >= 1, got {text_chunk}")
             w = text_windows(model, texts, text_window, text_stride)
             self.text_tokens = int(w["label_mask"].sum())
             if self.text_tokens == 0:
                 raise ValueError("no text has 2 or more tokens: nothing to score")
-            n = next(iter(w.values())).shape[0]
-            # c chunks of at most text_chunk windows, as even as they go (13 windows: 7 + 6 and one
-            # padding window, not 8 + 5 and three); padding windows count nowhere but cost a pass
-            c = -(-n // text_chunk)
-            per = -(-n // c)
-            w = pad_rows(w, c * per)
-            self._windows = jax.device_put({k: v.reshape(c, per, *v.shape[1:]) for k, v in w.items()})
-            masks = w["label_mask"].reshape(c, per, -1)
-            t = max(1, int((masks != 0).sum((1, 2)).max()))
-            flats = [flat_positions(m, t) for m in masks]
-            self._windows_flat = jax.device_put({k: np.stack([f[k] for f in flats]) for k in flats[0]})
+            if self.flat_scores:
+                self.text_parts = _text_parts(w, int(text_chunk))
+                self._text = (tuple(jax.device_put(p["windows"]) for p in self.text_parts),
+                              tuple(jax.device_put(p["flat"]) for p in self.text_parts))
+            else:
+                n = next(iter(w.values())).shape[0]
+                # c chunks of at most text_chunk windows, as even as they go (13 windows: 7 + 6 and one
+                # padding window, not 8 + 5 and three); padding windows count nowhere but cost a pass
+                c = -(-n // text_chunk)
+                per = -(-n // c)
+                w = pad_rows(w, c * per)
+                self._windows = jax.device_put({k: v.reshape(c, per, *v.shape[1:]) for k, v in w.items()})
         if not self.skip_unchanged_blocks:  # no block outputs to start from: the base side now, every block run
             self._ensure_base(model.apply, None, bool(texts))
 
@@ -334,12 +398,27 @@ class EditEvaluator:
                         _with_base_argmax(flat_positions(part["label_mask"]), part, am[idx])
                         for part, (idx, _) in zip(parts, self._shared_parts)))
             self._base_ready = True
-        if with_text and not self._text_ready and self._windows is not None:
-            w = self._windows if cache is None else {**self._windows, BLOCK_INPUT: cache["text"]}
-            nll = (_text_nll_flat(apply, self.base_params, w, self._windows_flat) if self.flat_scores
-                   else _text_nll(apply, self.base_params, w))
-            self.text_nll_before = float(np.asarray(jax.device_get(nll), np.float64).sum())
+        if with_text and not self._text_ready and self.has_text:
+            if self.flat_scores:
+                nll = _text_nll_flat(apply, self.base_params, *self._text_batches(cache))
+            else:
+                w = self._windows if cache is None else {**self._windows, BLOCK_INPUT: cache["text"]}
+                nll = _text_nll(apply, self.base_params, w)
+            self.text_nll_before = _nll_total(jax.device_get(nll))
             self._text_ready = True
+
+    @property
+    def has_text(self) -> bool:
+        return self._windows is not None or self._text is not None
+
+    def _text_batches(self, cache: dict | None) -> tuple[tuple, tuple]:
+        """The flat path's text parts as its passes take them: (windows, flats), a tuple entry per
+        part, each part's windows with their kept block outputs (cache["text"]) when the pass
+        starts at a block."""
+        windows, flats = self._text
+        if cache is not None:
+            windows = tuple({**w, BLOCK_INPUT: h} for w, h in zip(windows, cache["text"]))
+        return windows, flats
 
     @property
     def n_edits(self) -> int:
@@ -361,22 +440,22 @@ class EditEvaluator:
         """Every metric of edit i's edited `params`, the keys `evaluate_edit` gives for its own
         groups, the shared groups and (with_text) the text: `g/acc_after`, ..., `ea`,
         `adapt_acc`, `dd_acc`, `locality`, `text_ppl_*`, `dd_ppl_text_*`."""
-        if with_text and self._windows is None:
+        if with_text and not self.has_text:
             raise ValueError("with_text=True but the evaluator was built without texts")
         if self._own is None:
             raise ValueError("the evaluator was built without rows for any edit")
         apply, cache = self._start_at(params, with_text)
         self._ensure_base(apply, cache, with_text)
         own, am, spans = self._own_batch(i, cache)
-        shared, windows = self._shared, self._windows if with_text else None
-        if cache is not None:
-            shared = None if shared is None else {**shared, BLOCK_INPUT: cache["shared"]}
-            windows = None if windows is None else {**windows, BLOCK_INPUT: cache["text"]}
         if self.flat_scores:
-            shared = self._shared_batches(cache)
-            out = jax.device_get(_edited_scores_flat(apply, params, own, am, shared, self._shared_flat, windows,
-                                                     None if windows is None else self._windows_flat))
+            windows, wflat = self._text_batches(cache) if with_text else (None, None)
+            out = jax.device_get(_edited_scores_flat(apply, params, own, am, self._shared_batches(cache),
+                                                     self._shared_flat, windows, wflat))
         else:
+            shared, windows = self._shared, self._windows if with_text else None
+            if cache is not None:
+                shared = None if shared is None else {**shared, BLOCK_INPUT: cache["shared"]}
+                windows = None if windows is None else {**windows, BLOCK_INPUT: cache["text"]}
             out = jax.device_get(_edited_scores(apply, params, own, am, shared, self._shared_argmax, windows))
         return self._metrics(spans, out, with_text)
 
@@ -399,7 +478,7 @@ class EditEvaluator:
         res.update(headline_metrics(per, self.with_ppl))
         if with_text:
             before = math.exp(self.text_nll_before / self.text_tokens)
-            after = math.exp(float(np.asarray(out["text"], np.float64).sum()) / self.text_tokens)
+            after = math.exp(_nll_total(out["text"]) / self.text_tokens)
             res["text_ppl_before"], res["text_ppl_after"] = before, after
             dd = perplexity_drawdown(before, after)
             res["dd_ppl_text_rel"], res["dd_ppl_text_abs"] = dd["rel"], dd["abs"]
@@ -422,7 +501,7 @@ class EditEvaluator:
         flags = [bool(with_text)] * len(items) if isinstance(with_text, bool) else [bool(t) for t in with_text]
         if len(flags) != len(items):
             raise ValueError(f"evaluate_many: {len(flags)} with_text flags for {len(items)} edits")
-        if any(flags) and self._windows is None:
+        if any(flags) and not self.has_text:
             raise ValueError("with_text=True but the evaluator was built without texts")
         if self._own is None:
             raise ValueError("the evaluator was built without rows for any edit")
@@ -445,8 +524,8 @@ class EditEvaluator:
             apply, cache = self._start_at(items[ks[0]][1], text)
             self._ensure_base(apply, cache, text)
             paths, leaves = stack_edits(self.base_params, [items[k][1] for k in ks])
-            shared, windows = self._shared_batches(cache), self._windows if text else None
-            windows = None if windows is None else {**windows, BLOCK_INPUT: cache["text"]}
+            shared = self._shared_batches(cache)
+            windows, wflat = self._text_batches(cache) if text else (None, None)
             # as few calls as edits_per_call allows, as even as they go (14 edits: 7 + 7, not 8 + 8
             # with two repeated); the last call repeats its last edit to keep the shape
             n = -(-len(ks) // -(-len(ks) // edits_per_call))
@@ -459,7 +538,7 @@ class EditEvaluator:
                 lv = tuple(v[np.asarray(part)] for v in leaves)
                 res = jax.device_get(_edited_scores_flat_many(apply, paths, self.base_params, lv, own, am, shared,
                                                               self._shared_flat if shared is not None else None,
-                                                              windows, None if windows is None else self._windows_flat))
+                                                              windows, wflat))
                 for e, j in enumerate(part[: min(n, len(ks) - c)]):
                     one = jax.tree.map(lambda x: x[e], res)
                     out[ks[j]] = self._metrics(batches[e][2], one, text)
@@ -523,6 +602,10 @@ class EditEvaluator:
             if self._shared is not None:
                 cache["shared"] = jax.device_put(rows(self._shared_host))
         if with_text and "text" not in cache:
-            cache["text"] = jax.lax.map(lambda b: block_output(fn, last, base, b), self._windows)
+            def text(w):
+                return jax.lax.map(lambda b: block_output(fn, last, base, b), w)
+
+            # the flat path's parts, each at its cut (`_text_parts`); else every window at full length
+            cache["text"] = tuple(map(text, self._text[0])) if self.flat_scores else text(self._windows)
         self._cache = (start, cache)
         return cache
