@@ -133,3 +133,35 @@ def test_text_parts_merge_lengths_while_it_pays():
     assert p["idx"].tolist() == [3, 1, 2, 4, 0]
     assert p["flat"]["rows"].shape == (3, 30 + 29)  # T = the most counted tokens of any chunk
     assert int(p["flat"]["valid"].sum()) == int(p["windows"]["label_mask"].sum()) == 19 + 29 + 24 + 30 + 21
+
+
+def test_fast_paths_that_do_not_apply_are_said():
+    """No silent fallback: a fast path asked for that does not apply is warned about and recorded
+    in `paths` (the slower path then gives the same numbers)."""
+    import jax.numpy as jnp
+
+    from salem_jax.scored_logits import flat_scored_logits
+
+    t5 = hf.tiny("t5", seed=0)
+    with pytest.warns(UserWarning) as seen:
+        ev = EditEvaluator(t5, t5.params, EDITS[:1], batch_size=2)
+    said = [str(w.message) for w in seen]
+    for name in ("from_block", "flat_head"):
+        assert any(f"{name} does not run: a 'seq2seq' model" in m for m in said), (name, said)
+    assert ev.paths["from_block"].startswith("a 'seq2seq'") and ev.paths["flat_head"].startswith("a 'seq2seq'")
+    model = tiny_llama(seed=3, num_hidden_layers=3)
+    ev = EditEvaluator(model, model.params, EDITS, SHARED, batch_size=2)
+    assert ev.paths == {"from_block": "on", "flat_head": "on"}
+    off = EditEvaluator(model, model.params, EDITS, SHARED, batch_size=2, skip_unchanged_blocks=False)
+    assert off.paths["from_block"] == "off (asked)"
+    # edits starting at different blocks: scored one call each, and said so
+    with pytest.warns(UserWarning, match="batched_edits does not run: 1 of 2 edits one call each"):
+        ev.evaluate_many([(0, _edited(model, 1, 0)), (1, _edited(model, 2, 1))])
+    ev.evaluate_many([(0, _edited(model, 1, 0)), (1, _edited(model, 1, 1))])
+    assert ev.paths["batched_edits"] == "on"
+    # a model function without a recognisable head: the full logits gathered, with a warning
+    batch = {"label_mask": np.ones((2, 3), np.int32)}
+    with pytest.warns(UserWarning, match="no recognisable LM head"):
+        out = flat_scored_logits(lambda p, b: jnp.arange(2 * 3 * 4.0).reshape(2, 3, 4), None, batch,
+                                 np.array([1, 0]), np.array([2, 1]))
+    np.testing.assert_array_equal(np.asarray(out), np.arange(24.0).reshape(2, 3, 4)[[1, 0], [2, 1]])

@@ -299,8 +299,15 @@ class EditEvaluator:
         self.model = model
         self.base_params = base_params
         self.batch_size = batch_size
+        # which fast path runs (`paths`: "on", or why not): a path asked for that does not apply to
+        # this model is said so (a warning), not left silently
+        self.paths: dict[str, str] = {}
         self.skip_unchanged_blocks = skip_unchanged_blocks and model.kind == "causal"
         self.flat_scores = flat_scores and model.kind == "causal"
+        not_causal = f"a {model.kind!r} model (decoder-only models only)"
+        for name, asked, on in (("from_block", skip_unchanged_blocks, self.skip_unchanged_blocks),
+                                ("flat_head", flat_scores, self.flat_scores)):
+            self._path(name, "on" if on else (not_causal if asked else "off (asked)"), warn=asked and not on)
         self._chain: BlockChain | None = None
         self._cache: tuple[int, dict] | None = None  # (start block, cached base block outputs)
         self.last_start: int | None = None  # the block the last evaluate() started at (0 = all ran)
@@ -359,6 +366,7 @@ class EditEvaluator:
             self.text_tokens = int(w["label_mask"].sum())
             if self.text_tokens == 0:
                 raise ValueError("no text has 2 or more tokens: nothing to score")
+            self.paths["text_parts"] = "on" if self.flat_scores else "off: every window at full length (flat_head off)"
             if self.flat_scores:
                 self.text_parts = _text_parts(w, int(text_chunk))
                 self._text = (tuple(jax.device_put(p["windows"]) for p in self.text_parts),
@@ -406,6 +414,12 @@ class EditEvaluator:
                 nll = _text_nll(apply, self.base_params, w)
             self.text_nll_before = _nll_total(jax.device_get(nll))
             self._text_ready = True
+
+    def _path(self, name: str, state: str, warn: bool = False) -> None:
+        """Record fast path `name`'s state in `paths`; warn (once per state) when it is off unasked."""
+        if warn and self.paths.get(name) != state:
+            warnings.warn(f"EditEvaluator: {name} does not run: {state}; the slower path gives the same numbers")
+        self.paths[name] = state
 
     @property
     def has_text(self) -> bool:
@@ -514,6 +528,14 @@ class EditEvaluator:
         if self.flat_scores and self.skip_unchanged_blocks and self._chain is not None:
             starts = [first_changed_block(self.model, self.base_params, p, self._chain) for _, p in items]
         batchable = [k for k, st in enumerate(starts) if st and st == starts[0]] if starts[0] else []
+        if len(batchable) < len(items):  # said, not silent: which edits run one call each, and why
+            why = ("flat_head or from_block off" if not (self.flat_scores and self.skip_unchanged_blocks
+                                                         and self._chain is not None)
+                   else "edits start at different blocks, or at block 0 (a change outside the blocks or in the first)")
+            self._path("batched_edits", f"{len(items) - len(batchable)} of {len(items)} edits one call each: {why}",
+                       warn=self.flat_scores and self.skip_unchanged_blocks)
+        else:
+            self.paths["batched_edits"] = "on"
         for k in set(range(len(items))) - set(batchable):
             out[k] = self.evaluate(items[k][0], items[k][1], with_text=flags[k])
         for text in (False, True):
@@ -572,7 +594,7 @@ class EditEvaluator:
         if self._chain is None:
             chain, why = block_chain(self.model, self.base_params, _take(self._own, [0]))
             if chain is None:  # every block runs, as without the option (e.g. nn.remat or nn.scan blocks)
-                warnings.warn(f"EditEvaluator: every block runs for every edit: {why}")
+                self._path("from_block", f"every block runs for every edit: {why}", warn=True)
                 self.skip_unchanged_blocks = False
                 return self.model.apply, None
             self._chain = chain
