@@ -382,9 +382,13 @@ def compare_evaluators(args, model, edits, shared, txt, load0) -> int:
             mod._edited_scores_flat = fn
         ca = fn.lower(*seen[-1]).compile().cost_analysis()
         ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-        cost[name] = {"gflop": ca.get("flops", float("nan")) / 1e9, "gbytes": ca.get("bytes accessed", float("nan")) / 1e9}
+        # the text's chunks run in `lax.map` loops, whose body XLA's count includes once: the trips per loop
+        trips = ([int(p["windows"]["input_ids"].shape[0]) for p in evs[name].text_parts]
+                 if getattr(evs[name], "text_parts", None) else [int(evs[name]._windows["input_ids"].shape[0])])
+        cost[name] = {"gflop": ca.get("flops", float("nan")) / 1e9, "gbytes": ca.get("bytes accessed", float("nan")) / 1e9,
+                      "text_loop_trips": trips}
         print(f"{name}: one edit's scoring with the text, XLA cost analysis: {cost[name]['gflop']:.1f} GFLOP, "
-              f"{cost[name]['gbytes']:.2f} GB", flush=True)
+              f"{cost[name]['gbytes']:.2f} GB (text chunk loops of {trips} trips, each body counted once)", flush=True)
 
     warm = {k: med(v) for k, v in times.items()}
     cwarm = {k: med(v) for k, v in cpu.items() if v}
