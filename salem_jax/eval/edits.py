@@ -10,7 +10,9 @@ almost all of it compiling. `EditEvaluator` fixes every shape up front:
   own rows     every edit's groups, encoded together: one length L_own and one K_own; each
                edit's rows (group by group) padded to R = the most own rows of any edit: [R, L_own]
   shared rows  every shared group, encoded together: [P, L_shared] with one K_shared
-  text         every window of the held-out text: [W / c, c, window] (chunks of c windows)
+  text         every window of the held-out text, in parts of one cut length each (`_text_parts`:
+               a window runs at the length of its tokens, not the window's), each part
+               [C, c, cut] (chunks of c windows); the [R, K] path: [W / c, c, window]
 
 and scores an edit in one jitted call (`_edited_scores`: both row sets and, if asked, the text),
 so the evaluation compiles two programs (with and without text) for the whole split. The base
@@ -290,10 +292,13 @@ class EditEvaluator:
     shared: groups every edit is scored on (e.g. {"pass": rows, "keep": rows}); the base side
       is computed once.
     texts: held-out text for the perplexity drawdown (causal LMs), window / stride as in
-      `salem_jax.eval.perplexity`; its windows run in chunks of `text_chunk`.
+      `salem_jax.eval.perplexity`; its windows run in chunks of at most `text_chunk` (flat path:
+      in parts cut to their windows' length, `_text_parts`).
     batch_size: rows per call of the base model's one-time pass.
     skip_unchanged_blocks: run each edited model from the first block its edit changed, on the
       base model's cached hidden states (decoder-only models; the same numbers, less work).
+    paths: after construction (and `evaluate_many`), each fast path - "from_block", "flat_head",
+      "text_parts", "batched_edits" - "on" or why it does not run (warned when it was asked for).
     shared_subgroups: {name: (group, a, b)}: rows [a, b) of shared group `group`, reported also as a
       group `name` of their own (e.g. a keep set's rows of one relation; scored once, with the group).
     flat_scores: run the vocabulary head on the target tokens only, T of them per edit (own
