@@ -546,9 +546,12 @@ class EditEvaluator:
             starts = [first_changed_block(self.model, self.base_params, p, self._chain) for _, p in items]
         batchable = [k for k, st in enumerate(starts) if st and st == starts[0]] if starts[0] else []
         if len(batchable) < len(items):  # said, not silent: which edits run one call each, and why
-            why = ("flat_head or from_block off" if not (self.flat_scores and self.skip_unchanged_blocks
-                                                         and self._chain is not None)
-                   else "edits start at different blocks, or at block 0 (a change outside the blocks or in the first)")
+            if not (self.flat_scores and self.skip_unchanged_blocks and self._chain is not None):
+                why = "flat_head or from_block off"
+            elif not starts[0]:
+                why = "the first edit changes block 0 or parameters outside the blocks (every block runs)"
+            else:
+                why = f"the edits start at {len(set(starts))} different blocks (batched: those starting where the first does)"
             self._path("batched_edits", f"{len(items) - len(batchable)} of {len(items)} edits one call each: {why}",
                        warn=self.flat_scores and self.skip_unchanged_blocks)
         else:
