@@ -44,7 +44,10 @@ prints each repetition's seconds and the warm ratio. Since session 16 each repet
 the generations before and after every edit (unless `--no-generation`): "other" as the pipeline
 made them before (`generations_after_edits` of the 2E models, every block of every prefill run),
 "this" as it does now (`generations_before_after_edits`: the edited prefill from the edited
-block on the base prefill's states); the two must give the same texts:
+block on the base prefill's states); the two must give the same texts. With `--per-edit-ab`
+(session 24) it then times one `evaluate` call per edit, without and with the text, the two
+versions alternated edit by edit (the first edit compiles and is left out of the medians), and
+checks they give the same numbers:
 
     python benchmarks/eval_edit.py --edits 19 --compare-with /work/main/salem_jax/eval/edits.py \
         --out runs/bench-eval-ab.json
@@ -144,6 +147,8 @@ def main(argv=None) -> int:
                     help="another version's salem_jax/eval/edits.py: time its EditEvaluator against this one's, alternated")
     ap.add_argument("--ppl-edits", type=int, default=5, help="--compare-with: edits scored with the text (eval.ppl_edits)")
     ap.add_argument("--ab-reps", type=int, default=3, help="--compare-with: repetitions of each version")
+    ap.add_argument("--per-edit-ab", action="store_true",
+                    help="--compare-with: also time one `evaluate` call per edit, the two versions alternated edit by edit")
     ap.add_argument("--no-generation", action="store_true",
                     help="--compare-with: time the scoring only (not the generations before and after every edit)")
     args = ap.parse_args(argv)
@@ -315,6 +320,7 @@ def compare_evaluators(args, model, edits, shared, txt, load0) -> int:
     gen_times: dict[str, list[float]] = {"other": [], "this": []}
     cpu: dict[str, list[float]] = {"score_other": [], "score_this": [], "gen_other": [], "gen_this": []}
     got: dict[str, list] = {}
+    evs: dict = {}
     gens: dict[str, tuple] = {}
     for rep in range(args.ab_reps):
         for name in (("other", "this") if rep % 2 == 0 else ("this", "other")):
@@ -323,6 +329,7 @@ def compare_evaluators(args, model, edits, shared, txt, load0) -> int:
             ev = mod.EditEvaluator(model, model.params, edits, shared, texts=txt or None, text_window=args.text_window,
                                    batch_size=8)
             got[name] = ev.evaluate_many(list(enumerate(kept)), with_text=flags if txt else False)
+            evs[name] = ev
             times[name].append(time.perf_counter() - t)
             cpu[f"score_{name}"].append(time.process_time() - c)
             msg = f"rep {rep} {name}: scoring {times[name][-1]:.2f} s (CPU {cpu['score_' + name][-1]:.1f} s)"
@@ -343,10 +350,53 @@ def compare_evaluators(args, model, edits, shared, txt, load0) -> int:
     def med(v):
         return statistics.median(v[1:]) if len(v) > 1 else v[0]
 
+    # one call per edit (`evaluate`, the path the per-edit target row quotes), the two versions
+    # alternated edit by edit on the last repetition's evaluators (their programs compiled above
+    # by the batched calls are other programs: the first edit compiles and is left out)
+    per_edit: dict[str, list[float]] = {f"{k}_{t}": [] for k in ("other", "this") for t in ("rows", "text")}
+    for i in range(args.edits if args.per_edit_ab else 0):
+        for name in (("other", "this") if i % 2 == 0 else ("this", "other")):
+            outs = {}
+            for text in (False, True) if txt else (False,):
+                t = time.perf_counter()
+                outs[text] = evs[name].evaluate(i, kept[i], with_text=text)
+                per_edit[f"{name}_{'text' if text else 'rows'}"].append(time.perf_counter() - t)
+            got[f"{name}_one"] = outs
+        for text, a in got["other_one"].items():
+            b = got["this_one"][text]
+            bad = {k: (v, b[k]) for k, v in a.items() if not np.isclose(v, b[k], rtol=1e-4, atol=1e-4, equal_nan=True)}
+            if bad or sorted(a) != sorted(b):
+                raise SystemExit(f"edit {i}, one call: the two evaluators differ: {bad}")
+        print(f"edit {i}, one call each: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in per_edit.items() if v)
+              + f" (load {os.getloadavg()[0]:.1f})", flush=True)
+
+    # XLA's own count of one edit's scoring program with the text (flops, bytes), per version:
+    # the arguments of the last `_edited_scores_flat` call, recorded, the program lowered again
+    cost = {}
+    for name, mod in (("other", other), ("this", this)) if args.per_edit_ab and txt else ():
+        seen, fn = [], mod._edited_scores_flat
+        mod._edited_scores_flat = lambda *a, _fn=fn: seen.append(a) or _fn(*a)
+        try:
+            evs[name].evaluate(0, kept[0], with_text=True)
+        finally:
+            mod._edited_scores_flat = fn
+        ca = fn.lower(*seen[-1]).compile().cost_analysis()
+        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+        # the text's chunks run in `lax.map` loops, whose body XLA's count includes once: the trips per loop
+        trips = ([int(p["windows"]["input_ids"].shape[0]) for p in evs[name].text_parts]
+                 if getattr(evs[name], "text_parts", None) else [int(evs[name]._windows["input_ids"].shape[0])])
+        cost[name] = {"gflop": ca.get("flops", float("nan")) / 1e9, "gbytes": ca.get("bytes accessed", float("nan")) / 1e9,
+                      "text_loop_trips": trips}
+        print(f"{name}: one edit's scoring with the text, XLA cost analysis: {cost[name]['gflop']:.1f} GFLOP, "
+              f"{cost[name]['gbytes']:.2f} GB (text chunk loops of {trips} trips, each body counted once)", flush=True)
+
     warm = {k: med(v) for k, v in times.items()}
     cwarm = {k: med(v) for k, v in cpu.items() if v}
     res = {"cpu_s": cpu, "cpu_warm_median_s": cwarm, "args": vars(args), "load_start": load0, "load_end": os.getloadavg(), "times_s": times, "warm_median_s": warm,
            "warm_ratio": warm["other"] / warm["this"], "hardware": {"platform": platform.platform(), "cpu_count": os.cpu_count()}}
+    if args.per_edit_ab:
+        pmed = {k: med(v) for k, v in per_edit.items() if v}
+        res.update(per_edit_s=per_edit, per_edit_warm_median_s=pmed, xla_cost_one_edit_with_text=cost)
     print(f"\n{args.edits} edits ({args.ppl_edits} with text), load {load0[0]:.1f} -> {res['load_end'][0]:.1f}")
     print("| piece | version | first (compiles) | warm median | warm CPU |\n|---|---|---|---|---|")
     for k in ("other", "this"):
@@ -362,6 +412,12 @@ def compare_evaluators(args, model, edits, shared, txt, load0) -> int:
                   f"{cwarm['gen_' + k]:.2f} s |")
         print(f"| generation, other / this, warm | | | {res['gen_warm_ratio']:.2f}x | "
               f"{cwarm['gen_other'] / cwarm['gen_this']:.2f}x |")
+    if args.per_edit_ab:
+        for part, what in (("rows", "own rows + shared rows"), ("text", "own rows + shared rows + text")):
+            if f"other_{part}" in pmed:
+                print(f"| one call per edit ({what}), warm median | other / this | | "
+                      f"{pmed['other_' + part]:.3f} / {pmed['this_' + part]:.3f} s | "
+                      f"{pmed['other_' + part] / pmed['this_' + part]:.2f}x |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(f"wrote {args.out}")

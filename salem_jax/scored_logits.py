@@ -21,6 +21,7 @@ Batch key (see models/base.py for the others):
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -119,7 +120,11 @@ def flat_scored_logits(apply_fn: Callable[[Any, dict], jax.Array], params: Any, 
 
     with nn.intercept_methods(head_at_pairs):
         logits = apply_fn(params, batch)
-    return logits[0] if seen else logits[rows, pos]
+    if not seen:  # said at trace time (once per compiled shape), not silent
+        warnings.warn("flat_scored_logits: no recognisable LM head (a tied embedding's `attend` or a module named "
+                      "`lm_head`): the full logits are computed and gathered (the same numbers, no saving)")
+        return logits[rows, pos]
+    return logits[0]
 
 
 def flat_positions(label_mask: np.ndarray, size: int | None = None) -> dict[str, np.ndarray]:

@@ -74,5 +74,6 @@ def test_flat_evaluation_equals_the_k_position_path(model):
     # one program per (start block, text or not): no retrace per edit
     assert edits_mod._edited_scores_flat._cache_size() - traces <= 2
     # the text's head runs on its target tokens: each chunk's T is the most targets of any chunk
-    assert flat._windows_flat["rows"].shape[-1] < flat._windows["input_ids"][0].size
-    assert int(np.asarray(jax.device_get(flat._windows_flat["valid"])).sum()) == flat.text_tokens
+    flats = [part["flat"] for part in flat.text_parts]
+    assert sum(f["rows"].size for f in flats) < slow._windows["input_ids"].size
+    assert sum(int(f["valid"].sum()) for f in flats) == flat.text_tokens

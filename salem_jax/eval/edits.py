@@ -10,7 +10,9 @@ almost all of it compiling. `EditEvaluator` fixes every shape up front:
   own rows     every edit's groups, encoded together: one length L_own and one K_own; each
                edit's rows (group by group) padded to R = the most own rows of any edit: [R, L_own]
   shared rows  every shared group, encoded together: [P, L_shared] with one K_shared
-  text         every window of the held-out text: [W / c, c, window] (chunks of c windows)
+  text         every window of the held-out text, in parts of one cut length each (`_text_parts`:
+               a window runs at the length of its tokens, not the window's), each part
+               [C, c, cut] (chunks of c windows); the [R, K] path: [W / c, c, window]
 
 and scores an edit in one jitted call (`_edited_scores`: both row sets and, if asked, the text),
 so the evaluation compiles two programs (with and without text) for the whole split. The base
@@ -52,7 +54,6 @@ from salem_jax.eval.metrics import (
     perplexity_drawdown,
 )
 from salem_jax.eval.perplexity import row_nll, text_windows
-from salem_jax import losses
 from salem_jax.models.from_block import (BLOCK_INPUT, BlockChain, block_chain, block_output, block_outputs_by_length,
                                         first_changed_block)
 from salem_jax.scored_logits import SCORE_POS, flat_positions, flat_scored_logits
@@ -73,6 +74,19 @@ def _edited_scores(apply: Callable, params: Any, own: dict, own_argmax, shared: 
     return out
 
 
+def _token_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """-log p(labels) under logits ([T, V] -> [T]), `-losses.token_logprobs`'s value computed by
+    the same steps at the label only (logit - max - log sum exp(logits - max)), without the log-softmax's [T, V]
+    output - on SmolLM2's 49,152-word head XLA writes and reads that whole array, which took as
+    long as the head's matmul itself (session 24: 674 text tokens, 0.62 s against 0.49 s at load 4)."""
+    logits = logits.astype(jnp.float32)
+    # jax.nn.log_softmax's own steps (shift by the max, log of the summed exps), at the label only
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    log_sum = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))
+    picked = jnp.take_along_axis(logits, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return -((picked - top[..., 0]) - log_sum)
+
+
 def _flat_after_vs_argmax(apply: Callable, params: Any, batch: dict, flat: dict) -> dict[str, jax.Array]:
     """`after_vs_argmax` with the head run on exactly the batch's target tokens: flat =
     `flat_positions` of its label_mask plus "base_argmax" [T] (the base model's argmax at each).
@@ -89,14 +103,14 @@ def _flat_after_vs_argmax(apply: Callable, params: Any, batch: dict, flat: dict)
 
     n_tok, ok = per_row(jnp.ones_like(valid)), per_row((am == labels).astype(jnp.float32))
     return {"correct_after": (ok == n_tok) & (n_tok > 0), "token_correct_after": ok,
-            "nll_sum_after": per_row(-losses.token_logprobs(logits, labels)), "n_tokens_after": n_tok,
+            "nll_sum_after": per_row(_token_nll(logits, labels)), "n_tokens_after": n_tok,
             "unchanged": per_row((am == flat["base_argmax"]).astype(jnp.float32))}
 
 
 def _flat_row_nll(apply: Callable, params: Any, batch: dict, flat: dict) -> jax.Array:
     """`row_nll` ([B] summed NLL of each window's counted tokens) with the head on those tokens only."""
     logits = flat_scored_logits(apply, params, batch, flat["rows"], flat["pos"])
-    nll = -losses.token_logprobs(logits, batch["labels"][flat["rows"], flat["pos"]]) * flat["valid"]
+    nll = _token_nll(logits, batch["labels"][flat["rows"], flat["pos"]]) * flat["valid"]
     return jax.ops.segment_sum(nll, flat["rows"], num_segments=batch["label_mask"].shape[0])
 
 
@@ -114,8 +128,14 @@ def _edited_scores_flat(apply: Callable, params: Any, own: dict, own_flat: dict,
     elif shared is not None:
         out["shared"] = _flat_after_vs_argmax(apply, params, shared, shared_flat)
     if windows is not None:
-        out["text"] = jax.lax.map(lambda bf: _flat_row_nll(apply, params, *bf), (windows, windows_flat))
+        out["text"] = _parts_nll(apply, params, windows, windows_flat)
     return out
+
+
+def _parts_nll(apply: Callable, params: Any, windows: tuple, windows_flat: tuple) -> tuple:
+    """Summed NLL of each window of each text part (`_text_parts`): windows[p] [C_p, c_p, cut_p]
+    leaves, windows_flat[p] [C_p, T_p]; a tuple of [C_p, c_p] (one `lax.map` over the chunks per part)."""
+    return tuple(jax.lax.map(lambda bf: _flat_row_nll(apply, params, *bf), (w, f)) for w, f in zip(windows, windows_flat))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -158,9 +178,62 @@ def _text_nll(apply: Callable, params: Any, windows: dict) -> Any:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _text_nll_flat(apply: Callable, params: Any, windows: dict, windows_flat: dict) -> Any:
-    """`_text_nll` with the head on the counted tokens only (`_flat_row_nll`): [C, c]."""
-    return jax.lax.map(lambda bf: _flat_row_nll(apply, params, *bf), (windows, windows_flat))
+def _text_nll_flat(apply: Callable, params: Any, windows: tuple, windows_flat: tuple) -> Any:
+    """`_text_nll` with the head on the counted tokens only, on the text parts (`_parts_nll`)."""
+    return _parts_nll(apply, params, windows, windows_flat)
+
+
+def _text_parts(w: dict[str, np.ndarray], text_chunk: int) -> list[dict]:
+    """The text windows w ({key: [W, window]}) in parts of one cut length each, as the flat path
+    runs them: per part {"idx": the part's windows (indices into w, in chunk order), "cut": its
+    length, "windows": {key: [C, c, cut]}, "flat": {key: [C, T]}} (C chunks of at most text_chunk
+    windows, as even as they go, padded with windows that count nowhere; T = the most counted
+    tokens of any chunk).
+
+    Why: a window holds a text's tokens from its start (`token_windows`) and is padded to the
+    window length; on the main job's WikiText (8 paragraphs, window 128) 13 windows hold 1,182
+    tokens in 1,664 positions, and the short paragraphs' windows are mostly padding. A position
+    past a window's last token changes nothing before it (causal models; nothing attends to it or
+    scores it), so each part runs at the EDIT_BUCKETS length of its longest window
+    (`mend.train.bucket_length`); adjacent lengths are merged into one part while that costs fewer
+    positions than one more part (a part costs `window` positions: one more pass to trace and
+    run). Inside a part the windows are sorted by counted tokens (most first), so that chunks
+    hold similar counts and the head, run on T tokens per chunk, pads little. The same NLL per
+    window (float summation order aside: XLA's attention reductions run over the cut)."""
+    from salem_jax.mend.train import bucket_length, row_ends
+
+    n, s = w["attention_mask"].shape
+    cut_of = np.asarray([bucket_length(int(e), s) for e in row_ends(w["attention_mask"])])
+    cuts = sorted(set(cut_of.tolist()))
+    count = [int((cut_of == c).sum()) for c in cuts]
+    # best[j] = (cost, parts) of the cuts[:j] grouped into contiguous parts; a part runs at its largest cut
+    best = [(0, [])] + [None] * len(cuts)
+    for j in range(1, len(cuts) + 1):
+        for i in range(j):
+            cost = best[i][0] + sum(count[i:j]) * cuts[j - 1] + s
+            if best[j] is None or cost < best[j][0]:
+                best[j] = (cost, best[i][1] + [cuts[j - 1]])
+    counted = (np.asarray(w["label_mask"]) != 0).sum(-1)
+    parts, lo = [], 0
+    for cut in best[-1][1]:
+        idx = np.flatnonzero((cut_of > lo) & (cut_of <= cut))
+        lo = cut
+        idx = idx[np.argsort(-counted[idx], kind="stable")]
+        c = -(-len(idx) // text_chunk)
+        per = -(-len(idx) // c)
+        part = pad_rows(_cut(_take(w, idx), cut), c * per)
+        windows = {k: v.reshape(c, per, *v.shape[1:]) for k, v in part.items()}
+        masks = windows["label_mask"]
+        t = max(1, int((masks != 0).sum((1, 2)).max()))
+        flats = [flat_positions(m, t) for m in masks]
+        parts.append({"idx": idx, "cut": int(cut), "windows": windows,
+                      "flat": {k: np.stack([f[k] for f in flats]) for k in flats[0]}})
+    return parts
+
+
+def _nll_total(nll) -> float:
+    """The sum of every entry of a text NLL result (an array, or a tuple of one per text part), in float64."""
+    return float(sum(np.asarray(x, np.float64).sum() for x in jax.tree.leaves(nll)))
 
 
 def _take(batch: dict[str, np.ndarray], idx: Sequence[int]) -> dict[str, np.ndarray]:
@@ -219,10 +292,13 @@ class EditEvaluator:
     shared: groups every edit is scored on (e.g. {"pass": rows, "keep": rows}); the base side
       is computed once.
     texts: held-out text for the perplexity drawdown (causal LMs), window / stride as in
-      `salem_jax.eval.perplexity`; its windows run in chunks of `text_chunk`.
+      `salem_jax.eval.perplexity`; its windows run in chunks of at most `text_chunk` (flat path:
+      in parts cut to their windows' length, `_text_parts`).
     batch_size: rows per call of the base model's one-time pass.
     skip_unchanged_blocks: run each edited model from the first block its edit changed, on the
       base model's cached hidden states (decoder-only models; the same numbers, less work).
+    paths: after construction (and `evaluate_many`), each fast path - "from_block", "flat_head",
+      "text_parts", "batched_edits" - "on" or why it does not run (warned when it was asked for).
     shared_subgroups: {name: (group, a, b)}: rows [a, b) of shared group `group`, reported also as a
       group `name` of their own (e.g. a keep set's rows of one relation; scored once, with the group).
     flat_scores: run the vocabulary head on the target tokens only, T of them per edit (own
@@ -240,8 +316,15 @@ class EditEvaluator:
         self.model = model
         self.base_params = base_params
         self.batch_size = batch_size
+        # which fast path runs (`paths`: "on", or why not): a path asked for that does not apply to
+        # this model is said so (a warning), not left silently
+        self.paths: dict[str, str] = {}
         self.skip_unchanged_blocks = skip_unchanged_blocks and model.kind == "causal"
         self.flat_scores = flat_scores and model.kind == "causal"
+        not_causal = f"a {model.kind!r} model (decoder-only models only)"
+        for name, asked, on in (("from_block", skip_unchanged_blocks, self.skip_unchanged_blocks),
+                                ("flat_head", flat_scores, self.flat_scores)):
+            self._path(name, "on" if on else (not_causal if asked else "off (asked)"), warn=asked and not on)
         self._chain: BlockChain | None = None
         self._cache: tuple[int, dict] | None = None  # (start block, cached base block outputs)
         self.last_start: int | None = None  # the block the last evaluate() started at (0 = all ran)
@@ -289,24 +372,30 @@ class EditEvaluator:
                 self._shared_parts = _length_parts(self._shared_host)
                 order = np.concatenate([idx for idx, _ in self._shared_parts])
                 self._shared_inv = np.argsort(order)
-        # -- text windows, in chunks of text_chunk (padded windows count nowhere)
-        self._windows = None
+        # -- text windows: the flat path's parts of one cut length each (`_text_parts`), else
+        # every window at full length; both in chunks of text_chunk (padded windows count nowhere)
+        self._windows = self._text = None
+        self.text_parts: list[dict] = []
         if texts:
+            if int(text_chunk) < 1:
+                raise ValueError(f"text_chunk must be >= 1, got {text_chunk}")
             w = text_windows(model, texts, text_window, text_stride)
             self.text_tokens = int(w["label_mask"].sum())
             if self.text_tokens == 0:
                 raise ValueError("no text has 2 or more tokens: nothing to score")
-            n = next(iter(w.values())).shape[0]
-            # c chunks of at most text_chunk windows, as even as they go (13 windows: 7 + 6 and one
-            # padding window, not 8 + 5 and three); padding windows count nowhere but cost a pass
-            c = -(-n // text_chunk)
-            per = -(-n // c)
-            w = pad_rows(w, c * per)
-            self._windows = jax.device_put({k: v.reshape(c, per, *v.shape[1:]) for k, v in w.items()})
-            masks = w["label_mask"].reshape(c, per, -1)
-            t = max(1, int((masks != 0).sum((1, 2)).max()))
-            flats = [flat_positions(m, t) for m in masks]
-            self._windows_flat = jax.device_put({k: np.stack([f[k] for f in flats]) for k in flats[0]})
+            self.paths["text_parts"] = "on" if self.flat_scores else "off: every window at full length (flat_head off)"
+            if self.flat_scores:
+                self.text_parts = _text_parts(w, int(text_chunk))
+                self._text = (tuple(jax.device_put(p["windows"]) for p in self.text_parts),
+                              tuple(jax.device_put(p["flat"]) for p in self.text_parts))
+            else:
+                n = next(iter(w.values())).shape[0]
+                # c chunks of at most text_chunk windows, as even as they go (13 windows: 7 + 6 and one
+                # padding window, not 8 + 5 and three); padding windows count nowhere but cost a pass
+                c = -(-n // text_chunk)
+                per = -(-n // c)
+                w = pad_rows(w, c * per)
+                self._windows = jax.device_put({k: v.reshape(c, per, *v.shape[1:]) for k, v in w.items()})
         if not self.skip_unchanged_blocks:  # no block outputs to start from: the base side now, every block run
             self._ensure_base(model.apply, None, bool(texts))
 
@@ -334,12 +423,33 @@ class EditEvaluator:
                         _with_base_argmax(flat_positions(part["label_mask"]), part, am[idx])
                         for part, (idx, _) in zip(parts, self._shared_parts)))
             self._base_ready = True
-        if with_text and not self._text_ready and self._windows is not None:
-            w = self._windows if cache is None else {**self._windows, BLOCK_INPUT: cache["text"]}
-            nll = (_text_nll_flat(apply, self.base_params, w, self._windows_flat) if self.flat_scores
-                   else _text_nll(apply, self.base_params, w))
-            self.text_nll_before = float(np.asarray(jax.device_get(nll), np.float64).sum())
+        if with_text and not self._text_ready and self.has_text:
+            if self.flat_scores:
+                nll = _text_nll_flat(apply, self.base_params, *self._text_batches(cache))
+            else:
+                w = self._windows if cache is None else {**self._windows, BLOCK_INPUT: cache["text"]}
+                nll = _text_nll(apply, self.base_params, w)
+            self.text_nll_before = _nll_total(jax.device_get(nll))
             self._text_ready = True
+
+    def _path(self, name: str, state: str, warn: bool = False) -> None:
+        """Record fast path `name`'s state in `paths`; warn (once per state) when it is off unasked."""
+        if warn and self.paths.get(name) != state:
+            warnings.warn(f"EditEvaluator: {name} does not run: {state}; the slower path gives the same numbers")
+        self.paths[name] = state
+
+    @property
+    def has_text(self) -> bool:
+        return self._windows is not None or self._text is not None
+
+    def _text_batches(self, cache: dict | None) -> tuple[tuple, tuple]:
+        """The flat path's text parts as its passes take them: (windows, flats), a tuple entry per
+        part, each part's windows with their kept block outputs (cache["text"]) when the pass
+        starts at a block."""
+        windows, flats = self._text
+        if cache is not None:
+            windows = tuple({**w, BLOCK_INPUT: h} for w, h in zip(windows, cache["text"]))
+        return windows, flats
 
     @property
     def n_edits(self) -> int:
@@ -361,22 +471,22 @@ class EditEvaluator:
         """Every metric of edit i's edited `params`, the keys `evaluate_edit` gives for its own
         groups, the shared groups and (with_text) the text: `g/acc_after`, ..., `ea`,
         `adapt_acc`, `dd_acc`, `locality`, `text_ppl_*`, `dd_ppl_text_*`."""
-        if with_text and self._windows is None:
+        if with_text and not self.has_text:
             raise ValueError("with_text=True but the evaluator was built without texts")
         if self._own is None:
             raise ValueError("the evaluator was built without rows for any edit")
         apply, cache = self._start_at(params, with_text)
         self._ensure_base(apply, cache, with_text)
         own, am, spans = self._own_batch(i, cache)
-        shared, windows = self._shared, self._windows if with_text else None
-        if cache is not None:
-            shared = None if shared is None else {**shared, BLOCK_INPUT: cache["shared"]}
-            windows = None if windows is None else {**windows, BLOCK_INPUT: cache["text"]}
         if self.flat_scores:
-            shared = self._shared_batches(cache)
-            out = jax.device_get(_edited_scores_flat(apply, params, own, am, shared, self._shared_flat, windows,
-                                                     None if windows is None else self._windows_flat))
+            windows, wflat = self._text_batches(cache) if with_text else (None, None)
+            out = jax.device_get(_edited_scores_flat(apply, params, own, am, self._shared_batches(cache),
+                                                     self._shared_flat, windows, wflat))
         else:
+            shared, windows = self._shared, self._windows if with_text else None
+            if cache is not None:
+                shared = None if shared is None else {**shared, BLOCK_INPUT: cache["shared"]}
+                windows = None if windows is None else {**windows, BLOCK_INPUT: cache["text"]}
             out = jax.device_get(_edited_scores(apply, params, own, am, shared, self._shared_argmax, windows))
         return self._metrics(spans, out, with_text)
 
@@ -399,7 +509,7 @@ class EditEvaluator:
         res.update(headline_metrics(per, self.with_ppl))
         if with_text:
             before = math.exp(self.text_nll_before / self.text_tokens)
-            after = math.exp(float(np.asarray(out["text"], np.float64).sum()) / self.text_tokens)
+            after = math.exp(_nll_total(out["text"]) / self.text_tokens)
             res["text_ppl_before"], res["text_ppl_after"] = before, after
             dd = perplexity_drawdown(before, after)
             res["dd_ppl_text_rel"], res["dd_ppl_text_abs"] = dd["rel"], dd["abs"]
@@ -422,7 +532,7 @@ class EditEvaluator:
         flags = [bool(with_text)] * len(items) if isinstance(with_text, bool) else [bool(t) for t in with_text]
         if len(flags) != len(items):
             raise ValueError(f"evaluate_many: {len(flags)} with_text flags for {len(items)} edits")
-        if any(flags) and self._windows is None:
+        if any(flags) and not self.has_text:
             raise ValueError("with_text=True but the evaluator was built without texts")
         if self._own is None:
             raise ValueError("the evaluator was built without rows for any edit")
@@ -435,6 +545,17 @@ class EditEvaluator:
         if self.flat_scores and self.skip_unchanged_blocks and self._chain is not None:
             starts = [first_changed_block(self.model, self.base_params, p, self._chain) for _, p in items]
         batchable = [k for k, st in enumerate(starts) if st and st == starts[0]] if starts[0] else []
+        if len(batchable) < len(items):  # said, not silent: which edits run one call each, and why
+            if not (self.flat_scores and self.skip_unchanged_blocks and self._chain is not None):
+                why = "flat_head or from_block off"
+            elif not starts[0]:
+                why = "the first edit changes block 0 or parameters outside the blocks (every block runs)"
+            else:
+                why = f"the edits start at {len(set(starts))} different blocks (batched: those starting where the first does)"
+            self._path("batched_edits", f"{len(items) - len(batchable)} of {len(items)} edits one call each: {why}",
+                       warn=self.flat_scores and self.skip_unchanged_blocks)
+        else:
+            self.paths["batched_edits"] = "on"
         for k in set(range(len(items))) - set(batchable):
             out[k] = self.evaluate(items[k][0], items[k][1], with_text=flags[k])
         for text in (False, True):
@@ -445,8 +566,8 @@ class EditEvaluator:
             apply, cache = self._start_at(items[ks[0]][1], text)
             self._ensure_base(apply, cache, text)
             paths, leaves = stack_edits(self.base_params, [items[k][1] for k in ks])
-            shared, windows = self._shared_batches(cache), self._windows if text else None
-            windows = None if windows is None else {**windows, BLOCK_INPUT: cache["text"]}
+            shared = self._shared_batches(cache)
+            windows, wflat = self._text_batches(cache) if text else (None, None)
             # as few calls as edits_per_call allows, as even as they go (14 edits: 7 + 7, not 8 + 8
             # with two repeated); the last call repeats its last edit to keep the shape
             n = -(-len(ks) // -(-len(ks) // edits_per_call))
@@ -459,7 +580,7 @@ class EditEvaluator:
                 lv = tuple(v[np.asarray(part)] for v in leaves)
                 res = jax.device_get(_edited_scores_flat_many(apply, paths, self.base_params, lv, own, am, shared,
                                                               self._shared_flat if shared is not None else None,
-                                                              windows, None if windows is None else self._windows_flat))
+                                                              windows, wflat))
                 for e, j in enumerate(part[: min(n, len(ks) - c)]):
                     one = jax.tree.map(lambda x: x[e], res)
                     out[ks[j]] = self._metrics(batches[e][2], one, text)
@@ -493,7 +614,7 @@ class EditEvaluator:
         if self._chain is None:
             chain, why = block_chain(self.model, self.base_params, _take(self._own, [0]))
             if chain is None:  # every block runs, as without the option (e.g. nn.remat or nn.scan blocks)
-                warnings.warn(f"EditEvaluator: every block runs for every edit: {why}")
+                self._path("from_block", f"every block runs for every edit: {why}", warn=True)
                 self.skip_unchanged_blocks = False
                 return self.model.apply, None
             self._chain = chain
@@ -523,6 +644,10 @@ class EditEvaluator:
             if self._shared is not None:
                 cache["shared"] = jax.device_put(rows(self._shared_host))
         if with_text and "text" not in cache:
-            cache["text"] = jax.lax.map(lambda b: block_output(fn, last, base, b), self._windows)
+            def text(w):
+                return jax.lax.map(lambda b: block_output(fn, last, base, b), w)
+
+            # the flat path's parts, each at its cut (`_text_parts`); else every window at full length
+            cache["text"] = tuple(map(text, self._text[0])) if self.flat_scores else text(self._windows)
         self._cache = (start, cache)
         return cache
