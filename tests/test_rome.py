@@ -406,7 +406,7 @@ def test_residual_clamp_holds_after_every_step_and_equals_a_hand_loop(arch):
                                      jnp.broadcast_to(delta, (B, delta.shape[0])))
         return jax.nn.log_softmax(logits.astype(jnp.float32), -1), o
 
-    logp0, o_all = logp_at(jnp.zeros(h0.shape, jnp.float32))
+    logp0, o_all = jax.jit(logp_at)(jnp.zeros(h0.shape, jnp.float32))  # one program (eager: one per op)
     o_norm = float(np.linalg.norm(np.asarray(o_all[0], np.float64)))
     assert cap > 1.5 * f * o_norm  # the residual bound is not ROME's
     kl_init = logp0[n_rw, idx[n_rw]]
