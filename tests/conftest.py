@@ -65,6 +65,29 @@ _SLOW_CASES = frozenset({
 })
 
 
+# Test files that share a process-wide cached setup (`test_mend_train.trained_run`: a 100-step editor
+# training, about 15 s of CPU): `make test`'s scheduler (-n 2 --dist loadfile) hands them out as one
+# unit, so one worker trains it once instead of each worker that gets one of them.
+_SHARED_SETUP_FILES = {f"tests/{name}.py": "tests/(trained_run)" for name in (
+    "test_mend_train", "test_checkpoint", "test_edit_command", "test_failure_modes", "test_pipeline")}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadfile with the files of `_SHARED_SETUP_FILES` as one unit (pytest-xdist's own
+    scheduler otherwise: every other file its own unit, the units with the most tests first)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class _SharedSetupScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = super()._split_scope(nodeid)
+            return _SHARED_SETUP_FILES.get(file, file)
+
+    return _SharedSetupScheduling(config, log)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Marks `_SLOW_CASES` slow before the mark plugin's `-m` selection runs (tryfirst)."""

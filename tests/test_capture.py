@@ -101,8 +101,12 @@ def test_capture_errors_are_clear():
 
     model = hf.tiny("gpt2")
     batch = _batch(model)
+    # under jax.jit (raised while tracing; eager, the forward's ops ran one compiled program each
+    # until the error)
     with pytest.raises(KeyError, match="no parameter"):
-        capture(model.apply, model.params, batch, [Weight("transformer/h/9/mlp/c_fc/kernel", "out_in")])
+        jax.jit(lambda p, b: capture(model.apply, p, b, [Weight("transformer/h/9/mlp/c_fc/kernel", "out_in")]))(
+            model.params, batch)
     # Our GPT-2's kernels are [in, out] (nn.Dense); calling one "out_in" must not silently transpose.
     with pytest.raises(ValueError, match="layout"):
-        capture(model.apply, model.params, batch, [Weight("transformer/h/0/mlp/c_fc/kernel", "out_in")])
+        jax.jit(lambda p, b: capture(model.apply, p, b, [Weight("transformer/h/0/mlp/c_fc/kernel", "out_in")]))(
+            model.params, batch)

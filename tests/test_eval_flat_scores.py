@@ -41,8 +41,9 @@ def test_flat_scored_logits_equal_the_full_logits_at_the_pairs(model):
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids, "label_mask": mask}
     flat = flat_positions(mask, 8)
     assert flat["valid"].sum() == 5 and list(flat["rows"][:5]) == [0, 0, 2, 2, 2] and list(flat["pos"][:5]) == [2, 5, 0, 1, 6]
-    got = flat_scored_logits(model.apply, model.params, batch, flat["rows"], flat["pos"])
-    full = model.apply(model.params, batch)
+    # both jitted (one program each; eager, every op its own program)
+    got = jax.jit(lambda p, b, r, q: flat_scored_logits(model.apply, p, b, r, q))(model.params, batch, flat["rows"], flat["pos"])
+    full = jax.jit(model.apply)(model.params, batch)
     assert got.shape == (8, full.shape[-1])
     np.testing.assert_allclose(np.asarray(got), np.asarray(full)[flat["rows"], flat["pos"]], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="more than size"):

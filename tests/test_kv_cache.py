@@ -2,6 +2,8 @@
 the uncached loop that re-runs the whole buffer every step, and the cached step's logits against
 a full forward pass at the same position."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -31,9 +33,16 @@ def _models():
 MODELS = _models()
 
 
+@functools.cache
+def _shared(name):
+    """One model per name for the tests that do not need a fresh one: its jitted loops (keyed by the
+    model's functions and the shapes) compile once and are reused across tests."""
+    return MODELS[name]()
+
+
 @pytest.fixture(scope="module", params=sorted(MODELS))
 def model(request):
-    return MODELS[request.param]()
+    return _shared(request.param)
 
 
 def _prompts(model):
@@ -106,7 +115,7 @@ def _edited(model, scale=30.0):
 
 
 def test_edited_params():
-    m = MODELS["llama"]()
+    m = _shared("llama")
     prompts = _prompts(m)
     p = _edited(m)
     base = generate.greedy_ids(m, m.params, prompts, STEPS, stop_at_eos=False, kv_cache=True)
@@ -125,9 +134,9 @@ def _scale_mlp(next_fun, args, kwargs, context):
 
 
 def test_under_intercept_methods():
-    # Fresh models: the jitted loops are keyed by the model's functions, not by the active
-    # interceptors, so an interceptor must be active when a model's loop is first traced.
-    plain = MODELS["llama"]()
+    # A fresh model under the interceptor: the jitted loops are keyed by the model's functions, not
+    # by the active interceptors, so an interceptor must be active when a model's loop is first traced.
+    plain = _shared("llama")
     prompts = _prompts(plain)
     base = generate.greedy_ids(plain, plain.params, prompts, STEPS, stop_at_eos=False)
     m = MODELS["llama"]()
@@ -140,14 +149,14 @@ def test_under_intercept_methods():
 
 def test_remat_model():
     m = llama.tiny_llama(seed=11, initializer_range=0.5, remat=True)
-    ref = MODELS["llama"]()
+    ref = _shared("llama")
     prompts = _prompts(m)
     want = generate.greedy_ids(ref, ref.params, prompts, STEPS, stop_at_eos=False, kv_cache=False)
     assert generate.greedy_ids(m, m.params, prompts, STEPS, stop_at_eos=False, kv_cache=True) == want
 
 
 def test_compiles_once_per_bucket():
-    m = MODELS["llama"]()
+    m = _shared("llama")
     generate.greedy_ids(m, m.params, ["paris is"], 4, stop_at_eos=False)
     before = generate._cached_causal_loop._cache_size()
     # Same buckets (1 row, length 16): other prompts, answer lengths and end tokens reuse it.
@@ -170,10 +179,10 @@ def test_kv_cache_true_needs_support():
 def test_prefill_of_the_prompts_only_equals_uncached(model):
     """The cached loop prefills only the first P columns of the buffer (`_prefill_length`: the
     longest prompt rounded up, not the buffer's bucket of prompt + new tokens) and pads the cache
-    to L: the shortest P (the longest prompt) and the default give the uncached loop's tokens (P = L,
-    no padding, is every other cached test's)."""
+    to L: the shortest P (the longest prompt) and the default (8 here, of L = 16) give the uncached
+    loop's tokens."""
     rows = [model.tokenizer(p)["input_ids"] for p in _prompts(model)]
-    B, L = 8, 32
+    B, L = 8, 16  # greedy_ids' buckets for these prompts and STEPS: the uncached and default-prefill programs are reused
     ids = np.zeros((B, L), np.int32)
     mask = np.zeros((B, L), np.int32)
     lens = np.ones(B, np.int32)

@@ -203,7 +203,8 @@ def test_kept_factors_and_logits_equal_each_row_alone(setup):
     kept = with_fail_factors(spec, model.apply, base, d, plan, chunk=4)  # 6 rows: a padded second call
     kept = with_pass_logits(model.apply, base, kept, plan, chunk=5)  # 18 rows: 4 calls
     passes = data["train"].passes
-    logits = np.asarray(model.apply(model.params, {k: v for k, v in passes.items() if k != "score_pos"}))
+    # the references jitted (one program each; eager, every op of them its own program)
+    logits = np.asarray(jax.jit(model.apply)(model.params, {k: v for k, v in passes.items() if k != "score_pos"}))
     got = kept.passes[PASS_LOGITS]
     assert got.shape[1] > 1  # some pass row has several targets
     for r in range(d.n_pass):
@@ -211,8 +212,9 @@ def test_kept_factors_and_logits_equal_each_row_alone(setup):
         np.testing.assert_allclose(got[r, : len(pos)], logits[r, pos], rtol=1e-5, atol=1e-5)
         assert not got[r, len(pos):].any()
     rows = {k: v for k, v in data["train"].fail.items() if k != "score_pos"}
+    one_row = jax.jit(lambda p, b: capture(model.apply, p, b, spec.weights)[1])
     for i in range(d.n_fail):
-        _, want = capture(model.apply, model.params, {k: v[i:i + 1] for k, v in rows.items()}, spec.weights)
+        want = one_row(model.params, {k: v[i:i + 1] for k, v in rows.items()})
         for j, w in enumerate(spec.weights):
             np.testing.assert_allclose(kept.fail[f"{FACTOR}{j}:u"][i], want[w.path].u[0], rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(kept.fail[f"{FACTOR}{j}:delta"][i], want[w.path].delta[0], rtol=1e-4, atol=1e-7)

@@ -81,8 +81,10 @@ def test_projected_edit_is_P_times_the_unprojected_pseudo_gradient(arch, tmp_pat
     eparams, state = noisy_editor_params(spec)
     factors = capture(model.apply, model.params, encode_requests(model, REQS), spec.weights)[1]
     proj = _projection(model, weights, tmp=tmp_path)
-    grads = pseudo_grads(spec, eparams, state, factors)  # unprojected G~, stored layout
-    got = edited_params(spec, eparams, state, model.params, factors, proj.projections)
+    # jitted (one program each; eager, each of their ops compiled as its own program)
+    grads = jax.jit(pseudo_grads, static_argnums=0)(spec, eparams, state, factors)  # unprojected G~, stored layout
+    edit = jax.jit(edited_params, static_argnums=0)
+    got = edit(spec, eparams, state, model.params, factors, proj.projections)
     rng = np.random.default_rng(0)
     for w in weights:
         P = np.asarray(proj.projections[w.path], np.float64)
@@ -99,11 +101,10 @@ def test_projected_edit_is_P_times_the_unprojected_pseudo_gradient(arch, tmp_pat
         assert np.linalg.norm(k @ (lr * g)) > 1e-2 * np.linalg.norm(k) * np.linalg.norm(lr * g)
         np.testing.assert_array_less(np.linalg.norm(k @ dw, axis=1), 1e-4 * np.linalg.norm(k, axis=1) * np.linalg.norm(lr * g))
     # without projections: the very same arithmetic as before the argument existed
-    plain = edited_params(spec, eparams, state, model.params, factors)
+    plain = edit(spec, eparams, state, model.params, factors)
+    hand = jax.jit(lambda k, lr, g: (k.astype(jnp.float32) - lr * g).astype(k.dtype))
     for w in weights:
-        lr = eparams["lr"][w.path.replace("/", ".")]
-        kern = get_path(model.params, w.path)
-        want = (kern.astype(jnp.float32) - lr * grads[w.path]).astype(kern.dtype)
+        want = hand(get_path(model.params, w.path), eparams["lr"][w.path.replace("/", ".")], grads[w.path])
         np.testing.assert_array_equal(np.asarray(get_path(plain, w.path)), np.asarray(want))
 
 
@@ -208,8 +209,10 @@ def test_projected_training_step_equals_the_hand_step(arch, tmp_path):
     np.testing.assert_allclose(float(m_f["grad_norm"]), want_gnorm, rtol=1e-3)
     for a, b in zip(jax.tree.leaves(state_f["params"]), jax.tree.leaves(want_params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-3 * cfg.lr, rtol=1e-4)
-    # the projection changes the step: the unprojected step's loss is another number
-    _, m0 = train_step(place_state(jax.tree.map(np.array, state0), mesh), base, sharding.shard_batch(batch, mesh), **kw)
+    # the projection changes the step: with P = I (no projection; the same compiled step) the loss
+    # is another number
+    eye = {k: jnp.eye(v.shape[0], dtype=jnp.float32) for k, v in proj.projections.items()}
+    _, m0 = train_step(place_state(jax.tree.map(np.array, state0), mesh), base, sharding.shard_batch(batch, mesh), eye, **kw)
     assert abs(float(m0["loss"]) - want_loss) > 1e-4 * abs(want_loss)
 
 

@@ -285,6 +285,28 @@ def test_step_and_evaluation_at_scored_positions_equal_the_full_logits():
     assert ev_a["edit_correct"].any() or ev_a["edit_before"].any() or ev_a["pass_correct"].any()  # not all trivially False
 
 
+@functools.cache
+def _optax_reference(k):
+    """(config, initial state, optax's MultiSteps update + apply_updates jitted) for accum_steps k:
+    shared by the cases of the same k, so the reference compiles once per k."""
+    import optax
+
+    from salem_jax.mend.train import make_optimizer
+
+    model, _, weights, cfg, _ = tiny_setup()
+    cfg = dataclasses.replace(cfg, accum_steps=k, grad_clip=0.5).resolved(1)
+    spec = EditorSpec.from_params(weights, model.params, cfg.editor)
+    state = init_train_state(spec, cfg)
+    tx = make_optimizer(cfg, state["params"])
+
+    @jax.jit
+    def ref(p, g, o):
+        upd, o = tx.update(g, o, p)
+        return optax.apply_updates(p, upd), o
+
+    return cfg, state, ref
+
+
 @pytest.mark.parametrize("k,fused,clip_factor", [(1, False, False), (3, False, False), (1, True, False), (3, True, False),
                                                 (1, True, True), (3, True, True)])
 def test_optimizer_update_equals_optax_multisteps(k, fused, clip_factor):
@@ -295,22 +317,12 @@ def test_optimizer_update_equals_optax_multisteps(k, fused, clip_factor):
     equals optax's."""
     import optax
 
-    from salem_jax.mend.train import make_optimizer, optimizer_update
+    from salem_jax.mend.train import optimizer_update
 
-    model, _, weights, cfg, _ = tiny_setup()
-    cfg = dataclasses.replace(cfg, accum_steps=k, grad_clip=0.5).resolved(1)
-    spec = EditorSpec.from_params(weights, model.params, cfg.editor)
-    state = init_train_state(spec, cfg)
-    tx = make_optimizer(cfg, state["params"])
+    cfg, state, ref = _optax_reference(k)
     ref_p, ref_o = state["params"], state["opt_state"]
     new_p, new_o = state["params"], state["opt_state"]
     fast = jax.jit(lambda p, g, o: optimizer_update(cfg, p, g, o, with_norm=True, fused=fused, clip_factor=clip_factor))
-
-    @jax.jit
-    def ref(p, g, o):
-        upd, o = tx.update(g, o, p)
-        return optax.apply_updates(p, upd), o
-
     clipped = []
     for i in range(2 * k + 3):
         leaves, tdef = jax.tree.flatten(state["params"])

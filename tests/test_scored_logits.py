@@ -3,6 +3,8 @@ every-position computation, and the LM head really sees K positions instead of S
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,17 +15,19 @@ from salem_jax.losses import batch_nll, example_correct, example_nll, kl_diverge
 from salem_jax.scored_logits import SCORE_POS, scored_labels, scored_logits, with_score_positions
 
 
-def _models():
+NAMES = ("gpt2", "llama-tied", "llama-untied")
+
+
+@functools.cache
+def _model(name):
+    """Built on first use, not at import: every pytest-xdist worker imports this file to collect it,
+    and only the one that runs it needs the models."""
     from salem_jax.models import hf, llama
 
-    return {
-        "llama-tied": llama.tiny_llama(),
-        "llama-untied": llama.tiny_llama(tie_word_embeddings=False),
-        "gpt2": hf.tiny("gpt2", n_layer=1),
-    }
+    if name == "gpt2":
+        return hf.tiny("gpt2", n_layer=1)
+    return llama.tiny_llama(tie_word_embeddings=name == "llama-tied")
 
-
-MODELS = _models()
 PROMPTS = ["the capital of france is", "paris is the capital of", "the capital of peru is"]
 TARGETS = ["paris", "france is a country", "lima"]
 
@@ -57,18 +61,22 @@ def test_default_k_is_rounded_up_to_a_power_of_two():
         assert with_score_positions({"label_mask": m, "labels": m})[SCORE_POS].shape == (1, k)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", NAMES)
 def test_losses_and_metrics_equal_the_full_computation(name):
-    model = MODELS[name]
+    model = _model(name)
     batch = encode(model, PROMPTS, TARGETS)
     sb = with_score_positions(batch)
     assert sb[SCORE_POS].shape[1] < batch["input_ids"].shape[1]
-    full = model.apply(model.params, batch)
+    # each path jitted (one program each, reused for the second parameter set; eager, every op of
+    # the forward compiled as its own program)
+    full_fn = jax.jit(model.apply)
+    scored_fn = jax.jit(lambda p, b: scored_logits(model.apply, p, b))
+    full = full_fn(model.params, batch)
     # a second parameter set (the "edited" model) for the KL
     other = jax.tree.map(lambda x: x * 1.3, model.params)  # a KL well above float32 rounding (1.01 gave ~3e-6)
-    full2 = model.apply(other, batch)
-    logits, labels, mask = scored_logits(model.apply, model.params, sb)
-    logits2, _, _ = scored_logits(model.apply, other, sb)
+    full2 = full_fn(other, batch)
+    logits, labels, mask = scored_fn(model.params, sb)
+    logits2, _, _ = scored_fn(other, sb)
     assert logits.shape[:2] == sb[SCORE_POS].shape
     L, M = batch["labels"], batch["label_mask"]
     np.testing.assert_allclose(example_nll(logits, labels, mask), example_nll(full, L, M), rtol=1e-5, atol=1e-6)
@@ -88,10 +96,10 @@ def _flops(fn, *args):
     return (ca[0] if isinstance(ca, list) else ca)["flops"]
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", NAMES)
 def test_the_head_runs_at_the_scored_positions_only(name):
     """The compiled forward does (S - K) positions' worth of head matmuls less."""
-    model = MODELS[name]
+    model = _model(name)
     sb = {k: jnp.asarray(v) for k, v in with_score_positions(encode(model, PROMPTS, TARGETS)).items()}
     (B, S), K = sb["input_ids"].shape, sb[SCORE_POS].shape[1]
     V, H = model.config.vocab_size, getattr(model.config, "hidden_size", None) or model.config.n_embd
@@ -100,7 +108,7 @@ def test_the_head_runs_at_the_scored_positions_only(name):
 
 
 def test_a_model_without_a_recognised_head_is_gathered_after():
-    model = MODELS["llama-tied"]
+    model = _model("llama-tied")
     sb = with_score_positions(encode(model, PROMPTS, TARGETS))
     full = model.apply(model.params, sb)
 
