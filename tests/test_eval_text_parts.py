@@ -40,8 +40,14 @@ EDITS = [{"fail": [_row("the capital of france is", "paris", "fail", 0)],
 SHARED = {"keep": [_row("the capital of kenya is", "nairobi", "keep", 0), _row("brazil", "brasilia", "keep", 1)]}
 
 
+_FORWARD: dict = {}
+
+
 def _hand_text_nll(model, params, texts, window, stride):
-    """(summed NLL, counted tokens) of `texts`: every window run alone at its own length."""
+    """(summed NLL, counted tokens) of `texts`: every window run alone at its own length (the
+    plain forward under `jax.jit`: one program per window length, shared by every parameter set,
+    where the eager forward compiled each of its ops per length and cost ~35 s a model)."""
+    forward = _FORWARD.setdefault(id(model), (model, jax.jit(model.apply)))[1]  # the model kept: its id stays its own
     total, count = 0.0, 0
     for text in texts:
         ids = list(model.tokenizer(text, add_special_tokens=True)["input_ids"])
@@ -49,7 +55,7 @@ def _hand_text_nll(model, params, texts, window, stride):
         while n >= 2:
             end = min(begin + window, n)
             seg = np.asarray(ids[begin:end], np.int32)[None]
-            logits = np.asarray(model.apply(params, {"input_ids": seg, "attention_mask": np.ones_like(seg)}),
+            logits = np.asarray(forward(params, {"input_ids": seg, "attention_mask": np.ones_like(seg)}),
                                 np.float64)[0]
             logp = logits - logits.max(-1, keepdims=True)
             logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
