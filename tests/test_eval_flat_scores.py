@@ -78,3 +78,60 @@ def test_flat_evaluation_equals_the_k_position_path(model):
     flats = [part["flat"] for part in flat.text_parts]
     assert sum(f["rows"].size for f in flats) < slow._windows["input_ids"].size
     assert sum(int(f["valid"].sum()) for f in flats) == flat.text_tokens
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_the_last_mlp_runs_at_the_scored_pairs_only(arch):
+    """`LastMLPAtScored`: the last block's MLP on the T scored pairs only; the logits there are the
+    plain forward pass's (every position, every block), and the MLP really sees [1, T, H]."""
+    import flax.linen as nn
+
+    from salem_jax.models.from_block import block_chain, last_mlp_module
+    from salem_jax.scored_logits import LastMLPAtScored
+    from salem_jax.testing import tiny_edit_model
+
+    m = tiny_edit_model(arch)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, 60, size=(3, 9)).astype(np.int32)
+    att = np.ones_like(ids)
+    att[1, 6:] = 0
+    mask = np.zeros((3, 9), np.int32)
+    mask[0, [1, 4, 8]] = mask[1, [2, 5]] = mask[2, [7]] = 1
+    batch = {"input_ids": ids, "attention_mask": att, "labels": ids, "label_mask": mask}
+    chain, why = block_chain(m, m.params, batch)
+    assert chain is not None, why
+    mlp, why = last_mlp_module(m, chain)
+    assert mlp == m.layers.blocks[-1].module_path + "/mlp", why
+    flat = flat_positions(mask, 8)  # 6 pairs and 2 padding entries at (0, 0)
+    seen = []
+
+    def spy(next_fun, args, kwargs, context):
+        # the MLP's own layers (inside it, so after the hook under test has cut its input)
+        if context.method_name == "__call__" and "/".join(context.module.path).startswith(mlp + "/"):
+            seen.append(args[0].shape)
+        return next_fun(*args, **kwargs)
+
+    def run(p, b, r, q):
+        with nn.intercept_methods(spy):
+            return flat_scored_logits(LastMLPAtScored(m.apply, mlp), p, b, r, q)
+
+    got = jax.jit(run)(m.params, batch, flat["rows"], flat["pos"])
+    assert seen and all(s[:2] == (1, 8) for s in seen), seen  # the MLP's layers ran on the 8 flat entries only
+    full = np.asarray(jax.jit(m.apply)(m.params, batch))  # the independent computation: the plain pass
+    np.testing.assert_allclose(np.asarray(got), full[flat["rows"], flat["pos"]], rtol=1e-5, atol=1e-5)
+    # the unscored positions really are left without the MLP's term: the plain apply of the marked
+    # function elsewhere (no flat_scored_logits) is the whole model
+    np.testing.assert_array_equal(np.asarray(jax.jit(LastMLPAtScored(m.apply, mlp))(m.params, batch)), full)
+
+
+def test_the_evaluator_reports_the_last_mlp_path(model):
+    edits = [{"fail": [_row(p, t, "fail", i)], "adapt": [_row(a, t, "adapt", i) for a in reph]}
+             for i, (p, t, reph) in enumerate(FACTS)]
+    ev = EditEvaluator(model, model.params, edits, {}, batch_size=2)
+    p = model.layers.weights(["layers.1"])[0].path
+    edited = set_path(model.params, p, get_path(model.params, p) * 1.5)
+    ev.evaluate(0, edited)
+    assert ev.paths["last_mlp"] == "on"
+    slow = EditEvaluator(model, model.params, edits, {}, batch_size=2, flat_scores=False)
+    slow.evaluate(0, edited)
+    assert slow.paths["last_mlp"].startswith("off")

@@ -55,8 +55,8 @@ from salem_jax.eval.metrics import (
 )
 from salem_jax.eval.perplexity import row_nll, text_windows
 from salem_jax.models.from_block import (BLOCK_INPUT, BlockChain, block_chain, block_output, block_outputs_by_length,
-                                        first_changed_block)
-from salem_jax.scored_logits import SCORE_POS, flat_positions, flat_scored_logits
+                                        first_changed_block, last_mlp_module)
+from salem_jax.scored_logits import SCORE_POS, LastMLPAtScored, flat_positions, flat_scored_logits
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -298,7 +298,9 @@ class EditEvaluator:
     skip_unchanged_blocks: run each edited model from the first block its edit changed, on the
       base model's cached hidden states (decoder-only models; the same numbers, less work).
     paths: after construction (and `evaluate_many`), each fast path - "from_block", "flat_head",
-      "text_parts", "batched_edits" - "on" or why it does not run (warned when it was asked for).
+      "text_parts", "batched_edits", "last_mlp" (the first evaluation on: the last block's MLP on
+      the scored positions only, `scored_logits.LastMLPAtScored`) - "on" or why it does not run
+      (warned when it was asked for).
     shared_subgroups: {name: (group, a, b)}: rows [a, b) of shared group `group`, reported also as a
       group `name` of their own (e.g. a keep set's rows of one relation; scored once, with the group).
     flat_scores: run the vocabulary head on the target tokens only, T of them per edit (own
@@ -610,20 +612,36 @@ class EditEvaluator:
         """(the apply function for `params`, the cached base block outputs it starts from or None)."""
         self.last_start = 0
         if not self.skip_unchanged_blocks:
+            self.paths.setdefault("last_mlp", "off: needs the block chain of from_block")
             return self.model.apply, None
         if self._chain is None:
             chain, why = block_chain(self.model, self.base_params, _take(self._own, [0]))
             if chain is None:  # every block runs, as without the option (e.g. nn.remat or nn.scan blocks)
                 self._path("from_block", f"every block runs for every edit: {why}", warn=True)
+                self._path("last_mlp", f"the last block runs at every position: {why}")
                 self.skip_unchanged_blocks = False
                 return self.model.apply, None
             self._chain = chain
         start = first_changed_block(self.model, self.base_params, params, self._chain)
         if not start:
-            return self.model.apply, None
+            return self._scored_tail(self.model.apply), None
         self.last_start = start
         cache = self._block_cache(start, self._chain.last_skipped(start), with_text)
-        return self._chain.skipping(self.model.apply, start), cache
+        return self._scored_tail(self._chain.skipping(self.model.apply, start)), cache
+
+    def _scored_tail(self, apply: Callable) -> Callable:
+        """`apply` marked so that the flat path's passes run the last block's MLP on the scored
+        positions only (`scored_logits.LastMLPAtScored`; the same numbers up to float rounding):
+        path "last_mlp" - "on", or why not (warned: an MLP the layer table does not tell apart)."""
+        if not self.flat_scores:
+            self.paths["last_mlp"] = "off: the [R, K] path (flat_head off) scores at K positions of every row"
+            return apply
+        if getattr(self, "_last_mlp", None) is None:
+            mlp, why = last_mlp_module(self.model, self._chain)
+            self._last_mlp = (mlp, why)
+            self._path("last_mlp", "on" if mlp else f"the last block runs at every position: {why}", warn=not mlp)
+        mlp = self._last_mlp[0]
+        return apply if mlp is None else LastMLPAtScored(apply, mlp)
 
     def _block_cache(self, start: int, last: str, with_text: bool) -> dict:
         """The base model's output of block `last` (the one before `start`) on every own row,

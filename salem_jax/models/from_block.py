@@ -266,3 +266,25 @@ def block_chain(model, params: Any, batch: dict) -> tuple[BlockChain | None, str
             _CHAINS[key] = f"the blocks' call order is not a chain ({e})"
     found = _CHAINS[key]
     return (found, "") if isinstance(found, BlockChain) else (None, found)
+
+
+def last_mlp_module(model, chain: BlockChain) -> tuple[str | None, str]:
+    """(module path of the MLP of the chain's last block, "") or (None, why there is none): the
+    longest common module prefix of that block's MLP weights (Llama's `.../mlp` over gate, up and
+    down; GPT-2's over c_fc and c_proj), which must lie strictly inside the block. What
+    `scored_logits.LastMLPAtScored` runs on the scored positions only."""
+    last = chain.order[-1]
+    block = next((b for b in model.layers.blocks if b.module_path == last), None)
+    if block is None:
+        return None, f"the last block called ({last!r}) is not in the layer table"
+    mods = [w.module_path.split("/") for w in block.mlp]
+    if len(mods) < 2:
+        return None, f"block {block.name} lists {len(mods)} MLP weight(s): no MLP module to tell apart from them"
+    common = []
+    for level in zip(*mods):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    if len(common) <= len(last.split("/")) or common[: len(last.split("/"))] != last.split("/"):
+        return None, f"block {block.name}'s MLP weights share no module inside the block ({'/'.join(common)!r})"
+    return "/".join(common), ""
