@@ -52,6 +52,19 @@ checks they give the same numbers:
     python benchmarks/eval_edit.py --edits 19 --compare-with /work/main/salem_jax/eval/edits.py \
         --out runs/bench-eval-ab.json
 
+Applying the edit (session 25): the pipeline's per-edit evaluation is applying the edit (MEND:
+`mend.apply.apply_each`, every val edit in one vmapped call; `apply_edits` for one request) and
+scoring it. The benchmark times applying with an editor of `--layer`'s MLP (gate, up, down, as
+the main job's `salem_edit` editor): `--editor WORKDIR` loads a trained one (e.g. a pipeline
+run's `editor_salem_edit`), else a fresh one (`init_editor`, with a null-space projector of half
+of each kernel's input width, as the main job's editor edits through one: the same shapes and
+work as a trained editor's edit, not its values). The stand-in edits are still what is scored.
+It prints **one edit's evaluation** - applying + scoring with the text, both as the pipeline runs
+them (vmapped across the edits), per edit: issue 14's "<= 1 s" target read off one number
+(`one_edit_evaluation_s` in the JSON; with each edit applied and scored one call each too):
+
+    python benchmarks/eval_edit.py --edits 19 --skip-all-blocks --score-only --out runs/bench-eval-edit.json
+
 Prints a table and writes JSON (hardware, load average, every time). Nothing is timed in tests.
 """
 
@@ -117,6 +130,46 @@ def edited_params(model, layer: str, i: int, scale: float):
     return set_path(model.params, w.path, k + scale * jnp.outer(u, v) / np.sqrt(k.size))
 
 
+def bench_editor(model, layer: str, path: str | None):
+    """(the editor whose edits are timed, what it is): `path`'s trained editor, else a fresh editor
+    of `layer`'s MLP kernels (`init_editor`) with a null-space projector per kernel (identity minus
+    a random orthonormal basis of half of its input width: a projector of the trained one's shape)."""
+    from salem_jax.mend.apply import TrainedEditor, load_editor
+    from salem_jax.mend.editor import EditorSpec, init_editor
+
+    if path:
+        ed = load_editor(path, model)
+        return ed, f"trained editor {path} (step {ed.step}, weights {[w.path for w in ed.spec.weights]})"
+    spec = EditorSpec.from_params(model.layers[layer].mlp, model.params)
+    params, state = init_editor(spec, jax.random.PRNGKey(0))
+    proj = {}
+    for i, w in enumerate(spec.weights):
+        fan_in = spec.fans(i)[0]
+        q, _ = np.linalg.qr(np.random.default_rng(i).standard_normal((fan_in, fan_in // 2)))
+        proj[w.path] = jnp.asarray(np.eye(fan_in, dtype=np.float32) - (q @ q.T).astype(np.float32))
+    ed = TrainedEditor(spec=spec, params=params, state=state, model_name=model.name, step=0, projections=proj,
+                       null_energy=0.2)
+    return ed, f"fresh editor of {layer}'s MLP ({len(spec.weights)} kernels, null-space projectors)"
+
+
+def time_applying(model, editor, edits) -> dict:
+    """Seconds applying each edit's fail row as the pipeline does: every edit in one `apply_each`
+    call (vmapped; the first call compiles, the second is timed) and one `apply_edits` call per edit
+    (median over the edits after the first). `like`: the edits' fail rows encoded together, as the
+    pipeline's val split (one program for every request)."""
+    from salem_jax.mend.apply import apply_each, apply_edits, encode_requests
+    from salem_jax.scored_logits import with_score_positions
+
+    reqs = [dict(prompt=e["fail"][0]["prompt"], target=e["fail"][0]["target"]) for e in edits]
+    like = with_score_positions(encode_requests(model, reqs))
+    first = timed(lambda: jax.block_until_ready(apply_each(model, editor, reqs, like=like)))[0]
+    again = timed(lambda: jax.block_until_ready(apply_each(model, editor, reqs, like=like)))[0]
+    one = [timed(lambda: jax.block_until_ready(apply_edits(model, editor, [r], like=like, progress=False)))[0]
+           for r in reqs]
+    return {"apply_each_first_call_s": first, "apply_each_total_s": again, "apply_batched_per_edit_s": again / len(reqs),
+            "apply_one_call_s": one, "apply_one_call_median_s": statistics.median(one[1:]) if len(one) > 1 else one[0]}
+
+
 def timed(fn):
     t = time.perf_counter()
     out = fn()
@@ -151,6 +204,9 @@ def main(argv=None) -> int:
                     help="--compare-with: also time one `evaluate` call per edit, the two versions alternated edit by edit")
     ap.add_argument("--no-generation", action="store_true",
                     help="--compare-with: time the scoring only (not the generations before and after every edit)")
+    ap.add_argument("--editor", default=None,
+                    help="a trained MEND editor's workdir to time applying the edits with (default: a fresh editor of --layer's MLP)")
+    ap.add_argument("--no-apply", action="store_true", help="do not time applying the edits")
     args = ap.parse_args(argv)
     if not args.no_compile_cache:
         enable_compile_cache()
@@ -249,6 +305,18 @@ def main(argv=None) -> int:
     res["times_s"] = times
     med = {k: statistics.median(v[1:]) for k, v in times.items()}  # the first edit compiles
     res["median_s"] = med
+    whole = {}
+    if scoring and not args.no_apply:  # applying each edit (MEND), then one edit's whole evaluation
+        editor, res["editor"] = bench_editor(model, args.layer, args.editor)
+        res["apply"] = ap = time_applying(model, editor, edits)
+        print(f"applying ({res['editor']}): every edit in one apply_each call {ap['apply_each_total_s']:.2f} s "
+              f"({ap['apply_batched_per_edit_s']:.3f} s per edit), one call per edit {ap['apply_one_call_median_s']:.3f} s",
+              flush=True)
+        for key, name in (("score_from_block", "rows"), ("score_text_from_block", "text")):
+            if key in med:
+                whole[f"{name}_batched"] = ap["apply_batched_per_edit_s"] + res[f"{key}_batched_total_s"] / args.edits
+                whole[f"{name}_one_call"] = ap["apply_one_call_median_s"] + med[key]
+        res["one_edit_evaluation_s"] = whole
     res["generate_before_batched_per_edit_s"] = dt / args.edits
     if gen:
         res["generate_kv_cache_speedup"] = med["generate_after_uncached"] / med["generate_after"]
@@ -282,6 +350,16 @@ def main(argv=None) -> int:
             print(f"| {key}: one call per edit / batched, same run | {res[key + '_batched_speedup']:.2f}x |")
     for k, v in res.get("flat_speedup", {}).items():
         print(f"| {k}: head at K positions / on the target tokens, same run | {v:.2f}x |")
+    if whole:
+        print(f"| applying the edit: every edit in one apply_each call (per edit) / one apply_edits call | "
+              f"{res['apply']['apply_batched_per_edit_s']:.3f} / {res['apply']['apply_one_call_median_s']:.3f} |")
+        for name, what in (("rows", "own rows + pass + keep"), ("text", "own rows + pass + keep + text")):
+            if f"{name}_batched" in whole:
+                print(f"| one edit's evaluation: applying + scoring ({what}), vmapped across edits as the pipeline "
+                      f"/ one call each | {whole[name + '_batched']:.3f} / {whole[name + '_one_call']:.3f} |")
+        if "text_batched" in whole:
+            print(f"\nONE EDIT'S EVALUATION (issue 14's target <= 1 s; applying + scoring with the text, as the pipeline "
+                  f"runs them): {whole['text_batched']:.3f} s (one call each: {whole['text_one_call']:.3f} s)")
     if "per_edit_old_s" in res:
         print("| one edit's evaluation without text: all blocks, uncached generation before/after per edit "
               f"| {before_old:.3f} |")
@@ -397,6 +475,12 @@ def compare_evaluators(args, model, edits, shared, txt, load0) -> int:
     if args.per_edit_ab:
         pmed = {k: med(v) for k, v in per_edit.items() if v}
         res.update(per_edit_s=per_edit, per_edit_warm_median_s=pmed, xla_cost_one_edit_with_text=cost)
+        if not args.no_apply:  # applying (this tree's code, the same for both) + each version's one-call scoring
+            editor, res["editor"] = bench_editor(model, args.layer, args.editor)
+            res["apply"] = ap = time_applying(model, editor, edits)
+            res["one_edit_evaluation_one_call_s"] = {
+                f"{k}_{part}": ap["apply_one_call_median_s"] + pmed[f"{k}_{part}"]
+                for k in ("other", "this") for part in ("rows", "text") if f"{k}_{part}" in pmed}
     print(f"\n{args.edits} edits ({args.ppl_edits} with text), load {load0[0]:.1f} -> {res['load_end'][0]:.1f}")
     print("| piece | version | first (compiles) | warm median | warm CPU |\n|---|---|---|---|---|")
     for k in ("other", "this"):
@@ -418,6 +502,14 @@ def compare_evaluators(args, model, edits, shared, txt, load0) -> int:
                 print(f"| one call per edit ({what}), warm median | other / this | | "
                       f"{pmed['other_' + part]:.3f} / {pmed['this_' + part]:.3f} s | "
                       f"{pmed['other_' + part] / pmed['this_' + part]:.2f}x |")
+    if "one_edit_evaluation_one_call_s" in res:
+        w, ap = res["one_edit_evaluation_one_call_s"], res["apply"]
+        print(f"| applying one edit (apply_edits, one call; this tree's) | | | {ap['apply_one_call_median_s']:.3f} s | "
+              f"(apply_each: {ap['apply_batched_per_edit_s']:.3f} s per edit) |")
+        for part in ("rows", "text"):
+            if f"other_{part}" in w:
+                print(f"| one edit's evaluation, applying + one call ({part}) | other / this | | "
+                      f"{w['other_' + part]:.3f} / {w['this_' + part]:.3f} s | {w['other_' + part] / w['this_' + part]:.2f}x |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(f"wrote {args.out}")
