@@ -432,13 +432,15 @@ def compare_evaluators(args, model, edits, shared, txt, load0) -> int:
     # alternated edit by edit on the last repetition's evaluators (their programs compiled above
     # by the batched calls are other programs: the first edit compiles and is left out)
     per_edit: dict[str, list[float]] = {f"{k}_{t}": [] for k in ("other", "this") for t in ("rows", "text")}
+    per_edit_cpu: dict[str, list[float]] = {k: [] for k in per_edit}  # process CPU seconds (both cores; less load-bound)
     for i in range(args.edits if args.per_edit_ab else 0):
         for name in (("other", "this") if i % 2 == 0 else ("this", "other")):
             outs = {}
             for text in (False, True) if txt else (False,):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 outs[text] = evs[name].evaluate(i, kept[i], with_text=text)
                 per_edit[f"{name}_{'text' if text else 'rows'}"].append(time.perf_counter() - t)
+                per_edit_cpu[f"{name}_{'text' if text else 'rows'}"].append(time.process_time() - c)
             got[f"{name}_one"] = outs
         for text, a in got["other_one"].items():
             b = got["this_one"][text]
@@ -474,7 +476,9 @@ def compare_evaluators(args, model, edits, shared, txt, load0) -> int:
            "warm_ratio": warm["other"] / warm["this"], "hardware": {"platform": platform.platform(), "cpu_count": os.cpu_count()}}
     if args.per_edit_ab:
         pmed = {k: med(v) for k, v in per_edit.items() if v}
-        res.update(per_edit_s=per_edit, per_edit_warm_median_s=pmed, xla_cost_one_edit_with_text=cost)
+        pcpu = {k: med(v) for k, v in per_edit_cpu.items() if v}
+        res.update(per_edit_s=per_edit, per_edit_warm_median_s=pmed, xla_cost_one_edit_with_text=cost,
+                   per_edit_cpu_s=per_edit_cpu, per_edit_cpu_warm_median_s=pcpu)
         if not args.no_apply:  # applying (this tree's code, the same for both) + each version's one-call scoring
             editor, res["editor"] = bench_editor(model, args.layer, args.editor)
             res["apply"] = ap = time_applying(model, editor, edits)
@@ -502,6 +506,9 @@ def compare_evaluators(args, model, edits, shared, txt, load0) -> int:
                 print(f"| one call per edit ({what}), warm median | other / this | | "
                       f"{pmed['other_' + part]:.3f} / {pmed['this_' + part]:.3f} s | "
                       f"{pmed['other_' + part] / pmed['this_' + part]:.2f}x |")
+                print(f"| the same, process CPU seconds (median) | other / this | | "
+                      f"{pcpu['other_' + part]:.3f} / {pcpu['this_' + part]:.3f} s | "
+                      f"{pcpu['other_' + part] / pcpu['this_' + part]:.2f}x |")
     if "one_edit_evaluation_one_call_s" in res:
         w, ap = res["one_edit_evaluation_one_call_s"], res["apply"]
         print(f"| applying one edit (apply_edits, one call; this tree's) | | | {ap['apply_one_call_median_s']:.3f} s | "
