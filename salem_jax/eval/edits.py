@@ -328,6 +328,7 @@ class EditEvaluator:
                                 ("flat_head", flat_scores, self.flat_scores)):
             self._path(name, "on" if on else (not_causal if asked else "off (asked)"), warn=asked and not on)
         self._chain: BlockChain | None = None
+        self._last_mlp: tuple[str | None, str] | None = None  # (the last block's MLP path or None, why): `_scored_tail`
         self._cache: tuple[int, dict] | None = None  # (start block, cached base block outputs)
         self.last_start: int | None = None  # the block the last evaluate() started at (0 = all ran)
         self.with_ppl = model.kind != "classifier"
@@ -636,7 +637,7 @@ class EditEvaluator:
         if not self.flat_scores:
             self.paths["last_mlp"] = "off: the [R, K] path (flat_head off) scores at K positions of every row"
             return apply
-        if getattr(self, "_last_mlp", None) is None:
+        if self._last_mlp is None:
             mlp, why = last_mlp_module(self.model, self._chain)
             self._last_mlp = (mlp, why)
             self._path("last_mlp", "on" if mlp else f"the last block runs at every position: {why}", warn=not mlp)
