@@ -41,7 +41,10 @@ then the mean over edits. The unedited model's figures on the same records head 
 
 The edited forward passes never rebuild a weight: a row with step coefficient c sees the module
 output x W - c x G (exactly x W' for a bias-free linear layer), so one batch scores every rho of
-the grid. Prints a markdown table and writes JSON (per edit rows too) to --out.
+the grid. Prints a markdown table and writes JSON (per edit rows too) to --out; a second table
+compares each token set with `all` at equal edit success (`paired`: the edits both fix, since an
+edit the line search cannot fix is scored at its best, often large, step); `--summarize JSON`
+prints both tables of a saved run again.
 """
 
 from __future__ import annotations
@@ -368,6 +371,43 @@ def table(res: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def paired(res: dict, layers, scalings, token_sets=("subject_last", "subject")) -> list[dict]:
+    """The comparison at equal edit success: per (layer, scaling, token set), the edits whose line
+    search reached the argmax with BOTH the `all` tokens and that token set (`found`), and on those
+    edits the mean NS / PS / ES of each and of the unedited model, the median rho of each."""
+    per = {(r["edit"], r["layer"], r["scaling"], r["tokens"]): r for r in res["per_edit"]}
+    edits = sorted({r["edit"] for r in res["per_edit"]})
+    out = []
+    for L in layers:
+        for sc in scalings:
+            for ts in token_sets:
+                if (edits[0], L, sc, ts) not in per or (edits[0], L, sc, "all") not in per:
+                    continue
+                both = [e for e in edits if per[e, L, sc, "all"]["found"] and per[e, L, sc, ts]["found"]]
+                row = {"layer": L, "scaling": sc, "tokens": ts, "n": len(both)}
+                if both:
+                    for k in ("NS", "PS", "ES"):
+                        row[f"{k}_base"] = float(np.mean([res["base"][e][k] for e in both]))
+                        row[f"{k}_all"] = float(np.mean([per[e, L, sc, "all"][k] for e in both]))
+                        row[f"{k}_tokens"] = float(np.mean([per[e, L, sc, ts][k] for e in both]))
+                    row["rho_all"] = float(np.median([per[e, L, sc, "all"]["rho"] for e in both]))
+                    row["rho_tokens"] = float(np.median([per[e, L, sc, ts]["rho"] for e in both]))
+                out.append(row)
+    return out
+
+
+def paired_table(rows: list[dict]) -> str:
+    lines = ["| layer | factors | tokens | edits fixed by both | NS unedited | NS all | NS tokens | PS all | PS tokens | "
+             "median rho all / tokens |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if not r["n"]:
+            lines.append(f"| {r['layer']} | {r['scaling']} | {r['tokens']} | 0 | - | - | - | - | - | - |")
+            continue
+        lines.append(f"| {r['layer']} | {r['scaling']} | {r['tokens']} | {r['n']} | {r['NS_base']:.2f} | {r['NS_all']:.2f} | "
+                     f"{r['NS_tokens']:.2f} | {r['PS_all']:.2f} | {r['PS_tokens']:.2f} | {r['rho_all']:.2g} / {r['rho_tokens']:.2g} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--edit-set", default=None, help="a saved CounterFact edit set (default: build one)")
@@ -380,7 +420,17 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="the tiny random Llama and a few records: a smoke run")
     ap.add_argument("--out", default=None)
     add_flag(ap)
+    ap.add_argument("--summarize", default=None, metavar="JSON",
+                    help="print the tables of a saved --out file (no model run)")
     args = ap.parse_args(argv)
+    if args.summarize:
+        d = json.loads(Path(args.summarize).read_text())
+        sets = tuple(dict.fromkeys(r["tokens"] for r in d["per_edit"]))
+        scs = tuple(dict.fromkeys(r["scaling"] for r in d["per_edit"]))
+        print(table(d, summarize(d, d["layers"], sets, scs)))
+        print("\nAt equal edit success (edits whose line search reached the argmax with both token sets):")
+        print(paired_table(paired(d, d["layers"], scs, tuple(t for t in sets if t != "all"))))
+        return 0
     enable_compile_cache(enabled=not args.no_compile_cache)
 
     from experiments import counterfact_smollm2
@@ -414,12 +464,16 @@ def main(argv=None) -> int:
     probe = Probe(model, by_id, val, warm, layers, token_sets, scalings, rhos)
     res = run_probe(probe)
     rows = summarize(res, layers, token_sets, scalings)
+    pairs = paired(res, layers, scalings, tuple(t for t in token_sets if t != "all"))
     print(table(res, rows))
+    print("\nAt equal edit success (edits whose line search reached the argmax with both token sets):")
+    print(paired_table(pairs))
     print(f"capture {res['capture_seconds']:.0f}s, probe {res['probe_seconds']:.0f}s")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"model": model.name, "edit_set": args.edit_set, "layers": layers,
-                                              "rhos": rhos.tolist(), "warm": len(warm), "summary": rows, **res},
+                                              "rhos": rhos.tolist(), "warm": len(warm), "summary": rows,
+                                              "paired": pairs, **res},
                                              indent=1))
     return 0
 

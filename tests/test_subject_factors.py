@@ -132,3 +132,21 @@ def test_edited_scores_equal_rebuilt_weights(tiny, layer):
         want = float(example_nll(m.apply(p, rb), rb["labels"], rb["label_mask"])[0])
         np.testing.assert_allclose(float(nll[b]), want, rtol=1e-4, atol=1e-5)
     assert len({round(float(x), 4) for x in nll[::2]}) > 1  # the steps do change the scores
+
+
+def test_paired_keeps_only_edits_both_token_sets_fix():
+    """`paired` against a hand count on a planted table: 3 edits, one layer, one scaling."""
+    def r(e, ts, found, ns, ps, rho):
+        return {"edit": e, "layer": "layers.9", "scaling": "std", "tokens": ts, "found": found, "NS": ns, "PS": ps,
+                "ES": 1.0, "rho": rho}
+    res = {"base": [{"NS": 0.9, "PS": 0.1, "ES": 0.0}, {"NS": 0.5, "PS": 0.2, "ES": 0.0},
+                    {"NS": 0.6, "PS": 0.2, "ES": 0.0}, {"NS": 0.7, "PS": 0.3, "ES": 1.0}],
+           "per_edit": [r(0, "all", True, 0.2, 0.5, 0.01), r(0, "subject_last", True, 0.6, 1.0, 0.1),
+                        r(1, "all", True, 0.4, 0.5, 0.02), r(1, "subject_last", False, 0.0, 0.0, 1.0),
+                        r(2, "all", False, 0.9, 0.9, 1.0), r(2, "subject_last", True, 0.1, 0.1, 0.05),
+                        r(3, "all", True, 0.0, 1.0, 0.03), r(3, "subject_last", True, 1.0, 0.0, 0.3)]}
+    (row,) = SF.paired(res, ["layers.9"], ["std"], ("subject_last",))
+    assert row["n"] == 2  # edit 1 is not fixed by subject_last, edit 2 not by all
+    assert np.isclose(row["NS_all"], (0.2 + 0.0) / 2) and np.isclose(row["NS_tokens"], (0.6 + 1.0) / 2)
+    assert np.isclose(row["NS_base"], (0.9 + 0.7) / 2) and np.isclose(row["PS_tokens"], 0.5)
+    assert np.isclose(row["rho_all"], 0.02) and np.isclose(row["rho_tokens"], 0.2)
