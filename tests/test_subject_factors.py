@@ -15,6 +15,10 @@ from salem_jax.mend.capture import Factors, capture, summed_nll
 from salem_jax.mend.editor import EditorConfig, EditorSpec, init_editor, update_norm_state
 from salem_jax.models.base import get_path, set_path
 
+# A benchmark's diagnostic (session 26, a negative result), not library code: in the slow suite, so
+# `make test` does not pay for it.
+pytestmark = pytest.mark.slow
+
 PROMPTS = ["the capital of france is", "which city in South India lies on the river"]
 SUBJECTS = ["france", "south india"]  # the second spelled in another case than in its prompt
 TARGETS = ["paris", "delhi"]
