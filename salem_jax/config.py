@@ -242,8 +242,8 @@ class LocateEdit:
     ending there; key statistics from cov_tokens tokens of `texts` (wikitext | held_out), cached on
     disk; n_prefixes prefixes (half of 5, half of 10 tokens) for the keys; alpha_preserve > 0: AlphaEdit's
     memory starts with the keys of that many train fail rows (methods.locate_edit.preserved_state), and with
-    those of alpha_preserve_facts' country facts outside the keep set (at most alpha_preserve_facts_max); the
-    rest are baselines.locate_edit.EditorConfig's fields (v* as ROME's GPT-2 XL values)."""
+    those of alpha_preserve_facts' country facts outside the keep set (at most alpha_preserve_facts_max),
+    that seeded term weighted by alpha_preserve_weight; the rest are baselines.locate_edit.EditorConfig's fields (v* as ROME's GPT-2 XL values)."""
 
     layer: str = ""
     layer_from: str = "saliency"
@@ -268,6 +268,8 @@ class LocateEdit:
     # (no keep prompt, no keep row's country; methods.locate_edit.preserved_fact_requests); '' = none
     alpha_preserve_facts: str = ""
     alpha_preserve_facts_max: int = 0  # at most this many of them (a seeded sample); 0 = every usable one
+    # AlphaEdit: the weight of those seeded keys' term (K_f K_f^T) in the memory; the edits' own keys keep weight 1
+    alpha_preserve_weight: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)

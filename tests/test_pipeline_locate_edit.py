@@ -397,6 +397,28 @@ def test_alphaedit_memory_starts_with_the_preserved_train_keys(tmp_path, monkeyp
     d1_empty = update(p0, reqs[:2], 0.0)
     assert np.abs(d1 - d1_empty).max() > 1e-2 * np.abs(d1).max()  # the preserved keys change the update
 
+    # alpha_preserve_weight = 0.25: the seeded term is 0.25 K_f K_f^T (= (0.5 K_f)(0.5 K_f)^T), the edits'
+    # own keys in the sequence keep weight 1
+    cfg.locate_edit.alpha_preserve_weight = 0.25
+    weighted = methods.get("alphaedit").prepare(ctx, ("h.1",))
+    assert weighted.info["preserve_weight"] == 0.25 and prepared.info["preserve_weight"] == 1.0
+    q1 = weighted.edit(p0, rows[:2])
+    q2 = weighted.edit(q1, rows[2:])
+    q_single = weighted.edit(p0, rows[:1])
+    d1_w = _check_seeded_sequence(model, w, update, 0.5 * Kf, reqs, p0, q1, q2, q_single)
+    assert np.abs(d1_w - d1).max() > 1e-2 * np.abs(d1).max()  # the weight changes the update
+    for bad in (0.0, -1.0, float("nan")):
+        cfg.locate_edit.alpha_preserve_weight = bad
+        with pytest.raises(ValueError, match="alpha_preserve_weight must be a finite number > 0"):
+            methods.get("alphaedit").check(ctx)  # the pipeline's check before any costly step
+    cfg.locate_edit.alpha_preserve_weight = 0.5
+    cfg.locate_edit.alpha_preserve = 0
+    with pytest.raises(ValueError, match="alpha_preserve_weight=0.5 weighs AlphaEdit's seeded keys, but none are seeded"):
+        methods.get("alphaedit").check(ctx)
+    cfg.locate_edit.alpha_preserve = 2
+    methods.get("alphaedit").check(ctx)  # seeded: the weight is accepted
+    cfg.locate_edit.alpha_preserve_weight = 1.0
+
     cfg.locate_edit.alpha_preserve = 5  # 3 of the 6 train fail rows are usable
     with pytest.raises(ValueError, match=r"alpha_preserve=5: the train split has only 3 usable fail rows \(of 6; "
                                          r"passed over: 1 without .* 1 whose subject is in a val prompt, 1 whose "

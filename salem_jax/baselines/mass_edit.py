@@ -62,14 +62,21 @@ class AlphaEditState:
     n_preserved: int = 0  # keys of facts not edited that the memory started with (`preserving`)
 
     @classmethod
-    def preserving(cls, keys: dict) -> "AlphaEditState":
+    def preserving(cls, keys: dict, weight: float = 1.0) -> "AlphaEditState":
         """A fresh memory that starts with the keys of m facts to preserve, per kernel path K_f [in, m]:
-        prior = K_f K_f^T. AlphaEdit's update then spares them exactly as it spares the keys of its own
-        earlier edits (its `cache_c`, the ||dW P K_p||^2 term of its objective): with only the
+        prior = weight * K_f K_f^T. AlphaEdit's update then spares them exactly as it spares the keys of
+        its own earlier edits (its `cache_c`, the ||dW P K_p||^2 term of its objective): with only the
         edits' keys in the memory, the subject keys of facts never edited are protected by the null
-        space P alone, and P (from plain text's keys) need not cover subject-position keys."""
+        space P alone, and P (from plain text's keys) need not cover subject-position keys.
+
+        weight (> 0, default 1: each seeded key counts as much as an edit's key): the weight of the
+        seeded keys' term against the later edits' keys (which always enter with weight 1) and the
+        ridge - below 1 the seed constrains the first edits less (session 26, issue 16)."""
         if not keys:
             raise ValueError("AlphaEditState.preserving: no keys given (a dict kernel path -> K_f [in, m])")
+        weight = float(weight)
+        if not (np.isfinite(weight) and weight > 0):
+            raise ValueError(f"AlphaEditState.preserving: weight must be a finite number > 0, got {weight}")
         ms = set()
         prior = {}
         for path, K in keys.items():
@@ -77,7 +84,7 @@ class AlphaEditState:
             if K.ndim != 2 or K.shape[1] < 1 or not np.all(np.isfinite(K)):
                 raise ValueError(f"AlphaEditState.preserving: keys of {path!r} must be a finite [in, m >= 1] array, "
                                  f"got shape {K.shape}")
-            prior[path], _ = K @ K.T, ms.add(K.shape[1])
+            prior[path], _ = weight * (K @ K.T), ms.add(K.shape[1])
         if len(ms) != 1:
             raise ValueError(f"AlphaEditState.preserving: every layer needs the keys of the same facts; got counts {sorted(ms)}")
         return cls(prior=prior, n_preserved=ms.pop())

@@ -95,6 +95,12 @@ def check(ctx: Context) -> None:
                          f"got {e.alpha_preserve_facts_max}")
     if e.alpha_preserve_facts:
         fact_relations(e.alpha_preserve_facts)
+    w = float(e.alpha_preserve_weight)
+    if not (np.isfinite(w) and w > 0):
+        raise ValueError(f"config.locate_edit.alpha_preserve_weight must be a finite number > 0, got {e.alpha_preserve_weight}")
+    if w != 1.0 and not (e.alpha_preserve or e.alpha_preserve_facts):
+        raise ValueError(f"config.locate_edit.alpha_preserve_weight={w:g} weighs AlphaEdit's seeded keys, but none are "
+                         "seeded: set alpha_preserve or alpha_preserve_facts, or leave the weight at 1")
 
 
 def fact_relations(spec: str) -> list[str]:
@@ -183,7 +189,8 @@ def preserved_state(ctx: Context, name: str, layers: tuple[str, ...], stats: Key
     (`preserved_requests`: never an edited val row, never a subject of the val split or of the keep
     set) and the country facts of config.locate_edit.alpha_preserve_facts (`preserved_fact_requests`:
     none of the keep set's facts or countries), keys per band layer on the base weights (averaged over
-    the prefixes when the editor uses them) [in, m]; and what was left out ({"rows": counts or None,
+    the prefixes when the editor uses them) [in, m], their term weighted by
+    config.locate_edit.alpha_preserve_weight; and what was left out ({"rows": counts or None,
     "facts": counts or None})."""
     e = ctx.cfg.locate_edit
     n, spec = int(e.alpha_preserve), e.alpha_preserve_facts
@@ -202,7 +209,7 @@ def preserved_state(ctx: Context, name: str, layers: tuple[str, ...], stats: Key
     prefixes = stats.prefixes() if ec.use_prefixes else ("",)
     _, weights = to_weights(model, layers)
     keys = {w.path: keys_of(model, model.params, w, reqs, prefixes) for w in weights}
-    return AlphaEditState.preserving(keys), passed
+    return AlphaEditState.preserving(keys, weight=float(e.alpha_preserve_weight)), passed
 
 
 def _prepare(name: str):
@@ -245,6 +252,7 @@ def _prepare(name: str):
         eval_rows, skipped = rome_val_rows(ctx.val_rows, ctx.subjects, cfg.eval.max_edits)
         info = dict(layers=list(layers), covariance=stats.report(), steps=e.v_steps, seconds=time.perf_counter() - t,
                     preserved_keys=fresh.n_preserved if fresh is not None else 0,
+                    **({"preserve_weight": float(e.alpha_preserve_weight)} if fresh is not None else {}),
                     **({"preserve_passed_over": passed["rows"]} if passed is not None and passed["rows"] is not None else {}),
                     **({"preserve_facts": passed["facts"]} if passed is not None and passed["facts"] is not None else {}),
                     layer_from="config.locate_edit.layer" if e.layer else e.layer_from, skipped_edits=len(skipped))
@@ -260,7 +268,8 @@ def _prepare(name: str):
             ctx.say(f"{name}: the memory starts with the keys of {fresh.n_preserved - int(e.alpha_preserve)} country "
                     f"facts ({e.alpha_preserve_facts}; {p['usable']} usable; left out: {p['keep']} of a keep row's "
                     f"country or prompt, {p['val']} whose country is named in a val prompt, {p['keep_name']} in a keep "
-                    f"prompt, {p['no_subject']} without their country in the prompt); {fresh.n_preserved} keys in all")
+                    f"prompt, {p['no_subject']} without their country in the prompt); {fresh.n_preserved} keys in all"
+                    + (f", their term weighted {float(e.alpha_preserve_weight):g}" if float(e.alpha_preserve_weight) != 1.0 else ""))
         return Prepared(edit=edit, info=info, eval_rows=eval_rows, skipped_edits=tuple(skipped),
                         can_edit=has_subject(subjects))
 
