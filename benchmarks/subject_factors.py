@@ -29,6 +29,15 @@ and each factor scaling
          SAME token set, then G = sum_t m_t u~_t^T delta~_t (`editor.transform_factors`; the
          identity network changes nothing else): the first edit an untrained MEND editor makes
 
+    white  the raw factors with each kernel's input factor whitened by the layer's key statistics:
+         u_t -> (C + lambda I)^-1 u_t, C = E[k k^T] the uncentred second moment of that
+         kernel's input over `--white-tokens` WikiText tokens (`baselines.keystats`, the cache the
+         null-space projection and r-ROME use), lambda = `--white-ridge` x trace(C) / d (d the
+         kernel's fan-in; raised further only if C + lambda I is still conditioned worse than 1e6,
+         `keystats.covariance_solver`, reported in the JSON). The change of the layer's output at
+         another key k' is then proportional to k'^T (C + lambda I)^-1 k_t: ROME's update
+         direction, small for keys along the directions plain text uses most.
+
 the step is W' = W - lr G on every MLP kernel of the layer. The lr is found per edit by a line
 search: with rho = lr ||G|| / ||W|| (Frobenius norms over the layer's kernels together, so the
 grid means the same on every layer and token set), the smallest rho of a geometric grid
@@ -43,8 +52,9 @@ The edited forward passes never rebuild a weight: a row with step coefficient c 
 output x W - c x G (exactly x W' for a bias-free linear layer), so one batch scores every rho of
 the grid. Prints a markdown table and writes JSON (per edit rows too) to --out; a second table
 compares each token set with `all` at equal edit success (`paired`: the edits both fix, since an
-edit the line search cannot fix is scored at its best, often large, step); `--summarize JSON`
-prints both tables of a saved run again.
+edit the line search cannot fix is scored at its best, often large, step), a third (when a
+scaling other than raw ran) compares every (scaling, token set) with `all` raw, today's MEND
+gradient; `--summarize JSON` prints the tables of a saved run again.
 """
 
 from __future__ import annotations
@@ -66,7 +76,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from salem_jax.compile_cache import add_flag, enable_compile_cache  # noqa: E402
 
 TOKEN_SETS = ("all", "subject_last", "subject")
-SCALINGS = ("raw", "std")
+SCALINGS = ("raw", "std", "white")
+WHITE_TOKENS = 20_000  # WikiText tokens of the key statistics (the cf22 runs' null_tokens: cached)
+WHITE_RIDGE = 1e-2  # lambda / (trace(C) / d): the relative ridge of the whitening
 
 
 # --------------------------------------------------------------------------- token masks
@@ -182,6 +194,9 @@ class Probe:
     token_sets: tuple[str, ...]
     scalings: tuple[str, ...]
     rhos: np.ndarray
+    white_tokens: int = WHITE_TOKENS
+    white_ridge: float = WHITE_RIDGE
+    data_dir: str | None = None  # WikiText's data directory (None: the default)
 
 
 def _capture_rows(model, weights, rows, subjects, batch_rows: int):
@@ -209,7 +224,40 @@ def _capture_rows(model, weights, rows, subjects, batch_rows: int):
     return fac, {"all": None, **masks}
 
 
-def layer_grads(spec, factors, mask, scaling: str, norm_state=None, editor=None) -> dict[str, np.ndarray]:
+def whiten(solver, u) -> np.ndarray:
+    """(C + lambda I)^-1 u_t for every token of u [..., d] (`solver`: a `keystats.CovSolver`),
+    float32 in u's shape."""
+    u = np.asarray(u, np.float64)
+    if u.shape[-1] != solver.dim:
+        raise ValueError(f"whiten: the factor's last axis is {u.shape[-1]}, the covariance's dimension {solver.dim}")
+    flat = u.reshape(-1, u.shape[-1])
+    return solver.solve(flat.T).T.reshape(u.shape).astype(np.float32)
+
+
+def white_solvers(model, weights, tokens: int, ridge: float, data_dir=None, progress: bool = True):
+    """({weight path: CovSolver of C + lambda I}, {weight path: report}) with C each kernel's input
+    second moment over the first `tokens` WikiText tokens (the key-statistics cache) and lambda =
+    `ridge` x trace(C) / d (then `covariance_solver`'s condition guard)."""
+    from salem_jax.baselines.keystats import cached_key_covariances, covariance_solver, wikitext_texts
+
+    if not (np.isfinite(ridge) and ridge >= 0):
+        raise ValueError(f"--white-ridge must be a finite number >= 0, got {ridge!r}")
+    covs = cached_key_covariances(model, model.params, weights, wikitext_texts(data_dir=data_dir),
+                                  max_tokens=int(tokens), cache=None, progress=progress)
+    solvers, info, done = {}, {}, []
+    for w in weights:
+        cov = np.asarray(covs[w.path].cov, np.float64)
+        s = next((sv for c, sv in done if np.array_equal(c, cov)), None)  # gate and up read the same input
+        if s is None:
+            s = covariance_solver(cov, ridge=ridge)
+            done.append((cov, s))
+        solvers[w.path] = s
+        info[w.path] = {"cache_file": str(covs[w.path].path), "from_cache": covs[w.path].from_cache,
+                        "tokens": int(tokens), "ridge_relative": float(s.ridge / s.evals.mean()), **s.report()}
+    return solvers, info
+
+
+def layer_grads(spec, factors, mask, scaling: str, norm_state=None, editor=None, solvers=None) -> dict[str, np.ndarray]:
     """{weight path: G} of ONE edit (factors [1, T, .]) on the token set `mask` ([1, T] or None).
     raw: sum_t m_t u_t^T delta_t; std: the identity editor's standardised factors (`norm_state`:
     running statistics filled with the same token set; `editor`: identity editor params, made
@@ -222,6 +270,10 @@ def layer_grads(spec, factors, mask, scaling: str, norm_state=None, editor=None)
         if editor is None:
             editor, _ = init_editor(spec, jax.random.PRNGKey(0))  # identity networks
         f = transform_factors(spec, editor, norm_state, f)
+    elif scaling == "white":
+        if solvers is None:
+            raise ValueError("the white scaling needs the kernels' covariance solvers (`white_solvers`)")
+        f = {w.path: type(f[w.path])(whiten(solvers[w.path], f[w.path].u), f[w.path].delta) for w in spec.weights}
     elif scaling != "raw":
         raise ValueError(f"unknown scaling {scaling!r}; choose one of {SCALINGS}")
     return {w.path: np.asarray(kernel_grad(f[w.path].u, f[w.path].delta, w.layout)) for w in spec.weights}
@@ -268,6 +320,8 @@ def run_probe(p: Probe, progress: bool = True) -> dict:
     # running statistics per (layer, token set) for the std scaling
     norms = {}
     editors = {L: init_editor(spec_of[L], jax.random.PRNGKey(0))[0] for L in p.layers}  # identity networks
+    solvers, white_info = white_solvers(model, weights, p.white_tokens, p.white_ridge, p.data_dir) \
+        if "white" in p.scalings else (None, {})
     if "std" in p.scalings:
         if not p.warm:
             raise ValueError("the std scaling needs --warm >= 2 train fail rows of statistics")
@@ -305,7 +359,7 @@ def run_probe(p: Probe, progress: bool = True) -> dict:
                 m = None if emask[ts] is None else emask[ts][i : i + 1]
                 n_tok = None if m is None else int(m.sum())
                 for sc in p.scalings:
-                    g = layer_grads(spec, one, m, sc, norms.get((L, ts)), editors[L])
+                    g = layer_grads(spec, one, m, sc, norms.get((L, ts)), editors[L], solvers)
                     gs = tuple(jnp.asarray(g[w.path]) for w in spec.weights)
                     gnorm = float(np.sqrt(sum(float(np.sum(np.square(x))) for x in g.values())))
                     if not np.isfinite(gnorm):
@@ -331,7 +385,7 @@ def run_probe(p: Probe, progress: bool = True) -> dict:
         if progress:
             print(f"[subject_factors] edit {i + 1}/{len(p.edits)} done, {time.perf_counter() - t1:.0f}s", flush=True)
     return {"capture_seconds": capture_s, "probe_seconds": time.perf_counter() - t1,
-            "base": base_rows, "per_edit": per_edit}
+            "base": base_rows, "per_edit": per_edit, "whitening": white_info}
 
 
 def summarize(res: dict, layers, token_sets, scalings) -> list[dict]:
@@ -371,39 +425,43 @@ def table(res: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def paired(res: dict, layers, scalings, token_sets=("subject_last", "subject")) -> list[dict]:
+def paired(res: dict, layers, scalings, token_sets=("subject_last", "subject"), ref_scaling: str | None = None) -> list[dict]:
     """The comparison at equal edit success: per (layer, scaling, token set), the edits whose line
     search reached the argmax with BOTH the `all` tokens and that token set (`found`), and on those
-    edits the mean NS / PS / ES of each and of the unedited model, the median rho of each."""
+    edits the mean NS / PS / ES of each and of the unedited model, the median rho of each.
+    ref_scaling: the `all` tokens of THAT scaling are the reference (e.g. "raw", today's MEND
+    gradient), instead of the same scaling's."""
     per = {(r["edit"], r["layer"], r["scaling"], r["tokens"]): r for r in res["per_edit"]}
     edits = sorted({r["edit"] for r in res["per_edit"]})
     out = []
     for L in layers:
         for sc in scalings:
             for ts in token_sets:
-                if (edits[0], L, sc, ts) not in per or (edits[0], L, sc, "all") not in per:
+                rs = sc if ref_scaling is None else ref_scaling
+                if (edits[0], L, sc, ts) not in per or (edits[0], L, rs, "all") not in per or (rs, ts) == (sc, "all"):
                     continue
-                both = [e for e in edits if per[e, L, sc, "all"]["found"] and per[e, L, sc, ts]["found"]]
-                row = {"layer": L, "scaling": sc, "tokens": ts, "n": len(both)}
+                both = [e for e in edits if per[e, L, rs, "all"]["found"] and per[e, L, sc, ts]["found"]]
+                row = {"layer": L, "scaling": sc, "tokens": ts, "ref_scaling": rs, "n": len(both)}
                 if both:
                     for k in ("NS", "PS", "ES"):
                         row[f"{k}_base"] = float(np.mean([res["base"][e][k] for e in both]))
-                        row[f"{k}_all"] = float(np.mean([per[e, L, sc, "all"][k] for e in both]))
+                        row[f"{k}_all"] = float(np.mean([per[e, L, rs, "all"][k] for e in both]))
                         row[f"{k}_tokens"] = float(np.mean([per[e, L, sc, ts][k] for e in both]))
-                    row["rho_all"] = float(np.median([per[e, L, sc, "all"]["rho"] for e in both]))
+                    row["rho_all"] = float(np.median([per[e, L, rs, "all"]["rho"] for e in both]))
                     row["rho_tokens"] = float(np.median([per[e, L, sc, ts]["rho"] for e in both]))
                 out.append(row)
     return out
 
 
 def paired_table(rows: list[dict]) -> str:
-    lines = ["| layer | factors | tokens | edits fixed by both | NS unedited | NS all | NS tokens | PS all | PS tokens | "
-             "median rho all / tokens |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| layer | factors | tokens | reference | edits fixed by both | NS unedited | NS ref | NS tokens | PS ref | "
+             "PS tokens | median rho ref / tokens |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        ref = f"all {r.get('ref_scaling', r['scaling'])}"
         if not r["n"]:
-            lines.append(f"| {r['layer']} | {r['scaling']} | {r['tokens']} | 0 | - | - | - | - | - | - |")
+            lines.append(f"| {r['layer']} | {r['scaling']} | {r['tokens']} | {ref} | 0 | - | - | - | - | - | - |")
             continue
-        lines.append(f"| {r['layer']} | {r['scaling']} | {r['tokens']} | {r['n']} | {r['NS_base']:.2f} | {r['NS_all']:.2f} | "
+        lines.append(f"| {r['layer']} | {r['scaling']} | {r['tokens']} | {ref} | {r['n']} | {r['NS_base']:.2f} | {r['NS_all']:.2f} | "
                      f"{r['NS_tokens']:.2f} | {r['PS_all']:.2f} | {r['PS_tokens']:.2f} | {r['rho_all']:.2g} / {r['rho_tokens']:.2g} |")
     return "\n".join(lines)
 
@@ -416,6 +474,10 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", default="layers.3,layers.7,layers.14,layers.21,layers.27")
     ap.add_argument("--tokens", default=",".join(TOKEN_SETS))
     ap.add_argument("--scalings", default=",".join(SCALINGS))
+    ap.add_argument("--white-tokens", type=int, default=WHITE_TOKENS,
+                    help="WikiText tokens of the white scaling's key statistics (20000: the cached cf22 entries)")
+    ap.add_argument("--white-ridge", type=float, default=WHITE_RIDGE,
+                    help="the white scaling's ridge lambda as a multiple of trace(C) / d")
     ap.add_argument("--rhos", default="", help="relative step sizes (default: 13 points, 1e-4 .. 1)")
     ap.add_argument("--tiny", action="store_true", help="the tiny random Llama and a few records: a smoke run")
     ap.add_argument("--out", default=None)
@@ -430,6 +492,9 @@ def main(argv=None) -> int:
         print(table(d, summarize(d, d["layers"], sets, scs)))
         print("\nAt equal edit success (edits whose line search reached the argmax with both token sets):")
         print(paired_table(paired(d, d["layers"], scs, tuple(t for t in sets if t != "all"))))
+        if any(s != "raw" for s in scs) and "raw" in scs:
+            print("\nAgainst `all` raw (today's MEND gradient) at equal edit success:")
+            print(paired_table(paired(d, d["layers"], tuple(s for s in scs if s != "raw"), sets, ref_scaling="raw")))
         return 0
     enable_compile_cache(enabled=not args.no_compile_cache)
 
@@ -461,18 +526,28 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     warm = [train[k] for k in np.sort(rng.permutation(len(train))[: args.warm])] if "std" in scalings else []
     print(f"{model.name}: {len(val)} val edits, layers {layers}, warm {len(warm)} rows, rho grid {rhos.tolist()}", flush=True)
-    probe = Probe(model, by_id, val, warm, layers, token_sets, scalings, rhos)
+    probe = Probe(model, by_id, val, warm, layers, token_sets, scalings, rhos, args.white_tokens, args.white_ridge,
+                  cfg.data_dir or None)
     res = run_probe(probe)
     rows = summarize(res, layers, token_sets, scalings)
     pairs = paired(res, layers, scalings, tuple(t for t in token_sets if t != "all"))
     print(table(res, rows))
     print("\nAt equal edit success (edits whose line search reached the argmax with both token sets):")
     print(paired_table(pairs))
+    if any(s != "raw" for s in scalings) and "raw" in scalings:
+        pairs_raw = paired(res, layers, tuple(s for s in scalings if s != "raw"), token_sets, ref_scaling="raw")
+        print("\nAgainst `all` raw (today's MEND gradient) at equal edit success:")
+        print(paired_table(pairs_raw))
+        pairs = pairs + pairs_raw
+    for path, inf in res["whitening"].items():
+        print(f"whitening {path}: ridge {inf['ridge_relative']:.3g} x trace(C)/d, cond {inf['cond_with_ridge']:.3g}, "
+              f"from cache {inf['from_cache']}")
     print(f"capture {res['capture_seconds']:.0f}s, probe {res['probe_seconds']:.0f}s")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"model": model.name, "edit_set": args.edit_set, "layers": layers,
                                               "rhos": rhos.tolist(), "warm": len(warm), "summary": rows,
+                                              "white_tokens": args.white_tokens, "white_ridge": args.white_ridge,
                                               "paired": pairs, **res},
                                              indent=1))
     return 0

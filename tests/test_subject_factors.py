@@ -154,3 +154,75 @@ def test_paired_keeps_only_edits_both_token_sets_fix():
     assert np.isclose(row["NS_all"], (0.2 + 0.0) / 2) and np.isclose(row["NS_tokens"], (0.6 + 1.0) / 2)
     assert np.isclose(row["NS_base"], (0.9 + 0.7) / 2) and np.isclose(row["PS_tokens"], 0.5)
     assert np.isclose(row["rho_all"], 0.02) and np.isclose(row["rho_tokens"], 0.2)
+
+
+def _spd(rng, d):
+    a = rng.normal(size=(d, d))
+    return a @ a.T / d + 0.05 * np.eye(d)
+
+
+@pytest.mark.parametrize("ridge", [0.0, 0.3])
+def test_white_update_by_hand(tiny, ridge):
+    """The whitened update: sum_t m_t [(C + lambda I)^-1 u_t] delta_t^T with lambda = ridge x
+    trace(C) / d, against np.linalg.solve on planted covariances (gate and up share one C, as
+    they read the same input), on every token and on the subject's tokens."""
+    from salem_jax.baselines.keystats import covariance_solver
+
+    m, enc = tiny
+    layer = "layers.0"
+    weights, fac = _factors(m, enc, layer)
+    spec = EditorSpec.from_params(weights, m.params, EditorConfig(rank=4))
+    T = enc["input_ids"].shape[1]
+    masks = SF.subject_masks(m, PROMPTS, SUBJECTS, T)
+    rng = np.random.default_rng(1)
+    covs, solvers = {}, {}
+    for w in weights:
+        d = fac[w.path].u.shape[-1]
+        covs[w.path] = next((c for c in covs.values() if c.shape == (d, d)), None)
+        if covs[w.path] is None:
+            covs[w.path] = _spd(rng, d)
+        solvers[w.path] = covariance_solver(covs[w.path], ridge=ridge)
+        assert solvers[w.path].ridge_reason.count("condition") == 0  # only the relative ridge asked for
+    row = 1
+    one = {w.path: Factors(fac[w.path].u[row : row + 1], fac[w.path].delta[row : row + 1]) for w in weights}
+    for ts, pos in ((None, range(T)), ("subject", SUBJECT_POS[row]), ("subject_last", SUBJECT_POS[row][-1:])):
+        mask = None if ts is None else masks[ts][row : row + 1]
+        g = SF.layer_grads(spec, one, mask, "white", solvers=solvers)
+        raw = SF.layer_grads(spec, one, mask, "raw")
+        for w in weights:
+            c = covs[w.path]
+            d = c.shape[0]
+            a = c + ridge * np.trace(c) / d * np.eye(d)
+            u = np.asarray(fac[w.path].u[row], np.float64)
+            dl = np.asarray(fac[w.path].delta[row], np.float64)
+            uw = np.linalg.solve(a, u.T).T  # every token's u through (C + lambda I)^-1
+            hand = _hand_sum(uw, dl, pos, w.layout)
+            assert np.abs(hand).max() > 1e-6
+            np.testing.assert_allclose(g[w.path], hand, rtol=2e-4, atol=1e-6 * np.abs(hand).max())
+            assert not np.allclose(g[w.path], raw[w.path], rtol=0.05)  # the whitening changed it
+    with pytest.raises(ValueError, match="covariance solvers"):
+        SF.layer_grads(spec, one, None, "white")
+
+
+def test_white_solvers_ridge_relative_to_mean_eigenvalue(tiny):
+    """`white_solvers` on the tiny Llama (WikiText key statistics, 2000 tokens): gate and up share
+    one solver, lambda = ridge x trace(C) / d of each kernel's C (numpy trace of the cached C)."""
+    from salem_jax.baselines.keystats import cached_key_covariances, wikitext_texts
+
+    m, _ = tiny
+    weights = tuple(m.layers.weights(["layers.0"], part="mlp"))
+    solvers, info = SF.white_solvers(m, weights, 2000, 0.05, progress=False)
+    covs = cached_key_covariances(m, m.params, weights, wikitext_texts(), max_tokens=2000, progress=False)
+    by_name = {w.path.split("/")[-2]: w.path for w in weights}
+    gate, up = (next(v for k, v in by_name.items() if s in k) for s in ("gate", "up"))
+    assert solvers[gate] is solvers[up]
+    for w in weights:
+        c = np.asarray(covs[w.path].cov, np.float64)
+        lam = 0.05 * np.trace(c) / c.shape[0]
+        assert "condition" not in solvers[w.path].ridge_reason  # the relative ridge alone suffices here
+        assert np.isclose(solvers[w.path].ridge, lam, rtol=1e-6)
+        assert np.isclose(info[w.path]["ridge_relative"], 0.05, rtol=1e-6)
+        np.testing.assert_allclose(solvers[w.path].matrix(), c + solvers[w.path].ridge * np.eye(c.shape[0]),
+                                   rtol=1e-6, atol=1e-6 * np.abs(c).max())
+    with pytest.raises(ValueError, match="--white-ridge"):
+        SF.white_solvers(m, weights, 2000, -1.0, progress=False)
