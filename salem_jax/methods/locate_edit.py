@@ -258,18 +258,19 @@ def _prepare(name: str):
                     layer_from="config.locate_edit.layer" if e.layer else e.layer_from, skipped_edits=len(skipped))
         if skipped:
             ctx.say(f"{name}: {len(skipped)} val fail rows without their subject in the prompt are skipped")
+        weighted = (f"; the seeded keys' term weighted {float(e.alpha_preserve_weight):g}"
+                    if float(e.alpha_preserve_weight) != 1.0 else "")
         if passed is not None and passed["rows"] is not None:
             p = passed["rows"]
             ctx.say(f"{name}: the memory starts with the keys of {e.alpha_preserve} train fail rows (passed over: "
                     f"{p['no_subject']} without their subject in the prompt, {p['val']} with a val "
-                    f"subject, {p['keep']} with a keep subject)")
+                    f"subject, {p['keep']} with a keep subject){weighted}")
         if passed is not None and passed["facts"] is not None:
             p = passed["facts"]
             ctx.say(f"{name}: the memory starts with the keys of {fresh.n_preserved - int(e.alpha_preserve)} country "
                     f"facts ({e.alpha_preserve_facts}; {p['usable']} usable; left out: {p['keep']} of a keep row's "
                     f"country or prompt, {p['val']} whose country is named in a val prompt, {p['keep_name']} in a keep "
-                    f"prompt, {p['no_subject']} without their country in the prompt); {fresh.n_preserved} keys in all"
-                    + (f", their term weighted {float(e.alpha_preserve_weight):g}" if float(e.alpha_preserve_weight) != 1.0 else ""))
+                    f"prompt, {p['no_subject']} without their country in the prompt); {fresh.n_preserved} keys in all{weighted}")
         return Prepared(edit=edit, info=info, eval_rows=eval_rows, skipped_edits=tuple(skipped),
                         can_edit=has_subject(subjects))
 
