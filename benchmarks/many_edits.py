@@ -12,7 +12,12 @@ sequential (apply the editor again to the edited weights), independent (each edi
 weights, the changes summed), batch (all T edits in one update) and sequential:N (sequential batches
 of N edits, each call on the weights the previous produced: AlphaEdit's protocol; every T a multiple
 of N; locate-then-edit methods need --config.locate_edit.batch_size >= N for one closed-form update
-per call, the default 100 is). Any --config.KEY=VALUE override
+per call, the default 100 is). The edits are the val fail rows in record order;
+--config.eval.sequential_order_seed=N (N >= 0) applies the same first max(steps) rows in a seeded
+order (numpy.random.default_rng(N).permutation(max(steps)); the split, keep set and every other seeded
+step unchanged, unlike --config.seed, which redraws the split), "EA first 10" being the first 10 of
+that order; the seed and the order (row ids) are in many_edits_<method>.json and --out's config.
+Any --config.KEY=VALUE override
 applies last (e.g. --config.limit=1037 --config.eval.max_edits=5). The method's one-edit-at-a-time
 evaluation runs too (config.eval.max_edits edits), as in every pipeline run.
 

@@ -42,10 +42,12 @@ def _coerce(old, text: str, key: str):
         if low in ("0", "false", "no"):
             return False
         raise ValueError(f"--config.{key}: expected true/false, got {text!r}")
-    if isinstance(old, int):
-        return int(text)
-    if isinstance(old, float):
-        return float(text)
+    if isinstance(old, (int, float)):
+        try:
+            return type(old)(text)
+        except ValueError:
+            raise ValueError(f"--config.{key}={text!r}: expected {'an integer' if isinstance(old, int) else 'a number'}"
+                             ) from None
     if isinstance(old, (tuple, list)):
         if text[:1] in "([":
             return type(old)(ast.literal_eval(text))

@@ -284,6 +284,12 @@ class Eval:
     (fluency_prompts per edit, fluency_tokens new tokens) for the first fluency_edits edits (0 = off).
     sequential: "T1,T2,..." = also edit the val fail rows one after another and score after T edits
     (salem_jax.eval.sequential) in each of sequential_modes (sequential | independent | batch); '' = off.
+    sequential_order_seed: the order of those edits: -1 (the default) = the val fail rows' record order (as
+    before the key existed); an integer >= 0 = the same first max(T) fail rows applied in the order
+    numpy.random.default_rng(seed).permutation(max(T)) (`eval.sequential.order_edits`), each with its
+    rephrasings; the train/val split, pass rows, keep set and every other seeded step stay as they are (the
+    top-level seed would redraw the split, so another edit set). "EA first 10" is over the first 10 edits
+    of that order; the seed and the edit order (row ids) are written to many_edits_<method>.json.
     mend_edit_scale: the MEND-based methods' edits times this (W - s * lr_W * pseudo_grad;
     `mend.apply.scaled_editor`): 1 = the trained editor's own edit; the editor trains at 1 either way.
     mend_null_energy: > 0 = project each MEND edit's delta on every edited kernel onto the null space of
@@ -319,6 +325,7 @@ class Eval:
     fluency_tokens: int = 32
     sequential: str = ""
     sequential_modes: str = "sequential,independent,batch"
+    sequential_order_seed: int = -1
     mend_edit_scale: float = 1.0
     mend_null_energy: float = 0.0
     mend_null_tokens: int = 100_000

@@ -520,6 +520,7 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
     steps = many.parse_steps(cfg.eval.sequential) if cfg.eval.sequential else ()
     if steps:
         many.parse_modes(cfg.eval.sequential_modes)
+    many.check_order_seed(cfg.eval.get("sequential_order_seed", many.ORDER_RECORD))
     if cfg.editor.get("extra_pass_per_group", 0) and not cfg.train_pass:
         raise ValueError(f"config.editor.extra_pass_per_group={cfg.editor.extra_pass_per_group} draws pass rows from "
                          "config.train_pass's rows, which is empty: set config.train_pass (e.g. "

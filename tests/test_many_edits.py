@@ -221,3 +221,102 @@ def test_study_edits_every_row_the_method_can_edit_beyond_max_edits(setup, tmp_p
     assert res["edits"] == 1 and edited[0] == "r0#prompt"  # the one-at-a-time evaluation: max_edits rows
     assert edited[1:] == ["r0#prompt", "r2#prompt", "r3#prompt"]  # the study: rows it can edit, r1 left out
     assert [r["T"] for r in res["many_edits"]["sequential"]] == [1, 3]
+
+
+# ----------------------------------------------------------------------------- config.eval.sequential_order_seed
+
+
+def _hand_study(model, edit, order, passes, steps, first):
+    """A hand loop: the edits of `order` one after another, each T of `steps` scored on every edit so far."""
+    p, out = model.params, {}
+    keep0, pass0 = _hand_acc(model, model.params, KEEP), _hand_acc(model, model.params, passes)
+    for t, row in enumerate(order, 1):
+        p = edit(p, [row])
+        if t in steps:
+            ad = [a for r in order[:t] for a in _rows() if a["group"] == "adapt" and a["record_id"] == r["record_id"]]
+            out[t] = dict(ea=_hand_acc(model, p, order[:t]), ea_first=_hand_acc(model, p, order[:min(first, t)]),
+                          adapt_acc=_hand_acc(model, p, ad), keep_acc=_hand_acc(model, p, KEEP),
+                          dd_keep_acc=keep0 - _hand_acc(model, p, KEEP), dd_acc=pass0 - _hand_acc(model, p, passes),
+                          ea_before=_hand_acc(model, model.params, order[:t]))
+    return out
+
+
+def test_order_seed_applies_the_edits_in_a_seeded_order_like_a_hand_loop(setup, tmp_path, monkeypatch):
+    """config.eval.sequential_order_seed = 2: the study equals a hand loop applying the first max(T) fail
+    rows in numpy's permuted order (computed here), scoring every earlier edit; "EA first" is over the
+    first edits of that order (FIRST set to 2 so that it is not all of T = 4's edits)."""
+    model, cfg, edit = setup
+    monkeypatch.setattr(S, "FIRST", 2)
+    cfg.eval.sequential, cfg.eval.sequential_modes, cfg.eval.generate = "1,2,4", "sequential", False
+    monkeypatch.setattr(cfg.eval, "sequential_order_seed", 2)  # seed 1 permutes 4 rows to themselves
+    rows = _rows()
+    fails = [r for r in rows if r["group"] == "fail"]
+    passes = [r for r in rows if r["group"] == "pass"]
+    perm = np.random.default_rng(2).permutation(4)
+    order = [fails[i] for i in perm]
+    assert [r["id"] for r in order] != [r["id"] for r in fails[:4]] and order[0] is not fails[0]  # a real reorder
+    calls = []
+
+    def recorded(params, rs):
+        calls.extend(r["id"] for r in rs)
+        return edit(params, rs)
+
+    res = S.pipeline_study(model, recorded, rows, KEEP, [], cfg, "ft", tmp_path)["sequential"]
+    assert calls == [r["id"] for r in order]  # the editor saw the rows in the permuted order
+    hand = _hand_study(model, edit, order, passes, (1, 2, 4), first=2)
+    assert [r["T"] for r in res] == [1, 2, 4]
+    for r in res:
+        for k, v in hand[r["T"]].items():
+            assert r[k] == pytest.approx(v), (r["T"], k)
+    # the reorder shows in the scores (so the comparison above can fail): record order's hand loop differs
+    rec = _hand_study(model, edit, fails[:4], passes, (1, 2, 4), first=2)
+    assert any(rec[t][k] != pytest.approx(hand[t][k]) for t in (1, 2, 4) for k in hand[t])
+    written = json.loads((tmp_path / "many_edits_ft.json").read_text())
+    assert written["order_seed"] == 2 and written["edit_order"] == [r["id"] for r in order]
+
+
+def test_order_seed_unset_is_record_order_exactly(setup, tmp_path):
+    """The default (-1) gives today's study: the fail rows in record order, the same numbers as
+    many_edits on split_val's rows."""
+    model, cfg, edit = setup
+    cfg.eval.sequential, cfg.eval.sequential_modes, cfg.eval.generate = "1,2,4", "sequential", False
+    assert S.check_order_seed(default_config().eval.sequential_order_seed) == -1
+    cfg.eval.sequential_order_seed = -1
+    got = S.pipeline_study(model, edit, _rows(), KEEP, [], cfg, "ft", tmp_path)["sequential"]
+    fails, adapts, passes = S.split_val(_rows(), cfg.eval.max_pass)
+    want = S.many_edits(model, edit, fails, adapts, {"pass": passes, "keep": KEEP}, steps=(1, 2, 4), mode="sequential",
+                        batch_size=cfg.eval.batch_size)
+    for g, w in zip(got, want, strict=True):
+        assert {k: v for k, v in g.items() if k != "edit_seconds"} == {k: v for k, v in w.items() if k != "edit_seconds"}
+    written = json.loads((tmp_path / "many_edits_ft.json").read_text())
+    assert written["order_seed"] == -1 and written["edit_order"] == [r["id"] for r in fails[:4]]
+
+
+@pytest.mark.parametrize("bad", [-2, True, 1.5, "1", None])
+def test_bad_order_seed_is_refused_naming_the_key_before_any_edit(setup, tmp_path, bad):
+    import ml_collections
+
+    model, cfg, _ = setup
+    calls = []
+    d = cfg.to_dict()
+    d["eval"].update(sequential="1,2", sequential_modes="sequential", sequential_order_seed=bad)
+    bad_cfg = ml_collections.ConfigDict(d)  # a fresh ConfigDict: the setup's is typed (an int stays an int)
+    with pytest.raises(UserError, match="config.eval.sequential_order_seed"):
+        S.pipeline_study(model, lambda p, r: calls.append(r) or p, _rows(), [], [], bad_cfg, "ft", tmp_path)
+    assert not calls
+
+
+def test_bad_order_seed_on_the_command_line_names_the_key():
+    from experiments.common import apply_overrides
+
+    with pytest.raises(ValueError, match="config.eval.sequential_order_seed='x': expected an integer"):
+        apply_overrides(default_config(), ["--config.eval.sequential_order_seed=x"])
+
+
+def test_pipeline_refuses_a_bad_order_seed_up_front(tmp_path):
+    from experiments import capitals_smollm2
+    from salem_jax.testing import refused_up_front
+
+    cfg = capitals_smollm2.get_config(tiny=True)
+    cfg.eval.sequential_order_seed = -3
+    refused_up_front(cfg, tmp_path / "work", "config.eval.sequential_order_seed=-3")

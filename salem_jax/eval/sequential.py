@@ -21,6 +21,14 @@ applied to the val fail rows r_1, r_2, ... in one of these ways (`MODES`, and `s
   projection and sum k k^T of every earlier batch's keys) because each call gets the parameters the
   previous call returned (`salem_jax.methods.locate_edit`).
 
+The edits are the val fail rows in record order (`split_val`), unless `config.eval.sequential_order_seed`
+is >= 0: then the edits the study makes (the first max(steps) fail rows, the same set as in record
+order) are applied in a seeded order, `order_edits`: position i gets row
+`perm[i]` of `numpy.random.default_rng(seed).permutation(max(steps))`. Each edit's rephrasings (adapt rows)
+go with it (they are looked up by record id); the train/val split, the pass rows, the keep set and every
+other seeded step are unchanged, so two order seeds edit the same rows in two orders. `ea_first` is then
+over the first 10 edits of the permuted order. -1 (the default) = record order, as before the key existed.
+
 After T = steps[0], steps[1], ... edits the weights p_T are scored (`score_after`):
 
 * retention: `ea` = EA (teacher forced, every target token the argmax) over ALL T edit prompts
@@ -279,6 +287,33 @@ def write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+ORDER_RECORD = -1  # config.eval.sequential_order_seed's default: the val fail rows in record order
+
+
+def check_order_seed(value, name: str = "config.eval.sequential_order_seed") -> int:
+    """config.eval.sequential_order_seed as an int: >= 0 (a seeded order) or ORDER_RECORD (-1, record
+    order); anything else (a bool, a float, a string, < -1) is a UserError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise UserError(f"{name}={value!r}: give an integer seed >= 0 for a seeded edit order, or {ORDER_RECORD} "
+                        "for the val fail rows' record order")
+    if value < ORDER_RECORD:
+        raise UserError(f"{name}={value}: give a seed >= 0 for a seeded edit order, or {ORDER_RECORD} for the "
+                        "val fail rows' record order")
+    return int(value)
+
+
+def order_edits(fails: Sequence[dict], n: int, seed: int) -> list[dict]:
+    """The first `n` of `fails` (the edits a study of max(steps) = n makes), in record order when
+    `seed` is ORDER_RECORD (-1), else permuted: position i gets fails[perm[i]] with
+    perm = numpy.random.default_rng(seed).permutation(n). The rows after the first n are not used."""
+    seed = check_order_seed(seed)
+    head = list(fails)[:n]
+    if seed == ORDER_RECORD:
+        return head
+    perm = np.random.default_rng(seed).permutation(len(head))
+    return [head[i] for i in perm]
+
+
 def split_val(rows: Sequence[dict], max_pass: int) -> tuple[list[dict], dict[str, list[dict]], list[dict]]:
     """(fail rows in order, record id -> adapt rows, the first max_pass pass rows) of val rows."""
     fails = [r for r in rows if r["group"] == "fail"]
@@ -296,15 +331,18 @@ def pipeline_study(model, edit, val_rows: Sequence[dict], keep: Sequence[dict], 
     far) and re-raised. Returns {mode: [result per T]}."""
     steps = parse_steps(cfg.eval.sequential)
     modes = parse_modes(cfg.eval.sequential_modes, steps=steps)
+    order_seed = check_order_seed(cfg.eval.get("sequential_order_seed", ORDER_RECORD))
     fails, adapts, passes = split_val(val_rows, cfg.eval.max_pass)
     check_enough_edits(steps, len(fails), f"method {name!r}")
+    fails = order_edits(fails, max(steps), order_seed)  # record order, or seeded (config.eval.sequential_order_seed)
     fixed = {"pass": passes, **({"keep": list(keep)} if keep else {})}
     texts = list(texts) if texts and cfg.eval.ppl_edits else []
     base = base_scores(model, model.params, fixed, texts=texts or None, batch_size=cfg.eval.batch_size,
                        text_window=cfg.eval.text_window, progress=False)
     path = work / f"many_edits_{name}.json"
     payload: dict[str, Any] = dict(method=name, steps=list(steps), modes=list(modes), n_pass=len(passes),
-                                   n_keep=len(keep), texts=len(texts), results={})
+                                   n_keep=len(keep), texts=len(texts), order_seed=order_seed,
+                                   edit_order=[r["id"] for r in fails], results={})
     for mode in modes:
         def save(results, mode=mode):
             payload["results"][mode] = list(results)
