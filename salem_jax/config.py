@@ -292,6 +292,11 @@ class Eval:
     of that order; the seed and the edit order (row ids) are written to many_edits_<method>.json.
     mend_edit_scale: the MEND-based methods' edits times this (W - s * lr_W * pseudo_grad;
     `mend.apply.scaled_editor`): 1 = the trained editor's own edit; the editor trains at 1 either way.
+    mend_edit_retries: the MEND-based methods apply the editor again on the weights an edit produced,
+    at most this many more times, while that edit's own prompt does not give its target (teacher forced,
+    the EA criterion; `mend.retry`): 0 (the default) = each edit applied once, as the editor was
+    trained; the number of applications of each edit is written to results.json (`edit_retries`,
+    per_edit `applications`).
     mend_null_energy: > 0 = project each MEND edit's delta on every edited kernel onto the null space of
     that kernel's input covariance over WikiText (AlphaEdit's P; the null space = C's smallest
     eigen-directions holding at most this share of trace(C); `mend.nullspace`), mend_null_tokens tokens
@@ -327,6 +332,7 @@ class Eval:
     sequential_modes: str = "sequential,independent,batch"
     sequential_order_seed: int = -1
     mend_edit_scale: float = 1.0
+    mend_edit_retries: int = 0
     mend_null_energy: float = 0.0
     mend_null_tokens: int = 100_000
     batch_edits: bool = True

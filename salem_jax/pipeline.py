@@ -63,6 +63,7 @@ from salem_jax.locate.choose import LocateConfig, locate
 from salem_jax.locate.trace_rows import rows_with_subject
 from salem_jax.mend.train import place_base_params, prepare_splits
 from salem_jax.mend.nullspace import check_energy, check_facts_weight, parse_null_facts
+from salem_jax.mend.retry import check_retries
 from salem_jax.methods import Context, Method
 from salem_jax.models import hf, llama, load_model
 
@@ -528,6 +529,7 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
     scale = cfg.eval.get("mend_edit_scale", 1.0)
     if not (isinstance(scale, (int, float)) and np.isfinite(scale) and scale > 0):
         raise ValueError(f"config.eval.mend_edit_scale={scale!r}: give a finite number > 0 (1 = the trained editor's own edit)")
+    check_retries(cfg.eval.get("mend_edit_retries", 0))
     check_energy(cfg.eval.get("mend_null_energy", 0.0), "config.eval.mend_null_energy")
     check_energy(cfg.editor.get("null_energy", 0.0), "config.editor.null_energy")
     check_editor_seed(cfg.editor.get("seed", EDITOR_SEED_TOP), "config.editor.seed")
@@ -734,6 +736,8 @@ def run_method(method: Method, ctx: Context, keep: list[dict], cf_records, times
     res = evaluate_method(ctx.model, edit, eval_rows, list(ctx.texts), ctx.cfg, method.name, keep=keep,
                           cf_records=cf_records, portability=portability, edit_each=edit_each)
     res["layers"] = list(layers)
+    if "edit_retries" in prepared.info:  # config.eval.mend_edit_retries: each val edit's applications, in order
+        res["edit_retries"] = retry_summary(prepared.info["edit_retries"], res)
     if hasattr(prepared.info.get("null_projection"), "summary"):  # MEND edits projected (config.eval.mend_null_energy)
         prepared.info["null_projection"] = res["null_projection"] = prepared.info["null_projection"].summary()
     elif isinstance(prepared.info.get("null_projection"), dict):  # an editor trained through one (config.editor.null_energy)
@@ -749,8 +753,27 @@ def run_method(method: Method, ctx: Context, keep: list[dict], cf_records, times
         res["skipped_edits"] = len(prepared.skipped_edits)
         res["skipped_edit_rows"] = list(prepared.skipped_edits)
     times[f"eval_{method.name}"] = time.perf_counter() - t
-    say(f"{method.name}: EA {_fmt(res.get('ea'))}, adapt {_fmt(res.get('adapt_acc'))}, DD {_fmt(res.get('dd_acc'))}")
+    retried = (f"; {res['edit_retries']['retried']} of {res['edits']} edits applied again (config.eval.mend_edit_retries="
+               f"{res['edit_retries']['max']})" if "edit_retries" in res else "")
+    say(f"{method.name}: EA {_fmt(res.get('ea'))}, adapt {_fmt(res.get('adapt_acc'))}, DD {_fmt(res.get('dd_acc'))}{retried}")
     return res, prepared.info
+
+
+def retry_summary(log: dict, res: dict) -> dict:
+    """config.eval.mend_edit_retries: the evaluation's edits were the first ones the method's edit
+    functions made (`mend.retry.with_retries` logs every edit's number of applications in order), one per
+    val fail record, so the first len(per_edit) entries are theirs: each goes into its per_edit entry as
+    `applications`; the summary says how many edits needed more than one and the share reached by the
+    first application (1 application with retries allowed = the first edit's check passed)."""
+    per = res.get("per_edit") or []
+    apps = [int(n) for n in log["applications"][: len(per)]]
+    if len(apps) != len(per):
+        raise ValueError(f"edit retries: {len(log['applications'])} edits logged for {len(per)} evaluated edits")
+    for m, n in zip(per, apps):
+        m["applications"] = n
+    return {"max": int(log["max"]), "retried": sum(n > 1 for n in apps),
+            "reached_first": float(np.mean([n == 1 for n in apps])) if apps else None,
+            "applications_mean": float(np.mean(apps)) if apps else None}
 
 
 def many_edit_rows(val_rows: list[dict], prepared) -> list[dict]:
@@ -841,6 +864,12 @@ def results_table(out: dict) -> str:
             f"| {name} | {', '.join(m['layers'])} | " + " | ".join(_fmt(m.get(k)) for k, _ in columns)
             + f" | {steps} | {m['edit_seconds']:.2f} |"
         )
+    for name, m in methods.items():  # config.eval.mend_edit_retries: what the retries did, beside the table
+        r = m.get("edit_retries")
+        if r:
+            lines.append(f"\n{name}: {r['retried']} of {m['edits']} edits applied again while their own prompt missed the "
+                         f"target (config.eval.mend_edit_retries={r['max']}); reached by the first application: "
+                         f"{_fmt(r['reached_first'])}")
     return "\n".join(lines)
 
 

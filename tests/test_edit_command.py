@@ -118,6 +118,22 @@ def test_train_editor_then_edit(tmp_path, monkeypatch, capsys):
     assert lines[-1] == (f"{ka}/{len(keep)} keep facts right after editing ({kb} before): "
                          f"drawdown {(kb - ka) / len(keep):.3f}")
 
+    # --retries: this editor reaches the request at once, so one application and the same model
+    args = _parse(edit_cmd, ["edit", "--model", str(base_dir), "--editor", str(work), "--requests",
+                             str(tmp_path / "requests.jsonl"), "--out", str(tmp_path / "edited-r"), "--no-progress",
+                             "--retries", "2", "--mode", "sequential"])
+    assert edit_cmd.run(args) == 0
+    assert "editor applications: [1] (--retries 2, --mode sequential)" in capsys.readouterr().out.splitlines()
+    again = load_model(tmp_path / "edited-r")
+    for a, b in zip(jax.tree.leaves(again.params), jax.tree.leaves(edited.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for bad, msg in ((["--retries", "-1"], "give a number >= 0"), (["--retries", "1", "--method", "rrome", "--layers", "h.0"],
+                                                                  "--retries is for --method mend")):
+        args = _parse(edit_cmd, ["edit", "--model", str(base_dir), "--editor", str(work), "--requests",
+                                 str(tmp_path / "requests.jsonl"), "--out", str(tmp_path / "x"), *bad])
+        with pytest.raises(SystemExit, match=msg):
+            edit_cmd.run(args)
+
 
 def test_batch_and_sequential_edits():
     model, _, _, _, _ = tiny_setup()

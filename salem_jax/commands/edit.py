@@ -63,6 +63,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", required=True, help="folder for the edited model")
     p.add_argument("--step", default="best", help="editor checkpoint: best, latest or a step number")
     p.add_argument("--mode", choices=("batch", "sequential"), default="batch")
+    p.add_argument("--retries", type=int, default=0,
+                   help="mend: apply the editor again, at most this many more times, while a request's own prompt does "
+                        "not give its target (the combined edit in --mode batch, each request in sequential; default 0)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--num-labels", type=int, default=None)
     p.add_argument(
@@ -107,6 +110,27 @@ def auto_layer(model, requests: list[dict], keep: list[dict] | None, scorer: str
     else:
         profile = locate(model, rows, "lga" if scorer == "lga" else "saliency", cfg, progress=progress)
     return profile.chosen[0], profile
+
+
+def _edit_with_retries(model, editor, requests, args):
+    """(params, applications): `mend.retry.edit_until_reached` on the combined edit (--mode batch: one
+    count) or on each request after the previous ones (--mode sequential: one count per request)."""
+    from tqdm.auto import tqdm
+
+    from salem_jax.mend.apply import apply_edits
+    from salem_jax.mend.retry import edit_until_reached
+
+    def edit(params, rows):
+        return apply_edits(model, editor, rows, params=params, progress=False)
+
+    if args.mode == "batch":
+        params, n = edit_until_reached(model, edit, model.params, list(requests), args.retries)
+        return params, [n]
+    params, counts = model.params, []
+    for r in tqdm(requests, desc="edits", disable=args.no_progress):
+        params, n = edit_until_reached(model, edit, params, [r], args.retries)
+        counts.append(n)
+    return params, counts
 
 
 def _locate_edit(model, requests, args, keep=None):
@@ -166,6 +190,11 @@ def run(args) -> int:
         raise SystemExit(f"salem edit: --method {args.method} needs --layers (e.g. layers.7, or auto; `salem locate` suggests one)")
     if args.layers == "auto" and args.scorer == "contrast" and not args.keep:
         raise SystemExit("salem edit: --scorer contrast compares the requests with facts that must not change: give --keep")
+    if args.retries < 0:
+        raise SystemExit(f"salem edit: --retries {args.retries}: give a number >= 0 (0 = each edit applied once)")
+    if args.retries and args.method != "mend":
+        raise SystemExit(f"salem edit: --retries is for --method mend (a learned editor); {args.method} optimises each "
+                         "request's target itself")
     if args.method == "mend" and args.layers:
         raise SystemExit("salem edit: --layers is for the closed-form methods; a MEND editor edits the layers it was trained on")
     # everything that can be checked without the model, before loading it
@@ -180,7 +209,11 @@ def run(args) -> int:
     kb = encode_requests(model, keep, where=args.keep, max_tokens=args.max_tokens) if keep else None
     if args.method == "mend":
         editor = load_editor(args.editor, model, step=step, check_name=not args.allow_other_model)
-        params = apply_edits(model, editor, requests, mode=args.mode, progress=not args.no_progress)
+        if args.retries:
+            params, applications = _edit_with_retries(model, editor, requests, args)
+            print(f"editor applications: {applications} (--retries {args.retries}, --mode {args.mode})")
+        else:
+            params = apply_edits(model, editor, requests, mode=args.mode, progress=not args.no_progress)
         profile = None
     else:
         params, profile = _locate_edit(model, requests, args, keep)

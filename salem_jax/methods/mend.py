@@ -21,6 +21,7 @@ import numpy as np
 from salem_jax import config
 from salem_jax.baselines.keystats import wikitext_texts
 from salem_jax.mend.apply import TrainedEditor, apply_each, apply_edits, load_editor, scaled_editor
+from salem_jax.mend.retry import with_retries
 from salem_jax.mend.train import TrainConfig, train_editor
 from salem_jax.mend.nullspace import (check_energy, facts_digest, null_projection, projected_edit_each_fn, projected_edit_fn,
                                      wikitext_null_projection)
@@ -125,6 +126,8 @@ def prepare_mend(ctx: Context, layers: tuple[str, ...], name: str) -> Prepared:
     edit, edit_each = mend_edit_fn(ctx.model, editor, like=like), mend_edit_each_fn(ctx.model, editor, like=like)
     edit, edit_each = with_null_projection(ctx.model, ctx.cfg, editor.spec.weights, edit, edit_each, info,
                                            say=lambda m: ctx.say(f"{name}: {m}"), trained=editor)
+    # config.eval.mend_edit_retries: apply the editor again while an edit's own prompt misses its target
+    edit, edit_each = with_retries(ctx.model, edit, edit_each, ctx.cfg.eval.get("mend_edit_retries", 0), info)
     return Prepared(edit=edit, info=info, edit_each=edit_each)
 
 

@@ -1,0 +1,112 @@
+"""Edit until the request's own target is reached: a trained editor applied again on the weights its
+first edit produced, at most `retries` more times, while the edited model still does not give the
+request's target after its prompt.
+
+Why: MEND's editor maps one gradient to one weight change; on SmolLM2's capitals the main job's
+editor leaves a few edits short on their own prompt after that one change (Grenada "St. George's",
+Kazakhstan "Nur-Sultan", Libya "Tripoli": the first target token moves, a later one does not), and a
+second application - the editor fed the gradient of the *edited* model, i.e. `apply_edits(...,
+mode="sequential")` with the request twice - reaches them (session 29's probe, README "The main
+job"). The request itself says whether the edit took: the check is the teacher-forced exact match of
+its target (the EA criterion, `eval.metrics.batch_scores`'s `correct`) on its own prompt, so an
+edit that is reached the first time is never changed, and no held-out row is looked at. Locate-then-
+edit methods have the same check built in (ROME's v* is optimised until the prompt gives the target).
+
+    reached(model, params, rows) -> bool [N]   each row's target is the argmax after its prompt
+    edit_until_reached(model, edit, params, rows, retries, first=None) -> (params, applications)
+    with_retries(model, edit, edit_each, retries, info) -> (edit, edit_each) that retry
+
+`edit(params, rows) -> params` and `edit_each(params, rows) -> [params]` are a method's functions
+(`methods.registry.Prepared`); retries go through the same function as the first edit (with its
+null-space projection, its padding to `like`), so a retry is exactly a second sequential edit.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+# rows per scoring call (padded): one compiled program for any number of rows up to it
+CHECK_ROWS = 8
+
+
+def check_retries(value, name: str = "config.eval.mend_edit_retries") -> int:
+    """`value` as an int >= 0 (the number of extra applications allowed), or a ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 0:
+        raise ValueError(f"{name}={value!r}: give an integer >= 0 (0 = each edit applied once, as trained)")
+    return int(value)
+
+
+def reached(model, params: Any, rows: Sequence[dict]) -> np.ndarray:
+    """bool [N]: whether each row's whole target (row["target"], after row["prompt"]) is the argmax at
+    every target position on `params`, teacher forced - `eval.metrics.batch_scores`'s `correct`, the
+    per-edit EA. The rows are padded to a bucketed length and CHECK_ROWS rows per call, so checks of
+    rows of similar length share one compiled program."""
+    from salem_jax.data.tokenize import pad_rows
+    from salem_jax.eval.metrics import _score, encode_rows
+
+    rows = list(rows)
+    if not rows:
+        return np.zeros(0, bool)
+    enc = encode_rows(model, rows, where="edit check")  # a bucketed length (`data.tokenize.encode`)
+    out = []
+    for a in range(0, len(rows), CHECK_ROWS):
+        part = {k: v[a: a + CHECK_ROWS] for k, v in enc.items()}
+        n = next(iter(part.values())).shape[0]
+        got = jax.device_get(_score(model.apply, params, pad_rows(part, CHECK_ROWS)))
+        out.append(np.asarray(got["correct"])[:n].astype(bool))
+    return np.concatenate(out)
+
+
+def edit_until_reached(model, edit: Callable, params: Any, rows: Sequence[dict], retries: int,
+                       first: Any = None) -> tuple[Any, int]:
+    """(edited parameters, number of edit applications): `edit(params, rows)` (or `first`, its result
+    when already computed), then, while some row's target is not reached and fewer than `retries`
+    extra applications were made, `edit(edited, the rows not reached)` on top. retries 0: the first
+    edit, unchecked."""
+    retries = check_retries(retries, "retries")
+    rows = list(rows)
+    edited = edit(params, rows) if first is None else first
+    applications = 1
+    for _ in range(retries):
+        miss = [r for r, ok in zip(rows, reached(model, edited, rows)) if not ok]
+        if not miss:
+            break
+        edited = edit(edited, miss)
+        applications += 1
+    return edited, applications
+
+
+def with_retries(model, edit: Callable, edit_each: Callable | None, retries: int, info: dict):
+    """A method's (edit, edit_each) that retry each edit up to `retries` times (`edit_until_reached`;
+    edit_each: each row on its own, from its first edit computed together); with retries 0 the very
+    same functions. info["edit_retries"] = {"max": retries, "applications": [...]}: every edit's number
+    of applications, in the order the edits were made (the pipeline's evaluation edits the val fail
+    rows in order, one per row)."""
+    retries = check_retries(retries)
+    if retries == 0:
+        return edit, edit_each
+    log: list[int] = []
+    info["edit_retries"] = {"max": retries, "applications": log}
+
+    def edit_r(params, rows):
+        out, n = edit_until_reached(model, edit, params, rows, retries)
+        log.append(n)
+        return out
+
+    if edit_each is None:
+        return edit_r, None
+
+    def edit_each_r(params, rows):
+        rows = list(rows)
+        firsts = list(edit_each(params, rows))
+        out = []
+        for row, first in zip(rows, firsts):
+            p, n = edit_until_reached(model, edit, params, [row], retries, first=first)
+            log.append(n)
+            out.append(p)
+        return out
+
+    return edit_r, edit_each_r
