@@ -38,6 +38,13 @@ def test_tiny_experiment_writes_its_outputs(name, tmp_path):
         assert m["edits"] >= 1, method
         assert 0.0 <= m["ea"] <= 1.0
     assert res["chosen_layers"] and set(res["chosen_layers"]) <= set(res["profile"]["layers"])
+    if name == "capitals_smollm2":  # the main job's config.eval.mend_edit_retries=2: each edit's applications logged
+        m = res["methods"]["salem_edit"]
+        apps = [e["applications"] for e in m["per_edit"]]
+        assert m["edit_retries"]["max"] == 2 and len(apps) == m["edits"] and all(1 <= n <= 3 for n in apps)
+        assert m["edit_retries"]["retried"] == sum(n > 1 for n in apps)
+        # an edit reached by its first application was not applied again, so it counts in EA
+        assert all(e["ea"] == 1.0 for e in m["per_edit"] if e["applications"] == 1)
 
 
 @pytest.mark.slow
