@@ -753,27 +753,30 @@ def run_method(method: Method, ctx: Context, keep: list[dict], cf_records, times
         res["skipped_edits"] = len(prepared.skipped_edits)
         res["skipped_edit_rows"] = list(prepared.skipped_edits)
     times[f"eval_{method.name}"] = time.perf_counter() - t
-    retried = (f"; {res['edit_retries']['retried']} of {res['edits']} edits applied again (config.eval.mend_edit_retries="
-               f"{res['edit_retries']['max']})" if "edit_retries" in res else "")
+    retried = (f"; {res['edit_retries']['retried']} of {res['edits']} edits applied again, {res['edit_retries']['kept']} "
+               f"reached (config.eval.mend_edit_retries={res['edit_retries']['max']})" if "edit_retries" in res else "")
     say(f"{method.name}: EA {_fmt(res.get('ea'))}, adapt {_fmt(res.get('adapt_acc'))}, DD {_fmt(res.get('dd_acc'))}{retried}")
     return res, prepared.info
 
 
 def retry_summary(log: dict, res: dict) -> dict:
     """config.eval.mend_edit_retries: the evaluation's edits were the first ones the method's edit
-    functions made (`mend.retry.with_retries` logs every edit's number of applications in order), one per
-    val fail record, so the first len(per_edit) entries are theirs: each goes into its per_edit entry as
-    `applications`; the summary says how many edits needed more than one and the share reached by the
-    first application (1 application with retries allowed = the first edit's check passed)."""
+    functions made (`mend.retry.with_retries` logs every edit's applications, kept and tried, in order),
+    one per val fail record, so the first len(per_edit) entries are theirs: each goes into its per_edit
+    entry (`applications`: in the edit evaluated; `applications_tried`). The summary: how many edits were
+    applied again, how many kept a retry (it reached the target), how many gave up (retried, but the
+    first application evaluated), and the share reached by the first application (1 tried)."""
     per = res.get("per_edit") or []
-    apps = [int(n) for n in log["applications"][: len(per)]]
-    if len(apps) != len(per):
+    kept = [int(n) for n in log["applications"][: len(per)]]
+    tried = [int(n) for n in log["tried"][: len(per)]]
+    if len(kept) != len(per) or len(tried) != len(per):
         raise ValueError(f"edit retries: {len(log['applications'])} edits logged for {len(per)} evaluated edits")
-    for m, n in zip(per, apps):
-        m["applications"] = n
-    return {"max": int(log["max"]), "retried": sum(n > 1 for n in apps),
-            "reached_first": float(np.mean([n == 1 for n in apps])) if apps else None,
-            "applications_mean": float(np.mean(apps)) if apps else None}
+    for m, n, t in zip(per, kept, tried):
+        m["applications"], m["applications_tried"] = n, t
+    return {"max": int(log["max"]), "retried": sum(t > 1 for t in tried), "kept": sum(n > 1 for n in kept),
+            "gave_up": sum(t > 1 and n == 1 for n, t in zip(kept, tried)),
+            "reached_first": float(np.mean([t == 1 for t in tried])) if per else None,
+            "applications_mean": float(np.mean(kept)) if per else None}
 
 
 def many_edit_rows(val_rows: list[dict], prepared) -> list[dict]:
@@ -868,8 +871,8 @@ def results_table(out: dict) -> str:
         r = m.get("edit_retries")
         if r:
             lines.append(f"\n{name}: {r['retried']} of {m['edits']} edits applied again while their own prompt missed the "
-                         f"target (config.eval.mend_edit_retries={r['max']}); reached by the first application: "
-                         f"{_fmt(r['reached_first'])}")
+                         f"target (config.eval.mend_edit_retries={r['max']}), {r['kept']} of them reached it (the others "
+                         f"evaluated at their first application); reached by the first application: {_fmt(r['reached_first'])}")
     return "\n".join(lines)
 
 

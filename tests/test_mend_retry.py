@@ -51,12 +51,16 @@ def _edit_fn(model, editor):
 
 
 def _hand_loop(model, editor, row, retries):
-    """(params, applications): edit once, then again while the numpy check fails, at most `retries` more."""
+    """(params, applications kept, tried): edit once, then again while the numpy check fails, at most
+    `retries` more; an edit that never reaches its target comes back as its first application."""
     req = [dict(prompt=row["prompt"], target=row["target"])]
-    p, k = apply_edits(model, editor, req, progress=False), 1
+    first = p = apply_edits(model, editor, req, progress=False)
+    k = 1
     while k <= retries and not _hand_reached(model, p, row):
         p, k = apply_edits(model, editor, req, params=p, progress=False), k + 1
-    return p, k
+    if retries and not _hand_reached(model, p, row):
+        return first, 1, k
+    return p, k, k
 
 
 def _assert_same(a, b, rtol=1e-5, atol=1e-6):
@@ -83,19 +87,21 @@ def test_edit_until_reached_equals_the_hand_loop_and_the_sequential_edit(setup):
     edit = _edit_fn(model, editor)
     counts = []
     for row in rows:
-        got, n = edit_until_reached(model, edit, model.params, [row], R)
-        want, k = _hand_loop(model, editor, row, R)
-        assert n == k, row
+        got, n, tried = edit_until_reached(model, edit, model.params, [row], R)
+        want, k, k_tried = _hand_loop(model, editor, row, R)
+        assert (n, tried) == (k, k_tried), row
         _assert_same(got, want)
         # n applications = the request applied n times in sequence (apply_edits' own loop)
         _assert_same(got, apply_edits(model, editor, [dict(prompt=row["prompt"], target=row["target"])] * n,
                                       mode="sequential", progress=False))
-        counts.append((n, _hand_reached(model, got, row)))
-    # the cases the loop exists for: reached at once, reached by a retry, still missed at the cap
-    assert (1, True) in counts and (R + 1, False) in counts and any(1 < n <= R + 1 and ok for n, ok in counts), counts
+        counts.append((n, tried, _hand_reached(model, got, row)))
+    # the cases the loop exists for: reached at once, reached by a retry, and still missed at the cap -
+    # which comes back as its first application
+    assert (1, 1, True) in counts and (1, R + 1, False) in counts, counts
+    assert any(1 < n == t <= R + 1 and ok for n, t, ok in counts), counts
     # retries 0: the first edit, unchecked
-    got, n = edit_until_reached(model, edit, model.params, rows[:1], 0)
-    assert n == 1
+    got, n, tried = edit_until_reached(model, edit, model.params, rows[:1], 0)
+    assert n == tried == 1
     _assert_same(got, apply_edits(model, editor, [dict(prompt=rows[0]["prompt"], target=rows[0]["target"])], progress=False))
 
 
@@ -113,18 +119,25 @@ def test_with_retries_edits_each_row_alone_and_logs_every_edit_in_order(setup):
     got = each_r(model.params, rows)
     assert calls == [len(rows)]  # the first edits computed together, by the method's own edit_each
     hand = [_hand_loop(model, editor, r, R) for r in rows]
-    for g, (w, _) in zip(got, hand):
+    for g, (w, _, _) in zip(got, hand):
         _assert_same(g, w)
-    assert info["edit_retries"] == {"max": R, "applications": [k for _, k in hand]}
-    # a combined edit of several rows: retried with the rows it misses, all of them checked each time
-    combined = edit_r(model.params, rows[:2])
-    p = edit(model.params, rows[:2])
+    assert info["edit_retries"] == {"max": R, "applications": [k for _, k, _ in hand], "tried": [t for _, _, t in hand]}
+    # a combined edit of several rows: retried with the rows it misses, all of them checked each time; the
+    # earliest edit reaching the most rows comes back
+    combined = edit_r(model.params, rows[:3])
+    p = edit(model.params, rows[:3])
+    tried, best = [p], [sum(_hand_reached(model, p, r) for r in rows[:3])]
     for _ in range(R):
-        miss = [r for r in rows[:2] if not _hand_reached(model, p, r)]
+        miss = [r for r in rows[:3] if not _hand_reached(model, p, r)]
         if not miss:
             break
         p = edit(p, miss)
-    _assert_same(combined, p)
+        tried.append(p)
+        best.append(sum(_hand_reached(model, p, r) for r in rows[:3]))
+    assert len(tried) > 1  # the combined case retried
+    _assert_same(combined, tried[int(np.argmax(best))])
+    assert info["edit_retries"]["applications"][-1] == int(np.argmax(best)) + 1
+    assert info["edit_retries"]["tried"][-1] == len(tried)
     assert len(info["edit_retries"]["applications"]) == len(rows) + 1
     # 0: the very same functions, nothing logged
     info0 = {}
@@ -132,19 +145,22 @@ def test_with_retries_edits_each_row_alone_and_logs_every_edit_in_order(setup):
 
 
 def test_retry_summary_fills_per_edit_in_order():
-    res = {"per_edit": [{"record_id": "a"}, {"record_id": "b"}, {"record_id": "c"}]}
-    out = retry_summary({"max": 2, "applications": [1, 3, 2, 1, 1]}, res)  # later entries: other uses of edit
-    assert [m["applications"] for m in res["per_edit"]] == [1, 3, 2]
-    assert out == {"max": 2, "retried": 2, "reached_first": pytest.approx(1 / 3), "applications_mean": pytest.approx(2.0)}
+    res = {"per_edit": [{"record_id": "a"}, {"record_id": "b"}, {"record_id": "c"}, {"record_id": "d"}]}
+    # later entries: other uses of the edit functions after the evaluation
+    out = retry_summary({"max": 2, "applications": [1, 3, 2, 1, 1, 1], "tried": [1, 3, 2, 3, 1, 1]}, res)
+    assert [(m["applications"], m["applications_tried"]) for m in res["per_edit"]] == [(1, 1), (3, 3), (2, 2), (1, 3)]
+    assert out == {"max": 2, "retried": 3, "kept": 2, "gave_up": 1, "reached_first": pytest.approx(0.25),
+                   "applications_mean": pytest.approx(7 / 4)}
     from salem_jax.pipeline import results_table
 
     table = results_table({"model": "m", "chosen_layers": ["h.1"], "profile": {"scorer": "salem"}, "training": {},
-                           "methods": {"salem_edit": {"layers": ["h.1"], "edits": 3, "edit_seconds": 0.1, "ea": 1.0,
+                           "methods": {"salem_edit": {"layers": ["h.1"], "edits": 4, "edit_seconds": 0.1, "ea": 1.0,
                                                       "edit_retries": out}}})
-    assert ("salem_edit: 2 of 3 edits applied again while their own prompt missed the target "
-            "(config.eval.mend_edit_retries=2); reached by the first application: 0.333") in table
+    assert ("salem_edit: 3 of 4 edits applied again while their own prompt missed the target "
+            "(config.eval.mend_edit_retries=2), 2 of them reached it (the others evaluated at their first "
+            "application); reached by the first application: 0.250") in table
     with pytest.raises(ValueError, match="2 edits logged for 3"):
-        retry_summary({"max": 2, "applications": [1, 1]}, {"per_edit": [{}, {}, {}]})
+        retry_summary({"max": 2, "applications": [1, 1], "tried": [1, 1]}, {"per_edit": [{}, {}, {}]})
 
 
 @pytest.mark.parametrize("bad", [-1, True, 1.5, "1", None])

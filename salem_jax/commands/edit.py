@@ -114,7 +114,8 @@ def auto_layer(model, requests: list[dict], keep: list[dict] | None, scorer: str
 
 def _edit_with_retries(model, editor, requests, args):
     """(params, applications): `mend.retry.edit_until_reached` on the combined edit (--mode batch: one
-    count) or on each request after the previous ones (--mode sequential: one count per request)."""
+    count) or on each request after the previous ones (--mode sequential: one count per request); a count
+    is the applications in the edit kept (1 when the retries did not reach more requests)."""
     from tqdm.auto import tqdm
 
     from salem_jax.mend.apply import apply_edits
@@ -124,11 +125,11 @@ def _edit_with_retries(model, editor, requests, args):
         return apply_edits(model, editor, rows, params=params, progress=False)
 
     if args.mode == "batch":
-        params, n = edit_until_reached(model, edit, model.params, list(requests), args.retries)
+        params, n, _ = edit_until_reached(model, edit, model.params, list(requests), args.retries)
         return params, [n]
     params, counts = model.params, []
     for r in tqdm(requests, desc="edits", disable=args.no_progress):
-        params, n = edit_until_reached(model, edit, params, [r], args.retries)
+        params, n, _ = edit_until_reached(model, edit, params, [r], args.retries)
         counts.append(n)
     return params, counts
 

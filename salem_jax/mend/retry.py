@@ -9,11 +9,13 @@ second application - the editor fed the gradient of the *edited* model, i.e. `ap
 mode="sequential")` with the request twice - reaches them (session 29's probe, README "The main
 job"). The request itself says whether the edit took: the check is the teacher-forced exact match of
 its target (the EA criterion, `eval.metrics.batch_scores`'s `correct`) on its own prompt, so an
-edit that is reached the first time is never changed, and no held-out row is looked at. Locate-then-
+edit that is reached the first time is never changed, and no held-out row is looked at. A retry is kept
+only when it reaches more of the requests than the edit before it: an edit the retries cannot bring to its
+target comes back as its first application. Locate-then-
 edit methods have the same check built in (ROME's v* is optimised until the prompt gives the target).
 
     reached(model, params, rows) -> bool [N]   each row's target is the argmax after its prompt
-    edit_until_reached(model, edit, params, rows, retries, first=None) -> (params, applications)
+    edit_until_reached(model, edit, params, rows, retries, first=None) -> (params, applications kept, tried)
     with_retries(model, edit, edit_each, retries, info) -> (edit, edit_each) that retry
 
 `edit(params, rows) -> params` and `edit_each(params, rows) -> [params]` are a method's functions
@@ -61,39 +63,48 @@ def reached(model, params: Any, rows: Sequence[dict]) -> np.ndarray:
 
 
 def edit_until_reached(model, edit: Callable, params: Any, rows: Sequence[dict], retries: int,
-                       first: Any = None) -> tuple[Any, int]:
-    """(edited parameters, number of edit applications): `edit(params, rows)` (or `first`, its result
-    when already computed), then, while some row's target is not reached and fewer than `retries`
-    extra applications were made, `edit(edited, the rows not reached)` on top. retries 0: the first
-    edit, unchecked."""
+                       first: Any = None) -> tuple[Any, int, int]:
+    """(edited parameters, applications in them, applications tried): `edit(params, rows)` (or `first`,
+    its result when already computed), then, while some row's target is not reached and fewer than
+    `retries` extra applications were made, `edit(edited, the rows not reached)` on top. What comes back
+    is the earliest of the edits tried that reaches the most rows - so a retry is kept only when it
+    reaches more than the edit before it, and an edit the retries cannot bring to its target comes back
+    as its first application (session 29 on zsRE: three applications of an edit that never reached its
+    target tripled its spill onto the keep set and held-out text). retries 0: the first edit, unchecked."""
     retries = check_retries(retries, "retries")
     rows = list(rows)
     edited = edit(params, rows) if first is None else first
-    applications = 1
-    for _ in range(retries):
-        miss = [r for r, ok in zip(rows, reached(model, edited, rows)) if not ok]
-        if not miss:
+    if retries == 0:
+        return edited, 1, 1
+    tried, best = 1, None
+    while True:
+        ok = reached(model, edited, rows)
+        if best is None or int(ok.sum()) > best[2]:
+            best = (edited, tried, int(ok.sum()))
+        if ok.all() or tried > retries:
             break
-        edited = edit(edited, miss)
-        applications += 1
-    return edited, applications
+        edited = edit(edited, [r for r, o in zip(rows, ok) if not o])
+        tried += 1
+    return best[0], best[1], tried
 
 
 def with_retries(model, edit: Callable, edit_each: Callable | None, retries: int, info: dict):
     """A method's (edit, edit_each) that retry each edit up to `retries` times (`edit_until_reached`;
     edit_each: each row on its own, from its first edit computed together); with retries 0 the very
-    same functions. info["edit_retries"] = {"max": retries, "applications": [...]}: every edit's number
-    of applications, in the order the edits were made (the pipeline's evaluation edits the val fail
-    rows in order, one per row)."""
+    same functions. info["edit_retries"] = {"max": retries, "applications": [...], "tried": [...]}: every
+    edit's number of applications in the edit returned and tried, in the order the edits were made (the
+    pipeline's evaluation edits the val fail rows in order, one per row)."""
     retries = check_retries(retries)
     if retries == 0:
         return edit, edit_each
-    log: list[int] = []
-    info["edit_retries"] = {"max": retries, "applications": log}
+    kept: list[int] = []
+    tried: list[int] = []
+    info["edit_retries"] = {"max": retries, "applications": kept, "tried": tried}
 
     def edit_r(params, rows):
-        out, n = edit_until_reached(model, edit, params, rows, retries)
-        log.append(n)
+        out, n, t = edit_until_reached(model, edit, params, rows, retries)
+        kept.append(n)
+        tried.append(t)
         return out
 
     if edit_each is None:
@@ -104,8 +115,9 @@ def with_retries(model, edit: Callable, edit_each: Callable | None, retries: int
         firsts = list(edit_each(params, rows))
         out = []
         for row, first in zip(rows, firsts):
-            p, n = edit_until_reached(model, edit, params, [row], retries, first=first)
-            log.append(n)
+            p, n, t = edit_until_reached(model, edit, params, [row], retries, first=first)
+            kept.append(n)
+            tried.append(t)
             out.append(p)
         return out
 
