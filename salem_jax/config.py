@@ -295,8 +295,9 @@ class Eval:
     mend_edit_retries: the MEND-based methods apply the editor again on the weights an edit produced,
     at most this many more times, while that edit's own prompt does not give its target (teacher forced,
     the EA criterion; `mend.retry`): 0 (the default) = each edit applied once, as the editor was
-    trained; the number of applications of each edit is written to results.json (`edit_retries`,
-    per_edit `applications`).
+    trained; a retry is kept only when it reaches the target (else the first application is evaluated);
+    each edit's applications are written to results.json (`edit_retries`, per_edit `applications` and
+    `applications_tried`).
     mend_null_energy: > 0 = project each MEND edit's delta on every edited kernel onto the null space of
     that kernel's input covariance over WikiText (AlphaEdit's P; the null space = C's smallest
     eigen-directions holding at most this share of trace(C); `mend.nullspace`), mend_null_tokens tokens

@@ -4,15 +4,15 @@ request's target after its prompt.
 
 Why: MEND's editor maps one gradient to one weight change; on SmolLM2's capitals the main job's
 editor leaves a few edits short on their own prompt after that one change (Grenada "St. George's",
-Kazakhstan "Nur-Sultan", Libya "Tripoli": the first target token moves, a later one does not), and a
+Kazakhstan "Nur-Sultan", Libya "Tripoli", at editor seed 0 on session 28's machine), and a
 second application - the editor fed the gradient of the *edited* model, i.e. `apply_edits(...,
 mode="sequential")` with the request twice - reaches them (session 29's probe, README "The main
 job"). The request itself says whether the edit took: the check is the teacher-forced exact match of
 its target (the EA criterion, `eval.metrics.batch_scores`'s `correct`) on its own prompt, so an
 edit that is reached the first time is never changed, and no held-out row is looked at. A retry is kept
 only when it reaches more of the requests than the edit before it: an edit the retries cannot bring to its
-target comes back as its first application. Locate-then-
-edit methods have the same check built in (ROME's v* is optimised until the prompt gives the target).
+target comes back as its first application. Locate-then-edit methods have the same check built in (ROME's
+v* is optimised until the prompt gives the target).
 
     reached(model, params, rows) -> bool [N]   each row's target is the argmax after its prompt
     edit_until_reached(model, edit, params, rows, retries, first=None) -> (params, applications kept, tried)
