@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-import jax
 import numpy as np
 
 # rows per scoring call (padded): one compiled program for any number of rows up to it
@@ -43,23 +42,15 @@ def check_retries(value, name: str = "config.eval.mend_edit_retries") -> int:
 
 def reached(model, params: Any, rows: Sequence[dict]) -> np.ndarray:
     """bool [N]: whether each row's whole target (row["target"], after row["prompt"]) is the argmax at
-    every target position on `params`, teacher forced - `eval.metrics.batch_scores`'s `correct`, the
-    per-edit EA. The rows are padded to a bucketed length and CHECK_ROWS rows per call, so checks of
-    rows of similar length share one compiled program."""
-    from salem_jax.data.tokenize import pad_rows
-    from salem_jax.eval.metrics import _score, encode_rows
+    every target position on `params`, teacher forced - `eval.metrics.score_rows`'s `correct`, the
+    per-edit EA, CHECK_ROWS rows per call (padded), so checks of rows of similar length share one
+    compiled program."""
+    from salem_jax.eval.metrics import score_rows
 
     rows = list(rows)
     if not rows:
         return np.zeros(0, bool)
-    enc = encode_rows(model, rows, where="edit check")  # a bucketed length (`data.tokenize.encode`)
-    out = []
-    for a in range(0, len(rows), CHECK_ROWS):
-        part = {k: v[a: a + CHECK_ROWS] for k, v in enc.items()}
-        n = next(iter(part.values())).shape[0]
-        got = jax.device_get(_score(model.apply, params, pad_rows(part, CHECK_ROWS)))
-        out.append(np.asarray(got["correct"])[:n].astype(bool))
-    return np.concatenate(out)
+    return score_rows(model, params, rows, batch_size=CHECK_ROWS, progress=False, where="edit check")["correct"].astype(bool)
 
 
 def edit_until_reached(model, edit: Callable, params: Any, rows: Sequence[dict], retries: int,
