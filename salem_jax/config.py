@@ -271,6 +271,10 @@ class LocateEdit:
     alpha_preserve_facts_max: int = 0  # at most this many of them (a seeded sample); 0 = every usable one
     # AlphaEdit: the weight of those seeded keys' term (K_f K_f^T) in the memory; the edits' own keys keep weight 1
     alpha_preserve_weight: float = 1.0
+    # edit until reached (`mend.retry.edit_until_reached`): after each edit call, the rows whose own prompt still
+    # misses its target are edited again on the edited weights (the editor's state continued), at most this many
+    # more times; a retry is kept only when it reaches more rows. 0 = one call, as published
+    retries: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
