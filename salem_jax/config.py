@@ -243,7 +243,8 @@ class LocateEdit:
     disk; n_prefixes prefixes (half of 5, half of 10 tokens) for the keys; alpha_preserve > 0: AlphaEdit's
     memory starts with the keys of that many train fail rows (methods.locate_edit.preserved_state), and with
     those of alpha_preserve_facts' country facts outside the keep set (at most alpha_preserve_facts_max),
-    that seeded term weighted by alpha_preserve_weight; the rest are baselines.locate_edit.EditorConfig's
+    that seeded term weighted by alpha_preserve_weight; retries > 0: edit again while an edit call's own
+    prompts miss their targets (mend.retry.edit_until_reached); the rest are baselines.locate_edit.EditorConfig's
     fields (v* as ROME's GPT-2 XL values)."""
 
     layer: str = ""
