@@ -751,8 +751,8 @@ def run_method(method: Method, ctx: Context, keep: list[dict], cf_records, times
         res["many_edits"] = many.pipeline_study(ctx.model, prepared.edit, many_edit_rows(ctx.val_rows, prepared), keep,
                                                 list(ctx.texts), ctx.cfg, method.name, ctx.work)
         if log:  # the study's edit calls (one per batch of each mode, in the order made): their applications
-            res["many_edits"]["edit_retries"] = {"max": int(log["max"]), "applications": log["applications"][n0:],
-                                                 "tried": log["tried"][n0:]}
+            res["many_edits_retries"] = {"max": int(log["max"]), "applications": log["applications"][n0:],
+                                         "tried": log["tried"][n0:]}
         times[f"many_edits_{method.name}"] = time.perf_counter() - t_many
     if prepared.skipped_edits is not None:
         res["skipped_edits"] = len(prepared.skipped_edits)
