@@ -65,8 +65,10 @@ def main(argv=None) -> int:
     out = run_pipeline(cfg, args.workdir)
     seconds = time.perf_counter() - t
     studies = {k: v["many_edits"] for k, v in out["methods"].items() if "many_edits" in v}
+    retries = {k: v["many_edits_retries"] for k, v in out["methods"].items() if "many_edits_retries" in v}
     summary = dict(experiment=args.experiment, model=out["model"], config=out["config"], seconds=seconds,
                    times=out["times"], edit_set=out["edit_set"], keep=out["keep"], text=out["text"], studies=studies,
+                   **({"edit_retries": retries} if retries else {}),
                    single_edit={k: {m: v.get(m) for m in ("edits", "ea", "adapt_acc", "dd_acc", "dd_keep_acc",
                                                             "locality", "gen/fail_starts_after", "portability")}
                                 for k, v in out["methods"].items()})

@@ -243,7 +243,8 @@ class LocateEdit:
     disk; n_prefixes prefixes (half of 5, half of 10 tokens) for the keys; alpha_preserve > 0: AlphaEdit's
     memory starts with the keys of that many train fail rows (methods.locate_edit.preserved_state), and with
     those of alpha_preserve_facts' country facts outside the keep set (at most alpha_preserve_facts_max),
-    that seeded term weighted by alpha_preserve_weight; the rest are baselines.locate_edit.EditorConfig's
+    that seeded term weighted by alpha_preserve_weight; retries > 0: edit again while an edit call's own
+    prompts miss their targets (mend.retry.edit_until_reached); the rest are baselines.locate_edit.EditorConfig's
     fields (v* as ROME's GPT-2 XL values)."""
 
     layer: str = ""
@@ -271,6 +272,10 @@ class LocateEdit:
     alpha_preserve_facts_max: int = 0  # at most this many of them (a seeded sample); 0 = every usable one
     # AlphaEdit: the weight of those seeded keys' term (K_f K_f^T) in the memory; the edits' own keys keep weight 1
     alpha_preserve_weight: float = 1.0
+    # edit until reached (`mend.retry.edit_until_reached`): after each edit call, the rows whose own prompt still
+    # misses its target are edited again on the edited weights (the editor's state continued), at most this many
+    # more times; a retry is kept only when it reaches more rows. 0 = one call, as published
+    retries: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

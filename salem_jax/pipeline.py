@@ -746,15 +746,20 @@ def run_method(method: Method, ctx: Context, keep: list[dict], cf_records, times
         res["null_facts"] = prepared.info["null_facts"]
     if ctx.cfg.eval.sequential:  # many edits on the same weights (salem_jax.eval.sequential)
         t_many = time.perf_counter()
+        log = prepared.info.get("edit_retries")
+        n0 = len(log["applications"]) if log else 0
         res["many_edits"] = many.pipeline_study(ctx.model, prepared.edit, many_edit_rows(ctx.val_rows, prepared), keep,
                                                 list(ctx.texts), ctx.cfg, method.name, ctx.work)
+        if log:  # the study's edit calls (one per batch of each mode, in the order made): their applications
+            res["many_edits_retries"] = {"max": int(log["max"]), "applications": log["applications"][n0:],
+                                         "tried": log["tried"][n0:]}
         times[f"many_edits_{method.name}"] = time.perf_counter() - t_many
     if prepared.skipped_edits is not None:
         res["skipped_edits"] = len(prepared.skipped_edits)
         res["skipped_edit_rows"] = list(prepared.skipped_edits)
     times[f"eval_{method.name}"] = time.perf_counter() - t
     retried = (f"; {res['edit_retries']['retried']} of {res['edits']} edits applied again, {res['edit_retries']['kept']} "
-               f"reached (config.eval.mend_edit_retries={res['edit_retries']['max']})" if "edit_retries" in res else "")
+               f"reached ({res['edit_retries']['option']}={res['edit_retries']['max']})" if "edit_retries" in res else "")
     say(f"{method.name}: EA {_fmt(res.get('ea'))}, adapt {_fmt(res.get('adapt_acc'))}, DD {_fmt(res.get('dd_acc'))}{retried}")
     return res, prepared.info
 
@@ -773,7 +778,8 @@ def retry_summary(log: dict, res: dict) -> dict:
         raise ValueError(f"edit retries: {len(log['applications'])} edits logged for {len(per)} evaluated edits")
     for m, n, t in zip(per, kept, tried):
         m["applications"], m["applications_tried"] = n, t
-    return {"max": int(log["max"]), "retried": sum(t > 1 for t in tried), "kept": sum(n > 1 for n in kept),
+    return {"max": int(log["max"]), "option": log.get("option", "config.eval.mend_edit_retries"),
+            "retried": sum(t > 1 for t in tried), "kept": sum(n > 1 for n in kept),
             "gave_up": sum(t > 1 and n == 1 for n, t in zip(kept, tried)),
             "reached_first": float(np.mean([t == 1 for t in tried])) if per else None,
             "applications_mean": float(np.mean(kept)) if per else None}
@@ -871,7 +877,7 @@ def results_table(out: dict) -> str:
         r = m.get("edit_retries")
         if r:
             lines.append(f"\n{name}: {r['retried']} of {m['edits']} edits applied again while their own prompt missed the "
-                         f"target (config.eval.mend_edit_retries={r['max']}), {r['kept']} of them reached it (the others "
+                         f"target ({r.get('option', 'config.eval.mend_edit_retries')}={r['max']}), {r['kept']} of them reached it (the others "
                          f"evaluated at their first application); reached by the first application: {_fmt(r['reached_first'])}")
     return "\n".join(lines)
 

@@ -320,3 +320,40 @@ def test_pipeline_refuses_a_bad_order_seed_up_front(tmp_path):
     cfg = capitals_smollm2.get_config(tiny=True)
     cfg.eval.sequential_order_seed = -3
     refused_up_front(cfg, tmp_path / "work", "config.eval.sequential_order_seed=-3")
+
+
+def test_study_logs_the_retries_of_its_own_calls_apart_from_the_modes(setup, tmp_path, monkeypatch):
+    """A method with retries (config.locate_edit.retries, mend.retry.with_retries): the one-at-a-time
+    evaluation's edits go to results' `edit_retries`, the study's calls (one per edit in sequential mode)
+    to `many_edits_retries`, in the order made; `many_edits` keeps only its modes (the summary table and
+    plot read every key of it as a mode)."""
+    from salem_jax import pipeline as P
+    from salem_jax.mend import retry
+    from salem_jax.methods.registry import Context, Method, Prepared
+
+    model, cfg, _ = setup
+    cfg.eval.update(dict(max_edits=1, sequential="1,3", sequential_modes="sequential", generate=False, ppl_edits=0))
+    monkeypatch.setattr(retry, "reached", lambda model, params, rows: np.zeros(len(rows), bool))  # never reached
+    calls = []
+
+    def edit(params, rs):
+        calls.append([r["id"] for r in rs])
+        return params
+
+    def prepare(ctx, layers):
+        info: dict = {}
+        e, _ = retry.with_retries(model, edit, None, 1, info, name="config.locate_edit.retries")
+        fails = [r for r in ctx.val_rows if r["group"] == "fail"][: ctx.cfg.eval.max_edits]
+        eval_rows = [r for r in ctx.val_rows if r["group"] != "fail" or r in fails]
+        return Prepared(edit=e, info=info, eval_rows=eval_rows)
+
+    method = Method(name="toy", summary="toy", supports=frozenset({"causal"}), layers=lambda ctx: ("h.1",),
+                    prepare=prepare)
+    ctx = Context(model=model, cfg=cfg, work=tmp_path, say=lambda m: None, val_rows=_rows())
+    res, _ = P.run_method(method, ctx, [], None, {})
+    # every call is made twice (the first edit and one retry): 1 evaluation edit, then the study's 3
+    assert calls == [["r0#prompt"]] * 2 + [["r0#prompt"]] * 2 + [["r1#prompt"]] * 2 + [["r2#prompt"]] * 2
+    assert res["edit_retries"]["option"] == "config.locate_edit.retries" and res["edit_retries"]["retried"] == 1
+    assert res["edit_retries"]["gave_up"] == 1
+    assert res["many_edits_retries"] == {"max": 1, "applications": [1, 1, 1], "tried": [2, 2, 2]}
+    assert list(res["many_edits"]) == ["sequential"] and [r["T"] for r in res["many_edits"]["sequential"]] == [1, 3]

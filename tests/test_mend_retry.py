@@ -121,7 +121,7 @@ def test_with_retries_edits_each_row_alone_and_logs_every_edit_in_order(setup):
     hand = [_hand_loop(model, editor, r, R) for r in rows]
     for g, (w, _, _) in zip(got, hand):
         _assert_same(g, w)
-    assert info["edit_retries"] == {"max": R, "applications": [k for _, k, _ in hand], "tried": [t for _, _, t in hand]}
+    assert info["edit_retries"] == {"max": R, "option": "config.eval.mend_edit_retries", "applications": [k for _, k, _ in hand], "tried": [t for _, _, t in hand]}
     # a combined edit of several rows: retried with the rows it misses, all of them checked each time; the
     # earliest edit reaching the most rows comes back
     combined = edit_r(model.params, rows[:3])
@@ -149,8 +149,8 @@ def test_retry_summary_fills_per_edit_in_order():
     # later entries: other uses of the edit functions after the evaluation
     out = retry_summary({"max": 2, "applications": [1, 3, 2, 1, 1, 1], "tried": [1, 3, 2, 3, 1, 1]}, res)
     assert [(m["applications"], m["applications_tried"]) for m in res["per_edit"]] == [(1, 1), (3, 3), (2, 2), (1, 3)]
-    assert out == {"max": 2, "retried": 3, "kept": 2, "gave_up": 1, "reached_first": pytest.approx(0.25),
-                   "applications_mean": pytest.approx(7 / 4)}
+    assert out == {"max": 2, "option": "config.eval.mend_edit_retries", "retried": 3, "kept": 2, "gave_up": 1,
+                   "reached_first": pytest.approx(0.25), "applications_mean": pytest.approx(7 / 4)}
     from salem_jax.pipeline import results_table
 
     table = results_table({"model": "m", "chosen_layers": ["h.1"], "profile": {"scorer": "salem"}, "training": {},

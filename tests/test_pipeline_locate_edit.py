@@ -85,6 +85,9 @@ def test_bad_config_is_refused_early(tmp_path):
     cfg.locate_edit.layer_from, cfg.locate_edit.clamp_norm = "saliency", "residue"
     with pytest.raises(ValueError, match="config.locate_edit.clamp_norm 'residue'"):
         P.run_pipeline(cfg, tmp_path / "work3")
+    cfg.locate_edit.clamp_norm, cfg.locate_edit.retries = "output", -1
+    with pytest.raises(ValueError, match=r"config.locate_edit.retries=-1: give an integer >= 0"):
+        P.run_pipeline(cfg, tmp_path / "work4")
 
 
 def test_alphaedit_continues_its_state_only_on_its_own_output(tmp_path):
@@ -517,3 +520,89 @@ def test_alphaedit_memory_seeded_with_country_facts_outside_the_keep_set(tmp_pat
     cfg.locate_edit.alpha_preserve, cfg.locate_edit.alpha_preserve_facts_max = 0, 3
     with pytest.raises(ValueError, match="alpha_preserve_facts='countries:region' seeds AlphaEdit's memory; emmet"):
         methods.get("emmet").prepare(ctx, ("h.1",))
+
+
+# --------------------------------------------------------------------------- edit until reached (issue 16)
+
+def test_alphaedit_continues_the_state_of_any_recent_output(tmp_path, monkeypatch):
+    """edit(p, rows) continues the state of the call that returned p, also when p is not the latest
+    output (`mend.retry.edit_until_reached` hands back an earlier edit when a retry does not reach more
+    rows, and the next batch is edited on it): equal to the editor called by hand with that call's state."""
+    model, cfg, prepared, stats, rows, reqs = _batch_setup(tmp_path, monkeypatch, ("alphaedit",), alpha_energy=0.5)
+    from salem_jax.baselines.editors import get_editor
+    from salem_jax.methods.locate_edit import editor_config
+
+    edit = prepared["alphaedit"].edit
+    p1 = edit(model.params, rows[:1])
+    edit(p1, rows[1:2])  # a later output: p1 is no longer the latest
+    p3 = edit(p1, rows[2:3])
+    fn, ec = get_editor("alphaedit"), editor_config(cfg)
+    o1 = fn(model, model.params, reqs[:1], layers=("h.1",), stats=stats, config=ec, progress=False)
+    o3 = fn(model, o1.params, reqs[2:3], layers=("h.1",), stats=stats, config=ec, state=o1.state, progress=False)
+    o3_fresh = fn(model, o1.params, reqs[2:3], layers=("h.1",), stats=stats, config=ec, progress=False)
+    path = "transformer/h/1/mlp/c_proj/kernel"
+    k = lambda p: np.asarray(get_path(p, path), np.float64)  # noqa: E731
+    np.testing.assert_allclose(k(p3), k(o3.params), rtol=1e-5, atol=1e-7)
+    assert np.abs(k(o3.params) - k(o3_fresh.params)).max() > 1e-6  # the state matters here
+
+
+@pytest.mark.parametrize("check", ["numpy", "second_try"])
+def test_alphaedit_retries_equal_a_hand_loop_with_the_state_carried(tmp_path, monkeypatch, check):
+    """config.locate_edit.retries R: after a batch, the rows whose own prompt misses its target are edited
+    again on the edited weights with the editor's state carried on, at most R more times; the earliest
+    edit reaching the most rows comes back, and the next batch continues the state of the edit kept.
+    Against the editor called by hand. check "numpy": the real check (`mend.retry.reached`) against
+    numpy on the full logits - here every retry is tried and none reaches (the kept edit is the first
+    one, whose state the next batch must continue, not the last retry's); "second_try": the check
+    replaced by one that misses every row until its batch's second check, so the first retry is kept
+    and the next batch continues the retry's state."""
+    from test_mend_retry import _hand_reached
+
+    from salem_jax.baselines.editors import get_editor
+    from salem_jax.methods.locate_edit import editor_config
+    from salem_jax.mend import retry
+
+    R = 2
+    model, cfg, prepared, stats, rows, reqs = _batch_setup(tmp_path, monkeypatch, ("alphaedit",), alpha_energy=0.5,
+                                                           retries=R)
+    fn, ec = get_editor("alphaedit"), editor_config(cfg)
+    if check == "second_try":
+        seen: dict[tuple, int] = {}
+
+        def forced(model, params, rs):  # edit_until_reached checks every row of its batch each time
+            key = tuple(r["id"] for r in rs)
+            seen[key] = seen.get(key, 0) + 1
+            return np.full(len(rs), seen[key] >= 2)
+
+        monkeypatch.setattr(retry, "reached", forced)
+        is_reached = None
+    else:
+        is_reached = lambda params, i: _hand_reached(model, params, rows[i])  # noqa: E731
+
+    def hand(params, state, idx):
+        out = fn(model, params, [reqs[i] for i in idx], layers=("h.1",), stats=stats, config=ec, state=state, progress=False)
+        best, tried = None, 1
+        while True:
+            ok = [is_reached(out.params, i) if is_reached else tried >= 2 for i in idx]
+            if best is None or sum(ok) > best[2]:
+                best = (out, tried, sum(ok))
+            if all(ok) or tried > R:
+                return best[0], best[1], tried
+            out = fn(model, out.params, [reqs[i] for i, o in zip(idx, ok) if not o], layers=("h.1",), stats=stats,
+                     config=ec, state=out.state.copy(), progress=False)  # the editor changes a state in place
+            tried += 1
+
+    h1, n1, t1 = hand(model.params, None, [0, 1])
+    h2, n2, t2 = hand(h1.params, h1.state.copy(), [2, 3])
+    edit = prepared["alphaedit"].edit
+    p1 = edit(model.params, rows[:2])
+    p2 = edit(p1, rows[2:])
+    path = "transformer/h/1/mlp/c_proj/kernel"
+    k = lambda p: np.asarray(get_path(p, path), np.float64)  # noqa: E731
+    np.testing.assert_allclose(k(p1), k(h1.params), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(k(p2), k(h2.params), rtol=1e-5, atol=1e-7)
+    log = prepared["alphaedit"].info["edit_retries"]
+    assert log["max"] == R and log["option"] == "config.locate_edit.retries"
+    assert log["applications"] == [n1, n2] and log["tried"] == [t1, t2]
+    # the case each check is for: retries tried and none kept / the first retry kept
+    assert (n1, t1, n2, t2) == ((1, 3, 1, 3) if check == "numpy" else (2, 2, 2, 2))

@@ -79,18 +79,20 @@ def edit_until_reached(model, edit: Callable, params: Any, rows: Sequence[dict],
     return best[0], best[1], tried
 
 
-def with_retries(model, edit: Callable, edit_each: Callable | None, retries: int, info: dict):
+def with_retries(model, edit: Callable, edit_each: Callable | None, retries: int, info: dict,
+                 name: str = "config.eval.mend_edit_retries"):
     """A method's (edit, edit_each) that retry each edit up to `retries` times (`edit_until_reached`;
     edit_each: each row on its own, from its first edit computed together); with retries 0 the very
-    same functions. info["edit_retries"] = {"max": retries, "applications": [...], "tried": [...]}: every
-    edit's number of applications in the edit returned and tried, in the order the edits were made (the
-    pipeline's evaluation edits the val fail rows in order, one per row)."""
-    retries = check_retries(retries)
+    same functions. info["edit_retries"] = {"max": retries, "option": name, "applications": [...],
+    "tried": [...]}: every edit call's number of applications in the edit returned and tried, in the
+    order the calls were made (the pipeline's evaluation edits the val fail rows in order, one per row;
+    the many-edits study then one call per batch). `name`: the option that set `retries` (messages)."""
+    retries = check_retries(retries, name)
     if retries == 0:
         return edit, edit_each
     kept: list[int] = []
     tried: list[int] = []
-    info["edit_retries"] = {"max": retries, "applications": kept, "tried": tried}
+    info["edit_retries"] = {"max": retries, "option": name, "applications": kept, "tried": tried}
 
     def edit_r(params, rows):
         out, n, t = edit_until_reached(model, edit, params, rows, retries)

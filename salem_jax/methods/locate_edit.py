@@ -34,10 +34,12 @@ from salem_jax.baselines.rome import CLAMP_NORMS, ROMEConfig
 from salem_jax.data.countries import country_records, parse_country_relations
 from salem_jax.eval.keep import country_facts_outside_keep
 from salem_jax.locate.trace_rows import subject_in_prompt
+from salem_jax.mend.retry import check_retries, with_retries
 from salem_jax.methods.registry import Context, Method, Prepared
 from salem_jax.methods.rome import has_subject, rome_val_rows
 
 LAYER_FROM = ("saliency", "trace")
+STATES_KEPT = 4  # edit(): at least the last calls whose outputs continue their state (see `_prepare`)
 TEXTS = ("wikitext", "held_out")  # key statistics: WikiText of the data directory, or config.eval.text's texts
 
 
@@ -98,6 +100,7 @@ def check(ctx: Context) -> None:
     w = float(e.alpha_preserve_weight)
     if not (np.isfinite(w) and w > 0):
         raise ValueError(f"config.locate_edit.alpha_preserve_weight must be a finite number > 0, got {e.alpha_preserve_weight}")
+    check_retries(e.get("retries", 0), "config.locate_edit.retries")
     if w != 1.0 and not (e.alpha_preserve or e.alpha_preserve_facts):
         raise ValueError(f"config.locate_edit.alpha_preserve_weight={w:g} weighs AlphaEdit's seeded keys, but none are "
                          "seeded: set alpha_preserve or alpha_preserve_facts, or leave the weight at 1")
@@ -230,10 +233,14 @@ def _prepare(name: str):
         fresh, passed = preserved_state(ctx, name, layers, stats, ec) if seeded else (None, None)
 
         # A sequence of edits continues the editor's state (AlphaEdit: the keys of the earlier edits,
-        # its `cache_c`) exactly when edit() is called on the parameters its previous call returned
-        # (the many-edits study's sequential mode); any other params (the base weights of the
-        # one-at-a-time evaluation, the batch mode) start a fresh state, so nothing leaks between runs.
-        last: dict[str, Any] = {"params": None, "state": None}
+        # its `cache_c`) exactly when edit() is called on parameters one of its last n_kept calls
+        # returned (the many-edits study's sequential mode; a retry, or the edit before a retry that was
+        # not kept: `mend.retry.edit_until_reached` may hand back an earlier call's parameters), with that
+        # call's state; any other params (the base weights of the one-at-a-time evaluation, the batch
+        # mode) start a fresh state, so nothing leaks between runs. The outputs are held with their
+        # states, so an id is never reused while it is a key.
+        states: dict[int, tuple[Any, Any]] = {}
+        n_kept = max(STATES_KEPT, int(e.get("retries", 0)) + 2)  # a batch's first edit and all its retries
 
         def edit(params, rows):
             reqs = []
@@ -243,10 +250,16 @@ def _prepare(name: str):
                     raise ValueError(f"{name}: row {r['id']!r}: the subject of record {r['record_id']!r} "
                                      f"({subjects.get(r['record_id'], '')!r}) does not occur in the prompt {r['prompt']!r}")
                 reqs.append(EditRequest(r["prompt"], s, r["target"], record_id=r["id"]))
-            state = last["state"] if params is last["params"] else (fresh.copy() if fresh is not None else None)
+            held = states.get(id(params))
+            if held is not None and held[0] is params:  # a copy: the editor changes its state in place
+                state = held[1].copy() if held[1] is not None else None
+            else:
+                state = fresh.copy() if fresh is not None else None
             cache = {"values": base_values(params)} if name != "rrome" and params is model.params else {}
             out = fn(model, params, reqs, layers=layers, stats=stats, config=ec, state=state, progress=False, **cache)
-            last.update(params=out.params, state=out.state)
+            states[id(out.params)] = (out.params, out.state)
+            while len(states) > n_kept:
+                del states[next(iter(states))]  # the oldest call's
             return out.params
 
         eval_rows, skipped = rome_val_rows(ctx.val_rows, ctx.subjects, cfg.eval.max_edits)
@@ -271,6 +284,8 @@ def _prepare(name: str):
                     f"facts ({e.alpha_preserve_facts}; {p['usable']} usable; left out: {p['keep']} of a keep row's "
                     f"country or prompt, {p['val']} whose country is named in a val prompt, {p['keep_name']} in a keep "
                     f"prompt, {p['no_subject']} without their country in the prompt); {fresh.n_preserved} keys in all{weighted}")
+        # config.locate_edit.retries: edit again while an edit's own prompt misses its target
+        edit, _ = with_retries(model, edit, None, e.get("retries", 0), info, name="config.locate_edit.retries")
         return Prepared(edit=edit, info=info, eval_rows=eval_rows, skipped_edits=tuple(skipped),
                         can_edit=has_subject(subjects))
 
