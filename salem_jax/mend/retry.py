@@ -16,11 +16,13 @@ v* is optimised until the prompt gives the target).
 
     reached(model, params, rows) -> bool [N]   each row's target is the argmax after its prompt
     edit_until_reached(model, edit, params, rows, retries, first=None) -> (params, applications kept, tried)
-    with_retries(model, edit, edit_each, retries, info) -> (edit, edit_each) that retry
+    with_retries(model, edit, edit_each, retries, info, name) -> (edit, edit_each) that retry
 
 `edit(params, rows) -> params` and `edit_each(params, rows) -> [params]` are a method's functions
 (`methods.registry.Prepared`); retries go through the same function as the first edit (with its
-null-space projection, its padding to `like`), so a retry is exactly a second sequential edit.
+null-space projection, its padding to `like`), so a retry is exactly a second sequential edit. Used by
+the MEND methods (`config.eval.mend_edit_retries`) and the locate-then-edit ones (`config.locate_edit.retries`,
+whose edit function carries AlphaEdit's memory into a retry).
 """
 
 from __future__ import annotations
