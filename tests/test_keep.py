@@ -85,6 +85,7 @@ def test_pipeline_reports_keep_drawdown(model, records):
     cfg = default_config()
     cfg.progress = False
     cfg.eval.batch_size = 4
+    cfg.eval.generate = False  # the keep set's scores only (generations: tests/test_generated.py)
     edited = jax.tree.map(lambda x: x * 1.7 + 0.3 if x.ndim == 2 else x, model.params)
     out = evaluate_method(model, lambda reqs: edited, rows, [], cfg, "perturb", keep=keep)
     after = np.mean([_next_word(model, edited, r["prompt"]) == model.tokenizer.convert_tokens_to_ids(r["target"]) for r in keep])

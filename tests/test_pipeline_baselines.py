@@ -46,6 +46,9 @@ def _config(tmp_path, methods):
     cfg.progress = False
     cfg.editor.update(dict(steps=2, val_every=2, checkpoint_every=2, val_groups=2))
     cfg.eval.update(dict(text=str(text), n_texts=3, max_edits=3, max_pass=4, ppl_edits=0))  # texts: ROME's keys
+    # the scores only: no test of the runs built on this config reads a generation (the pipeline's
+    # generations are tests/test_generated.py's and tests/test_pipeline.py's)
+    cfg.eval.generate = False
     cfg.trace.update(dict(facts=3, n_noise=2, restorations_per_call=8))
     # ROME's weight decay and norm clamp are relative to |W k + b|, tiny in a random model
     cfg.rome.update(dict(v_steps=4, v_lr=0.1, clamp_norm_factor=100.0, weight_decay=1e-3))

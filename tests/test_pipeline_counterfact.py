@@ -37,6 +37,7 @@ def test_counterfact_scores_per_edit_match_hand_computation():
     cfg = default_config()
     cfg.progress = False
     cfg.eval.batch_size = 4
+    cfg.eval.generate = False  # the CounterFact scores only (generations and fluency: tests/test_generated.py)
     edited = jax.tree.map(lambda x: x * 1.3 + 0.2 if x.ndim == 2 else x, model.params)
     out = evaluate_method(model, lambda reqs: edited, rows, [], cfg, "perturb", cf_records={r.id: r for r in recs})
 
