@@ -52,13 +52,18 @@ def get_config(tiny: bool = False):
     # adapt 0.868 -> 0.882 at the same keep DD (0.045 -> 0.044), the job ~11 min (README)
     c.editor.steps = 300
     # the editor trains and edits through AlphaEdit's null-space projector (`editor.null_energy`,
-    # `mend.nullspace`): each edit is confined to the key directions holding at most 20% of the
+    # `mend.nullspace`): each edit is confined to the key directions holding at most 10% of the
     # energy of C = C_text (20k WikiText tokens, cached per model and layer) + C_facts (the keys of
     # region / currency / languages facts of train countries outside the keep set and the val
-    # split). Session 22, editor seeds 0-3 on the same edit set: keep-set DD 0.002-0.005 against
-    # 0.047-0.109 unprojected, EA 0.842-0.947 against 0.895-0.947 (README "Where an editor can edit").
+    # split). Session 22, E = 0.2, editor seeds 0-3 on the same edit set: keep-set DD 0.002-0.005
+    # against 0.047-0.109 unprojected, EA 0.842-0.947 against 0.895-0.947. Sessions 31-32, E = 0.1
+    # against 0.2 with retries on, five (split, editor seed) pairs of the three splits of seeds 0-2:
+    # keep DD <= 0.01 in 4 of 5 against 2 of 5 (mean 0.010 against 0.017), pass DD mean 0.023
+    # against 0.067, EA 1.000 in all ten runs, adapt mean 0.945 against 0.951 (README "Where an
+    # editor can edit", Session 32). Without retries E = 0.1 fixes fewer edits at the first
+    # application (EA 0.800-0.947), which the retries below make up.
     # The paper's method has no projector: --config.editor.null_energy=0 --config.editor.null_facts=''
-    c.editor.null_energy = 0.2
+    c.editor.null_energy = 0.1
     c.editor.null_tokens = 20_000
     c.editor.null_facts = "countries:region,currency,languages"
     c.editor.null_facts_weight = 1.0
