@@ -361,7 +361,8 @@ def evaluate_method(model, edit: Callable, val_rows: list[dict], texts: list[str
 
     The base model's scores on the pass rows, the keep rows (`keep_set`) and held-out text are
     computed once and reused; the fail row and its rephrasings are scored before and after each
-    edit. With keep rows, `dd_keep_acc` is their accuracy before minus after. With `cf_records`
+    edit. With keep rows, `dd_keep_acc` is their accuracy before minus after, and each edit's entry of
+    out["per_edit"] lists the keep rows it broke (`keep_lost`: their ids, right before, wrong after). With `cf_records`
     (record id -> CounterFact record, for CounterFact data) each edit is also scored with ROME's
     metrics on its own record (salem_jax.eval.counterfact): `cf/ES`, `cf/EM`, `cf/PS`, `cf/PM`,
     `cf/NS`, `cf/NM` averaged over edits as ROME's summary does, `cf/Score` their harmonic mean,
@@ -391,7 +392,7 @@ def evaluate_method(model, edit: Callable, val_rows: list[dict], texts: list[str
             "portability": (portability or {}).get(row["record_id"], [])} for row in fails]
     evaluator = EditEvaluator(model, model.params, own, passes, texts=texts if with_text else None,
                               text_window=cfg.eval.text_window, batch_size=cfg.eval.batch_size,
-                              shared_subgroups=subgroups)
+                              shared_subgroups=subgroups, lost_rows=("keep",) if keep else ())
     # causal LMs: every edit is applied first (its changed leaves kept, `kept_edit`), then all are
     # scored in a few vmapped calls (`EditEvaluator.evaluate_many`) and the base and edited models'
     # greedy generations come from one batched call (`generations_before_after_edits`: the edited
@@ -454,6 +455,8 @@ def evaluate_method(model, edit: Callable, val_rows: list[dict], texts: list[str
             t_gen = time.perf_counter() - t0
     if keep:
         for m in per_edit:
+            # the keep rows this edit broke, by id (per_edit's `keep_lost`): which facts, not only how many
+            m["keep_lost"] = [passes["keep"][j]["id"] for j in m.pop("keep/lost")]
             m["dd_keep_acc"] = m["keep/acc_before"] - m["keep/acc_after"]
             for rel in keep_rels:
                 m[f"dd_keep_acc_{rel}"] = m[f"keep_{rel}/acc_before"] - m[f"keep_{rel}/acc_after"]
@@ -463,13 +466,14 @@ def evaluate_method(model, edit: Callable, val_rows: list[dict], texts: list[str
     total = time.perf_counter() - t_start
     out["eval_seconds"] = {"setup": t_start - t_setup, "edit": t_edit, "score": t_score, "generate": t_gen,
                            "other": total - t_edit - t_score - t_gen}
-    keys = sorted({k for m in per_edit for k in m})
+    keys = sorted({k for m in per_edit for k in m} - {"keep_lost"})
     for k in keys:
         vals = [m[k] for m in per_edit if k in m and m[k] is not None and np.isfinite(m[k])]
         out[k] = float(np.mean(vals)) if vals else None
     # each edit's own outcome (which edits failed, each one's keep drawdown): the means above hide them
     out["per_edit"] = [{"record_id": row["record_id"], "prompt": row["prompt"], "target": row.get("target"),
-                        **{k: m[k] for k in PER_EDIT_KEYS + tuple(f"dd_keep_acc_{rel}" for rel in keep_rels) if k in m}}
+                        **{k: m[k] for k in PER_EDIT_KEYS + tuple(f"dd_keep_acc_{rel}" for rel in keep_rels) if k in m},
+                        **({"keep_lost": m["keep_lost"]} if "keep_lost" in m else {})}
                        for row, m in zip(fails, per_edit)]
     if cf_records is not None and fails:
         out["cf/Score"] = harmonic_mean([np.nan if out.get(f"cf/{k}") is None else out[f"cf/{k}"] for k in ("ES", "PS", "NS")])

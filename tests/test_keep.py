@@ -140,18 +140,21 @@ def test_keep_split_by_relation_and_per_edit_outcomes(model, records):
     passes = [dict(id=f"p{i}", record_id=f"q{i}", group="pass", prompt=recs[2 * i].prompt, target=recs[2 * i].target_true,
                    label=-1, text_pair="") for i in range(3)]
     out = evaluate_method(model, lambda reqs: edited[reqs[0]["prompt"]], fails + passes, [], cfg, "perturb", keep=keep)
-    hand = []
+    hand, lost = [], []
     for f in fails:
         p = edited[f["prompt"]]
         ok = {r["id"]: _next_word(model, p, r["prompt"]) == tid(r["target"]) for r in keep}
         by = {rel: 1.0 - np.mean([ok[r["id"]] for r in keep if r["record_id"].split(":")[1] == rel]) for rel in rels}
         hand.append(dict(ea=float(_next_word(model, p, f["prompt"]) == tid(f["target"])),
                          dd_keep_acc=1.0 - np.mean(list(ok.values())), **{f"dd_keep_acc_{k}": v for k, v in by.items()}))
+        lost.append(sorted(i for i, right in ok.items() if not right))  # keep rows are all right on the base model
     assert len(out["per_edit"]) == 3
-    for got, want, f in zip(out["per_edit"], hand, fails):
+    for got, want, f, broke in zip(out["per_edit"], hand, fails, lost):
         assert got["record_id"] == f["record_id"] and got["prompt"] == f["prompt"]
         for k, v in want.items():
             assert got[k] == pytest.approx(v), k
+        assert sorted(got["keep_lost"]) == broke  # which keep rows, by id, not only how many
+    assert any(lost) and len({tuple(b) for b in lost}) > 1
     for rel in rels:
         assert out[f"dd_keep_acc_{rel}"] == pytest.approx(np.mean([h[f"dd_keep_acc_{rel}"] for h in hand]))
         assert out[f"keep_{rel}/n"] == sum(keep_relation(r) == rel for r in keep)
@@ -162,9 +165,14 @@ def test_keep_split_by_relation_and_per_edit_outcomes(model, records):
     plain = evaluate_method(model, lambda reqs: edited[reqs[0]["prompt"]], fails + passes, [], cfg, "perturb", keep=keep)
     assert not any(k.startswith("keep_") or k.startswith("dd_keep_acc_") for k in plain)
     assert plain["dd_keep_acc"] == pytest.approx(out["dd_keep_acc"])
+    assert [sorted(e["keep_lost"]) for e in plain["per_edit"]] == lost  # the same rows without the relation split
     # the split itself; a keep row that is not a country fact is an error naming the option
     grouped, spans = split_by_relation(keep)
     assert [keep_relation(r) for r in grouped] == sorted([keep_relation(r) for r in keep], key=list(spans).index)
     assert all(keep_relation(r) == rel for rel, (a, b) in spans.items() for r in grouped[a:b])
     with pytest.raises(ValueError, match="keep_split"):
         split_by_relation(keep + [dict(id="keep:x", record_id="k7", prompt="a", target="b")])
+    from salem_jax.eval.edits import EditEvaluator
+
+    with pytest.raises(ValueError, match=r"lost_rows names \['keep'\].*shared: \['pass'\]"):
+        EditEvaluator(model, model.params, [], {"pass": passes}, lost_rows=("keep",))

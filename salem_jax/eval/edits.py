@@ -303,6 +303,10 @@ class EditEvaluator:
       (warned when it was asked for).
     shared_subgroups: {name: (group, a, b)}: rows [a, b) of shared group `group`, reported also as a
       group `name` of their own (e.g. a keep set's rows of one relation; scored once, with the group).
+    lost_rows: shared groups whose rows each edit broke are also listed: `g/lost` = the indices
+      (into that group's rows as given) of the rows right before the edit and wrong after it, a
+      tuple of ints beside the float metrics - which facts an edit broke, where `dd_acc` / the keep
+      DD only count them. Off (no `/lost` key) for every group not named.
     flat_scores: run the vocabulary head on the target tokens only, T of them per edit (own
       rows), for the shared rows and per text chunk (decoder-only models; `flat_scored_logits`:
       the same numbers, float summation order aside), instead of at K positions of every row
@@ -314,7 +318,13 @@ class EditEvaluator:
                  shared: Mapping[str, Rows] | None = None, *, texts: Sequence[str] | None = None,
                  text_window: int | None = None, text_stride: int | None = None, text_chunk: int = 8,
                  batch_size: int = 8, skip_unchanged_blocks: bool = True, flat_scores: bool = True,
-                 shared_subgroups: Mapping[str, tuple[str, int, int]] | None = None):
+                 shared_subgroups: Mapping[str, tuple[str, int, int]] | None = None,
+                 lost_rows: Sequence[str] = ()):
+        unknown = sorted(set(lost_rows) - set(shared or {}))
+        if unknown:
+            raise ValueError(f"EditEvaluator: lost_rows names {unknown}, which are not shared groups "
+                             f"(shared: {sorted(shared or {})})")
+        self.lost_rows = frozenset(lost_rows)
         self.model = model
         self.base_params = base_params
         self.batch_size = batch_size
@@ -509,6 +519,10 @@ class EditEvaluator:
                 scores.update({f"{k}_before": v[a:b] for k, v in before.items()})
             per[name] = group_metrics(scores, with_ppl=self.with_ppl)
             res.update(group_outputs(name, per[name], self.with_ppl))
+            if name in self.lost_rows:  # which rows the edit broke (right before, wrong after)
+                broke = np.asarray(scores["correct_before"], bool) & ~np.asarray(scores["correct_after"], bool) \
+                    if scores else np.zeros(0, bool)
+                res[f"{name}/lost"] = tuple(int(j) for j in np.flatnonzero(broke))
         res.update(headline_metrics(per, self.with_ppl))
         if with_text:
             before = math.exp(self.text_nll_before / self.text_tokens)
