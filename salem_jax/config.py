@@ -243,7 +243,9 @@ class LocateEdit:
     disk; n_prefixes prefixes (half of 5, half of 10 tokens) for the keys; alpha_preserve > 0: AlphaEdit's
     memory starts with the keys of that many train fail rows (methods.locate_edit.preserved_state), and with
     those of alpha_preserve_facts' country facts outside the keep set (at most alpha_preserve_facts_max),
-    that seeded term weighted by alpha_preserve_weight; retries > 0: edit again while an edit call's own
+    that seeded term weighted by alpha_preserve_weight; alpha_project_facts_weight > 0: those facts' keys also
+    enter the covariance of AlphaEdit's null-space projector (C_text + w_p C_facts, a hard constraint;
+    methods.locate_edit.facts_projections); retries > 0: edit again while an edit call's own
     prompts miss their targets (mend.retry.edit_until_reached); the rest are baselines.locate_edit.EditorConfig's
     fields (v* as ROME's GPT-2 XL values)."""
 
@@ -272,6 +274,11 @@ class LocateEdit:
     alpha_preserve_facts_max: int = 0  # at most this many of them (a seeded sample); 0 = every usable one
     # AlphaEdit: the weight of those seeded keys' term (K_f K_f^T) in the memory; the edits' own keys keep weight 1
     alpha_preserve_weight: float = 1.0
+    # AlphaEdit, HARD protection of those facts (needs alpha_preserve_facts; 0 = off): their keys also enter the
+    # covariance whose null space the projector spans, C' = C_text + w_p C_facts (per-token means,
+    # methods.locate_edit.facts_projections); with alpha_threshold (absolute) the null space can only shrink, with
+    # alpha_energy (a trace share) the budget grows with the facts' trace; null dims with / without in the info
+    alpha_project_facts_weight: float = 0.0
     # edit until reached (`mend.retry.edit_until_reached`): after each edit call, the rows whose own prompt still
     # misses its target are edited again on the edited weights (the editor's state continued), at most this many
     # more times; a retry is kept only when it reaches more rows. 0 = one call, as published

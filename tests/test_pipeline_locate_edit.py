@@ -522,6 +522,82 @@ def test_alphaedit_memory_seeded_with_country_facts_outside_the_keep_set(tmp_pat
         methods.get("emmet").prepare(ctx, ("h.1",))
 
 
+def test_alphaedit_projector_holds_the_seeded_facts_keys(tmp_path, monkeypatch):
+    """config.locate_edit.alpha_project_facts_weight = w_p: AlphaEdit's null space is taken of
+    C' = C_text + w_p C_facts (per-token means of k k^T: the plain texts' tokens, and every token of each
+    seeded fact's prompt + true target), the facts exactly `preserved_fact_requests`' selection. Against
+    numpy: C_text and C_facts from the layer's inputs read by hand (`testing.module_inputs`), P' from
+    numpy's eigendecomposition of C' (energy rule and absolute threshold), the null dims in the info,
+    and the first update dW = R K^T P' ((K K^T + w K_f K_f^T) P' + l2 I)^-1; bad values are named errors."""
+    from salem_jax.baselines.rome import compute_key, rome_weight
+    from salem_jax.methods.locate_edit import editor_config, facts_projections, preserved_fact_requests
+    from salem_jax.methods.registry import Context
+    from salem_jax.testing import module_inputs
+    from test_pipeline_baselines import TEXTS
+
+    energy, wp, wf, l2 = 0.5, 4.0, 0.5, 0.1
+    model, cfg, _, stats, rows, reqs = _batch_setup(tmp_path, monkeypatch, (), alpha_energy=energy, alpha_l2=l2,
+                                                    alpha_preserve_facts="countries:region", alpha_preserve_facts_max=3,
+                                                    alpha_preserve_weight=wf, alpha_project_facts_weight=wp)
+    ctx = Context(model=model, cfg=cfg, work=tmp_path, texts=tuple(TEXTS), val_rows=rows, train_rows=[], keep_rows=[],
+                  subjects={f"r{i}": s for i, (_, s, _) in enumerate(BATCH_FACTS)})
+    facts, _ = preserved_fact_requests(ctx, "countries:region", 3)
+    w = rome_weight(model, "h.1")
+    module = w.path.rsplit("/", 1)[0]
+
+    def hand_cov(texts):
+        xs = np.concatenate([module_inputs(model, module, t) for t in texts])
+        return xs.T @ xs / len(xs)
+
+    c_text = hand_cov(TEXTS)
+    c_facts = hand_cov([f"{q.prompt} {q.target_new}" for q in facts])
+
+    def hand_p(c, thr=0.0):
+        ev, u = np.linalg.eigh(c)
+        ev = np.clip(ev, 0, None)
+        n0 = int(np.sum(ev < thr)) if thr > 0 else int(np.sum(np.cumsum(ev) <= energy * ev.sum()))
+        return u[:, :n0] @ u[:, :n0].T, n0
+
+    P_text, n_text = hand_p(c_text)
+    P_f, n_f = hand_p(c_text + wp * c_facts)
+    assert np.abs(P_f - P_text).max() > 0.02  # the facts move the null space
+    prepared = methods.get("alphaedit").prepare(ctx, ("h.1",))
+    info = prepared.info["project_facts"]
+    assert (info["facts"], info["weight"]) == (3, wp)
+    assert info["kernels"][w.path]["null_dim_text"] == n_text and info["kernels"][w.path]["null_dim"] == n_f
+    share = wp * np.trace(c_facts) / (np.trace(c_text) + wp * np.trace(c_facts))
+    np.testing.assert_allclose(info["kernels"][w.path]["facts_trace_share"], share, rtol=1e-4)
+    # the absolute threshold (in C''s widest relative eigengap above its near-zero cluster, so the cut is
+    # well defined): the facts can only take directions out of the null space
+    ev = np.linalg.eigvalsh(c_text + wp * c_facts)
+    i = max((j for j in range(len(ev) - 1) if ev[j] > 1e-4 * ev[-1]), key=lambda j: ev[j + 1] / ev[j])
+    thr = float(np.sqrt(ev[i] * ev[i + 1]))
+    got, tinfo = facts_projections(model, (w,), stats, facts, wp, energy, thr)
+    want, n_thr = hand_p(c_text + wp * c_facts, thr)
+    np.testing.assert_allclose(got[w.path], want, atol=2e-4)
+    assert tinfo["kernels"][w.path]["null_dim"] == n_thr <= tinfo["kernels"][w.path]["null_dim_text"] == hand_p(c_text, thr)[1]
+
+    p0 = model.params
+    d1 = _np_alphaedit_update(model, w, editor_config(cfg).value, P_f, l2)
+    Kf = np.stack([np.asarray(compute_key(model, p0, w, q.prompt, q.subject)[0], np.float64) for q in facts], 1)
+    want_d = d1(p0, reqs[:2], wf * Kf @ Kf.T)
+    from salem_jax.baselines.locate_edit import out_in
+    got_d = out_in(prepared.edit(p0, rows[:2]), w) - out_in(p0, w)
+    np.testing.assert_allclose(got_d, want_d, rtol=1e-3, atol=1e-3 * np.abs(want_d).max())
+
+    for bad in (-1.0, float("nan")):
+        cfg.locate_edit.alpha_project_facts_weight = bad
+        with pytest.raises(ValueError, match="alpha_project_facts_weight=.*: give a finite number >= 0"):
+            methods.get("alphaedit").check(ctx)
+    cfg.locate_edit.alpha_project_facts_weight = 1.0
+    with pytest.raises(ValueError, match=r"alpha_project_facts_weight=1 its projector\); emmet has none"):
+        methods.get("emmet").prepare(ctx, ("h.1",))
+    cfg.locate_edit.alpha_preserve_facts, cfg.locate_edit.alpha_preserve_weight = "", 1.0
+    with pytest.raises(ValueError, match="alpha_project_facts_weight=1 puts the seeded country facts' keys into "
+                                         "AlphaEdit's projector, but no facts are seeded"):
+        methods.get("alphaedit").check(ctx)
+
+
 # --------------------------------------------------------------------------- edit until reached (issue 16)
 
 def test_alphaedit_continues_the_state_of_any_recent_output(tmp_path, monkeypatch):

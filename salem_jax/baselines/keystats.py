@@ -279,6 +279,16 @@ class KeyStats:
                                   "max_tokens": cc.max_tokens, **s.report()}
         return self._solvers[w.path]
 
+    def covariance(self, layer: str | Weight) -> np.ndarray:
+        """C [in, in] float64 of `layer` as computed / cached (no ridge, no clipping): the matrix
+        `solver(layer)` decomposes (read again from the disk cache; computed there first if needed)."""
+        w = rome_weight(self.model, layer)
+        self.solver(w)
+        cc = cached_key_covariance(self.model, self.params, w, self.texts, max_tokens=self.max_tokens,
+                                   window=self.window, batch_size=self.batch_size, cache=self.cache,
+                                   progress=self.progress)
+        return np.asarray(cc.cov, np.float64)
+
     def prefixes(self) -> tuple[str, ...]:
         """("",) + the random prefixes: the bare prompt first (v* starts from its output)."""
         if self._prefixes is None:

@@ -54,7 +54,8 @@ from salem_jax.data.tokenize import bucket_length
 class AlphaEditState:
     """AlphaEdit's memory: per kernel path, sum of k k^T over the keys of the edits made so far
     [in, in] float64, and the null-space projection P [in, in] (computed once per layer from the
-    unedited model's C)."""
+    unedited model's C, unless preset: the pipeline's `methods.locate_edit.facts_projections` puts the
+    P of C_text + w_p C_facts here when config.locate_edit.alpha_project_facts_weight > 0)."""
 
     prior: dict = dataclasses.field(default_factory=dict)
     projection: dict = dataclasses.field(default_factory=dict)

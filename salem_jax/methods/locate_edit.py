@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from salem_jax.baselines.editors import get_editor, layers_for
-from salem_jax.baselines.keystats import KeyStats, wikitext_texts
+from salem_jax.baselines.keystats import KeyStats, covariance_solver, wikitext_texts
 from salem_jax.baselines.locate_edit import EditorConfig, to_weights
 from salem_jax.baselines.mass_edit import AlphaEditState, keys_of
 from salem_jax.baselines.requests import EditRequest
@@ -34,6 +34,7 @@ from salem_jax.baselines.rome import CLAMP_NORMS, ROMEConfig
 from salem_jax.data.countries import country_records, parse_country_relations
 from salem_jax.eval.keep import country_facts_outside_keep
 from salem_jax.locate.trace_rows import subject_in_prompt
+from salem_jax.mend.nullspace import fact_covariances
 from salem_jax.mend.retry import check_retries, with_retries
 from salem_jax.methods.registry import Context, Method, Prepared
 from salem_jax.methods.rome import has_subject, rome_val_rows
@@ -101,9 +102,59 @@ def check(ctx: Context) -> None:
     if not (np.isfinite(w) and w > 0):
         raise ValueError(f"config.locate_edit.alpha_preserve_weight must be a finite number > 0, got {e.alpha_preserve_weight}")
     check_retries(e.get("retries", 0), "config.locate_edit.retries")
+    wp = project_facts_weight(e)
+    if wp > 0 and not e.alpha_preserve_facts:
+        raise ValueError(f"config.locate_edit.alpha_project_facts_weight={wp:g} puts the seeded country facts' keys into "
+                         "AlphaEdit's projector, but no facts are seeded: set config.locate_edit.alpha_preserve_facts "
+                         "(e.g. 'countries:capital,region'), or leave the weight at 0")
     if w != 1.0 and not (e.alpha_preserve or e.alpha_preserve_facts):
         raise ValueError(f"config.locate_edit.alpha_preserve_weight={w:g} weighs AlphaEdit's seeded keys, but none are "
                          "seeded: set alpha_preserve or alpha_preserve_facts, or leave the weight at 1")
+
+
+def project_facts_weight(e) -> float:
+    """config.locate_edit.alpha_project_facts_weight (`e`: the locate_edit section) as a float, checked:
+    a finite number >= 0 (0 = off)."""
+    raw = e.get("alpha_project_facts_weight", 0.0)
+    ok = not isinstance(raw, bool) and isinstance(raw, (int, float, np.integer, np.floating))
+    if not ok or not np.isfinite(float(raw)) or float(raw) < 0:
+        raise ValueError(f"config.locate_edit.alpha_project_facts_weight={raw!r}: give a finite number >= 0 (the seeded "
+                         "facts' per-token weight in the covariance of AlphaEdit's projector; 0 = off)")
+    return float(raw)
+
+
+def facts_projections(model, weights, stats: KeyStats, facts: list[EditRequest], weight: float, energy: float,
+                      threshold: float) -> tuple[dict[str, np.ndarray], dict]:
+    """AlphaEdit's null-space projector with facts protected HARD (config.locate_edit.alpha_project_facts_weight):
+    per kernel of `weights`, P' = U0 U0^T of C' = C_text + weight x C_facts instead of C_text's.
+
+    C_text is the plain-text key covariance `stats` holds (a per-token mean of k k^T); C_facts the per-token
+    mean of k k^T over every token of each fact's prompt + true target (`mend.nullspace.fact_covariances`,
+    the same as the MEND editor's `editor.null_facts`), so `weight` is a fact token's weight relative to a text
+    token's. U0: C''s eigenvectors picked by `CovSolver.null_projection` with the same rule as without facts:
+    - threshold > 0 (absolute: eigenvalues below it): C_facts is positive semi-definite, so every eigenvalue
+      of C' is >= the same-rank eigenvalue of C_text (Weyl): the null space can only shrink, and directions
+      the facts' keys use get eigenvalues of about weight x their per-token energy, so they leave the null
+      space once that passes the threshold;
+    - else (energy share of the trace): the budget energy x trace(C') grows with the facts' trace, while the
+      facts' directions move up the spectrum; the number of directions can go either way.
+    Either way the edits' updates dW P' hardly move the facts' keys, whatever the memory's soft term does.
+
+    Returns ({kernel path: P' [in, in] float64}, info: "facts", "tokens", "weight" and per kernel path
+    "null_dim_text" (trace of C_text's P), "null_dim" (of P'), "facts_trace_share" (weight x trace(C_facts)
+    / trace(C')))."""
+    rows = [{"prompt": r.prompt, "target": r.target_new} for r in facts]
+    fcovs, tokens = fact_covariances(model, model.params, weights, rows)
+    projections, per = {}, {}
+    for w in weights:
+        c_text = stats.covariance(w)
+        cf = weight * fcovs[w.path]
+        p = covariance_solver(c_text + cf).null_projection(energy, threshold)
+        p_text = stats.solver(w).null_projection(energy, threshold)
+        projections[w.path] = p
+        per[w.path] = {"null_dim_text": int(round(np.trace(p_text))), "null_dim": int(round(np.trace(p))),
+                       "facts_trace_share": float(np.trace(cf) / (np.trace(c_text) + np.trace(cf)))}
+    return projections, {"facts": len(rows), "tokens": int(tokens), "weight": float(weight), "kernels": per}
 
 
 def fact_relations(spec: str) -> list[str]:
@@ -194,14 +245,22 @@ def preserved_state(ctx: Context, name: str, layers: tuple[str, ...], stats: Key
     none of the keep set's facts or countries), keys per band layer on the base weights (averaged over
     the prefixes when the editor uses them) [in, m], their term weighted by
     config.locate_edit.alpha_preserve_weight; and what was left out ({"rows": counts or None,
-    "facts": counts or None})."""
+    "facts": counts or None, "projector": `facts_projections`' info or None}).
+
+    config.locate_edit.alpha_project_facts_weight > 0: the same country facts also enter the covariance
+    whose null space the state's projector P spans (`facts_projections`: P of C_text + w_p C_facts, set
+    in the state's `projection`, so every update of the run is projected by it)."""
     e = ctx.cfg.locate_edit
-    n, spec = int(e.alpha_preserve), e.alpha_preserve_facts
+    n, spec, wp = int(e.alpha_preserve), e.alpha_preserve_facts, project_facts_weight(e)
     if name != "alphaedit":
         what = f"alpha_preserve={n}" if n else f"alpha_preserve_facts={spec!r}"
-        raise ValueError(f"config.locate_edit.{what} seeds AlphaEdit's memory; {name} has none "
+        also = f" (and alpha_project_facts_weight={wp:g} its projector)" if wp > 0 else ""
+        raise ValueError(f"config.locate_edit.{what} seeds AlphaEdit's memory{also}; {name} has none "
                          "(set it to 0 / '', or run alphaedit alone)")
-    reqs, passed = [], {"rows": None, "facts": None}
+    if wp > 0 and not spec:
+        raise ValueError(f"config.locate_edit.alpha_project_facts_weight={wp:g} needs config.locate_edit."
+                         "alpha_preserve_facts (the facts whose keys enter the projector's covariance)")
+    reqs, passed = [], {"rows": None, "facts": None, "projector": None}
     if n:
         rows, passed["rows"] = preserved_requests(ctx, n)
         reqs += rows
@@ -212,7 +271,11 @@ def preserved_state(ctx: Context, name: str, layers: tuple[str, ...], stats: Key
     prefixes = stats.prefixes() if ec.use_prefixes else ("",)
     _, weights = to_weights(model, layers)
     keys = {w.path: keys_of(model, model.params, w, reqs, prefixes) for w in weights}
-    return AlphaEditState.preserving(keys, weight=float(e.alpha_preserve_weight)), passed
+    state = AlphaEditState.preserving(keys, weight=float(e.alpha_preserve_weight))
+    if wp > 0:
+        state.projection, passed["projector"] = facts_projections(model, weights, stats, facts, wp, ec.alpha_energy,
+                                                                  ec.alpha_threshold)
+    return state, passed
 
 
 def _prepare(name: str):
@@ -268,6 +331,8 @@ def _prepare(name: str):
                     **({"preserve_weight": float(e.alpha_preserve_weight)} if fresh is not None else {}),
                     **({"preserve_passed_over": passed["rows"]} if passed is not None and passed["rows"] is not None else {}),
                     **({"preserve_facts": passed["facts"]} if passed is not None and passed["facts"] is not None else {}),
+                    **({"project_facts": passed["projector"]} if passed is not None and passed["projector"] is not None
+                       else {}),
                     layer_from="config.locate_edit.layer" if e.layer else e.layer_from, skipped_edits=len(skipped))
         if skipped:
             ctx.say(f"{name}: {len(skipped)} val fail rows without their subject in the prompt are skipped")
@@ -284,6 +349,14 @@ def _prepare(name: str):
                     f"facts ({e.alpha_preserve_facts}; {p['usable']} usable; left out: {p['keep']} of a keep row's "
                     f"country or prompt, {p['val']} whose country is named in a val prompt, {p['keep_name']} in a keep "
                     f"prompt, {p['no_subject']} without their country in the prompt); {fresh.n_preserved} keys in all{weighted}")
+        if passed is not None and passed["projector"] is not None:
+            pj = passed["projector"]
+            dims = "; ".join(f"{k}: {v['null_dim_text']} -> {v['null_dim']} (facts' trace share {v['facts_trace_share']:.3f})"
+                             for k, v in pj["kernels"].items())
+            rule = (f"eigenvalues below alpha_threshold {ec.alpha_threshold:g}" if ec.alpha_threshold > 0
+                    else f"alpha_energy {ec.alpha_energy:g} of the trace")
+            ctx.say(f"{name}: the projector's covariance holds the {pj['facts']} seeded facts' keys too ({pj['tokens']} "
+                    f"tokens, weight {pj['weight']:g}); null-space directions ({rule}), text only -> with the facts: {dims}")
         # config.locate_edit.retries: edit again while an edit's own prompt misses its target
         edit, _ = with_retries(model, edit, None, e.get("retries", 0), info, name="config.locate_edit.retries")
         return Prepared(edit=edit, info=info, eval_rows=eval_rows, skipped_edits=tuple(skipped),
