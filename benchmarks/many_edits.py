@@ -6,6 +6,10 @@ untouched base model (salem_jax.eval.sequential; the pipeline's `--config.eval.s
         --workdir runs/many-zsre --out runs/many-zsre.json [--config.KEY=VALUE ...]
     python benchmarks/many_edits.py --quick                        # tiny random model, a smoke run
 
+--quick: the experiment's tiny config (a tiny random model), 60 records with a 0.2 val split (at
+most 12 val fail rows), 2 one-at-a-time edits, and steps 1,2,4 unless --steps is given (the
+default 1,10,50,100 asks for more edits than that val split has, which the pipeline refuses).
+
 --experiment names an experiments/ config (zsre_smollm2, counterfact_smollm2, capitals_smollm2, ...)
 whose data, model, mode and keep set are used; --methods replaces its methods; --modes picks among
 sequential (apply the editor again to the edited weights), independent (each edit on the original
@@ -37,30 +41,45 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `experiments` without installing
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--experiment", default="zsre_smollm2")
-    ap.add_argument("--methods", default=None, help="comma separated registry names (default: the experiment's)")
-    ap.add_argument("--steps", default="1,10,50,100", help="score after this many edits")
-    ap.add_argument("--modes", default="sequential,independent,batch")
-    ap.add_argument("--workdir", default="runs/many_edits")
-    ap.add_argument("--out", default=None, help="JSON summary (default WORKDIR/many_edits_summary.json)")
-    ap.add_argument("--quick", action="store_true", help="tiny random model, few records (a smoke run)")
-    args, rest = ap.parse_known_args(argv)
+STEPS = "1,10,50,100"  # --steps' default
+QUICK_STEPS = "1,2,4"  # with --quick: at most 12 val fail rows (60 records, val 0.2)
 
+
+def build_config(args: argparse.Namespace, rest: list[str]):
+    """The pipeline config of the parsed arguments (`rest`: --config.KEY=VALUE overrides, applied
+    last); the steps and modes checked."""
     from experiments.common import apply_overrides
     from salem_jax.eval import sequential as S
-    from salem_jax.pipeline import run_pipeline
 
     exp = importlib.import_module(f"experiments.{args.experiment}")
     cfg = exp.get_config(args.quick)
     if args.methods:
         cfg.methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    cfg.eval.sequential, cfg.eval.sequential_modes = args.steps, args.modes
+    steps = args.steps if args.steps is not None else QUICK_STEPS if args.quick else STEPS
+    cfg.eval.sequential, cfg.eval.sequential_modes = steps, args.modes
     if args.quick:
         cfg.limit, cfg.val_fraction, cfg.eval.max_edits = 60, 0.2, 2
     cfg = apply_overrides(cfg, rest)
     S.parse_modes(cfg.eval.sequential_modes, steps=S.parse_steps(cfg.eval.sequential))
+    return cfg
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--experiment", default="zsre_smollm2")
+    ap.add_argument("--methods", default=None, help="comma separated registry names (default: the experiment's)")
+    ap.add_argument("--steps", default=None,
+                    help=f"score after this many edits (default {STEPS}; with --quick {QUICK_STEPS})")
+    ap.add_argument("--modes", default="sequential,independent,batch")
+    ap.add_argument("--workdir", default="runs/many_edits")
+    ap.add_argument("--out", default=None, help="JSON summary (default WORKDIR/many_edits_summary.json)")
+    ap.add_argument("--quick", action="store_true", help="tiny random model, few records (a smoke run)")
+    args, rest = ap.parse_known_args(argv)
+    cfg = build_config(args, rest)
+
+    from salem_jax.eval import sequential as S
+    from salem_jax.pipeline import run_pipeline
+
     t = time.perf_counter()
     out = run_pipeline(cfg, args.workdir)
     seconds = time.perf_counter() - t

@@ -20,6 +20,8 @@ what it means). Steps (the marked sections of
    with `config.eval.sequential=T1,T2,...` also edits the val fail rows one after another on the same
    weights (and in one batch) and scores retention after T edits (salem_jax.eval.sequential);
 6. write `results.json`, `results.md` and plots into `workdir` (many_edits_*.json, many_edits.png/.md).
+   A non-finite edit in a many-edits study (`NonFiniteEdit`) stops the run after writing them with
+   the results so far and `stopped` (which method, mode and edit; the methods not run).
 
 Every intermediate result is written as it is produced (edit set, profile, editor checkpoints),
 so a killed run resumes: the editor from its last checkpoint, the rest recomputed (cheap).
@@ -615,22 +617,42 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
     portability = portability_rows(records) if cfg.mode == "counterfactual" else None
     results: dict[str, Any] = {}
     training: dict[str, Any] = {}
-    for method in methods:
-        results[method.name], training[method.name] = run_method(method, ctx, keep, cf_records, times,
-                                                                  portability=portability)
+
+    def report(stopped: dict | None = None) -> dict:
+        # (a mode stopped at its first T has no results: left out of the plot and table)
+        studies = {k: {mode: rs for mode, rs in v["many_edits"].items() if rs} for k, v in results.items()
+                   if "many_edits" in v}
+        studies = {k: v for k, v in studies.items() if v}
+        if studies and _main_process():
+            many.plot_many_edits(studies, work / "many_edits.png")
+            (work / "many_edits.md").write_text(many.summary_table(studies) + "\n")
+        times["total"] = time.perf_counter() - t_all
+        out = dict(
+            config=json.loads(cfg.to_json_best_effort()), model=model.name, edit_set=es.info,
+            profile=profile.to_dict(), chosen_layers=list(profile.chosen), methods=results, training=training,
+            text=text_note, keep=keep_note, times=times, **({"stopped": stopped} if stopped else {}),
+        )
+        write_results(out, work)
+        return out
+
+    for i, method in enumerate(methods):
+        try:
+            results[method.name], training[method.name] = run_method(method, ctx, keep, cf_records, times,
+                                                                      portability=portability)
+        except many.NonFiniteEdit as e:
+            # -- 6'. a non-finite edit in the many-edits study: write what was measured, then stop
+            if e.partial is not None:
+                results[method.name], training[method.name] = e.partial
+            stopped = dict(method=method.name, mode=e.mode, edit=e.edit, row_id=e.row_id, leaves=list(e.leaves),
+                           message=str(e), not_run=[m.name for m in methods[i + 1:]])
+            report(stopped)
+            say(f"stopped: {method.name}'s many-edits study ({e.mode}) at edit {e.edit} (val fail row {e.row_id!r}): "
+                f"non-finite weights in {', '.join(e.leaves)}; the results so far are in {work / 'results.json'}"
+                + (f"; not run: {', '.join(stopped['not_run'])}" if stopped["not_run"] else ""))
+            raise
 
     # -- 6. report
-    studies = {k: v["many_edits"] for k, v in results.items() if "many_edits" in v}
-    if studies and _main_process():
-        many.plot_many_edits(studies, work / "many_edits.png")
-        (work / "many_edits.md").write_text(many.summary_table(studies) + "\n")
-    times["total"] = time.perf_counter() - t_all
-    out = dict(
-        config=json.loads(cfg.to_json_best_effort()), model=model.name, edit_set=es.info, profile=profile.to_dict(),
-        chosen_layers=list(profile.chosen), methods=results, training=training, text=text_note, keep=keep_note,
-        times=times,
-    )
-    write_results(out, work)
+    out = report()
     say(f"done in {times['total']:.0f}s; results in {work}")
     return out
 
@@ -752,8 +774,17 @@ def run_method(method: Method, ctx: Context, keep: list[dict], cf_records, times
         t_many = time.perf_counter()
         log = prepared.info.get("edit_retries")
         n0 = len(log["applications"]) if log else 0
-        res["many_edits"] = many.pipeline_study(ctx.model, prepared.edit, many_edit_rows(ctx.val_rows, prepared), keep,
-                                                list(ctx.texts), ctx.cfg, method.name, ctx.work)
+        try:
+            res["many_edits"] = many.pipeline_study(ctx.model, prepared.edit, many_edit_rows(ctx.val_rows, prepared),
+                                                    keep, list(ctx.texts), ctx.cfg, method.name, ctx.work)
+        except many.NonFiniteEdit as e:  # the one-at-a-time results and the study so far go up with it
+            res["many_edits"] = dict(e.study or {})
+            res["many_edits_error"] = dict(mode=e.mode, edit=e.edit, row_id=e.row_id, leaves=list(e.leaves),
+                                           message=str(e))
+            times[f"many_edits_{method.name}"] = time.perf_counter() - t_many
+            times[f"eval_{method.name}"] = time.perf_counter() - t
+            e.partial = (res, prepared.info)
+            raise
         if log:  # the study's edit calls (one per batch of each mode, in the order made): their applications
             res["many_edits_retries"] = {"max": int(log["max"]), "applications": log["applications"][n0:],
                                          "tried": log["tried"][n0:]}
@@ -877,6 +908,12 @@ def results_table(out: dict) -> str:
             f"| {name} | {', '.join(m['layers'])} | " + " | ".join(_fmt(m.get(k)) for k, _ in columns)
             + f" | {steps} | {m['edit_seconds']:.2f} |"
         )
+    stopped = out.get("stopped")
+    if stopped:  # a non-finite edit in a many-edits study ended the run (pipeline.run_pipeline)
+        lines.append(f"\nSTOPPED: {stopped['method']}'s many-edits study, mode {stopped['mode']}, at edit {stopped['edit']} "
+                     f"(val fail row {stopped['row_id']!r}): {stopped['message']}; the rows above and "
+                     f"many_edits_{stopped['method']}.json hold the results measured before it"
+                     + (f"; methods not run: {', '.join(stopped['not_run'])}" if stopped["not_run"] else ""))
     for name, m in methods.items():  # config.eval.mend_edit_retries: what the retries did, beside the table
         r = m.get("edit_retries")
         if r:

@@ -42,7 +42,10 @@ After T = steps[0], steps[1], ... edits the weights p_T are scored (`score_after
 
 An edit that makes a weight NaN or infinite stops the run with `NonFiniteEdit`, which names the
 edit (its number and row id) and carries the results so far and the last good parameters; the
-pipeline's driver (`pipeline_study`) writes the results so far before re-raising it.
+pipeline's driver (`pipeline_study`) writes the results so far before re-raising it, and
+`pipeline.run_pipeline` then writes results.json / results.md (the methods evaluated so far, the
+stopped method's one-at-a-time scores and study so far, and `stopped`: which method, mode and edit)
+before re-raising it again.
 """
 
 from __future__ import annotations
@@ -71,6 +74,12 @@ class NonFiniteEdit(UserError):
     def __init__(self, message: str, *, edit: int, row_id: str, leaves: list[str], results: list[dict], params: Any):
         super().__init__(message)
         self.edit, self.row_id, self.leaves, self.results, self.params = edit, row_id, leaves, results, params
+        # set on the way up: `pipeline_study` (the method, the mode, {mode: results so far}) and
+        # `pipeline.run_method` (the method's (results entry, training entry) so far)
+        self.method: str | None = None
+        self.mode: str | None = None
+        self.study: dict[str, list[dict]] | None = None
+        self.partial: tuple[dict, dict] | None = None
 
 
 # ----------------------------------------------------------------------------- requests
@@ -328,7 +337,9 @@ def pipeline_study(model, edit, val_rows: Sequence[dict], keep: Sequence[dict], 
                    work: Path) -> dict:
     """config.eval.sequential for one method: every mode of config.eval.sequential_modes, written to
     work/many_edits_<name>.json after every T. A `NonFiniteEdit` is written there (with the results so
-    far) and re-raised. Returns {mode: [result per T]}."""
+    far) and re-raised, carrying `.method` (name), `.mode` and `.study` ({mode: results so far}, the
+    modes done and the stopped one's earlier T) for the pipeline's results.json. Returns {mode: [result
+    per T]}."""
     steps = parse_steps(cfg.eval.sequential)
     modes = parse_modes(cfg.eval.sequential_modes, steps=steps)
     order_seed = check_order_seed(cfg.eval.get("sequential_order_seed", ORDER_RECORD))
@@ -356,6 +367,7 @@ def pipeline_study(model, edit, val_rows: Sequence[dict], keep: Sequence[dict], 
             payload["results"][mode] = list(e.results)
             payload["error"] = dict(mode=mode, edit=e.edit, row_id=e.row_id, leaves=e.leaves, message=str(e))
             write_json(path, payload)
+            e.method, e.mode, e.study = name, mode, payload["results"]  # for the pipeline's results.json
             raise
     return payload["results"]
 
