@@ -910,8 +910,8 @@ def results_table(out: dict) -> str:
         )
     stopped = out.get("stopped")
     if stopped:  # a non-finite edit in a many-edits study ended the run (pipeline.run_pipeline)
-        lines.append(f"\nSTOPPED: {stopped['method']}'s many-edits study, mode {stopped['mode']}, at edit {stopped['edit']} "
-                     f"(val fail row {stopped['row_id']!r}): {stopped['message']}; the rows above and "
+        lines.append(f"\nSTOPPED: {stopped['method']}'s many-edits study, mode {stopped['mode']}, at edit "
+                     f"{stopped['edit']} (val fail row {stopped['row_id']!r}): {stopped['message']}; the rows above and "
                      f"many_edits_{stopped['method']}.json hold the results measured before it"
                      + (f"; methods not run: {', '.join(stopped['not_run'])}" if stopped["not_run"] else ""))
     for name, m in methods.items():  # config.eval.mend_edit_retries: what the retries did, beside the table
