@@ -167,6 +167,50 @@ def test_nan_edit_stops_named_with_earlier_results_written(setup, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_nan_batch_edit_stops_named_with_earlier_batches_written(setup, tmp_path):
+    """Batch mode: the batch of T = 4 gives NaN weights; the study stops with NonFiniteEdit naming the batch
+    and its last row, the T = 1 and 2 batches' results written (equal to hand scores of one edit of the
+    first T rows from the base weights) and the last good parameters those of the T = 2 batch."""
+    model, cfg, edit = setup
+    sizes = []
+
+    def bad_edit(params, rows):
+        sizes.append(len(rows))
+        out = edit(params, rows)
+        if len(rows) == 4:  # the third batch, all four rows at once, blows up
+            return jax.tree.map(lambda x: x * np.nan if x.ndim == 2 and x.shape[0] > 8 else x, out)
+        return out
+
+    cfg.eval.sequential, cfg.eval.sequential_modes, cfg.eval.generate = "1,2,4", "batch", False
+    cfg.eval.sequential_order_seed = -1
+    with pytest.raises(S.NonFiniteEdit) as e:
+        S.pipeline_study(model, bad_edit, _rows(), KEEP, [], cfg, "ft", tmp_path)
+    err = e.value
+    assert sizes == [1, 2, 4]  # each batch from the base weights, the study stopped at the bad one
+    assert err.edit == 4 and err.row_id == "r3#prompt" and err.mode == "batch" and err.method == "ft"
+    assert "batch edit of the first 4 val fail rows" in str(err) and "'r3#prompt'" in str(err)
+    nan_leaves = sorted(jax.tree_util.keystr(k, simple=True, separator="/")
+                        for k, x in jax.tree_util.tree_flatten_with_path(model.params)[0]
+                        if x.ndim == 2 and x.shape[0] > 8)
+    assert sorted(err.leaves) == nan_leaves and nan_leaves
+    fails = [r for r in _rows() if r["group"] == "fail"]
+    passes = [r for r in _rows() if r["group"] == "pass"]
+    written = json.loads((tmp_path / "many_edits_ft.json").read_text())
+    assert written["error"]["mode"] == "batch" and written["error"]["edit"] == 4
+    assert written["error"]["row_id"] == "r3#prompt" and written["error"]["message"] == str(err)
+    got = written["results"]["batch"]
+    assert [r["T"] for r in got] == [1, 2] and err.study == {"batch": err.results}
+    pass0 = _hand_acc(model, model.params, passes)
+    for r in got:
+        p = edit(model.params, fails[: r["T"]])  # one update of all T rows from the base weights
+        assert r["ea"] == pytest.approx(_hand_acc(model, p, fails[: r["T"]]))
+        assert r["keep_acc"] == pytest.approx(_hand_acc(model, p, KEEP))
+        assert r["dd_acc"] == pytest.approx(pass0 - _hand_acc(model, p, passes))
+    p2 = edit(model.params, fails[:2])
+    for a, b in zip(jax.tree.leaves(err.params), jax.tree.leaves(p2), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_more_edits_than_val_rows_is_refused_before_any_edit(setup, tmp_path):
     model, cfg, _ = setup
     calls = []
