@@ -65,6 +65,7 @@ from salem_jax.eval.metrics import base_scores, evaluate_edit, score_rows
 
 MODES = ("sequential", "independent", "batch")
 FIRST = 10  # `ea_first`: retention of the first FIRST edits
+SHARES = ("ea", "ea_first", "keep_acc", "adapt_acc", "locality")  # plotted on [0, 1]
 
 
 class NonFiniteEdit(UserError):
@@ -372,9 +373,12 @@ def pipeline_study(model, edit, val_rows: Sequence[dict], keep: Sequence[dict], 
     return payload["results"]
 
 
-def plot_many_edits(studies: Mapping[str, Mapping[str, list[dict]]], path: str | os.PathLike) -> None:
+def plot_many_edits(studies: Mapping[str, Mapping[str, list[dict]]], path: str | os.PathLike,
+                    goals: Mapping[str, float] | None = None) -> None:
     """Retention EA and keep accuracy (or pass-row accuracy drawdown without a keep set) against T,
-    one line per (method, mode). studies: method -> {mode: results}."""
+    one line per (method, mode). studies: method -> {mode: results} (a "method" may be any label, e.g.
+    "alphaedit order 3" when benchmarks/plot_many_edits.py overlays runs). Shares are drawn on [0, 1];
+    goals: panel key -> a grey dotted line (e.g. {"ea_first": 0.8, "keep_acc": 0.95})."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -392,8 +396,12 @@ def plot_many_edits(studies: Mapping[str, Mapping[str, list[dict]]], path: str |
             for a, (key, _) in zip(ax, panels):
                 a.plot(xs, [r.get(key, np.nan) for r in rs], marker="o", linestyle=styles.get(mode, "-."),
                        label=f"{method} {mode}")
-    for a, (_, title) in zip(ax, panels):
+    for a, (key, title) in zip(ax, panels):
         a.set(xscale="log", xlabel="edits made (T)", title=title)
+        if key in SHARES:  # a share on the full [0, 1] scale: autoscaling made 0.90-1.00 look like a collapse
+            a.set_ylim(-0.02, 1.02)
+        if goals and key in goals:
+            a.axhline(goals[key], color="grey", linestyle=":", linewidth=1)
         a.set_xticks(sorted({r["T"] for s in studies.values() for rs in s.values() for r in rs}))
         a.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         a.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
