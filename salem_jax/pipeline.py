@@ -776,7 +776,8 @@ def run_method(method: Method, ctx: Context, keep: list[dict], cf_records, times
         n0 = len(log["applications"]) if log else 0
         try:
             res["many_edits"] = many.pipeline_study(ctx.model, prepared.edit, many_edit_rows(ctx.val_rows, prepared),
-                                                    keep, list(ctx.texts), ctx.cfg, method.name, ctx.work)
+                                                    keep, list(ctx.texts), ctx.cfg, method.name, ctx.work,
+                                                    portability=portability)
         except many.NonFiniteEdit as e:  # the one-at-a-time results and the study so far go up with it
             res["many_edits"] = dict(e.study or {})
             res["many_edits_error"] = dict(mode=e.mode, edit=e.edit, row_id=e.row_id, leaves=list(e.leaves),

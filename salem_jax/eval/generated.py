@@ -57,16 +57,25 @@ def target_tokens(model, target: str) -> int:
     return len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def answer_budget(model, targets: Sequence[str], extra_tokens: int = 2) -> int:
+    """New tokens to generate for `targets`: the longest target's token count + extra_tokens (>= 1)."""
+    return max(1, max(target_tokens(model, t) for t in targets) + extra_tokens)
+
+
 def generate_answers(model, params: Any, prompts: Sequence[str], targets: Sequence[str], *, extra_tokens: int = 2,
-                     batch_size: int = 32, kv_cache: bool | None = None) -> list[str]:
-    """Greedy continuations of `prompts`, each long enough for the longest target + extra_tokens.
+                     batch_size: int = 32, kv_cache: bool | None = None, max_new_tokens: int | None = None) -> list[str]:
+    """Greedy continuations of `prompts`, each long enough for the longest target + extra_tokens
+    (`answer_budget`), or `max_new_tokens` new tokens when given (one budget shared by several
+    calls, e.g. the many-edits study's before and after generations).
     kv_cache: as `salem_jax.generate.greedy_ids` (None: cached where the model supports it)."""
     from salem_jax.generate import greedy
 
     if not prompts:
         return []
-    n = max(target_tokens(model, t) for t in targets) + extra_tokens
-    return greedy(model, params, list(prompts), max_new_tokens=max(n, 1), batch_size=batch_size, kv_cache=kv_cache)
+    n = answer_budget(model, targets, extra_tokens) if max_new_tokens is None else int(max_new_tokens)
+    if n < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: generate at least one new token")
+    return greedy(model, params, list(prompts), max_new_tokens=n, batch_size=batch_size, kv_cache=kv_cache)
 
 
 def generations_per_edit(model, params: Any, edits: Sequence[tuple[dict, Sequence[dict]]], *, extra_tokens: int = 2,

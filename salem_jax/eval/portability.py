@@ -52,3 +52,19 @@ def portability_from_logits(logits: jax.Array, labels: jax.Array, mask: jax.Arra
     """Portability of one edit from its questions' logits [Q, S, V], labels and mask [Q, S]:
     the share of questions whose whole answer is the argmax (teacher forced)."""
     return accuracy(np.asarray(batch_scores(logits, labels, mask)["correct"]))
+
+
+def portability_over_edits(correct: np.ndarray, counts: Sequence[int]) -> float:
+    """Portability of several edits from their questions' `correct` flags (teacher forced, the
+    `batch_scores` definition; the questions of edit 0, then of edit 1, ...) and each edit's number
+    of questions: per edit the share answered (`accuracy`, what the one-at-a-time evaluation's
+    group "portability" reports for that edit), averaged over the edits that have questions (the
+    pipeline's mean over edits). NaN when no edit has any. The many-edits study's `portability`
+    (salem_jax.eval.sequential) is this over the questions of all T edits made so far."""
+    correct = np.asarray(correct)
+    counts = [int(c) for c in counts]
+    if sum(counts) != correct.size:
+        raise ValueError(f"{correct.size} portability answers scored for {sum(counts)} questions")
+    ends = np.cumsum(counts)
+    shares = [accuracy(correct[e - c:e]) for c, e in zip(counts, ends) if c]
+    return float(np.mean(shares)) if shares else float("nan")

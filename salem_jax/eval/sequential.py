@@ -37,8 +37,18 @@ After T = steps[0], steps[1], ... edits the weights p_T are scored (`score_after
 * what must not change, against the untouched base model: the val pass rows (`dd_acc`,
   `locality`), the held-out keep set (`keep_acc`, `dd_keep_acc` = base minus edited accuracy) and,
   when given, held-out text perplexity (`dd_ppl_text_rel`);
+* portability (salem_jax.eval.portability), when the edits have portability questions (zsRE's
+  portability file, counterfactual mode): `portability` = the teacher-forced accuracy of the
+  questions of ALL T edits made so far, per edit the share answered and averaged over the edits
+  that have questions (`portability_over_edits`: the one-at-a-time `portability` definition);
+  `portability_before` the base model's on the same questions; `n_portability` questions of
+  `portability_edits` edits. Edits without questions contribute none; absent when none of the T has any;
 * generated answers (salem_jax.eval.generated), when asked: the share of the T edit prompts whose
-  greedy continuation starts with / contains the new target (`gen_starts`, `gen_contains`).
+  greedy continuation starts with / contains the new target (`gen_starts`, `gen_contains`), and the
+  base model's on the same prompts (`gen_starts_before`, `gen_contains_before`: the base model's
+  generations of the max(steps) edit prompts are made once per study and sliced). Every generation
+  of a study gets the same budget, the longest target of its max(steps) edits + extra_tokens
+  (`study_gen_tokens`), so before and after, and every T, decode the same number of tokens.
 
 An edit that makes a weight NaN or infinite stops the run with `NonFiniteEdit`, which names the
 edit (its number and row id) and carries the results so far and the last good parameters; the
@@ -62,6 +72,7 @@ import numpy as np
 
 from salem_jax.errors import UserError
 from salem_jax.eval.metrics import base_scores, evaluate_edit, score_rows
+from salem_jax.eval.portability import portability_over_edits
 
 MODES = ("sequential", "independent", "batch")
 FIRST = 10  # `ea_first`: retention of the first FIRST edits
@@ -169,12 +180,38 @@ def adapt_rows_of(fails: Sequence[dict], adapts: Mapping[str, list[dict]]) -> li
     return [a for r in fails for a in adapts.get(r["record_id"], [])]
 
 
+def portability_of(fails: Sequence[dict], portability: Mapping[str, list[dict]] | None) -> list[list[dict]]:
+    """Per edit of `fails`, its portability question rows (record id -> rows; [] for none)."""
+    return [list((portability or {}).get(r["record_id"], [])) for r in fails]
+
+
+def study_gen_tokens(model, fails: Sequence[dict], extra_tokens: int) -> int:
+    """The new-token budget of every generation of a study of `fails` (its max(steps) edits): the
+    longest target + extra_tokens (`salem_jax.eval.generated.answer_budget`)."""
+    from salem_jax.eval.generated import answer_budget
+
+    return answer_budget(model, [r["target"] for r in fails], extra_tokens)
+
+
+def base_generations_of(model, fails: Sequence[dict], extra_tokens: int) -> list[str]:
+    """The base model's greedy generations of the edit prompts of `fails` (a study's max(steps)
+    edits) with the study's budget: made once per study, sliced to each T's first T."""
+    from salem_jax.eval.generated import generate_answers
+
+    return generate_answers(model, model.params, [r["prompt"] for r in fails], [r["target"] for r in fails],
+                            max_new_tokens=study_gen_tokens(model, fails, extra_tokens))
+
+
 def score_after(model, params: Any, fails: Sequence[dict], adapts: Mapping[str, list[dict]], fixed: Mapping[str, list],
-                base, *, before: Mapping[str, np.ndarray], batch_size: int, texts: Sequence[str] | None = None,
-                text_window: int | None = None, generate: bool = False, extra_tokens: int = 2) -> dict:
+                base, *, before: Mapping[str, Any], batch_size: int, texts: Sequence[str] | None = None,
+                text_window: int | None = None, generate: bool = False, extra_tokens: int = 2,
+                portability: Sequence[Sequence[dict]] | None = None, gen_tokens: int | None = None) -> dict:
     """The scores of `params` after the edits of `fails` (see the module docstring). `base`: the
     `base_scores` of `fixed` (and texts); `before`: the base model's `correct` arrays of all the fail
-    rows ("fail") and of their adapt rows ("adapt", in `adapt_rows_of` order)."""
+    rows ("fail"), of their adapt rows ("adapt", in `adapt_rows_of` order) and of their portability
+    questions ("portability", in `portability` order), and its generations of the fail prompts
+    ("gen"). portability: per edit of the study (at least the T of `fails`), its question rows
+    (`portability_of`); gen_tokens: the study's generation budget (None: `study_gen_tokens` of `fails`)."""
     T = len(fails)
     ad = adapt_rows_of(fails, adapts)
     f = score_rows(model, params, fails, batch_size=batch_size, progress=False, where="retention fail rows")
@@ -196,13 +233,25 @@ def score_after(model, params: Any, fails: Sequence[dict], adapts: Mapping[str, 
             out["keep_acc"] = m["keep/acc_after"]
             out["keep_acc_before"] = m["keep/acc_before"]
             out["dd_keep_acc"] = m["keep/acc_before"] - m["keep/acc_after"]
+    qs = [list(q) for q in (portability or [])[:T]]
+    counts = [len(q) for q in qs]
+    if sum(counts):  # salem_jax.eval.portability: the questions of every edit made so far
+        pq = [q for x in qs for q in x]
+        c = score_rows(model, params, pq, batch_size=batch_size, progress=False, where="retention portability rows")
+        out["portability"] = portability_over_edits(c["correct"], counts)
+        out["portability_before"] = portability_over_edits(before["portability"][: len(pq)], counts)
+        out["n_portability"], out["portability_edits"] = len(pq), sum(1 for n in counts if n)
     if generate and model.kind != "classifier":
         from salem_jax.eval.generated import generate_answers, match_shares
 
         targets = [r["target"] for r in fails]
-        gens = generate_answers(model, params, [r["prompt"] for r in fails], targets, extra_tokens=extra_tokens)
+        n = study_gen_tokens(model, fails, extra_tokens) if gen_tokens is None else gen_tokens
+        gens = generate_answers(model, params, [r["prompt"] for r in fails], targets, max_new_tokens=n)
         sh = match_shares(gens, targets)
         out["gen_starts"], out["gen_contains"] = sh["starts"], sh["contains"]
+        if before.get("gen") is not None:
+            sh0 = match_shares(list(before["gen"])[:T], targets)
+            out["gen_starts_before"], out["gen_contains_before"] = sh0["starts"], sh0["contains"]
     return out
 
 
@@ -213,11 +262,15 @@ def many_edits(model, edit: Callable[[Any, list[dict]], Any], fails: Sequence[di
                fixed: Mapping[str, list], *, steps: Sequence[int], mode: str, batch_size: int = 8,
                texts: Sequence[str] | None = None, text_window: int | None = None, generate: bool = False,
                extra_tokens: int = 2, on_result: Callable[[list[dict]], None] | None = None, progress: bool = False,
-               base=None) -> list[dict]:
+               base=None, portability: Mapping[str, list[dict]] | None = None,
+               base_generations: Sequence[str] | None = None) -> list[dict]:
     """Apply the edits of `fails` in `mode` and score after each T in `steps`; one dict per T.
 
     fails: val fail rows in edit order (edit-set rows: record_id, id, prompt, target); adapts: record
-    id -> its adapt rows; fixed: {"pass": rows, "keep": rows} scored against the base model.
+    id -> its adapt rows; fixed: {"pass": rows, "keep": rows} scored against the base model;
+    portability: record id -> its portability question rows (salem_jax.eval.portability.portability_rows;
+    None or no questions: no portability scores); base_generations: the base model's generations of the
+    first max(steps) fail prompts with the budget `study_gen_tokens` (`base_generations_of`; None: made here).
     `on_result(results so far)` is called after every T (e.g. to write them). Raises
     `NonFiniteEdit` when an edit produces NaN/inf weights."""
     from tqdm.auto import tqdm
@@ -235,8 +288,21 @@ def many_edits(model, edit: Callable[[Any, list[dict]], Any], fails: Sequence[di
     all_ad = adapt_rows_of(fails, adapts)
     if all_ad:
         before["adapt"] = score_rows(model, p0, all_ad, batch_size=batch_size, progress=False)["correct"]
+    port = portability_of(fails, portability)
+    all_port = [q for qs in port for q in qs]
+    if all_port:
+        before["portability"] = score_rows(model, p0, all_port, batch_size=batch_size, progress=False,
+                                           where="portability rows")["correct"]
+    gen_tokens = None
+    if generate and model.kind != "classifier":
+        gen_tokens = study_gen_tokens(model, fails, extra_tokens)
+        if base_generations is None:
+            base_generations = base_generations_of(model, fails, extra_tokens)
+        if len(base_generations) < len(fails):
+            raise ValueError(f"{len(base_generations)} base generations for the study's {len(fails)} edits")
+        before["gen"] = list(base_generations)[: len(fails)]
     kw = dict(before=before, batch_size=batch_size, texts=texts, text_window=text_window, generate=generate,
-              extra_tokens=extra_tokens)
+              extra_tokens=extra_tokens, portability=port, gen_tokens=gen_tokens)
     results: list[dict] = []
     params, done, seconds = p0, 0, 0.0
     bar = tqdm(total=max(steps), desc=f"{mode} edits", disable=not progress)
@@ -335,9 +401,11 @@ def split_val(rows: Sequence[dict], max_pass: int) -> tuple[list[dict], dict[str
 
 
 def pipeline_study(model, edit, val_rows: Sequence[dict], keep: Sequence[dict], texts: Sequence[str], cfg, name: str,
-                   work: Path) -> dict:
+                   work: Path, portability: Mapping[str, list[dict]] | None = None) -> dict:
     """config.eval.sequential for one method: every mode of config.eval.sequential_modes, written to
-    work/many_edits_<name>.json after every T. A `NonFiniteEdit` is written there (with the results so
+    work/many_edits_<name>.json after every T. portability: record id -> portability question rows
+    (as the one-at-a-time evaluation gets them; None: not scored). With config.eval.generate the base
+    model's generations of the edit prompts are made once here for every mode. A `NonFiniteEdit` is written there (with the results so
     far) and re-raised, carrying `.method` (name), `.mode` and `.study` ({mode: results so far}, the
     modes done and the stopped one's earlier T) for the pipeline's results.json. Returns {mode: [result
     per T]}."""
@@ -351,6 +419,8 @@ def pipeline_study(model, edit, val_rows: Sequence[dict], keep: Sequence[dict], 
     texts = list(texts) if texts and cfg.eval.ppl_edits else []
     base = base_scores(model, model.params, fixed, texts=texts or None, batch_size=cfg.eval.batch_size,
                        text_window=cfg.eval.text_window, progress=False)
+    generate = bool(cfg.eval.generate) and model.kind != "classifier"
+    base_gens = base_generations_of(model, fails, cfg.eval.gen_extra_tokens) if generate else None
     path = work / f"many_edits_{name}.json"
     payload: dict[str, Any] = dict(method=name, steps=list(steps), modes=list(modes), n_pass=len(passes),
                                    n_keep=len(keep), texts=len(texts), order_seed=order_seed,
@@ -363,7 +433,8 @@ def pipeline_study(model, edit, val_rows: Sequence[dict], keep: Sequence[dict], 
         try:
             many_edits(model, edit, fails, adapts, fixed, steps=steps, mode=mode, batch_size=cfg.eval.batch_size,
                        texts=texts, text_window=cfg.eval.text_window, generate=bool(cfg.eval.generate),
-                       extra_tokens=cfg.eval.gen_extra_tokens, on_result=save, progress=cfg.progress, base=base)
+                       extra_tokens=cfg.eval.gen_extra_tokens, on_result=save, progress=cfg.progress, base=base,
+                       portability=portability, base_generations=base_gens)
         except NonFiniteEdit as e:
             payload["results"][mode] = list(e.results)
             payload["error"] = dict(mode=mode, edit=e.edit, row_id=e.row_id, leaves=e.leaves, message=str(e))
@@ -412,9 +483,10 @@ def plot_many_edits(studies: Mapping[str, Mapping[str, list[dict]]], path: str |
 
 
 def summary_table(studies: Mapping[str, Mapping[str, list[dict]]]) -> str:
-    """Markdown: one row per (method, mode, T)."""
-    cols = [("ea", "retention EA"), ("ea_first", "EA first 10"), ("adapt_acc", "adapt"), ("gen_starts", "gen starts"),
-            ("dd_acc", "DD pass"), ("locality", "locality"), ("keep_acc", "keep acc"), ("dd_keep_acc", "DD keep"),
+    """Markdown: one row per (method, mode, T); '-' where a score is absent (e.g. `portability`
+    without portability questions, `gen_*` without config.eval.generate)."""
+    cols = [("ea", "retention EA"), ("ea_first", "EA first 10"), ("adapt_acc", "adapt"), ("portability", "portability"),
+            ("gen_starts", "gen starts"), ("gen_contains", "gen contains"), ("dd_acc", "DD pass"), ("locality", "locality"), ("keep_acc", "keep acc"), ("dd_keep_acc", "DD keep"),
             ("dd_ppl_text_rel", "DD text ppl"), ("edit_seconds", "edit s")]
     lines = ["| method | mode | T | " + " | ".join(c for _, c in cols) + " |", "|---|---|---|" + "---|" * len(cols)]
     for method, by_mode in studies.items():
