@@ -401,3 +401,138 @@ def test_study_logs_the_retries_of_its_own_calls_apart_from_the_modes(setup, tmp
     assert res["edit_retries"]["gave_up"] == 1
     assert res["many_edits_retries"] == {"max": 1, "applications": [1, 1, 1], "tried": [2, 2, 2]}
     assert list(res["many_edits"]) == ["sequential"] and [r["T"] for r in res["many_edits"]["sequential"]] == [1, 3]
+
+
+# ----------------------------------------------------------------------------- portability and generated answers
+
+
+# record id -> portability questions (salem_jax.eval.portability rows): r0 has none (T = 1: no portability
+# scores), r1 two (so the per-edit mean differs from the question-weighted one), r2 and r3 one each
+PORT_QUESTIONS = {"r1": [("capital of peru is", "paris"), ("the capital of peru", "paris")],
+                  "r2": [("capital of chile is", "rome")], "r3": [("language of japan is", "euro")]}
+
+
+def _portability():
+    return {rid: [dict(id=f"{rid}#portability[{k}]", record_id=rid, group="portability", prompt=p, target=t, label=-1,
+                       text_pair="") for k, (p, t) in enumerate(qs)] for rid, qs in PORT_QUESTIONS.items()}
+
+
+def test_portability_retention_equals_hand_loop_of_one_at_a_time_scores(setup):
+    """After T sequential edits, `portability` = a hand loop that applies the edits and scores every earlier
+    edit's portability questions with the one-at-a-time evaluation's function (`evaluate_edit`'s
+    "portability" group), averaged over the edits that have questions; `portability_before` = the same on
+    the base model; absent at T = 1 (edit r0 has no questions); the table shows the column."""
+    from salem_jax.eval.metrics import evaluate_edit
+
+    model, _, edit = setup
+    fails, adapts, passes = S.split_val(_rows(), 10)
+    port = _portability()
+    res = S.many_edits(model, edit, fails, adapts, {}, steps=(1, 2, 4), mode="sequential", batch_size=4,
+                       portability=port)
+    assert [r["T"] for r in res] == [1, 2, 4]
+    assert not any(k.startswith("portability") or k == "n_portability" for k in res[0])  # r0: no questions
+
+    def one_at_a_time(p, rows):  # what the one-at-a-time evaluation reports for one edit's questions
+        m = evaluate_edit(model, model.params, p, {"portability": rows}, batch_size=4, progress=False)
+        return m["portability"], m["portability_before"]
+
+    p, hand = model.params, {}
+    for t, row in enumerate(fails[:4], 1):
+        p = edit(p, [row])
+        if t in (2, 4):
+            scored = [one_at_a_time(p, port[r["record_id"]]) for r in fails[:t] if r["record_id"] in port]
+            hand[t] = dict(after=float(np.mean([a for a, _ in scored])), before=float(np.mean([b for _, b in scored])),
+                           n=sum(len(port.get(r["record_id"], [])) for r in fails[:t]), edits=len(scored))
+    for r in res[1:]:
+        h = hand[r["T"]]
+        assert r["portability"] == pytest.approx(h["after"]), r["T"]
+        assert r["portability_before"] == pytest.approx(h["before"]), r["T"]
+        assert r["n_portability"] == h["n"] and r["portability_edits"] == h["edits"]
+    # the edits move the questions' answers (so the after / before comparisons above can fail)
+    assert any(hand[t]["after"] != pytest.approx(hand[t]["before"]) for t in hand)
+    # no questions at all: no portability fields
+    none = S.many_edits(model, edit, fails, adapts, {}, steps=(2,), mode="batch", batch_size=4, portability={})
+    assert not any("portability" in k for k in none[0])
+    table = S.summary_table({"ft": {"sequential": res}})
+    header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
+    assert "portability" in header
+    cells = {int(row.split("|")[3]): [c.strip() for c in row.strip("|").split("|")] for row in table.splitlines()[2:]}
+    k = header.index("portability")
+    assert cells[1][k] == "-" and cells[4][k] == f"{res[2]['portability']:.3f}"
+
+
+def test_generated_answers_before_are_the_base_models_and_in_the_table(setup, tmp_path, monkeypatch):
+    """config.eval.generate in the study: `gen_starts_before` / `gen_contains_before` after T edits equal the
+    base model's greedy generations of the first T edit prompts (a hand greedy call with the study's budget:
+    the longest target of the study's edits + 2 tokens, hand matching), `gen_starts` / `gen_contains` the
+    edited model's (hand loop); the base generations are made once per study for all modes; the table has
+    `gen contains` beside `gen starts`."""
+    from salem_jax.generate import greedy
+
+    model, cfg, edit = setup
+    rows = _rows()
+    # the tiny GPT-2 continues every prompt with " is is is": targets it already says (r0, r2) make the
+    # before shares differ between T = 1, 2 and 4
+    for r in rows:
+        if r["record_id"] in ("r0", "r2"):
+            r["target"] = {"r0": "is", "r2": "is is"}[r["record_id"]]
+    fails = [r for r in rows if r["group"] == "fail"]
+    calls = []
+    real = S.base_generations_of
+    monkeypatch.setattr(S, "base_generations_of", lambda *a: calls.append(1) or real(*a))
+    cfg.eval.sequential, cfg.eval.sequential_modes, cfg.eval.generate = "1,2,4", "sequential,batch", True
+    cfg.eval.sequential_order_seed, cfg.eval.gen_extra_tokens, cfg.eval.ppl_edits = -1, 2, 0
+    study = S.pipeline_study(model, edit, rows, [], [], cfg, "ft", tmp_path)
+    assert calls == [1]  # once per study, not once per mode
+
+    budget = max(len(model.tokenizer(" " + r["target"], add_special_tokens=False)["input_ids"]) for r in fails[:4]) + 2
+
+    def shares(gens, rs):
+        norm = [(" ".join(g.split()).casefold(), " ".join(r["target"].split()).casefold()) for g, r in zip(gens, rs)]
+        return float(np.mean([g.startswith(t) for g, t in norm])), float(np.mean([t in g for g, t in norm]))
+
+    base_gens = greedy(model, model.params, [r["prompt"] for r in fails[:4]], max_new_tokens=budget)
+    p, after = model.params, {}
+    for t, row in enumerate(fails[:4], 1):
+        p = edit(p, [row])
+        if t in (1, 2, 4):
+            after[t] = shares(greedy(model, p, [r["prompt"] for r in fails[:t]], max_new_tokens=budget), fails[:t])
+    befores = []
+    for r in study["sequential"]:
+        T = r["T"]
+        before = shares(base_gens[:T], fails[:T])
+        befores.append(before)
+        assert (r["gen_starts_before"], r["gen_contains_before"]) == pytest.approx(before), T
+        assert (r["gen_starts"], r["gen_contains"]) == pytest.approx(after[T]), T
+    assert [b[0] for b in befores] == [1.0, 0.5, 0.5]  # r0 "is", r2 "is is" said before; r1, r3 not
+    # the edits change what the model says (so after and before can be told apart), and contains != starts
+    assert any(after[t] != pytest.approx(b) for t, b in zip((1, 2, 4), befores))
+    assert any(a[0] != a[1] for a in after.values())
+    for r in study["batch"]:  # the same base figures in every mode
+        assert r["gen_starts_before"] == pytest.approx(shares(base_gens[:r["T"]], fails[:r["T"]])[0])
+    table = S.summary_table({"ft": study})
+    header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
+    assert header.index("gen contains") == header.index("gen starts") + 1
+    row4 = [c.strip() for c in table.splitlines()[2:][2].strip("|").split("|")]
+    assert row4[2] == "4" and row4[header.index("gen contains")] == f"{study['sequential'][2]['gen_contains']:.3f}"
+    assert row4[header.index("portability")] == "-"  # no portability questions given
+
+
+def test_run_method_passes_the_portability_questions_to_the_study(setup, tmp_path):
+    """The pipeline gives the study the portability questions the one-at-a-time evaluation gets: both
+    report portability (a toy method that edits nothing: the study's figure equals its before figure)."""
+    from salem_jax import pipeline as P
+    from salem_jax.methods.registry import Context, Method, Prepared
+
+    model, cfg, _ = setup
+    cfg.eval.update(dict(max_edits=2, sequential="2,4", sequential_modes="sequential", generate=False, ppl_edits=0))
+    method = Method(name="toy", summary="toy", supports=frozenset({"causal"}), layers=lambda ctx: ("h.1",),
+                    prepare=lambda ctx, layers: Prepared(edit=lambda params, rs: params, info={}))
+    ctx = Context(model=model, cfg=cfg, work=tmp_path, say=lambda m: None, val_rows=_rows())
+    res, _ = P.run_method(method, ctx, [], None, {}, portability=_portability())
+    assert res["portability"] is not None
+    got = res["many_edits"]["sequential"]
+    assert [r["portability_edits"] for r in got] == [1, 3] and [r["n_portability"] for r in got] == [2, 4]
+    assert all(r["portability"] == r["portability_before"] for r in got)
+    written = json.loads((tmp_path / "many_edits_toy.json").read_text())
+    assert written["results"]["sequential"][1]["n_portability"] == 4

@@ -98,3 +98,15 @@ def test_pipeline_portability_is_mean_over_edits_of_questions_answered():
     table = results_table(dict(model="m", chosen_layers=["h.1"], profile={"scorer": "salem"},
                                methods={"perturb": {**out, "layers": ["h.1"]}}, training={}))
     assert "| portability |" in table
+
+
+def test_portability_over_edits_is_the_mean_of_each_edits_share():
+    """Fixed flags: edit 0 has 2 questions (1 right), edit 1 none, edit 2 one (right), edit 3 three (0 right):
+    per-edit shares 0.5, 1, 0 averaged over the 3 edits with questions = 0.5 (question weighted would be 2/6)."""
+    from salem_jax.eval.portability import portability_over_edits
+
+    flags = np.array([True, False, True, False, False, False])
+    assert portability_over_edits(flags, [2, 0, 1, 3]) == pytest.approx((0.5 + 1.0 + 0.0) / 3)
+    assert np.isnan(portability_over_edits(np.zeros(0, bool), [0, 0]))
+    with pytest.raises(ValueError, match="6 portability answers scored for 5 questions"):
+        portability_over_edits(flags, [2, 0, 3])
