@@ -63,7 +63,8 @@ def answer_budget(model, targets: Sequence[str], extra_tokens: int = 2) -> int:
 
 
 def generate_answers(model, params: Any, prompts: Sequence[str], targets: Sequence[str], *, extra_tokens: int = 2,
-                     batch_size: int = 32, kv_cache: bool | None = None, max_new_tokens: int | None = None) -> list[str]:
+                     batch_size: int = 32, kv_cache: bool | None = None,
+                     max_new_tokens: int | None = None) -> list[str]:
     """Greedy continuations of `prompts`, each long enough for the longest target + extra_tokens
     (`answer_budget`), or `max_new_tokens` new tokens when given (one budget shared by several
     calls, e.g. the many-edits study's before and after generations).

@@ -403,12 +403,12 @@ def split_val(rows: Sequence[dict], max_pass: int) -> tuple[list[dict], dict[str
 def pipeline_study(model, edit, val_rows: Sequence[dict], keep: Sequence[dict], texts: Sequence[str], cfg, name: str,
                    work: Path, portability: Mapping[str, list[dict]] | None = None) -> dict:
     """config.eval.sequential for one method: every mode of config.eval.sequential_modes, written to
-    work/many_edits_<name>.json after every T. portability: record id -> portability question rows
-    (as the one-at-a-time evaluation gets them; None: not scored). With config.eval.generate the base
-    model's generations of the edit prompts are made once here for every mode. A `NonFiniteEdit` is written there (with the results so
+    work/many_edits_<name>.json after every T. A `NonFiniteEdit` is written there (with the results so
     far) and re-raised, carrying `.method` (name), `.mode` and `.study` ({mode: results so far}, the
     modes done and the stopped one's earlier T) for the pipeline's results.json. Returns {mode: [result
-    per T]}."""
+    per T]}. portability: record id -> portability question rows (as the one-at-a-time evaluation gets
+    them; None: not scored). With config.eval.generate the base model's generations of the edit prompts
+    are made once here for every mode."""
     steps = parse_steps(cfg.eval.sequential)
     modes = parse_modes(cfg.eval.sequential_modes, steps=steps)
     order_seed = check_order_seed(cfg.eval.get("sequential_order_seed", ORDER_RECORD))
@@ -486,7 +486,8 @@ def summary_table(studies: Mapping[str, Mapping[str, list[dict]]]) -> str:
     """Markdown: one row per (method, mode, T); '-' where a score is absent (e.g. `portability`
     without portability questions, `gen_*` without config.eval.generate)."""
     cols = [("ea", "retention EA"), ("ea_first", "EA first 10"), ("adapt_acc", "adapt"), ("portability", "portability"),
-            ("gen_starts", "gen starts"), ("gen_contains", "gen contains"), ("dd_acc", "DD pass"), ("locality", "locality"), ("keep_acc", "keep acc"), ("dd_keep_acc", "DD keep"),
+            ("gen_starts", "gen starts"), ("gen_contains", "gen contains"), ("dd_acc", "DD pass"), ("locality", "locality"),
+            ("keep_acc", "keep acc"), ("dd_keep_acc", "DD keep"),
             ("dd_ppl_text_rel", "DD text ppl"), ("edit_seconds", "edit s")]
     lines = ["| method | mode | T | " + " | ".join(c for _, c in cols) + " |", "|---|---|---|" + "---|" * len(cols)]
     for method, by_mode in studies.items():
