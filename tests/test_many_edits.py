@@ -470,12 +470,15 @@ def test_generated_answers_before_are_the_base_models_and_in_the_table(setup, tm
     from salem_jax.generate import greedy
 
     model, cfg, edit = setup
-    rows = _rows()
-    # the tiny GPT-2 continues every prompt with " is is is": targets it already says (r0, r2) make the
-    # before shares differ between T = 1, 2 and 4
-    for r in rows:
-        if r["record_id"] in ("r0", "r2"):
-            r["target"] = {"r0": "is", "r2": "is is"}[r["record_id"]]
+    # the tiny GPT-2's greedy continuations (seed 3): "the capital of france is" -> " is is is ...",
+    # "capital" -> " capital capital capital santiago ...", "euro cairo" -> " cairo cairo europe ...",
+    # "paris" -> " paris paris ...": targets it says at the start, later (only within the study's budget of
+    # 2 + 2 tokens, from the 2-token "paris paris"), or not at all, different per prompt (so a wrong slice of
+    # the base generations or a per-T budget changes the before shares)
+    edits = [("the capital of france is", "is"), ("capital", "santiago"), ("euro cairo", "europe"),
+             ("paris", "paris paris")]
+    rows = [dict(id=f"r{i}#prompt", record_id=f"r{i}", group="fail", prompt=p, target=t, label=-1, text_pair="")
+            for i, (p, t) in enumerate(edits)] + [r for r in _rows() if r["group"] == "pass"]
     fails = [r for r in rows if r["group"] == "fail"]
     calls = []
     real = S.base_generations_of
@@ -504,10 +507,14 @@ def test_generated_answers_before_are_the_base_models_and_in_the_table(setup, tm
         befores.append(before)
         assert (r["gen_starts_before"], r["gen_contains_before"]) == pytest.approx(before), T
         assert (r["gen_starts"], r["gen_contains"]) == pytest.approx(after[T]), T
-    assert [b[0] for b in befores] == [1.0, 0.5, 0.5]  # r0 "is", r2 "is is" said before; r1, r3 not
-    # the edits change what the model says (so after and before can be told apart), and contains != starts
+    assert befores == [(1.0, 1.0), (0.5, 1.0), (0.5, 1.0)]  # the continuations above
+    # the edits change what the model says (so after and before can be told apart)
     assert any(after[t] != pytest.approx(b) for t, b in zip((1, 2, 4), befores))
-    assert any(a[0] != a[1] for a in after.values())
+    # an edit that changes nothing: after = before (the same budget for both, at every T)
+    same = S.many_edits(model, lambda params, rs: params, fails, {}, {}, steps=(1, 2, 4), mode="sequential",
+                        batch_size=4, generate=True, extra_tokens=2)
+    for r, b in zip(same, befores, strict=True):
+        assert (r["gen_starts"], r["gen_contains"]) == (r["gen_starts_before"], r["gen_contains_before"]) == b
     for r in study["batch"]:  # the same base figures in every mode
         assert r["gen_starts_before"] == pytest.approx(shares(base_gens[:r["T"]], fails[:r["T"]])[0])
     table = S.summary_table({"ft": study})
