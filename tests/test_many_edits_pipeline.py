@@ -36,9 +36,9 @@ def _nan_on(monkeypatch, method: str, mode: str, call: int):
     weights (the one-at-a-time evaluation's edits are not touched: only the study's edit is wrapped)."""
     orig = S.pipeline_study
 
-    def study(model, edit, val_rows, keep, texts, cfg, name, work):
+    def study(model, edit, val_rows, keep, texts, cfg, name, work, **kw):
         if name != method:
-            return orig(model, edit, val_rows, keep, texts, cfg, name, work)
+            return orig(model, edit, val_rows, keep, texts, cfg, name, work, **kw)
         calls = {"sequential": 0, "batch": 0}
 
         def bad(params, rows):
@@ -49,7 +49,7 @@ def _nan_on(monkeypatch, method: str, mode: str, call: int):
                 return jax.tree.map(lambda x: x * np.nan if x.ndim == 2 else x, out)
             return out
 
-        return orig(model, bad, val_rows, keep, texts, cfg, name, work)
+        return orig(model, bad, val_rows, keep, texts, cfg, name, work, **kw)
 
     state = {"mode": None}
     orig_many = S.many_edits
