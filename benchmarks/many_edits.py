@@ -95,6 +95,9 @@ def main(argv=None) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     S.write_json(path, summary)
     print(S.summary_table(studies))
+    lost = S.keep_lost_lines(studies)
+    if lost:
+        print(lost)
     print(f"[many_edits] {seconds:.0f}s; summary in {path}, plot in {Path(args.workdir) / 'many_edits.png'}")
     return 0
 

@@ -625,7 +625,8 @@ def run_pipeline(cfg: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
         studies = {k: v for k, v in studies.items() if v}
         if studies and _main_process():
             many.plot_many_edits(studies, work / "many_edits.png")
-            (work / "many_edits.md").write_text(many.summary_table(studies) + "\n")
+            lost = many.keep_lost_lines(studies)
+            (work / "many_edits.md").write_text(many.summary_table(studies) + "\n" + (f"\n{lost}\n" if lost else ""))
         times["total"] = time.perf_counter() - t_all
         out = dict(
             config=json.loads(cfg.to_json_best_effort()), model=model.name, edit_set=es.info,

@@ -32,6 +32,22 @@ def _rows():
 KEEP = [dict(prompt="the capital of japan is", target="yen"), dict(prompt="the language of china is", target="yen")]
 
 
+def _known_rows(model, prompts):
+    """Keep rows the base model gets right: each prompt's target is its own argmax next token (when
+    that token re-tokenizes alone after a space), so editing can break them."""
+    from test_pipeline import _hand_correct
+
+    tok, rows = model.tokenizer, []
+    for i, p in enumerate(prompts):
+        ids = np.asarray([tok(p)["input_ids"]], np.int32)
+        a = int(np.asarray(model.apply(model.params, dict(input_ids=ids, attention_mask=np.ones_like(ids))))[0, -1].argmax())
+        t = tok.decode([a]).strip()
+        if t and tok(" " + t, add_special_tokens=False)["input_ids"] == [a]:
+            rows.append(dict(id=f"k{i}", prompt=p, target=t))
+            assert _hand_correct(model, model.params, p, t)
+    return rows
+
+
 @pytest.fixture(scope="module")
 def setup():
     model = hf.tiny("gpt2", seed=3)
@@ -53,7 +69,9 @@ def _hand_acc(model, params, rows):
 def test_sequential_retention_equals_hand_loop(setup):
     model, cfg, edit = setup
     fails, adapts, passes = S.split_val(_rows(), 10)
-    res = S.many_edits(model, edit, fails, adapts, {"pass": passes, "keep": KEEP}, steps=(1, 2, 4), mode="sequential",
+    # + keep facts the base model gets right, so that the edits can break some (`keep_lost`)
+    keep = KEEP + _known_rows(model, [f"the {w} of {c} is" for w in ("river", "city") for c in ("japan", "kenya", "peru")])
+    res = S.many_edits(model, edit, fails, adapts, {"pass": passes, "keep": keep}, steps=(1, 2, 4), mode="sequential",
                        batch_size=4)
     assert [r["T"] for r in res] == [1, 2, 4]
     p, hand = model.params, {}
@@ -62,18 +80,22 @@ def test_sequential_retention_equals_hand_loop(setup):
         if t in (1, 2, 4):
             hand[t] = dict(ea=_hand_acc(model, p, fails[:t]),
                            adapt=_hand_acc(model, p, [a for r in fails[:t] for a in adapts[r["record_id"]]]),
-                           keep=_hand_acc(model, p, KEEP), pass_=_hand_acc(model, p, passes))
-    keep0, pass0 = _hand_acc(model, model.params, KEEP), _hand_acc(model, model.params, passes)
+                           keep=_hand_acc(model, p, keep), pass_=_hand_acc(model, p, passes),
+                           lost=[k.get("id", k["prompt"]) for k in keep if _hand_acc(model, model.params, [k]) == 1.0
+                                 and _hand_acc(model, p, [k]) == 0.0])
+    keep0, pass0 = _hand_acc(model, model.params, keep), _hand_acc(model, model.params, passes)
     for r in res:
         h = hand[r["T"]]
         assert r["ea"] == pytest.approx(h["ea"]) and r["ea_first"] == pytest.approx(h["ea"])
         assert r["adapt_acc"] == pytest.approx(h["adapt"])
         assert r["keep_acc"] == pytest.approx(h["keep"])
         assert r["dd_keep_acc"] == pytest.approx(keep0 - h["keep"])
+        assert r["keep_lost"] == h["lost"]  # which keep facts, by id (KEEP's have none: by prompt)
         assert r["dd_acc"] == pytest.approx(pass0 - h["pass_"])
         assert r["ea_before"] == pytest.approx(_hand_acc(model, model.params, fails[: r["T"]]))
-    # the edits do something: the hand loop's first edit is learnt
+    # the edits do something: the hand loop's first edit is learnt, and a known keep fact is lost
     assert hand[1]["ea"] == 1.0
+    assert any(h["lost"] for h in hand.values()), "no keep fact lost: keep_lost is not exercised"
 
     # "independent": each edit on the original weights, the changes summed
     ind = S.many_edits(model, edit, fails, adapts, {}, steps=(2,), mode="independent", batch_size=4)
@@ -233,6 +255,15 @@ def test_plot_and_table(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 0
     t = S.summary_table(studies)
     assert "| ft | sequential | 10 | 0.500 | 0.400 |" in t
+    # a collapsed model's perplexity ratio: three significant digits, not a 70-digit cell
+    t = S.summary_table({"m": {"sequential": [dict(T=1, ea=0.25, dd_ppl_text_rel=-1.9e69)]}})
+    assert "| m | sequential | 1 | 0.250 |" in t and "-1.9e+69" in t and len(t.splitlines()[-1]) < 120
+    assert S.keep_lost_lines(studies) == ""  # no keep_lost recorded: no section
+    lost = S.keep_lost_lines({"ae": {"sequential:10": [dict(T=10, keep_lost=[]), dict(T=50, keep_lost=["k3", "k1"]),
+                                                       dict(T=100, keep_lost=["k1", "k7"])]}})
+    assert lost.splitlines()[2:] == ["- ae sequential:10, T = 10: 0 lost",
+                                     "- ae sequential:10, T = 50: 2 lost (k3, k1); new: k3, k1",
+                                     "- ae sequential:10, T = 100: 2 lost (k1, k7); new: k7"]
 
 
 def test_study_edits_every_row_the_method_can_edit_beyond_max_edits(setup, tmp_path):

@@ -410,7 +410,8 @@ def evaluate_edit(
     text_stride: int | None = None,
     progress: bool = True,
     base: BaseScores | None = None,
-) -> dict[str, float]:
+    lost_rows: Sequence[str] = (),
+) -> dict[str, Any]:
     """Every SaLEM/MEND metric of one edited parameter set, in one flat dict.
 
     `groups` maps a group name to its rows (edit-set rows or any mappings with "prompt" and
@@ -431,7 +432,13 @@ def evaluate_edit(
     forward pass compiles once. The base model is evaluated in the same jitted call, unless
     `base` (from `base_scores` on the same groups, texts and batch size) supplies its scores:
     then only the edited model runs, which halves the cost of evaluating many edits.
+    `lost_rows`: groups whose broken rows are also listed, `g/lost` = the row indices (into
+    `groups[g]`) right on the base model and wrong on the edited one (as `EditEvaluator`'s), so a
+    drawdown can be read as which facts, not only how many.
     """
+    unknown = sorted(set(lost_rows) - set(groups))
+    if unknown:
+        raise ValueError(f"evaluate_edit: lost_rows names {unknown}, which are not groups here ({sorted(groups)})")
     if base is not None and base.batch_size != batch_size:
         raise ValueError(f"base scores were computed with batch_size {base.batch_size}, not {batch_size}")
     groups = {k: list(v) for k, v in groups.items()}
@@ -450,6 +457,10 @@ def evaluate_edit(
                 )
             per[name] = group_metrics(scores, with_ppl=with_ppl)
             out.update(group_outputs(name, per[name], with_ppl))
+            if name in lost_rows:  # right before, wrong after
+                broke = (np.asarray(scores["correct_before"], bool) & ~np.asarray(scores["correct_after"], bool)
+                         if len(rows) else np.zeros(0, bool))
+                out[f"{name}/lost"] = [int(j) for j in np.flatnonzero(broke)]
     out.update(headline_metrics(per, with_ppl))
     if texts:
         from salem_jax.eval.perplexity import perplexity, perplexity_change

@@ -225,7 +225,8 @@ def score_after(model, params: Any, fails: Sequence[dict], adapts: Mapping[str, 
         out["adapt_before"] = float(np.mean(before["adapt"][: len(ad)]))
     if fixed:
         m = evaluate_edit(model, model.params, params, fixed, texts=texts or None, batch_size=batch_size,
-                          text_window=text_window, progress=False, base=base)
+                          text_window=text_window, progress=False, base=base,
+                          lost_rows=("keep",) if "keep" in fixed else ())
         for k in ("dd_acc", "locality", "dd_ppl_text_rel", "text_ppl_after"):
             if k in m:
                 out[k] = m[k]
@@ -233,6 +234,8 @@ def score_after(model, params: Any, fails: Sequence[dict], adapts: Mapping[str, 
             out["keep_acc"] = m["keep/acc_after"]
             out["keep_acc_before"] = m["keep/acc_before"]
             out["dd_keep_acc"] = m["keep/acc_before"] - m["keep/acc_after"]
+            # which keep facts the T edits broke (right on the base model, wrong now), by row id
+            out["keep_lost"] = [fixed["keep"][j].get("id") or fixed["keep"][j]["prompt"] for j in m["keep/lost"]]
     qs = [list(q) for q in (portability or [])[:T]]
     counts = [len(q) for q in qs]
     if sum(counts):  # salem_jax.eval.portability: the questions of every edit made so far
@@ -493,6 +496,32 @@ def summary_table(studies: Mapping[str, Mapping[str, list[dict]]]) -> str:
     for method, by_mode in studies.items():
         for mode, rs in by_mode.items():
             for r in rs:
-                vals = ["-" if r.get(k) is None else f"{r[k]:.3f}" for k, _ in cols]
+                vals = ["-" if r.get(k) is None else _number(r[k]) for k, _ in cols]
                 lines.append(f"| {method} | {mode} | {r['T']} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
+
+
+def _number(x: float) -> str:
+    """Three decimals, or three significant digits beyond 1e6: a collapsed model's perplexity ratio
+    (1.9e69 after 100 MEND edits) printed with %.3f was a 70-digit cell."""
+    return f"{x:.3g}" if abs(x) >= 1e6 else f"{x:.3f}"
+
+
+def keep_lost_lines(studies: Mapping[str, Mapping[str, list[dict]]]) -> str:
+    """Markdown: per (method, mode), the keep facts lost after each T (row ids, right on the base
+    model and wrong after the T edits: `keep_lost` of `score_after`; a keep row without an id is
+    named by its prompt), and at each T the ones lost
+    for the first time; '' when no result has `keep_lost` (no keep set, or a study written before it)."""
+    lines = []
+    for method, by_mode in studies.items():
+        for mode, rs in by_mode.items():
+            seen: set = set()
+            for r in rs:
+                if "keep_lost" not in r:
+                    continue
+                new = [i for i in r["keep_lost"] if i not in seen]
+                seen.update(r["keep_lost"])
+                lines.append(f"- {method} {mode}, T = {r['T']}: {len(r['keep_lost'])} lost"
+                             + (f" ({', '.join(map(str, r['keep_lost']))}); new: {', '.join(map(str, new)) or 'none'}"
+                                if r["keep_lost"] else ""))
+    return ("Keep facts lost (right on the base model, wrong after T edits):\n\n" + "\n".join(lines)) if lines else ""
