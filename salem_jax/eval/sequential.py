@@ -508,10 +508,10 @@ def _number(x: float) -> str:
 
 
 def keep_lost_lines(studies: Mapping[str, Mapping[str, list[dict]]]) -> str:
-    """Markdown: per (method, mode), the keep facts lost after each T (row ids, right on the base
-    model and wrong after the T edits: `keep_lost` of `score_after`; a keep row without an id is
-    named by its prompt), and at each T the ones lost
-    for the first time; '' when no result has `keep_lost` (no keep set, or a study written before it)."""
+    """Markdown: per (method, mode) and T, the keep facts lost after the T edits (`keep_lost` of
+    `score_after`: row ids - a keep row without an id is named by its prompt - of the facts right on
+    the base model and wrong after the T edits) and those lost for the first time at that T; '' when
+    no result has `keep_lost` (no keep set, or a study written before it existed)."""
     lines = []
     for method, by_mode in studies.items():
         for mode, rs in by_mode.items():
