@@ -51,6 +51,7 @@ from salem_jax.eval.metrics import (
     group_metrics,
     group_outputs,
     headline_metrics,
+    lost_indices,
     perplexity_drawdown,
 )
 from salem_jax.eval.perplexity import row_nll, text_windows
@@ -520,9 +521,7 @@ class EditEvaluator:
             per[name] = group_metrics(scores, with_ppl=self.with_ppl)
             res.update(group_outputs(name, per[name], self.with_ppl))
             if name in self.lost_rows:  # which rows the edit broke (right before, wrong after)
-                broke = np.asarray(scores["correct_before"], bool) & ~np.asarray(scores["correct_after"], bool) \
-                    if scores else np.zeros(0, bool)
-                res[f"{name}/lost"] = tuple(int(j) for j in np.flatnonzero(broke))
+                res[f"{name}/lost"] = tuple(lost_indices(scores))
         res.update(headline_metrics(per, self.with_ppl))
         if with_text:
             before = math.exp(self.text_nll_before / self.text_tokens)

@@ -367,6 +367,15 @@ def group_metrics(scores: dict[str, np.ndarray], *, with_ppl: bool = True) -> Gr
     )
 
 
+def lost_indices(scores: Mapping[str, Any]) -> list[int]:
+    """Indices of the rows an edit broke: right on the base model, wrong after (`correct_before` and
+    not `correct_after`, bool [N] each); [] for a group without rows (`scores` empty)."""
+    if not scores:
+        return []
+    broke = np.asarray(scores["correct_before"], bool) & ~np.asarray(scores["correct_after"], bool)
+    return [int(j) for j in np.flatnonzero(broke)]
+
+
 def group_outputs(name: str, gm: GroupMetrics, with_ppl: bool) -> dict[str, float]:
     """`g/n`, `g/acc_before`, ... of one group (see `evaluate_edit`)."""
     return {
@@ -457,10 +466,8 @@ def evaluate_edit(
                 )
             per[name] = group_metrics(scores, with_ppl=with_ppl)
             out.update(group_outputs(name, per[name], with_ppl))
-            if name in lost_rows:  # right before, wrong after
-                broke = (np.asarray(scores["correct_before"], bool) & ~np.asarray(scores["correct_after"], bool)
-                         if len(rows) else np.zeros(0, bool))
-                out[f"{name}/lost"] = [int(j) for j in np.flatnonzero(broke)]
+            if name in lost_rows:
+                out[f"{name}/lost"] = lost_indices(scores) if len(rows) else []
     out.update(headline_metrics(per, with_ppl))
     if texts:
         from salem_jax.eval.perplexity import perplexity, perplexity_change
