@@ -166,6 +166,23 @@ def test_batch_and_sequential_edits():
         np.testing.assert_array_equal(a, np.asarray(b))
     with pytest.raises(ValueError, match="mode"):
         apply_edits(model, editor, reqs, mode="parallel")
+    # a batch edited in chunks of rows (rows_per_call: one gradient pass per chunk, the updates
+    # summed) is the same edit as one pass over every row, and the sum of the single edits
+    five = [{"prompt": r["prompt"], "target": r["target"]} for r in fails[:5]]
+    singles = [apply_edits(model, editor, [r]) for r in five]
+    whole = apply_edits(model, editor, five)
+    chunked = apply_edits(model, editor, five, rows_per_call=2)  # chunks of 2, 2, 1 rows
+    for w in full.spec.weights:
+        w0 = np.asarray(get_path(model.params, w.path))
+        hand = w0 + sum(np.asarray(get_path(p, w.path)) - w0 for p in singles)
+        np.testing.assert_allclose(get_path(chunked, w.path), get_path(whole, w.path), atol=2e-6)
+        np.testing.assert_allclose(get_path(chunked, w.path), hand, atol=4e-6)
+        assert np.abs(np.asarray(get_path(chunked, w.path)) - w0).max() > 100 * 4e-6
+    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(model.params))]
+    assert sum(changed) == len(full.spec.weights)  # only the edited kernels move
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="rows_per_call"):
+            apply_edits(model, editor, five, rows_per_call=bad)
 
 
 def test_requests_file_errors(tmp_path):

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from salem_jax.data.tokenize import encode
 from salem_jax.errors import UserError
 from salem_jax.mend.checkpoint import CheckpointError, CheckpointMismatch, restore_editor, steps_in
-from salem_jax.mend.editor import EditorSpec, edited_params
+from salem_jax.mend.editor import EditorSpec, edited_params, pseudo_grads, weight_key
 from salem_jax.mend.train import EDIT_BUCKETS, bucket_length, capture_factors, row_ends
 from salem_jax.models.base import get_path, set_path
 from salem_jax.scored_logits import SCORE_POS, with_score_positions
@@ -129,6 +129,18 @@ def check_model(spec: EditorSpec, params: Any, where: str = "editor") -> None:
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "spec"))
+def edit_updates(editor_params, editor_state, params, batch, projections=None, *, apply_fn, spec: EditorSpec):
+    """{weight path: lr_W * pseudo_grad [stored kernel shape], float32}: what one editor pass over
+    `batch` subtracts from each edited kernel (`edited_params`' W - lr_W * P G~). The pseudo-gradient
+    is a sum over the batch's tokens, and the editor maps each token's factors alone (its running
+    statistics are frozen), so the update of a batch is the sum of its parts' updates: `apply_edits`'
+    batch mode sums chunks of rows with it, and its memory is that of one chunk."""
+    factors = capture_factors(apply_fn, params, batch, spec.weights)
+    grads = pseudo_grads(spec, editor_params, editor_state, factors, projections)
+    return {w.path: editor_params["lr"][weight_key(w.path)] * grads[w.path] for w in spec.weights}
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "spec"))
 def edited_kernels(editor_params, editor_state, params, batch, projections=None, *, apply_fn, spec: EditorSpec):
     """{weight path: its edited kernel} after one editor pass over `batch` (the rest of params
     unchanged). With `score_pos` in the batch (`with_score_positions`) the gradient pass applies
@@ -167,6 +179,21 @@ def fit_to(batch: Mapping[str, np.ndarray], like: Mapping[str, Any] | None, pad_
     if scored > k:
         return with_score_positions(batch)
     return with_score_positions(out, k=k)
+
+
+def _edit_in_chunks(editor_params, editor_state, params, batches, *, apply_fn, spec: EditorSpec, like=None, pad_id=0,
+                    projections=None):
+    """`_edit` of the rows of all `batches` together (one combined edit, every factor captured on
+    `params`), one batch per call: W - sum_c lr_W * P G~_c, the updates summed in float32."""
+    total = None
+    for b in batches:
+        up = edit_updates(editor_params, editor_state, params, fit_to(b, like, pad_id), projections, apply_fn=apply_fn,
+                          spec=spec)
+        total = up if total is None else {k: total[k] + v for k, v in up.items()}
+    for w in spec.weights:
+        kernel = get_path(params, w.path)
+        params = set_path(params, w.path, (kernel.astype(jnp.float32) - total[w.path]).astype(kernel.dtype))
+    return params
 
 
 def _edit(editor_params, editor_state, params, batch, *, apply_fn, spec: EditorSpec, like=None, pad_id=0, projections=None):
@@ -283,6 +310,7 @@ def apply_edits(
     mode: str = "batch",
     progress: bool = True,
     like: Mapping[str, Any] | None = None,
+    rows_per_call: int = 32,
 ) -> Any:
     """Edited parameters for `requests` (dicts with prompt, target [, text_pair] or pairs).
 
@@ -290,13 +318,24 @@ def apply_edits(
     mode: "batch" (one combined edit) or "sequential" (each edit on top of the previous ones).
     like: a tokenised batch whose row shape every edit is padded to when it fits (`fit_to`), so
       that many calls compile once; the edit is the same.
+    rows_per_call: batch mode captures at most this many requests' gradients per call and sums
+      the calls' updates (`edit_updates`): the same edit (to float rounding), with the memory of
+      one call - a gradient pass over 100 zsRE requests padded to the edit set's row length took
+      10-15 GB on SmolLM2 (session 35). Up to rows_per_call requests: one call, as before.
     """
+    if isinstance(rows_per_call, bool) or not isinstance(rows_per_call, (int, np.integer)) or rows_per_call < 1:
+        raise ValueError(f"rows_per_call={rows_per_call!r}: give an integer >= 1 (requests per gradient pass)")
     params = model.params if params is None else params
     check_model(editor.spec, params, where="editor")
     pad_id = model.tokenizer.pad_token_id if model.tokenizer is not None and model.tokenizer.pad_token_id is not None else 0
     kw = dict(apply_fn=model.apply, spec=editor.spec, like=like, pad_id=pad_id, projections=editor.projections)
     if mode == "batch":
-        return _edit(editor.params, editor.state, params, encode_requests(model, requests), **kw)
+        batch = encode_requests(model, requests)
+        n = len(next(iter(batch.values())))
+        if n <= rows_per_call:
+            return _edit(editor.params, editor.state, params, batch, **kw)
+        chunks = [{k: np.asarray(v)[i : i + rows_per_call] for k, v in batch.items()} for i in range(0, n, rows_per_call)]
+        return _edit_in_chunks(editor.params, editor.state, params, chunks, **kw)
     if mode == "sequential":
         for i, r in enumerate(tqdm(requests, desc="edits", disable=not progress)):
             params = _edit(editor.params, editor.state, params, encode_requests(model, [r], where=f"request {i}"), **kw)
