@@ -52,6 +52,28 @@ def with_score_positions(batch: dict, k: int | None = None) -> dict:
     return {**batch, SCORE_POS: pos}
 
 
+def positions_within(pos: np.ndarray, label_mask: np.ndarray) -> np.ndarray:
+    """`pos` [..., K] with every position past `label_mask`'s length S (rows cut shorter after their
+    score positions were chosen) replaced by the row's first unscored position (label_mask 0).
+
+    Why: a gather at a position past S is not clamped but filled (JAX: NaN logits, INT_MIN as the
+    label mask - an *active* position), so a cut batch that keeps its score positions would score,
+    and take gradients at, garbage. A padded slot needs only some unscored position (its label
+    mask 0 makes it inactive), and every causal row has one below its end (its last token, which
+    predicts nothing). Raises if a row with a position past S has no unscored position."""
+    pos = np.asarray(pos)
+    mask = np.asarray(label_mask) != 0
+    s = mask.shape[-1]
+    past = pos >= s
+    if not past.any():
+        return pos
+    free = ~mask
+    if not free.any(-1)[past.any(-1)].all():
+        raise ValueError(f"score positions past the cut length {s} in a row whose every position is scored: nothing inactive to point them at")
+    first_free = np.argmax(free, axis=-1)[..., None].astype(pos.dtype)
+    return np.where(past, first_free, pos)
+
+
 def _gather(x: jax.Array, pos: jax.Array) -> jax.Array:
     """x [B, S, ...] at pos [B, K] -> [B, K, ...]."""
     idx = pos.reshape(pos.shape + (1,) * (x.ndim - 2))

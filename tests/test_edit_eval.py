@@ -14,6 +14,7 @@ from salem_jax.mend.apply import TrainedEditor, apply_each, apply_edits, encode_
 from salem_jax.mend.editor import EditorSpec, init_editor
 from salem_jax.models import hf
 from salem_jax.models.base import get_path, set_path
+from salem_jax.scored_logits import positions_within
 
 # prompts and targets of different lengths and target token counts (1, 2 and 3 tokens), so
 # that the per-edit path pads each edit differently
@@ -116,6 +117,33 @@ def test_own_rows_cut_after_the_longest_equal_evaluate_edit(model):
             assert got[k] == pytest.approx(v, nan_ok=True, **(dict(rel=1e-4, abs=1e-5) if "ppl" in k else dict(rel=1e-5, abs=1e-6))), k
 
 
+def test_short_edit_beside_a_long_target_equals_evaluate_edit(model):
+    """One edit's long target gives every own row K score positions, more than a short edit's rows
+    have once cut to their length - the shape that made `apply_each`'s edits wrong (session 35:
+    positions gathered past the cut, which JAX fills with NaN logits and an active INT_MIN mask).
+    The evaluator scores own rows at their flat target positions, so it gave the right numbers
+    before `_cut` pointed such positions inside (`positions_within`) too; this pins that down."""
+    edits = [{"fail": [_row(" ".join(["where"] * 40), " ".join(["paris lima santiago berlin"] * 5), "fail", 0)]},
+             {"fail": [_row("chile", "santiago is a city", "fail", 1)], "adapt": [_row("capital of chile", "santiago", "adapt", 1)]}]
+    ev = EditEvaluator(model, model.params, edits, _shared(), batch_size=4)
+    assert ev._own["score_pos"].shape[-1] > 16
+    for i, own in enumerate(edits):
+        edited = _perturbed(model, i + 1)
+        want = evaluate_edit(model, model.params, edited, {**own, **_shared()}, batch_size=4, progress=False)
+        got = ev.evaluate(i, edited)
+        for k, v in want.items():
+            assert got[k] == pytest.approx(v, nan_ok=True, **(dict(rel=1e-4, abs=1e-5) if "ppl" in k else dict(rel=1e-5, abs=1e-6))), k
+
+
+def test_score_positions_past_a_cut_point_at_an_unscored_one():
+    mask = np.array([[0, 1, 1, 0], [1, 1, 0, 0]])
+    pos = np.array([[1, 2, 0, 6, 9], [0, 1, 2, 3, 4]])
+    np.testing.assert_array_equal(positions_within(pos, mask), [[1, 2, 0, 0, 0], [0, 1, 2, 3, 2]])
+    np.testing.assert_array_equal(positions_within(pos[:, :3], mask), pos[:, :3])  # nothing past: unchanged
+    with pytest.raises(ValueError, match="every position is scored"):
+        positions_within(np.array([[0, 5]]), np.array([[1, 1]]))
+
+
 def test_fixed_shape_evaluation_compiles_once_for_all_edits(model):
     edits, shared = _edits(), _shared()
     ev = EditEvaluator(model, model.params, edits, shared, texts=TEXTS, text_window=8, batch_size=4)
@@ -173,12 +201,18 @@ def test_edits_applied_together_equal_one_call_each(model):
     paths = [w.path for w in editor.spec.weights]
     like = fit_to(encode_requests(model, reqs), None)
     short = fit_to(encode_requests(model, [FACTS[2][:2]]), None)  # FACTS[1] does not fit it
+    # a `like` with a long target (its K score positions outnumber a short request's positions once
+    # the stacked rows are cut after their longest: the zsRE val split on SmolLM2, session 35, whose
+    # edits came out 4x too large from positions gathered past the cut)
+    long_row = (" ".join(["where"] * 40), " ".join(["paris lima santiago berlin"] * 5))
+    wide = fit_to(encode_requests(model, reqs + [long_row]), None)
+    assert wide["score_pos"].shape[-1] > 2 * max(len(model.tokenizer(p + " " + t)["input_ids"]) for p, t in reqs)
     base_leaves = {id(x) for x in jax.tree.leaves(model.params)}
-    for lk, per_call in ((like, 32), (short, 32), (like, 3)):
+    for lk, per_call in ((like, 32), (short, 32), (like, 3), (wide, 32)):
         got = apply_each(model, editor, reqs, like=lk, per_call=per_call)
         assert len(got) == len(reqs)
         for r, new in zip(reqs, got):
-            want = apply_edits(model, editor, [r], like=lk, progress=False)
+            want = apply_edits(model, editor, [r], like=lk if lk is not wide else None, progress=False)
             for path in paths:
                 k, w = np.asarray(get_path(new, path)), np.asarray(get_path(want, path))
                 assert np.abs(w - np.asarray(get_path(model.params, path))).max() > 1e-7  # the edit does something

@@ -57,7 +57,7 @@ from salem_jax.eval.metrics import (
 from salem_jax.eval.perplexity import row_nll, text_windows
 from salem_jax.models.from_block import (BLOCK_INPUT, BlockChain, block_chain, block_output, block_outputs_by_length,
                                         first_changed_block, last_mlp_module)
-from salem_jax.scored_logits import SCORE_POS, LastMLPAtScored, flat_positions, flat_scored_logits
+from salem_jax.scored_logits import SCORE_POS, LastMLPAtScored, flat_positions, flat_scored_logits, positions_within
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -243,9 +243,13 @@ def _take(batch: dict[str, np.ndarray], idx: Sequence[int]) -> dict[str, np.ndar
 
 
 def _cut(enc: dict, cut: int) -> dict:
-    """enc's [N, S, ...] arrays cut to their first `cut` positions (score positions kept)."""
+    """enc's [N, S, ...] arrays cut to their first `cut` positions (score positions kept, those past
+    the cut pointed at an inactive position: `positions_within`)."""
     s = enc["attention_mask"].shape[-1]
-    return {k: (v[:, :cut] if np.ndim(v) >= 2 and v.shape[1] == s and k != SCORE_POS else v) for k, v in enc.items()}
+    out = {k: (v[:, :cut] if np.ndim(v) >= 2 and v.shape[1] == s and k != SCORE_POS else v) for k, v in enc.items()}
+    if SCORE_POS in out and "label_mask" in out:
+        out[SCORE_POS] = positions_within(out[SCORE_POS], out["label_mask"])
+    return out
 
 
 def _cut_to_longest(enc: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -33,7 +33,7 @@ from salem_jax.mend.checkpoint import CheckpointError, CheckpointMismatch, resto
 from salem_jax.mend.editor import EditorSpec, edited_params, pseudo_grads, weight_key
 from salem_jax.mend.train import EDIT_BUCKETS, bucket_length, capture_factors, row_ends
 from salem_jax.models.base import get_path, set_path
-from salem_jax.scored_logits import SCORE_POS, with_score_positions
+from salem_jax.scored_logits import SCORE_POS, positions_within, with_score_positions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,7 +223,10 @@ def _cut_stacked(batch: dict) -> dict:
     before it, and it has no target (label_mask 0), so the captured factors there are inactive."""
     s = batch["attention_mask"].shape[-1]
     cut = bucket_length(int(row_ends(batch["attention_mask"]).max()), s)
-    return {k: (v[..., :cut] if k != SCORE_POS and np.shape(v)[-1] == s else v) for k, v in batch.items()}
+    out = {k: (v[..., :cut] if k != SCORE_POS and np.shape(v)[-1] == s else v) for k, v in batch.items()}
+    if SCORE_POS in out:  # positions `like` chose past the cut point at an inactive one (`positions_within`)
+        out[SCORE_POS] = positions_within(out[SCORE_POS], out["label_mask"])
+    return out
 
 
 def _edit_each(editor_params, editor_state, params, batches: Sequence[dict], *, apply_fn, spec: EditorSpec, like=None,
