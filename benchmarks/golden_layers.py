@@ -22,7 +22,9 @@ Gaps are paired over edits with 95% bootstrap intervals. Costs are this run's wa
 (the machine is shared: the load average is recorded). Also: the France -> Rome edit at the
 best fixed CounterFact layer and whether "The capital of Germany is" moves.
 
-Prints a table; writes JSON to --out.
+Prints a table; writes JSON to --out. On a finished (or stopped) run's JSON, `--markdown` prints
+its tables, `--cf-layers` CounterFact's metrics per layer, and `--power` how many edits the
+golden-layer claim would need at the gap measured (`salem_jax.locate.golden.claim_power`).
 """
 
 from __future__ import annotations
@@ -53,8 +55,8 @@ from salem_jax.eval import metrics as M
 from salem_jax.eval.counterfact import evaluate_counterfact, target_probs
 from salem_jax.generate import greedy
 from salem_jax.locate import causal_trace as C
-from salem_jax.locate.golden import (EditScorer, best_fixed_layer, bootstrap_gap, lga_inner_product_scores,
-                                     per_edit_oracle, tukey_choice)
+from salem_jax.locate.golden import (EditScorer, best_fixed_layer, bootstrap_gap, claim_power,
+                                     lga_inner_product_scores, per_edit_oracle, tukey_choice)
 from salem_jax.models import load_model
 
 METRICS = ("rewrite", "rephrase", "locality")
@@ -192,6 +194,12 @@ def main(argv=None) -> int:
                     help="print CounterFact's ES / PS / NS and rewrite / rephrase / locality per candidate layer of "
                          "a run's JSON with 95%% bootstrap intervals over edits; with two runs also the paired "
                          "difference (first minus second) on the edits both hold; run nothing")
+    ap.add_argument("--power", metavar="JSON",
+                    help="print, per data set of a run's JSON, how often N edits would put the best scorer's "
+                         "rewrite gap to the oracle below --bound by the 95%% interval (resampling the run's "
+                         "per-edit gaps; `salem_jax.locate.golden.claim_power`); run nothing")
+    ap.add_argument("--power-n", default="50,100,200,400,800", help="the N for --power, comma separated")
+    ap.add_argument("--bound", type=float, default=0.05, help="the golden-layer claim's bound for --power")
     add_flag(ap)
     args = ap.parse_args(argv)
     args.scorers = [] if args.scorers in ("", "none") else args.scorers.split(",")
@@ -203,6 +211,9 @@ def main(argv=None) -> int:
         return 0
     if args.cf_layers:
         print_cf_layers([json.loads(Path(f).read_text()) for f in args.cf_layers.split(",")], args.boot)
+        return 0
+    if args.power:
+        print_power(json.loads(Path(args.power).read_text()), [int(n) for n in args.power_n.split(",")], args.bound)
         return 0
     enable_compile_cache(enabled=not args.no_compile_cache)
 
@@ -520,6 +531,28 @@ def print_markdown(rep):
         for k in ("before", "after"):
             print(f"spill {s['layer']} {k}: P(Rome|France) {s[k]['p_rome_france']:.4f}, P(Rome|Germany) "
                   f"{s[k]['p_rome_germany']:.4f}, P(Berlin|Germany) {s[k]['p_berlin_germany']:.4f}, greedy {s[k]['greedy']}")
+
+
+def print_power(rep: dict, ns: list[int], bound: float = 0.05) -> None:
+    """Per data set of a run: the scorer whose layer is nearest the per-edit oracle's rewrite (the
+    claim's "best scorer"; ties: SCORERS order), its per-edit gaps from the JSON's table, and
+    `claim_power` at each N - the share of simulated N-edit runs that would establish the claim."""
+    for ds, res in rep["datasets"].items():
+        cand = rep["candidates"]
+        table = np.asarray(res["table"], np.float64)
+        _, best_m = per_edit_oracle(table)
+        scorers = [w for w in SCORERS if w in res["ways"]]
+        if not scorers:
+            print(f"{ds}: no scorer in this run (--scorers none): nothing to test")
+            continue
+        w = min(scorers, key=lambda k: res["ways"][k]["gap_rewrite_vs_oracle"]["mean"])
+        layer = res["ways"][w]["layer"]
+        gaps = best_m[:, 0] - table[:, cand.index(layer), 0]
+        power = claim_power(gaps, ns, bound=bound)
+        print(f"{ds}: N = {table.shape[0]}, best scorer {NAMES.get(w, w)} ({layer}), rewrite gap to the oracle "
+              f"{gaps.mean():+.3f} ({int((gaps > 0).sum())} of {gaps.size} edits below their best layer); share of "
+              f"simulated runs whose 95% interval ends below {bound}: "
+              + ", ".join(f"N = {n}: {p:.2f}" for n, p in power.items()))
 
 
 CF_KEYS = ("ES", "PS", "NS", "rewrite", "rephrase", "locality")

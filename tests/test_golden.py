@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 
 from salem_jax.baselines import keystats as KS
 from salem_jax.baselines import rome as R
@@ -130,3 +131,28 @@ def hf_set(params, path, value):
     from salem_jax.models.base import set_path
 
     return set_path(params, path, value)
+
+
+def test_claim_power_equals_the_binomial_computation():
+    """Gaps of 0 or 1 (one edit in 50 below its best layer): a run of N edits holds K ~ Binomial(N, 0.02)
+    ones, and its bootstrap interval's upper end is the 97.5% point of Binomial(N, K/N)/N - so the share
+    of runs that establish "gap < bound" is a sum over K, computed here with scipy, not by simulation."""
+    from scipy.stats import binom
+
+    g = np.zeros(50)
+    g[0] = 1.0
+    ns = [50, 200, 800]
+    sim = G.claim_power(g, ns, bound=0.047, sims=400, n_boot=400, seed=0)
+    for n in ns:
+        k = np.arange(n + 1)
+        upper = binom.ppf(0.975, n, k / n) / n
+        exact = float(binom.pmf(k, n, 0.02)[upper < 0.047].sum())
+        assert abs(sim[n] - exact) < 0.08, (n, sim[n], exact)
+    assert sim[50] < sim[200] < sim[800]
+    assert G.claim_power(g, ns, bound=0.047, sims=400, n_boot=400, seed=0) == sim  # deterministic by seed
+    # no gap: every run establishes it; a gap above the bound on every edit: none does
+    assert G.claim_power(np.zeros(7), [5, 50], sims=20, n_boot=50) == {5: 1.0, 50: 1.0}
+    assert G.claim_power(np.full(7, 0.2), [5, 50], sims=20, n_boot=50) == {5: 0.0, 50: 0.0}
+    for bad, ns_bad in ((np.zeros(0), [5]), (np.zeros((2, 2)), [5]), (np.zeros(3), [0])):
+        with pytest.raises(ValueError):
+            G.claim_power(bad, ns_bad)

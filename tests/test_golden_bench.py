@@ -197,3 +197,29 @@ def test_resume_extends_a_finished_run_to_a_larger_n(monkeypatch, tmp_path):
         assert b["scorer_choices"] == a["scorer_choices"]  # seconds included: kept from the first run
         assert b["sweep_seconds"] > a["sweep_seconds"] and b["n_planned"] == 4
     assert [r["edits_before"] for r in ext["resumed"]] == [{"counterfact": 2, "zsre": 2}, {"counterfact": 3, "zsre": 2}]
+
+
+def test_power_uses_the_scorer_nearest_the_oracle_and_its_per_edit_gaps(capsys, monkeypatch):
+    """--power: per data set, the scorer with the smallest mean rewrite gap to the oracle, its gaps taken
+    from the run's table (hand computation here), handed to `claim_power` with the N and bound asked."""
+    t, extra = _table(seed=3, n=8)
+    cand = ["layers.0", "layers.4", "layers.8"]
+    sc = {"salem": ("layers.0", [3.0, 2.0, 1.0], 5.0), "lga": ("layers.8", [1.0, 2.0, 3.0], 5.0)}
+    res = GL.summarize(t, extra, cand, sc, 60.0, 40.0, 20.0, 2, True, 200)
+    best = [max(range(3), key=lambda j: (tuple(t[i, j]), -j)) for i in range(t.shape[0])]
+    oracle = np.array([t[i, b, 0] for i, b in enumerate(best)])
+    gaps = {j: oracle - t[:, j, 0] for j in (0, 2)}
+    nearest = 0 if gaps[0].mean() <= gaps[2].mean() else 2
+    assert gaps[0].mean() != gaps[2].mean()  # the table must tell the two scorers apart
+    seen = {}
+
+    def fake_power(g, ns, *, bound):
+        seen.update(gaps=np.asarray(g), ns=list(ns), bound=bound)
+        return {n: 0.5 for n in ns}
+
+    monkeypatch.setattr(GL, "claim_power", fake_power)
+    GL.print_power({"candidates": cand, "datasets": {"counterfact": res}}, [10, 40], 0.03)
+    out = capsys.readouterr().out
+    np.testing.assert_allclose(seen["gaps"], gaps[nearest])
+    assert seen["ns"] == [10, 40] and seen["bound"] == 0.03
+    assert f"({cand[nearest]})" in out and f"{gaps[nearest].mean():+.3f}" in out and "N = 40: 0.50" in out

@@ -9,6 +9,8 @@ layer (`benchmarks/golden_layers.py`) - this module computes
   rewrite, then rephrase, then locality; ties go to the earlier layer) and its metrics there;
 * `best_fixed_layer`: the single layer with the best mean (same ordering) - a brute-force search;
 * `bootstrap_gap`: mean of a paired difference with a percentile bootstrap interval over edits;
+* `claim_power`: how often a run of N edits would put that interval's upper end below a bound
+  (the claim "within 0.05 of the oracle" established), resampling a finished run's per-edit gaps;
 * `lga_inner_product_scores` + `tukey_choice`: the LGA definition of third-party notes on the
   paper (REFERENCE.md, unverified): S(l) = sum_i <grad_{W_l} L(x_i, y_old_i), grad_{W_l}
   L(x_i, y_new_i)> over the layer's MLP weights, layers outside Tukey fences (kappa 1) dropped,
@@ -70,6 +72,34 @@ def bootstrap_gap(a: np.ndarray, b: np.ndarray, *, n_boot: int = 2000, seed: int
     q = (1 - level) / 2
     return {"mean": float(d.mean()), "lo": float(np.quantile(boots, q)), "hi": float(np.quantile(boots, 1 - q)),
             "n": int(d.size)}
+
+
+def claim_power(gaps: np.ndarray, ns: Sequence[int], *, bound: float = 0.05, sims: int = 400,
+                n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict[int, float]:
+    """How many edits would establish "the gap is below `bound`"? For each N in `ns`: the share of
+    `sims` simulated runs of N edits - drawn with replacement from a finished run's per-edit gaps
+    `gaps` [n] (e.g. oracle rewrite minus the fixed layer's) - whose percentile-bootstrap interval
+    (`bootstrap_gap`'s: `n_boot` resamples, two-sided `level`) has its upper end below `bound`.
+
+    A plug-in power estimate: it takes the observed gaps for the truth, so it says what N the
+    claim needs if the gap stays what it was, not whether it will. Deterministic by `seed`."""
+    g = np.asarray(gaps, np.float64)
+    if g.ndim != 1 or g.size == 0:
+        raise ValueError(f"gaps must be a non-empty 1-D array, got shape {g.shape}")
+    if any(int(n) < 1 for n in ns):
+        raise ValueError(f"every N must be >= 1, got {list(ns)}")
+    q = 1 - (1 - level) / 2
+    rng = np.random.default_rng(seed)
+    out = {}
+    for n in ns:
+        n = int(n)
+        ok = 0
+        for _ in range(sims):
+            run = g[rng.integers(0, g.size, n)]
+            boots = run[rng.integers(0, n, size=(n_boot, n))].mean(1)
+            ok += bool(np.quantile(boots, q) < bound)
+        out[n] = ok / sims
+    return out
 
 
 def tukey_choice(scores: Sequence[float], kappa: float = 1.0) -> tuple[int, list[int]]:
