@@ -90,10 +90,12 @@ def test_bad_config_is_refused_early(tmp_path):
         P.run_pipeline(cfg, tmp_path / "work4")
 
 
-def test_alphaedit_continues_its_state_only_on_its_own_output(tmp_path):
+def test_alphaedit_continues_its_state_only_on_its_own_output(tmp_path, monkeypatch):
     """The many-edits study's sequential mode calls edit(previous output, rows): AlphaEdit must
     then continue with the earlier edits' keys (its sequential memory); on any other parameters
     (the base weights, a copy) it starts afresh. Compared with the editor called by hand."""
+    # the key statistics go to this test's folder, never the user's cache
+    monkeypatch.setenv("SALEM_JAX_CACHE", str(tmp_path / "cache"))
     from salem_jax.baselines.editors import get_editor
     from salem_jax.baselines.keystats import KeyStats
     from salem_jax.baselines.requests import EditRequest
